@@ -1,0 +1,284 @@
+"""slmc's IR: a decoder-only language model as a small tree of typed dataclasses.
+
+The IR is target-neutral. It says *what* the model computes (norms, attention with
+its KV-head groups, gated MLPs or mixtures of experts, quantized or dense tensors,
+which block runs at which depth, the KV-cache contract), never *how* a runtime
+should lay it out. Passes rewrite it; the reference executor runs it; lowering
+turns it into a torch module per target.
+
+Block sharing is explicit: `Model.blocks` holds each distinct block once and
+`Model.layers[d]` names the block that runs at depth `d`. Every depth keeps its own
+KV-cache slot even when two depths share one block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Union
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.int8,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class Weight:
+    """A dense tensor. Data may come from a loader that reads it on first use,
+    so importing a checkpoint never holds two copies of it in RAM."""
+
+    __slots__ = ("shape", "dtype", "_data", "_loader")
+
+    def __init__(self, data: torch.Tensor | None = None, *, shape=None, dtype: str | None = None,
+                 loader: Callable[[], torch.Tensor] | None = None):
+        if data is None and loader is None:
+            raise ValueError("Weight needs data or a loader")
+        self._data = data
+        self._loader = loader
+        self.shape = tuple(data.shape) if data is not None else tuple(shape)
+        self.dtype = DTYPE_NAMES[data.dtype] if data is not None else dtype
+
+    @property
+    def data(self) -> torch.Tensor:
+        if self._data is None:
+            t = self._loader()
+            if tuple(t.shape) != self.shape:
+                raise ValueError(f"loaded shape {tuple(t.shape)} != declared {self.shape}")
+            self._data = t
+        return self._data
+
+    @property
+    def loaded(self) -> bool:
+        return self._data is not None
+
+    def release(self) -> None:
+        """Drop the cached data if it can be re-read (keeps peak RSS one layer deep)."""
+        if self._loader is not None:
+            self._data = None
+
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def nbytes(self) -> int:
+        return self.numel() * torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+
+    def float(self) -> torch.Tensor:
+        return self.data.float()
+
+    def __repr__(self) -> str:
+        return f"Weight({self.dtype}{list(self.shape)})"
+
+
+@dataclass(eq=False)
+class QuantWeight:
+    """A groupwise-quantized 2-D weight [out, in].
+
+    dequant(w)[o, i] = (codes[o, i] - zeros[o, i // g]) * scales[o, i // g]
+    `codes` are unpacked integers (int8 storage) in [-2^(b-1), 2^(b-1)-1] when
+    symmetric, [0, 2^b - 1] otherwise; `zeros` is None when symmetric.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    group_size: int
+    bits: int
+    symmetric: bool
+    algorithm: str = "rtn"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
+
+    @property
+    def dtype(self) -> str:
+        return f"{'s' if self.symmetric else 'a'}int{self.bits}g{self.group_size}"
+
+    def numel(self) -> int:
+        return self.codes.numel()
+
+    def nbytes(self) -> int:
+        extra = self.scales.numel() * 4 + (self.zeros.numel() * 4 if self.zeros is not None else 0)
+        return self.codes.numel() * self.bits // 8 + extra
+
+    def float(self) -> torch.Tensor:
+        g = self.group_size
+        codes = self.codes.float()
+        z = self.zeros.float().repeat_interleave(g, dim=1) if self.zeros is not None else 0.0
+        return (codes - z) * self.scales.float().repeat_interleave(g, dim=1)
+
+
+AnyWeight = Union[Weight, QuantWeight]
+
+
+@dataclass(eq=False)
+class Linear:
+    weight: AnyWeight  # [out, in]
+    bias: Weight | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+@dataclass(eq=False)
+class Norm:
+    """RMSNorm: x * rsqrt(mean(x^2) + eps) * (w + 1 if unit_offset else w)."""
+
+    weight: Weight
+    eps: float
+    unit_offset: bool = False  # Gemma stores w - 1
+
+
+@dataclass(eq=False)
+class RoPE:
+    theta: float
+    dim: int  # rotated dims per head (<= head_dim); rotate-half convention
+    scaling: dict | None = None  # {"rope_type": "linear"|"llama3", ...}
+
+
+@dataclass(eq=False)
+class Attention:
+    n_heads: int
+    n_kv_heads: int  # KV-head groups: n_heads // n_kv_heads query heads per group
+    head_dim: int
+    o: Linear
+    rope: RoPE
+    scale: float
+    q: Linear | None = None
+    k: Linear | None = None
+    v: Linear | None = None
+    qkv: Linear | None = None  # fused [q; k; v] rows, the alternative to q/k/v
+    q_norm: Norm | None = None  # per-head RMSNorm before RoPE (Qwen3, Gemma 3)
+    k_norm: Norm | None = None
+    sliding_window: int | None = None  # attend to the last `window` positions only
+    logit_softcap: float | None = None  # tanh soft-capping of scores (Gemma 2)
+
+    @property
+    def fused(self) -> bool:
+        return self.qkv is not None
+
+
+@dataclass(eq=False)
+class MLP:
+    """Gated MLP: down(act(gate(x)) * up(x)); gate/up may be fused as gate_up."""
+
+    down: Linear
+    act: str  # "silu" | "gelu_tanh"
+    gate: Linear | None = None
+    up: Linear | None = None
+    gate_up: Linear | None = None  # fused [gate; up] rows
+
+    @property
+    def fused(self) -> bool:
+        return self.gate_up is not None
+
+
+@dataclass(eq=False)
+class MoE:
+    """Top-k routed experts: softmax(router(x)) -> top_k -> weighted sum of experts."""
+
+    router: Linear
+    experts: list[MLP]
+    top_k: int
+    norm_topk_prob: bool = True
+    shared: MLP | None = None  # always-on expert (Qwen2-MoE)
+    shared_gate: Linear | None = None  # sigmoid gate on the shared expert, [1, hidden]
+
+
+@dataclass(eq=False)
+class Block:
+    attn_norm: Norm
+    attn: Attention
+    ffn_norm: Norm
+    ffn: MLP | MoE
+    post_attn_norm: Norm | None = None  # Gemma 2/3 "sandwich" norms
+    post_ffn_norm: Norm | None = None
+
+
+KV_LAYOUTS = ("bhsd", "bshd")
+KV_DTYPES = ("float32", "float16", "int8")
+
+
+@dataclass(eq=False)
+class KVCacheSpec:
+    """The contract between a model and its runtime's KV cache."""
+
+    max_len: int
+    layout: str = "bhsd"
+    dtype: str = "float32"
+    window: int | None = None  # ring buffer of this many positions (None: full length)
+    sink_tokens: int = 0  # attention-sink positions kept when the ring wraps
+    arena: bool = False  # one preallocated buffer with per-layer views
+
+
+@dataclass(eq=False)
+class Model:
+    family: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    embed: AnyWeight  # [vocab, hidden]
+    blocks: list[Block]
+    layers: list[int]  # depth -> index into blocks
+    final_norm: Norm
+    kv: KVCacheSpec
+    max_position: int  # the model's own context limit
+    lm_head: Linear | None = None  # None: tied to embed
+    embed_scale: float = 1.0
+    final_logit_softcap: float | None = None
+    bos_id: int | None = None
+    eos_ids: list[int] = field(default_factory=list)
+    source: dict = field(default_factory=dict)  # path, format, sha256 of the inputs
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def block_at(self, depth: int) -> Block:
+        return self.blocks[self.layers[depth]]
+
+
+IR_CLASSES = {c.__name__: c for c in (Linear, Norm, RoPE, Attention, MLP, MoE, Block, KVCacheSpec, Model)}
+
+
+def named_weights(obj, prefix: str = "") -> Iterator[tuple[str, AnyWeight]]:
+    """Every Weight/QuantWeight under `obj` with a stable dotted path, each object once."""
+    seen: set[int] = set()
+
+    def walk(o, path):
+        if isinstance(o, (Weight, QuantWeight)):
+            if id(o) not in seen:
+                seen.add(id(o))
+                yield path, o
+        elif isinstance(o, list):
+            for i, x in enumerate(o):
+                yield from walk(x, f"{path}.{i}" if path else str(i))
+        elif dataclasses.is_dataclass(o):
+            for f in dataclasses.fields(o):
+                yield from walk(getattr(o, f.name), f"{path}.{f.name}" if path else f.name)
+
+    yield from walk(obj, prefix)
+
+
+def param_count(model: Model) -> int:
+    return sum(w.numel() for _, w in named_weights(model))
+
+
+def weight_bytes(model: Model) -> int:
+    return sum(w.nbytes() for _, w in named_weights(model))

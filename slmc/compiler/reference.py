@@ -1,0 +1,191 @@
+"""The reference executor: runs the IR in plain torch, fp32, full sequence, no cache.
+
+This is the ground truth every artifact is compared with. It is deliberately the
+simplest correct reading of the IR (explicit masks, explicit softmax, quantized
+tensors dequantized exactly), independent of the export-oriented lowering.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .ir import MLP, Attention, Block, Linear, Model, MoE, Norm, RoPE
+
+
+def rope_inv_freq(rope: RoPE) -> torch.Tensor:
+    inv = 1.0 / (rope.theta ** (torch.arange(0, rope.dim, 2, dtype=torch.float64) / rope.dim))
+    s = rope.scaling or {}
+    kind = s.get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / s["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        is_mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        inv = torch.where(is_mid, mid, scaled)
+    elif kind != "default":
+        raise ValueError(f"rope type {kind!r} has no reference implementation")
+    return inv.float()
+
+
+def rope_cos_sin(rope: RoPE, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [T, rope.dim] for the rotate-half convention."""
+    freqs = positions.float()[:, None] * rope_inv_freq(rope)[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [..., T, head_dim]; rotates the first cos.shape[-1] dims."""
+    d = cos.shape[-1]
+    xr, xp = x[..., :d], x[..., d:]
+    x1, x2 = xr[..., : d // 2], xr[..., d // 2:]
+    rot = torch.cat([-x2, x1], dim=-1)
+    return torch.cat([xr * cos + rot * sin, xp], dim=-1)
+
+
+def rms_norm(x: torch.Tensor, n: Norm) -> torch.Tensor:
+    w = n.weight.float()
+    if n.unit_offset:
+        w = w + 1.0
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + n.eps) * w
+
+
+def linear(x: torch.Tensor, lin: Linear) -> torch.Tensor:
+    b = lin.bias.float() if lin.bias is not None else None
+    return F.linear(x, lin.weight.float(), b)
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    return F.gelu(x)
+
+
+def qkv(a: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if a.fused:
+        nq, nkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        return linear(x, a.qkv).split([nq, nkv, nkv], dim=-1)
+    return linear(x, a.q), linear(x, a.k), linear(x, a.v)
+
+
+def gate_up(m: MLP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if m.fused:
+        return linear(x, m.gate_up).chunk(2, dim=-1)
+    return linear(x, m.gate), linear(x, m.up)
+
+
+def causal_mask(positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """True where query i may attend key j."""
+    qi, kj = positions[:, None], positions[None, :]
+    ok = kj <= qi
+    if window is not None:
+        ok = ok & (qi - kj < window)
+    return ok
+
+
+def attention(a: Attention, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    B, T, _ = x.shape
+    q, k, v = qkv(a, x)
+    q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
+    k = k.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+    v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+    if a.q_norm is not None:
+        q = rms_norm(q, a.q_norm)
+    if a.k_norm is not None:
+        k = rms_norm(k, a.k_norm)
+    cos, sin = rope_cos_sin(a.rope, positions)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    rep = a.n_heads // a.n_kv_heads
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * a.scale
+    if a.logit_softcap is not None:
+        scores = torch.tanh(scores / a.logit_softcap) * a.logit_softcap
+    scores = scores.masked_fill(~causal_mask(positions, a.sliding_window), float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v
+    return linear(out.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim), a.o)
+
+
+def mlp(m: MLP, x: torch.Tensor) -> torch.Tensor:
+    g, u = gate_up(m, x)
+    return linear(activation(m.act, g) * u, m.down)
+
+
+def moe(m: MoE, x: torch.Tensor) -> torch.Tensor:
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    probs = torch.softmax(linear(x, m.router), dim=-1)
+    top_w, top_i = probs.topk(m.top_k, dim=-1)
+    if m.norm_topk_prob:
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for e, expert in enumerate(m.experts):
+        rows, slot = (top_i == e).nonzero(as_tuple=True)
+        if rows.numel():
+            out.index_add_(0, rows, mlp(expert, x[rows]) * top_w[rows, slot, None])
+    if m.shared is not None:
+        s = mlp(m.shared, x)
+        if m.shared_gate is not None:
+            s = torch.sigmoid(linear(x, m.shared_gate)) * s
+        out = out + s
+    return out.reshape(shape)
+
+
+def block(b: Block, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    h = attention(b.attn, rms_norm(x, b.attn_norm), positions)
+    if b.post_attn_norm is not None:
+        h = rms_norm(h, b.post_attn_norm)
+    x = x + h
+    n = rms_norm(x, b.ffn_norm)
+    h = mlp(b.ffn, n) if isinstance(b.ffn, MLP) else moe(b.ffn, n)
+    if b.post_ffn_norm is not None:
+        h = rms_norm(h, b.post_ffn_norm)
+    return x + h
+
+
+def embed(model: Model, ids: torch.Tensor) -> torch.Tensor:
+    return F.embedding(ids, model.embed.float()) * model.embed_scale
+
+
+def head(model: Model, x: torch.Tensor) -> torch.Tensor:
+    x = rms_norm(x, model.final_norm)
+    w = model.lm_head.weight.float() if model.lm_head is not None else model.embed.float()
+    logits = F.linear(x, w)
+    if model.lm_head is not None and model.lm_head.bias is not None:
+        logits = logits + model.lm_head.bias.float()
+    if model.final_logit_softcap is not None:
+        c = model.final_logit_softcap
+        logits = torch.tanh(logits / c) * c
+    return logits
+
+
+@torch.no_grad()
+def forward(model: Model, ids: torch.Tensor) -> torch.Tensor:
+    """ids: [B, T] int64 -> logits [B, T, vocab], positions 0..T-1."""
+    if ids.dim() == 1:
+        ids = ids[None]
+    positions = torch.arange(ids.shape[1])
+    x = embed(model, ids)
+    for d in range(model.n_layers):
+        x = block(model.block_at(d), x, positions)
+    return head(model, x)
+
+
+@torch.no_grad()
+def greedy(model: Model, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy continuation of `prompt` by n tokens; also returns each step's logits."""
+    ids, steps = list(prompt), []
+    for _ in range(n):
+        logits = forward(model, torch.tensor([ids]))[0, -1]
+        steps.append(logits)
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt):], steps
