@@ -33,6 +33,7 @@ class ArchConfig:
     act: str = "silu"
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    o_bias: bool = False
     qk_norm: bool = False
     norm_unit_offset: bool = False
     sandwich_norms: bool = False
@@ -71,7 +72,7 @@ class Family:
     name: str
     architectures: tuple[str, ...]
     normalize: Callable[[dict], ArchConfig]
-    names: dict[str, str]
+    names: dict[str, str | tuple[str, ...]]  # role -> HF name (or alternatives, first present wins)
     tiny_config: Callable[[], dict]  # a tiny random HF config.json dict, for tests
 
 
@@ -137,6 +138,33 @@ def rope_of(cfg: dict, layer_type: str | None = None) -> tuple[float, dict | Non
     return float(theta), scaling
 
 
+def with_defaults(cfg: dict, defaults: dict) -> dict:
+    """`cfg` with the HF config class's defaults filled in for absent keys (None stays None)."""
+    return {**defaults, **cfg}
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_windows(cfg: dict, n_layers: int, window: int | None,
+                  default_types: list[str] | None = None) -> list[int | None] | None:
+    """Per-layer sliding windows from `layer_types` (transformers 5), else `default_types`
+    (the family's older rule), else every layer; None when no layer slides."""
+    if not window:
+        return None
+    types = cfg.get("layer_types") or default_types or ["sliding_attention"] * n_layers
+    if len(types) != n_layers:
+        raise SlmcError(f"layer_types has {len(types)} entries for {n_layers} layers",
+                        "config.json.layer_types")
+    bad = sorted(set(types) - set(LAYER_TYPES))
+    if bad:
+        raise UnsupportedError(
+            f"layer type(s) {', '.join(bad)} are not supported ({', '.join(LAYER_TYPES)} are)",
+            "config.json.layer_types")
+    out = [int(window) if t == "sliding_attention" else None for t in types]
+    return out if any(w is not None for w in out) else None
+
+
 def eos_list(cfg: dict) -> list[int]:
     e = cfg.get("eos_token_id")
     if e is None:
@@ -157,14 +185,44 @@ def _expect(src: TensorSource, name: str, shape: tuple[int, ...]) -> Weight:
     return w
 
 
+def _name(src, names, role, fmt, suffix: str = "") -> str:
+    """The tensor name of `role`. A role may list alternative names (checkpoints written by
+    different tools); the first present in the checkpoint wins."""
+    alts = names[role] if isinstance(names[role], (tuple, list)) else (names[role],)
+    cands = [a.format(**fmt) + suffix for a in alts]
+    return next((n for n in cands if src.has(n)), cands[0])
+
+
 def _linear(src, names, role, fmt, out, inp, bias=False) -> Linear:
-    base = names[role].format(**fmt)
+    base = _name(src, names, role, fmt, ".weight")[: -len(".weight")]
     b = _expect(src, base + ".bias", (out,)) if bias else None
     return Linear(_expect(src, base + ".weight", (out, inp)), b)
 
 
 def _norm(src, names, role, fmt, dim, c: ArchConfig) -> Norm:
-    return Norm(_expect(src, names[role].format(**fmt) + ".weight", (dim,)), c.rms_eps, c.norm_unit_offset)
+    return Norm(_expect(src, _name(src, names, role, fmt, ".weight"), (dim,)), c.rms_eps, c.norm_unit_offset)
+
+
+class _Rows:
+    """Per-expert 2-D Weights cut from one fused [experts, rows, cols] tensor (transformers 5's
+    `mlp.experts.gate_up_proj` layout), loaded lazily: the fused tensor is read on the first
+    expert's use, each expert copies out its slice, and the fused tensor is dropped once every
+    expert has taken its slice, so peak memory stays one fused tensor deep."""
+
+    def __init__(self, fused: Weight):
+        self.fused = fused
+        self.pending = set(range(fused.shape[0]))
+
+    def weight(self, e: int) -> Weight:
+        return Weight(shape=self.fused.shape[1:], dtype=self.fused.dtype, loader=lambda: self._take(e))
+
+    def _take(self, e: int) -> torch.Tensor:
+        t = self.fused.data[e].clone()
+        self.pending.discard(e)
+        if not self.pending:
+            self.fused.release()
+            self.pending = set(range(self.fused.shape[0]))
+        return t
 
 
 def _mlp(src, names, prefix, fmt, h, inter, c: ArchConfig) -> MLP:
@@ -183,7 +241,7 @@ def _attention(src, names, fmt, i, c: ArchConfig) -> Attention:
     scaling = c.rope_scaling_per_layer[i] if c.rope_scaling_per_layer else c.rope_scaling
     a = Attention(
         n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=hd,
-        o=_linear(src, names, "o", fmt, h, nq),
+        o=_linear(src, names, "o", fmt, h, nq, c.o_bias),
         rope=RoPE(theta, c.rotary_dim or hd, scaling),
         scale=c.attn_scale if c.attn_scale is not None else hd ** -0.5,
         sliding_window=c.sliding_window[i] if c.sliding_window else None,
@@ -205,13 +263,18 @@ def _ffn(src, names, fmt, i, c: ArchConfig):
     h = c.hidden_size
     if not c.n_experts or (c.sparse_layers and not c.sparse_layers[i]):
         return _mlp(src, names, "", fmt, h, c.intermediate_size, c)
-    inter = c.moe_intermediate_size or c.intermediate_size
-    experts = [_mlp(src, names, "expert_", {**fmt, "e": e}, h, inter, c) for e in range(c.n_experts)]
-    m = MoE(router=_linear(src, names, "router", fmt, c.n_experts, h), experts=experts,
+    inter, n = c.moe_intermediate_size or c.intermediate_size, c.n_experts
+    if "experts_gate_up" in names and src.has(_name(src, names, "experts_gate_up", fmt)):
+        gu = _Rows(_expect(src, _name(src, names, "experts_gate_up", fmt), (n, 2 * inter, h)))
+        dn = _Rows(_expect(src, _name(src, names, "experts_down", fmt), (n, h, inter)))
+        experts = [MLP(down=Linear(dn.weight(e)), act=c.act, gate_up=Linear(gu.weight(e))) for e in range(n)]
+    else:
+        experts = [_mlp(src, names, "expert_", {**fmt, "e": e}, h, inter, c) for e in range(n)]
+    m = MoE(router=_linear(src, names, "router", fmt, n, h), experts=experts,
             top_k=c.top_k, norm_topk_prob=c.norm_topk_prob)
     if c.shared_expert_size:
         m.shared = _mlp(src, names, "shared_", fmt, h, c.shared_expert_size, c)
-        m.shared_gate = _linear(src, names, "shared_gate", fmt, 1, h)
+        m.shared_gate = _linear(src, names, "shared_expert_gate", fmt, 1, h)
     return m
 
 
@@ -229,15 +292,16 @@ def build_model(family: Family, c: ArchConfig, src: TensorSource, max_seq_len: i
             post_attn_norm=_norm(src, names, "post_attn_norm", fmt, h, c) if c.sandwich_norms else None,
             post_ffn_norm=_norm(src, names, "post_ffn_norm", fmt, h, c) if c.sandwich_norms else None,
         ))
-    embed = _expect(src, names["embed"], (c.vocab_size, h))
+    embed = _expect(src, _name(src, names, "embed", {}), (c.vocab_size, h))
     lm_head = None
     if not c.tie_embeddings:
-        lm_head = Linear(_expect(src, names["lm_head"], (c.vocab_size, h)))
+        lm_head = Linear(_expect(src, _name(src, names, "lm_head", {}), (c.vocab_size, h)))
     max_len = max_seq_len or min(c.max_position, 2048)
     return Model(
         family=family.name, architecture=family.architectures[0], vocab_size=c.vocab_size,
         hidden_size=h, embed=embed, blocks=blocks, layers=list(range(c.n_layers)),
-        final_norm=Norm(_expect(src, names["final_norm"], (h,)), c.rms_eps, c.norm_unit_offset),
+        final_norm=Norm(_expect(src, _name(src, names, "final_norm", {}), (h,)), c.rms_eps,
+                        c.norm_unit_offset),
         kv=KVCacheSpec(max_len=max_len), max_position=c.max_position, lm_head=lm_head,
         embed_scale=c.embed_scale, final_logit_softcap=c.final_softcap,
         bos_id=c.bos_id, eos_ids=list(c.eos_ids), source=source,

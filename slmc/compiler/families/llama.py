@@ -1,10 +1,14 @@
 """Llama (and SmolLM, which is Llama): RMSNorm, GQA, RoPE, SwiGLU."""
 
+from ...errors import UnsupportedError
 from .base import LLAMA_STYLE_NAMES, Family, llama_like, register
 
 
 def normalize(cfg: dict):
-    return llama_like(cfg, qkv_bias=bool(cfg.get("attention_bias", False)))
+    if cfg.get("mlp_bias"):
+        raise UnsupportedError("Llama with mlp_bias=true is not supported", "config.json.mlp_bias")
+    bias = bool(cfg.get("attention_bias", False))  # on q/k/v and o alike in transformers' Llama
+    return llama_like(cfg, qkv_bias=bias, o_bias=bias)
 
 
 def tiny_config() -> dict:

@@ -1,0 +1,264 @@
+"""Lowering: IR -> an export-friendly torch module built from plain ops.
+
+Every target starts here. The module follows ExecuTorch's LLM-runner convention,
+`forward(tokens[1, T], input_pos[1]) -> logits`, with the KV cache held as mutable
+buffers (one K and one V per depth, even where depths share a block's weights).
+Only ops every runtime has are used: no fused rms_norm, no SDPA custom ops, no
+data-dependent shapes (`input_pos` is a tensor, never `.item()`).
+
+Shared IR weights become one shared Parameter, so every exporter stores them once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...errors import UnsupportedError
+from ..ir import MLP, Attention, Block, Linear, Model, MoE, Norm, QuantWeight
+from ..reference import activation, rope_cos_sin
+
+
+@dataclass(frozen=True)
+class LoweringSpec:
+    full_logits: bool = False  # False: logits of the last position only, [1, vocab]
+    dtype: torch.dtype = torch.float32
+
+
+class _Params:
+    """Turns IR weights into Parameters, one per IR object (shared blocks stay shared)."""
+
+    def __init__(self, owner: nn.Module, dtype: torch.dtype):
+        self.owner, self.dtype, self.memo = owner, dtype, {}
+
+    def __call__(self, w) -> nn.Parameter:
+        if w is None:
+            return None
+        if id(w) not in self.memo:
+            if isinstance(w, QuantWeight):
+                raise UnsupportedError("quantized weights need a quantization-aware lowering "
+                                       "(see the target's quantization support)", "lowering")
+            p = nn.Parameter(w.float().to(self.dtype), requires_grad=False)
+            self.owner.register_parameter(f"w{len(self.memo)}", p)
+            self.memo[id(w)] = p
+        return self.memo[id(w)]
+
+
+class LLinear(nn.Module):
+    def __init__(self, lin: Linear, P: _Params):
+        super().__init__()
+        self.weight, self.bias = P(lin.weight), P(lin.bias)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class LNorm(nn.Module):
+    def __init__(self, n: Norm, P: _Params):
+        super().__init__()
+        self.weight, self.eps, self.offset = P(n.weight), n.eps, 1.0 if n.unit_offset else 0.0
+
+    def forward(self, x):
+        # Plain ops on purpose: Core ML rejects aten.rms_norm.
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (self.weight + self.offset)
+
+
+class LMLP(nn.Module):
+    def __init__(self, m: MLP, P: _Params):
+        super().__init__()
+        self.act = m.act
+        self.fused = m.fused
+        if m.fused:
+            self.gate_up = LLinear(m.gate_up, P)
+        else:
+            self.gate, self.up = LLinear(m.gate, P), LLinear(m.up, P)
+        self.down = LLinear(m.down, P)
+
+    def forward(self, x):
+        if self.fused:
+            g, u = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            g, u = self.gate(x), self.up(x)
+        return self.down(activation(self.act, g) * u)
+
+
+class LMoE(nn.Module):
+    """Dense-compute MoE: every expert runs, weights are zero off the top-k.
+
+    Static shapes and no data-dependent control flow, so it exports everywhere;
+    sparse execution is the job of the expert-offload pass and its runner.
+    """
+
+    def __init__(self, m: MoE, P: _Params):
+        super().__init__()
+        self.router = LLinear(m.router, P)
+        self.experts = nn.ModuleList(LMLP(e, P) for e in m.experts)
+        self.top_k, self.norm = m.top_k, m.norm_topk_prob
+        self.shared = LMLP(m.shared, P) if m.shared is not None else None
+        self.shared_gate = LLinear(m.shared_gate, P) if m.shared_gate is not None else None
+
+    def forward(self, x):
+        probs = torch.softmax(self.router(x), dim=-1)
+        top_w, top_i = probs.topk(self.top_k, dim=-1)
+        if self.norm:
+            top_w = top_w / top_w.sum(-1, keepdim=True)
+        n = len(self.experts)
+        weights = (F.one_hot(top_i, n).to(x.dtype) * top_w.unsqueeze(-1)).sum(-2)  # [.., n]
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + expert(x) * weights[..., e:e + 1]
+        if self.shared is not None:
+            s = self.shared(x)
+            if self.shared_gate is not None:
+                s = torch.sigmoid(self.shared_gate(x)) * s
+            out = out + s
+        return out
+
+
+class LAttention(nn.Module):
+    def __init__(self, a: Attention, P: _Params):
+        super().__init__()
+        self.h, self.kvh, self.hd = a.n_heads, a.n_kv_heads, a.head_dim
+        self.fused = a.fused
+        if a.fused:
+            self.qkv = LLinear(a.qkv, P)
+        else:
+            self.q, self.k, self.v = LLinear(a.q, P), LLinear(a.k, P), LLinear(a.v, P)
+        self.o = LLinear(a.o, P)
+        self.q_norm = LNorm(a.q_norm, P) if a.q_norm is not None else None
+        self.k_norm = LNorm(a.k_norm, P) if a.k_norm is not None else None
+        self.scale, self.softcap, self.rope_dim = a.scale, a.logit_softcap, a.rope.dim
+
+    def forward(self, x, cos, sin, mask, k_cache, v_cache, positions):
+        B, T, _ = x.shape
+        if self.fused:
+            q, k, v = self.qkv(x).split([self.h * self.hd, self.kvh * self.hd, self.kvh * self.hd], -1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = q.view(B, T, self.h, self.hd).transpose(1, 2)
+        k = k.view(B, T, self.kvh, self.hd).transpose(1, 2)
+        v = v.view(B, T, self.kvh, self.hd).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = _rope(q, cos, sin, self.rope_dim), _rope(k, cos, sin, self.rope_dim)
+        # contiguous(): index_copy on a transposed source makes export guard on T.
+        k_cache.index_copy_(2, positions, k.contiguous())
+        v_cache.index_copy_(2, positions, v.contiguous())
+        # Grouped attention without repeating the cache: fold each KV group's query
+        # heads into the row axis as (T, rep), T outermost. Splitting a symbolic axis
+        # with T innermost makes torch.export add unprovable guards.
+        rep, L = self.h // self.kvh, k_cache.shape[2]
+        qg = q.view(B, self.kvh, rep, T, self.hd).transpose(2, 3).contiguous().view(B, self.kvh, T * rep, self.hd)
+        s = torch.matmul(qg, k_cache.transpose(-1, -2)) * self.scale
+        if self.softcap is not None:
+            s = torch.tanh(s / self.softcap) * self.softcap
+        s = s.view(B, self.kvh, T, rep, L) + mask[:, None, :]
+        p = torch.softmax(s, dim=-1).view(B, self.kvh, T * rep, L)
+        out = torch.matmul(p, v_cache).view(B, self.kvh, T, rep, self.hd)
+        return self.o(out.permute(0, 2, 1, 3, 4).reshape(B, T, self.h * self.hd))
+
+
+def _rope(x, cos, sin, d):
+    half = d // 2
+    x1, x2 = x[..., :half], x[..., half:d]
+    c, s = cos[..., :half], sin[..., :half]
+    rotated = [x1 * c - x2 * s, x2 * c + x1 * s]
+    if d < x.shape[-1]:  # partial rotary (Phi-3); no empty slices otherwise, they upset export
+        rotated.append(x[..., d:])
+    return torch.cat(rotated, dim=-1)
+
+
+class LBlock(nn.Module):
+    def __init__(self, b: Block, P: _Params):
+        super().__init__()
+        self.attn_norm, self.attn = LNorm(b.attn_norm, P), LAttention(b.attn, P)
+        self.ffn_norm = LNorm(b.ffn_norm, P)
+        self.ffn = LMLP(b.ffn, P) if isinstance(b.ffn, MLP) else LMoE(b.ffn, P)
+        self.post_attn = LNorm(b.post_attn_norm, P) if b.post_attn_norm is not None else None
+        self.post_ffn = LNorm(b.post_ffn_norm, P) if b.post_ffn_norm is not None else None
+
+    def forward(self, x, cos, sin, mask, kc, vc, positions):
+        h = self.attn(self.attn_norm(x), cos, sin, mask, kc, vc, positions)
+        if self.post_attn is not None:
+            h = self.post_attn(h)
+        x = x + h
+        h = self.ffn(self.ffn_norm(x))
+        if self.post_ffn is not None:
+            h = self.post_ffn(h)
+        return x + h
+
+
+class LoweredLM(nn.Module):
+    """forward(tokens[1, T] int64, input_pos[1] int64) -> logits."""
+
+    def __init__(self, model: Model, spec: LoweringSpec = LoweringSpec()):
+        super().__init__()
+        kv = model.kv
+        if kv.layout != "bhsd" or kv.dtype != "float32" or kv.window is not None or kv.arena:
+            raise UnsupportedError(
+                f"this lowering holds a static fp32 BHSD cache per layer; KV spec layout={kv.layout} "
+                f"dtype={kv.dtype} window={kv.window} arena={kv.arena} is not lowered yet", "kv")
+        self.spec, self.max_len = spec, kv.max_len
+        P = _Params(self, spec.dtype)
+        self.embed = P(model.embed)
+        self.embed_scale = model.embed_scale
+        self.blocks = nn.ModuleList(LBlock(b, P) for b in model.blocks)
+        self.layers = list(model.layers)
+        self.final_norm = LNorm(model.final_norm, P)
+        self.lm_head = P(model.lm_head.weight) if model.lm_head is not None else self.embed
+        self.lm_bias = P(model.lm_head.bias) if model.lm_head is not None else None
+        self.final_softcap = model.final_logit_softcap
+        # One rope table per distinct rope config, one mask per distinct window.
+        rope_keys, self.windows, self.layer_rope, self.layer_window = [], [], [], []
+        for d in range(model.n_layers):
+            a = model.block_at(d).attn
+            key = (a.rope.theta, a.rope.dim, repr(a.rope.scaling))
+            if key not in rope_keys:
+                cos, sin = rope_cos_sin(a.rope, torch.arange(kv.max_len))
+                self.register_buffer(f"rope_cos{len(rope_keys)}", cos.to(spec.dtype), persistent=False)
+                self.register_buffer(f"rope_sin{len(rope_keys)}", sin.to(spec.dtype), persistent=False)
+                rope_keys.append(key)
+            if a.sliding_window not in self.windows:
+                self.windows.append(a.sliding_window)
+            self.layer_rope.append(rope_keys.index(key))
+            self.layer_window.append(self.windows.index(a.sliding_window))
+        self.n_ropes = len(rope_keys)
+        for d in range(model.n_layers):
+            a = model.block_at(d).attn
+            shape = (1, a.n_kv_heads, kv.max_len, a.head_dim)
+            self.register_buffer(f"k_cache_{d}", torch.zeros(shape, dtype=spec.dtype))
+            self.register_buffer(f"v_cache_{d}", torch.zeros(shape, dtype=spec.dtype))
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        T = tokens.shape[1]
+        positions = input_pos + torch.arange(T, dtype=torch.int64)
+        x = F.embedding(tokens, self.embed)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        keys = torch.arange(self.max_len, dtype=torch.int64)
+        masks = []
+        for w in self.windows:
+            ok = keys[None, :] <= positions[:, None]
+            if w is not None:
+                ok = ok & (positions[:, None] - keys[None, :] < w)
+            masks.append(torch.where(ok, 0.0, float("-inf")).to(x.dtype))
+        ropes = [(getattr(self, f"rope_cos{i}")[positions], getattr(self, f"rope_sin{i}")[positions])
+                 for i in range(self.n_ropes)]
+        for d, b in enumerate(self.layers):
+            cos, sin = ropes[self.layer_rope[d]]
+            x = self.blocks[b](x, cos, sin, masks[self.layer_window[d]],
+                               getattr(self, f"k_cache_{d}"), getattr(self, f"v_cache_{d}"), positions)
+        if not self.spec.full_logits:
+            x = x[:, -1, :]
+        logits = F.linear(self.final_norm(x), self.lm_head, self.lm_bias)
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
+
+    def reset_cache(self) -> None:
+        for name, buf in self.named_buffers():
+            if "_cache_" in name:
+                buf.zero_()

@@ -1,0 +1,124 @@
+"""The target interface: `supports(ir, spec) -> why-not`, `lower(ir, spec) -> Artifact`.
+
+Targets are registered by name with a typed spec. `lower` returns bytes in memory;
+`write_artifact` is the one place that touches the output folder, and it does so
+atomically (temp folder, then rename), so a failed compile leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..compiler.ir import Model
+from ..errors import SlmcError, UnsupportedError
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    backend: str
+
+
+@dataclass
+class Artifact:
+    files: dict[str, bytes]  # name -> content, written at the boundary only
+    manifest: dict = field(default_factory=dict)
+
+
+class Target(ABC):
+    name: str
+    backends: tuple[str, ...]
+    spec_class: type[TargetSpec] = TargetSpec
+
+    @abstractmethod
+    def supports(self, model: Model, spec: TargetSpec) -> str | None:
+        """None if the target can hold this model under this spec, else the reason why not."""
+
+    @abstractmethod
+    def lower(self, model: Model, spec: TargetSpec, progress=None) -> Artifact: ...
+
+
+TARGETS: dict[str, Target] = {}
+
+
+def register(target: Target) -> Target:
+    TARGETS[target.name] = target
+    return target
+
+
+def get_target(name: str) -> Target:
+    from . import load_all
+
+    load_all()
+    if name not in TARGETS:
+        raise SlmcError(f"unknown target {name!r}; available: {', '.join(sorted(TARGETS))}", "--target")
+    return TARGETS[name]
+
+
+def check_supported(target: Target, model: Model, spec: TargetSpec) -> None:
+    if spec.backend not in target.backends:
+        raise SlmcError(f"unknown backend {spec.backend!r} for target {target.name}; available: "
+                        f"{', '.join(target.backends)}", "--backend")
+    why = target.supports(model, spec)
+    if why:
+        raise UnsupportedError(why, f"{target.name}/{spec.backend}")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "chat_template.json")
+
+
+def check_output_path(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise SlmcError("output path exists and is a file, not a folder", str(out))
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise SlmcError("output folder exists, is not empty and is not an slmc artifact; "
+                        "refusing to overwrite it", str(out))
+
+
+def write_artifact(art: Artifact, out: Path, tokenizer_dir: Path | None) -> Path:
+    """Write files + tokenizer + manifest.json into `out` atomically."""
+    out = Path(out)
+    check_output_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for name, data in art.files.items():
+            (tmp / name).write_bytes(data)
+        copied = []
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (tokenizer_dir / name).is_file():
+                    shutil.copyfile(tokenizer_dir / name, tmp / name)
+                    copied.append(name)
+        manifest = dict(art.manifest)
+        manifest["tokenizer"] = {"files": copied} if "tokenizer.json" in copied else None
+        manifest["files"] = {n: (tmp / n).stat().st_size for n in sorted(art.files)}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.rename(out, old / "a")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(folder: Path) -> dict:
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise SlmcError("not an slmc artifact folder (no manifest.json)", str(folder))
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SlmcError(f"invalid manifest ({e})", str(path)) from None
