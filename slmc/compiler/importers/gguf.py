@@ -15,8 +15,11 @@ llama.cpp and are stored unpermuted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -124,7 +127,9 @@ def open_reader(path: Path):
     try:
         reader = GGUFReader(str(path), "r")
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, MemoryError) as e:
-        raise SlmcError(f"corrupt or truncated GGUF file ({e.__class__.__name__}: {e})", str(path)) from None
+        log.debug("GGUFReader failed on %s: %r", path, e)
+        raise SlmcError(f"corrupt or truncated GGUF file ({path.stat().st_size} bytes; its header or "
+                        "tensor table does not fit)", str(path)) from None
     size = path.stat().st_size
     for t in reader.tensors:
         if int(t.data_offset) + int(t.n_bytes) > size:
@@ -305,17 +310,43 @@ def import_gguf(path: str | Path, max_seq_len: int | None = None, strict: bool =
     return model
 
 
-def tokenizer_from_gguf(path: str | Path, out_dir: str | Path) -> Path:
-    """Write the GGUF's tokenizer (tokenizer.json, tokenizer_config.json, chat template) to
-    `out_dir`, using transformers' GGUF tokenizer conversion (offline)."""
-    path, out_dir = Path(path), Path(out_dir)
-    open_reader(path)  # clear errors for bad files before transformers sees them
-    from transformers import AutoTokenizer
-
+@contextlib.contextmanager
+def hf_offline():
+    """Keep transformers / huggingface_hub off the network while converting local files."""
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: "1" for k in keys})
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    except (ValueError, KeyError) as e:
-        raise UnsupportedError(f"cannot convert the GGUF tokenizer: {e}", str(path)) from None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(str(out_dir))
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def tokenizer_from_gguf(path: str | Path, out_dir: str | Path, model_max_length: int | None = None) -> Path:
+    """Write the GGUF's tokenizer (tokenizer.json, tokenizer_config.json, chat template) to
+    `out_dir` with transformers' GGUF tokenizer conversion, offline. Needs transformers."""
+    path, out_dir = Path(path), Path(out_dir)
+    if not path.is_file():
+        raise SlmcError("no such file", str(path))
+    check_magic(path)
+    with hf_offline():
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        except (ValueError, KeyError) as e:
+            raise UnsupportedError(f"cannot convert the GGUF tokenizer: {e}", str(path)) from None
+        if model_max_length:
+            tok.model_max_length = model_max_length
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(str(out_dir))
+    tc_path = out_dir / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text())
+    for k in ("is_local", "local_files_only", "gguf_file"):  # load-time options, not tokenizer settings
+        tc.pop(k, None)
+    tc_path.write_text(json.dumps(tc, indent=2) + "\n")
     return out_dir

@@ -1,0 +1,151 @@
+"""slmc's Python API: the same jobs as the CLI (`compile`, `validate`, `inspect`).
+
+This is the face of the package: it may use the compiler, passes, targets and
+runtime checks. The CLI is a thin layer over it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+from . import __version__
+from .compiler.importers import load_model
+from .compiler.ir import Model, param_count, weight_bytes
+from .compiler.pass_manager import PASSES, PassManager, describe, load_passes, parse_pass
+from .compiler.serialize import is_ir_folder, load_ir
+from .errors import SlmcError, ValidationFailed
+from .targets.base import check_output_path, check_supported, get_target, read_manifest, write_artifact
+
+DEFAULT_MODEL = "default"
+
+
+def resolve_model_path(path: str) -> Path:
+    """'default' is the built-in SmolLM2-135M-Instruct (converted once, then cached)."""
+    if path == DEFAULT_MODEL:
+        from .default_model import default_model_dir
+
+        return default_model_dir()
+    return Path(path)
+
+
+def load(path: str | Path, max_seq_len: int | None = None, strict: bool = False) -> Model:
+    p = resolve_model_path(str(path))
+    if is_ir_folder(p):
+        m = load_ir(p)
+        if max_seq_len is not None:
+            from .compiler.importers.hf import check_max_seq_len
+
+            check_max_seq_len(max_seq_len, m.max_position, "--max-seq-len")
+            m.kv.max_len = max_seq_len
+        return m
+    return load_model(p, max_seq_len=max_seq_len, strict=strict)
+
+
+def tokenizer_dir(model_path: Path) -> Path | None:
+    p = Path(model_path)
+    for cand in (p if p.is_dir() else p.parent, p.with_suffix("")):
+        if (cand / "tokenizer.json").is_file():
+            return cand
+    return None
+
+
+def _versions() -> dict:
+    out = {"slmc": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "executorch", "coremltools", "ai-edge-litert", "transformers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def target_pipeline(target) -> list[str]:
+    return list(getattr(target, "default_passes", ()))
+
+
+def compile_model(model: str | Path, target: str = "executorch", backend: str | None = None,
+                  out: str | Path = "out", passes: list[str] = (), max_seq_len: int | None = None,
+                  strict: bool = False, dump_ir: Path | None = None, progress=None) -> tuple[Path, dict]:
+    step = progress or (lambda msg: None)
+    out = Path(out)
+    check_output_path(out)  # fail before minutes of work, not after
+    tgt = get_target(target)
+    spec = tgt.spec_class(backend=backend) if backend else tgt.spec_class()
+    pipeline = [parse_pass(p) for p in list(passes) + target_pipeline(tgt)]
+    step("importing")
+    src_path = resolve_model_path(str(model))
+    ir = load(src_path, max_seq_len=max_seq_len, strict=strict)
+    ir, logs = PassManager(pipeline, dump_dir=Path(dump_ir) if dump_ir else None, progress=step).run(ir)
+    check_supported(tgt, ir, spec)
+    t0 = time.time()
+    art = tgt.lower(ir, spec, progress=step)
+    art.manifest.update({
+        "slmc_manifest": 1,
+        "target": tgt.name,
+        "backend": spec.backend,
+        "spec": dataclasses.asdict(spec),
+        "model": {"family": ir.family, "architecture": ir.architecture, "params": param_count(ir),
+                  "weight_bytes": weight_bytes(ir), "layers": ir.n_layers, "blocks": len(ir.blocks),
+                  "vocab_size": ir.vocab_size, "hidden_size": ir.hidden_size,
+                  "bos_id": ir.bos_id, "eos_ids": ir.eos_ids},
+        "kv_cache_spec": dataclasses.asdict(ir.kv),
+        "quantization": None,
+        "source": dict(ir.source),
+        "pipeline": [{"name": l.name, "options": l.options, "modified": l.modified, "seconds": l.seconds,
+                      "info": l.info} for l in logs],
+        "versions": _versions(),
+        "compile_seconds": round(time.time() - t0, 2),
+        "validation": None,
+    })
+    step("writing")
+    path = write_artifact(art, out, tokenizer_dir(src_path))
+    return path, json.loads((path / "manifest.json").read_text())
+
+
+def reference_model(folder: Path, manifest: dict) -> Model:
+    """Rebuild the IR an artifact was compiled from: import its source, replay its passes."""
+    src = manifest.get("source") or {}
+    path = Path(src.get("path", ""))
+    if not path.exists():
+        raise SlmcError(f"the artifact's source model {path} is gone; pass --reference MODEL", str(folder))
+    ir = load(path, max_seq_len=manifest["kv_cache_spec"]["max_len"])
+    if src.get("sha256") and ir.source.get("sha256") != src["sha256"]:
+        raise SlmcError(f"source model {path} changed since compile (sha256 differs)", str(folder))
+    load_passes()
+    pipeline = []
+    for p in manifest.get("pipeline", []):
+        cls = PASSES.get(p["name"])
+        if cls is None:
+            raise SlmcError(f"artifact was made with pass {p['name']!r}, unknown to this slmc", str(folder))
+        pipeline.append(cls(cls.Options(**p["options"])))
+    ir, _ = PassManager(pipeline).run(ir)
+    return ir
+
+
+def validate_artifact(folder: str | Path, steps: int = 32, prompt: str | None = None,
+                      reference: str | Path | None = None, model: Model | None = None, record: bool = True):
+    from .runtime_tests.validate import validate
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if model is None:
+        model = load(reference, max_seq_len=manifest["kv_cache_spec"]["max_len"]) if reference \
+            else reference_model(folder, manifest)
+    report = validate(folder, manifest, model, steps=steps, prompt=prompt)
+    if record:
+        manifest["validation"] = json.loads(report.to_json())
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return report
+
+
+def require_pass(report) -> None:
+    if not report.passed:
+        raise ValidationFailed(
+            f"artifact disagrees with the reference: prefill |Δ|={report.prefill_max_abs:.3g}, decode "
+            f"|Δ|={report.decode_max_abs:.3g}, top-1 {report.top1_agreement:.1%}, greedy "
+            f"{'equal' if report.greedy_equal else 'differs'} (tolerance {report.tolerance})", report.artifact)

@@ -1,0 +1,213 @@
+"""The `slmc` command line. Bad input: one line on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from .errors import SlmcError, ValidationFailed
+
+console = Console(stderr=True, highlight=False)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(format="slmc: %(levelname)s: %(message)s",
+                        level=logging.INFO if verbose else logging.WARNING)
+    for noisy in ("torch", "executorch", "torchao", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def friendly(fn):
+    """Turn SlmcError into one line + exit 2 (ValidationFailed: exit 1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except ValidationFailed as e:
+            console.print(f"[red]slmc: validation failed:[/] {e}", soft_wrap=True)
+            sys.exit(1)
+        except SlmcError as e:
+            console.print(f"[red]slmc: error:[/] {e}", soft_wrap=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+class _Progress:
+    def __init__(self, enabled: bool):
+        self.enabled, self.status = enabled, None
+
+    def __enter__(self):
+        if self.enabled:
+            self.status = console.status("starting")
+            self.status.__enter__()
+        return self
+
+    def __call__(self, msg: str) -> None:
+        if self.status is not None:
+            console.log(msg)
+            self.status.update(msg)
+
+    def __exit__(self, *exc):
+        if self.status is not None:
+            self.status.__exit__(*exc)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log what each step does.")
+@click.version_option(package_name="slmc")
+def main(verbose: bool) -> None:
+    """slmc: compile small language models for phones.
+
+    MODEL is a Hugging Face folder (config.json + safetensors), a .gguf file, an
+    slmc IR folder, or `default` (the built-in SmolLM2-135M-Instruct).
+    """
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--target", "-t", default="executorch", show_default=True, help="executorch")
+@click.option("--backend", "-b", default=None, help="Target backend (executorch: xnnpack, portable).")
+@click.option("--out", "-o", "out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--pass", "passes", multiple=True, metavar="NAME[:k=v,...]", help="Run a pass (repeatable).")
+@click.option("--max-seq-len", type=int, default=None, help="KV-cache length (default: min(limit, 2048)).")
+@click.option("--strict", is_flag=True, help="Fail, rather than warn, on NaN/Inf weights.")
+@click.option("--dump-ir", type=click.Path(path_type=Path), default=None, help="Write the IR after each pass.")
+@click.option("--validate/--no-validate", "do_validate", default=False, help="Validate right after compiling.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@friendly
+def compile(model, target, backend, out, passes, max_seq_len, strict, dump_ir, do_validate, as_json):
+    """Compile MODEL for a target into the folder OUT."""
+    from . import api
+
+    with _Progress(not as_json) as progress:
+        path, manifest = api.compile_model(model, target, backend, out, list(passes), max_seq_len, strict,
+                                           dump_ir, progress)
+        if do_validate:
+            progress("validating")
+            report = api.validate_artifact(path)
+            manifest["validation"] = json.loads(report.to_json())
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+    else:
+        size = sum(manifest["files"].values())
+        console.print(f"[green]wrote[/] {path} ({manifest['target']}/{manifest['backend']}, "
+                      f"{size / 2**20:.1f} MiB, {manifest['compile_seconds']} s)")
+    if do_validate:
+        _print_report(report, as_json=False) if not as_json else None
+        api.require_pass(report)
+
+
+def _print_report(report, as_json: bool) -> None:
+    if as_json:
+        click.echo(report.to_json())
+        return
+    from rich.table import Table
+
+    t = Table(title=f"validation of {report.artifact} ({report.runtime})")
+    t.add_column("check")
+    t.add_column("value", justify="right")
+    t.add_column("tolerance", justify="right")
+    tol = report.tolerance
+    t.add_row("prefill max |Δ| logits", f"{report.prefill_max_abs:.3g}", f"≤ {tol['max_abs']:g}")
+    t.add_row(f"decode max |Δ| ({report.decode_steps} steps)", f"{report.decode_max_abs:.3g}",
+              f"≤ {tol['max_abs']:g}")
+    t.add_row("top-1 agreement", f"{report.top1_agreement:.1%}", f"≥ {tol['min_top1']:.0%}")
+    t.add_row("greedy text equal", "yes" if report.greedy_equal else
+              f"no (first diff at {report.first_divergence})", "required" if tol["greedy_equal"] else "-")
+    t.add_row("result", "[green]PASS[/]" if report.passed else "[red]FAIL[/]", "")
+    Console().print(t)
+    Console().print(f"reference: {report.reference_text!r}\nartifact:  {report.artifact_text!r}",
+                    soft_wrap=True)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--steps", default=32, show_default=True, help="Decode steps to compare.")
+@click.option("--prompt", default=None, help="Prompt text (default: a fixed English sentence).")
+@click.option("--reference", default=None, help="Reference model (default: the manifest's source + passes).")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def validate(artifact, steps, prompt, reference, as_json):
+    """Run ARTIFACT in its runtime and compare it with the reference executor."""
+    from . import api
+
+    report = api.validate_artifact(artifact, steps=steps, prompt=prompt, reference=reference)
+    _print_report(report, as_json)
+    api.require_pass(report)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", required=True)
+@click.option("--max-new-tokens", "-n", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--chat/--raw", default=True, show_default=True, help="Apply the model's chat template.")
+@friendly
+def run(artifact, prompt, max_new_tokens, temperature, chat):
+    """Generate text with ARTIFACT in its own runtime (streams tokens, reports tok/s)."""
+    from .runtime_tests.generate import generate
+
+    stats = generate(artifact, prompt, max_new_tokens, temperature, chat,
+                     on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    sys.stdout.write("\n")
+    console.print(f"prefill: {stats['prompt_tokens']} tokens at {stats['prefill_tok_s']:.1f} tok/s, "
+                  f"decode: {stats['generated_tokens']} tokens at {stats['decode_tok_s']:.1f} tok/s "
+                  f"({stats['runtime']})")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--pass", "passes", multiple=True, metavar="NAME[:k=v,...]", help="Run passes, then print.")
+@click.option("--max-seq-len", type=int, default=None)
+@click.option("--save-ir", type=click.Path(path_type=Path), default=None, help="Also save the IR folder.")
+@friendly
+def inspect(model, passes, max_seq_len, save_ir):
+    """Print MODEL's IR (after the given passes)."""
+    from . import api
+    from .compiler.pass_manager import PassManager, parse_pass
+    from .compiler.printer import print_model
+
+    ir = api.load(model, max_seq_len=max_seq_len)
+    ir, _ = PassManager([parse_pass(p) for p in passes]).run(ir)
+    click.echo(print_model(ir), nl=False)
+    if save_ir:
+        from .compiler.serialize import save_ir as save
+
+        save(ir, save_ir)
+
+
+@main.command("list")
+def list_() -> None:
+    """List families, passes and targets."""
+    from .compiler.families import supported_architectures
+    from .compiler.pass_manager import PASSES, load_passes
+    from .targets import TARGETS, load_all
+
+    load_passes()
+    load_all()
+    click.echo("architectures: " + ", ".join(supported_architectures()))
+    click.echo("passes: " + ", ".join(sorted(PASSES)))
+    for name, t in sorted(TARGETS.items()):
+        click.echo(f"target {name}: backends {', '.join(t.backends)}")
+
+
+@main.command("default-model")
+@friendly
+def default_model() -> None:
+    """Prepare the built-in SmolLM2-135M-Instruct (once) and print its folder."""
+    from .default_model import default_model_dir
+
+    click.echo(str(default_model_dir()))
+
+
+if __name__ == "__main__":
+    main()

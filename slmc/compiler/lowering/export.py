@@ -1,0 +1,42 @@
+"""torch.export of the lowered decoder, shared by every target."""
+
+from __future__ import annotations
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from ..ir import Model
+from .module import LoweredLM, LoweringSpec
+
+
+def example_inputs(model: Model, T: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(1, T, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+
+
+def export_decoder(model: Model, spec: LoweringSpec = LoweringSpec(), dynamic: bool = True) -> ExportedProgram:
+    """Export forward(tokens[1, T], input_pos[1]); T is dynamic in 1..max_len-1."""
+    module = LoweredLM(model, spec).eval()
+    if dynamic:
+        # max_len - 1: a Dim whose max equals a static size it is compared against
+        # gets specialised by export (ExecuTorch's own LLM export does the same).
+        shapes = ({1: Dim("seq_len", max=model.kv.max_len - 1)}, None)
+        args = example_inputs(model, 2)
+    else:
+        shapes, args = None, example_inputs(model, 1)
+    with torch.no_grad():
+        return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+
+
+def io_spec(model: Model, spec: LoweringSpec, dynamic: bool = True) -> dict:
+    """The method signature, as recorded in every manifest."""
+    seq = f"1..{model.kv.max_len - 1}" if dynamic else "1"
+    logits = [1, seq, model.vocab_size] if spec.full_logits else [1, model.vocab_size]
+    return {
+        "inputs": [
+            {"name": "tokens", "dtype": "int64", "shape": [1, seq]},
+            {"name": "input_pos", "dtype": "int64", "shape": [1],
+             "meaning": "position of tokens[0, 0] in the KV cache"},
+        ],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": logits,
+                     "meaning": "all positions" if spec.full_logits else "last position only"}],
+    }

@@ -1,0 +1,143 @@
+"""Passes and the pass manager.
+
+A pass is one class in one file under slmc/passes/: a registered `name`, options as
+a frozen dataclass (`Options`), `requires` (passes that must run earlier in the same
+pipeline), and `run(ir) -> PassResult(ir, modified)`. The manager resolves names,
+checks `requires`, verifies the IR after every pass, times each one, and can dump
+the IR after each pass (`--dump-ir DIR`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import SlmcError
+from .ir import Model
+from .verify import verify
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+@dataclass
+class PassResult:
+    ir: Model
+    modified: bool
+    info: dict = field(default_factory=dict)  # what the pass measured (bytes saved, error ...)
+
+
+class Pass:
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, options: Any = None):
+        self.options = options if options is not None else self.Options()
+
+    def run(self, ir: Model) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+PASSES: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    PASSES[cls.name] = cls
+    return cls
+
+
+def load_passes() -> None:
+    """Import every module under slmc.passes, so each registers itself."""
+    pkg = importlib.import_module("slmc.passes")
+    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+        importlib.import_module(m.name)
+
+
+def _coerce(value: str, typ, where: str):
+    typ = typ if isinstance(typ, type) else {"int": int, "float": float, "bool": bool, "str": str}.get(
+        str(typ).split("|")[0].strip(), str)
+    try:
+        if typ is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return typ(value)
+    except ValueError:
+        raise SlmcError(f"cannot read {value!r} as {typ.__name__}", where) from None
+
+
+def parse_pass(spec: str) -> Pass:
+    """'name' or 'name:key=value,key=value' -> a configured pass."""
+    load_passes()
+    name, _, rest = spec.partition(":")
+    if name not in PASSES:
+        raise SlmcError(f"unknown pass {name!r}; available: {', '.join(sorted(PASSES))}", "--pass")
+    cls = PASSES[name]
+    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+    kwargs = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in fields:
+            raise SlmcError(f"pass {name} has no option {key!r}; options: {', '.join(fields) or 'none'}",
+                            "--pass")
+        kwargs[key] = _coerce(value, fields[key].type, f"--pass {name}:{key}")
+    try:
+        return cls(cls.Options(**kwargs))
+    except (TypeError, ValueError) as e:
+        raise SlmcError(str(e), f"--pass {name}") from None
+
+
+def describe(p: Pass) -> dict:
+    return {"name": p.name, "options": dataclasses.asdict(p.options)}
+
+
+@dataclass
+class PassLog:
+    name: str
+    options: dict
+    modified: bool
+    seconds: float
+    info: dict
+
+
+class PassManager:
+    def __init__(self, passes: list[Pass], dump_dir: Path | None = None, progress=None):
+        self.passes, self.dump_dir, self.progress = passes, dump_dir, progress
+        done: list[str] = []
+        for p in passes:
+            missing = [r for r in p.requires if r not in done]
+            if missing:
+                raise SlmcError(f"pass {p.name} requires {', '.join(missing)} earlier in the pipeline",
+                                "--pass")
+            done.append(p.name)
+
+    def run(self, ir: Model) -> tuple[Model, list[PassLog]]:
+        from .printer import print_model
+
+        verify(ir, "imported IR")
+        logs = []
+        if self.dump_dir:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            (self.dump_dir / "00-input.txt").write_text(print_model(ir))
+        for i, p in enumerate(self.passes, 1):
+            if self.progress:
+                self.progress(f"pass {p.name}")
+            t0 = time.perf_counter()
+            res = p.run(ir)
+            dt = time.perf_counter() - t0
+            verify(res.ir, f"IR after pass {p.name}")
+            ir = res.ir
+            logs.append(PassLog(p.name, dataclasses.asdict(p.options), res.modified, round(dt, 4), res.info))
+            if self.dump_dir:
+                (self.dump_dir / f"{i:02d}-{p.name}.txt").write_text(print_model(ir))
+        return ir, logs

@@ -1,0 +1,53 @@
+"""Run an artifact in its own runtime, one step at a time.
+
+A session exposes `step(tokens, start_pos) -> logits of the last position` and
+`reset()`. `open_session` picks the runtime from the manifest's format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ..errors import SlmcError
+
+
+class Session(Protocol):
+    def step(self, tokens: list[int], start_pos: int) -> torch.Tensor: ...
+
+    def reset(self) -> None: ...
+
+
+class ExecuTorchSession:
+    """The .pte in ExecuTorch's runtime (pybindings), on this host's CPU."""
+
+    runtime = "executorch"
+
+    def __init__(self, pte: Path):
+        import executorch.kernels.quantized  # noqa: F401  registers quantized kernels
+        from executorch.runtime import Runtime
+
+        self.pte = Path(pte)
+        try:
+            self.program = Runtime.get().load_program(str(self.pte))
+        except Exception as e:  # the runtime raises bare RuntimeErrors
+            raise SlmcError(f"ExecuTorch could not load the program: {e}", str(self.pte)) from None
+        self.reset()
+
+    def reset(self) -> None:
+        # A fresh method gets fresh (zero-filled) planned memory, so an empty cache.
+        self.method = self.program.load_method("forward")
+
+    def step(self, tokens: list[int], start_pos: int) -> torch.Tensor:
+        out = self.method.execute([torch.tensor([tokens], dtype=torch.int64),
+                                   torch.tensor([start_pos], dtype=torch.int64)])[0]
+        return out.reshape(-1, out.shape[-1])[-1].clone()
+
+
+def open_session(folder: Path, manifest: dict) -> Session:
+    fmt = manifest.get("format")
+    if fmt == "pte":
+        return ExecuTorchSession(Path(folder) / manifest["artifact"])
+    raise SlmcError(f"no runtime session for artifact format {fmt!r}", str(folder))

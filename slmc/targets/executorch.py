@@ -1,0 +1,102 @@
+"""ExecuTorch target: a `.pte` that ExecuTorch's stock LLM runner runs unmodified.
+
+Conventions of `executorch.extension.llm.runner.TextLLMRunner` (and the C++ runner
+behind it), which this target follows:
+- method `forward(tokens[1, T] int64, input_pos[1] int64) -> logits`; a second input
+  of one element means "start position", and the cache lives inside the program
+  as mutable buffers;
+- constant metadata methods: get_max_seq_len, get_max_context_len, get_vocab_size,
+  get_bos_id, get_eos_ids, get_n_layers, use_kv_cache, enable_dynamic_shape,
+  use_sdpa_with_kv_cache.
+Only ops the pip runtime has kernels for are emitted (no llama::custom_sdpa /
+llama::update_cache), so the host can validate every artifact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..compiler.ir import Model, QuantWeight, named_weights
+from ..compiler.lowering import LoweringSpec, export_decoder, io_spec
+from .base import Artifact, Target, TargetSpec, register
+
+
+@dataclass(frozen=True)
+class ExecuTorchSpec(TargetSpec):
+    backend: str = "xnnpack"
+    full_logits: bool = False
+
+
+def runner_metadata(model: Model) -> dict:
+    eos = model.eos_ids or []
+    meta = {
+        "get_max_seq_len": model.kv.max_len,
+        "get_max_context_len": model.kv.max_len,
+        "get_vocab_size": model.vocab_size,
+        "get_n_layers": model.n_layers,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": False,
+        "enable_dynamic_shape": True,
+        "get_eos_ids": list(eos),
+    }
+    if model.bos_id is not None:
+        meta["get_bos_id"] = model.bos_id
+    return meta
+
+
+def _partitioners(backend: str):
+    if backend == "xnnpack":
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        return [XnnpackPartitioner()]
+    return []  # portable: every op on ExecuTorch's portable CPU kernels
+
+
+class ExecuTorchTarget(Target):
+    name = "executorch"
+    backends = ("xnnpack", "portable")
+    spec_class = ExecuTorchSpec
+
+    def supports(self, model: Model, spec: ExecuTorchSpec) -> str | None:
+        kv = model.kv
+        if kv.layout != "bhsd" or kv.dtype != "float32" or kv.window is not None or kv.arena:
+            return (f"KV cache layout={kv.layout} dtype={kv.dtype} window={kv.window} arena={kv.arena}: "
+                    "this target lowers a static fp32 BHSD cache per layer only")
+        if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
+            return "quantized weights are not lowered to ExecuTorch yet"
+        return None
+
+    def lower(self, model: Model, spec: ExecuTorchSpec, progress=None) -> Artifact:
+        from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+        from executorch.exir.passes import MemoryPlanningPass
+        from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+        step = progress or (lambda msg: None)
+        lspec = LoweringSpec(full_logits=spec.full_logits)
+        step("torch.export")
+        ep = export_decoder(model, lspec)
+        step(f"to_edge + {spec.backend} partitioning")
+        meta = runner_metadata(model)
+        edge = to_edge_transform_and_lower(
+            ep, partitioner=_partitioners(spec.backend),
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+            constant_methods=meta)
+        del ep
+        step("to_executorch")
+        prog = edge.to_executorch(ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
+        data = prog.buffer
+        manifest = {
+            "format": "pte",
+            "artifact": "model.pte",
+            "io": {"forward": io_spec(model, lspec)},
+            "runner": {"convention": "executorch.extension.llm.runner.TextLLMRunner",
+                       "metadata_methods": meta},
+            "kv_cache": {"kind": "mutable_buffers", "buffers_per_layer": ["k_cache_{d}", "v_cache_{d}"]},
+        }
+        return Artifact(files={"model.pte": data}, manifest=manifest)
+
+
+register(ExecuTorchTarget())
