@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import SlmcError, ValidationFailed
 
@@ -31,18 +32,23 @@ def friendly(fn):
         try:
             return fn(*a, **kw)
         except ValidationFailed as e:
-            console.print(f"[red]slmc: validation failed:[/] {e}", soft_wrap=True)
+            console.print(f"[red]slmc: validation failed:[/] {escape(str(e))}", soft_wrap=True)
             sys.exit(1)
-        except SlmcError as e:
-            console.print(f"[red]slmc: error:[/] {e}", soft_wrap=True)
+        except SlmcError as e:  # paths and names are text, never rich markup ("model[v2]")
+            console.print(f"[red]slmc: error:[/] {escape(str(e))}", soft_wrap=True)
             sys.exit(2)
 
     return wrapper
 
 
 class _Progress:
+    """A spinner naming the current step (gone when done). With -v each step is also
+    logged; without, stderr holds nothing but the outcome (one line on error)."""
+
     def __init__(self, enabled: bool):
         self.enabled, self.status = enabled, None
+        ctx = click.get_current_context(silent=True)
+        self.log = bool(ctx and ctx.find_root().params.get("verbose"))
 
     def __enter__(self):
         if self.enabled:
@@ -52,8 +58,9 @@ class _Progress:
 
     def __call__(self, msg: str) -> None:
         if self.status is not None:
-            console.log(msg)
-            self.status.update(msg)
+            if self.log:
+                console.log(escape(msg))
+            self.status.update(escape(msg))
 
     def __exit__(self, *exc):
         if self.status is not None:
@@ -99,7 +106,7 @@ def compile(model, target, backend, out, passes, max_seq_len, strict, dump_ir, d
         click.echo(json.dumps(manifest, indent=2))
     else:
         size = sum(manifest["files"].values())
-        console.print(f"[green]wrote[/] {path} ({manifest['target']}/{manifest['backend']}, "
+        console.print(f"[green]wrote[/] {escape(str(path))} ({manifest['target']}/{manifest['backend']}, "
                       f"{size / 2**20:.1f} MiB, {manifest['compile_seconds']} s)")
     if do_validate:
         _print_report(report, as_json=False) if not as_json else None

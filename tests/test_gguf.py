@@ -31,13 +31,27 @@ def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.n
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, model, cfg: dict, qtypes: dict[str, Q] | None = None, permute: bool = True,
-               arch: str = "llama") -> dict[str, torch.Tensor]:
+def gguf_ready(cfg: dict) -> dict:
+    """A tiny config as it survives llama.cpp's converter (Qwen2/3 GGUFs carry no sliding window)."""
+    cfg = dict(cfg)
+    if cfg["model_type"] in ("qwen2", "qwen3"):
+        cfg.pop("layer_types", None)
+        cfg["use_sliding_window"] = False
+    return cfg
+
+
+def write_gguf(path, model, cfg: dict, qtypes: dict[str, Q] | None = None, permute: bool | None = None,
+               arch: str | None = None) -> dict[str, torch.Tensor]:
     """Write `model` as llama.cpp would; returns the HF state dict as the file encodes it
     (each quantized tensor replaced by its dequantized value)."""
     qtypes = qtypes or {}
-    n, heads, kv = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n)
+    arch = arch or cfg["model_type"]
+    permute = (cfg["model_type"] == "llama") if permute is None else permute
+    n, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads", heads)
+    rope = cfg.get("rope_parameters") or {}
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[cfg["model_type"].upper()], n)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(n)
     w.add_context_length(cfg["max_position_embeddings"])
@@ -45,11 +59,17 @@ def write_gguf(path, model, cfg: dict, qtypes: dict[str, Q] | None = None, permu
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
-    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_rope_freq_base(cfg.get("rope_theta", rope.get("rope_theta")))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_dimension_count(cfg["hidden_size"] // heads)
+    if "head_dim" in cfg:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    if cfg["model_type"] == "phi3" and cfg.get("sliding_window"):
+        w.add_sliding_window(cfg["sliding_window"])
     w.add_bos_token_id(cfg["bos_token_id"])
-    w.add_eos_token_id(cfg["eos_token_id"])
+    eos = cfg["eos_token_id"]
+    w.add_eos_token_id(eos[0] if isinstance(eos, list) else eos)
     encoded = {}
     for hf_name, t in model.state_dict().items():
         if hf_name == "lm_head.weight" and cfg["tie_word_embeddings"]:
@@ -126,6 +146,27 @@ def test_f32_matches_transformers(tiny, tiny_gguf):
     assert delta <= 1e-4, delta
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3"])
+def test_other_architectures_match_transformers(family, tmp_path):
+    """Qwen2 (q/k/v bias, untied), Qwen3 (q/k norms, head_dim != hidden/heads), Phi-3 (fused qkv and
+    gate_up, partial rotary, sliding window shorter than IDS): stored unpermuted by llama.cpp."""
+    from slmc.compiler.families import FAMILIES, load_all
+
+    load_all()
+    if family not in FAMILIES:
+        pytest.skip(f"family {family} not registered")
+    cfg = gguf_ready(FAMILIES[family].tiny_config())
+    model = make_hf_model(cfg, seed=2)
+    write_gguf(tmp_path / f"{family}.gguf", model, cfg)
+    m = load_model(tmp_path / f"{family}.gguf")
+    assert m.family == family and (m.lm_head is None) == cfg["tie_word_embeddings"]
+    if family == "phi3":  # partial rotary and the window came through the metadata
+        assert (m.block_at(0).attn.rope.dim, m.block_at(0).attn.sliding_window) == (12, 8)
+    want = hf_logits(model)
+    delta = (reference.forward(m, IDS) - want).abs().max().item()
+    assert delta <= 1e-4 and want.abs().max().item() > 0.1, delta
+
+
 def test_unpermuted_file_does_not_match(tiny, tmp_path):
     """The q/k permutation is really exercised: skipping it when writing breaks the match."""
     cfg, model = tiny
@@ -167,10 +208,10 @@ def test_load_model_dispatch(tiny, tiny_gguf, tmp_path):
     assert load_model(tiny_gguf, max_seq_len=64).kv.max_len == 64
 
 
-@pytest.mark.parametrize("cut", [0, 10, 23, 100, 2000, 0.5, -7])
+@pytest.mark.parametrize("cut", [0, 10, 23, 100, 2000, "half", "end-7"])
 def test_truncated_gguf(tiny_gguf, tmp_path, cut):
     data = tiny_gguf.read_bytes()
-    n = cut if isinstance(cut, int) and cut >= 0 else (len(data) + cut if isinstance(cut, int) else int(len(data) * cut))
+    n = {"half": len(data) // 2, "end-7": len(data) - 7}.get(cut, cut)
     bad = tmp_path / "cut.gguf"
     bad.write_bytes(data[:n])
     with pytest.raises(SlmcError, match="cut.gguf"):
@@ -272,6 +313,7 @@ def test_default_model_dir_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dm, "convert_gguf_to_hf", ok)
     final = dm.default_model_dir(tmp_path)
-    assert final == tmp_path / "models" / dm.FOLDER and sorted(p.name for p in final.iterdir()) == sorted(dm.REQUIRED_FILES)
+    assert final == tmp_path / "models" / dm.FOLDER
+    assert sorted(p.name for p in final.iterdir()) == sorted(dm.REQUIRED_FILES)
     monkeypatch.setattr(dm, "convert_gguf_to_hf", broken)
     assert dm.default_model_dir(tmp_path) == final  # cached: no second conversion

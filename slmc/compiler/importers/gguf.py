@@ -9,7 +9,7 @@ dequantized to float32 (F16 stays float16) the first time it is used.
 llama.cpp's converter permutes the q/k projection rows of llama-architecture
 models so that its "normal" rope rotates interleaved pairs (x0, x1), (x2, x3) ...
 The IR uses Hugging Face's rotate-half convention (x_j, x_{j+d/2}), so those
-rows are permuted back on load. Qwen2/Qwen3 use NEOX (rotate-half) rope in
+rows are permuted back on load. Qwen2/Qwen3/Phi-3 use NEOX (rotate-half) rope in
 llama.cpp and are stored unpermuted.
 """
 
@@ -22,6 +22,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,11 +37,21 @@ log = logging.getLogger("slmc")
 
 GGUF_MAGIC = b"GGUF"
 
-# general.architecture -> (HF architecture, HF model_type, q/k rows permuted by llama.cpp)
-ARCHITECTURES: dict[str, tuple[str, str, bool]] = {
-    "llama": ("LlamaForCausalLM", "llama", True),
-    "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
-    "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
+
+class GGUFArch(NamedTuple):
+    hf: str  # the HF architecture, which picks the slmc family
+    model_type: str
+    permuted_qk: bool  # llama.cpp's converter permuted the q/k rows (interleaved rope)
+    partial_rotary: bool = False  # the family reads `partial_rotary_factor`
+
+
+# general.architecture -> how to read it. llama.cpp stores Mistral 7B as "llama" too (and,
+# like it, slmc then ignores Mistral v0.1's sliding window).
+ARCHITECTURES: dict[str, GGUFArch] = {
+    "llama": GGUFArch("LlamaForCausalLM", "llama", permuted_qk=True),
+    "qwen2": GGUFArch("Qwen2ForCausalLM", "qwen2", permuted_qk=False),
+    "qwen3": GGUFArch("Qwen3ForCausalLM", "qwen3", permuted_qk=False),
+    "phi3": GGUFArch("Phi3ForCausalLM", "phi3", permuted_qk=False, partial_rotary=True),
 }
 
 # "{arch}.<key>" metadata -> HF config.json field
@@ -55,6 +66,7 @@ ARCH_KEYS: dict[str, str] = {
     "rope.freq_base": "rope_theta",
     "context_length": "max_position_embeddings",
     "vocab_size": "vocab_size",
+    "attention.sliding_window": "sliding_window",  # Qwen2/3 apply it only with use_sliding_window
 }
 # architecture-independent metadata -> HF config.json field
 GENERAL_KEYS: dict[str, str] = {
@@ -79,16 +91,20 @@ LAYER_NAMES: dict[str, str] = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.qkv_proj": "attn_qkv",  # Phi-3: fused [q; k; v]
     "self_attn.q_norm": "attn_q_norm",
     "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "mlp.gate_up_proj": "ffn_up",  # Phi-3: fused [gate; up], stored as ffn_up
 }
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 # GGUF tensors that carry no weights of their own, or that a supported model may omit
-_IGNORED = {"output.weight", "rope_freqs.weight"}
+_IGNORED = {"output.weight"}
+# per-frequency rope factors (Llama 3.1 rope scaling, Phi-3 LongRoPE): no IR equivalent
+ROPE_FACTOR_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
 def gguf_name(hf_name: str) -> str | None:
@@ -170,15 +186,15 @@ def gguf_config(reader, path: Path) -> tuple[dict, bool]:
     if not isinstance(arch, str):
         raise SlmcError("missing general.architecture metadata", where)
     load_all()
-    supported = sorted(a for a, (hf, _, _) in ARCHITECTURES.items() if hf in _BY_ARCH)
-    if arch not in ARCHITECTURES or ARCHITECTURES[arch][0] not in _BY_ARCH:
+    supported = sorted(a for a, spec in ARCHITECTURES.items() if spec.hf in _BY_ARCH)
+    if arch not in supported:
         raise UnsupportedError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(supported)}",
                                where + ":general.architecture")
-    hf_arch, model_type, permuted = ARCHITECTURES[arch]
+    spec = ARCHITECTURES[arch]
     for key in REQUIRED:
         if f"{arch}.{key}" not in reader.fields:
             raise SlmcError(f"missing required metadata {arch}.{key}", where)
-    cfg: dict = {"architectures": [hf_arch], "model_type": model_type}
+    cfg: dict = {"architectures": [spec.hf], "model_type": spec.model_type}
     for key, hf_key in ARCH_KEYS.items():
         v = field_value(reader, f"{arch}.{key}")
         if v is not None:
@@ -202,13 +218,18 @@ def gguf_config(reader, path: Path) -> tuple[dict, bool]:
     cfg["attention_bias"] = "blk.0.attn_q.bias" in tensors
 
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    cfg["head_dim"] = head_dim  # explicit: some families default it (Qwen3: 128)
     rope_dim = field_value(reader, f"{arch}.rope.dimension_count")
     if rope_dim is not None and rope_dim != head_dim:
-        raise UnsupportedError(f"partial rotary embeddings (rope dim {rope_dim} of head dim {head_dim}) "
-                               "are not supported for GGUF input", where)
-    if "rope_freqs.weight" in tensors:
-        raise UnsupportedError("per-frequency rope factors (rope_freqs, Llama 3.1-style rope scaling) are "
-                               "not supported for GGUF input; import the Hugging Face folder instead", where)
+        if not spec.partial_rotary:
+            raise UnsupportedError(f"partial rotary embeddings (rope dim {rope_dim} of head dim {head_dim}) "
+                                   f"are not supported for GGUF {arch}", where)
+        cfg["partial_rotary_factor"] = rope_dim / head_dim
+    factors = [t for t in ROPE_FACTOR_TENSORS if t in tensors]
+    if factors:
+        raise UnsupportedError(f"per-frequency rope factors ({factors[0]}: Llama 3.1-style rope scaling or "
+                               "Phi-3 LongRoPE) are not supported for GGUF input; import the Hugging Face "
+                               "folder instead", where)
     kind = field_value(reader, f"{arch}.rope.scaling.type")
     if kind not in (None, "none"):
         scaling = {"rope_type": kind, "factor": field_value(reader, f"{arch}.rope.scaling.factor")}
@@ -216,7 +237,7 @@ def gguf_config(reader, path: Path) -> tuple[dict, bool]:
         if orig is not None:
             scaling["original_max_position_embeddings"] = orig
         cfg["rope_scaling"] = scaling  # rope_of() refuses the kinds slmc cannot run
-    return cfg, permuted
+    return cfg, spec.permuted_qk
 
 
 # ---------------------------------------------------------------- tensors

@@ -61,9 +61,15 @@ class LNorm(nn.Module):
         super().__init__()
         self.weight, self.eps, self.offset = P(n.weight), n.eps, 1.0 if n.unit_offset else 0.0
 
+        d = n.weight.shape[0]
+        self.register_buffer("mean_row", torch.full((1, d), 1.0 / d, dtype=P.dtype), persistent=False)
+
     def forward(self, x):
-        # Plain ops on purpose: Core ML rejects aten.rms_norm.
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (self.weight + self.offset)
+        # Plain ops on purpose (Core ML rejects aten.rms_norm), and the mean of squares
+        # as a 1-row linear: XNNPACK delegates linear but not mean.dim, and every
+        # undelegated op splits the graph into another delegate call.
+        ms = F.linear(x * x, self.mean_row)
+        return x * torch.rsqrt(ms + self.eps) * (self.weight + self.offset)
 
 
 class LMLP(nn.Module):
@@ -130,7 +136,10 @@ class LAttention(nn.Module):
         self.o = LLinear(a.o, P)
         self.q_norm = LNorm(a.q_norm, P) if a.q_norm is not None else None
         self.k_norm = LNorm(a.k_norm, P) if a.k_norm is not None else None
-        self.scale, self.softcap, self.rope_dim = a.scale, a.logit_softcap, a.rope.dim
+        self.scale, self.softcap = a.scale, a.logit_softcap
+        # F.linear(x, W) computes x @ W.T, so store R.T
+        self.register_buffer("rot_t", rotate_half_matrix(a.head_dim, a.rope.dim, P.dtype).T.contiguous(),
+                             persistent=False)
 
     def forward(self, x, cos, sin, mask, k_cache, v_cache, positions):
         B, T, _ = x.shape
@@ -143,7 +152,7 @@ class LAttention(nn.Module):
         v = v.view(B, T, self.kvh, self.hd).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rope(q, cos, sin, self.rope_dim), _rope(k, cos, sin, self.rope_dim)
+        q, k = _rope(q, cos, sin, self.rot_t), _rope(k, cos, sin, self.rot_t)
         # contiguous(): index_copy on a transposed source makes export guard on T.
         k_cache.index_copy_(2, positions, k.contiguous())
         v_cache.index_copy_(2, positions, v.contiguous())
@@ -161,14 +170,22 @@ class LAttention(nn.Module):
         return self.o(out.permute(0, 2, 1, 3, 4).reshape(B, T, self.h * self.hd))
 
 
-def _rope(x, cos, sin, d):
-    half = d // 2
-    x1, x2 = x[..., :half], x[..., half:d]
-    c, s = cos[..., :half], sin[..., :half]
-    rotated = [x1 * c - x2 * s, x2 * c + x1 * s]
-    if d < x.shape[-1]:  # partial rotary (Phi-3); no empty slices otherwise, they upset export
-        rotated.append(x[..., d:])
-    return torch.cat(rotated, dim=-1)
+def rotate_half_matrix(head_dim: int, rot_dim: int, dtype) -> torch.Tensor:
+    """R with x @ R == rotate_half(x) on the first rot_dim dims (zero elsewhere).
+
+    RoPE as x * cos + (x @ R) * sin has no slices or concats of dynamic-length
+    tensors, so XNNPACK takes it whole instead of splitting the graph around it.
+    """
+    R = torch.zeros(head_dim, head_dim, dtype=dtype)
+    half = rot_dim // 2
+    idx = torch.arange(half)
+    R[idx + half, idx] = -1.0
+    R[idx, idx + half] = 1.0
+    return R
+
+
+def _rope(x, cos, sin, rot_t):
+    return x * cos + F.linear(x, rot_t) * sin
 
 
 class LBlock(nn.Module):
@@ -215,9 +232,12 @@ class LoweredLM(nn.Module):
         rope_keys, self.windows, self.layer_rope, self.layer_window = [], [], [], []
         for d in range(model.n_layers):
             a = model.block_at(d).attn
-            key = (a.rope.theta, a.rope.dim, repr(a.rope.scaling))
+            key = (a.rope.theta, a.rope.dim, a.head_dim, repr(a.rope.scaling))
             if key not in rope_keys:
                 cos, sin = rope_cos_sin(a.rope, torch.arange(kv.max_len))
+                pad = a.head_dim - a.rope.dim  # partial rotary: identity on the tail
+                cos = F.pad(cos, (0, pad), value=1.0)
+                sin = F.pad(sin, (0, pad), value=0.0)
                 self.register_buffer(f"rope_cos{len(rope_keys)}", cos.to(spec.dtype), persistent=False)
                 self.register_buffer(f"rope_sin{len(rope_keys)}", sin.to(spec.dtype), persistent=False)
                 rope_keys.append(key)
