@@ -19,7 +19,7 @@ from .compiler.ir import Model, param_count, weight_bytes
 from .compiler.pass_manager import PASSES, PassManager, describe, load_passes, parse_pass
 from .compiler.serialize import is_ir_folder, load_ir
 from .errors import SlmcError, ValidationFailed
-from .targets.base import check_output_path, check_supported, get_target, read_manifest, write_artifact
+from .targets.base import check_backend, check_output_path, check_supported, get_target, read_manifest, write_artifact
 
 DEFAULT_MODEL = "default"
 
@@ -74,8 +74,11 @@ def compile_model(model: str | Path, target: str = "executorch", backend: str | 
     step = progress or (lambda msg: None)
     out = Path(out)
     check_output_path(out)  # fail before minutes of work, not after
+    if dump_ir is not None and Path(dump_ir).exists() and not Path(dump_ir).is_dir():
+        raise SlmcError(f"{dump_ir} exists and is a file, not a folder", "--dump-ir")
     tgt = get_target(target)
     spec = tgt.spec_class(backend=backend) if backend else tgt.spec_class()
+    check_backend(tgt, spec)
     pipeline = [parse_pass(p) for p in list(passes) + target_pipeline(tgt)]
     step("importing")
     src_path = resolve_model_path(str(model))

@@ -26,3 +26,19 @@ def save_hf_model(config: dict, folder: Path, seed: int = 0):
     model = make_hf_model(config, seed)
     model.save_pretrained(folder)
     return model
+
+
+def save_ascii_tokenizer(folder: Path, vocab_size: int = 256) -> None:
+    """A tokenizer.json for tiny models: every token is printable ASCII (single
+    characters, then two-character strings), so any generated id decodes to valid
+    UTF-8 and the stock ExecuTorch runner can stream it."""
+    import itertools
+    import string
+
+    from tokenizers import Tokenizer, models
+
+    chars = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]
+    pairs = ("".join(p) for p in itertools.product(string.ascii_lowercase, repeat=2))
+    tokens = list(itertools.islice(itertools.chain(chars, pairs), vocab_size))
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[]))
+    tok.save(str(Path(folder) / "tokenizer.json"))

@@ -60,10 +60,14 @@ def get_target(name: str) -> Target:
     return TARGETS[name]
 
 
-def check_supported(target: Target, model: Model, spec: TargetSpec) -> None:
+def check_backend(target: Target, spec: TargetSpec) -> None:
     if spec.backend not in target.backends:
         raise SlmcError(f"unknown backend {spec.backend!r} for target {target.name}; available: "
                         f"{', '.join(target.backends)}", "--backend")
+
+
+def check_supported(target: Target, model: Model, spec: TargetSpec) -> None:
+    check_backend(target, spec)
     why = target.supports(model, spec)
     if why:
         raise UnsupportedError(why, f"{target.name}/{spec.backend}")
@@ -74,19 +78,29 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def check_output_path(out: Path) -> None:
+    """Refuse, before any work, an output that could not or must not be written."""
     if out.exists() and not out.is_dir():
         raise SlmcError("output path exists and is a file, not a folder", str(out))
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
         raise SlmcError("output folder exists, is not empty and is not an slmc artifact; "
                         "refusing to overwrite it", str(out))
+    # the output (and any missing parents) will be made in the nearest existing ancestor
+    anc = next((a for a in Path(os.path.abspath(out)).parents if a.exists()), None)
+    if anc is not None and not anc.is_dir():
+        raise SlmcError(f"cannot make the output folder: {anc} is a file, not a folder", str(out))
+    if anc is not None and not os.access(anc, os.W_OK | os.X_OK):
+        raise SlmcError(f"cannot make the output folder: no permission to write in {anc}", str(out))
 
 
 def write_artifact(art: Artifact, out: Path, tokenizer_dir: Path | None) -> Path:
     """Write files + tokenizer + manifest.json into `out` atomically."""
     out = Path(out)
     check_output_path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise SlmcError(f"cannot make the output folder ({e.strerror or e})", str(out)) from None
     try:
         for name, data in art.files.items():
             (tmp / name).write_bytes(data)
@@ -107,8 +121,10 @@ def write_artifact(art: Artifact, out: Path, tokenizer_dir: Path | None) -> Path
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # disk full, permissions changed under us ...: nothing is left behind
+            raise SlmcError(f"cannot write the artifact ({e.strerror or e})", str(out)) from None
         raise
     return out
 

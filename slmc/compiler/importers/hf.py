@@ -87,10 +87,12 @@ def check_finite(model: Model, strict: bool) -> None:
             if not was_loaded:
                 w.release()
     if bad:
+        where = model.source.get("path") or "weights"
         msg = f"weights contain NaN/Inf: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
         if strict:
-            raise SlmcError(msg + " (--strict)", "weights")
-        log.warning(msg)
+            raise SlmcError(f"{msg}; fix or re-export the checkpoint (without --strict this is a warning)",
+                            where)
+        log.warning("%s: %s", where, msg)
 
 
 def check_max_seq_len(max_seq_len: int | None, limit: int, where: str) -> None:

@@ -142,14 +142,17 @@ class LAttention(nn.Module):
                              persistent=False)
 
     def forward(self, x, cos, sin, mask, k_cache, v_cache, positions):
-        B, T, _ = x.shape
+        # Batch 1 (the LLM-runner convention). Every reshape names the dynamic
+        # length as -1 and everything else statically: XNNPACK takes such views,
+        # while symbolic sizes would split the graph into many small delegates.
+        h, kvh, hd = self.h, self.kvh, self.hd
         if self.fused:
-            q, k, v = self.qkv(x).split([self.h * self.hd, self.kvh * self.hd, self.kvh * self.hd], -1)
+            q, k, v = self.qkv(x).split([h * hd, kvh * hd, kvh * hd], -1)
         else:
             q, k, v = self.q(x), self.k(x), self.v(x)
-        q = q.view(B, T, self.h, self.hd).transpose(1, 2)
-        k = k.view(B, T, self.kvh, self.hd).transpose(1, 2)
-        v = v.view(B, T, self.kvh, self.hd).transpose(1, 2)
+        q = q.reshape(1, -1, h, hd).transpose(1, 2)
+        k = k.reshape(1, -1, kvh, hd).transpose(1, 2)
+        v = v.reshape(1, -1, kvh, hd).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rope(q, cos, sin, self.rot_t), _rope(k, cos, sin, self.rot_t)
@@ -157,17 +160,17 @@ class LAttention(nn.Module):
         k_cache.index_copy_(2, positions, k.contiguous())
         v_cache.index_copy_(2, positions, v.contiguous())
         # Grouped attention without repeating the cache: fold each KV group's query
-        # heads into the row axis as (T, rep), T outermost. Splitting a symbolic axis
-        # with T innermost makes torch.export add unprovable guards.
-        rep, L = self.h // self.kvh, k_cache.shape[2]
-        qg = q.view(B, self.kvh, rep, T, self.hd).transpose(2, 3).contiguous().view(B, self.kvh, T * rep, self.hd)
-        s = torch.matmul(qg, k_cache.transpose(-1, -2)) * self.scale
+        # heads into the row axis as (T, rep), T outermost (a symbolic axis split with
+        # T innermost makes torch.export add unprovable guards).
+        rep, L = h // kvh, k_cache.shape[2]
+        qg = q.reshape(kvh, rep, -1, hd).transpose(1, 2).reshape(kvh, -1, hd)
+        s = torch.bmm(qg, k_cache.view(kvh, L, hd).transpose(1, 2)) * self.scale
         if self.softcap is not None:
             s = torch.tanh(s / self.softcap) * self.softcap
-        s = s.view(B, self.kvh, T, rep, L) + mask[:, None, :]
-        p = torch.softmax(s, dim=-1).view(B, self.kvh, T * rep, L)
-        out = torch.matmul(p, v_cache).view(B, self.kvh, T, rep, self.hd)
-        return self.o(out.permute(0, 2, 1, 3, 4).reshape(B, T, self.h * self.hd))
+        s = s.view(kvh, -1, rep, L) + mask[:, None, :]
+        p = torch.softmax(s, dim=-1).view(kvh, -1, L)
+        out = torch.bmm(p, v_cache.view(kvh, L, hd)).view(kvh, -1, rep, hd)
+        return self.o(out.permute(1, 0, 2, 3).reshape(1, -1, h * hd))
 
 
 def rotate_half_matrix(head_dim: int, rot_dim: int, dtype) -> torch.Tensor:
