@@ -87,7 +87,9 @@ def parse_pass(spec: str) -> Pass:
     kwargs = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
-        if not eq or key not in fields:
+        if key in fields and not eq:
+            raise SlmcError(f"option {key!r} of pass {name} needs a value ({key}=...)", "--pass")
+        if key not in fields:
             raise SlmcError(f"pass {name} has no option {key!r}; options: {', '.join(fields) or 'none'}",
                             "--pass")
         kwargs[key] = _coerce(value, fields[key].type, f"--pass {name}:{key}")

@@ -12,23 +12,15 @@ Quantized projections are left as they are (their groups would need re-deriving)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..compiler.ir import Model
 from ..compiler.pass_manager import Pass, PassResult, register
-from ._walk import attentions, concat_linears, is_dense, mlps
-
-
-@dataclass(frozen=True)
-class FuseOptions:
-    qkv: bool = True
-    gate_up: bool = True
+from ._walk import ProjectionOptions, attentions, concat_linears, is_dense, mlps
 
 
 @register
 class FuseProjections(Pass):
     name = "canon.fuse_projections"
-    Options = FuseOptions
+    Options = ProjectionOptions
 
     def run(self, ir: Model) -> PassResult:
         n = 0

@@ -11,23 +11,15 @@ Before:                                   After (Phi-3 style input):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..compiler.ir import Model
 from ..compiler.pass_manager import Pass, PassResult, register
-from ._walk import attentions, is_dense, mlps, split_linear
-
-
-@dataclass(frozen=True)
-class SplitOptions:
-    qkv: bool = True
-    gate_up: bool = True
+from ._walk import ProjectionOptions, attentions, is_dense, mlps, split_linear
 
 
 @register
 class SplitProjections(Pass):
     name = "canon.split_projections"
-    Options = SplitOptions
+    Options = ProjectionOptions
 
     def run(self, ir: Model) -> PassResult:
         n = 0

@@ -99,6 +99,9 @@ def write_artifact(art: Artifact, out: Path, tokenizer_dir: Path | None) -> Path
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; an artifact is readable like any other output
     except OSError as e:
         raise SlmcError(f"cannot make the output folder ({e.strerror or e})", str(out)) from None
     try:
