@@ -56,7 +56,10 @@ def generate(folder: Path, prompt: str, max_new_tokens: int = 64, temperature: f
         pieces.append(t)
         on_text(t)
 
-    cfg = GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=temperature, num_bos=0)
+    # warming=True: the C++ runner then leaves stdout to us (it printf's every token
+    # otherwise, which would print the text twice); callbacks and stats are unchanged.
+    cfg = GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=temperature, num_bos=0,
+                           warming=True)
     runner.generate(text, cfg, token_callback=on_token, stats_callback=on_stats)
     got["prefill_tok_s"] = got.get("prompt_tokens", 0) / max(got.get("prefill_ms", 0), 1) * 1000
     got["decode_tok_s"] = got.get("generated_tokens", 0) / max(got.get("decode_ms", 0), 1) * 1000
