@@ -61,9 +61,9 @@ class ExecuTorchTarget(Target):
 
     def supports(self, model: Model, spec: ExecuTorchSpec) -> str | None:
         kv = model.kv
-        if kv.layout != "bhsd" or kv.dtype != "float32" or kv.window is not None or kv.arena:
-            return (f"KV cache layout={kv.layout} dtype={kv.dtype} window={kv.window} arena={kv.arena}: "
-                    "this target lowers a static fp32 BHSD cache per layer only")
+        if kv.dtype != "float32" or kv.window is not None or kv.arena:
+            return (f"KV cache dtype={kv.dtype} window={kv.window} arena={kv.arena}: this target "
+                    "lowers a static fp32 cache per layer (BHSD or BSHD) only")
         if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
             return "quantized weights are not lowered to ExecuTorch yet"
         return None

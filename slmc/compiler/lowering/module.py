@@ -25,6 +25,14 @@ from ..reference import activation, rope_cos_sin
 @dataclass(frozen=True)
 class LoweringSpec:
     full_logits: bool = False  # False: logits of the last position only, [1, vocab]
+    # "buffers": the cache lives in the module as mutable buffers (ExecuTorch, Core ML states);
+    # "io": caches are extra inputs and the updated caches extra outputs (LiteRT, Core ML iOS 17).
+    kv: str = "buffers"
+    # "start": input_pos[1] holds the position of tokens[0, 0] (ExecuTorch runner);
+    # "tokens": input_pos[T] holds every token's position (LiteRT-LM).
+    positions: str = "start"
+    # True: an additive float mask[1, 1, T, max_len] is an input (LiteRT-LM), else built inside.
+    mask_input: bool = False
     dtype: torch.dtype = torch.float32
 
 
@@ -41,7 +49,10 @@ class _Params:
             if isinstance(w, QuantWeight):
                 raise UnsupportedError("quantized weights need a quantization-aware lowering "
                                        "(see the target's quantization support)", "lowering")
+            was_loaded = getattr(w, "loaded", True)
             p = nn.Parameter(w.float().to(self.dtype), requires_grad=False)
+            if not was_loaded and p.data_ptr() != w.data.data_ptr():
+                w.release()  # a converted copy exists now; don't also keep the checkpoint's bf16/fp16
             self.owner.register_parameter(f"w{len(self.memo)}", p)
             self.memo[id(w)] = p
         return self.memo[id(w)]
@@ -125,9 +136,9 @@ class LMoE(nn.Module):
 
 
 class LAttention(nn.Module):
-    def __init__(self, a: Attention, P: _Params):
+    def __init__(self, a: Attention, P: _Params, bshd: bool = False):
         super().__init__()
-        self.h, self.kvh, self.hd = a.n_heads, a.n_kv_heads, a.head_dim
+        self.h, self.kvh, self.hd, self.bshd = a.n_heads, a.n_kv_heads, a.head_dim, bshd
         self.fused = a.fused
         if a.fused:
             self.qkv = LLinear(a.qkv, P)
@@ -141,7 +152,7 @@ class LAttention(nn.Module):
         self.register_buffer("rot_t", rotate_half_matrix(a.head_dim, a.rope.dim, P.dtype).T.contiguous(),
                              persistent=False)
 
-    def forward(self, x, cos, sin, mask, k_cache, v_cache, positions):
+    def forward(self, x, cos, sin, mask, k_cache, v_cache, positions, inplace: bool = True):
         # Batch 1 (the LLM-runner convention). Every reshape names the dynamic
         # length as -1 and everything else statically: XNNPACK takes such views,
         # while symbolic sizes would split the graph into many small delegates.
@@ -156,21 +167,33 @@ class LAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rope(q, cos, sin, self.rot_t), _rope(k, cos, sin, self.rot_t)
+        # BHSD caches take [1, kvh, T, hd] rows on axis 2; BSHD caches [1, T, kvh, hd] on axis 1.
         # contiguous(): index_copy on a transposed source makes export guard on T.
-        k_cache.index_copy_(2, positions, k.contiguous())
-        v_cache.index_copy_(2, positions, v.contiguous())
+        axis = 1 if self.bshd else 2
+        k_new = (k.transpose(1, 2) if self.bshd else k).contiguous()
+        v_new = (v.transpose(1, 2) if self.bshd else v).contiguous()
+        if inplace:
+            k_cache.index_copy_(axis, positions, k_new)
+            v_cache.index_copy_(axis, positions, v_new)
+        else:
+            k_cache = k_cache.index_copy(axis, positions, k_new)
+            v_cache = v_cache.index_copy(axis, positions, v_new)
         # Grouped attention without repeating the cache: fold each KV group's query
         # heads into the row axis as (T, rep), T outermost (a symbolic axis split with
         # T innermost makes torch.export add unprovable guards).
-        rep, L = h // kvh, k_cache.shape[2]
+        rep, L = h // kvh, k_cache.shape[axis]
+        if self.bshd:
+            keys, values = k_cache.view(L, kvh, hd).transpose(0, 1), v_cache.view(L, kvh, hd).transpose(0, 1)
+        else:
+            keys, values = k_cache.view(kvh, L, hd), v_cache.view(kvh, L, hd)
         qg = q.reshape(kvh, rep, -1, hd).transpose(1, 2).reshape(kvh, -1, hd)
-        s = torch.bmm(qg, k_cache.view(kvh, L, hd).transpose(1, 2)) * self.scale
+        s = torch.bmm(qg, keys.transpose(1, 2)) * self.scale
         if self.softcap is not None:
             s = torch.tanh(s / self.softcap) * self.softcap
         s = s.view(kvh, -1, rep, L) + mask[:, None, :]
         p = torch.softmax(s, dim=-1).view(kvh, -1, L)
-        out = torch.bmm(p, v_cache.view(kvh, L, hd)).view(kvh, -1, rep, hd)
-        return self.o(out.permute(1, 0, 2, 3).reshape(1, -1, h * hd))
+        out = torch.bmm(p, values).view(kvh, -1, rep, hd)
+        return self.o(out.permute(1, 0, 2, 3).reshape(1, -1, h * hd)), k_cache, v_cache
 
 
 def rotate_half_matrix(head_dim: int, rot_dim: int, dtype) -> torch.Tensor:
@@ -192,40 +215,42 @@ def _rope(x, cos, sin, rot_t):
 
 
 class LBlock(nn.Module):
-    def __init__(self, b: Block, P: _Params):
+    def __init__(self, b: Block, P: _Params, bshd: bool = False):
         super().__init__()
-        self.attn_norm, self.attn = LNorm(b.attn_norm, P), LAttention(b.attn, P)
+        self.attn_norm, self.attn = LNorm(b.attn_norm, P), LAttention(b.attn, P, bshd)
         self.ffn_norm = LNorm(b.ffn_norm, P)
         self.ffn = LMLP(b.ffn, P) if isinstance(b.ffn, MLP) else LMoE(b.ffn, P)
         self.post_attn = LNorm(b.post_attn_norm, P) if b.post_attn_norm is not None else None
         self.post_ffn = LNorm(b.post_ffn_norm, P) if b.post_ffn_norm is not None else None
 
-    def forward(self, x, cos, sin, mask, kc, vc, positions):
-        h = self.attn(self.attn_norm(x), cos, sin, mask, kc, vc, positions)
+    def forward(self, x, cos, sin, mask, kc, vc, positions, inplace: bool = True):
+        h, kc, vc = self.attn(self.attn_norm(x), cos, sin, mask, kc, vc, positions, inplace)
         if self.post_attn is not None:
             h = self.post_attn(h)
         x = x + h
         h = self.ffn(self.ffn_norm(x))
         if self.post_ffn is not None:
             h = self.post_ffn(h)
-        return x + h
+        return x + h, kc, vc
 
 
 class LoweredLM(nn.Module):
-    """forward(tokens[1, T] int64, input_pos[1] int64) -> logits."""
+    """kv="buffers": forward(tokens[1, T] int64, input_pos[1] int64) -> logits.
+    kv="io": forward(tokens, input_pos, k_0, v_0, k_1, ...) -> (logits, k_0', v_0', ...)."""
 
     def __init__(self, model: Model, spec: LoweringSpec = LoweringSpec()):
         super().__init__()
         kv = model.kv
-        if kv.layout != "bhsd" or kv.dtype != "float32" or kv.window is not None or kv.arena:
+        if kv.dtype != "float32" or kv.window is not None or kv.arena:
             raise UnsupportedError(
-                f"this lowering holds a static fp32 BHSD cache per layer; KV spec layout={kv.layout} "
-                f"dtype={kv.dtype} window={kv.window} arena={kv.arena} is not lowered yet", "kv")
+                f"this lowering holds a static fp32 cache per layer; KV spec dtype={kv.dtype} "
+                f"window={kv.window} arena={kv.arena} is not lowered yet", "kv")
+        bshd = kv.layout == "bshd"
         self.spec, self.max_len = spec, kv.max_len
         P = _Params(self, spec.dtype)
         self.embed = P(model.embed)
         self.embed_scale = model.embed_scale
-        self.blocks = nn.ModuleList(LBlock(b, P) for b in model.blocks)
+        self.blocks = nn.ModuleList(LBlock(b, P, bshd) for b in model.blocks)
         self.layers = list(model.layers)
         self.final_norm = LNorm(model.final_norm, P)
         self.lm_head = P(model.lm_head.weight) if model.lm_head is not None else self.embed
@@ -249,37 +274,57 @@ class LoweredLM(nn.Module):
             self.layer_rope.append(rope_keys.index(key))
             self.layer_window.append(self.windows.index(a.sliding_window))
         self.n_ropes = len(rope_keys)
+        if spec.kv not in ("buffers", "io"):
+            raise ValueError(f"LoweringSpec.kv must be 'buffers' or 'io', not {spec.kv!r}")
+        if spec.positions not in ("start", "tokens"):
+            raise ValueError(f"LoweringSpec.positions must be 'start' or 'tokens', not {spec.positions!r}")
+        self.cache_shapes = []
         for d in range(model.n_layers):
             a = model.block_at(d).attn
-            shape = (1, a.n_kv_heads, kv.max_len, a.head_dim)
-            self.register_buffer(f"k_cache_{d}", torch.zeros(shape, dtype=spec.dtype))
-            self.register_buffer(f"v_cache_{d}", torch.zeros(shape, dtype=spec.dtype))
+            self.cache_shapes.append((1, kv.max_len, a.n_kv_heads, a.head_dim) if bshd
+                                     else (1, a.n_kv_heads, kv.max_len, a.head_dim))
+        if spec.kv == "buffers":
+            for d, shape in enumerate(self.cache_shapes):
+                self.register_buffer(f"k_cache_{d}", torch.zeros(shape, dtype=spec.dtype))
+                self.register_buffer(f"v_cache_{d}", torch.zeros(shape, dtype=spec.dtype))
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def empty_caches(self) -> list[torch.Tensor]:
+        """Zero K and V tensors per depth, in forward's argument order (kv="io")."""
+        return [torch.zeros(s, dtype=self.spec.dtype) for s in self.cache_shapes for _ in (0, 1)]
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *rest: torch.Tensor):
         T = tokens.shape[1]
-        positions = input_pos + torch.arange(T, dtype=torch.int64)
+        if self.spec.positions == "tokens":
+            positions = input_pos
+        else:
+            positions = input_pos + torch.arange(T, dtype=torch.int64)
+        mask_in, caches = (rest[0], rest[1:]) if self.spec.mask_input else (None, rest)
         x = F.embedding(tokens, self.embed)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         keys = torch.arange(self.max_len, dtype=torch.int64)
         masks = []
-        for w in self.windows:
+        for w in self.windows if mask_in is None else ():
             ok = keys[None, :] <= positions[:, None]
             if w is not None:
                 ok = ok & (positions[:, None] - keys[None, :] < w)
             masks.append(torch.where(ok, 0.0, float("-inf")).to(x.dtype))
         ropes = [(getattr(self, f"rope_cos{i}")[positions], getattr(self, f"rope_sin{i}")[positions])
                  for i in range(self.n_ropes)]
+        io, updated = self.spec.kv == "io", []
         for d, b in enumerate(self.layers):
             cos, sin = ropes[self.layer_rope[d]]
-            x = self.blocks[b](x, cos, sin, masks[self.layer_window[d]],
-                               getattr(self, f"k_cache_{d}"), getattr(self, f"v_cache_{d}"), positions)
+            kc, vc = (caches[2 * d], caches[2 * d + 1]) if io else \
+                (getattr(self, f"k_cache_{d}"), getattr(self, f"v_cache_{d}"))
+            mask = masks[self.layer_window[d]] if mask_in is None else mask_in[0, 0]
+            x, kc, vc = self.blocks[b](x, cos, sin, mask, kc, vc, positions, not io)
+            updated += [kc, vc]
         if not self.spec.full_logits:
             x = x[:, -1, :]
         logits = F.linear(self.final_norm(x), self.lm_head, self.lm_bias)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return logits
+        return (logits, *updated) if io else logits
 
     def reset_cache(self) -> None:
         for name, buf in self.named_buffers():
