@@ -11,10 +11,15 @@ import pytest
 
 from slmc import api
 from slmc.compiler.families import FAMILIES, load_all
+from slmc.targets import TARGETS
+from slmc.targets import load_all as load_targets
 
 load_all()
+load_targets()
 
-FLOWS = [("executorch", "xnnpack", fam) for fam in sorted(FAMILIES)] + [("executorch", "portable", "llama")]
+# Every host-runnable (target, backend) on every family for its first backend, llama for the rest.
+FLOWS = [(t.name, b, fam) for t in TARGETS.values() for i, b in enumerate(t.host_backends)
+         for fam in (sorted(FAMILIES) if i == 0 else ["llama"])]
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,10 @@ class ExecuTorchSession:
             raise SlmcError(f"ExecuTorch could not load the program: {e}", str(self.pte)) from None
         self.reset()
 
+    @classmethod
+    def from_artifact(cls, folder: Path, manifest: dict) -> "ExecuTorchSession":
+        return cls(Path(folder) / manifest["artifact"])
+
     def reset(self) -> None:
         # A fresh method gets fresh (zero-filled) planned memory, so an empty cache.
         self.method = self.program.load_method("forward")
@@ -46,8 +50,22 @@ class ExecuTorchSession:
         return out.reshape(-1, out.shape[-1])[-1].clone()
 
 
+# artifact format -> "module:factory" under slmc.runtime_tests; factory(folder, manifest) -> Session
+SESSIONS = {
+    "pte": "sessions:ExecuTorchSession.from_artifact",
+    "tflite": "tflite_session:open_tflite",
+    "mlpackage": "coreml_session:open_coreml",
+}
+
+
 def open_session(folder: Path, manifest: dict) -> Session:
+    import importlib
+
     fmt = manifest.get("format")
-    if fmt == "pte":
-        return ExecuTorchSession(Path(folder) / manifest["artifact"])
-    raise SlmcError(f"no runtime session for artifact format {fmt!r}", str(folder))
+    if fmt not in SESSIONS:
+        raise SlmcError(f"no runtime session for artifact format {fmt!r}", str(folder))
+    mod, _, attr = SESSIONS[fmt].partition(":")
+    obj = importlib.import_module(f"{__package__}.{mod}")
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj(Path(folder), manifest)

@@ -34,6 +34,11 @@ class Target(ABC):
     name: str
     backends: tuple[str, ...]
     spec_class: type[TargetSpec] = TargetSpec
+    # Backends whose artifacts this host can run (and so validate); the flow suite
+    # compiles and validates each one. Others compile but are checked differently.
+    host_backends: tuple[str, ...] = ()
+    # Passes (by registered name) this target wants after the user's passes.
+    default_passes: tuple[str, ...] = ()
 
     @abstractmethod
     def supports(self, model: Model, spec: TargetSpec) -> str | None:

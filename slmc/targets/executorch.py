@@ -55,6 +55,7 @@ def _partitioners(backend: str):
 class ExecuTorchTarget(Target):
     name = "executorch"
     backends = ("xnnpack", "portable")
+    host_backends = ("xnnpack", "portable")
     spec_class = ExecuTorchSpec
     # One GEMM for q/k/v and one for gate/up: fewer, larger XNNPACK calls per token.
     default_passes = ("canon.fuse_projections",)
