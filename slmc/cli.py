@@ -82,7 +82,7 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.argument("model")
 @click.option("--target", "-t", default="executorch", show_default=True, help="executorch")
-@click.option("--backend", "-b", default=None, help="Target backend (executorch: xnnpack, portable).")
+@click.option("--backend", "-b", default=None, help="Target backend (see `slmc list`).")
 @click.option("--out", "-o", "out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--pass", "passes", multiple=True, metavar="NAME[:k=v,...]", help="Run a pass (repeatable).")
 @click.option("--max-seq-len", type=int, default=None, help="KV-cache length (default: min(limit, 2048)).")

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from ..errors import SlmcError
+from ..errors import SlmcError, UnsupportedError
 
 
 class Session(Protocol):
@@ -38,6 +38,11 @@ class ExecuTorchSession:
 
     @classmethod
     def from_artifact(cls, folder: Path, manifest: dict) -> "ExecuTorchSession":
+        if not manifest.get("host_runnable", True):
+            raise UnsupportedError(
+                f"a .pte for the {manifest.get('backend')} backend cannot run on this host "
+                f"({manifest.get('backend_note', 'no delegate in this runtime')}); validate it on a device "
+                "with ExecuTorch's runtime", str(folder))
         return cls(Path(folder) / manifest["artifact"])
 
     def reset(self) -> None:

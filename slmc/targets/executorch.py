@@ -19,15 +19,39 @@ from dataclasses import dataclass
 from ..compiler.ir import Model, QuantWeight, named_weights
 from ..compiler.lowering import LoweringSpec, export_decoder, io_spec
 from .base import Artifact, Target, TargetSpec, register
+from .executorch_backends import BACKENDS
+
+DEFAULT_SOC = {"qnn": "SM8650", "mediatek": "mt6989"}
 
 
 @dataclass(frozen=True)
 class ExecuTorchSpec(TargetSpec):
     backend: str = "xnnpack"
     full_logits: bool = False
+    fp16: bool = True  # Core ML delegate compute precision
+    soc: str = ""  # NPU backends: the chip (QNN: SM8650 ...; MediaTek: mt6989 ...)
+
+    def __post_init__(self):
+        if not self.soc and self.backend in DEFAULT_SOC:
+            object.__setattr__(self, "soc", DEFAULT_SOC[self.backend])
 
 
-def runner_metadata(model: Model) -> dict:
+def delegation_summary(edge) -> dict:
+    """How much of the graph the backend took: delegate calls vs ops left to portable kernels."""
+    calls, left = 0, {}
+    for n in edge.exported_program().graph.nodes:
+        if n.op != "call_function":
+            continue
+        name = getattr(n.target, "__name__", str(n.target))
+        if "executorch_call_delegate" in name:
+            calls += 1
+        elif not name.startswith(("getitem", "sym_size")) and name not in ("mul", "add", "sub"):
+            key = name.split(".")[0]
+            left[key] = left.get(key, 0) + 1
+    return {"delegate_calls": calls, "portable_ops": dict(sorted(left.items()))}
+
+
+def runner_metadata(model: Model, dynamic: bool = True) -> dict:
     eos = model.eos_ids or []
     meta = {
         "get_max_seq_len": model.kv.max_len,
@@ -36,7 +60,7 @@ def runner_metadata(model: Model) -> dict:
         "get_n_layers": model.n_layers,
         "use_kv_cache": True,
         "use_sdpa_with_kv_cache": False,
-        "enable_dynamic_shape": True,
+        "enable_dynamic_shape": dynamic,
         "get_eos_ids": list(eos),
     }
     if model.bos_id is not None:
@@ -44,20 +68,12 @@ def runner_metadata(model: Model) -> dict:
     return meta
 
 
-def _partitioners(backend: str):
-    if backend == "xnnpack":
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
-        return [XnnpackPartitioner()]
-    return []  # portable: every op on ExecuTorch's portable CPU kernels
-
-
 class ExecuTorchTarget(Target):
     name = "executorch"
-    backends = ("xnnpack", "portable")
-    host_backends = ("xnnpack", "portable")
+    backends = tuple(BACKENDS)
+    host_backends = tuple(n for n, b in BACKENDS.items() if b.host_runnable)
     spec_class = ExecuTorchSpec
-    # One GEMM for q/k/v and one for gate/up: fewer, larger XNNPACK calls per token.
+    # One GEMM for q/k/v and one for gate/up: fewer, larger delegate calls per token.
     default_passes = ("canon.fuse_projections",)
 
     def supports(self, model: Model, spec: ExecuTorchSpec) -> str | None:
@@ -67,7 +83,7 @@ class ExecuTorchTarget(Target):
                     "lowers a static fp32 cache per layer (BHSD or BSHD) only")
         if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
             return "quantized weights are not lowered to ExecuTorch yet"
-        return None
+        return BACKENDS[spec.backend].missing()
 
     def lower(self, model: Model, spec: ExecuTorchSpec, progress=None) -> Artifact:
         from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -75,16 +91,18 @@ class ExecuTorchTarget(Target):
         from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
         step = progress or (lambda msg: None)
+        backend = BACKENDS[spec.backend]
         lspec = LoweringSpec(full_logits=spec.full_logits)
         step("torch.export")
-        ep = export_decoder(model, lspec)
+        ep = export_decoder(model, lspec, dynamic=backend.dynamic)
         step(f"to_edge + {spec.backend} partitioning")
-        meta = runner_metadata(model)
+        meta = runner_metadata(model, backend.dynamic)
         edge = to_edge_transform_and_lower(
-            ep, partitioner=_partitioners(spec.backend),
+            ep, partitioner=backend.partitioners(spec),
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
             constant_methods=meta)
         del ep
+        delegation = delegation_summary(edge)
         step("to_executorch")
         prog = edge.to_executorch(ExecutorchBackendConfig(
             extract_delegate_segments=True,
@@ -94,7 +112,10 @@ class ExecuTorchTarget(Target):
         manifest = {
             "format": "pte",
             "artifact": "model.pte",
-            "io": {"forward": io_spec(model, lspec)},
+            "io": {"forward": io_spec(model, lspec, backend.dynamic)},
+            "delegation": delegation,
+            "host_runnable": backend.host_runnable,
+            "backend_note": backend.note,
             "runner": {"convention": "executorch.extension.llm.runner.TextLLMRunner",
                        "metadata_methods": meta},
             "kv_cache": {"kind": "mutable_buffers", "buffers_per_layer": ["k_cache_{d}", "v_cache_{d}"]},

@@ -74,13 +74,16 @@ class LNorm(nn.Module):
 
         d = n.weight.shape[0]
         self.register_buffer("mean_row", torch.full((1, d), 1.0 / d, dtype=P.dtype), persistent=False)
+        # eps as a [1] tensor, not a scalar: coremltools fuses "linear + constant" into the
+        # linear's bias and fails on a 0-d constant.
+        self.register_buffer("eps_vec", torch.full((1,), n.eps, dtype=P.dtype), persistent=False)
 
     def forward(self, x):
         # Plain ops on purpose (Core ML rejects aten.rms_norm), and the mean of squares
         # as a 1-row linear: XNNPACK delegates linear but not mean.dim, and every
         # undelegated op splits the graph into another delegate call.
         ms = F.linear(x * x, self.mean_row)
-        return x * torch.rsqrt(ms + self.eps) * (self.weight + self.offset)
+        return x * torch.rsqrt(ms + self.eps_vec) * (self.weight + self.offset)
 
 
 class LMLP(nn.Module):

@@ -1,0 +1,433 @@
+"""LiteRT target: one `.tflite` with `prefill` and `decode` signatures sharing weights,
+in the conventions of the LiteRT-LM runtime, plus a `.litertlm` bundle with the tokenizer.
+
+Conventions followed (LiteRT-LM runtime/executor/litert_compiled_model_executor_utils.cc and
+llm_litert_compiled_model_executor.cc; litert-torch generative/export_hf/core/exportable_module.py):
+- signature "decode", and one whose name starts with "prefill" (the runtime finds it by that
+  prefix and reads its chunk length from the size of `input_pos`);
+- inputs `tokens` int32 [1, T] and `input_pos` int32 [T]; caches `kv_cache_k_{i}` /
+  `kv_cache_v_{i}`, inputs and outputs of the same name; decode returns `logits`
+  float32 [1, 1, vocab] (the runtime checks rank 3); prefill returns only the caches, as
+  litert-torch's exporter does by default (the runtime samples from decode);
+- the runtime treats caches as opaque buffers it swaps (on CPU: aliases) between calls, so
+  the IR's layout (BHSD or BSHD) is kept as is;
+- no `mask` input (optional for the runtime): the mask is built inside from positions, which
+  also keeps per-layer sliding windows right.
+Padding: the runtime fills a short prefill chunk with token 0 and position 0 after the real
+tokens. The model reads only input_pos[0] and writes row i's K/V at input_pos[0] + i, so padded
+rows land in still-unused slots after the real tokens (causally masked, overwritten later),
+never on slot 0. A chunk must fit in the cache: input_pos[0] + T <= max_len.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..compiler.ir import Model, QuantWeight, named_weights
+from ..compiler.lowering import LoweredLM, LoweringSpec
+from ..errors import SlmcError
+from .base import Artifact, Target, TargetSpec, register
+
+DEFAULT_PREFILL = 128
+
+
+@dataclass(frozen=True)
+class TFLiteSpec(TargetSpec):
+    backend: str = "cpu"
+    # Tokens per prefill call; None: min(128, max_len - 1) (the last prompt token always goes
+    # through decode, so a prompt never needs more than max_len - 1 prefilled positions).
+    prefill_len: int | None = None
+    soc_model: str | None = None  # NPU backends: e.g. SM8650, MT6989; None: every SoC of the vendor
+    bundle: bool = True  # also pack model.litertlm when the source has a tokenizer.json
+
+
+def prefill_length(model: Model, spec: TFLiteSpec) -> int:
+    return spec.prefill_len or min(DEFAULT_PREFILL, model.kv.max_len - 1)
+
+
+# --- NPU ahead-of-time compile: find the vendor SDK as ai_edge_litert.aot does -----------------
+
+_NPU = {  # backend -> (ai_edge_litert vendor id, SDK package, libraries the compiler plugin loads)
+    "qualcomm": ("qualcomm", "ai_edge_litert_sdk_qualcomm", ("libQnnHtp.so", "libQnnSystem.so")),
+    "mediatek": ("mediatek", "ai_edge_litert_sdk_mediatek", ("libneuronusdk_adapter.mtk.so",)),
+}
+_NPU_HELP = {
+    "qualcomm": "`pip install ai-edge-litert-sdk-qualcomm` (it downloads QAIRT 2.34 while installing), "
+                "or download the Qualcomm AI Runtime SDK (QAIRT) and set QNN_SDK_ROOT=<qairt root> "
+                "(slmc looks in $QNN_SDK_ROOT/lib/x86_64-linux-clang) or put that folder on LD_LIBRARY_PATH",
+    "mediatek": "`pip install ai-edge-litert-sdk-mediatek` (it downloads NeuroPilot v8 while installing), "
+                "or put the NeuroPilot SDK's host/lib folder (with libneuronusdk_adapter.mtk.so) on "
+                "LD_LIBRARY_PATH",
+}
+
+
+def npu_sdk_dir(backend: str) -> tuple[Path | None, str]:
+    """(folder holding the vendor libraries, or None; where slmc looked)."""
+    _, pkg, libs = _NPU[backend]
+    cands: list[Path] = []
+    try:
+        mod = __import__(pkg)
+        p = mod.path_to_sdk_libs()
+        if p:
+            cands.append(Path(p))
+    except (ImportError, NotImplementedError):
+        pass
+    if backend == "qualcomm" and os.environ.get("QNN_SDK_ROOT"):
+        cands.append(Path(os.environ["QNN_SDK_ROOT"]) / "lib" / "x86_64-linux-clang")
+    cands += [Path(d) for d in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if d]
+    for d in cands:
+        if all((d / lib).is_file() for lib in libs):
+            return d, ""
+    return None, f"{pkg} package, " + ("$QNN_SDK_ROOT, " if backend == "qualcomm" else "") + "LD_LIBRARY_PATH"
+
+
+def _npu_refusal(backend: str) -> str | None:
+    vendor, _, libs = _NPU[backend]
+    if not (platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")):
+        return f"LiteRT NPU ahead-of-time compile for {vendor} runs on Linux x86_64 hosts only"
+    try:
+        from ai_edge_litert.aot.core import common
+
+        common.get_resource(Path("tools/apply_plugin_main"))
+        common.get_resource(Path(f"vendors/{vendor}/compiler"), is_dir=True)
+    except (ImportError, FileNotFoundError):
+        return f"ai_edge_litert's AOT tools (apply_plugin_main, the {vendor} compiler plugin) are missing"
+    found, looked = npu_sdk_dir(backend)
+    if found is None:
+        return (f"the {vendor} NPU compiler plugin needs the vendor SDK libraries ({', '.join(libs)}), "
+                f"not found (looked in: {looked}). Install them: {_NPU_HELP[backend]}")
+    return None
+
+
+@contextlib.contextmanager
+def _sdk_on_library_path(backend: str):
+    """apply_plugin keeps LD_LIBRARY_PATH; add a QNN_SDK_ROOT-found folder for the compile."""
+    found, _ = npu_sdk_dir(backend)
+    old = os.environ.get("LD_LIBRARY_PATH")
+    if found is not None:
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([str(found)] + ([old] if old else []))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LD_LIBRARY_PATH", None)
+        else:
+            os.environ["LD_LIBRARY_PATH"] = old
+
+
+# --- lowering ------------------------------------------------------------------------------------
+
+class _Signature(nn.Module):
+    """forward(tokens, input_pos, kv_cache={"k_0": .., "v_0": .., ...}) in LiteRT-LM's names:
+    litert_torch names flattened kwargs `kv_cache_k_0`, ... (inputs and outputs alike)."""
+
+    def __init__(self, lm: LoweredLM, n_layers: int, logits: bool):
+        super().__init__()
+        self.lm, self.n, self.logits = lm, n_layers, logits
+
+    def forward(self, tokens, input_pos, kv_cache):
+        caches = [kv_cache[f"{c}_{d}"] for d in range(self.n) for c in "kv"]
+        out = self.lm(tokens.long(), input_pos[:1].long(), *caches)  # only the start position
+        res = {"kv_cache": {f"{c}_{d}": out[1 + 2 * d + j] for d in range(self.n) for j, c in enumerate("kv")}}
+        if self.logits:
+            res["logits"] = out[0].reshape(1, 1, -1)
+        return res
+
+
+@contextlib.contextmanager
+def _quiet():
+    """litert_torch prints progress to stdout and its C++ side logs to fd 2; keep the CLI's
+    streams clean (stdout may carry --json), but show the log if conversion fails."""
+    import litert_torch
+
+    old_progress = os.environ.get("LITERT_TORCH_SHOW_PROGRESS")
+    litert_torch.config.show_progress = False
+    log = tempfile.TemporaryFile()
+    saved = [os.dup(1), os.dup(2)]
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    try:
+        yield
+    except Exception as e:
+        log.seek(0)
+        tail = log.read()[-4000:].decode(errors="replace")
+        raise SlmcError(f"LiteRT conversion failed: {e}\n{tail}", "tflite") from e
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        log.close()
+        if old_progress is None:
+            os.environ.pop("LITERT_TORCH_SHOW_PROGRESS", None)
+        else:
+            os.environ["LITERT_TORCH_SHOW_PROGRESS"] = old_progress
+
+
+def convert(model: Model, prefill_len: int) -> bytes:
+    """Both signatures through one litert_torch Converter: one flatbuffer, weights stored once."""
+    import litert_torch
+
+    lm = LoweredLM(model, LoweringSpec(kv="io", positions="start", mask_input=False)).eval()
+    caches = lm.empty_caches()
+    kv = {f"{c}_{d}": caches[2 * d + j] for d in range(model.n_layers) for j, c in enumerate("kv")}
+
+    def sample(T):
+        return {"tokens": torch.zeros(1, T, dtype=torch.int32),
+                "input_pos": torch.arange(T, dtype=torch.int32), "kv_cache": kv}
+
+    with _quiet(), torch.no_grad():
+        conv = litert_torch.signature("prefill", _Signature(lm, model.n_layers, False), sample_kwargs=sample(prefill_len))
+        conv.signature("decode", _Signature(lm, model.n_layers, True), sample_kwargs=sample(1))
+        return bytes(conv.convert().model_content())
+
+
+def signature_io(data: bytes) -> dict:
+    """Each signature's inputs/outputs as the interpreter sees them."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    def order(name):  # tokens, input_pos, then caches by layer, K before V
+        if name.startswith("kv_cache_"):
+            c, d = name[len("kv_cache_"):].split("_")
+            return (2, int(d), c)
+        return ({"tokens": 0, "input_pos": 1, "logits": 0}.get(name, 3), 0, name)
+
+    it = Interpreter(model_content=data)
+    io = {}
+    for sig in it.get_signature_list():
+        r = it.get_signature_runner(sig)
+        io[sig] = {kind: [{"name": n, "dtype": d["dtype"].__name__, "shape": d["shape"].tolist()}
+                          for n, d in sorted(details.items(), key=lambda kv: order(kv[0]))]
+                   for kind, details in (("inputs", r.get_input_details()), ("outputs", r.get_output_details()))}
+    return io
+
+
+# --- GPU delegate fallback -----------------------------------------------------------------------
+
+# Op cases accepted by TFLite's GPU delegate compatibility checker
+# (tensorflow/lite/tools/versioning/gpu_compatibility.cc, CheckGpuDelegateCompatibility).
+_GPU_OPS = set("""ADD ADD_N AVERAGE_POOL_2D BATCH_MATMUL CAST CONCATENATION CONV_2D CUMSUM DENSIFY
+DEPTHWISE_CONV_2D DEPTH_TO_SPACE DEQUANTIZE EMBEDDING_LOOKUP DYNAMIC_UPDATE_SLICE FULLY_CONNECTED
+GATHER HARD_SWISH LSTM MAX_POOL_2D MEAN MUL PACK ONE_HOT QUANTIZE RELU_N1_TO_1 PRELU RESHAPE SELECT
+SELECT_V2 SLICE SOFTMAX SPACE_TO_DEPTH SPLIT SPLIT_V STRIDED_SLICE TILE TRANSPOSE TRANSPOSE_CONV
+RESIZE_BILINEAR RESIZE_NEAREST_NEIGHBOR RELU RELU6 LEAKY_RELU REDUCE_MAX REDUCE_MIN REDUCE_PROD SUM PAD
+PADV2 MIRROR_PAD ABS CEIL COS ELU EXP FLOOR GELU LOG LOGISTIC NEG RSQRT SIGN SIN SQRT SQUARE TANH
+ATAN2 DIV EQUAL FLOOR_DIV FLOOR_MOD GREATER GREATER_EQUAL LOGICAL_AND LESS LESS_EQUAL MAXIMUM MINIMUM
+NOT_EQUAL POW SQUARED_DIFFERENCE SUB STABLEHLO_CLAMP""".split())
+GPU_METHOD = ("static: every op of each signature's subgraph, read from the flatbuffer, checked against "
+              "the op cases and rank/dtype rules of TFLite's GPU delegate compatibility checker "
+              "(tensorflow/lite/tools/versioning/gpu_compatibility.cc). Not used: ai_edge_litert 2.3.0's "
+              "Analyzer(gpu_compatibility=True), whose build here answers 'compatible' for every model "
+              "(it passes ops the checker rejects, e.g. GATHER_ND), and a live GPU delegate (no GPU here).")
+
+
+def _gpu_reason(name: str, ins: list, outs: list) -> str | None:
+    """None if the GPU delegate takes the op, else why not. ins/outs: (type, rank, is_const)."""
+    if name not in _GPU_OPS:
+        return "op not supported by the GPU delegate"
+    if name in ("SLICE", "STRIDED_SLICE") and ins[0][1] not in (3, 4):
+        return f"{name} on a rank-{ins[0][1]} tensor (GPU: rank 3 or 4 only)"
+    if name == "GATHER" and (ins[0][0] == "INT32" or ins[1][1] != 1 or ins[1][0] != "INT32"):
+        return "GATHER needs a non-int32 input and 1-D int32 indices"
+    if name == "EMBEDDING_LOOKUP" and (ins[0][1] != 1 or ins[1][0] not in ("FLOAT32", "INT8", "INT4")):
+        return "EMBEDDING_LOOKUP needs 1-D ids and float32/int8/int4 values"
+    if name == "FULLY_CONNECTED" and ins[0][2]:
+        return "FULLY_CONNECTED with a constant input"
+    if name == "ADD_N" and len(ins) != 2:
+        return "ADD_N with more than 2 inputs"
+    if name == "CAST":
+        a, b = ins[0][0], outs[0][0]
+        floats = ("FLOAT32", "FLOAT16")
+        if not ((a == "BOOL" and b in floats) or (a in floats and b == "BOOL")
+                or (a in ("FLOAT32", "INT32") and b in ("FLOAT32", "INT32"))):
+            return f"CAST {a} -> {b}"
+    return None
+
+
+def gpu_fallback(data: bytes) -> dict:
+    from ai_edge_litert import schema_py_generated as fb
+
+    m = fb.Model.GetRootAs(data, 0)
+    ops = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
+    types = {v: k for k, v in vars(fb.TensorType).items() if not k.startswith("_")}
+
+    def tensor(sg, i):
+        t = sg.Tensors(i)
+        buf = m.Buffers(t.Buffer())
+        return types.get(t.Type(), "?"), t.ShapeLength(), buf.DataLength() > 0 or buf.Offset() > 1
+
+    report = {"method": GPU_METHOD, "signatures": {}}
+    for s in range(m.SignatureDefsLength()):
+        sd = m.SignatureDefs(s)
+        sg = m.Subgraphs(sd.SubgraphIndex())
+        fallback: dict[str, dict] = {}
+        for j in range(sg.OperatorsLength()):
+            op = sg.Operators(j)
+            oc = m.OperatorCodes(op.OpcodeIndex())
+            code = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())
+            name = oc.CustomCode().decode() if code == fb.BuiltinOperator.CUSTOM else ops.get(code, str(code))
+            ins = [tensor(sg, op.Inputs(k)) for k in range(op.InputsLength()) if op.Inputs(k) >= 0]
+            outs = [tensor(sg, op.Outputs(k)) for k in range(op.OutputsLength())]
+            why = _gpu_reason(name, ins, outs)
+            if why:
+                entry = fallback.setdefault(name, {"count": 0, "reasons": []})
+                entry["count"] += 1
+                if why not in entry["reasons"]:
+                    entry["reasons"].append(why)
+        report["signatures"][sd.SignatureKey().decode()] = {
+            "ops": sg.OperatorsLength(), "fallback_ops": sum(e["count"] for e in fallback.values()),
+            "fallback": fallback}
+    return report
+
+
+# --- .litertlm bundle ------------------------------------------------------------------------------
+
+def _tokenizer_dir(model: Model) -> Path | None:
+    src = model.source.get("path")
+    if not src:
+        return None
+    p = Path(src)
+    for cand in (p if p.is_dir() else p.parent, p.with_suffix("")):
+        if (cand / "tokenizer.json").is_file():
+            return cand
+    return None
+
+
+def _chat_template(tok_dir: Path) -> str | None:
+    if (tok_dir / "chat_template.jinja").is_file():
+        return (tok_dir / "chat_template.jinja").read_text()
+    try:
+        t = json.loads((tok_dir / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return t if isinstance(t, str) else None
+
+
+def litertlm_bundle(model: Model, tflite: bytes) -> tuple[bytes | None, dict]:
+    """Pack model + HF tokenizer + LLM metadata the way litert-torch's exporter does."""
+    tok_dir = _tokenizer_dir(model)
+    if tok_dir is None:
+        return None, {"file": None, "reason": "the source model has no tokenizer.json to pack"}
+    from litert_lm_builder import litertlm_builder as lb
+    from litert_lm_builder.runtime.proto import llm_metadata_pb2, llm_model_type_pb2
+
+    meta = llm_metadata_pb2.LlmMetadata(max_num_tokens=model.kv.max_len)
+    meta.llm_model_type.CopyFrom(llm_model_type_pb2.LlmModelType(generic_model=llm_model_type_pb2.GenericModel()))
+    if model.bos_id is not None:
+        meta.start_token.token_ids.ids.append(model.bos_id)
+    for e in model.eos_ids:
+        meta.stop_tokens.add().token_ids.ids.append(e)
+    template = _chat_template(tok_dir)
+    if template:
+        meta.jinja_prompt_template = template
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "model.tflite").write_bytes(tflite)
+        (Path(tmp) / "llm_metadata.pb").write_bytes(meta.SerializeToString())
+        b = lb.LitertLmFileBuilder()
+        b.add_system_metadata(lb.Metadata(key="Authors", value="slmc", dtype=lb.DType.STRING))
+        b.add_llm_metadata(str(Path(tmp) / "llm_metadata.pb"))
+        b.add_hf_tokenizer(str(tok_dir / "tokenizer.json"))
+        b.add_tflite_model(str(Path(tmp) / "model.tflite"), lb.TfLiteModelType.PREFILL_DECODE)
+        with open(Path(tmp) / "model.litertlm", "wb") as f:
+            b.build(f)
+        data = (Path(tmp) / "model.litertlm").read_bytes()
+    return data, {"file": "model.litertlm", "builder": "litert_lm_builder.LitertLmFileBuilder",
+                  "sections": ["system metadata", "LlmMetadata (start/stop tokens, max_num_tokens"
+                               + (", jinja chat template)" if template else ")"),
+                               "HF tokenizer.json (zlib)", "TFLite PREFILL_DECODE model"]}
+
+
+# --- the target ------------------------------------------------------------------------------------
+
+class TFLiteTarget(Target):
+    name = "tflite"
+    backends = ("cpu", "qualcomm", "mediatek")
+    host_backends = ("cpu",)
+    spec_class = TFLiteSpec
+
+    def supports(self, model: Model, spec: TFLiteSpec) -> str | None:
+        kv = model.kv
+        if kv.dtype != "float32" or kv.window is not None or kv.arena:
+            return (f"KV cache dtype={kv.dtype} window={kv.window} arena={kv.arena}: this target "
+                    "lowers a static fp32 cache per layer (BHSD or BSHD) as signature I/O only")
+        if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
+            return "quantized weights are not lowered to LiteRT yet"
+        P = prefill_length(model, spec)
+        if not 1 <= P <= kv.max_len - 1:
+            return f"prefill length {P} must be in 1..max_len-1={kv.max_len - 1}"
+        if spec.backend in _NPU:
+            return _npu_refusal(spec.backend)
+        return None
+
+    def lower(self, model: Model, spec: TFLiteSpec, progress=None) -> Artifact:
+        step = progress or (lambda msg: None)
+        P = prefill_length(model, spec)
+        step("litert_torch: prefill + decode signatures")
+        data = convert(model, P)
+        manifest = {
+            "format": "tflite",
+            "artifact": "model.tflite",
+            "io": signature_io(data),
+            "prefill_len": P,
+            "positions": ("input_pos[0] is the chunk's start position; rows are at input_pos[0] + i and "
+                          "the rest of input_pos is ignored (LiteRT-LM fills padding with 0). A chunk "
+                          "must satisfy input_pos[0] + T <= max_len."),
+            "kv_cache": {"kind": "signature_io", "names": ["kv_cache_k_{i}", "kv_cache_v_{i}"],
+                         "layout": model.kv.layout, "dtype": "float32", "max_len": model.kv.max_len,
+                         "axes": "[1, max_len, kv_heads, head_dim]" if model.kv.layout == "bshd"
+                         else "[1, kv_heads, max_len, head_dim]"},
+            "runner": {"convention": "LiteRT-LM LlmLiteRtCompiledModelExecutor",
+                       "prefill_logits": False, "decode_logits": "[1, 1, vocab]"},
+            "gpu_delegate_fallback": gpu_fallback(data),
+        }
+        files = {"model.tflite": data}
+        if spec.backend in _NPU:
+            step(f"ai_edge_litert.aot: {spec.backend} NPU compile")
+            files, manifest["npu"] = self._aot(data, spec)
+            manifest["artifact"] = sorted(files)[0]
+            manifest["litertlm"] = {"file": None, "reason": "NPU models are bundled by LiteRT-LM's "
+                                    "NPU compiler (compile_litertlm), which needs the split-cache export"}
+        elif spec.bundle:
+            step("litert_lm_builder: .litertlm bundle")
+            bundle, manifest["litertlm"] = litertlm_bundle(model, data)
+            if bundle is not None:
+                files["model.litertlm"] = bundle
+        else:
+            manifest["litertlm"] = {"file": None, "reason": "bundle=False"}
+        return Artifact(files=files, manifest=manifest)
+
+    def _aot(self, data: bytes, spec: TFLiteSpec) -> tuple[dict, dict]:
+        from ai_edge_litert.aot import aot_compile
+        from ai_edge_litert.aot.core import aot_types
+        from ai_edge_litert.aot.vendors import import_vendor
+
+        vendor = _NPU[spec.backend][0]
+        backend = import_vendor.import_vendor(vendor)
+        mod = __import__(f"ai_edge_litert.aot.vendors.{vendor}.target", fromlist=["Target"])
+        target = mod.Target(mod.SocModel(spec.soc_model or "ALL"))
+        with _sdk_on_library_path(spec.backend):
+            res = aot_compile.aot_compile(aot_types.Model.create_from_bytes(data), target=target,
+                                          keep_going=False)
+        if not res.models_with_backend:
+            raise SlmcError(f"NPU compile failed: {res.failed_backends}", f"tflite/{spec.backend}")
+        files, stats = {}, {}
+        for b, m in res.models_with_backend:
+            name = f"model{b.target_id_suffix}.tflite"
+            files[name] = m.model_bytes
+            ps = getattr(m, "partition_stats", None)
+            stats[name] = [vars(s) for s in ps.subgraph_stats] if ps else None
+        return files, {"vendor": vendor, "backend_id": backend.id(), "soc_model": spec.soc_model or "ALL",
+                       "partition_stats": stats,
+                       "note": "fp32 graph as compiled; vendor NPUs mostly want int8/int16 (a16w8) models"}
+
+
+register(TFLiteTarget())
