@@ -152,3 +152,34 @@ def require_pass(report) -> None:
             f"artifact disagrees with the reference: prefill |Δ|={report.prefill_max_abs:.3g}, decode "
             f"|Δ|={report.decode_max_abs:.3g}, top-1 {report.top1_agreement:.1%}, greedy "
             f"{'equal' if report.greedy_equal else 'differs'} (tolerance {report.tolerance})", report.artifact)
+
+
+def evaluate(subject: str, texts: list[str], passes: list[str] = (), window: int = 512, stride: int = 256,
+             max_tokens: int = 4096, reference: str | None = None):
+    """Perplexity of a model (after `passes`) or of an artifact in its runtime; KL and top-1
+    against the fp32 reference (the source model without passes, or `reference`)."""
+    from .compiler.textdata import token_ids
+    from .runtime_tests.evaluate import evaluate as run_eval
+
+    if window < 2 or not 0 < stride <= window:
+        raise SlmcError(f"need window >= 2 and 0 < stride <= window (got {window}, {stride})", "--window/--stride")
+    p = Path(subject)
+    if (p / "manifest.json").is_file():
+        from .runtime_tests.sessions import open_session
+
+        manifest = read_manifest(p)
+        limit = manifest["kv_cache_spec"]["max_len"] - 1
+        if window > limit:
+            raise SlmcError(f"window {window} exceeds the artifact's KV cache ({limit} tokens)", "--window")
+        subj, tok_dir = open_session(p, manifest), p
+        ref = load(reference or manifest["source"]["path"])
+    else:
+        src = resolve_model_path(subject)
+        subj, _ = PassManager([parse_pass(x) for x in passes]).run(load(src))
+        tok_dir = tokenizer_dir(src) or (Path(subj.source.get("path", "")) if subj.source else None)
+        ref = load(reference or src) if (passes or reference) else None
+    if tok_dir is None:
+        raise SlmcError("no tokenizer.json next to the model", subject)
+    ids = token_ids(texts, Path(tok_dir) / "tokenizer.json", min_tokens=window + 1, max_tokens=max_tokens,
+                    what="evaluation text")
+    return run_eval(ids, subj, str(subject), ref, window=window, stride=stride)

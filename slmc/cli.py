@@ -192,6 +192,33 @@ def inspect(model, passes, max_seq_len, save_ir):
         save(ir, save_ir)
 
 
+@main.command("eval")
+@click.argument("subject")
+@click.option("--text", "texts", multiple=True, required=True, type=click.Path(),
+              help="Your own UTF-8 text file(s) (repeatable).")
+@click.option("--pass", "passes", multiple=True, metavar="NAME[:k=v,...]", help="Passes to apply to a MODEL.")
+@click.option("--window", default=512, show_default=True)
+@click.option("--stride", default=None, type=int, help="Window step (default: window / 2).")
+@click.option("--max-tokens", default=4096, show_default=True)
+@click.option("--reference", default=None, help="fp32 reference model (default: the source, no passes).")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def eval_(subject, texts, passes, window, stride, max_tokens, reference, as_json):
+    """Perplexity of SUBJECT (a model or an artifact) on text; KL and top-1 vs the fp32 reference."""
+    from . import api
+
+    r = api.evaluate(subject, list(texts), list(passes), window, stride or max(1, window // 2), max_tokens,
+                     reference)
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=2))
+        return
+    line = f"perplexity {r.perplexity:.3f} over {r.tokens_scored} tokens (window {r.window}, stride {r.stride})"
+    if r.kl_divergence is not None:
+        line += (f"; reference perplexity {r.reference_perplexity:.3f}, KL {r.kl_divergence:.4f} nats, "
+                 f"top-1 agreement {r.top1_agreement:.1%}")
+    click.echo(line)
+
+
 @main.command("list")
 def list_() -> None:
     """List families, passes and targets."""

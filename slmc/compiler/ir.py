@@ -85,8 +85,8 @@ class QuantWeight:
     """A groupwise-quantized 2-D weight [out, in].
 
     dequant(w)[o, i] = (codes[o, i] - zeros[o, i // g]) * scales[o, i // g]
-    `codes` are unpacked integers (int8 storage) in [-2^(b-1), 2^(b-1)-1] when
-    symmetric, [0, 2^b - 1] otherwise; `zeros` is None when symmetric.
+    `codes` are unpacked integers: int8 in [-2^(b-1), 2^(b-1)-1] when symmetric,
+    uint8 in [0, 2^b - 1] otherwise; `zeros` is None when symmetric.
     """
 
     codes: torch.Tensor
@@ -113,10 +113,16 @@ class QuantWeight:
         return self.codes.numel() * self.bits // 8 + extra
 
     def float(self) -> torch.Tensor:
+        """The exact dequantized weight (cached: the reference executor asks every forward)."""
+        cached = self.__dict__.get("_dequant")
+        if cached is not None and cached[0] is self.codes and cached[1] is self.scales:
+            return cached[2]
         g = self.group_size
         codes = self.codes.float()
         z = self.zeros.float().repeat_interleave(g, dim=1) if self.zeros is not None else 0.0
-        return (codes - z) * self.scales.float().repeat_interleave(g, dim=1)
+        w = (codes - z) * self.scales.float().repeat_interleave(g, dim=1)
+        self.__dict__["_dequant"] = (self.codes, self.scales, w)
+        return w
 
 
 AnyWeight = Union[Weight, QuantWeight]

@@ -23,10 +23,17 @@ from ..errors import SlmcError, UnsupportedError
 class TargetSpec:
     backend: str
 
+    @property
+    def backend_name(self) -> str:
+        """The backend without options (a spec class may read `NAME:k=v,...` options)."""
+        return self.backend
+
 
 @dataclass
 class Artifact:
-    files: dict[str, bytes]  # name -> content, written at the boundary only
+    # name -> content, written at the boundary only; a name may be a relative path
+    # ("model.mlpackage/Data/...") for artifacts that are folders
+    files: dict[str, bytes]
     manifest: dict = field(default_factory=dict)
 
 
@@ -66,7 +73,7 @@ def get_target(name: str) -> Target:
 
 
 def check_backend(target: Target, spec: TargetSpec) -> None:
-    if spec.backend not in target.backends:
+    if spec.backend_name not in target.backends:
         raise SlmcError(f"unknown backend {spec.backend!r} for target {target.name}; available: "
                         f"{', '.join(target.backends)}", "--backend")
 
@@ -111,7 +118,11 @@ def write_artifact(art: Artifact, out: Path, tokenizer_dir: Path | None) -> Path
         raise SlmcError(f"cannot make the output folder ({e.strerror or e})", str(out)) from None
     try:
         for name, data in art.files.items():
-            (tmp / name).write_bytes(data)
+            path = tmp / name
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ValueError(f"artifact file name {name!r} leaves the artifact folder")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
         copied = []
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:

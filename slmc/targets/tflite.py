@@ -143,6 +143,29 @@ class _Signature(nn.Module):
         return res
 
 
+class _Rank3Norm(nn.Module):
+    """Runs a norm (over the last axis) on a rank-3 view. LiteRT's converter fails on the
+    norm's 1-row linear over rank-4 tensors with a length-1 axis (q/k norms in decode:
+    "'tfl.batch_matmul' op found invalid output rank, expected 3 but got 4")."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        return self.norm(x.reshape(1, -1, x.shape[-1])).reshape(x.shape)
+
+
+def _rank3_norms(module: nn.Module) -> None:
+    from ..compiler.lowering.module import LNorm
+
+    for name, child in list(module.named_children()):
+        if isinstance(child, LNorm):
+            setattr(module, name, _Rank3Norm(child))
+        else:
+            _rank3_norms(child)
+
+
 @contextlib.contextmanager
 def _quiet():
     """litert_torch prints progress to stdout and its C++ side logs to fd 2; keep the CLI's
@@ -178,6 +201,7 @@ def convert(model: Model, prefill_len: int) -> bytes:
     import litert_torch
 
     lm = LoweredLM(model, LoweringSpec(kv="io", positions="start", mask_input=False)).eval()
+    _rank3_norms(lm)
     caches = lm.empty_caches()
     kv = {f"{c}_{d}": caches[2 * d + j] for d in range(model.n_layers) for j, c in enumerate("kv")}
 
@@ -186,8 +210,9 @@ def convert(model: Model, prefill_len: int) -> bytes:
                 "input_pos": torch.arange(T, dtype=torch.int32), "kv_cache": kv}
 
     with _quiet(), torch.no_grad():
-        conv = litert_torch.signature("prefill", _Signature(lm, model.n_layers, False), sample_kwargs=sample(prefill_len))
-        conv.signature("decode", _Signature(lm, model.n_layers, True), sample_kwargs=sample(1))
+        prefill, decode = (_Signature(lm, model.n_layers, lg).eval() for lg in (False, True))
+        conv = litert_torch.signature("prefill", prefill, sample_kwargs=sample(prefill_len))
+        conv.signature("decode", decode, sample_kwargs=sample(1))
         return bytes(conv.convert().model_content())
 
 

@@ -1,0 +1,70 @@
+"""Groupwise integer quantization primitives shared by the quantization passes.
+
+Convention (the same as QuantWeight's): for a group of `g` input columns of one
+output row, dequant = (code - zero) * scale, with
+- symmetric: zero = 0, codes in [-2^(b-1), 2^(b-1) - 1], scale = max|w| / (2^(b-1) - 1)
+  (the extra negative code stays available to rounding, as XNNPACK/torchao do);
+- asymmetric: codes in [0, 2^b - 1], scale = (max - min) / (2^b - 1), zero = round(-min / scale).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SlmcError
+from .ir import QuantWeight
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    bits: int = 4
+    group_size: int = 32
+    symmetric: bool = True
+
+    def check(self, in_features: int, where: str) -> None:
+        if self.bits not in (4, 8):
+            raise SlmcError(f"bit width {self.bits} is not supported (4 or 8)", where)
+        if self.group_size <= 0 or in_features % self.group_size:
+            raise SlmcError(f"group size {self.group_size} does not divide the input dimension "
+                            f"{in_features}", where)
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+
+def group_params(w: torch.Tensor, s: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (and zeros) per [out, in // g] group from the weight's range."""
+    g = w.float().reshape(w.shape[0], -1, s.group_size)
+    if s.symmetric:
+        scale = g.abs().amax(-1) / s.qmax
+        return scale.clamp_min(1e-12), None
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / s.qmax).clamp_min(1e-12)
+    zero = torch.round(-lo / scale).clamp(s.qmin, s.qmax)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, s: QuantScheme) -> torch.Tensor:
+    """Round w to integer codes with the given per-group scale/zero."""
+    sc = scale.repeat_interleave(s.group_size, dim=1)
+    z = zero.repeat_interleave(s.group_size, dim=1) if zero is not None else 0.0
+    # int8 storage for symmetric codes, uint8 for asymmetric ones (8-bit asym reaches 255)
+    return torch.clamp(torch.round(w.float() / sc + z), s.qmin, s.qmax).to(
+        torch.int8 if s.symmetric else torch.uint8)
+
+
+def rtn(w: torch.Tensor, s: QuantScheme, algorithm: str = "rtn",
+        scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> QuantWeight:
+    """Round-to-nearest with the range-derived (or given) scales."""
+    if scale is None:
+        scale, zero = group_params(w, s)
+    codes = quantize_codes(w, scale, zero, s)
+    return QuantWeight(codes=codes, scales=scale.float(), zeros=zero.float() if zero is not None else None,
+                       group_size=s.group_size, bits=s.bits, symmetric=s.symmetric, algorithm=algorithm)

@@ -1,0 +1,400 @@
+"""Core ML target: an ML Program `.mlpackage` that swift-transformers' `LanguageModel` loads unmodified.
+
+Conventions (swift-transformers Sources/Models/LanguageModel.swift and its
+Examples/Mistral7B/export.py, the exporter it is tested with):
+- input `inputIds` int32 [1, T], T a range; `causalMask` float16 [1, 1, T, E], an
+  additive mask over keys [0, E); the start position is E - T (taken from the shapes);
+- states `keyCache` / `valueCache` (fp16: Core ML states are fp16 only), found by name;
+  swift-transformers only needs the names, so slmc stacks layers as [layers, kvh, L, hd]
+  (rank 4, ANE-friendly) rather than the example's [layers, 1, kvh, L, hd];
+- output `logits` [1, T, vocab] (it reads row T - 1), fp16 when computing in fp16;
+- user metadata `co.huggingface.exporters.name` names the model (tokenizer lookup).
+The model also applies causal and sliding-window masking itself, so a zero mask (what
+swift-transformers sends) is valid. The default function `prefill` takes any T and serves
+swift-transformers alone; `decode` (T = 1) shares its weights and state layout.
+Deployment targets before iOS 18 have no states or multifunction: one function `main` with
+the caches as inputs `keyCache`/`valueCache` and outputs `presentKeys`/`presentValues`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..compiler.ir import Model, QuantWeight, named_weights
+from ..compiler.lowering.module import LAttention, LBlock, LNorm, _Params, _rope
+from ..compiler.reference import rope_cos_sin
+from ..errors import SlmcError
+from .base import Artifact, Target, TargetSpec, register
+
+PACKAGE = "model.mlpackage"
+COMPUTE_UNITS = {"cpu": "CPU_ONLY", "gpu": "CPU_AND_GPU", "ane": "CPU_AND_NE", "all": "ALL"}
+DEPLOYMENT = ("ios15", "ios16", "ios17", "ios18")
+OPTIONS = {"precision": ("fp16", "fp32"), "deployment_target": DEPLOYMENT,
+           "kv": ("auto", "states", "io"), "layout": ("auto", "standard", "ane")}
+
+
+@dataclass(frozen=True)
+class CoreMLSpec(TargetSpec):
+    """`backend` names the compute units and may carry options, `UNITS[:k=v,...]`
+    (e.g. `ane`, `cpu:precision=fp32`, `all:deployment_target=ios17`)."""
+
+    backend: str = "all"
+    precision: str = "fp16"
+    deployment_target: str = "ios18"
+    kv: str = "auto"  # auto: states where the deployment target has them, else I/O
+    layout: str = "auto"  # auto: the ANE layout for compute units `ane`
+
+    def __post_init__(self):
+        _, _, opts = self.backend.partition(":")
+        for item in filter(None, opts.split(",")):
+            key, eq, value = item.partition("=")
+            if key not in OPTIONS or not eq:
+                raise SlmcError(f"unknown Core ML option {item!r}; options: "
+                                + ", ".join(f"{k}={'|'.join(v)}" for k, v in OPTIONS.items()), "--backend")
+            object.__setattr__(self, key, value)
+        for key, allowed in OPTIONS.items():
+            if getattr(self, key) not in allowed:
+                raise SlmcError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}", "--backend")
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.partition(":")[0]
+
+    @property
+    def units(self) -> str:
+        return self.backend_name
+
+    @property
+    def stateful(self) -> bool:
+        return self.kv == "states" or (self.kv == "auto" and self.deployment_target >= "ios18")
+
+    @property
+    def ane_layout(self) -> bool:
+        return self.layout == "ane" or (self.layout == "auto" and self.units == "ane")
+
+
+def refusal(model: Model, spec: CoreMLSpec) -> str | None:
+    """Why this model/spec cannot become a Core ML artifact (None: it can)."""
+    dt = spec.deployment_target
+    if spec.units == "ane" and dt < "ios16":
+        return f"compute units `ane` (MLComputeUnits.cpuAndNeuralEngine) need iOS 16+, not {dt}"
+    if spec.units == "ane" and spec.precision == "fp32":
+        return "the Neural Engine computes in fp16 only: precision=fp32 cannot run on compute units `ane`"
+    if spec.kv == "states" and dt < "ios18":
+        return f"a stateful KV cache (Core ML states) needs iOS 18+, not {dt}; use kv=io"
+    if spec.stateful and spec.precision == "fp32":
+        return ("Core ML states hold fp16 only, so an fp32 artifact cannot keep its KV cache in states; "
+                "use kv=io (cache as inputs/outputs) or precision=fp16")
+    kv = model.kv
+    if kv.dtype not in ("float32", "float16") or kv.window is not None or kv.arena:
+        return (f"KV cache dtype={kv.dtype} window={kv.window} arena={kv.arena}: Core ML keeps one "
+                "full-length float cache per depth (BHSD or BSHD) only")
+    if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
+        return "quantized weights are not lowered to Core ML yet"
+    shapes = {(model.block_at(d).attn.n_kv_heads, model.block_at(d).attn.head_dim) for d in range(model.n_layers)}
+    if len(shapes) != 1:
+        return f"keyCache/valueCache stack every layer, which needs one (kv_heads, head_dim); got {sorted(shapes)}"
+    return None
+
+
+class CAttention(LAttention):
+    """Attention over one layer of the stacked cache: writes rows [start, end), reads [0, end)."""
+
+    def forward(self, x, cos, sin, mask, kc, vc, start, end, inplace):
+        h, kvh, hd = self.h, self.kvh, self.hd
+        if self.fused:
+            q, k, v = self.qkv(x).split([h * hd, kvh * hd, kvh * hd], -1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q, k, v = q.view(-1, h, hd), k.view(-1, kvh, hd), v.view(-1, kvh, hd)  # [T, heads, hd]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = _rope(q, cos, sin, self.rot_t), _rope(k, cos, sin, self.rot_t)
+        axis = 0 if self.bshd else 1  # cache rows: [L, kvh, hd] or [kvh, L, hd]
+        k_new, v_new = (k, v) if self.bshd else (k.transpose(0, 1), v.transpose(0, 1))
+        if inplace:  # a state: update in place, Core ML turns it into slice_update + state write
+            (kc[:, start:end] if axis else kc[start:end]).copy_(k_new)
+            (vc[:, start:end] if axis else vc[start:end]).copy_(v_new)
+        else:
+            kc = torch.slice_scatter(kc, k_new, axis, start, end)
+            vc = torch.slice_scatter(vc, v_new, axis, start, end)
+        keys = kc[:, :end] if axis else kc[:end].transpose(0, 1)  # [kvh, E, hd]
+        values = vc[:, :end] if axis else vc[:end].transpose(0, 1)
+        rep = h // kvh  # fold each group's query heads into rows as (T, rep), T outermost
+        qg = q.view(-1, kvh, rep, hd).permute(1, 0, 2, 3).reshape(kvh, -1, hd)
+        s = torch.bmm(qg, keys.transpose(1, 2)) * self.scale
+        if self.softcap is not None:
+            s = torch.tanh(s / self.softcap) * self.softcap
+        s = s.view(kvh, -1, rep, s.shape[-1]) + mask[None, :, None, :]
+        p = torch.softmax(s, dim=-1).view(kvh, -1, s.shape[-1])
+        out = torch.bmm(p, values).view(kvh, -1, rep, hd).permute(1, 0, 2, 3).reshape(1, -1, h * hd)
+        return self.o(out), kc, vc
+
+
+class CBlock(LBlock):
+    def __init__(self, b, P, bshd):
+        super().__init__(b, P, bshd)
+        self.attn = CAttention(b.attn, P, bshd)
+
+    def forward(self, x, cos, sin, mask, kc, vc, start, end, inplace):
+        h, kc, vc = self.attn(self.attn_norm(x), cos, sin, mask, kc, vc, start, end, inplace)
+        if self.post_attn is not None:
+            h = self.post_attn(h)
+        x = x + h
+        h = self.ffn(self.ffn_norm(x))
+        if self.post_ffn is not None:
+            h = self.post_ffn(h)
+        return x + h, kc, vc
+
+
+class CoreMLLM(nn.Module):
+    """forward(inputIds[1, T] int32, causalMask[1, 1, T, E]) -> logits[1, T, vocab], start = E - T.
+
+    states: the caches are buffers `keyCache`/`valueCache` [layers, kvh, L, hd] (BHSD) or
+    [layers, L, kvh, hd] (BSHD); io: they are two more inputs, returned updated after logits.
+    """
+
+    def __init__(self, model: Model, stateful: bool):
+        super().__init__()
+        kv, bshd = model.kv, model.kv.layout == "bshd"
+        P = _Params(self, torch.float32)  # Core ML converts fp32 graphs; fp16 is its compute precision
+        self.embed, self.embed_scale = P(model.embed), model.embed_scale
+        self.blocks = nn.ModuleList(CBlock(b, P, bshd) for b in model.blocks)
+        self.layers, self.stateful = list(model.layers), stateful
+        self.final_norm = LNorm(model.final_norm, P)
+        self.lm_head = P(model.lm_head.weight) if model.lm_head is not None else self.embed
+        self.lm_bias = P(model.lm_head.bias) if model.lm_head is not None else None
+        self.final_softcap = model.final_logit_softcap
+        ropes, self.windows, self.layer_rope, self.layer_window = [], [], [], []
+        for d in range(model.n_layers):
+            a = model.block_at(d).attn
+            key = (a.rope.theta, a.rope.dim, a.head_dim, repr(a.rope.scaling))
+            if key not in ropes:
+                cos, sin = rope_cos_sin(a.rope, torch.arange(kv.max_len))
+                pad = a.head_dim - a.rope.dim  # partial rotary: identity on the tail
+                self.register_buffer(f"rope_cos{len(ropes)}", F.pad(cos, (0, pad), value=1.0), persistent=False)
+                self.register_buffer(f"rope_sin{len(ropes)}", F.pad(sin, (0, pad), value=0.0), persistent=False)
+                ropes.append(key)
+            if a.sliding_window not in self.windows:
+                self.windows.append(a.sliding_window)
+            self.layer_rope.append(ropes.index(key))
+            self.layer_window.append(self.windows.index(a.sliding_window))
+        self.n_ropes = len(ropes)
+        a = model.block_at(0).attn
+        row = (kv.max_len, a.n_kv_heads) if bshd else (a.n_kv_heads, kv.max_len)
+        self.cache_shape = (model.n_layers, *row, a.head_dim)
+        if stateful:  # fp32 here; the converter declares the states fp16 (Core ML has no other)
+            self.register_buffer("keyCache", torch.zeros(self.cache_shape))
+            self.register_buffer("valueCache", torch.zeros(self.cache_shape))
+
+    def forward(self, input_ids, causal_mask, *caches):
+        T, end = input_ids.shape[1], causal_mask.shape[-1]
+        start = end - T
+        x = F.embedding(input_ids, self.embed)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        pos = torch.arange(T) + start
+        ok = torch.arange(end)[None, :] <= pos[:, None]
+        masks = []
+        for w in self.windows:
+            allowed = ok if w is None else ok & (pos[:, None] - torch.arange(end)[None, :] < w)
+            masks.append(torch.where(allowed, 0.0, float("-inf")) + causal_mask[0, 0])
+        ropes = [(getattr(self, f"rope_cos{i}")[start:end, None, :], getattr(self, f"rope_sin{i}")[start:end, None, :])
+                 for i in range(self.n_ropes)]
+        if self.stateful:
+            kcs, vcs = self.keyCache, self.valueCache
+        else:
+            kcs, vcs = caches
+        new_k, new_v = [], []
+        for d, b in enumerate(self.layers):
+            cos, sin = ropes[self.layer_rope[d]]
+            mask = masks[self.layer_window[d]]
+            if self.stateful:
+                kc, vc = kcs[d], vcs[d]  # views: in-place writes reach the state
+                x, _, _ = self.blocks[b](x, cos, sin, mask, kc, vc, start, end, True)
+            else:
+                x, kc, vc = self.blocks[b](x, cos, sin, mask, kcs[d], vcs[d], start, end, False)
+                new_k.append(kc)
+                new_v.append(vc)
+        logits = F.linear(self.final_norm(x), self.lm_head, self.lm_bias)
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits if self.stateful else (logits, torch.stack(new_k), torch.stack(new_v))
+
+
+def _ct():
+    import logging
+
+    logging.getLogger("coremltools").setLevel(logging.ERROR)  # Linux: "Failed to load _MLModelProxy" etc.
+    import coremltools as ct
+
+    return ct
+
+
+def _quiet(fn, *a, **kw):
+    """coremltools draws tqdm bars on stderr; the CLI keeps stderr for the outcome."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        return fn(*a, **kw)
+
+
+def _function_io(model: Model, spec: CoreMLSpec, module: CoreMLLM, fn: str) -> dict:
+    L, flex = model.kv.max_len, fn != "decode"
+    t = f"1..{L - 1}" if flex else 1
+    half = "float16" if spec.precision == "fp16" and spec.deployment_target >= "ios16" else "float32"
+    io = {"inputs": [
+        {"name": "inputIds", "dtype": "int32", "shape": [1, t]},
+        {"name": "causalMask", "dtype": half, "shape": [1, 1, t, f"1..{L - 1}"],
+         "meaning": "additive mask over keys [0, E); start position = E - T; causal and sliding-window "
+                    "masking are also applied inside, so zeros are valid"}],
+        "outputs": [{"name": "logits", "dtype": half, "shape": [1, t, model.vocab_size]}]}
+    cache = {"dtype": half, "shape": list(module.cache_shape)}
+    if spec.stateful:
+        io["states"] = [{"name": n, **cache, "dtype": "float16"} for n in ("keyCache", "valueCache")]
+    else:
+        io["inputs"] += [{"name": n, **cache} for n in ("keyCache", "valueCache")]
+        io["outputs"] += [{"name": n, **cache} for n in ("presentKeys", "presentValues")]
+    return io
+
+
+def convert_function(model: Model, spec: CoreMLSpec, fn: str, out: Path, module=None) -> dict:
+    """torch.export one function of the package and convert it; returns its I/O description."""
+    import numpy as np
+    from torch.export import Dim
+
+    ct = _ct()
+    module = (module or CoreMLLM(model, spec.stateful)).eval()
+    io = _function_io(model, spec, module, fn)
+    L, flex = model.kv.max_len, fn != "decode"
+    # max L - 1: a Dim whose max equals a static size (the cache) gets specialised by export
+    T, E = Dim("T", min=1, max=L - 1), Dim("E", min=1, max=L - 1)
+    tn = 2 if flex else 1
+    args = [torch.zeros(1, tn, dtype=torch.int32), torch.zeros(1, 1, tn, tn + 3)]
+    shapes = [{1: T} if flex else None, {2: T, 3: E} if flex else {3: E}]
+    if not spec.stateful:
+        args += [torch.zeros(module.cache_shape), torch.zeros(module.cache_shape)]
+        shapes += [None, None]
+    with torch.no_grad():
+        ep = torch.export.export(module, tuple(args), dynamic_shapes=tuple(shapes), strict=False)
+        ep = ep.run_decompositions({})
+    np_dt = {"int32": np.int32, "float16": np.float16, "float32": np.float32}
+    rt, re = ct.RangeDim(1, L - 1, default=tn), ct.RangeDim(1, L - 1, default=tn + 3)
+
+    inputs = []
+    for i in io["inputs"]:
+        dims = list(i["shape"])
+        if i["name"] == "inputIds":
+            dims = [1, rt if flex else 1]
+        elif i["name"] == "causalMask":
+            dims = [1, 1, rt if flex else 1, re]
+        inputs.append(ct.TensorType(name=i["name"], shape=tuple(dims), dtype=np_dt[i["dtype"]]))
+    outputs = [ct.TensorType(name=o["name"], dtype=np_dt[o["dtype"]]) for o in io["outputs"]]
+    states = [ct.StateType(ct.TensorType(shape=tuple(s["shape"]), dtype=np.float16), name=s["name"])
+              for s in io.get("states", [])]
+    ml = _quiet(ct.convert, ep, inputs=inputs, outputs=outputs, states=states or None,
+                convert_to="mlprogram", skip_model_load=True,
+                minimum_deployment_target=getattr(ct.target, "iOS" + spec.deployment_target[3:]),
+                compute_precision=ct.precision.FLOAT16 if spec.precision == "fp16" else ct.precision.FLOAT32,
+                compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[spec.units]))
+    ml.save(str(out))
+    return io
+
+
+def _set_metadata(package: Path, meta: dict, description: str) -> None:
+    """Write user metadata into the package's spec (after multifunction merging, which drops it)."""
+    from coremltools.proto import Model_pb2
+
+    path = next(package.rglob("model.mlmodel"))
+    spec = Model_pb2.Model()
+    spec.ParseFromString(path.read_bytes())
+    spec.description.metadata.userDefined.update({k: str(v) for k, v in meta.items()})
+    spec.description.metadata.shortDescription = description
+    spec.description.metadata.author = "slmc"
+    path.write_bytes(spec.SerializeToString())
+
+
+def conventions(model: Model, spec: CoreMLSpec) -> dict:
+    return {
+        "compatible_with": "swift-transformers LanguageModel (Sources/Models/LanguageModel.swift)"
+                           if spec.stateful else
+                           "Core ML (swift-transformers' LanguageModel refuses KV caches as inputs/outputs)",
+        "default_function": "prefill" if spec.deployment_target >= "ios18" else "main",
+        "start_position": "causalMask.shape[-1] - inputIds.shape[1]",
+        "logits": "every input position, [1, T, vocab]; the next token's scores are row T - 1",
+        "kv_cache": ("states keyCache/valueCache, one state for every layer" if spec.stateful else
+                     "inputs keyCache/valueCache, the updated caches returned as presentKeys/presentValues"),
+        "cache_layout": "[layers, L, kv_heads, head_dim]" if model.kv.layout == "bshd"
+                        else "[layers, kv_heads, L, head_dim]",
+        "metadata": {"co.huggingface.exporters.name": "the model's name (swift-transformers' modelName)"},
+    }
+
+
+class CoreMLTarget(Target):
+    name = "coreml"
+    backends = tuple(COMPUTE_UNITS)
+    spec_class = CoreMLSpec
+    # Checked here by slmc's MIL interpreter (tolerance by precision). The first runs every
+    # family: fp32 with the cache as I/O, the one combination with no fp16 rounding at all.
+    host_backends = ("cpu:precision=fp32,kv=io", "all", "ane", "gpu:deployment_target=ios17")
+
+    def supports(self, model: Model, spec: CoreMLSpec) -> str | None:
+        return refusal(model, spec)
+
+    def lower(self, model: Model, spec: CoreMLSpec, progress=None) -> Artifact:
+        step = progress or (lambda msg: None)
+        ct = _ct()
+        multi = spec.deployment_target >= "ios18"  # multifunction packages need iOS 18 too
+        fns = ("prefill", "decode") if multi else ("main",)
+        with tempfile.TemporaryDirectory(prefix="slmc-coreml-") as tmp:
+            tmp, ios = Path(tmp), {}
+            module = CoreMLLM(model, spec.stateful)
+            for fn in fns:
+                step(f"torch.export + coremltools: {fn}")
+                ios[fn] = convert_function(model, spec, fn, tmp / f"{fn}.mlpackage", module)
+            del module
+            pkg = tmp / PACKAGE
+            if multi:
+                step("merging prefill and decode (shared weights)")
+                desc = ct.utils.MultiFunctionDescriptor()
+                for fn in fns:
+                    desc.add_function(str(tmp / f"{fn}.mlpackage"), src_function_name="main",
+                                      target_function_name=fn)
+                desc.default_function_name = "prefill"
+                _quiet(ct.utils.save_multifunction, desc, str(pkg))
+            else:
+                (tmp / "main.mlpackage").rename(pkg)
+            name = Path(str(model.source.get("path", "model"))).name or "model"
+            meta = {"co.huggingface.exporters.name": name, "co.huggingface.exporters.task": "text-generation",
+                    "slmc.max_context": model.kv.max_len - 1, "slmc.compute_units": spec.units,
+                    "slmc.precision": spec.precision}
+            _set_metadata(pkg, meta, f"{model.architecture} compiled by slmc ({spec.precision})")
+            files = {f"{PACKAGE}/{p.relative_to(pkg).as_posix()}": p.read_bytes()
+                     for p in sorted(pkg.rglob("*")) if p.is_file()}
+        manifest = {
+            "format": "mlpackage",
+            "artifact": PACKAGE,
+            "precision": spec.precision,
+            "compute_units": {"name": spec.units, "coremltools": COMPUTE_UNITS[spec.units]},
+            "deployment_target": spec.deployment_target,
+            "layout": "ane" if spec.ane_layout else "standard",
+            "default_function": fns[0],
+            "io": ios,
+            "kv_cache": {"kind": "states" if spec.stateful else "io", "dtype": ios[fns[0]].get(
+                "states", ios[fns[0]]["inputs"][-2:])[0]["dtype"], "layout": model.kv.layout},
+            "conventions": conventions(model, spec),
+            "metadata": meta,
+        }
+        return Artifact(files=files, manifest=manifest)
+
+
+register(CoreMLTarget())
