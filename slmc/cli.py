@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -17,11 +18,20 @@ from .errors import SlmcError, ValidationFailed
 console = Console(stderr=True, highlight=False)
 
 
+NOISY = ("torch", "executorch", "torchao", "transformers", "coremltools", "litert_torch", "ai_edge_litert")
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(format="slmc: %(levelname)s: %(message)s",
                         level=logging.INFO if verbose else logging.WARNING)
-    for noisy in ("torch", "executorch", "torchao", "transformers"):
+    if verbose:
+        return
+    # The toolchains warn about their own internals on every compile; a user can act on
+    # none of it, so it only shows with -v. slmc's own warnings always show.
+    for noisy in NOISY:
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="|".join(rf"{m}(\..*)?" for m in NOISY))
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch pytree, via copyreg
 
 
 def friendly(fn):

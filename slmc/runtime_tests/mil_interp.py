@@ -1,0 +1,274 @@
+"""A small numpy interpreter for the MIL ops slmc's Core ML target emits.
+
+coremltools cannot run models on Linux, so the saved `.mlpackage` is checked here: its
+ML Program is read back from the package's protobuf (coremltools' milproto loader) and
+executed op by op. Every op's result is rounded to the dtype the program declares for it,
+so an fp16 program really computes in fp16 (one rounding per op, accumulation in fp32, as
+Core ML's GPU and Neural Engine do). An op not in `OPS` is an error before anything runs:
+nothing is ever skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SlmcError
+
+NP = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "int8": np.int8, "uint8": np.uint8,
+      "int16": np.int16, "uint16": np.uint16, "int32": np.int32, "int64": np.int64, "bool": np.bool_}
+
+
+class UnknownOpError(SlmcError):
+    """The program holds an op this interpreter does not implement."""
+
+
+def _f(x):
+    """Compute floats in fp32 (results are rounded to the declared dtype afterwards)."""
+    x = np.asarray(x)
+    return x.astype(np.float32) if x.dtype == np.float16 else x
+
+
+def _slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask):
+    rank = len(shape)
+    stride = [1] * rank if stride is None else list(stride)
+    out = []
+    for i in range(rank):
+        if squeeze_mask is not None and squeeze_mask[i]:
+            out.append(int(begin[i]))
+            continue
+        b = None if begin_mask is not None and begin_mask[i] else int(begin[i])
+        e = None if end_mask is not None and end_mask[i] else int(end[i])
+        out.append(slice(b, e, int(stride[i])))
+    return tuple(out)
+
+
+def _reshape(x, shape):
+    shape = [int(s) for s in shape]
+    if len(shape) == x.ndim:  # 0 inherits the input's dimension
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _matmul(x, y, transpose_x=False, transpose_y=False):
+    x, y = _f(x), _f(y)
+    if transpose_x and x.ndim > 1:
+        x = np.swapaxes(x, -1, -2)
+    if transpose_y and y.ndim > 1:
+        y = np.swapaxes(y, -1, -2)
+    return np.matmul(x, y)
+
+
+def _softmax(x, axis=-1):
+    x = _f(x)
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _gelu(x, mode="EXACT"):
+    x = _f(x)
+    if mode == "TANH_APPROXIMATION":
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    if mode == "SIGMOID_APPROXIMATION":
+        return x / (1 + np.exp(-1.702 * x))
+    from math import erf
+
+    return 0.5 * x * (1 + np.vectorize(erf, otypes=[np.float32])(x / np.sqrt(2)))
+
+
+def _topk(x, k=1, axis=-1, ascending=False, sort=True, return_indices=True):
+    x = _f(x)
+    order = np.argsort(x if ascending else -x, axis=axis, kind="stable")
+    idx = np.take(order, np.arange(int(k)), axis=axis)
+    return np.take_along_axis(x, idx, axis=axis), idx
+
+
+def _one_hot(indices, one_hot_vector_size, axis=-1, on_value=1, off_value=0):
+    n = int(one_hot_vector_size)
+    hot = np.asarray(indices)[..., None] == np.arange(n)
+    out = np.where(hot, on_value, off_value)
+    return np.moveaxis(out, -1, axis) if axis != -1 else out
+
+
+def _split(x, num_splits=None, split_sizes=None, axis=0):
+    if split_sizes is not None:
+        cuts = np.cumsum(split_sizes)[:-1]
+    else:
+        cuts = int(num_splits)
+    return tuple(np.split(x, cuts, axis=int(axis)))
+
+
+def _slice_update(x, update, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    out = np.array(x, copy=True)
+    out[_slices(x.shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)] = update
+    return out
+
+
+def _concat(values, axis, interleave=False):
+    if interleave:
+        raise UnknownOpError("concat with interleave=True is not implemented", "mil_interp")
+    values = [np.asarray(v) for v in values]
+    if any(v.ndim == 0 for v in values):  # MIL concatenates scalars as 1-element vectors (shapes)
+        values = [np.atleast_1d(v) for v in values]
+    return np.concatenate(values, axis=int(axis))
+
+
+def _reduce(fn):
+    def run(x, axes=None, keep_dims=False):
+        ax = None if axes is None else tuple(int(a) for a in np.atleast_1d(axes))
+        return fn(_f(x), axis=ax, keepdims=bool(keep_dims))
+
+    return run
+
+
+# op name -> fn(**inputs) -> array or tuple of arrays (one per output)
+OPS = {
+    "add": lambda x, y: _f(x) + _f(y),
+    "sub": lambda x, y: _f(x) - _f(y),
+    "mul": lambda x, y: _f(x) * _f(y),
+    "real_div": lambda x, y: _f(x) / _f(y),
+    "floor_div": lambda x, y: np.floor_divide(_f(x), _f(y)),
+    "pow": lambda x, y: np.power(_f(x), _f(y)),
+    "maximum": lambda x, y: np.maximum(x, y),
+    "minimum": lambda x, y: np.minimum(x, y),
+    "equal": lambda x, y: np.equal(x, y),
+    "not_equal": lambda x, y: np.not_equal(x, y),
+    "less": lambda x, y: np.less(x, y),
+    "less_equal": lambda x, y: np.less_equal(x, y),
+    "greater": lambda x, y: np.greater(x, y),
+    "greater_equal": lambda x, y: np.greater_equal(x, y),
+    "logical_and": lambda x, y: np.logical_and(x, y),
+    "logical_or": lambda x, y: np.logical_or(x, y),
+    "logical_not": lambda x: np.logical_not(x),
+    "select": lambda cond, a, b: np.where(cond, a, b),
+    "exp": lambda x: np.exp(_f(x)),
+    "sqrt": lambda x: np.sqrt(_f(x)),
+    "rsqrt": lambda x, epsilon=1e-12: 1.0 / np.sqrt(_f(x) + epsilon),
+    "inverse": lambda x, epsilon=1e-4: 1.0 / (_f(x) + epsilon),
+    "tanh": lambda x: np.tanh(_f(x)),
+    "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-_f(x))),
+    "silu": lambda x: _f(x) / (1.0 + np.exp(-_f(x))),
+    "relu": lambda x: np.maximum(_f(x), 0),
+    "gelu": _gelu,
+    "softmax": _softmax,
+    "linear": lambda x, weight, bias=None: _f(x) @ _f(weight).T + (0 if bias is None else _f(bias)),
+    "matmul": _matmul,
+    "reduce_sum": _reduce(np.sum),
+    "reduce_mean": _reduce(np.mean),
+    "reduce_max": _reduce(np.max),
+    "topk": _topk,
+    "one_hot": _one_hot,
+    "cast": lambda x, dtype: np.asarray(x).astype(NP[dtype]),
+    "shape": lambda x: np.array(np.shape(x), dtype=np.int32),
+    "gather": lambda x, indices, axis=0, batch_dims=0, validate_indices=False: (
+        np.take(x, np.asarray(indices).astype(np.int64), axis=int(axis)) if int(batch_dims) == 0 else
+        _unsupported("gather with batch_dims != 0")),
+    "range_1d": lambda start, end, step: np.arange(start, end, step),
+    "reshape": _reshape,
+    "transpose": lambda x, perm: np.transpose(x, [int(p) for p in perm]),
+    "expand_dims": lambda x, axes: np.expand_dims(x, tuple(int(a) for a in axes)),
+    "squeeze": lambda x, axes=None: np.squeeze(x, None if axes is None else tuple(int(a) for a in axes)),
+    "tile": lambda x, reps: np.tile(x, [int(r) for r in reps]),
+    "concat": _concat,
+    "split": _split,
+    "slice_by_index": lambda x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None: (
+        x[_slices(x.shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)]),
+    "slice_update": _slice_update,
+    "identity": lambda x: x,
+}
+STATE_OPS = ("const", "read_state", "coreml_update_state")  # handled by the interpreter itself
+
+
+def _const(val):
+    return val if isinstance(val, str) else np.asarray(val)  # strings are attributes (dtype, mode)
+
+
+def _unsupported(what: str):
+    raise UnknownOpError(f"{what} is not implemented", "mil_interp")
+
+
+class MILProgram:
+    """An ML Program read back from a saved `.mlpackage`, runnable function by function."""
+
+    def __init__(self, package: Path):
+        logging.getLogger("coremltools").setLevel(logging.ERROR)
+        import coremltools as ct
+        from coremltools.converters.mil.frontend.milproto.load import load
+        from coremltools.converters.mil.mil import types
+
+        self.package = Path(package)
+        ml = ct.models.MLModel(str(self.package), skip_model_load=True)
+        self.spec = ml.get_spec()
+        prog = load(model_spec=self.spec, specification_version=self.spec.specificationVersion,
+                    file_weights_dir=ml.weights_dir)
+        self.functions = dict(prog.functions)
+        self._dtype = lambda var: NP[types.builtin_to_string(var.dtype)]
+        self._is_state = lambda var: types.is_state(var.sym_type)
+        unknown = sorted({op.op_type for f in self.functions.values() for op in f.operations
+                          if op.op_type not in OPS and op.op_type not in STATE_OPS})
+        if unknown:
+            raise UnknownOpError(f"the MIL program uses op(s) the interpreter does not know: {', '.join(unknown)}",
+                                 str(self.package))
+        self._consts = {}  # const values, converted once
+        for f in self.functions.values():
+            for op in f.operations:
+                if op.op_type == "const":
+                    self._consts[op.outputs[0].name] = _const(op.outputs[0].val)
+
+    def input_names(self, function: str) -> list[str]:
+        return [n for n, v in self.functions[function].inputs.items() if not self._is_state(v)]
+
+    def state_names(self, function: str) -> list[str]:
+        return [n for n, v in self.functions[function].inputs.items() if self._is_state(v)]
+
+    def run(self, function: str, inputs: dict, states: dict) -> dict:
+        """Run one function; `states` (name -> array) is read and updated in place."""
+        if function not in self.functions:
+            raise SlmcError(f"no function {function!r} (has {', '.join(self.functions)})", str(self.package))
+        f = self.functions[function]
+        env = {}
+        for name, var in f.inputs.items():
+            if self._is_state(var):
+                env[name] = name  # a state is referenced by name
+            elif name not in inputs:
+                raise SlmcError(f"missing input {name!r} for function {function}", str(self.package))
+            else:
+                env[name] = np.asarray(inputs[name]).astype(self._dtype(var))
+
+        def value(v):
+            if isinstance(v, (list, tuple)):
+                return [value(x) for x in v]
+            if v.name in env:
+                return env[v.name]
+            if v.name in self._consts:
+                return self._consts[v.name]
+            if v.val is not None:
+                return _const(v.val)
+            raise SlmcError(f"value {v.name!r} is used before it is computed", str(self.package))
+
+        for op in f.operations:
+            kind = op.op_type
+            if kind == "const":
+                continue
+            args = {k: value(v) for k, v in op.inputs.items()}
+            if kind == "read_state":
+                res = (np.array(states[args["input"]], copy=True),)
+            elif kind == "coreml_update_state":
+                name = args["state"]
+                states[name] = np.asarray(args["value"]).astype(states[name].dtype)
+                res = (states[name],)
+            else:
+                try:
+                    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                        res = OPS[kind](**args)
+                except (ValueError, IndexError, TypeError) as e:  # a bug here or a malformed program
+                    shapes = {k: np.shape(a) for k, a in args.items() if not isinstance(a, (str, list))}
+                    raise SlmcError(f"{function}: op {op.name} ({kind}) failed on {shapes}: {e}",
+                                    str(self.package)) from e
+                res = res if isinstance(res, tuple) else (res,)
+            for var, r in zip(op.outputs, res):
+                r = np.asarray(r)
+                env[var.name] = r.astype(self._dtype(var)) if not self._is_state(var) else r
+        return {v.name: env[v.name] if v.name in env else value(v) for v in f.outputs}
