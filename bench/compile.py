@@ -174,7 +174,8 @@ def spawn(args: list[str], result: Path) -> dict:
     if p.returncode != 0:
         raise SystemExit(f"worker {args[:2]} failed with exit code {p.returncode}")
     out = json.loads(result.read_text())
-    out.update(wall_s=round(wall, 2), peak_rss_mb=round(ru.ru_maxrss / 1024, 1))
+    out.update(wall_s=round(wall, 2), cpu_s=round(ru.ru_utime + ru.ru_stime, 2),
+               peak_rss_mb=round(ru.ru_maxrss / 1024, 1))
     return out
 
 
@@ -220,14 +221,16 @@ def markdown(r: dict) -> str:
              f"{m['date']} · {m['cpu']} · {m['cores']} cores · {m['mem_gib']} GiB · torch {m['torch']} · "
              f"executorch {m['executorch']} · transformers {m['transformers']} · max_seq_len {r['max_seq_len']} · "
              f"params {r['params']:,} (fp32 weights {r['fp32_weight_bytes'] / 2**20:.0f} MiB)", "",
-             "| path | compile wall (s) | peak RSS (MiB) | .pte (MiB) | decode tok/s | prefill 16 tok (ms) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| path | compile wall (s) | compile CPU (s) | peak RSS (MiB) | .pte (MiB) | decode tok/s "
+             "| prefill 16 tok (ms) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, x in (("slmc", s), ("reference (transformers)", f)):
-        lines.append(f"| {name} | {x['wall_s']:.1f} | {x['peak_rss_mb']:.0f} | {x['pte_bytes'] / 2**20:.1f} | "
+        lines.append(f"| {name} | {x['wall_s']:.1f} | {x.get('cpu_s', float('nan')):.1f} | {x['peak_rss_mb']:.0f} | "
+                     f"{x['pte_bytes'] / 2**20:.1f} | "
                      f"{x['decode_tok_s']:.1f} | {x['prefill_ms']:.1f} |")
     lines += ["", "| goal | measured | target | result |", "|---|---:|---:|---|"]
     for k, (val, tgt, ok) in g.items():
         lines.append(f"| {k} | {val:.2f} | {tgt} | {yn(ok)} |")
+    lines += [f"| {k} (info) | {v:.2f} | | |" for k, v in r["info"].items()]
     a = r["greedy"]
     lines += ["", f"Greedy tokens ({len(a['slmc'])}: prefill + {r['decode_steps']} decode steps) agree: "
               f"**{a['agree']}** (common prefix {a['common_prefix']}).",
@@ -263,8 +266,13 @@ def main(a) -> None:
     cfg = json.loads((model_dir / "config.json").read_text())
     common = ["--model", str(model_dir), "--max-seq-len", str(a.max_seq_len)]
     others: set[str] = set(busy_processes())
+    stem = "compile-quick" if a.quick else "compile"
     res: dict = {}
-    for name in ("slmc", "reference"):
+    if a.decode_only:  # re-time decode of the .pte files a previous full run left behind
+        prev = json.loads((HERE / "results" / f"{stem}.json").read_text())
+        res = {k: prev[k] for k in ("slmc", "reference")}
+        others |= set(prev["other_processes"])
+    for name in () if a.decode_only else ("slmc", "reference"):
         print(f"== compiling with {name} ...", flush=True)
         load = os.getloadavg()[0]
         res[name] = spawn(["--worker", "slmc" if name == "slmc" else "ref", *common,
@@ -274,13 +282,15 @@ def main(a) -> None:
         print(f"   {name}: {res[name]['wall_s']} s, peak RSS {res[name]['peak_rss_mb']} MiB", flush=True)
     ids = prompt_ids(model_dir, cfg["vocab_size"])
     print("== decode timing ...", flush=True)
+    load = os.getloadavg()[0]
     dec = spawn(["--worker", "decode", "--ptes", json.dumps({k: res[k]["pte"] for k in ("slmc", "reference")}),
                  "--prompt-ids", json.dumps(ids), "--steps", str(a.steps), "--repeats", str(a.repeats)],
                 work / "decode.json")
     others |= set(busy_processes())
     for k in ("slmc", "reference"):
         res[k].update(decode_tok_s=dec[k]["decode_tok_s"], decode_tok_s_all=dec[k]["tok_s"],
-                      prefill_ms=dec[k]["prefill_ms_median"], forward_inputs=dec[k]["signature"])
+                      prefill_ms=dec[k]["prefill_ms_median"], forward_inputs=dec[k]["signature"],
+                      decode_loadavg_1m_before=load)
     gs, gr = dec["slmc"]["greedy"], dec["reference"]["greedy"]
     prefix = next((i for i, (x, y) in enumerate(zip(gs, gr)) if x != y), min(len(gs), len(gr)))
     params = weight_count(model_dir)
@@ -297,6 +307,7 @@ def main(a) -> None:
                                                         s["peak_rss_mb"] * 2**20 <= 1.5 * fp32),
                    "slmc decode tok/s / reference": (s["decode_tok_s"] / f["decode_tok_s"], "≥ 1.2",
                                                      s["decode_tok_s"] >= 1.2 * f["decode_tok_s"])},
+         "info": {"slmc CPU s / reference CPU s (compile)": s["cpu_s"] / f["cpu_s"]} if "cpu_s" in s else {},
          "other_processes": sorted(others)}
     if (model_dir / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
@@ -304,7 +315,6 @@ def main(a) -> None:
         r["greedy"]["slmc_text"] = Tokenizer.from_file(str(model_dir / "tokenizer.json")).decode(gs)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    stem = "compile-quick" if a.quick else "compile"
     (out / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(r))
     print(markdown(r))
@@ -315,6 +325,7 @@ if __name__ == "__main__":
     ap.add_argument("--model", default="default", help="HF folder, or 'default' (SmolLM2-135M-Instruct)")
     ap.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default 512; 128 with --quick)")
     ap.add_argument("--quick", action="store_true", help="tiny random Llama, for a fast smoke test")
+    ap.add_argument("--decode-only", action="store_true", help="re-time decode of the last run's .pte files")
     ap.add_argument("--steps", type=int, default=64, help="decode steps per repeat")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats (after one warm-up)")
     ap.add_argument("--worker", choices=("slmc", "ref", "decode"), help=argparse.SUPPRESS)

@@ -18,7 +18,8 @@ from slmc.errors import SlmcError
 from slmc.runtime_tests.tflite_session import open_tflite
 from slmc.targets import get_target
 from slmc.targets.base import write_artifact
-from slmc.targets.tflite import TFLiteSpec, _gpu_reason, npu_sdk_dir
+from slmc.targets.tflite import TFLiteSpec, npu_sdk_dir
+from slmc.targets.tflite_gpu import _gpu_reason
 
 MAX_LEN = 64
 
@@ -106,6 +107,9 @@ def test_litertlm_bundle_holds_model_and_tokenizer(artifact, manifest, tmp_path)
     from litert_lm_builder import litertlm_builder
 
     assert manifest["litertlm"]["file"] == "model.litertlm"
+    meta = manifest["litertlm"]["llm_metadata"]
+    # the ASCII test tokenizer adds no BOS, so no start token is declared for the runtime to add
+    assert meta["max_num_tokens"] == MAX_LEN and meta["stop_tokens"] == [2] and meta["start_token"] is None
     assert manifest["files"]["model.litertlm"] == (artifact / "model.litertlm").stat().st_size
     litertlm_builder.unpack(str(artifact / "model.litertlm"), str(tmp_path))
     dumped = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}

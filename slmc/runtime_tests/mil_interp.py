@@ -10,7 +10,6 @@ nothing is ever skipped.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +77,7 @@ def _gelu(x, mode="EXACT"):
     return 0.5 * x * (1 + np.vectorize(erf, otypes=[np.float32])(x / np.sqrt(2)))
 
 
-def _topk(x, k=1, axis=-1, ascending=False, sort=True, return_indices=True):
+def _topk(x, k=1, axis=-1, ascending=False, sort=True, return_indices=True, output_indices_dtype="int32"):
     x = _f(x)
     order = np.argsort(x if ascending else -x, axis=axis, kind="stable")
     idx = np.take(order, np.arange(int(k)), axis=axis)
@@ -106,6 +105,20 @@ def _slice_update(x, update, begin, end, stride=None, begin_mask=None, end_mask=
     return out
 
 
+def _scatter(data, indices, updates, axis=0, mode="update", validate_indices=False):
+    """data[..., indices[i], ...] = updates[..., i, ...] along `axis` (slice_scatter before iOS 18)."""
+    out = np.array(data, copy=True)
+    view, upd = np.moveaxis(out, int(axis), 0), np.moveaxis(np.asarray(updates), int(axis), 0)
+    idx = np.asarray(indices).astype(np.int64)
+    if mode == "update":
+        view[idx] = upd
+    elif mode == "add":
+        np.add.at(view, idx, upd)
+    else:
+        _unsupported(f"scatter mode {mode!r}")
+    return out
+
+
 def _concat(values, axis, interleave=False):
     if interleave:
         raise UnknownOpError("concat with interleave=True is not implemented", "mil_interp")
@@ -113,6 +126,15 @@ def _concat(values, axis, interleave=False):
     if any(v.ndim == 0 for v in values):  # MIL concatenates scalars as 1-element vectors (shapes)
         values = [np.atleast_1d(v) for v in values]
     return np.concatenate(values, axis=int(axis))
+
+
+def _conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilations=None, groups=1):
+    """1x1 convolution (the Neural Engine layout's linear), stride 1, one group."""
+    if weight.ndim != 4 or weight.shape[2:] != (1, 1) or int(groups) != 1 or \
+            (strides is not None and any(int(s) != 1 for s in strides)):
+        _unsupported(f"conv with kernel {weight.shape[2:]}, strides {strides}, groups {groups}")
+    out = np.einsum("oi,bihw->bohw", _f(weight)[:, :, 0, 0], _f(x))
+    return out if bias is None else out + _f(bias)[None, :, None, None]
 
 
 def _reduce(fn):
@@ -153,6 +175,7 @@ OPS = {
     "relu": lambda x: np.maximum(_f(x), 0),
     "gelu": _gelu,
     "softmax": _softmax,
+    "conv": _conv,
     "linear": lambda x, weight, bias=None: _f(x) @ _f(weight).T + (0 if bias is None else _f(bias)),
     "matmul": _matmul,
     "reduce_sum": _reduce(np.sum),
@@ -172,10 +195,12 @@ OPS = {
     "squeeze": lambda x, axes=None: np.squeeze(x, None if axes is None else tuple(int(a) for a in axes)),
     "tile": lambda x, reps: np.tile(x, [int(r) for r in reps]),
     "concat": _concat,
+    "stack": lambda values, axis: np.stack([np.asarray(v) for v in values], axis=int(axis)),
     "split": _split,
     "slice_by_index": lambda x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None: (
         x[_slices(x.shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)]),
     "slice_update": _slice_update,
+    "scatter": _scatter,
     "identity": lambda x: x,
 }
 STATE_OPS = ("const", "read_state", "coreml_update_state")  # handled by the interpreter itself
@@ -193,7 +218,6 @@ class MILProgram:
     """An ML Program read back from a saved `.mlpackage`, runnable function by function."""
 
     def __init__(self, package: Path):
-        logging.getLogger("coremltools").setLevel(logging.ERROR)
         import coremltools as ct
         from coremltools.converters.mil.frontend.milproto.load import load
         from coremltools.converters.mil.mil import types
@@ -211,11 +235,8 @@ class MILProgram:
         if unknown:
             raise UnknownOpError(f"the MIL program uses op(s) the interpreter does not know: {', '.join(unknown)}",
                                  str(self.package))
-        self._consts = {}  # const values, converted once
-        for f in self.functions.values():
-            for op in f.operations:
-                if op.op_type == "const":
-                    self._consts[op.outputs[0].name] = _const(op.outputs[0].val)
+        self._consts = {fn: {op.outputs[0].name: _const(op.outputs[0].val) for op in f.operations
+                             if op.op_type == "const"} for fn, f in self.functions.items()}  # names are per function
 
     def input_names(self, function: str) -> list[str]:
         return [n for n, v in self.functions[function].inputs.items() if not self._is_state(v)]
@@ -223,11 +244,12 @@ class MILProgram:
     def state_names(self, function: str) -> list[str]:
         return [n for n, v in self.functions[function].inputs.items() if self._is_state(v)]
 
-    def run(self, function: str, inputs: dict, states: dict) -> dict:
-        """Run one function; `states` (name -> array) is read and updated in place."""
+    def run(self, function: str, inputs: dict, states: dict, trace: dict | None = None) -> dict:
+        """Run one function; `states` (name -> array) is read and updated in place.
+        `trace`, if given, receives every intermediate value by name (for debugging)."""
         if function not in self.functions:
             raise SlmcError(f"no function {function!r} (has {', '.join(self.functions)})", str(self.package))
-        f = self.functions[function]
+        f, consts = self.functions[function], self._consts[function]
         env = {}
         for name, var in f.inputs.items():
             if self._is_state(var):
@@ -242,8 +264,8 @@ class MILProgram:
                 return [value(x) for x in v]
             if v.name in env:
                 return env[v.name]
-            if v.name in self._consts:
-                return self._consts[v.name]
+            if v.name in consts:
+                return consts[v.name]
             if v.val is not None:
                 return _const(v.val)
             raise SlmcError(f"value {v.name!r} is used before it is computed", str(self.package))
@@ -271,4 +293,6 @@ class MILProgram:
             for var, r in zip(op.outputs, res):
                 r = np.asarray(r)
                 env[var.name] = r.astype(self._dtype(var)) if not self._is_state(var) else r
+        if trace is not None:
+            trace.update(env)
         return {v.name: env[v.name] if v.name in env else value(v) for v in f.outputs}

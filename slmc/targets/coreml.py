@@ -18,8 +18,6 @@ the caches as inputs `keyCache`/`valueCache` and outputs `presentKeys`/`presentV
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..compiler.ir import Model, QuantWeight, named_weights
-from ..compiler.lowering.module import LAttention, LBlock, LNorm, _Params, _rope
-from ..compiler.reference import rope_cos_sin
+from ..compiler.lowering.module import LMLP, LAttention, LBlock, LNorm, _Params, _rope
+from ..compiler.reference import activation, rope_cos_sin
 from ..errors import SlmcError
 from .base import Artifact, Target, TargetSpec, register
 
@@ -63,6 +61,23 @@ class CoreMLSpec(TargetSpec):
         for key, allowed in OPTIONS.items():
             if getattr(self, key) not in allowed:
                 raise SlmcError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}", "--backend")
+        why = self.conflict()
+        if why:  # before any model is read
+            raise SlmcError(why, "--backend")
+
+    def conflict(self) -> str | None:
+        """Why these options cannot go together (None: they can)."""
+        dt = self.deployment_target
+        if self.units == "ane" and dt < "ios16":
+            return f"compute units `ane` (MLComputeUnits.cpuAndNeuralEngine) need iOS 16+, not {dt}"
+        if self.units == "ane" and self.precision == "fp32":
+            return "the Neural Engine computes in fp16 only: precision=fp32 cannot run on compute units `ane`"
+        if self.kv == "states" and dt < "ios18":
+            return f"a stateful KV cache (Core ML states) needs iOS 18+, not {dt}; use kv=io"
+        if self.stateful and self.precision == "fp32":
+            return ("Core ML states hold fp16 only, so an fp32 artifact cannot keep its KV cache in states; "
+                    "use kv=io (cache as inputs/outputs) or precision=fp16")
+        return None
 
     @property
     def backend_name(self) -> str:
@@ -82,18 +97,12 @@ class CoreMLSpec(TargetSpec):
 
 
 def refusal(model: Model, spec: CoreMLSpec) -> str | None:
-    """Why this model/spec cannot become a Core ML artifact (None: it can)."""
-    dt = spec.deployment_target
-    if spec.units == "ane" and dt < "ios16":
-        return f"compute units `ane` (MLComputeUnits.cpuAndNeuralEngine) need iOS 16+, not {dt}"
-    if spec.units == "ane" and spec.precision == "fp32":
-        return "the Neural Engine computes in fp16 only: precision=fp32 cannot run on compute units `ane`"
-    if spec.kv == "states" and dt < "ios18":
-        return f"a stateful KV cache (Core ML states) needs iOS 18+, not {dt}; use kv=io"
-    if spec.stateful and spec.precision == "fp32":
-        return ("Core ML states hold fp16 only, so an fp32 artifact cannot keep its KV cache in states; "
-                "use kv=io (cache as inputs/outputs) or precision=fp16")
+    """Why this model cannot become a Core ML artifact under `spec` (None: it can)."""
+    if spec.conflict():
+        return spec.conflict()
     kv = model.kv
+    if kv.dtype == "float16" and cache_dtype(model, spec) != "float16":
+        return f"an fp16 KV cache as inputs/outputs needs iOS 16+ (fp16 I/O), not {spec.deployment_target}"
     if kv.dtype not in ("float32", "float16") or kv.window is not None or kv.arena:
         return (f"KV cache dtype={kv.dtype} window={kv.window} arena={kv.arena}: Core ML keeps one "
                 "full-length float cache per depth (BHSD or BSHD) only")
@@ -103,6 +112,20 @@ def refusal(model: Model, spec: CoreMLSpec) -> str | None:
     if len(shapes) != 1:
         return f"keyCache/valueCache stack every layer, which needs one (kv_heads, head_dim); got {sorted(shapes)}"
     return None
+
+
+def act(name: str, x):
+    """The MLP activation in plain ops: coremltools 9 drops torch.export's gelu(approximate="tanh")
+    keyword and converts it as exact gelu; spelled out, its own pass fuses it back correctly."""
+    if name == "gelu_tanh":
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    return activation(name, x)
+
+
+class CMLP(LMLP):
+    def forward(self, x):
+        g, u = self.gate_up(x).chunk(2, dim=-1) if self.fused else (self.gate(x), self.up(x))
+        return self.down(act(self.act, g) * u)
 
 
 class CAttention(LAttention):
@@ -173,6 +196,9 @@ class CoreMLLM(nn.Module):
         self.lm_head = P(model.lm_head.weight) if model.lm_head is not None else self.embed
         self.lm_bias = P(model.lm_head.bias) if model.lm_head is not None else None
         self.final_softcap = model.final_logit_softcap
+        for m in self.modules():  # the shared MLP module, with the activation above
+            if type(m) is LMLP:
+                m.__class__ = CMLP
         ropes, self.windows, self.layer_rope, self.layer_window = [], [], [], []
         for d in range(model.n_layers):
             a = model.block_at(d).attn
@@ -195,7 +221,7 @@ class CoreMLLM(nn.Module):
             self.register_buffer("keyCache", torch.zeros(self.cache_shape))
             self.register_buffer("valueCache", torch.zeros(self.cache_shape))
 
-    def forward(self, input_ids, causal_mask, *caches):
+    def forward(self, input_ids, causal_mask, key_cache=None, value_cache=None):
         T, end = input_ids.shape[1], causal_mask.shape[-1]
         start = end - T
         x = F.embedding(input_ids, self.embed)
@@ -205,38 +231,22 @@ class CoreMLLM(nn.Module):
         ok = torch.arange(end)[None, :] <= pos[:, None]
         masks = []
         for w in self.windows:
-            allowed = ok if w is None else ok & (pos[:, None] - torch.arange(end)[None, :] < w)
+            allowed = ok if w is None else torch.logical_and(ok, pos[:, None] - torch.arange(end)[None, :] < w)
             masks.append(torch.where(allowed, 0.0, float("-inf")) + causal_mask[0, 0])
         ropes = [(getattr(self, f"rope_cos{i}")[start:end, None, :], getattr(self, f"rope_sin{i}")[start:end, None, :])
                  for i in range(self.n_ropes)]
-        if self.stateful:
-            kcs, vcs = self.keyCache, self.valueCache
-        else:
-            kcs, vcs = caches
+        kcs, vcs = (self.keyCache, self.valueCache) if self.stateful else (key_cache, value_cache)
         new_k, new_v = [], []
-        for d, b in enumerate(self.layers):
+        for d, b in enumerate(self.layers):  # states: layer views written in place; io: updated copies
             cos, sin = ropes[self.layer_rope[d]]
-            mask = masks[self.layer_window[d]]
-            if self.stateful:
-                kc, vc = kcs[d], vcs[d]  # views: in-place writes reach the state
-                x, _, _ = self.blocks[b](x, cos, sin, mask, kc, vc, start, end, True)
-            else:
-                x, kc, vc = self.blocks[b](x, cos, sin, mask, kcs[d], vcs[d], start, end, False)
-                new_k.append(kc)
-                new_v.append(vc)
+            x, kc, vc = self.blocks[b](x, cos, sin, masks[self.layer_window[d]], kcs[d], vcs[d], start, end,
+                                       self.stateful)
+            new_k.append(kc)
+            new_v.append(vc)
         logits = F.linear(self.final_norm(x), self.lm_head, self.lm_bias)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits if self.stateful else (logits, torch.stack(new_k), torch.stack(new_v))
-
-
-def _ct():
-    import logging
-
-    logging.getLogger("coremltools").setLevel(logging.ERROR)  # Linux: "Failed to load _MLModelProxy" etc.
-    import coremltools as ct
-
-    return ct
 
 
 def _quiet(fn, *a, **kw):
@@ -248,17 +258,25 @@ def _quiet(fn, *a, **kw):
         return fn(*a, **kw)
 
 
+def cache_dtype(model: Model, spec: CoreMLSpec) -> str:
+    """States are fp16; an I/O cache is fp16 when the compute or the IR's KV spec is (iOS 16+)."""
+    fp16 = spec.precision == "fp16" or model.kv.dtype == "float16"
+    return "float16" if spec.stateful or (fp16 and spec.deployment_target >= "ios16") else "float32"
+
+
 def _function_io(model: Model, spec: CoreMLSpec, module: CoreMLLM, fn: str) -> dict:
     L, flex = model.kv.max_len, fn != "decode"
     t = f"1..{L - 1}" if flex else 1
-    half = "float16" if spec.precision == "fp16" and spec.deployment_target >= "ios16" else "float32"
+    fp16_io = spec.deployment_target >= "ios16"  # Core ML takes fp16 inputs/outputs from iOS 16
+    half = "float16" if spec.precision == "fp16" and fp16_io else "float32"
+    mask = "float16" if fp16_io else "float32"  # swift-transformers always sends a Float16 mask
     io = {"inputs": [
         {"name": "inputIds", "dtype": "int32", "shape": [1, t]},
-        {"name": "causalMask", "dtype": half, "shape": [1, 1, t, f"1..{L - 1}"],
+        {"name": "causalMask", "dtype": mask, "shape": [1, 1, t, f"1..{L - 1}"],
          "meaning": "additive mask over keys [0, E); start position = E - T; causal and sliding-window "
                     "masking are also applied inside, so zeros are valid"}],
         "outputs": [{"name": "logits", "dtype": half, "shape": [1, t, model.vocab_size]}]}
-    cache = {"dtype": half, "shape": list(module.cache_shape)}
+    cache = {"dtype": cache_dtype(model, spec), "shape": list(module.cache_shape)}
     if spec.stateful:
         io["states"] = [{"name": n, **cache, "dtype": "float16"} for n in ("keyCache", "valueCache")]
     else:
@@ -272,7 +290,8 @@ def convert_function(model: Model, spec: CoreMLSpec, fn: str, out: Path, module=
     import numpy as np
     from torch.export import Dim
 
-    ct = _ct()
+    import coremltools as ct
+
     module = (module or CoreMLLM(model, spec.stateful)).eval()
     io = _function_io(model, spec, module, fn)
     L, flex = model.kv.max_len, fn != "decode"
@@ -289,15 +308,9 @@ def convert_function(model: Model, spec: CoreMLSpec, fn: str, out: Path, module=
         ep = ep.run_decompositions({})
     np_dt = {"int32": np.int32, "float16": np.float16, "float32": np.float32}
     rt, re = ct.RangeDim(1, L - 1, default=tn), ct.RangeDim(1, L - 1, default=tn + 3)
-
-    inputs = []
-    for i in io["inputs"]:
-        dims = list(i["shape"])
-        if i["name"] == "inputIds":
-            dims = [1, rt if flex else 1]
-        elif i["name"] == "causalMask":
-            dims = [1, 1, rt if flex else 1, re]
-        inputs.append(ct.TensorType(name=i["name"], shape=tuple(dims), dtype=np_dt[i["dtype"]]))
+    dims = {"inputIds": (1, rt if flex else 1), "causalMask": (1, 1, rt if flex else 1, re)}
+    inputs = [ct.TensorType(name=i["name"], shape=dims.get(i["name"], tuple(i["shape"])), dtype=np_dt[i["dtype"]])
+              for i in io["inputs"]]
     outputs = [ct.TensorType(name=o["name"], dtype=np_dt[o["dtype"]]) for o in io["outputs"]]
     states = [ct.StateType(ct.TensorType(shape=tuple(s["shape"]), dtype=np.float16), name=s["name"])
               for s in io.get("states", [])]
@@ -324,17 +337,14 @@ def _set_metadata(package: Path, meta: dict, description: str) -> None:
 
 
 def conventions(model: Model, spec: CoreMLSpec) -> dict:
+    io = "inputs keyCache/valueCache, returned updated as presentKeys/presentValues"
     return {
-        "compatible_with": "swift-transformers LanguageModel (Sources/Models/LanguageModel.swift)"
-                           if spec.stateful else
-                           "Core ML (swift-transformers' LanguageModel refuses KV caches as inputs/outputs)",
-        "default_function": "prefill" if spec.deployment_target >= "ios18" else "main",
+        "compatible_with": "swift-transformers LanguageModel (Sources/Models/LanguageModel.swift)" if spec.stateful
+                           else "Core ML apps (swift-transformers' LanguageModel refuses a KV cache as I/O)",
         "start_position": "causalMask.shape[-1] - inputIds.shape[1]",
         "logits": "every input position, [1, T, vocab]; the next token's scores are row T - 1",
-        "kv_cache": ("states keyCache/valueCache, one state for every layer" if spec.stateful else
-                     "inputs keyCache/valueCache, the updated caches returned as presentKeys/presentValues"),
-        "cache_layout": "[layers, L, kv_heads, head_dim]" if model.kv.layout == "bshd"
-                        else "[layers, kv_heads, L, head_dim]",
+        "kv_cache": "states keyCache/valueCache, all layers stacked" if spec.stateful else io,
+        "cache_layout": f"[layers, {'L, kv_heads' if model.kv.layout == 'bshd' else 'kv_heads, L'}, head_dim]",
         "metadata": {"co.huggingface.exporters.name": "the model's name (swift-transformers' modelName)"},
     }
 
@@ -351,13 +361,18 @@ class CoreMLTarget(Target):
         return refusal(model, spec)
 
     def lower(self, model: Model, spec: CoreMLSpec, progress=None) -> Artifact:
+        import coremltools as ct
+
         step = progress or (lambda msg: None)
-        ct = _ct()
         multi = spec.deployment_target >= "ios18"  # multifunction packages need iOS 18 too
         fns = ("prefill", "decode") if multi else ("main",)
         with tempfile.TemporaryDirectory(prefix="slmc-coreml-") as tmp:
             tmp, ios = Path(tmp), {}
-            module = CoreMLLM(model, spec.stateful)
+            if spec.ane_layout:
+                from .coreml_ane import CoreMLLMANE as Module
+            else:
+                Module = CoreMLLM
+            module = Module(model, spec.stateful)
             for fn in fns:
                 step(f"torch.export + coremltools: {fn}")
                 ios[fn] = convert_function(model, spec, fn, tmp / f"{fn}.mlpackage", module)
@@ -389,8 +404,9 @@ class CoreMLTarget(Target):
             "layout": "ane" if spec.ane_layout else "standard",
             "default_function": fns[0],
             "io": ios,
-            "kv_cache": {"kind": "states" if spec.stateful else "io", "dtype": ios[fns[0]].get(
-                "states", ios[fns[0]]["inputs"][-2:])[0]["dtype"], "layout": model.kv.layout},
+            "kv_cache": {"kind": "states" if spec.stateful else "io", "dtype": cache_dtype(model, spec),
+                         "ir_dtype": model.kv.dtype, "layout": model.kv.layout,
+                         "why_dtype": "Core ML states are fp16 only; an fp16 program stores fp16 K/V"},
             "conventions": conventions(model, spec),
             "metadata": meta,
         }

@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import platform
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from ..compiler.ir import Model, QuantWeight, named_weights
 from ..compiler.lowering import LoweredLM, LoweringSpec
 from ..errors import SlmcError
 from .base import Artifact, Target, TargetSpec, register
+from .tflite_gpu import gpu_fallback
 
 DEFAULT_PREFILL = 128
 
@@ -90,7 +92,7 @@ def npu_sdk_dir(backend: str) -> tuple[Path | None, str]:
     return None, f"{pkg} package, " + ("$QNN_SDK_ROOT, " if backend == "qualcomm" else "") + "LD_LIBRARY_PATH"
 
 
-def _npu_refusal(backend: str) -> str | None:
+def _npu_refusal(backend: str, soc_model: str | None) -> str | None:
     vendor, _, libs = _NPU[backend]
     if not (platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")):
         return f"LiteRT NPU ahead-of-time compile for {vendor} runs on Linux x86_64 hosts only"
@@ -101,27 +103,14 @@ def _npu_refusal(backend: str) -> str | None:
         common.get_resource(Path(f"vendors/{vendor}/compiler"), is_dir=True)
     except (ImportError, FileNotFoundError):
         return f"ai_edge_litert's AOT tools (apply_plugin_main, the {vendor} compiler plugin) are missing"
+    socs = [m.value for m in __import__(f"ai_edge_litert.aot.vendors.{vendor}.target", fromlist=["x"]).SocModel]
+    if soc_model is not None and soc_model not in socs:
+        return f"unknown {vendor} SoC {soc_model!r}; known: {', '.join(socs)}"
     found, looked = npu_sdk_dir(backend)
     if found is None:
         return (f"the {vendor} NPU compiler plugin needs the vendor SDK libraries ({', '.join(libs)}), "
                 f"not found (looked in: {looked}). Install them: {_NPU_HELP[backend]}")
     return None
-
-
-@contextlib.contextmanager
-def _sdk_on_library_path(backend: str):
-    """apply_plugin keeps LD_LIBRARY_PATH; add a QNN_SDK_ROOT-found folder for the compile."""
-    found, _ = npu_sdk_dir(backend)
-    old = os.environ.get("LD_LIBRARY_PATH")
-    if found is not None:
-        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([str(found)] + ([old] if old else []))
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("LD_LIBRARY_PATH", None)
-        else:
-            os.environ["LD_LIBRARY_PATH"] = old
 
 
 # --- lowering ------------------------------------------------------------------------------------
@@ -144,9 +133,9 @@ class _Signature(nn.Module):
 
 
 class _Rank3Norm(nn.Module):
-    """Runs a norm (over the last axis) on a rank-3 view. LiteRT's converter fails on the
-    norm's 1-row linear over rank-4 tensors with a length-1 axis (q/k norms in decode:
-    "'tfl.batch_matmul' op found invalid output rank, expected 3 but got 4")."""
+    """Runs a norm (over the last axis) on a rank-3 view. LiteRT's converter rejects linears
+    over some rank-4 tensors with a length-1 axis, like the q/k norms' in decode ("'tfl.batch_matmul'
+    op found invalid output rank, expected 3 but got 4")."""
 
     def __init__(self, norm: nn.Module):
         super().__init__()
@@ -167,33 +156,59 @@ def _rank3_norms(module: nn.Module) -> None:
 
 
 @contextlib.contextmanager
+def _drop_runtime_asserts():
+    """F.one_hot (MoE routing) exports a runtime check, aten._assert_async, which TFLite has no
+    op for and litert_torch no lowering; the checked property (top-k indices >= 0) always
+    holds, so lower the check to nothing while converting."""
+    from litert_torch.backend.lowerings import registry
+
+    op, ops = torch.ops.aten._assert_async.msg, registry.global_registry.registered_ops
+    added = op not in ops
+    if added:
+        ops[op] = lambda lctx, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if added:
+            ops.pop(op, None)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None):
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+@contextlib.contextmanager
 def _quiet():
     """litert_torch prints progress to stdout and its C++ side logs to fd 2; keep the CLI's
     streams clean (stdout may carry --json), but show the log if conversion fails."""
-    import litert_torch
-
-    old_progress = os.environ.get("LITERT_TORCH_SHOW_PROGRESS")
-    litert_torch.config.show_progress = False
     log = tempfile.TemporaryFile()
+    sys.stdout.flush(), sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     try:
         yield
-    except Exception as e:
+    except Exception as e:  # one line for the user, the converter's log tail for a bug report
         log.seek(0)
-        tail = log.read()[-4000:].decode(errors="replace")
+        tail = "\n".join(log.read().decode(errors="replace").splitlines()[-15:])
         raise SlmcError(f"LiteRT conversion failed: {e}\n{tail}", "tflite") from e
     finally:
+        sys.stdout.flush(), sys.stderr.flush()
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
         for fd in saved:
             os.close(fd)
         log.close()
-        if old_progress is None:
-            os.environ.pop("LITERT_TORCH_SHOW_PROGRESS", None)
-        else:
-            os.environ["LITERT_TORCH_SHOW_PROGRESS"] = old_progress
 
 
 def convert(model: Model, prefill_len: int) -> bytes:
@@ -209,7 +224,7 @@ def convert(model: Model, prefill_len: int) -> bytes:
         return {"tokens": torch.zeros(1, T, dtype=torch.int32),
                 "input_pos": torch.arange(T, dtype=torch.int32), "kv_cache": kv}
 
-    with _quiet(), torch.no_grad():
+    with _env("LITERT_TORCH_SHOW_PROGRESS", "n"), _quiet(), _drop_runtime_asserts(), torch.no_grad():
         prefill, decode = (_Signature(lm, model.n_layers, lg).eval() for lg in (False, True))
         conv = litert_torch.signature("prefill", prefill, sample_kwargs=sample(prefill_len))
         conv.signature("decode", decode, sample_kwargs=sample(1))
@@ -236,84 +251,6 @@ def signature_io(data: bytes) -> dict:
     return io
 
 
-# --- GPU delegate fallback -----------------------------------------------------------------------
-
-# Op cases accepted by TFLite's GPU delegate compatibility checker
-# (tensorflow/lite/tools/versioning/gpu_compatibility.cc, CheckGpuDelegateCompatibility).
-_GPU_OPS = set("""ADD ADD_N AVERAGE_POOL_2D BATCH_MATMUL CAST CONCATENATION CONV_2D CUMSUM DENSIFY
-DEPTHWISE_CONV_2D DEPTH_TO_SPACE DEQUANTIZE EMBEDDING_LOOKUP DYNAMIC_UPDATE_SLICE FULLY_CONNECTED
-GATHER HARD_SWISH LSTM MAX_POOL_2D MEAN MUL PACK ONE_HOT QUANTIZE RELU_N1_TO_1 PRELU RESHAPE SELECT
-SELECT_V2 SLICE SOFTMAX SPACE_TO_DEPTH SPLIT SPLIT_V STRIDED_SLICE TILE TRANSPOSE TRANSPOSE_CONV
-RESIZE_BILINEAR RESIZE_NEAREST_NEIGHBOR RELU RELU6 LEAKY_RELU REDUCE_MAX REDUCE_MIN REDUCE_PROD SUM PAD
-PADV2 MIRROR_PAD ABS CEIL COS ELU EXP FLOOR GELU LOG LOGISTIC NEG RSQRT SIGN SIN SQRT SQUARE TANH
-ATAN2 DIV EQUAL FLOOR_DIV FLOOR_MOD GREATER GREATER_EQUAL LOGICAL_AND LESS LESS_EQUAL MAXIMUM MINIMUM
-NOT_EQUAL POW SQUARED_DIFFERENCE SUB STABLEHLO_CLAMP""".split())
-GPU_METHOD = ("static: every op of each signature's subgraph, read from the flatbuffer, checked against "
-              "the op cases and rank/dtype rules of TFLite's GPU delegate compatibility checker "
-              "(tensorflow/lite/tools/versioning/gpu_compatibility.cc). Not used: ai_edge_litert 2.3.0's "
-              "Analyzer(gpu_compatibility=True), whose build here answers 'compatible' for every model "
-              "(it passes ops the checker rejects, e.g. GATHER_ND), and a live GPU delegate (no GPU here).")
-
-
-def _gpu_reason(name: str, ins: list, outs: list) -> str | None:
-    """None if the GPU delegate takes the op, else why not. ins/outs: (type, rank, is_const)."""
-    if name not in _GPU_OPS:
-        return "op not supported by the GPU delegate"
-    if name in ("SLICE", "STRIDED_SLICE") and ins[0][1] not in (3, 4):
-        return f"{name} on a rank-{ins[0][1]} tensor (GPU: rank 3 or 4 only)"
-    if name == "GATHER" and (ins[0][0] == "INT32" or ins[1][1] != 1 or ins[1][0] != "INT32"):
-        return "GATHER needs a non-int32 input and 1-D int32 indices"
-    if name == "EMBEDDING_LOOKUP" and (ins[0][1] != 1 or ins[1][0] not in ("FLOAT32", "INT8", "INT4")):
-        return "EMBEDDING_LOOKUP needs 1-D ids and float32/int8/int4 values"
-    if name == "FULLY_CONNECTED" and ins[0][2]:
-        return "FULLY_CONNECTED with a constant input"
-    if name == "ADD_N" and len(ins) != 2:
-        return "ADD_N with more than 2 inputs"
-    if name == "CAST":
-        a, b = ins[0][0], outs[0][0]
-        floats = ("FLOAT32", "FLOAT16")
-        if not ((a == "BOOL" and b in floats) or (a in floats and b == "BOOL")
-                or (a in ("FLOAT32", "INT32") and b in ("FLOAT32", "INT32"))):
-            return f"CAST {a} -> {b}"
-    return None
-
-
-def gpu_fallback(data: bytes) -> dict:
-    from ai_edge_litert import schema_py_generated as fb
-
-    m = fb.Model.GetRootAs(data, 0)
-    ops = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
-    types = {v: k for k, v in vars(fb.TensorType).items() if not k.startswith("_")}
-
-    def tensor(sg, i):
-        t = sg.Tensors(i)
-        buf = m.Buffers(t.Buffer())
-        return types.get(t.Type(), "?"), t.ShapeLength(), buf.DataLength() > 0 or buf.Offset() > 1
-
-    report = {"method": GPU_METHOD, "signatures": {}}
-    for s in range(m.SignatureDefsLength()):
-        sd = m.SignatureDefs(s)
-        sg = m.Subgraphs(sd.SubgraphIndex())
-        fallback: dict[str, dict] = {}
-        for j in range(sg.OperatorsLength()):
-            op = sg.Operators(j)
-            oc = m.OperatorCodes(op.OpcodeIndex())
-            code = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())
-            name = oc.CustomCode().decode() if code == fb.BuiltinOperator.CUSTOM else ops.get(code, str(code))
-            ins = [tensor(sg, op.Inputs(k)) for k in range(op.InputsLength()) if op.Inputs(k) >= 0]
-            outs = [tensor(sg, op.Outputs(k)) for k in range(op.OutputsLength())]
-            why = _gpu_reason(name, ins, outs)
-            if why:
-                entry = fallback.setdefault(name, {"count": 0, "reasons": []})
-                entry["count"] += 1
-                if why not in entry["reasons"]:
-                    entry["reasons"].append(why)
-        report["signatures"][sd.SignatureKey().decode()] = {
-            "ops": sg.OperatorsLength(), "fallback_ops": sum(e["count"] for e in fallback.values()),
-            "fallback": fallback}
-    return report
-
-
 # --- .litertlm bundle ------------------------------------------------------------------------------
 
 def _tokenizer_dir(model: Model) -> Path | None:
@@ -337,6 +274,16 @@ def _chat_template(tok_dir: Path) -> str | None:
     return t if isinstance(t, str) else None
 
 
+def _tokenizer_adds(tok_dir: Path, bos_id: int) -> bool:
+    from tokenizers import Tokenizer
+
+    try:
+        ids = Tokenizer.from_file(str(tok_dir / "tokenizer.json")).encode("a").ids
+    except Exception:  # an unreadable tokenizer: leave the start token out
+        return False
+    return bool(ids) and ids[0] == bos_id
+
+
 def litertlm_bundle(model: Model, tflite: bytes) -> tuple[bytes | None, dict]:
     """Pack model + HF tokenizer + LLM metadata the way litert-torch's exporter does."""
     tok_dir = _tokenizer_dir(model)
@@ -347,7 +294,8 @@ def litertlm_bundle(model: Model, tflite: bytes) -> tuple[bytes | None, dict]:
 
     meta = llm_metadata_pb2.LlmMetadata(max_num_tokens=model.kv.max_len)
     meta.llm_model_type.CopyFrom(llm_model_type_pb2.LlmModelType(generic_model=llm_model_type_pb2.GenericModel()))
-    if model.bos_id is not None:
+    if model.bos_id is not None and _tokenizer_adds(tok_dir, model.bos_id):
+        # the runtime prepends start_token to every prompt: only where HF tokenization does too
         meta.start_token.token_ids.ids.append(model.bos_id)
     for e in model.eos_ids:
         meta.stop_tokens.add().token_ids.ids.append(e)
@@ -366,9 +314,11 @@ def litertlm_bundle(model: Model, tflite: bytes) -> tuple[bytes | None, dict]:
             b.build(f)
         data = (Path(tmp) / "model.litertlm").read_bytes()
     return data, {"file": "model.litertlm", "builder": "litert_lm_builder.LitertLmFileBuilder",
-                  "sections": ["system metadata", "LlmMetadata (start/stop tokens, max_num_tokens"
-                               + (", jinja chat template)" if template else ")"),
-                               "HF tokenizer.json (zlib)", "TFLite PREFILL_DECODE model"]}
+                  "sections": ["system metadata", "LlmMetadata", "HF tokenizer.json (zlib)",
+                               "TFLite PREFILL_DECODE model (= model.tflite)"],
+                  "llm_metadata": {"start_token": list(meta.start_token.token_ids.ids) or None,
+                                   "stop_tokens": list(model.eos_ids), "max_num_tokens": model.kv.max_len,
+                                   "model_type": "generic", "jinja_chat_template": bool(template)}}
 
 
 # --- the target ------------------------------------------------------------------------------------
@@ -390,7 +340,7 @@ class TFLiteTarget(Target):
         if not 1 <= P <= kv.max_len - 1:
             return f"prefill length {P} must be in 1..max_len-1={kv.max_len - 1}"
         if spec.backend in _NPU:
-            return _npu_refusal(spec.backend)
+            return _npu_refusal(spec.backend, spec.soc_model)
         return None
 
     def lower(self, model: Model, spec: TFLiteSpec, progress=None) -> Artifact:
@@ -419,8 +369,8 @@ class TFLiteTarget(Target):
             step(f"ai_edge_litert.aot: {spec.backend} NPU compile")
             files, manifest["npu"] = self._aot(data, spec)
             manifest["artifact"] = sorted(files)[0]
-            manifest["litertlm"] = {"file": None, "reason": "NPU models are bundled by LiteRT-LM's "
-                                    "NPU compiler (compile_litertlm), which needs the split-cache export"}
+            manifest["litertlm"] = {"file": None, "reason": "not bundled: LiteRT-LM's NPU executor expects "
+                                    "litert-torch's NPU export (split caches, external embedder)"}
         elif spec.bundle:
             step("litert_lm_builder: .litertlm bundle")
             bundle, manifest["litertlm"] = litertlm_bundle(model, data)
@@ -439,7 +389,9 @@ class TFLiteTarget(Target):
         backend = import_vendor.import_vendor(vendor)
         mod = __import__(f"ai_edge_litert.aot.vendors.{vendor}.target", fromlist=["Target"])
         target = mod.Target(mod.SocModel(spec.soc_model or "ALL"))
-        with _sdk_on_library_path(spec.backend):
+        found, _ = npu_sdk_dir(spec.backend)  # apply_plugin passes LD_LIBRARY_PATH on to the plugin
+        lib_path = os.pathsep.join(filter(None, [found and str(found), os.environ.get("LD_LIBRARY_PATH")]))
+        with _env("LD_LIBRARY_PATH", lib_path):
             res = aot_compile.aot_compile(aot_types.Model.create_from_bytes(data), target=target,
                                           keep_going=False)
         if not res.models_with_backend:

@@ -1,0 +1,212 @@
+"""Calibration data for the data-aware quantization passes (quant.gptq, quant.awq).
+
+Two sources, both deterministic for a seed:
+
+- **Your own text** (`calib=FILE;FILE` in the pass options; ';' because commas separate
+  pass options). The files are read and checked like `slmc eval`'s text (missing, empty,
+  binary or non-UTF-8 files are refused with exit 2), tokenized with the model's own
+  tokenizer.json (next to model.source["path"]: the HF folder, or the folder holding the
+  .gguf) and cut into `n_seqs` windows of `seq_len` tokens. With enough text the stream is
+  split into n_seqs equal strata and each window starts at a seeded random offset inside
+  its stratum (no overlap, the whole text is covered); with less (but at least seq_len
+  tokens) the windows start at seeded random offsets and may overlap. Fewer than seq_len
+  tokens is "too short" (exit 2).
+- **Data-free** (the default, no calib=): n_seqs sequences of seq_len tokens sampled from
+  the model itself at temperature 1 with a seeded generator; each starts from a seeded
+  random token of the vocabulary (a fixed BOS, e.g. an instruct model's `<|im_start|>`,
+  would pull every sample into the chat template). It needs no files and no network.
+  Sampling uses the lowered module's KV cache, batched over sequences with torch.func.vmap
+  (one fresh cache per batch instead of reset_cache() per sequence): on CPU one decode step
+  reads every weight, so batching the sequences is what makes sampling affordable.
+
+`run_block` then pushes calibration activations through one block in stages and hands
+each stage's input to a hook before the stage uses its weights (GPTQ quantizes them
+there, so later stages see the quantized earlier ones; AWQ records them).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import SlmcError
+from .ir import MLP, Attention, KVCacheSpec, Linear, Model, MoE, Norm, QuantWeight, Weight, named_weights
+from .reference import activation, attention, gate_up, linear, moe, rms_norm
+
+SAMPLE_BATCH = 16  # sequences decoded together (KV caches for all of them are held)
+
+
+def split_files(calib: str) -> list[str]:
+    """The pass option's file list: paths separated by ';'."""
+    return [p.strip() for p in calib.split(";") if p.strip()]
+
+
+def tokenizer_json(model: Model) -> Path | None:
+    src = model.source.get("path")
+    if not src:
+        return None
+    p = Path(src)
+    for cand in (p if p.is_dir() else p.parent, p.with_suffix("")):
+        if (cand / "tokenizer.json").is_file():
+            return cand / "tokenizer.json"
+    return None
+
+
+def _check(model: Model, n_seqs: int, seq_len: int, where: str) -> None:
+    if n_seqs < 1 or seq_len < 2:
+        raise SlmcError(f"need n_seqs >= 1 and seq_len >= 2 (got {n_seqs}, {seq_len})", where)
+    if seq_len > model.max_position:
+        raise SlmcError(f"seq_len {seq_len} exceeds the model's {model.max_position} positions", where)
+
+
+def text_ids(model: Model, files: list[str], n_seqs: int, seq_len: int, seed: int) -> torch.Tensor:
+    from .textdata import token_ids
+
+    tok = tokenizer_json(model)
+    if tok is None:
+        raise SlmcError("calibration text needs the model's tokenizer.json and there is none next to "
+                        f"{model.source.get('path')}; leave calib= empty to calibrate data-free", "calib")
+    ids = torch.tensor(token_ids(files, tok, min_tokens=seq_len, what="calibration text"), dtype=torch.long)
+    n, g = len(ids), torch.Generator().manual_seed(seed)
+    if n >= n_seqs * seq_len:
+        stride = n // n_seqs
+        starts = torch.arange(n_seqs) * stride + torch.randint(0, stride - seq_len + 1, (n_seqs,), generator=g)
+    else:
+        starts = torch.randint(0, n - seq_len + 1, (n_seqs,), generator=g)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def _float_view(model: Model, max_len: int) -> Model:
+    """The model with a fresh fp32 KV spec of max_len and quantized tensors dequantized
+    (the lowering takes float weights only); weights are shared, not copied."""
+    memo = {id(w): Weight(w.float()) if isinstance(w, QuantWeight) else w for _, w in named_weights(model)}
+    view = copy.deepcopy(model, memo)
+    view.kv = KVCacheSpec(max_len=max_len)
+    return view
+
+
+@torch.inference_mode()
+def sample_ids(model: Model, n_seqs: int, seq_len: int, seed: int) -> torch.Tensor:
+    from .lowering.module import LoweredLM
+
+    lm = LoweredLM(_float_view(model, seq_len)).eval()
+    caches = {n: b for n, b in lm.named_buffers() if "_cache_" in n}
+    step = torch.func.vmap(lambda tok, c, pos: torch.func.functional_call(lm, c, (tok, pos)),
+                           in_dims=(0, 0, None))
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(n_seqs, seq_len, dtype=torch.long)
+    out[:, 0] = torch.randint(0, model.vocab_size, (n_seqs,), generator=g)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*batching rule.*")  # index_copy_ falls back to a loop
+        for b0 in range(0, n_seqs, SAMPLE_BATCH):
+            rows = out[b0:b0 + SAMPLE_BATCH]
+            c = {n: torch.zeros((len(rows), *t.shape), dtype=t.dtype) for n, t in caches.items()}
+            for t in range(seq_len - 1):
+                logits = step(rows[:, t].view(-1, 1, 1), c, torch.tensor([t]))
+                probs = torch.softmax(logits.reshape(len(rows), -1).float(), dim=-1)
+                rows[:, t + 1] = torch.multinomial(probs, 1, generator=g)[:, 0]
+    return out
+
+
+def calibration_ids(model: Model, files: list[str], n_seqs: int, seq_len: int, seed: int) -> torch.Tensor:
+    """[n_seqs, seq_len] token ids: windows of the user's text, or data-free samples."""
+    _check(model, n_seqs, seq_len, "calibration")
+    if files:
+        return text_ids(model, files, n_seqs, seq_len, seed)
+    return sample_ids(model, n_seqs, seq_len, seed)
+
+
+def describe(files: list[str], n_seqs: int, seq_len: int, seed: int) -> str:
+    src = "text " + ";".join(files) if files else "data-free (sampled from the model)"
+    return f"{src}, {n_seqs}x{seq_len} tokens, seed {seed}"
+
+
+# --- activations through one block ----------------------------------------------------------------
+
+@dataclass(eq=False)
+class Site:
+    """The linears of a block that read one input, and what produced that input.
+
+    attn_in: q/k/v (or qkv) after attn_norm      o: o after attention, rows = v's rows
+    ffn_in: every gate/up after ffn_norm (all experts and the shared one; `extra` holds
+            the float router and shared gate, which read the same input)
+    down: one MLP's down after act(gate) * up, rows = up's rows
+    """
+
+    name: str
+    linears: list[Linear]
+    x: torch.Tensor  # [tokens, in_features]
+    norm: Norm | None = None
+    rows: tuple[Linear, slice] | None = None
+    extra: list[Linear] = field(default_factory=list)
+    attn: Attention | None = None
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _up_rows(m: MLP) -> tuple[Linear, slice]:
+    if m.fused:
+        n = m.gate_up.out_features // 2
+        return m.gate_up, slice(n, 2 * n)
+    return m.up, slice(0, m.up.out_features)
+
+
+def _gate_up_linears(m: MLP) -> list[Linear]:
+    return [m.gate_up] if m.fused else [m.gate, m.up]
+
+
+@torch.no_grad()
+def run_block(b, x: torch.Tensor, hook: Callable[[Site], None], chunk_tokens: int = 2048) -> torch.Tensor:
+    """x: [N, T, hidden] -> the block's output. hook(site) runs before each stage."""
+    N, T, _ = x.shape
+    pos = torch.arange(T)
+    a = b.attn
+    n1 = rms_norm(x, b.attn_norm)
+    hook(Site("attn_in", [a.qkv] if a.fused else [a.q, a.k, a.v], _flat(n1), norm=b.attn_norm, attn=a))
+    # attention up to (not including) o: the same code with o replaced by the identity
+    width = a.n_heads * a.head_dim
+    core_attn = dataclasses.replace(a, o=Linear(Weight(torch.eye(width))))
+    step = max(1, chunk_tokens // T)
+    core = torch.cat([attention(core_attn, n1[i:i + step], pos) for i in range(0, N, step)])
+    nq, nkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    v_rows = (a.qkv, slice(nq + nkv, nq + 2 * nkv)) if a.fused else (a.v, slice(0, nkv))
+    hook(Site("o", [a.o], _flat(core), rows=v_rows, attn=a))
+    h = linear(core, a.o)
+    if b.post_attn_norm is not None:
+        h = rms_norm(h, b.post_attn_norm)
+    x = x + h
+    n2 = rms_norm(x, b.ffn_norm)
+    f = b.ffn
+    mlps = [f] if isinstance(f, MLP) else f.experts + ([f.shared] if f.shared is not None else [])
+    extra = [] if isinstance(f, MLP) else [f.router] + ([f.shared_gate] if f.shared_gate is not None else [])
+    hook(Site("ffn_in", [lin for m in mlps for lin in _gate_up_linears(m)], _flat(n2), norm=b.ffn_norm,
+              extra=extra))
+    for m in mlps:  # MoE experts see every token here, not only the ones routed to them
+        g, u = gate_up(m, n2)
+        d_in = activation(m.act, g) * u
+        hook(Site("down", [m.down], _flat(d_in), rows=_up_rows(m)))
+        if isinstance(f, MLP):
+            h = linear(d_in, m.down)
+    if isinstance(f, MoE):
+        h = moe(f, n2)
+    if b.post_ffn_norm is not None:
+        h = rms_norm(h, b.post_ffn_norm)
+    return x + h
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """X^T X / n of a stage input [tokens, in] (fp32 chunks summed in fp64, fp32 result)."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    for i in range(0, x.shape[0], 4096):
+        xc = x[i:i + 4096]
+        h += (xc.T @ xc).double()
+    return (h / max(1, x.shape[0])).float()

@@ -1,0 +1,175 @@
+"""quant.gptq: Hessian-based groupwise weight quantization (GPTQ, Frantar et al. 2022).
+
+Sequential, one block at a time in depth order. Calibration tokens (the user's text via
+calib=FILE;FILE, else data-free samples from the model, see compiler/calib.py) run
+through the blocks already quantized; inside a block every stage's input feeds
+H = 2/n X^T X for the linears that read it (q/k/v share one H, all gate/up share one, o and
+each down their own), the stage's linears are quantized, and only then does the stage
+run, so later stages see the quantized earlier ones. Per H, the linears are quantized
+together (GPTQ treats rows independently): damping (damp * mean diag H), dead inputs
+zeroed, the upper Cholesky factor of H^-1, column-by-column rounding with error feedback,
+lazy updates every block_size columns (rounded to whole groups), and per-group
+scales/zeros from QuantScheme computed from the error-updated weights as each group
+starts. act_order=true visits columns by decreasing H diagonal and uses static groups
+(scales from the original weight's contiguous groups), so the result is still the IR's
+plain groupwise QuantWeight. Memory stays one block deep: the calibration activations
+at one depth plus that block's intermediate stages. A block used at several depths is
+quantized once, at its first depth. MoE experts see every calibration token (not only
+those routed to them), so each expert's H is well conditioned.
+
+Before:                                  After (bits=4, group_size=32):
+  q: f32[576,576]                          q: sint4g32[576,576](gptq)
+  mlp(silu): gate f32[1536,576] ...        mlp(silu): gate sint4g32[1536,576](gptq) ...
+  lm_head: tied to embed                   lm_head: tied to embed        (head_bits=0)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..compiler import reference
+from ..compiler.calib import Site, calibration_ids, describe, gram, run_block, split_files
+from ..compiler.ir import Model, QuantWeight
+from ..compiler.pass_manager import Pass, PassResult, register
+from ..compiler.quant import QuantScheme, group_params
+from ..errors import SlmcError
+from ._linears import block_linears
+from .quant_rtn import quantize_ends
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    bits: int = 4
+    group_size: int = 32
+    symmetric: bool = True
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
+    act_order: bool = False
+    block_size: int = 128  # columns per lazy batch update
+    calib: str = ""  # your text files, separated by ';' (empty: data-free)
+    n_seqs: int = 16
+    seq_len: int = 256
+    seed: int = 0
+    embed_bits: int = 0  # 0: keep the embedding table in float
+    head_bits: int = 0  # 0: keep the output head in float
+
+
+def _hinv_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; more damping if needed."""
+    eye = torch.eye(H.shape[0])
+    mean = float(H.diagonal().mean())
+    for k in range(6):  # damp, then 10x more each time the factorization fails
+        d = damp * 10**k if damp > 0 else (1e-6 * 10 ** (k - 1) if k else 0.0)
+        L, info = torch.linalg.cholesky_ex(H + eye * (mean * d))
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0:
+                return U
+    raise SlmcError("the calibration Hessian is not positive definite even with heavy damping", "quant.gptq")
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, block_size: int = 128,
+         act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Quantize W [rows, cols] against H [cols, cols]; returns codes, scales, zeros (or None)."""
+    W, H = W.float().clone(), H.float().clone()
+    rows, cols = W.shape
+    g = s.group_size
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = None
+    if act_order:
+        scales, zeros = group_params(W, s)  # static groups: the original contiguous groups
+        perm = torch.argsort(H.diagonal(), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+        group_of = (perm // g).tolist()
+    else:
+        scales = torch.zeros(rows, cols // g)
+        zeros = None if s.symmetric else torch.zeros(rows, cols // g)
+    U = _hinv_upper(H, damp)
+    codes = torch.zeros(rows, cols)
+    bs = max(g, block_size // g * g)  # whole groups per lazy block
+    sc = z = None
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err = torch.zeros(rows, i2 - i1)
+        for i in range(i2 - i1):
+            c = i1 + i
+            if act_order:
+                k = group_of[c]
+                sc, z = scales[:, k], (zeros[:, k] if zeros is not None else 0.0)
+            elif c % g == 0:  # the group's range after the error feedback so far
+                gs, gz = group_params(W1[:, i:i + g], s)
+                scales[:, c // g] = gs[:, 0]
+                if zeros is not None:
+                    zeros[:, c // g] = gz[:, 0]
+                sc, z = gs[:, 0], (gz[:, 0] if gz is not None else 0.0)
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / sc + z), s.qmin, s.qmax)
+            codes[:, c] = q
+            err = (w - (q - z) * sc) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err[:, i] = err
+        W[:, i2:] -= Err @ U[i1:i2, i2:]
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return codes.to(torch.int8 if s.symmetric else torch.uint8), scales, zeros
+
+
+@register
+class QuantGPTQ(Pass):
+    name = "quant.gptq"
+    Options = GPTQOptions
+
+    def run(self, ir: Model) -> PassResult:
+        o = self.options
+        s = QuantScheme(o.bits, o.group_size, o.symmetric)
+        if not o.damp >= 0 or o.block_size < 1:
+            raise SlmcError(f"need damp >= 0 and block_size >= 1 (got {o.damp}, {o.block_size})", "--pass quant.gptq")
+        for path, lin in block_linears(ir):  # refuse bad group sizes before minutes of calibration
+            if not isinstance(lin.weight, QuantWeight):
+                s.check(lin.in_features, f"--pass quant.gptq ({path})")
+        t0 = time.perf_counter()
+        files = split_files(o.calib)
+        ids = calibration_ids(ir, files, o.n_seqs, o.seq_len, o.seed)
+        t_calib = time.perf_counter() - t0
+        n = quantize_ends(ir, o, "gptq")  # first, so the blocks are calibrated on the quantized embedding
+        memo: dict[int, tuple] = {}
+        x = reference.embed(ir, ids)
+        done: set[int] = set()
+        for d in range(ir.n_layers):
+            bi = ir.layers[d]
+            hook = (lambda site: None) if bi in done else (lambda site: self._site(site, s, memo))
+            x = run_block(ir.blocks[bi], x, hook)
+            done.add(bi)
+        n += len(memo)
+        return PassResult(ir, n > 0, {
+            "quantized": n, "scheme": f"{'s' if o.symmetric else 'a'}int{o.bits}g{o.group_size}",
+            "calibration": describe(files, o.n_seqs, o.seq_len, o.seed),
+            "calibration_seconds": round(t_calib, 2)})
+
+    def _site(self, site: Site, s: QuantScheme, memo: dict[int, tuple]) -> None:
+        todo = {}  # one weight object under several linears is quantized once
+        for lin in site.linears:
+            if not isinstance(lin.weight, QuantWeight) and id(lin.weight) not in memo:
+                todo.setdefault(id(lin.weight), lin.weight)
+        if todo:
+            o = self.options
+            H = 2 * gram(site.x)
+            codes, scales, zeros = gptq(torch.cat([w.float() for w in todo.values()]), H, s, o.damp,
+                                        o.block_size, o.act_order)
+            r = 0
+            for key, w in todo.items():
+                k = w.shape[0]
+                memo[key] = (w, QuantWeight(  # keeps w alive, so its id is never reused
+                    codes=codes[r:r + k].clone(), scales=scales[r:r + k].clone(),
+                    zeros=zeros[r:r + k].clone() if zeros is not None else None,
+                    group_size=s.group_size, bits=s.bits, symmetric=s.symmetric, algorithm="gptq"))
+                r += k
+                w.release()  # the float copy can be re-read from the checkpoint if ever needed
+        for lin in site.linears:
+            if id(lin.weight) in memo:
+                lin.weight = memo[id(lin.weight)][1]
