@@ -134,3 +134,12 @@ def test_bad_calibration_text_exits_2(tiny_llama_dir, tmp_path, content, message
     for algo in ("gptq", "awq"):
         res = CliRunner().invoke(main, ["inspect", str(tiny_llama_dir), "--pass", f"quant.{algo}:calib={f}"])
         assert res.exit_code == 2 and message in res.output and "calib.txt" in res.output, res.output
+
+
+def test_shared_block_is_quantized_once(tiny_llama_dir):
+    for algo in ("gptq", "awq"):
+        m = import_hf(tiny_llama_dir)
+        m.blocks, m.layers = m.blocks[:1], [0, 0]  # one block at both depths
+        q, logs = PassManager([parse_pass(f"quant.{algo}:group_size=16,{CAL}")]).run(m)
+        assert logs[0].info["quantized"] == 7 and q.block_at(0) is q.block_at(1)
+        assert isinstance(q.blocks[0].ffn.down.weight, QuantWeight)
