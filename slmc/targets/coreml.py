@@ -14,6 +14,9 @@ swift-transformers sends) is valid. The default function `prefill` takes any T a
 swift-transformers alone; `decode` (T = 1) shares its weights and state layout.
 Deployment targets before iOS 18 have no states or multifunction: one function `main` with
 the caches as inputs `keyCache`/`valueCache` and outputs `presentKeys`/`presentValues`.
+
+`--backend` names the compute units (cpu|gpu|ane|all) with options, `ane:deployment_target=
+ios17,precision=fp16,kv=io,layout=ane`; `ane` selects the Neural Engine layout (coreml_ane.py).
 """
 
 from __future__ import annotations
@@ -131,8 +134,8 @@ class CMLP(LMLP):
 class CAttention(LAttention):
     """Attention over one layer of the stacked cache: writes rows [start, end), reads [0, end)."""
 
-    def forward(self, x, cos, sin, mask, kc, vc, start, end, inplace):
-        h, kvh, hd = self.h, self.kvh, self.hd
+    def forward(self, x, cos, sin, mask, kc, vc, span, inplace):
+        (start, end), h, kvh, hd = span, self.h, self.kvh, self.hd
         if self.fused:
             q, k, v = self.qkv(x).split([h * hd, kvh * hd, kvh * hd], -1)
         else:
@@ -163,19 +166,11 @@ class CAttention(LAttention):
 
 
 class CBlock(LBlock):
+    """LBlock with CAttention; its `positions` argument carries the (start, end) span."""
+
     def __init__(self, b, P, bshd):
         super().__init__(b, P, bshd)
         self.attn = CAttention(b.attn, P, bshd)
-
-    def forward(self, x, cos, sin, mask, kc, vc, start, end, inplace):
-        h, kc, vc = self.attn(self.attn_norm(x), cos, sin, mask, kc, vc, start, end, inplace)
-        if self.post_attn is not None:
-            h = self.post_attn(h)
-        x = x + h
-        h = self.ffn(self.ffn_norm(x))
-        if self.post_ffn is not None:
-            h = self.post_ffn(h)
-        return x + h, kc, vc
 
 
 class CoreMLLM(nn.Module):
@@ -239,7 +234,7 @@ class CoreMLLM(nn.Module):
         new_k, new_v = [], []
         for d, b in enumerate(self.layers):  # states: layer views written in place; io: updated copies
             cos, sin = ropes[self.layer_rope[d]]
-            x, kc, vc = self.blocks[b](x, cos, sin, masks[self.layer_window[d]], kcs[d], vcs[d], start, end,
+            x, kc, vc = self.blocks[b](x, cos, sin, masks[self.layer_window[d]], kcs[d], vcs[d], (start, end),
                                        self.stateful)
             new_k.append(kc)
             new_v.append(vc)
