@@ -39,7 +39,7 @@ from ..errors import SlmcError
 from .ir import MLP, Attention, KVCacheSpec, Linear, Model, MoE, Norm, QuantWeight, Weight, named_weights
 from .reference import activation, attention, gate_up, linear, moe, rms_norm
 
-SAMPLE_BATCH = 16  # sequences decoded together (KV caches for all of them are held)
+SAMPLE_BATCH = 32  # sequences decoded together (KV caches for all of them are held)
 
 
 def split_files(calib: str) -> list[str]:
@@ -91,7 +91,7 @@ def _float_view(model: Model, max_len: int) -> Model:
     return view
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def sample_ids(model: Model, n_seqs: int, seq_len: int, seed: int) -> torch.Tensor:
     from .lowering.module import LoweredLM
 

@@ -111,7 +111,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, b
             q = torch.clamp(torch.round(w / sc + z), s.qmin, s.qmax)
             codes[:, c] = q
             err = (w - (q - z) * sc) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
             Err[:, i] = err
         W[:, i2:] -= Err @ U[i1:i2, i2:]
     if perm is not None:
