@@ -16,8 +16,9 @@ from pathlib import Path
 from . import __version__
 from .compiler.importers import load_model
 from .compiler.ir import Model, param_count, weight_bytes
-from .compiler.pass_manager import PASSES, PassManager, describe, load_passes, parse_pass
+from .compiler.pass_manager import PASSES, PassManager, load_passes, parse_pass
 from .compiler.serialize import is_ir_folder, load_ir
+from .compiler.textdata import find_tokenizer_dir
 from .errors import SlmcError, ValidationFailed
 from .targets.base import check_backend, check_output_path, check_supported, get_target, read_manifest, write_artifact
 
@@ -47,11 +48,7 @@ def load(path: str | Path, max_seq_len: int | None = None, strict: bool = False)
 
 
 def tokenizer_dir(model_path: Path) -> Path | None:
-    p = Path(model_path)
-    for cand in (p if p.is_dir() else p.parent, p.with_suffix("")):
-        if (cand / "tokenizer.json").is_file():
-            return cand
-    return None
+    return find_tokenizer_dir(model_path)
 
 
 def _versions() -> dict:

@@ -38,6 +38,7 @@ import torch
 from ..errors import SlmcError
 from .ir import MLP, Attention, KVCacheSpec, Linear, Model, MoE, Norm, QuantWeight, Weight, named_weights
 from .reference import activation, attention, gate_up, linear, moe, rms_norm
+from .textdata import find_tokenizer_dir
 
 SAMPLE_BATCH = 32  # sequences decoded together (KV caches for all of them are held)
 
@@ -48,14 +49,8 @@ def split_files(calib: str) -> list[str]:
 
 
 def tokenizer_json(model: Model) -> Path | None:
-    src = model.source.get("path")
-    if not src:
-        return None
-    p = Path(src)
-    for cand in (p if p.is_dir() else p.parent, p.with_suffix("")):
-        if (cand / "tokenizer.json").is_file():
-            return cand / "tokenizer.json"
-    return None
+    d = find_tokenizer_dir(model.source.get("path"))
+    return d / "tokenizer.json" if d is not None else None
 
 
 def _check(model: Model, n_seqs: int, seq_len: int, where: str) -> None:

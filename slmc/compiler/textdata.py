@@ -11,6 +11,18 @@ from pathlib import Path
 from ..errors import SlmcError
 
 
+def find_tokenizer_dir(model_path: str | Path | None) -> Path | None:
+    """The folder holding a model's tokenizer.json: the model folder itself, or the
+    folder of a .gguf file (or a sibling folder named like it)."""
+    if not model_path:
+        return None
+    p = Path(model_path)
+    for cand in (p if p.is_dir() else p.parent, p.with_suffix("")):
+        if (cand / "tokenizer.json").is_file():
+            return cand
+    return None
+
+
 def read_text(path: str | Path) -> str:
     p = Path(path)
     if not p.is_file():

@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from ..compiler.ir import Model, QuantWeight, named_weights
 from ..compiler.lowering import LoweredLM, LoweringSpec
+from ..compiler.textdata import find_tokenizer_dir
 from ..errors import SlmcError
 from .base import Artifact, Target, TargetSpec, register
 from .tflite_gpu import gpu_fallback
@@ -254,14 +255,7 @@ def signature_io(data: bytes) -> dict:
 # --- .litertlm bundle ------------------------------------------------------------------------------
 
 def _tokenizer_dir(model: Model) -> Path | None:
-    src = model.source.get("path")
-    if not src:
-        return None
-    p = Path(src)
-    for cand in (p if p.is_dir() else p.parent, p.with_suffix("")):
-        if (cand / "tokenizer.json").is_file():
-            return cand
-    return None
+    return find_tokenizer_dir(model.source.get("path"))
 
 
 def _chat_template(tok_dir: Path) -> str | None:
