@@ -44,10 +44,28 @@ def _features(desc):
 
 
 @pytest.fixture(scope="module")
-def default_art(tiny_llama_dir, tmp_path_factory):
+def loud_llama_dir(tiny_llama_dir, tmp_path_factory):
+    """Tiny llama with one outlier channel (embedding column 0 x2000, as SmolLM2's residual
+    stream reaches 2e4): x * x overflows fp16 unless the norms are computed overflow-safe.
+    The final norm scales that channel back, so the tied head gives logits of the usual size."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path_factory.mktemp("loud") / "loud-llama"
+    shutil.copytree(tiny_llama_dir, d)
+    w = load_file(d / "model.safetensors")
+    w["model.embed_tokens.weight"][:, 0] *= 2000
+    w["model.norm.weight"][0] /= 2000
+    save_file(w, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+@pytest.fixture(scope="module")
+def default_art(loud_llama_dir, tmp_path_factory):
     """The default flow: iOS 18, fp16, states, compute units `all`."""
     out = tmp_path_factory.mktemp("coreml") / "tiny-coreml"
-    return out, _compile(tiny_llama_dir, out)
+    return out, _compile(loud_llama_dir, out)
 
 
 def test_multifunction_package_shares_weights(default_art):
@@ -88,6 +106,7 @@ def test_swift_transformers_names_shapes_and_metadata(default_art):
 
 
 def test_default_artifact_validates_with_the_mil_interpreter(default_art):
+    """fp16 all the way, on activations whose squares overflow fp16."""
     out, _ = default_art
     report = api.validate_artifact(out, steps=8)
     assert report.passed, report.to_json()

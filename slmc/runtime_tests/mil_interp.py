@@ -166,6 +166,8 @@ OPS = {
     "logical_not": lambda x: np.logical_not(x),
     "select": lambda cond, a, b: np.where(cond, a, b),
     "exp": lambda x: np.exp(_f(x)),
+    "abs": lambda x: np.abs(x),
+    "clip": lambda x, alpha, beta: np.clip(_f(x), alpha, beta),
     "sqrt": lambda x: np.sqrt(_f(x)),
     "rsqrt": lambda x, epsilon=1e-12: 1.0 / np.sqrt(_f(x) + epsilon),
     "inverse": lambda x, epsilon=1e-4: 1.0 / (_f(x) + epsilon),
@@ -210,6 +212,25 @@ def _const(val):
     return val if isinstance(val, str) else np.asarray(val)  # strings are attributes (dtype, mode)
 
 
+def _root(a):
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _shared(val, seen: dict):
+    """fp16 constants as exact fp32 (every op computes in fp32 and rounds its result to the
+    declared dtype, so nothing changes), and one copy of a weight both functions hold."""
+    if not isinstance(val, np.ndarray) or val.nbytes < 1 << 16:
+        return val.astype(np.float32) if isinstance(val, np.ndarray) and val.dtype == np.float16 else val
+    import hashlib
+
+    key = (val.shape, val.dtype.str, hashlib.sha1(np.ascontiguousarray(val).data).digest())
+    if key not in seen:
+        seen[key] = val.astype(np.float32) if val.dtype == np.float16 else val
+    return seen[key]
+
+
 def _unsupported(what: str):
     raise UnknownOpError(f"{what} is not implemented", "mil_interp")
 
@@ -228,71 +249,109 @@ class MILProgram:
         prog = load(model_spec=self.spec, specification_version=self.spec.specificationVersion,
                     file_weights_dir=ml.weights_dir)
         self.functions = dict(prog.functions)
-        self._dtype = lambda var: NP[types.builtin_to_string(var.dtype)]
-        self._is_state = lambda var: types.is_state(var.sym_type)
         unknown = sorted({op.op_type for f in self.functions.values() for op in f.operations
                           if op.op_type not in OPS and op.op_type not in STATE_OPS})
         if unknown:
             raise UnknownOpError(f"the MIL program uses op(s) the interpreter does not know: {', '.join(unknown)}",
                                  str(self.package))
-        self._consts = {fn: {op.outputs[0].name: _const(op.outputs[0].val) for op in f.operations
-                             if op.op_type == "const"} for fn, f in self.functions.items()}  # names are per function
+        dtype = lambda var: NP[types.builtin_to_string(var.dtype)]  # noqa: E731
+        self._states = {fn: {n for n, v in f.inputs.items() if types.is_state(v.sym_type)}
+                        for fn, f in self.functions.items()}
+        self._inputs = {fn: {n: dtype(v) for n, v in f.inputs.items() if n not in self._states[fn]}
+                        for fn, f in self.functions.items()}
+        self._consts, self._plans, self._const_ids, shared = {}, {}, {}, {}
+        for fn, f in self.functions.items():  # names are per function
+            consts, plan = {}, []
+            for op in f.operations:
+                if op.op_type == "const":
+                    consts[op.outputs[0].name] = _shared(_const(op.outputs[0].val), shared)
+                    continue
+                ins = {k: [x.name for x in v] if isinstance(v, (list, tuple)) else v.name
+                       for k, v in op.inputs.items()}
+                consts.update({x.name: _const(x.val) for v in op.inputs.values()
+                               for x in (v if isinstance(v, (list, tuple)) else [v])
+                               if x.val is not None and x.op is None})
+                plan.append((op.name, op.op_type, ins, [(v.name, dtype(v)) for v in op.outputs]))
+            last = {}  # var -> index of the op that reads it last, so values are freed after it
+            for i, (_, _, ins, _) in enumerate(plan):
+                for v in ins.values():
+                    for name in v if isinstance(v, list) else [v]:
+                        last[name] = i
+            for v in f.outputs:
+                last[v.name] = len(plan)
+            self._consts[fn], self._plans[fn] = consts, (plan, last, [v.name for v in f.outputs])
+            self._const_ids[fn] = {id(_root(c)) for c in consts.values() if isinstance(c, np.ndarray)}
+
+    @staticmethod
+    def _owned(name, i, last, env, consts) -> bool:
+        """Whether op i may overwrite value `name`: its last reader, and no other live value or
+        constant shares its memory (slices and reshapes are numpy views)."""
+        x = env.get(name)
+        if last.get(name) != i or not isinstance(x, np.ndarray):
+            return False
+        root = _root(x)
+        if id(root) in consts:  # the ids of the constants' buffers
+            return False
+        return not any(isinstance(v, np.ndarray) and _root(v) is root for k, v in env.items() if k != name)
 
     def input_names(self, function: str) -> list[str]:
-        return [n for n, v in self.functions[function].inputs.items() if not self._is_state(v)]
+        return list(self._inputs[function])
 
     def state_names(self, function: str) -> list[str]:
-        return [n for n, v in self.functions[function].inputs.items() if self._is_state(v)]
+        return sorted(self._states[function])
 
     def run(self, function: str, inputs: dict, states: dict, trace: dict | None = None) -> dict:
         """Run one function; `states` (name -> array) is read and updated in place.
         `trace`, if given, receives every intermediate value by name (for debugging)."""
         if function not in self.functions:
             raise SlmcError(f"no function {function!r} (has {', '.join(self.functions)})", str(self.package))
-        f, consts = self.functions[function], self._consts[function]
-        env = {}
-        for name, var in f.inputs.items():
-            if self._is_state(var):
-                env[name] = name  # a state is referenced by name
-            elif name not in inputs:
+        consts, (plan, last, outputs) = self._consts[function], self._plans[function]
+        const_ids = self._const_ids[function]
+        env = {n: n for n in self._states[function]}  # a state is referenced by name
+        for name, dt in self._inputs[function].items():
+            if name not in inputs:
                 raise SlmcError(f"missing input {name!r} for function {function}", str(self.package))
-            else:
-                env[name] = np.asarray(inputs[name]).astype(self._dtype(var))
+            env[name] = np.asarray(inputs[name]).astype(dt)
 
-        def value(v):
-            if isinstance(v, (list, tuple)):
-                return [value(x) for x in v]
-            if v.name in env:
-                return env[v.name]
-            if v.name in consts:
-                return consts[v.name]
-            if v.val is not None:
-                return _const(v.val)
-            raise SlmcError(f"value {v.name!r} is used before it is computed", str(self.package))
+        def value(name):
+            if isinstance(name, list):
+                return [value(x) for x in name]
+            if name in env:
+                return env[name]
+            if name in consts:
+                return consts[name]
+            raise SlmcError(f"value {name!r} is used before it is computed", str(self.package))
 
-        for op in f.operations:
-            kind = op.op_type
-            if kind == "const":
-                continue
-            args = {k: value(v) for k, v in op.inputs.items()}
+        for i, (op_name, kind, ins, outs) in enumerate(plan):
+            args = {k: value(v) for k, v in ins.items()}
             if kind == "read_state":
                 res = (np.array(states[args["input"]], copy=True),)
             elif kind == "coreml_update_state":
                 name = args["state"]
                 states[name] = np.asarray(args["value"]).astype(states[name].dtype)
                 res = (states[name],)
+            elif kind == "slice_update" and trace is None and self._owned(ins["x"], i, last, env, const_ids):
+                out = args["x"]  # x dies here and nothing else sees its memory: update it in place
+                out[_slices(out.shape, args["begin"], args["end"], args.get("stride"), args.get("begin_mask"),
+                            args.get("end_mask"), args.get("squeeze_mask"))] = args["update"]
+                res = (out,)
             else:
                 try:
                     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                         res = OPS[kind](**args)
                 except (ValueError, IndexError, TypeError) as e:  # a bug here or a malformed program
                     shapes = {k: np.shape(a) for k, a in args.items() if not isinstance(a, (str, list))}
-                    raise SlmcError(f"{function}: op {op.name} ({kind}) failed on {shapes}: {e}",
+                    raise SlmcError(f"{function}: op {op_name} ({kind}) failed on {shapes}: {e}",
                                     str(self.package)) from e
                 res = res if isinstance(res, tuple) else (res,)
-            for var, r in zip(op.outputs, res):
-                r = np.asarray(r)
-                env[var.name] = r.astype(self._dtype(var)) if not self._is_state(var) else r
+            for (name, dt), r in zip(outs, res):
+                with np.errstate(over="ignore"):  # fp16 overflow is inf, as on the device
+                    env[name] = np.asarray(r).astype(dt, copy=False)
+            if trace is None:
+                for v in ins.values():
+                    for name in v if isinstance(v, list) else [v]:
+                        if last.get(name) == i and name in env and name not in self._states[function]:
+                            del env[name]
         if trace is not None:
             trace.update(env)
-        return {v.name: env[v.name] if v.name in env else value(v) for v in f.outputs}
+        return {name: value(name) for name in outputs}

@@ -131,6 +131,17 @@ class CMLP(LMLP):
         return self.down(act(self.act, g) * u)
 
 
+class CNorm(LNorm):
+    """RMSNorm that survives fp16: x * x overflows past |x| = 256 (SmolLM2's residual stream
+    reaches 2e4), so each row is first divided by its max |x|. The same norm exactly:
+    x/s * rsqrt(mean((x/s)^2) + eps/s^2) == x * rsqrt(mean(x^2) + eps) for any s > 0."""
+
+    def forward(self, x):
+        s = x.abs().amax(-1, keepdim=True).clamp(min=1e-4)
+        xs = x / s
+        return xs * torch.rsqrt(F.linear(xs * xs, self.mean_row) + self.eps_vec / s / s) * (self.weight + self.offset)
+
+
 class CAttention(LAttention):
     """Attention over one layer of the stacked cache: writes rows [start, end), reads [0, end)."""
 
@@ -180,7 +191,7 @@ class CoreMLLM(nn.Module):
     [layers, L, kvh, hd] (BSHD); io: they are two more inputs, returned updated after logits.
     """
 
-    def __init__(self, model: Model, stateful: bool):
+    def __init__(self, model: Model, stateful: bool, fp16: bool = False):
         super().__init__()
         kv, bshd = model.kv, model.kv.layout == "bshd"
         P = _Params(self, torch.float32)  # Core ML converts fp32 graphs; fp16 is its compute precision
@@ -191,9 +202,12 @@ class CoreMLLM(nn.Module):
         self.lm_head = P(model.lm_head.weight) if model.lm_head is not None else self.embed
         self.lm_bias = P(model.lm_head.bias) if model.lm_head is not None else None
         self.final_softcap = model.final_logit_softcap
-        for m in self.modules():  # the shared MLP module, with the activation above
+        self.fp16 = fp16
+        for m in self.modules():  # the shared modules, with the activation and norm above
             if type(m) is LMLP:
                 m.__class__ = CMLP
+            elif type(m) is LNorm and fp16:
+                m.__class__ = CNorm
         ropes, self.windows, self.layer_rope, self.layer_window = [], [], [], []
         for d in range(model.n_layers):
             a = model.block_at(d).attn
@@ -287,7 +301,7 @@ def convert_function(model: Model, spec: CoreMLSpec, fn: str, out: Path, module=
 
     import coremltools as ct
 
-    module = (module or CoreMLLM(model, spec.stateful)).eval()
+    module = (module or CoreMLLM(model, spec.stateful, spec.precision == "fp16")).eval()
     io = _function_io(model, spec, module, fn)
     L, flex = model.kv.max_len, fn != "decode"
     # max L - 1: a Dim whose max equals a static size (the cache) gets specialised by export
@@ -367,7 +381,7 @@ class CoreMLTarget(Target):
                 from .coreml_ane import CoreMLLMANE as Module
             else:
                 Module = CoreMLLM
-            module = Module(model, spec.stateful)
+            module = Module(model, spec.stateful, spec.precision == "fp16")
             for fn in fns:
                 step(f"torch.export + coremltools: {fn}")
                 ios[fn] = convert_function(model, spec, fn, tmp / f"{fn}.mlpackage", module)

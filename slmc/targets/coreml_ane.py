@@ -20,16 +20,26 @@ def _conv(x, lin):
     return F.conv2d(x, lin.weight[:, :, None, None], lin.bias)
 
 
-def _norm(x, n):
+def _scaled(x, eps, fp16):
+    """x / s and eps / s^2 for s = max |x| over channels: fp16 squares stay finite (see CNorm)."""
+    if not fp16:
+        return x, eps
+    s = x.abs().amax(1, keepdim=True).clamp(min=1e-4)
+    return x / s, eps / s / s
+
+
+def _norm(x, n, fp16):
     """RMSNorm over channels (axis 1); the mean of squares as a 1-output conv."""
+    x, eps = _scaled(x, n.eps_vec, fp16)
     ms = F.conv2d(x * x, n.mean_row[:, :, None, None])
-    return x * torch.rsqrt(ms + n.eps_vec) * (n.weight + n.offset)[None, :, None, None]
+    return x * torch.rsqrt(ms + eps) * (n.weight + n.offset)[None, :, None, None]
 
 
-def _head_norm(x, n):
+def _head_norm(x, n, fp16):
     """RMSNorm of [heads, hd, T] over hd (axis 1)."""
+    x, eps = _scaled(x, n.eps_vec, fp16)
     ms = torch.matmul(n.mean_row, x * x)
-    return x * torch.rsqrt(ms + n.eps_vec) * (n.weight + n.offset)[None, :, None]
+    return x * torch.rsqrt(ms + eps) * (n.weight + n.offset)[None, :, None]
 
 
 def _mlp(x, m: LMLP):
@@ -57,7 +67,7 @@ def _moe(x, m: LMoE):
     return out
 
 
-def _attention(a, x, cos, sin, mask, kc, vc, start, end, inplace):
+def _attention(a, x, cos, sin, mask, kc, vc, start, end, inplace, fp16):
     """x [1, C, 1, T]; cos/sin [hd, T]; mask [E, T] (keys first); kc/vc one layer of the cache."""
     h, kvh, hd = a.h, a.kvh, a.hd
     if a.fused:
@@ -66,7 +76,7 @@ def _attention(a, x, cos, sin, mask, kc, vc, start, end, inplace):
         q, k, v = _conv(x, a.q), _conv(x, a.k), _conv(x, a.v)
     q, k, v = q.view(h, hd, -1), k.view(kvh, hd, -1), v.view(kvh, hd, -1)
     if a.q_norm is not None:
-        q, k = _head_norm(q, a.q_norm), _head_norm(k, a.k_norm)
+        q, k = _head_norm(q, a.q_norm, fp16), _head_norm(k, a.k_norm, fp16)
     q = q * cos + torch.matmul(a.rot_t, q) * sin  # rot_t = R^T: rotate-half on the channel axis
     k = k * cos + torch.matmul(a.rot_t, k) * sin
     # cache rows are [kvh, L, hd] (BHSD) or [L, kvh, hd] (BSHD), as in the standard layout
@@ -98,7 +108,7 @@ class CoreMLLMANE(CoreMLLM):
 
     def forward(self, input_ids, causal_mask, key_cache=None, value_cache=None):
         T, end = input_ids.shape[1], causal_mask.shape[-1]
-        start = end - T
+        start, f16 = end - T, self.fp16
         # rows of the conv-shaped table: a tied lm_head (a 1x1 conv) then stores it once
         x = torch.index_select(self.embed[:, :, None, None], 0, input_ids[0]).permute(2, 1, 3, 0)  # [1, C, 1, T]
         if self.embed_scale != 1.0:
@@ -115,19 +125,19 @@ class CoreMLLMANE(CoreMLLM):
         new_k, new_v = [], []
         for d, b in enumerate(self.layers):
             blk, (cos, sin) = self.blocks[b], ropes[self.layer_rope[d]]
-            h, kc, vc = _attention(blk.attn, _norm(x, blk.attn_norm), cos, sin, masks[self.layer_window[d]],
-                                   kcs[d], vcs[d], start, end, self.stateful)
+            h, kc, vc = _attention(blk.attn, _norm(x, blk.attn_norm, f16), cos, sin, masks[self.layer_window[d]],
+                                   kcs[d], vcs[d], start, end, self.stateful, f16)
             new_k.append(kc)
             new_v.append(vc)
             if blk.post_attn is not None:
-                h = _norm(h, blk.post_attn)
+                h = _norm(h, blk.post_attn, f16)
             x = x + h
-            n = _norm(x, blk.ffn_norm)
+            n = _norm(x, blk.ffn_norm, f16)
             h = _mlp(n, blk.ffn) if isinstance(blk.ffn, LMLP) else _moe(n, blk.ffn)
             if blk.post_ffn is not None:
-                h = _norm(h, blk.post_ffn)
+                h = _norm(h, blk.post_ffn, f16)
             x = x + h
-        x = _norm(x, self.final_norm)
+        x = _norm(x, self.final_norm, f16)
         logits = F.conv2d(x, self.lm_head[:, :, None, None], self.lm_bias).squeeze(2).transpose(1, 2)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
