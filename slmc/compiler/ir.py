@@ -87,6 +87,8 @@ class QuantWeight:
     dequant(w)[o, i] = (codes[o, i] - zeros[o, i // g]) * scales[o, i // g]
     `codes` are unpacked integers: int8 in [-2^(b-1), 2^(b-1)-1] when symmetric,
     uint8 in [0, 2^b - 1] otherwise; `zeros` is None when symmetric.
+    `act_bits` = 8: the matmul reading this weight quantizes its input at run time to
+    int8, asymmetric per token (XNNPACK's 8da4w/8da8w kernels); 0: float activations.
     """
 
     codes: torch.Tensor
@@ -96,6 +98,7 @@ class QuantWeight:
     bits: int
     symmetric: bool
     algorithm: str = "rtn"
+    act_bits: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -196,6 +199,18 @@ class MLP:
 
 
 @dataclass(eq=False)
+class ExpertOffload:
+    """An expert-offload plan (moe.offload): experts live in their own files and at most
+    `cache_experts` of them (across all layers) are resident; the runner preloads the
+    next MoE layer's likely experts from `transition`. Statistics come from calibration."""
+
+    cache_experts: int  # K resident experts, total over all MoE layers
+    expert_bits: int  # 0: float experts, else their RTN bit width
+    frequencies: list[float]  # [E] share of routed (token, slot) pairs per expert, sums to 1
+    transition: list[list[float]] | None = None  # [E, E'] P(e' at the next MoE depth | e here)
+
+
+@dataclass(eq=False)
 class MoE:
     """Top-k routed experts: softmax(router(x)) -> top_k -> weighted sum of experts."""
 
@@ -205,6 +220,7 @@ class MoE:
     norm_topk_prob: bool = True
     shared: MLP | None = None  # always-on expert (Qwen2-MoE)
     shared_gate: Linear | None = None  # sigmoid gate on the shared expert, [1, hidden]
+    offload: ExpertOffload | None = None  # set by moe.offload
 
 
 @dataclass(eq=False)
@@ -260,7 +276,8 @@ class Model:
         return self.blocks[self.layers[depth]]
 
 
-IR_CLASSES = {c.__name__: c for c in (Linear, Norm, RoPE, Attention, MLP, MoE, Block, KVCacheSpec, Model)}
+IR_CLASSES = {c.__name__: c for c in (Linear, Norm, RoPE, Attention, MLP, MoE, ExpertOffload, Block,
+                                             KVCacheSpec, Model)}
 
 
 def named_weights(obj, prefix: str = "") -> Iterator[tuple[str, AnyWeight]]:

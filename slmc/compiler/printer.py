@@ -13,7 +13,7 @@ def _t(w) -> str:
     if w is None:
         return "-"
     if isinstance(w, QuantWeight):
-        z = "" if w.zeros is None else "+zeros"
+        z = ("" if w.zeros is None else "+zeros") + (f",act int{w.act_bits}" if w.act_bits else "")
         return f"{w.dtype}[{','.join(map(str, w.shape))}]({w.algorithm}{z})"
     short = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}.get(w.dtype, w.dtype)
     return f"{short}[{','.join(map(str, w.shape))}]"
@@ -65,6 +65,11 @@ def _moe(m: MoE, ind: str) -> list[str]:
     if m.shared is not None:
         lines += _mlp(m.shared, ind + "  ", "shared")
         lines.append(f"{ind}  shared_gate: {_lin(m.shared_gate)}")
+    if m.offload is not None:
+        o = m.offload
+        t = f"[{len(o.transition)},{len(o.transition[0])}]" if o.transition else "- (last MoE depth)"
+        lines.append(f"{ind}  offload: cache_experts={o.cache_experts} expert_bits={o.expert_bits} "
+                     f"freq=[{','.join(f'{f:.3f}' for f in o.frequencies)}] transition={t}")
     return lines
 
 

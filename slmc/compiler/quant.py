@@ -68,3 +68,19 @@ def rtn(w: torch.Tensor, s: QuantScheme, algorithm: str = "rtn",
     codes = quantize_codes(w, scale, zero, s)
     return QuantWeight(codes=codes, scales=scale.float(), zeros=zero.float() if zero is not None else None,
                        group_size=s.group_size, bits=s.bits, symmetric=s.symmetric, algorithm=algorithm)
+
+
+def fake_quant_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic int8 activation quantization, asymmetric per token, then back to float.
+
+    The formula of torchao's choose_qparams_affine(ASYMMETRIC) + quantize/dequantize_affine,
+    which is what XNNPACK's qd8 kernels implement, so the reference and the artifact
+    round the same activations the same way.
+    """
+    xf = x.float()
+    lo = xf.amin(-1, keepdim=True).clamp(max=0)
+    hi = xf.amax(-1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / 255.0).clamp(min=torch.finfo(torch.float32).eps)
+    zero = torch.clamp(-128 - torch.round(lo / scale), -128, 127)
+    q = torch.clamp(torch.round(xf * (1.0 / scale)) + zero, -128, 127)
+    return ((q - zero) * scale).to(x.dtype)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .ir import MLP, Attention, Block, Linear, Model, MoE, Norm, RoPE
+from .quant import fake_quant_tokens
 
 
 def rope_inv_freq(rope: RoPE) -> torch.Tensor:
@@ -60,6 +61,8 @@ def rms_norm(x: torch.Tensor, n: Norm) -> torch.Tensor:
 
 def linear(x: torch.Tensor, lin: Linear) -> torch.Tensor:
     b = lin.bias.float() if lin.bias is not None else None
+    if getattr(lin.weight, "act_bits", 0):
+        x = fake_quant_tokens(x)
     return F.linear(x, lin.weight.float(), b)
 
 

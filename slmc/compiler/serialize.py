@@ -38,7 +38,8 @@ def _encode(obj, path: str, tensors: dict, keys: dict):
                 tensors[path + ".zeros"] = obj.zeros
         k = keys[id(obj)]
         return {"$quant": {"key": k, "zeros": obj.zeros is not None, "group_size": obj.group_size,
-                           "bits": obj.bits, "symmetric": obj.symmetric, "algorithm": obj.algorithm}}
+                           "bits": obj.bits, "symmetric": obj.symmetric, "algorithm": obj.algorithm,
+                           "act_bits": obj.act_bits}}
     if dataclasses.is_dataclass(obj):
         d = {"$type": type(obj).__name__}
         for f in dataclasses.fields(obj):
@@ -93,7 +94,7 @@ def _decode(obj, src: SafetensorsSource, memo: dict):
                     codes=src.weight(k + ".codes").data, scales=src.weight(k + ".scales").data,
                     zeros=src.weight(k + ".zeros").data if q["zeros"] else None,
                     group_size=q["group_size"], bits=q["bits"], symmetric=q["symmetric"],
-                    algorithm=q["algorithm"])
+                    algorithm=q["algorithm"], act_bits=q.get("act_bits", 0))
             return memo[k]
         if "$type" in obj:
             cls = IR_CLASSES[obj["$type"]]

@@ -159,6 +159,8 @@ def _check_quant(m: Model):
             ng = t.shape[1] // t.group_size
             if tuple(t.scales.shape) != (t.shape[0], ng):
                 yield w, f"scales shape {list(t.scales.shape)}, expected [{t.shape[0]}, {ng}]"
+            if t.act_bits not in (0, 8):
+                yield w, f"activation bits {t.act_bits} unsupported (0: float, 8: int8 per token)"
             if t.symmetric != (t.zeros is None):
                 yield w, "symmetric tensors have no zeros; asymmetric ones need them"
             if not bool(t.scales.isfinite().all()):
@@ -176,6 +178,30 @@ def _check_scalars(m: Model):
         yield "final_logit_softcap", "must be positive"
 
 
+def _check_offload(m: Model):
+    depths = [d for d in range(m.n_layers) if isinstance(m.block_at(d).ffn, MoE)]
+    plans = [m.block_at(d).ffn.offload for d in depths]
+    if all(p is None for p in plans):
+        return
+    for i, (d, p) in enumerate(zip(depths, plans)):
+        w, moe = f"blocks.{m.layers[d]}.ffn.offload", m.block_at(d).ffn
+        if p is None:
+            yield w, "missing: an offload plan covers every MoE depth or none"
+            continue
+        if p.cache_experts < moe.top_k:
+            yield w, f"cache_experts={p.cache_experts} < top_k={moe.top_k}"
+        if len(p.frequencies) != len(moe.experts) or abs(sum(p.frequencies) - 1) > 1e-4:
+            yield w, f"frequencies need {len(moe.experts)} entries summing to 1"
+        nxt = len(m.block_at(depths[i + 1]).ffn.experts) if i + 1 < len(depths) else None
+        t = p.transition
+        if (t is None) != (nxt is None):
+            yield w, "a transition table belongs to every MoE depth but the last"
+        elif t is not None and (len(t) != len(moe.experts) or any(len(r) != nxt for r in t)):
+            yield w, f"transition table must be [{len(moe.experts)}, {nxt}]"
+        elif t is not None and any(min(r) < 0 or abs(sum(r) - 1) > 1e-4 for r in t):
+            yield w, "transition rows must be probabilities summing to 1"
+
+
 CHECKS: tuple[Check, ...] = (
     Check("layers", "every depth names an existing block; no orphan blocks", _check_layers),
     Check("attention", "head counts, KV groups, projection shapes, rope dims", _check_attention),
@@ -185,6 +211,7 @@ CHECKS: tuple[Check, ...] = (
     Check("kv_cache", "KV-cache spec is self-consistent and within the model's limit", _check_kv),
     Check("quant", "quantized tensors: bits, groups, scales, zeros", _check_quant),
     Check("scalars", "finite model-level scalars", _check_scalars),
+    Check("moe_offload", "expert-offload plans: cache size, frequencies, transition tables", _check_offload),
 )
 
 

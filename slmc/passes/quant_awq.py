@@ -48,7 +48,7 @@ from ..compiler.pass_manager import Pass, PassResult, register
 from ..compiler.quant import QuantScheme, group_params, quantize_codes, rtn
 from ..errors import SlmcError
 from ._linears import block_linears
-from .quant_rtn import quantize_ends
+from .quant_rtn import quantize_ends, set_act_bits
 
 N_SHRINK = 10  # clipping ratios 1, 0.95, ..., 0.55 (the reference code's max_shrink=0.5)
 EXACT_COLS = 1024  # scale-search error: exact (Gram matrix) up to this input width ...
@@ -68,6 +68,7 @@ class AWQOptions:
     seed: int = 0
     embed_bits: int = 0  # 0: keep the embedding table in float
     head_bits: int = 0  # 0: keep the output head in float
+    act_bits: int = 0  # 8: int8 dynamic per-token activations at run time (XNNPACK 8da4w)
 
 
 def fake_quant(w: torch.Tensor, s: QuantScheme) -> torch.Tensor:
@@ -215,6 +216,7 @@ class QuantAWQ(Pass):
             x = x_next
         if quantize:
             stats["quantized"] += quantize_ends(ir, o, "awq")
+            set_act_bits(ir, o, "--pass quant.awq")
         info = {"quantized": stats["quantized"], "scaled_groups": stats["scaled_groups"],
                 "scheme": f"{'s' if o.symmetric else 'a'}int{o.bits}g{o.group_size}",
                 "calibration": describe(files, o.n_seqs, o.seq_len, o.seed),

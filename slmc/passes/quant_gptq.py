@@ -37,7 +37,7 @@ from ..compiler.pass_manager import Pass, PassResult, register
 from ..compiler.quant import QuantScheme, group_params
 from ..errors import SlmcError
 from ._linears import block_linears
-from .quant_rtn import quantize_ends
+from .quant_rtn import quantize_ends, set_act_bits
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class GPTQOptions:
     seed: int = 0
     embed_bits: int = 0  # 0: keep the embedding table in float
     head_bits: int = 0  # 0: keep the output head in float
+    act_bits: int = 0  # 8: int8 dynamic per-token activations at run time (XNNPACK 8da4w)
 
 
 def _hinv_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -146,6 +147,7 @@ class QuantGPTQ(Pass):
             x = run_block(ir.blocks[bi], x, hook)
             done.add(bi)
         n += len(memo)
+        set_act_bits(ir, o, "--pass quant.gptq")
         return PassResult(ir, n > 0, {
             "quantized": n, "scheme": f"{'s' if o.symmetric else 'a'}int{o.bits}g{o.group_size}",
             "calibration": describe(files, o.n_seqs, o.seq_len, o.seed),

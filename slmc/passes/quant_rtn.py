@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ..compiler.ir import Linear, Model, QuantWeight
 from ..compiler.pass_manager import Pass, PassResult, register
 from ..compiler.quant import QuantScheme, rtn
+from ..errors import SlmcError
 from ._linears import block_linears
 
 
@@ -28,6 +29,7 @@ class RTNOptions:
     symmetric: bool = True
     embed_bits: int = 0  # 0: keep the embedding table in float
     head_bits: int = 0  # 0: keep the output head in float
+    act_bits: int = 0  # 8: int8 dynamic per-token activations at run time (XNNPACK 8da4w)
 
 
 def quantize_ends(ir: Model, opts, algorithm: str) -> int:
@@ -49,6 +51,18 @@ def quantize_ends(ir: Model, opts, algorithm: str) -> int:
     return n
 
 
+def set_act_bits(ir: Model, opts, where: str) -> None:
+    """Record run-time activation quantization on every quantized block linear and head."""
+    if opts.act_bits not in (0, 8):
+        raise SlmcError(f"act_bits={opts.act_bits}: 0 (float activations) or 8 (int8 per token)", where)
+    if not opts.act_bits:
+        return
+    lins = [lin for _, lin in block_linears(ir)] + ([ir.lm_head] if ir.lm_head is not None else [])
+    for lin in lins:
+        if isinstance(lin.weight, QuantWeight):
+            lin.weight.act_bits = opts.act_bits
+
+
 @register
 class QuantRTN(Pass):
     name = "quant.rtn"
@@ -67,4 +81,5 @@ class QuantRTN(Pass):
                 done[key] = rtn(lin.weight.float(), s)
             lin.weight = done[key]
         n = len(done) + quantize_ends(ir, o, "rtn")
+        set_act_bits(ir, o, "--pass quant.rtn")
         return PassResult(ir, n > 0, {"quantized": n, "scheme": f"{'s' if o.symmetric else 'a'}int{o.bits}g{o.group_size}"})

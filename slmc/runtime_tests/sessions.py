@@ -58,6 +58,7 @@ class ExecuTorchSession:
 # artifact format -> "module:factory" under slmc.runtime_tests; factory(folder, manifest) -> Session
 SESSIONS = {
     "pte": "sessions:ExecuTorchSession.from_artifact",
+    "pte-moe": "moe_runner:open_moe",  # expert offload: segments + LRU/predictive expert cache
     "tflite": "tflite_session:open_tflite",
     "mlpackage": "coreml_session:open_coreml",
 }

@@ -35,6 +35,8 @@ class Tolerance:
 TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
     ("pte", "xnnpack", "float"): Tolerance(2e-3, 1.0, True),
     ("pte", "portable", "float"): Tolerance(2e-3, 1.0, True),
+    ("pte-moe", "xnnpack", "float"): Tolerance(2e-3, 1.0, True),
+    ("pte-moe", "portable", "float"): Tolerance(2e-3, 1.0, True),
     ("tflite", "cpu", "float"): Tolerance(2e-3, 1.0, True),
     # Core ML on Linux is checked by slmc's MIL interpreter; fp16 compute rounds every op.
     ("mlpackage", "fp32", "float"): Tolerance(2e-3, 1.0, True),

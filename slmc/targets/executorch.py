@@ -36,10 +36,10 @@ class ExecuTorchSpec(TargetSpec):
             object.__setattr__(self, "soc", DEFAULT_SOC[self.backend])
 
 
-def delegation_summary(edge) -> dict:
+def delegation_summary(edge, method: str = "forward") -> dict:
     """How much of the graph the backend took: delegate calls vs ops left to portable kernels."""
     calls, left = 0, {}
-    for n in edge.exported_program().graph.nodes:
+    for n in edge.exported_program(method).graph.nodes:
         if n.op != "call_function":
             continue
         name = getattr(n.target, "__name__", str(n.target))
@@ -68,6 +68,29 @@ def runner_metadata(model: Model, dynamic: bool = True) -> dict:
     return meta
 
 
+def to_pte(programs, spec: ExecuTorchSpec, constant_methods: dict | None = None, step=lambda msg: None,
+           shared_state: bool = False) -> tuple[bytes, dict]:
+    """One ExportedProgram (method "forward") or {method: ExportedProgram} -> (.pte bytes,
+    delegation summary per method). shared_state: every method's mutable buffers live in
+    one arena, by name (the runtime otherwise lets methods overwrite each other's)."""
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    step(f"to_edge + {spec.backend} partitioning")
+    edge = to_edge_transform_and_lower(
+        programs, partitioner=BACKENDS[spec.backend].partitioners(spec),
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        constant_methods=constant_methods)
+    delegation = {m: delegation_summary(edge, m) for m in (programs if isinstance(programs, dict) else ["forward"])}
+    step("to_executorch")
+    prog = edge.to_executorch(ExecutorchBackendConfig(
+        extract_delegate_segments=True,
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=shared_state),
+        sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
+    return prog.buffer, delegation
+
+
 class ExecuTorchTarget(Target):
     name = "executorch"
     backends = tuple(BACKENDS)
@@ -77,6 +100,10 @@ class ExecuTorchTarget(Target):
     default_passes = ("canon.fuse_projections",)
 
     def supports(self, model: Model, spec: ExecuTorchSpec) -> str | None:
+        from .executorch_moe import has_offload_plan, offload_supports
+
+        if has_offload_plan(model):  # moe.offload: a backbone program + one program per expert
+            return offload_supports(model) or BACKENDS[spec.backend].missing()
         kv = model.kv
         if kv.dtype != "float32" or kv.window is not None or kv.arena:
             return (f"KV cache dtype={kv.dtype} window={kv.window} arena={kv.arena}: this target "
@@ -86,34 +113,23 @@ class ExecuTorchTarget(Target):
         return BACKENDS[spec.backend].missing()
 
     def lower(self, model: Model, spec: ExecuTorchSpec, progress=None) -> Artifact:
-        from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
-        from executorch.exir.passes import MemoryPlanningPass
-        from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+        from .executorch_moe import has_offload_plan, lower_offload
 
         step = progress or (lambda msg: None)
+        if has_offload_plan(model):
+            return lower_offload(model, spec, step)
         backend = BACKENDS[spec.backend]
         lspec = LoweringSpec(full_logits=spec.full_logits)
         step("torch.export")
         ep = export_decoder(model, lspec, dynamic=backend.dynamic)
-        step(f"to_edge + {spec.backend} partitioning")
         meta = runner_metadata(model, backend.dynamic)
-        edge = to_edge_transform_and_lower(
-            ep, partitioner=backend.partitioners(spec),
-            compile_config=EdgeCompileConfig(_check_ir_validity=False),
-            constant_methods=meta)
+        data, delegation = to_pte(ep, spec, meta, step)
         del ep
-        delegation = delegation_summary(edge)
-        step("to_executorch")
-        prog = edge.to_executorch(ExecutorchBackendConfig(
-            extract_delegate_segments=True,
-            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
-            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
-        data = prog.buffer
         manifest = {
             "format": "pte",
             "artifact": "model.pte",
             "io": {"forward": io_spec(model, lspec, backend.dynamic)},
-            "delegation": delegation,
+            "delegation": delegation["forward"],
             "host_runnable": backend.host_runnable,
             "backend_note": backend.note,
             "runner": {"convention": "executorch.extension.llm.runner.TextLLMRunner",

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ...errors import UnsupportedError
 from ..ir import MLP, Attention, Block, Linear, Model, MoE, Norm, QuantWeight
 from ..reference import activation, rope_cos_sin
+from .quantized import intx_parameter, unwrap
 
 
 @dataclass(frozen=True)
@@ -40,15 +41,17 @@ class _Params:
     """Turns IR weights into Parameters, one per IR object (shared blocks stay shared)."""
 
     def __init__(self, owner: nn.Module, dtype: torch.dtype):
-        self.owner, self.dtype, self.memo = owner, dtype, {}
+        self.owner, self.dtype, self.memo, self.quantized = owner, dtype, {}, False
 
     def __call__(self, w) -> nn.Parameter:
         if w is None:
             return None
+        if id(w) not in self.memo and isinstance(w, QuantWeight):
+            self.quantized = True
+            p = intx_parameter(w, self.dtype)
+            self.owner.register_parameter(f"w{len(self.memo)}", p)
+            self.memo[id(w)] = p
         if id(w) not in self.memo:
-            if isinstance(w, QuantWeight):
-                raise UnsupportedError("quantized weights need a quantization-aware lowering "
-                                       "(see the target's quantization support)", "lowering")
             was_loaded = getattr(w, "loaded", True)
             p = nn.Parameter(w.float().to(self.dtype), requires_grad=False)
             if not was_loaded and p.data_ptr() != w.data.data_ptr():
@@ -290,6 +293,8 @@ class LoweredLM(nn.Module):
             for d, shape in enumerate(self.cache_shapes):
                 self.register_buffer(f"k_cache_{d}", torch.zeros(shape, dtype=spec.dtype))
                 self.register_buffer(f"v_cache_{d}", torch.zeros(shape, dtype=spec.dtype))
+        if P.quantized:
+            unwrap(self)
 
     def empty_caches(self) -> list[torch.Tensor]:
         """Zero K and V tensors per depth, in forward's argument order (kv="io")."""
