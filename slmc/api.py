@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .compiler.importers import load_model
-from .compiler.ir import Model, param_count, weight_bytes
+from .compiler.ir import Model, QuantWeight, named_weights, param_count, weight_bytes
 from .compiler.pass_manager import PASSES, PassManager, load_passes, parse_pass
 from .compiler.serialize import is_ir_folder, load_ir
 from .compiler.textdata import find_tokenizer_dir
@@ -65,6 +65,21 @@ def target_pipeline(target) -> list[str]:
     return list(getattr(target, "default_passes", ()))
 
 
+def quant_summary(ir: Model) -> dict | None:
+    """How the artifact's weights are stored: tensor count per scheme (None: all float)."""
+    schemes: dict[str, int] = {}
+    algos = set()
+    for _, w in named_weights(ir):
+        if isinstance(w, QuantWeight):
+            key = w.dtype + (f"+act_int{w.act_bits}" if w.act_bits else "")
+            schemes[key] = schemes.get(key, 0) + 1
+            algos.add(w.algorithm)
+    if not schemes:
+        return None
+    return {"schemes": schemes, "algorithms": sorted(algos),
+            "float_tensors": sum(1 for _, w in named_weights(ir) if not isinstance(w, QuantWeight))}
+
+
 def compile_model(model: str | Path, target: str = "executorch", backend: str | None = None,
                   out: str | Path = "out", passes: list[str] = (), max_seq_len: int | None = None,
                   strict: bool = False, dump_ir: Path | None = None, progress=None) -> tuple[Path, dict]:
@@ -94,7 +109,7 @@ def compile_model(model: str | Path, target: str = "executorch", backend: str | 
                   "vocab_size": ir.vocab_size, "hidden_size": ir.hidden_size,
                   "bos_id": ir.bos_id, "eos_ids": ir.eos_ids},
         "kv_cache_spec": dataclasses.asdict(ir.kv),
-        "quantization": None,
+        "quantization": quant_summary(ir),
         "source": dict(ir.source),
         "pipeline": [{"name": l.name, "options": l.options, "modified": l.modified, "seconds": l.seconds,
                       "info": l.info} for l in logs],

@@ -1,7 +1,8 @@
 """A stable, diff-friendly text form of the IR (`slmc inspect`, `--dump-ir`).
 
 Same IR, same text: no addresses, no timestamps, no dict-order surprises.
-Shared blocks print once, with every depth that uses them.
+Shared blocks print once, with every depth that uses them; an attention or FFN that
+several blocks share prints once, then as `ffn: shared with blocks.3.ffn`.
 """
 
 from __future__ import annotations
@@ -85,15 +86,22 @@ def print_model(m: Model) -> str:
         f"  tokens: bos={m.bos_id if m.bos_id is not None else '-'} eos={m.eos_ids or '-'}",
         f"  embed: {_t(m.embed)}" + (f" scale={m.embed_scale:.6g}" if m.embed_scale != 1.0 else ""),
     ]
+    first: dict[int, str] = {}  # id of an attention/FFN node -> where it printed first
     for i, b in enumerate(m.blocks):
         depths = [d for d, x in enumerate(m.layers) if x == i]
         out.append(f"  block {i} (depth {','.join(map(str, depths))}):")
         out.append(f"    attn_norm: {_norm(b.attn_norm)}")
-        out += _attn(b.attn, "    ")
+        seen_attn, seen_ffn = first.get(id(b.attn)), first.get(id(b.ffn))
+        first.setdefault(id(b.attn), f"blocks.{i}.attn")
+        first.setdefault(id(b.ffn), f"blocks.{i}.ffn")
+        out += [f"    attn: shared with {seen_attn}"] if seen_attn else _attn(b.attn, "    ")
         if b.post_attn_norm is not None:
             out.append(f"    post_attn_norm: {_norm(b.post_attn_norm)}")
         out.append(f"    ffn_norm: {_norm(b.ffn_norm)}")
-        out += _mlp(b.ffn, "    ") if isinstance(b.ffn, MLP) else _moe(b.ffn, "    ")
+        if seen_ffn:
+            out.append(f"    ffn: shared with {seen_ffn}")
+        else:
+            out += _mlp(b.ffn, "    ") if isinstance(b.ffn, MLP) else _moe(b.ffn, "    ")
         if b.post_ffn_norm is not None:
             out.append(f"    post_ffn_norm: {_norm(b.post_ffn_norm)}")
     out.append(f"  final_norm: {_norm(m.final_norm)}")

@@ -22,8 +22,21 @@ class QuantScheme:
     bits: int = 4
     group_size: int = 32
     symmetric: bool = True
+    # "bfloat16": scales rounded to bf16 before the codes are chosen, so a runtime that
+    # stores bf16 scales (XNNPACK's blockwise kernels) holds them exactly
+    scale_dtype: str = "float32"
+
+    def at(self, in_features: int) -> "QuantScheme":
+        """group_size 0 means one group per row (per channel, what XNNPACK's int8 GEMM takes)."""
+        if self.group_size:
+            return self
+        return QuantScheme(self.bits, in_features, self.symmetric, self.scale_dtype)
 
     def check(self, in_features: int, where: str) -> None:
+        if self.group_size == 0:
+            return self.at(in_features).check(in_features, where)
+        if self.scale_dtype not in ("float32", "bfloat16"):
+            raise SlmcError(f"scale_dtype {self.scale_dtype!r}: float32 or bfloat16", where)
         if self.bits not in (4, 8):
             raise SlmcError(f"bit width {self.bits} is not supported (4 or 8)", where)
         if self.group_size <= 0 or in_features % self.group_size:
@@ -39,20 +52,29 @@ class QuantScheme:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
 
+def _round_scale(scale: torch.Tensor, s: QuantScheme) -> torch.Tensor:
+    if s.scale_dtype == "bfloat16":
+        tiny = torch.tensor(1e-12, dtype=torch.bfloat16).float()  # itself a bf16 value
+        return torch.maximum(scale.to(torch.bfloat16).float(), tiny)
+    return scale
+
+
 def group_params(w: torch.Tensor, s: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scales (and zeros) per [out, in // g] group from the weight's range."""
+    s = s.at(w.shape[1])
     g = w.float().reshape(w.shape[0], -1, s.group_size)
     if s.symmetric:
         scale = g.abs().amax(-1) / s.qmax
-        return scale.clamp_min(1e-12), None
+        return _round_scale(scale.clamp_min(1e-12), s), None
     lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
-    scale = ((hi - lo) / s.qmax).clamp_min(1e-12)
+    scale = _round_scale(((hi - lo) / s.qmax).clamp_min(1e-12), s)
     zero = torch.round(-lo / scale).clamp(s.qmin, s.qmax)
     return scale, zero
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, s: QuantScheme) -> torch.Tensor:
     """Round w to integer codes with the given per-group scale/zero."""
+    s = s.at(w.shape[1])
     sc = scale.repeat_interleave(s.group_size, dim=1)
     z = zero.repeat_interleave(s.group_size, dim=1) if zero is not None else 0.0
     # int8 storage for symmetric codes, uint8 for asymmetric ones (8-bit asym reaches 255)
@@ -63,6 +85,7 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
 def rtn(w: torch.Tensor, s: QuantScheme, algorithm: str = "rtn",
         scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> QuantWeight:
     """Round-to-nearest with the range-derived (or given) scales."""
+    s = s.at(w.shape[1])
     if scale is None:
         scale, zero = group_params(w, s)
     codes = quantize_codes(w, scale, zero, s)

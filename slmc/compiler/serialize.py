@@ -1,7 +1,9 @@
 """Save/load the IR as `ir.json` (structure) + `weights.safetensors` (tensors).
 
-Round-trip exact: dtypes, quantized codes/scales/zeros and weight sharing (one
-tensor referenced from several places) all survive. Loading is lazy.
+Round-trip exact: dtypes, quantized codes/scales/zeros and sharing all survive: one
+tensor referenced from several places, and one IR node (e.g. an MLP used by two blocks,
+`arch.share_layers`), which is written once and then as {"$ref": its first path}. Loading
+is lazy.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def _encode(obj, path: str, tensors: dict, keys: dict):
                            "bits": obj.bits, "symmetric": obj.symmetric, "algorithm": obj.algorithm,
                            "act_bits": obj.act_bits}}
     if dataclasses.is_dataclass(obj):
+        if id(obj) in keys:  # a node reached twice: keep it one object after loading
+            return {"$ref": keys[id(obj)]}
+        keys[id(obj)] = path
         d = {"$type": type(obj).__name__}
         for f in dataclasses.fields(obj):
             d[f.name] = _encode(getattr(obj, f.name), f"{path}.{f.name}" if path else f.name, tensors, keys)
@@ -79,8 +84,23 @@ def save_ir(model, folder: Path) -> Path:
     return folder
 
 
-def _decode(obj, src: SafetensorsSource, memo: dict):
+def _node(root, path: str):
+    """The JSON node at an encoder path ("blocks.0.ffn"; dataclass fields and list indices)."""
+    for seg in filter(None, path.split(".")):
+        root = root[int(seg)] if isinstance(root, list) else root[seg]
+    return root
+
+
+def _decode(obj, src: SafetensorsSource, memo: dict, path: str = "", root=None):
+    def sub(v, key):
+        return _decode(v, src, memo, f"{path}.{key}" if path else str(key), root)
+
     if isinstance(obj, dict):
+        if "$ref" in obj:  # decode the first occurrence now if sorted keys put it later
+            k = obj["$ref"]
+            if ("$obj", k) not in memo:
+                _decode(_node(root, k), src, memo, k, root)
+            return memo[("$obj", k)]
         if "$weight" in obj:
             k = obj["$weight"]
             if k not in memo:
@@ -97,12 +117,13 @@ def _decode(obj, src: SafetensorsSource, memo: dict):
                     algorithm=q["algorithm"], act_bits=q.get("act_bits", 0))
             return memo[k]
         if "$type" in obj:
-            cls = IR_CLASSES[obj["$type"]]
-            kwargs = {k: _decode(v, src, memo) for k, v in obj.items() if k != "$type"}
-            return cls(**kwargs)
-        return {k: _decode(v, src, memo) for k, v in obj.items()}
+            if ("$obj", path) not in memo:
+                cls = IR_CLASSES[obj["$type"]]
+                memo[("$obj", path)] = cls(**{k: sub(v, k) for k, v in obj.items() if k != "$type"})
+            return memo[("$obj", path)]
+        return {k: sub(v, k) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_decode(x, src, memo) for x in obj]
+        return [sub(x, i) for i, x in enumerate(obj)]
     return obj
 
 
@@ -120,6 +141,6 @@ def load_ir(folder: Path):
         raise SlmcError(f"IR format {doc.get('format')!r}, expected {FORMAT!r}", str(folder / "ir.json"))
     src = SafetensorsSource([folder / "weights.safetensors"])
     try:
-        return _decode(doc["model"], src, {})
-    except (KeyError, TypeError) as e:
+        return _decode(doc["model"], src, {}, "", doc["model"])
+    except (KeyError, TypeError, IndexError, ValueError) as e:
         raise SlmcError(f"malformed IR ({e})", str(folder / "ir.json")) from None

@@ -61,6 +61,7 @@ METHODS = ("mean", "similarity")
 DAMP = 1e-2  # ridge toward the mean-pooled weights, relative to the mean Gram diagonal
 KV_ELEMENT_BYTES = {"float32": 4, "float16": 2, "int8": 1}
 WHERE = "--pass arch.gqa"
+SEQUENTIAL = True
 
 
 @dataclass(frozen=True)
@@ -173,17 +174,19 @@ def _ridge(G: torch.Tensor, rhs: torch.Tensor, prior: torch.Tensor) -> torch.Ten
 
 
 class Layer:
-    """One attention layer's conversion: calibration inputs, the original per-head outputs."""
+    """One attention layer's conversion. `ref` is the layer's input in the original model (it
+    gives the targets: the original per-head outputs), `x` its input in the converted model
+    so far (it gives the features the refit fits, so the refit also absorbs upstream drift)."""
 
-    def __init__(self, a: Attention, G: int, x: torch.Tensor | None, chunk: int):
-        self.a, self.G, self.x, self.chunk = a, G, x, chunk
+    def __init__(self, a: Attention, G: int, ref: torch.Tensor | None, x: torch.Tensor | None, chunk: int):
+        self.a, self.G, self.ref, self.x, self.chunk = a, G, ref, x, chunk
         self.H, self.K, self.d = a.n_heads, a.n_kv_heads, a.head_dim
         self.src = [h // (self.H // self.K) for h in range(self.H)]  # old KV head of each query head
         self.pos = torch.arange(x.shape[1]) if x is not None else None
 
-    def chunks(self):
-        for i in range(0, len(self.x), self.chunk):
-            yield self.x[i:i + self.chunk]
+    def chunks(self, x: torch.Tensor):
+        for i in range(0, len(x), self.chunk):
+            yield x[i:i + self.chunk]
 
     def stats(self) -> None:
         """Similarity of the old KV heads, query covariances, the original outputs."""
@@ -191,7 +194,7 @@ class Layer:
         gk, gv = torch.zeros(K, K, dtype=torch.float64), torch.zeros(K, K, dtype=torch.float64)
         self.cq = torch.zeros(H, d, d, dtype=torch.float64)
         cores = []
-        for xc in self.chunks():
+        for xc in self.chunks(self.ref):
             h = _heads(self.a, xc, self.pos)
             gk += torch.einsum("nitd,njtd->ij", h["k"], h["k"]).double()
             gv += torch.einsum("nitd,njtd->ij", h["v"], h["v"]).double()
@@ -206,7 +209,7 @@ class Layer:
         self.target = _flat_core(self.core) @ self.a.o.weight.float().T  # attention output, bias aside
 
     def error(self, a: Attention) -> float:
-        cores = torch.cat([_heads(a, xc, self.pos)["core"] for xc in self.chunks()])
+        cores = torch.cat([_heads(a, xc, self.pos)["core"] for xc in self.chunks(self.x)])
         y = _flat_core(cores) @ a.o.weight.float().T
         return float((y - self.target).pow(2).sum() / self.target.pow(2).sum().clamp_min(1e-30))
 
@@ -258,24 +261,26 @@ class Layer:
         return _lin(W[:, :-1], W[:, -1]) if bk is not None else _lin(W, None)
 
     def _refit_v(self, a: Attention) -> Linear:
-        """Grouped values through the new attention reproduce each head's original output."""
+        """Grouped values through the new attention reproduce each head's original output.
+        sum_h Z_h^T Z_h with Z_h = A_h X is X^T (sum_h A_h^T A_h) X per sequence: T x T work
+        per head instead of T x hidden."""
         G, d, r = self.G, self.d, self.H // self.G
         bias = a.v.bias is not None
         n_in = self.x.shape[-1] + bias
         gz = torch.zeros(G, n_in, n_in, dtype=torch.float64)
         gzy = torch.zeros(G, n_in, d, dtype=torch.float64)
         idx, i0 = torch.tensor(self.perm), 0
-        for xc in self.chunks():
-            probs = _heads(a, xc, self.pos)["probs"]
-            if bias:  # rows of the probabilities sum to 1, so a ones column carries the bias
-                xc = torch.cat([xc, torch.ones(*xc.shape[:-1], 1)], -1)
-            z = probs @ xc[:, None]  # [n, H, T, n_in], new head order
+        for xc in self.chunks(self.x):
+            probs = _heads(a, xc, self.pos)["probs"]  # new head order
             y = self.core[i0:i0 + len(xc)][:, idx]  # original outputs, new head order
             i0 += len(xc)
+            if bias:  # rows of the probabilities sum to 1, so a ones column carries the bias
+                xc = torch.cat([xc, torch.ones(*xc.shape[:-1], 1)], -1)
             for g in range(G):
-                zg = z[:, g * r:(g + 1) * r].reshape(-1, n_in)
-                gz[g] += (zg.T @ zg).double()
-                gzy[g] += (zg.T @ y[:, g * r:(g + 1) * r].reshape(-1, d)).double()
+                pg, yg = probs[:, g * r:(g + 1) * r], y[:, g * r:(g + 1) * r]
+                m = (pg.transpose(-1, -2) @ pg).sum(1)  # [n, T, T]
+                gz[g] += (xc.transpose(1, 2) @ (m @ xc)).sum(0).double()
+                gzy[g] += (xc.transpose(1, 2) @ (pg.transpose(-1, -2) @ yg).sum(1)).sum(0).double()
         prior = a.v.weight.float().view(G, d, -1)
         if bias:
             prior = torch.cat([prior, a.v.bias.float().view(G, d)[..., None]], -1)
@@ -284,7 +289,7 @@ class Layer:
 
     def _refit_o(self, a: Attention) -> Linear:
         """The new head outputs, mixed by O, reproduce the original attention output."""
-        cores = torch.cat([_heads(a, xc, self.pos)["core"] for xc in self.chunks()])
+        cores = torch.cat([_heads(a, xc, self.pos)["core"] for xc in self.chunks(self.x)])
         c = _flat_core(cores)
         gc = torch.zeros(c.shape[1], c.shape[1], dtype=torch.float64)
         gcy = torch.zeros(c.shape[1], self.target.shape[1], dtype=torch.float64)
@@ -322,16 +327,22 @@ class ArchGQA(Pass):
         ids = calibration_ids(ir, files, o.n_seqs, o.seq_len, o.seed) if calibrate else None
         stats = {"t_calib": time.perf_counter() - t0, "err_mean": [], "err": [], "refit": 0, "groups": {}}
         new: dict[int, Attention] = {}
-        x = reference.embed(ir, ids) if calibrate else None
+        ref = x = reference.embed(ir, ids) if calibrate else None
         pos = torch.arange(ids.shape[1]) if calibrate else None
         chunk = max(1, 2048 // ids.shape[1]) if calibrate else 1
+
+        def forward(blk, t):
+            return torch.cat([reference.block(blk, t[i:i + chunk], pos) for i in range(0, len(t), chunk)])
+
         for d in range(ir.n_layers):
             bi, b = ir.layers[d], ir.block_at(d)
             if bi in todo and bi not in new:
-                n1 = reference.rms_norm(x, b.attn_norm) if calibrate else None
-                new[bi] = self._convert(_split(b.attn), n1, chunk, bi, stats)
-            if calibrate and d + 1 < ir.n_layers:  # the original model's stream feeds every layer
-                x = torch.cat([reference.block(b, x[i:i + chunk], pos) for i in range(0, len(x), chunk)])
+                n_ref, n_x = (reference.rms_norm(t, b.attn_norm) if calibrate else None for t in (ref, x))
+                new[bi] = self._convert(_split(b.attn), n_ref, n_x, chunk, bi, stats)
+            if calibrate and d + 1 < ir.n_layers:  # both streams: the original and the converted model
+                conv = dataclasses.replace(b, attn=new.get(bi, b.attn))
+                ref, x = forward(b, ref), (forward(conv, x) if SEQUENTIAL else None)
+                x = ref if x is None else x
         for bi, a in new.items():
             if ir.blocks[bi].attn.fused:
                 a = dataclasses.replace(a, qkv=concat_linears([a.q, a.k, a.v]), q=None, k=None, v=None)
@@ -350,9 +361,10 @@ class ArchGQA(Pass):
                 info["groups"] = stats["groups"]
         return PassResult(ir, True, info)
 
-    def _convert(self, a: Attention, x: torch.Tensor | None, chunk: int, bi: int, stats: dict) -> Attention:
+    def _convert(self, a: Attention, ref: torch.Tensor | None, x: torch.Tensor | None, chunk: int, bi: int,
+                 stats: dict) -> Attention:
         o, G = self.options, self.options.kv_groups
-        layer = Layer(a, G, x, chunk)
+        layer = Layer(a, G, ref, x, chunk)
         if x is None:  # mean pooling, no calibration
             return layer.pooled(contiguous(a.n_heads, G))
         layer.stats()

@@ -13,9 +13,9 @@
    experts resident at once, over all MoE layers together (a phone's budget is one
    number, not one per layer), so K must be at least top_k.
 
-Before:                                   After (expert_bits=4, backbone_bits=8, K=8):
+Before:                                   After (defaults: 4-bit experts, float backbone, K=8):
   moe: experts=4 top_k=2 router f32[4,64]   moe: experts=4 top_k=2 router f32[4,64]
-    expert0(silu): gate f32[96,64] ...        expert0(silu): gate sint4g32[96,64](rtn) ...
+    expert0(silu): gate f32[96,64] ...        expert0(silu): gate sint4g32[96,64](rtn,act int8) ...
                                               offload: cache_experts=8 expert_bits=4 freq=[...]
 """
 
@@ -39,10 +39,13 @@ WHERE = "--pass moe.offload"
 @dataclass(frozen=True)
 class OffloadOptions:
     expert_bits: int = 4  # 0: float experts
-    backbone_bits: int = 8  # 0: float attention / shared / dense MLPs
+    backbone_bits: int = 0  # 0: float attention / shared / dense MLPs; 4 or 8
     group_size: int = 32
     symmetric: bool = True
-    act_bits: int = 0  # 8: int8 per-token activations into quantized linears (XNNPACK 8da4w/8da8w)
+    # The defaults fit ExecuTorch/XNNPACK's 8da4w kernels: int8 per-token activations
+    # into quantized linears, scales that are exact in its bf16 storage.
+    act_bits: int = 8  # 0: float activations
+    scale_dtype: str = "bfloat16"  # or float32
     cache_experts: int = 8  # K routed experts resident at once, over all MoE layers
     calib: str = ""  # your text files, separated by ';' (empty: data-free)
     n_seqs: int = 16
@@ -82,7 +85,7 @@ def _quantize(ir: Model, o: OffloadOptions) -> int:
         if not bits or isinstance(lin.weight, QuantWeight):
             continue
         if id(lin.weight) not in done:  # a weight shared by several depths is quantized once
-            s = QuantScheme(bits, o.group_size, o.symmetric)
+            s = QuantScheme(bits, o.group_size, o.symmetric, o.scale_dtype)
             s.check(lin.in_features, f"{WHERE} ({path})")
             q = rtn(lin.weight.float(), s)
             q.act_bits = o.act_bits

@@ -59,7 +59,7 @@ SEARCH_ROWS = 512  # at most this many output rows score each scale
 @dataclass(frozen=True)
 class AWQOptions:
     bits: int = 4
-    group_size: int = 32
+    group_size: int = 32  # 0: one group per output row (per channel)
     symmetric: bool = True
     n_grid: int = 20  # points of the scale exponent grid over [0, 1]
     calib: str = ""  # your text files, separated by ';' (empty: data-free)
@@ -68,11 +68,13 @@ class AWQOptions:
     seed: int = 0
     embed_bits: int = 0  # 0: keep the embedding table in float
     head_bits: int = 0  # 0: keep the output head in float
+    scale_dtype: str = "float32"  # bfloat16: scales exact in XNNPACK's bf16 storage
     act_bits: int = 0  # 8: int8 dynamic per-token activations at run time (XNNPACK 8da4w)
 
 
 def fake_quant(w: torch.Tensor, s: QuantScheme) -> torch.Tensor:
     """RTN-quantize then dequantize (range-derived scales)."""
+    s = s.at(w.shape[1])
     scale, zero = group_params(w, s)
     codes = quantize_codes(w, scale, zero, s).float()
     z = zero.repeat_interleave(s.group_size, 1) if zero is not None else 0.0
@@ -127,6 +129,7 @@ def group_grams(x: torch.Tensor, g: int) -> torch.Tensor:
 def clip_quantize(W: torch.Tensor, Gb: torch.Tensor, s: QuantScheme, protect: slice | None = None) -> QuantWeight:
     """Per (row, group) range shrink minimizing the group's output error e Gb[group] e^T, then RTN."""
     rows, cols = W.shape
+    s = s.at(cols)
     g, ng = s.group_size, cols // s.group_size
     Wg = W.view(rows, ng, g)
     if s.symmetric:
@@ -193,7 +196,7 @@ class QuantAWQ(Pass):
     def apply(self, ir: Model, quantize: bool = True) -> PassResult:
         """quantize=False: search and fold the scales only (the float model stays equivalent)."""
         o = self.options
-        s = QuantScheme(o.bits, o.group_size, o.symmetric)
+        s = QuantScheme(o.bits, o.group_size, o.symmetric, o.scale_dtype)
         if o.n_grid < 1:
             raise SlmcError(f"n_grid must be >= 1 (got {o.n_grid})", "--pass quant.awq")
         for path, lin in block_linears(ir):  # refuse bad group sizes before minutes of calibration
@@ -243,7 +246,7 @@ class QuantAWQ(Pass):
         if not quantize:
             return
         for site, sc in zip(sites, scales):
-            Gb = group_grams(site.x / sc if sc is not None else site.x, s.group_size)  # of the inputs x / s
+            Gb = group_grams(site.x / sc if sc is not None else site.x, s.at(site.x.shape[-1]).group_size)  # of the inputs x / s
             for lin in site.linears:
                 if isinstance(lin.weight, QuantWeight):
                     continue

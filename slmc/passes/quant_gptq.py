@@ -43,7 +43,7 @@ from .quant_rtn import quantize_ends, set_act_bits
 @dataclass(frozen=True)
 class GPTQOptions:
     bits: int = 4
-    group_size: int = 32
+    group_size: int = 32  # 0: one group per output row (per channel)
     symmetric: bool = True
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
     act_order: bool = False
@@ -54,6 +54,7 @@ class GPTQOptions:
     seed: int = 0
     embed_bits: int = 0  # 0: keep the embedding table in float
     head_bits: int = 0  # 0: keep the output head in float
+    scale_dtype: str = "float32"  # bfloat16: scales exact in XNNPACK's bf16 storage
     act_bits: int = 0  # 8: int8 dynamic per-token activations at run time (XNNPACK 8da4w)
 
 
@@ -76,6 +77,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, b
     """Quantize W [rows, cols] against H [cols, cols]; returns codes, scales, zeros (or None)."""
     W, H = W.float().clone(), H.float().clone()
     rows, cols = W.shape
+    s = s.at(cols)
     g = s.group_size
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
@@ -127,7 +129,7 @@ class QuantGPTQ(Pass):
 
     def run(self, ir: Model) -> PassResult:
         o = self.options
-        s = QuantScheme(o.bits, o.group_size, o.symmetric)
+        s = QuantScheme(o.bits, o.group_size, o.symmetric, o.scale_dtype)
         if not o.damp >= 0 or o.block_size < 1:
             raise SlmcError(f"need damp >= 0 and block_size >= 1 (got {o.damp}, {o.block_size})", "--pass quant.gptq")
         for path, lin in block_linears(ir):  # refuse bad group sizes before minutes of calibration
@@ -169,7 +171,8 @@ class QuantGPTQ(Pass):
                 memo[key] = (w, QuantWeight(  # keeps w alive, so its id is never reused
                     codes=codes[r:r + k].clone(), scales=scales[r:r + k].clone(),
                     zeros=zeros[r:r + k].clone() if zeros is not None else None,
-                    group_size=s.group_size, bits=s.bits, symmetric=s.symmetric, algorithm="gptq"))
+                    group_size=s.at(w.shape[1]).group_size, bits=s.bits, symmetric=s.symmetric,
+                    algorithm="gptq"))
                 r += k
                 w.release()  # the float copy can be re-read from the checkpoint if ever needed
         for lin in site.linears:

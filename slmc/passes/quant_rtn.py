@@ -25,10 +25,11 @@ from ._linears import block_linears
 @dataclass(frozen=True)
 class RTNOptions:
     bits: int = 4
-    group_size: int = 32
+    group_size: int = 32  # 0: one group per output row (per channel)
     symmetric: bool = True
     embed_bits: int = 0  # 0: keep the embedding table in float
     head_bits: int = 0  # 0: keep the output head in float
+    scale_dtype: str = "float32"  # bfloat16: scales exact in XNNPACK's bf16 storage
     act_bits: int = 0  # 8: int8 dynamic per-token activations at run time (XNNPACK 8da4w)
 
 
@@ -39,12 +40,12 @@ def quantize_ends(ir: Model, opts, algorithm: str) -> int:
         if ir.lm_head is None:
             ir.lm_head = Linear(ir.embed)
         if not isinstance(ir.lm_head.weight, QuantWeight):
-            s = QuantScheme(opts.head_bits, opts.group_size, opts.symmetric)
+            s = QuantScheme(opts.head_bits, opts.group_size, opts.symmetric, opts.scale_dtype)
             s.check(ir.lm_head.in_features, "--pass quant:head_bits")
             ir.lm_head.weight = rtn(ir.lm_head.weight.float(), s, algorithm)
             n += 1
     if opts.embed_bits and not isinstance(ir.embed, QuantWeight):
-        s = QuantScheme(opts.embed_bits, opts.group_size, opts.symmetric)
+        s = QuantScheme(opts.embed_bits, opts.group_size, opts.symmetric, opts.scale_dtype)
         s.check(ir.hidden_size, "--pass quant:embed_bits")
         ir.embed = rtn(ir.embed.float(), s, algorithm)
         n += 1
@@ -70,7 +71,7 @@ class QuantRTN(Pass):
 
     def run(self, ir: Model) -> PassResult:
         o = self.options
-        s = QuantScheme(o.bits, o.group_size, o.symmetric)
+        s = QuantScheme(o.bits, o.group_size, o.symmetric, o.scale_dtype)
         done: dict[int, QuantWeight] = {}
         for path, lin in block_linears(ir):
             if isinstance(lin.weight, QuantWeight):

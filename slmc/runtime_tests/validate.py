@@ -37,6 +37,11 @@ TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
     ("pte", "portable", "float"): Tolerance(2e-3, 1.0, True),
     ("pte-moe", "xnnpack", "float"): Tolerance(2e-3, 1.0, True),
     ("pte-moe", "portable", "float"): Tolerance(2e-3, 1.0, True),
+    # int8 dynamic activations (8da4w): XNNPACK's own per-token quantizer may round an
+    # activation sitting on a .5 boundary the other way than torch, and one flipped code
+    # moves a logit by ~scale; top-1 is what the 99 % bar measures.
+    ("pte", "xnnpack", "quant"): Tolerance(0.25, 0.99, False),
+    ("pte-moe", "xnnpack", "quant"): Tolerance(0.25, 0.99, False),  # the same kernels, per segment
     ("tflite", "cpu", "float"): Tolerance(2e-3, 1.0, True),
     # Core ML on Linux is checked by slmc's MIL interpreter; fp16 compute rounds every op.
     ("mlpackage", "fp32", "float"): Tolerance(2e-3, 1.0, True),

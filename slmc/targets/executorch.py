@@ -86,6 +86,8 @@ def to_pte(programs, spec: ExecuTorchSpec, constant_methods: dict | None = None,
     step("to_executorch")
     prog = edge.to_executorch(ExecutorchBackendConfig(
         extract_delegate_segments=True,
+        # dequantize_affine + embedding -> quantized_decomposed::embedding_4bit/byte
+        do_quant_fusion_and_const_prop=True,
         memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=shared_state),
         sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
     return prog.buffer, delegation
@@ -103,13 +105,17 @@ class ExecuTorchTarget(Target):
         from .executorch_moe import has_offload_plan, offload_supports
 
         if has_offload_plan(model):  # moe.offload: a backbone program + one program per expert
-            return offload_supports(model) or BACKENDS[spec.backend].missing()
+            why = offload_supports(model)
+            if why:
+                return why
         kv = model.kv
         if kv.dtype != "float32" or kv.window is not None or kv.arena:
             return (f"KV cache dtype={kv.dtype} window={kv.window} arena={kv.arena}: this target "
                     "lowers a static fp32 cache per layer (BHSD or BSHD) only")
         if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
-            return "quantized weights are not lowered to ExecuTorch yet"
+            why = BACKENDS[spec.backend].quant.check(model)
+            if why:
+                return why
         return BACKENDS[spec.backend].missing()
 
     def lower(self, model: Model, spec: ExecuTorchSpec, progress=None) -> Artifact:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .quant_rules import XNNPACK, QuantRules
+
 
 @dataclass(frozen=True)
 class ETBackend:
@@ -19,6 +21,8 @@ class ETBackend:
     partitioners: Callable[[object], list]
     missing: Callable[[], str | None] = lambda: None  # why it can't compile here, or None
     note: str = ""
+    # which quantized tensors it holds exactly (default: none; slmc never re-rounds silently)
+    quant: QuantRules = QuantRules("this ExecuTorch backend", linear=None, embedding=None)
 
 
 def _xnnpack(spec):
@@ -87,7 +91,7 @@ def _mediatek(spec):
 
 
 BACKENDS: dict[str, ETBackend] = {b.name: b for b in (
-    ETBackend("xnnpack", dynamic=True, host_runnable=True, partitioners=_xnnpack),
+    ETBackend("xnnpack", dynamic=True, host_runnable=True, partitioners=_xnnpack, quant=XNNPACK),
     ETBackend("portable", dynamic=True, host_runnable=True, partitioners=lambda spec: []),
     ETBackend("vulkan", dynamic=True, host_runnable=False, partitioners=_vulkan,
               note="Android GPU; the pip runtime has no Vulkan delegate, so it runs on a device only"),

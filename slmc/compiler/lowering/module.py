@@ -47,10 +47,10 @@ class _Params:
         if w is None:
             return None
         if id(w) not in self.memo and isinstance(w, QuantWeight):
+            # not also registered on the owner: unwrap_tensor_subclass would parametrize the
+            # same tensor twice in one module, which export then counts as two inputs
             self.quantized = True
-            p = intx_parameter(w, self.dtype)
-            self.owner.register_parameter(f"w{len(self.memo)}", p)
-            self.memo[id(w)] = p
+            self.memo[id(w)] = intx_parameter(w, self.dtype)
         if id(w) not in self.memo:
             was_loaded = getattr(w, "loaded", True)
             p = nn.Parameter(w.float().to(self.dtype), requires_grad=False)

@@ -1,0 +1,109 @@
+"""Which quantized tensors a target (backend) can hold exactly, as data.
+
+Each target names a QuantRules; `check` walks the IR's QuantWeights and returns the
+first one the runtime cannot hold bit for bit, with what to change. A target never
+re-rounds codes silently: either slmc's codes and scales go in unchanged, or compile
+refuses and says which recipe/options would fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..compiler.ir import Model, QuantWeight
+
+
+@dataclass(frozen=True)
+class Rule:
+    bits: tuple[int, ...]
+    symmetric_only: bool = False
+    act_bits: tuple[int, ...] = (0,)  # allowed activation quantization
+    bf16_scales: bool = False  # the runtime stores blockwise scales as bf16
+    per_channel_bits: tuple[int, ...] = ()  # bit widths it holds with one scale per row only
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class QuantRules:
+    name: str
+    linear: Rule | None  # None: quantized linears are not supported at all
+    embedding: Rule | None
+    tied_quantized_head: bool = True  # a quantized embedding may also serve as the head
+
+    def check(self, model: Model) -> str | None:
+        if model.lm_head is None and isinstance(model.embed, QuantWeight) and not self.tied_quantized_head:
+            return (f"{self.name} cannot use one quantized table as both embedding and output head; "
+                    "quantize the head separately (head_bits=...)")
+        for where, w, rule in _quant_tensors(model, self):
+            why = _violation(w, rule)
+            if why:
+                return f"{self.name}: {where} is {w.dtype} (act int{w.act_bits}): {why}"
+        return None
+
+
+def _quant_tensors(model: Model, rules: QuantRules):
+    if isinstance(model.embed, QuantWeight):
+        yield "embed", model.embed, rules.embedding
+        if model.lm_head is None:
+            yield "tied lm_head", model.embed, rules.linear
+    if model.lm_head is not None and isinstance(model.lm_head.weight, QuantWeight):
+        yield "lm_head", model.lm_head.weight, rules.linear
+    for path, lin in _block_linears(model):
+        if isinstance(lin.weight, QuantWeight):
+            yield path, lin.weight, rules.linear
+
+
+def _block_linears(model: Model):
+    """Every projection of every block (targets never import passes, so no _linears)."""
+    from ..compiler.ir import MLP, MoE
+
+    def mlp(m, where):
+        for nm in ("gate", "up", "gate_up", "down"):
+            if getattr(m, nm) is not None:
+                yield f"{where}.{nm}", getattr(m, nm)
+
+    for i, b in enumerate(model.blocks):
+        for nm in ("q", "k", "v", "qkv", "o"):
+            if getattr(b.attn, nm) is not None:
+                yield f"blocks.{i}.attn.{nm}", getattr(b.attn, nm)
+        if isinstance(b.ffn, MoE):
+            yield f"blocks.{i}.ffn.router", b.ffn.router
+            for e, ex in enumerate(b.ffn.experts):
+                yield from mlp(ex, f"blocks.{i}.ffn.experts.{e}")
+            if b.ffn.shared is not None:
+                yield from mlp(b.ffn.shared, f"blocks.{i}.ffn.shared")
+        elif isinstance(b.ffn, MLP):
+            yield from mlp(b.ffn, f"blocks.{i}.ffn")
+
+
+def _violation(w: QuantWeight, rule: Rule | None) -> str | None:
+    if rule is None:
+        return "this target holds no quantized tensors of this kind"
+    if w.bits not in rule.bits:
+        return f"only {'/'.join(map(str, rule.bits))}-bit codes fit{rule.note}"
+    if rule.symmetric_only and not w.symmetric:
+        return f"only symmetric codes fit (quantize with symmetric=true){rule.note}"
+    if w.bits in rule.per_channel_bits and w.group_size != w.shape[1]:
+        return f"{w.bits}-bit codes fit per channel only (quantize with group_size=0){rule.note}"
+    if w.act_bits not in rule.act_bits:
+        want = " or ".join("float activations" if a == 0 else f"act_bits={a}" for a in rule.act_bits)
+        return f"needs {want}{rule.note}"
+    blockwise = w.group_size < w.shape[1]
+    if rule.bf16_scales and blockwise and not torch.equal(w.scales.to(torch.bfloat16).float(), w.scales.float()):
+        return ("its scales are not bf16 values and this runtime stores bf16 scales "
+                f"(quantize with scale_dtype=bfloat16){rule.note}")
+    return None
+
+
+# XNNPACK runs int4/int8 weights only in its dynamically quantized GEMMs (qd8-f32-qb4w,
+# qd8-f32-qc8w), with blockwise scales kept as bf16; embeddings go to ExecuTorch's
+# quantized_decomposed::embedding_4bit / embedding_byte kernels.
+XNNPACK = QuantRules(
+    "ExecuTorch/XNNPACK",
+    linear=Rule(bits=(4, 8), symmetric_only=True, act_bits=(8,), bf16_scales=True, per_channel_bits=(8,),
+                note=" (recipes int8da-int4w-g32 and int8da-int8w fit)"),
+    embedding=Rule(bits=(4, 8)),
+    tied_quantized_head=False,
+)
