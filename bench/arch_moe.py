@@ -44,8 +44,11 @@ DEFAULTS = dict(quick=False, layers=30, experts=4, top_k=2, noise=0.02, max_seq_
                 calib_text=str(CORPUS / "austen_emma.txt"), eval_text=str(CORPUS / "austen_northangerabbey.txt"))
 
 
-def _rss_now_mb() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process. Not ru_maxrss: a child's ru_maxrss
+    carries the parent's RSS from before exec, and this parent holds several models."""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
 
 
 # ------------------------------------------------------------------ building the MoE
@@ -104,8 +107,13 @@ def upcycle(ir, n_layers: int, n_experts: int, top_k: int, noise: float, calib_i
 def worker_run(a) -> dict:
     from slmc.runtime_tests.moe_runner import MoEOffloadSession
 
+    import importlib
+
+    for m in ("executorch.kernels.quantized", "executorch.runtime"):  # the runner's imports, before measuring
+        importlib.import_module(m)
+
     manifest = json.loads((Path(a.folder) / "manifest.json").read_text())
-    rss0 = _rss_now_mb()  # python + torch + executorch, before any model byte
+    rss0 = _status_mb("VmRSS")  # python + torch + executorch, before any model byte
     s = MoEOffloadSession(Path(a.folder), manifest, cache_experts=a.k, predict=bool(a.predict))
     if a.all_resident:
         for L in manifest["moe_offload"]["layers"]:
@@ -127,17 +135,15 @@ def worker_run(a) -> dict:
             "decode_hit_rate": hits / max(hits + misses, 1),
             "decode_bytes_per_token": (after["bytes_read"] - before["bytes_read"]) / (a.steps - 1),
             "decode_preloads_per_token": (after["preloads"] - before["preloads"]) / (a.steps - 1),
-            "max_resident": after["max_resident"], "total": after}
+            "max_resident": after["max_resident"], "total": after, "peak_rss_mb": round(_status_mb("VmHWM"), 1)}
 
 
 def spawn(args: list[str], result: Path) -> dict:
     p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args, "--result", str(result)],
                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    _, status, ru = os.wait4(p.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    if p.wait() != 0:
         raise SystemExit(f"worker {args[:2]} failed")
     out = json.loads(result.read_text())
-    out["peak_rss_mb"] = round(ru.ru_maxrss / 1024, 1)
     out["model_rss_mb"] = round(out["peak_rss_mb"] - out["rss_before_model_mb"], 1)
     return out
 

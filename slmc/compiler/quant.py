@@ -22,8 +22,8 @@ class QuantScheme:
     bits: int = 4
     group_size: int = 32
     symmetric: bool = True
-    # "bfloat16": scales rounded to bf16 before the codes are chosen, so a runtime that
-    # stores bf16 scales (XNNPACK's blockwise kernels) holds them exactly
+    # "bfloat16"/"float16": scales rounded to that dtype before the codes are chosen, so a
+    # runtime that stores them so (XNNPACK blockwise: bf16; Core ML fp16) holds them exactly
     scale_dtype: str = "float32"
 
     def at(self, in_features: int) -> "QuantScheme":
@@ -35,8 +35,8 @@ class QuantScheme:
     def check(self, in_features: int, where: str) -> None:
         if self.group_size == 0:
             return self.at(in_features).check(in_features, where)
-        if self.scale_dtype not in ("float32", "bfloat16"):
-            raise SlmcError(f"scale_dtype {self.scale_dtype!r}: float32 or bfloat16", where)
+        if self.scale_dtype not in ("float32", "bfloat16", "float16"):
+            raise SlmcError(f"scale_dtype {self.scale_dtype!r}: float32, bfloat16 or float16", where)
         if self.bits not in (4, 8):
             raise SlmcError(f"bit width {self.bits} is not supported (4 or 8)", where)
         if self.group_size <= 0 or in_features % self.group_size:
@@ -53,9 +53,10 @@ class QuantScheme:
 
 
 def _round_scale(scale: torch.Tensor, s: QuantScheme) -> torch.Tensor:
-    if s.scale_dtype == "bfloat16":
-        tiny = torch.tensor(1e-12, dtype=torch.bfloat16).float()  # itself a bf16 value
-        return torch.maximum(scale.to(torch.bfloat16).float(), tiny)
+    if s.scale_dtype in ("bfloat16", "float16"):
+        dt = getattr(torch, s.scale_dtype)
+        tiny = torch.tensor(6.2e-5 if dt == torch.float16 else 1e-12, dtype=dt).float()  # a normal value of dt
+        return torch.maximum(scale.to(dt).float(), tiny)
     return scale
 
 

@@ -41,6 +41,7 @@ class OffloadOptions:
     expert_bits: int = 4  # 0: float experts
     backbone_bits: int = 0  # 0: float attention / shared / dense MLPs; 4 or 8
     group_size: int = 32
+    backbone_group_size: int = 0  # 0: group_size; = in_features: per channel (XNNPACK's 8-bit kernels)
     symmetric: bool = True
     # The defaults fit ExecuTorch/XNNPACK's 8da4w kernels: int8 per-token activations
     # into quantized linears, scales that are exact in its bf16 storage.
@@ -81,11 +82,13 @@ def _check(ir: Model, o: OffloadOptions) -> list[int]:
 def _quantize(ir: Model, o: OffloadOptions) -> int:
     done: dict[int, QuantWeight] = {}
     for path, lin in block_linears(ir):
-        bits = o.expert_bits if ".ffn.experts." in path else o.backbone_bits
+        expert = ".ffn.experts." in path
+        bits = o.expert_bits if expert else o.backbone_bits
         if not bits or isinstance(lin.weight, QuantWeight):
             continue
         if id(lin.weight) not in done:  # a weight shared by several depths is quantized once
-            s = QuantScheme(bits, o.group_size, o.symmetric, o.scale_dtype)
+            g = o.group_size if expert or not o.backbone_group_size else o.backbone_group_size
+            s = QuantScheme(bits, g, o.symmetric, o.scale_dtype)
             s.check(lin.in_features, f"{WHERE} ({path})")
             q = rtn(lin.weight.float(), s)
             q.act_bits = o.act_bits

@@ -146,6 +146,18 @@ def _reduce(fn):
 
 
 # op name -> fn(**inputs) -> array or tuple of arrays (one per output)
+def _blockwise_shift_scale(data, scale, offset=None):
+    """iOS 18 constexpr_blockwise_shift_scale: (data - offset) * scale, with scale/offset
+    holding one value per block (block size along each axis = data dim / scale dim)."""
+    d = np.asarray(data).astype(np.float32)
+    sc, off = np.asarray(scale, dtype=np.float32), None if offset is None else np.asarray(offset, np.float32)
+    for ax in range(d.ndim):
+        rep = d.shape[ax] // sc.shape[ax]
+        sc = np.repeat(sc, rep, axis=ax)
+        off = None if off is None else np.repeat(off, rep, axis=ax)
+    return (d - (0.0 if off is None else off)) * sc
+
+
 OPS = {
     "add": lambda x, y: _f(x) + _f(y),
     "sub": lambda x, y: _f(x) - _f(y),
@@ -204,6 +216,7 @@ OPS = {
     "slice_update": _slice_update,
     "scatter": _scatter,
     "identity": lambda x: x,
+    "constexpr_blockwise_shift_scale": _blockwise_shift_scale,
 }
 STATE_OPS = ("const", "read_state", "coreml_update_state")  # handled by the interpreter itself
 

@@ -104,7 +104,9 @@ class MoEOffloadSession:
     runtime = "executorch (slmc moe offload runner)"
 
     def __init__(self, folder: Path, manifest: dict, cache_experts: int | None = None, predict: bool = True):
-        import executorch.kernels.quantized  # noqa: F401  registers quantized kernels
+        import importlib
+
+        importlib.import_module("executorch.kernels.quantized")  # registers the quantized kernels
         from executorch.runtime import Runtime
 
         self.folder, self.plan = Path(folder), manifest["moe_offload"]

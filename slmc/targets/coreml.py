@@ -31,9 +31,11 @@ import torch.nn.functional as F
 
 from ..compiler.ir import Model, QuantWeight, named_weights
 from ..compiler.lowering.module import LMLP, LAttention, LBlock, LNorm, _Params, _rope
+from ..compiler.lowering.quantized import unwrap
 from ..compiler.reference import activation, rope_cos_sin
 from ..errors import SlmcError
 from .base import Artifact, Target, TargetSpec, register
+from .quant_rules import coreml_rules
 
 PACKAGE = "model.mlpackage"
 COMPUTE_UNITS = {"cpu": "CPU_ONLY", "gpu": "CPU_AND_GPU", "ane": "CPU_AND_NE", "all": "ALL"}
@@ -110,7 +112,9 @@ def refusal(model: Model, spec: CoreMLSpec) -> str | None:
         return (f"KV cache dtype={kv.dtype} window={kv.window} arena={kv.arena}: Core ML keeps one "
                 "full-length float cache per depth (BHSD or BSHD) only")
     if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
-        return "quantized weights are not lowered to Core ML yet"
+        why = coreml_rules(spec).check(model)
+        if why:
+            return why
     shapes = {(model.block_at(d).attn.n_kv_heads, model.block_at(d).attn.head_dim) for d in range(model.n_layers)}
     if len(shapes) != 1:
         return f"keyCache/valueCache stack every layer, which needs one (kv_heads, head_dim); got {sorted(shapes)}"
@@ -229,6 +233,8 @@ class CoreMLLM(nn.Module):
         if stateful:  # fp32 here; the converter declares the states fp16 (Core ML has no other)
             self.register_buffer("keyCache", torch.zeros(self.cache_shape))
             self.register_buffer("valueCache", torch.zeros(self.cache_shape))
+        if P.quantized:  # torchao Intx weights -> dequantize_affine -> constexpr_blockwise_shift_scale
+            unwrap(self)
 
     def forward(self, input_ids, causal_mask, key_cache=None, value_cache=None):
         T, end = input_ids.shape[1], causal_mask.shape[-1]

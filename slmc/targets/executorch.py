@@ -68,14 +68,26 @@ def runner_metadata(model: Model, dynamic: bool = True) -> dict:
     return meta
 
 
+def backend_config(shared_state: bool = False):
+    """How every slmc .pte is serialized. shared_state: every method's mutable buffers live
+    in one arena, by name (the runtime otherwise lets methods overwrite each other's)."""
+    from executorch.exir import ExecutorchBackendConfig
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    return ExecutorchBackendConfig(
+        extract_delegate_segments=True,
+        # dequantize_affine + embedding -> quantized_decomposed::embedding_4bit/byte
+        do_quant_fusion_and_const_prop=True,
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=shared_state),
+        sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass())
+
+
 def to_pte(programs, spec: ExecuTorchSpec, constant_methods: dict | None = None, step=lambda msg: None,
            shared_state: bool = False) -> tuple[bytes, dict]:
     """One ExportedProgram (method "forward") or {method: ExportedProgram} -> (.pte bytes,
-    delegation summary per method). shared_state: every method's mutable buffers live in
-    one arena, by name (the runtime otherwise lets methods overwrite each other's)."""
-    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
-    from executorch.exir.passes import MemoryPlanningPass
-    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+    delegation summary per method)."""
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     step(f"to_edge + {spec.backend} partitioning")
     edge = to_edge_transform_and_lower(
@@ -84,13 +96,7 @@ def to_pte(programs, spec: ExecuTorchSpec, constant_methods: dict | None = None,
         constant_methods=constant_methods)
     delegation = {m: delegation_summary(edge, m) for m in (programs if isinstance(programs, dict) else ["forward"])}
     step("to_executorch")
-    prog = edge.to_executorch(ExecutorchBackendConfig(
-        extract_delegate_segments=True,
-        # dequantize_affine + embedding -> quantized_decomposed::embedding_4bit/byte
-        do_quant_fusion_and_const_prop=True,
-        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=shared_state),
-        sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
-    return prog.buffer, delegation
+    return edge.to_executorch(backend_config(shared_state)).buffer, delegation
 
 
 class ExecuTorchTarget(Target):

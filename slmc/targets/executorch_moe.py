@@ -24,7 +24,7 @@ from ..compiler.ir import MoE, Model, QuantWeight, named_weights
 from ..compiler.lowering import LoweringSpec
 from ..compiler.lowering.segments import export_segments, moe_depths
 from .base import Artifact
-from .executorch import BACKENDS, ExecuTorchSpec, runner_metadata, to_pte
+from .executorch import BACKENDS, ExecuTorchSpec, backend_config, delegation_summary, runner_metadata, to_pte
 
 FORMAT = "pte-moe"
 PREDICTOR = "moe_predictor.json"
@@ -53,6 +53,97 @@ def _weight_bytes(obj) -> int:
     return sum(w.nbytes() for _, w in named_weights(obj))
 
 
+class ExpertLowering:
+    """Lowers expert programs, sharing ExecuTorch's edge generation between experts of one shape.
+
+    Most of a small program's lowering time is to_edge's decompositions, which depend only
+    on the graph, and every expert of a layer shape has the same graph (one to five
+    shapes per model, dozens to hundreds of experts). So the first expert of a graph goes
+    through edge generation once (with the partitioners' do-not-decompose sets, as
+    to_edge_transform_and_lower does); each expert then gets a copy of that edge program
+    with its own weights swapped in by name, and is partitioned and serialized alone.
+    A graph whose weights do not map one to one (name, shape, dtype) is lowered the plain way.
+    """
+
+    def __init__(self, spec: ExecuTorchSpec):
+        self.spec, self.templates = spec, {}
+        self.shared = 0  # experts lowered from a template
+
+    def __call__(self, ep) -> tuple[bytes, dict]:
+        import copy
+
+        code = ep.graph_module.code
+        if code not in self.templates:
+            self.templates[code] = (dict(ep.constants), self._template(ep))
+        constants, template = self.templates[code]
+        same = template is not None and constants.keys() == ep.constants.keys() and all(
+            _equal(v, ep.constants[k]) for k, v in constants.items())  # constants the graph made
+        weights = _edge_weights(template.exported_program(), ep) if same else None
+        if weights is None:
+            data, dlg = to_pte(ep, self.spec)
+            return data, dlg["forward"]
+        edge = copy.deepcopy(template)
+        edge.exported_program().state_dict.update(weights)
+        for p in BACKENDS[self.spec.backend].partitioners(self.spec):
+            edge = edge.to_backend(p)
+        self.shared += 1
+        return edge.to_executorch(backend_config()).buffer, delegation_summary(edge)
+
+    def _template(self, ep):
+        try:
+            from executorch.exir import EdgeCompileConfig
+            from executorch.exir.program._program import _gen_edge_manager_for_partitioners
+        except ImportError:  # another ExecuTorch: every expert the plain way
+            return None
+        parts = {"forward": BACKENDS[self.spec.backend].partitioners(self.spec)}
+        return _gen_edge_manager_for_partitioners(parts, {"forward": ep}, EdgeCompileConfig(_check_ir_validity=False),
+                                                  None)
+
+
+def _flat(t) -> list:
+    """A tensor subclass's plain tensors in __tensor_flatten__ order (how export's
+    unwrapping names them parametrizations.<name>.original<i>)."""
+    if not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [x for n in names for x in _flat(getattr(t, n))]
+
+
+def _edge_weights(edge_ep, ep) -> dict | None:
+    """{edge state_dict name: this expert's tensor}, or None if they do not map one to one."""
+    import torch
+
+    raw, out, used = ep.state_dict, {}, set()
+    for name, old in edge_ep.state_dict.items():
+        if name in raw:
+            new = raw[name]
+            used.add(name)
+        elif ".parametrizations." in name:
+            owner, _, rest = name.partition(".parametrizations.")
+            attr, _, orig = rest.partition(".original")
+            key = f"{owner}.{attr}"
+            parts = _flat(raw[key]) if key in raw else []
+            if not orig.isdigit() or int(orig) >= len(parts):
+                return None
+            new = parts[int(orig)]
+            used.add(key)
+        else:
+            return None
+        if new.shape != old.shape or new.dtype != old.dtype:
+            return None
+        out[name] = torch.nn.Parameter(new.detach(), requires_grad=False) if isinstance(old, torch.nn.Parameter) \
+            else new
+    return out if used == set(raw) else None
+
+
+def _equal(a, b) -> bool:
+    import torch
+
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return a is b
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
 def lower_offload(model: Model, spec: ExecuTorchSpec, step) -> Artifact:
     backend = BACKENDS[spec.backend]
     lspec = LoweringSpec()
@@ -62,10 +153,10 @@ def lower_offload(model: Model, spec: ExecuTorchSpec, step) -> Artifact:
     files, delegation = {}, {}
     files["backbone.pte"], delegation["backbone"] = to_pte(backbone, spec, meta, step, shared_state=True)
     del backbone
+    lower = ExpertLowering(spec)
     for i, ((d, e), ep) in enumerate(sorted(experts.items())):
         step(f"expert {i + 1}/{len(experts)} (depth {d}, expert {e})")
-        files[expert_file(d, e)], dlg = to_pte(ep, spec)
-        delegation[expert_file(d, e)] = dlg["forward"]
+        files[expert_file(d, e)], delegation[expert_file(d, e)] = lower(ep)
         experts[(d, e)] = None  # free each exported program once lowered
     depths = moe_depths(model)
     plans = [model.block_at(d).ffn.offload for d in depths]
@@ -111,6 +202,7 @@ def lower_offload(model: Model, spec: ExecuTorchSpec, step) -> Artifact:
             "layers": layers,
             "expert_files_bytes": sum(len(files[expert_file(d, e)]) for d, e in experts),
             "predictor": PREDICTOR,
+            "experts_from_shared_edge_program": lower.shared,
             "expert_bits": plan.expert_bits,
             "quantized_backbone": any(isinstance(w, QuantWeight) for _, w in named_weights(model)
                                       if id(w) not in routed_ids),

@@ -21,6 +21,7 @@ class Rule:
     symmetric_only: bool = False
     act_bits: tuple[int, ...] = (0,)  # allowed activation quantization
     bf16_scales: bool = False  # the runtime stores blockwise scales as bf16
+    scale_dtype: str | None = None  # the runtime stores every scale in this dtype
     per_channel_bits: tuple[int, ...] = ()  # bit widths it holds with one scale per row only
     note: str = ""
 
@@ -94,6 +95,10 @@ def _violation(w: QuantWeight, rule: Rule | None) -> str | None:
     if rule.bf16_scales and blockwise and not torch.equal(w.scales.to(torch.bfloat16).float(), w.scales.float()):
         return ("its scales are not bf16 values and this runtime stores bf16 scales "
                 f"(quantize with scale_dtype=bfloat16){rule.note}")
+    if rule.scale_dtype and not torch.equal(w.scales.to(getattr(torch, rule.scale_dtype)).float(),
+                                            w.scales.float()):
+        return (f"its scales are not {rule.scale_dtype} values and this runtime stores {rule.scale_dtype} "
+                f"scales{rule.note}")
     return None
 
 
@@ -107,3 +112,22 @@ XNNPACK = QuantRules(
     embedding=Rule(bits=(4, 8)),
     tied_quantized_head=False,
 )
+
+# LiteRT: litert_torch lowers dequantize_affine on a constant to a DEQUANTIZE of an
+# int4/int8 tensor; blockwise groups become a per-axis tensor of [rows * groups, g]
+# (one scale per block) followed by a reshape, so every block keeps its own scale.
+LITERT = QuantRules(
+    "LiteRT",
+    linear=Rule(bits=(4, 8), symmetric_only=True, note=" (TFLite weight tensors have zero points of 0)"),
+    embedding=Rule(bits=(4, 8), symmetric_only=True, note=" (TFLite weight tensors have zero points of 0)"),
+)
+
+
+def coreml_rules(spec) -> QuantRules:
+    """Core ML (iOS 18 constexpr_blockwise_shift_scale): int4/int8 codes with optional
+    offsets. In fp16 precision the converter stores the scales as fp16, so they must be
+    fp16 values already (quantize with scale_dtype=float16)."""
+    fp16 = spec.precision == "fp16"
+    note = " (Core ML computes in fp16 here; scale_dtype=float16 keeps scales exact)" if fp16 else ""
+    rule = Rule(bits=(4, 8), scale_dtype="float16" if fp16 else None, note=note)
+    return QuantRules("Core ML", linear=rule, embedding=rule)

@@ -38,6 +38,7 @@ from ..compiler.lowering import LoweredLM, LoweringSpec
 from ..compiler.textdata import find_tokenizer_dir
 from ..errors import SlmcError
 from .base import Artifact, Target, TargetSpec, register
+from .quant_rules import LITERT
 from .tflite_gpu import gpu_fallback
 
 DEFAULT_PREFILL = 128
@@ -329,7 +330,9 @@ class TFLiteTarget(Target):
             return (f"KV cache dtype={kv.dtype} window={kv.window} arena={kv.arena}: this target "
                     "lowers a static fp32 cache per layer (BHSD or BSHD) as signature I/O only")
         if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
-            return "quantized weights are not lowered to LiteRT yet"
+            why = LITERT.check(model)
+            if why:
+                return why
         P = prefill_length(model, spec)
         if not 1 <= P <= kv.max_len - 1:
             return f"prefill length {P} must be in 1..max_len-1={kv.max_len - 1}"
