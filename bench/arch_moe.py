@@ -39,7 +39,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CORPUS = ROOT.parent / "shared" / "corpus"
-DEFAULTS = dict(quick=False, layers=30, experts=4, top_k=2, noise=0.02, max_seq_len=256, calib_seqs=16,
+DEFAULTS = dict(quick=False, layers=30, experts=4, top_k=2, noise=0.02, backbone_bits=8, ends_bits=8,
+                max_seq_len=256, calib_seqs=16,
                 calib_len=128, eval_tokens=2048, decode_steps=48, ks="", work="/tmp/slmc-bench-moe",
                 calib_text=str(CORPUS / "austen_emma.txt"), eval_text=str(CORPUS / "austen_northangerabbey.txt"))
 
@@ -94,7 +95,8 @@ def upcycle(ir, n_layers: int, n_experts: int, top_k: int, noise: float, calib_i
             flat = n.reshape(-1, n.shape[-1])
             c = spherical_kmeans(flat, n_experts, seed)
             c = c / (flat @ c.T).std()
-            experts = [MLP(down=noisy(dense.down), act=dense.act, gate=noisy(dense.gate), up=noisy(dense.up))
+            parts = [nm for nm in ("gate", "up", "gate_up") if getattr(dense, nm) is not None]
+            experts = [MLP(down=noisy(dense.down), act=dense.act, **{nm: noisy(getattr(dense, nm)) for nm in parts})
                        for _ in range(n_experts)]
             b.ffn = MoE(router=Linear(Weight(c)), experts=experts, top_k=top_k, norm_topk_prob=True)
     ir.architecture = f"{ir.architecture} upcycled {n_experts}x top-{top_k} (slmc bench)"
@@ -204,13 +206,17 @@ def run(args) -> list[dict]:
     t_up = time.perf_counter() - t0
     total = a.layers * a.experts
     k_plan = max(a.top_k, total // 4)
-    spec = (f"moe.offload:cache_experts={k_plan},calib={a.calib_text},n_seqs={a.calib_seqs},"
-            f"seq_len={a.calib_len}")
+    g = dense.hidden_size  # 8-bit: one group per row (XNNPACK's qc8w); SmolLM2's backbone linears all read H
+    passes = [f"moe.offload:cache_experts={k_plan},backbone_bits={a.backbone_bits},backbone_group_size={g},"
+              f"calib={a.calib_text},n_seqs={a.calib_seqs},seq_len={a.calib_len}"]
+    if a.ends_bits:  # embedding and head: quant.rtn after the offload pass (it skips what is quantized)
+        passes.append(f"quant.rtn:bits=8,group_size={g},embed_bits={a.ends_bits},head_bits={a.ends_bits},"
+                      "act_bits=8,scale_dtype=bfloat16")
     t0 = time.perf_counter()
-    off, logs = PassManager([parse_pass(spec), parse_pass("canon.fuse_projections")]).run(copy.deepcopy(moe))
+    off, logs = PassManager([parse_pass(p) for p in passes + ["canon.fuse_projections"]]).run(copy.deepcopy(moe))
     t_pass = time.perf_counter() - t0
     quality = {name: evaluate(held, m, name, dense, window=min(256, a.max_seq_len), stride=128).to_dict()
-               for name, m in (("dense", dense), ("moe float", moe), ("moe.offload 4-bit", off))}
+               for name, m in (("dense", dense), ("moe float", moe), ("offloaded, quantized", off))}
     # routing trace of the held-out text, for the policy simulation
     n = len(held) // a.calib_len
     routes = expert_routes(off, torch.tensor(held[: n * a.calib_len]).view(n, -1))
@@ -230,7 +236,7 @@ def run(args) -> list[dict]:
     sizes = {n: len(b) for n, b in art.files.items()}
     del art
 
-    prompt = token_ids([a.eval_text], tok, 64)[1000:1032] if len(held) > 1032 else held[:32]
+    prompt = token_ids([a.eval_text], tok, a.eval_tokens + 32)[a.eval_tokens:a.eval_tokens + 32]  # unseen text
     pf = work / "prompt.json"
     pf.write_text(json.dumps(prompt))
     ks = [int(k) for k in a.ks.split(",")] if a.ks else sorted({a.top_k, max(a.top_k, total // 8),
@@ -255,15 +261,17 @@ def run(args) -> list[dict]:
               "artifact_mb": round(sum(sizes.values()) / 2**20, 2), "backbone_mb": round(plan["backbone_bytes"] / 2**20, 2),
               "expert_file_kb": round(plan["layers"][0]["expert_bytes"][0] / 1024, 1),
               "weights_mb_ir": round(weight_bytes(off) / 2**20, 2),
+              "expert_weights_mb": round(plan["expert_weight_bytes"] / 2**20, 2),
+              "backbone_weights_mb": round(plan["backbone_weight_bytes"] / 2**20, 2),
               "kv_cache_mb": round(sum(2 * b.attn.n_kv_heads * b.attn.head_dim * a.max_seq_len * 4
                                        for b in map(off.block_at, range(off.n_layers))) / 2**20, 2),
-              "ppl": round(quality["moe.offload 4-bit"]["perplexity"], 3),
-              "kl_vs_dense": round(quality["moe.offload 4-bit"]["kl_divergence"], 4),
+              "ppl": round(quality["offloaded, quantized"]["perplexity"], 3),
+              "kl_vs_dense": round(quality["offloaded, quantized"]["kl_divergence"], 4),
               "pass_s": round(t_pass, 1), "upcycle_s": round(t_up, 1), "lower_s": round(t_lower, 1)}
     for r in rows:
         r.update(common)
     sim = [simulate(routes, trans, depths, k, p) for k in sorted(set(ks) | {total // 2}) for p in (False, True)]
-    report = {"machine": machine(), "setup": {**{k: v for k, v in vars(a).items()}, "plan_cache_experts": k_plan},
+    report = {"machine": machine(), "setup": {**vars(a), "plan_cache_experts": k_plan, "passes": passes},
               "pass_info": logs[0].info, "quality": quality, "rows": rows, "simulation": sim,
               "greedy_tokens_equal_across_runs": same, "trace_tokens": n * a.calib_len}
     RESULTS = HERE / "results"
@@ -289,9 +297,13 @@ def markdown(rep: dict, c: dict) -> str:
         f"top-{c['top_k']}",
         "",
         f"{rep['machine']['date']}, {rep['machine']['cores']} cores (shared host: tok/s are noisy). Experts 4-bit "
-        f"(int8 dynamic activations, XNNPACK 8da4w), float backbone; {c['routed_experts']} routed experts, "
-        f"one `.pte` each ({c['expert_file_kb']} KiB); backbone {c['backbone_mb']} MiB; artifact {c['artifact_mb']} MiB; "
-        f"KV cache {c['kv_cache_mb']} MiB at max_len {s['max_seq_len']}. Pass {c['pass_s']} s, lowering {c['lower_s']} s.",
+        f"g32, backbone linears {s['backbone_bits'] or 'float'}-bit per channel, embedding and head "
+        f"{s['ends_bits'] or 'float'}-bit, int8 dynamic activations (XNNPACK 8da4w/8da8w); "
+        f"{c['routed_experts']} routed experts, "
+        f"one `.pte` each ({c['expert_file_kb']} KiB); backbone {c['backbone_mb']} MiB; artifact {c['artifact_mb']} MiB "
+        f"(IR weights: experts {c['expert_weights_mb']} MiB, the rest {c['backbone_weights_mb']} MiB); "
+        f"KV cache {c['kv_cache_mb']} MiB at max_len {s['max_seq_len']}. Passes {c['pass_s']} s, lowering "
+        f"{c['lower_s']} s. Passes: `{'` then `'.join(s['passes'])}`.",
         "",
         "## Quality (reference executor, held-out text, "
         f"{q['dense']['tokens_scored']} tokens)",

@@ -1,7 +1,7 @@
 """arch.share_layers benchmark: what block / FFN sharing buys and costs on SmolLM2-135M.
 
     SLMC_CACHE=/tmp/slmc-cache OMP_NUM_THREADS=1 python bench/arch_share.py
-    python bench/arch_share.py --quick     # tiny random Llama, smoke test (~3 min)
+    python bench/arch_share.py --quick     # tiny random 10-layer Llama, smoke test (~12 min on 2 cores)
 
 Per configuration (the original model, then each mode x budget), in a fresh subprocess so
 peak RSS is its own: load the model, run the pass (wall time, peak RSS after it), measure
@@ -32,7 +32,7 @@ ROOT = HERE.parent
 CORPUS = ROOT.parent / "shared" / "corpus"
 DEFAULTS = {"model": "default", "modes": "block,ffn", "budgets": "0.1,0.2", "calib": str(CORPUS / "austen_emma.txt"),
             "eval": str(CORPUS / "austen_mansfieldpark.txt"), "n_seqs": 8, "seq_len": 256, "eval_tokens": 2048,
-            "window": 512, "stride": 256, "max_seq_len": 512, "target": "executorch", "backend": "portable",
+            "window": 512, "stride": 256, "max_seq_len": 512, "target": "tflite", "backend": "cpu",
             "quick": False}
 MiB = 1 << 20
 

@@ -65,6 +65,38 @@ def target_pipeline(target) -> list[str]:
     return list(getattr(target, "default_passes", ()))
 
 
+def with_calibration(pipeline: list, calib: list[str]) -> list:
+    """--calib FILE...: every data-aware pass without its own calib= gets these files,
+    recorded as absolute paths (the manifest must say what the codes were fitted on)."""
+    from .compiler.textdata import read_text
+
+    if not calib:
+        return pipeline
+    files = []
+    for f in calib:
+        read_text(f)  # missing, empty, binary: exit 2 before any work
+        files.append(str(Path(f).resolve()))
+    out = []
+    for p in pipeline:
+        if any(f.name == "calib" for f in dataclasses.fields(p.options)) and not p.options.calib:
+            p = type(p)(dataclasses.replace(p.options, calib=";".join(files)))
+        out.append(p)
+    return out
+
+
+def calibration_files(pipeline: list) -> list[dict]:
+    import hashlib
+
+    seen = []
+    for p in pipeline:
+        for f in filter(None, getattr(p.options, "calib", "").split(";")):
+            if f.strip() and f.strip() not in [x["path"] for x in seen]:
+                path = Path(f.strip())
+                sha = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+                seen.append({"path": str(path.resolve()), "sha256": sha})
+    return seen
+
+
 def quant_summary(ir: Model) -> dict | None:
     """How the artifact's weights are stored: tensor count per scheme (None: all float)."""
     schemes: dict[str, int] = {}
@@ -82,7 +114,8 @@ def quant_summary(ir: Model) -> dict | None:
 
 def compile_model(model: str | Path, target: str = "executorch", backend: str | None = None,
                   out: str | Path = "out", passes: list[str] = (), max_seq_len: int | None = None,
-                  strict: bool = False, dump_ir: Path | None = None, progress=None) -> tuple[Path, dict]:
+                  strict: bool = False, dump_ir: Path | None = None, progress=None,
+                  recipe: str | None = None, calib: list[str] = ()) -> tuple[Path, dict]:
     step = progress or (lambda msg: None)
     out = Path(out)
     check_output_path(out)  # fail before minutes of work, not after
@@ -91,7 +124,11 @@ def compile_model(model: str | Path, target: str = "executorch", backend: str | 
     tgt = get_target(target)
     spec = tgt.spec_class(backend=backend) if backend else tgt.spec_class()
     check_backend(tgt, spec)
-    pipeline = [parse_pass(p) for p in list(passes) + target_pipeline(tgt)]
+    if recipe:
+        from .recipes import recipe_passes
+
+        passes = recipe_passes(recipe, tgt.name, spec.backend) + list(passes)
+    pipeline = with_calibration([parse_pass(p) for p in list(passes) + target_pipeline(tgt)], calib)
     step("importing")
     src_path = resolve_model_path(str(model))
     ir = load(src_path, max_seq_len=max_seq_len, strict=strict)
@@ -110,6 +147,8 @@ def compile_model(model: str | Path, target: str = "executorch", backend: str | 
                   "bos_id": ir.bos_id, "eos_ids": ir.eos_ids},
         "kv_cache_spec": dataclasses.asdict(ir.kv),
         "quantization": quant_summary(ir),
+        "recipe": recipe,
+        "calibration_files": calibration_files(pipeline),
         "source": dict(ir.source),
         "pipeline": [{"name": l.name, "options": l.options, "modified": l.modified, "seconds": l.seconds,
                       "info": l.info} for l in logs],

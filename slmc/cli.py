@@ -95,19 +95,23 @@ def main(verbose: bool) -> None:
 @click.option("--backend", "-b", default=None, help="Target backend (see `slmc list`).")
 @click.option("--out", "-o", "out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--pass", "passes", multiple=True, metavar="NAME[:k=v,...]", help="Run a pass (repeatable).")
+@click.option("--recipe", default=None, help="A named pass list, checked against the target (see `slmc list`).")
+@click.option("--calib", "calib", multiple=True, type=click.Path(),
+              help="Your calibration text (repeatable); default: data-free samples from the model.")
 @click.option("--max-seq-len", type=int, default=None, help="KV-cache length (default: min(limit, 2048)).")
 @click.option("--strict", is_flag=True, help="Fail, rather than warn, on NaN/Inf weights.")
 @click.option("--dump-ir", type=click.Path(path_type=Path), default=None, help="Write the IR after each pass.")
 @click.option("--validate/--no-validate", "do_validate", default=False, help="Validate right after compiling.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @friendly
-def compile(model, target, backend, out, passes, max_seq_len, strict, dump_ir, do_validate, as_json):
+def compile(model, target, backend, out, passes, recipe, calib, max_seq_len, strict, dump_ir, do_validate,
+            as_json):
     """Compile MODEL for a target into the folder OUT."""
     from . import api
 
     with _Progress(not as_json) as progress:
         path, manifest = api.compile_model(model, target, backend, out, list(passes), max_seq_len, strict,
-                                           dump_ir, progress)
+                                           dump_ir, progress, recipe=recipe, calib=list(calib))
         if do_validate:
             progress("validating")
             report = api.validate_artifact(path)
@@ -231,7 +235,7 @@ def eval_(subject, texts, passes, window, stride, max_tokens, reference, as_json
 
 @main.command("list")
 def list_() -> None:
-    """List families, passes and targets."""
+    """List families, passes, targets and recipes."""
     from .compiler.families import supported_architectures
     from .compiler.pass_manager import PASSES, load_passes
     from .targets import TARGETS, load_all
@@ -242,6 +246,10 @@ def list_() -> None:
     click.echo("passes: " + ", ".join(sorted(PASSES)))
     for name, t in sorted(TARGETS.items()):
         click.echo(f"target {name}: backends {', '.join(t.backends)}")
+    from .recipes import RECIPES
+
+    for r in RECIPES.values():
+        click.echo(f"recipe {r.name} ({', '.join(r.flows)}): {r.about}")
 
 
 @main.command("default-model")

@@ -83,6 +83,17 @@ def test_pass_stores_a_valid_predictor(mixtral_dir, tmp_path):
     assert _moes(back)[0][1].offload.transition == moes[0][1].offload.transition
 
 
+def test_verify_rejects_a_broken_plan(mixtral_dir):
+    from slmc.compiler.verify import problems
+
+    ir, _ = _offload(mixtral_dir, f"expert_bits=0,{CALIB}")
+    first, last = _moes(ir)[0][1].offload, _moes(ir)[1][1].offload
+    first.transition[0] = [1.0, 1.0, 0.0, 0.0]
+    last.transition = [[0.25] * 4] * 4
+    found = " ".join(p for _, p in problems(ir))
+    assert "summing to 1" in found and "every MoE depth but the last" in found
+
+
 def test_pass_on_qwen2_moe_skips_the_dense_layer(qwen_dir):
     ir, _ = _offload(qwen_dir, f"backbone_bits=4,group_size=16,{CALIB}")
     moes = _moes(ir)
@@ -207,6 +218,7 @@ def test_layout_has_one_file_per_expert(float_artifact):
     pred = json.loads((float_artifact / plan["predictor"]).read_text())
     assert pred["moe_depths"] == [0, 1] and pred["transitions"][1] is None
     assert plan["policy"]["cache_experts"] == 2
+    assert plan["experts_from_shared_edge_program"] == 8  # one edge generation for all 8 experts
 
 
 def test_artifact_validates_against_the_reference(float_artifact):
@@ -273,6 +285,7 @@ def test_quantized_experts_on_xnnpack(qwen_dir, tmp_path):
                                       passes=[f"moe.offload:cache_experts=2,{CALIB}"])
     plan = manifest["moe_offload"]
     assert plan["expert_bits"] == 4 and not plan["quantized_backbone"]
+    assert plan["experts_from_shared_edge_program"] == 8
     sizes = [s for L in plan["layers"] for s in L["expert_bytes"]]
     fp32 = 3 * 64 * 32 * 4  # one expert's gate/up/down in float32 (hidden 64, moe_intermediate 32)
     assert len(sizes) == 8 and max(sizes) < fp32 / 2  # int4 codes + bf16 scales, not floats

@@ -13,26 +13,31 @@ reads old KV head h // (n_heads / n_kv_heads), so G need not divide the old KV h
    similarity rises. Q's rows and O's columns are permuted by head so each group is contiguous.
 2. Mean pooling: a group's K and V projections (and biases) are the mean of its query heads'
    old ones; a group fed by one old KV head copies it (exact).
-3. Refit (`refit=true`, closed form, no training), on calibration inputs X of the layer and
-   ridge-regularized toward the mean-pooled weights (damping DAMP * mean diagonal):
+3. Refit (`refit=true`, closed form, no training). Per layer, targets come from the original
+   model's input to the layer, features from the converted-so-far model's input X (so the
+   refit also absorbs the drift of earlier converted layers); every fit is a ridge toward the
+   mean-pooled (for O: the permuted original) weights:
    - K: W_g = argmin sum_{h in g} ||Q_h (W_g - W_h) X^T||^2 = (sum C_h)^-1 sum C_h W_h with
      C_h = Q_h^T Q_h, the pre-RoPE (post q_norm) query covariance of head h: the attention
      scores of every (query, key) pair before RoPE. RoPE rotates q and k per position, the
-     same way for every head, so this ignores only the relative rotation. With k_norm (Qwen3,
-     Gemma 3) the key is renormalized after the projection, so K keeps the mean pool.
+     same way for every head, so this ignores only the relative rotation. Damping DAMP.
+     With k_norm (Qwen3, Gemma 3) the key is renormalized after the projection, so K keeps
+     the mean pool.
    - V: with the new keys' attention probabilities A'_h, W_g = argmin sum_{h in g}
-     ||A'_h X W_g^T - A_h X W_h^T||^2: each grouped head's value output reproduces the original
-     one (A_h: original probabilities), so V also absorbs the change in attention.
+     ||A'_h X W_g^T - A_h X_0 W_h^T||^2 (A_h, X_0: the original model's): each grouped head's
+     value output reproduces the original one, so V also absorbs the change in attention.
    - O: argmin ||C' O'^T - C O^T||^2 over the concatenated new head outputs C': the attention
      output itself (before any post-attention norm), which is the error reported.
-   A layer keeps the mean-pooled weights if the refit does not lower its calibration error.
+   V and O pick their ridge strength from DAMPS by 2-fold held-out error over alternate
+   calibration sequences (O has hidden x n_heads*head_dim weights and overfits a few
+   thousand tokens otherwise). A layer keeps the mean-pooled weights if the refit does not
+   lower its calibration error (relative squared error of the attention output).
 
-Calibration (compiler/calib.py: calib=FILE;FILE text or data-free samples) feeds each layer
-the original model's activations (so errors compare methods on the same inputs); it runs
-only for similarity grouping, the refit, or when calib= is given (to report the error).
-A layer already at G KV heads is left as it is; a block used at several depths converts
-once. Fused qkv is split for the conversion and fused again; quantized q/k/v/o are refused
-(run arch.gqa before quant.*).
+Calibration (compiler/calib.py: calib=FILE;FILE text or data-free samples) runs only for
+similarity grouping, the refit, or when calib= is given (to report the error); a layer's
+mean-pooled and refit errors are measured on the same inputs. A layer already at G KV heads
+is left as it is; a block used at several depths converts once. Fused qkv is split for the
+conversion and fused again; quantized q/k/v/o are refused (run arch.gqa before quant.*).
 
 Before (SmolLM2-135M):                   After (kv_groups=1):
   attn: heads=9 kv_heads=3 head_dim=64     attn: heads=9 kv_heads=1 head_dim=64
@@ -58,10 +63,10 @@ from ..errors import SlmcError
 from ._walk import concat_linears, split_linear
 
 METHODS = ("mean", "similarity")
-DAMP = 1e-2  # ridge toward the mean-pooled weights, relative to the mean Gram diagonal
+DAMP = 1e-2  # ridge toward the mean-pooled weights, relative to the mean Gram diagonal (K)
+DAMPS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # the V and O refits pick theirs by held-out error
 KV_ELEMENT_BYTES = {"float32": 4, "float16": 2, "int8": 1}
 WHERE = "--pass arch.gqa"
-SEQUENTIAL = True
 
 
 @dataclass(frozen=True)
@@ -135,12 +140,14 @@ def balanced_groups(sim: torch.Tensor, G: int) -> list[list[int]]:
     return sorted((sorted(g) for g in groups), key=lambda g: g[0])
 
 
-def _heads(a: Attention, x: torch.Tensor, pos: torch.Tensor) -> dict:
-    """The reference executor's attention, opened up: pre-RoPE q (after q_norm), k before k_norm,
-    v per KV head, softmax probabilities [n, H, T, T] and the per-head outputs [n, H, T, d]."""
+def _heads(a: Attention, x: torch.Tensor, pos: torch.Tensor, q: torch.Tensor | None = None) -> dict:
+    """The reference executor's attention (split q/k/v), opened up: pre-RoPE q (after q_norm),
+    k before k_norm, v per KV head, softmax probabilities [n, H, T, T] and the per-head outputs
+    [n, H, T, d]. `q`: the projected queries [n, H, T, d] when the caller has them already."""
     n, T, _ = x.shape
-    q, k, v = reference.qkv(a, x)
-    q = q.view(n, T, a.n_heads, a.head_dim).transpose(1, 2)
+    if q is None:
+        q = reference.linear(x, a.q).view(n, T, a.n_heads, a.head_dim).transpose(1, 2)
+    k, v = reference.linear(x, a.k), reference.linear(x, a.v)
     k = k.view(n, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
     v = v.view(n, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
     if a.q_norm is not None:
@@ -167,10 +174,28 @@ def _lin(w: torch.Tensor, b: torch.Tensor | None) -> Linear:
     return Linear(Weight(w.contiguous()), Weight(b.contiguous()) if b is not None else None)
 
 
-def _ridge(G: torch.Tensor, rhs: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+def _ridge(G: torch.Tensor, rhs: torch.Tensor, prior: torch.Tensor, lam: float | None = None) -> torch.Tensor:
     """argmin_W ||fit||^2 + lam ||W - prior||^2 in normal form: (G + lam I)^-1 (rhs + lam prior)."""
-    lam = DAMP * float(G.diagonal().mean()) + 1e-12
+    lam = DAMP * float(G.diagonal().mean()) + 1e-12 if lam is None else lam
     return torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=G.dtype), rhs + lam * prior)
+
+
+def _ridge_cv(gs: torch.Tensor, rs: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """_ridge with lam picked from DAMPS by 2-fold held-out error: gs[f], rs[f] are the Gram
+    matrix and right-hand side of fold f (alternate calibration sequences). The held-out error
+    of W on fold f is tr(W^T gs[f] W) - 2 tr(W^T rs[f]) up to a constant."""
+    scale = float((gs[0] + gs[1]).diagonal().mean()) / 2 + 1e-12  # one fold's mean diagonal
+    if float(gs[1].diagonal().sum()) == 0:  # one calibration sequence: no held-out fold
+        return _ridge(gs[0], rs[0], prior)
+    errs = []
+    for damp in DAMPS:
+        e = 0.0
+        for f in (0, 1):
+            W = _ridge(gs[f], rs[f], prior, damp * scale)
+            e += float(((gs[1 - f] @ W) * W).sum() - 2 * (rs[1 - f] * W).sum())
+        errs.append(e)
+    lam = DAMPS[min(range(len(DAMPS)), key=errs.__getitem__)] * scale
+    return _ridge(gs[0] + gs[1], rs[0] + rs[1], prior, lam)
 
 
 class Layer:
@@ -183,10 +208,21 @@ class Layer:
         self.H, self.K, self.d = a.n_heads, a.n_kv_heads, a.head_dim
         self.src = [h // (self.H // self.K) for h in range(self.H)]  # old KV head of each query head
         self.pos = torch.arange(x.shape[1]) if x is not None else None
+        self._qx = None
 
     def chunks(self, x: torch.Tensor):
         for i in range(0, len(x), self.chunk):
             yield x[i:i + self.chunk]
+
+    def run(self, a: Attention):
+        """(input chunk, _heads) of candidate `a` on the converted-model input. Candidates only
+        permute Q's rows, so the queries are projected once and permuted per candidate."""
+        if self._qx is None:
+            self._qx = [reference.linear(xc, self.a.q).view(len(xc), -1, self.H, self.d).transpose(1, 2)
+                        for xc in self.chunks(self.x)]
+        idx = torch.tensor(self.perm)
+        for xc, q in zip(self.chunks(self.x), self._qx):
+            yield xc, _heads(a, xc, self.pos, q[:, idx])
 
     def stats(self) -> None:
         """Similarity of the old KV heads, query covariances, the original outputs."""
@@ -209,7 +245,7 @@ class Layer:
         self.target = _flat_core(self.core) @ self.a.o.weight.float().T  # attention output, bias aside
 
     def error(self, a: Attention) -> float:
-        cores = torch.cat([_heads(a, xc, self.pos)["core"] for xc in self.chunks(self.x)])
+        cores = torch.cat([h["core"] for _, h in self.run(a)])
         y = _flat_core(cores) @ a.o.weight.float().T
         return float((y - self.target).pow(2).sum() / self.target.pow(2).sum().clamp_min(1e-30))
 
@@ -267,36 +303,46 @@ class Layer:
         G, d, r = self.G, self.d, self.H // self.G
         bias = a.v.bias is not None
         n_in = self.x.shape[-1] + bias
-        gz = torch.zeros(G, n_in, n_in, dtype=torch.float64)
-        gzy = torch.zeros(G, n_in, d, dtype=torch.float64)
+        gz = torch.zeros(G, 2, n_in, n_in, dtype=torch.float64)  # [group, fold, ...]
+        gzy = torch.zeros(G, 2, n_in, d, dtype=torch.float64)
         idx, i0 = torch.tensor(self.perm), 0
-        for xc in self.chunks(self.x):
-            probs = _heads(a, xc, self.pos)["probs"]  # new head order
+        for xc, h in self.run(a):
+            probs = h["probs"]  # new head order
             y = self.core[i0:i0 + len(xc)][:, idx]  # original outputs, new head order
+            fold = (torch.arange(i0, i0 + len(xc)) % 2)[:, None, None]
             i0 += len(xc)
             if bias:  # rows of the probabilities sum to 1, so a ones column carries the bias
                 xc = torch.cat([xc, torch.ones(*xc.shape[:-1], 1)], -1)
             for g in range(G):
                 pg, yg = probs[:, g * r:(g + 1) * r], y[:, g * r:(g + 1) * r]
                 m = (pg.transpose(-1, -2) @ pg).sum(1)  # [n, T, T]
-                gz[g] += (xc.transpose(1, 2) @ (m @ xc)).sum(0).double()
-                gzy[g] += (xc.transpose(1, 2) @ (pg.transpose(-1, -2) @ yg).sum(1)).sum(0).double()
+                zz = (xc.transpose(1, 2) @ (m @ xc)).double()  # per sequence
+                zy = (xc.transpose(1, 2) @ (pg.transpose(-1, -2) @ yg).sum(1)).double()
+                for f in (0, 1):
+                    gz[g, f] += (zz * (fold == f)).sum(0)
+                    gzy[g, f] += (zy * (fold == f)).sum(0)
         prior = a.v.weight.float().view(G, d, -1)
         if bias:
             prior = torch.cat([prior, a.v.bias.float().view(G, d)[..., None]], -1)
-        W = torch.cat([_ridge(gz[g], gzy[g], prior[g].T.double()).T.float() for g in range(G)])
+        W = torch.cat([_ridge_cv(gz[g], gzy[g], prior[g].T.double()).T.float() for g in range(G)])
         return _lin(W[:, :-1], W[:, -1]) if bias else _lin(W, None)
 
     def _refit_o(self, a: Attention) -> Linear:
         """The new head outputs, mixed by O, reproduce the original attention output."""
-        cores = torch.cat([_heads(a, xc, self.pos)["core"] for xc in self.chunks(self.x)])
-        c = _flat_core(cores)
-        gc = torch.zeros(c.shape[1], c.shape[1], dtype=torch.float64)
-        gcy = torch.zeros(c.shape[1], self.target.shape[1], dtype=torch.float64)
-        for i in range(0, len(c), 4096):
-            gc += (c[i:i + 4096].T @ c[i:i + 4096]).double()
-            gcy += (c[i:i + 4096].T @ self.target[i:i + 4096]).double()
-        W = _ridge(gc, gcy, a.o.weight.float().double().T).T.float()
+        cores = torch.cat([h["core"] for _, h in self.run(a)])
+        N, T = cores.shape[0], cores.shape[2]
+        target = self.target.view(N, T, -1)
+        gc = torch.zeros(2, cores.shape[1] * self.d, cores.shape[1] * self.d, dtype=torch.float64)
+        gcy = torch.zeros(2, gc.shape[1], target.shape[-1], dtype=torch.float64)
+        for i in range(0, N, self.chunk):  # fold: the sequence's parity
+            c = cores[i:i + self.chunk]
+            for f in (0, 1):
+                s0 = (f - i) % 2  # first sequence of fold f in this chunk
+                cf = _flat_core(c[s0::2])
+                yf = target[i:i + self.chunk][s0::2].reshape(len(cf), -1)
+                gc[f] += (cf.T @ cf).double()
+                gcy[f] += (cf.T @ yf).double()
+        W = _ridge_cv(gc, gcy, a.o.weight.float().double().T).T.float()
         return Linear(Weight(W.contiguous()), a.o.bias)
 
 
@@ -340,9 +386,7 @@ class ArchGQA(Pass):
                 n_ref, n_x = (reference.rms_norm(t, b.attn_norm) if calibrate else None for t in (ref, x))
                 new[bi] = self._convert(_split(b.attn), n_ref, n_x, chunk, bi, stats)
             if calibrate and d + 1 < ir.n_layers:  # both streams: the original and the converted model
-                conv = dataclasses.replace(b, attn=new.get(bi, b.attn))
-                ref, x = forward(b, ref), (forward(conv, x) if SEQUENTIAL else None)
-                x = ref if x is None else x
+                ref, x = forward(b, ref), forward(dataclasses.replace(b, attn=new.get(bi, b.attn)), x)
         for bi, a in new.items():
             if ir.blocks[bi].attn.fused:
                 a = dataclasses.replace(a, qkv=concat_linears([a.q, a.k, a.v]), q=None, k=None, v=None)

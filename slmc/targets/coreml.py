@@ -112,6 +112,9 @@ def refusal(model: Model, spec: CoreMLSpec) -> str | None:
         return (f"KV cache dtype={kv.dtype} window={kv.window} arena={kv.arena}: Core ML keeps one "
                 "full-length float cache per depth (BHSD or BSHD) only")
     if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
+        if spec.ane_layout:
+            return ("the Neural Engine layout rewrites weights into 1x1 convolutions, which slmc does "
+                    "not do for quantized weights yet; use compute units cpu, gpu or all")
         why = coreml_rules(spec).check(model)
         if why:
             return why

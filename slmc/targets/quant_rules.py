@@ -32,15 +32,17 @@ class QuantRules:
     linear: Rule | None  # None: quantized linears are not supported at all
     embedding: Rule | None
     tied_quantized_head: bool = True  # a quantized embedding may also serve as the head
+    none_reason: str = "this target holds no quantized tensors of this kind"
 
     def check(self, model: Model) -> str | None:
         if model.lm_head is None and isinstance(model.embed, QuantWeight) and not self.tied_quantized_head:
             return (f"{self.name} cannot use one quantized table as both embedding and output head; "
                     "quantize the head separately (head_bits=...)")
         for where, w, rule in _quant_tensors(model, self):
-            why = _violation(w, rule)
+            why = _violation(w, rule) if rule is not None else self.none_reason
             if why:
-                return f"{self.name}: {where} is {w.dtype} (act int{w.act_bits}): {why}"
+                acts = f"int{w.act_bits} activations" if w.act_bits else "float activations"
+                return f"{self.name}: {where} is {w.dtype} with {acts}: {why}"
         return None
 
 
@@ -80,8 +82,6 @@ def _block_linears(model: Model):
 
 
 def _violation(w: QuantWeight, rule: Rule | None) -> str | None:
-    if rule is None:
-        return "this target holds no quantized tensors of this kind"
     if w.bits not in rule.bits:
         return f"only {'/'.join(map(str, rule.bits))}-bit codes fit{rule.note}"
     if rule.symmetric_only and not w.symmetric:
@@ -113,13 +113,15 @@ XNNPACK = QuantRules(
     tied_quantized_head=False,
 )
 
-# LiteRT: litert_torch lowers dequantize_affine on a constant to a DEQUANTIZE of an
-# int4/int8 tensor; blockwise groups become a per-axis tensor of [rows * groups, g]
-# (one scale per block) followed by a reshape, so every block keeps its own scale.
+# LiteRT: litert_torch lowers torchao's dequantize_affine to int4/int8 DEQUANTIZE tensors
+# only in its V2 converter, which needs TensorFlow's MLIR converter; without it the ops
+# stay STABLEHLO_CUSTOM_CALL, which no LiteRT interpreter runs. Refused, not re-rounded.
 LITERT = QuantRules(
-    "LiteRT",
-    linear=Rule(bits=(4, 8), symmetric_only=True, note=" (TFLite weight tensors have zero points of 0)"),
-    embedding=Rule(bits=(4, 8), symmetric_only=True, note=" (TFLite weight tensors have zero points of 0)"),
+    "LiteRT", linear=None, embedding=None,
+    none_reason=("litert_torch maps slmc's int4/int8 codes into the flatbuffer only through its V2 "
+                 "converter, which needs a TensorFlow build with convert_mlir_bytecode (a tf-nightly; "
+                 "tensorflow 2.21 lacks it, so litert_torch.converter_v2.is_supported() is False); the V1 "
+                 "path leaves STABLEHLO_CUSTOM_CALL ops that no LiteRT interpreter runs"),
 )
 
 

@@ -1,0 +1,56 @@
+"""Recipes: named, frozen pass lists, each with the flows it is legal for.
+
+A recipe is what an app developer asks for by name (`--recipe int8da-int4w-g32`); it
+expands to ordinary passes, so `--dump-ir` and the manifest show exactly what ran.
+Legality is checked before any pass runs (calibration can take minutes), and the
+target's own quantization rules check the result again before lowering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import SlmcError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    passes: tuple[str, ...]
+    flows: tuple[str, ...]  # "target" or "target:backend" it is built for
+    about: str
+
+    def legal_for(self, target: str, backend: str) -> bool:
+        return target in self.flows or f"{target}:{backend.split(':')[0]}" in self.flows
+
+
+_XNN = "scale_dtype=bfloat16,act_bits=8,symmetric=true"
+_CML = "scale_dtype=float16,symmetric=true"
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("int8da-int4w-g32", (f"quant.rtn:bits=4,group_size=32,{_XNN}",), ("executorch:xnnpack",),
+           "XNNPACK 8da4w: int4 weights in groups of 32 (bf16 scales), int8 dynamic activations"),
+    Recipe("int8da-int8w", (f"quant.rtn:bits=8,group_size=0,{_XNN}",), ("executorch:xnnpack",),
+           "XNNPACK 8da8w: int8 weights per channel, int8 dynamic activations"),
+    Recipe("int4-g32-xnnpack", (f"quant.gptq:bits=4,group_size=32,{_XNN}",), ("executorch:xnnpack",),
+           "GPTQ int4 g32 (data-free calibration unless calib= is given) for XNNPACK's 8da4w"),
+    Recipe("awq-int4-g32-xnnpack", (f"quant.awq:bits=4,group_size=32,{_XNN}",), ("executorch:xnnpack",),
+           "AWQ int4 g32 for XNNPACK's 8da4w"),
+    Recipe("int4-g32-coreml", (f"quant.gptq:bits=4,group_size=32,{_CML}",), ("coreml",),
+           "GPTQ int4 g32 with fp16 scales: constexpr_blockwise_shift_scale, exact in fp16 compute"),
+    Recipe("int8-coreml", (f"quant.rtn:bits=8,group_size=0,{_CML}",), ("coreml",),
+           "int8 weights per channel, fp16 scales"),
+)}
+assert all(f.split(":")[0] in ("executorch", "coreml", "tflite") for r in RECIPES.values() for f in r.flows)
+
+
+def recipe_passes(name: str, target: str, backend: str) -> list[str]:
+    if name not in RECIPES:
+        raise SlmcError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}", "--recipe")
+    r = RECIPES[name]
+    if not r.legal_for(target, backend):
+        fits = [n for n, x in RECIPES.items() if x.legal_for(target, backend)]
+        raise SlmcError(f"recipe {name} is built for {', '.join(r.flows)}, not {target}:{backend}; "
+                        f"recipes for this flow: {', '.join(fits) or 'none (LiteRT holds no slmc codes yet)'}",
+                        "--recipe")
+    return list(r.passes)

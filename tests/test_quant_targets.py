@@ -1,0 +1,124 @@
+"""Quantized artifacts hold slmc's own codes: read back out of the artifact, equal to the
+IR's, and the artifact's logits match the quantized reference (top-1 >= 99 %).
+
+Flows are (target, backend, passes); each compiles the tiny Llama (with the byte-level
+tokenizer, so validation decodes text) and checks readback + validation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from slmc.api import compile_model, reference_model, validate_artifact
+from slmc.cli import main
+from slmc.compiler.ir import QuantWeight, named_weights
+from slmc.runtime_tests import readback
+from slmc.targets.base import read_manifest
+
+XNN = "scale_dtype=bfloat16,act_bits=8"
+FLOWS = {
+    # 8da4w everywhere: block linears, the head int4, the embedding int4 (embedding_4bit)
+    "pte-8da4w": ("executorch", "xnnpack", [f"quant.rtn:bits=4,group_size=32,{XNN},head_bits=4,embed_bits=4"],
+                  "pte", "model.pte"),
+    "pte-8da8w": ("executorch", "xnnpack", [f"quant.rtn:bits=8,group_size=0,{XNN},embed_bits=8,head_bits=8"],
+                  "pte", "model.pte"),
+    # asymmetric codes with offsets, fp32 compute; int8 embedding, int4 head
+    "coreml-asym-fp32": ("coreml", "cpu:precision=fp32,kv=io",
+                         ["quant.rtn:bits=4,group_size=32,symmetric=false,head_bits=4,embed_bits=8"],
+                         "mlpackage", "model.mlpackage"),
+    # fp16 compute, stateful multifunction: fp16 scales keep the codes exact
+    "coreml-fp16": ("coreml", "all", ["quant.rtn:bits=4,group_size=32,scale_dtype=float16"],
+                    "mlpackage", "model.mlpackage"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FLOWS))
+def built(request, tiny_llama_dir, tmp_path_factory):
+    target, backend, passes, kind, name = FLOWS[request.param]
+    out = tmp_path_factory.mktemp("q") / request.param
+    compile_model(tiny_llama_dir, target, backend, out, passes=passes, max_seq_len=64)
+    return out, kind, name
+
+
+def test_artifact_holds_slmcs_codes_and_scales(built):
+    out, kind, name = built
+    ref = reference_model(out, read_manifest(out))
+    rb = getattr(readback, f"check_{kind}")(ref, out / name)
+    n_quant = sum(isinstance(w, QuantWeight) for _, w in named_weights(ref))
+    assert rb.checked == n_quant > 0
+    assert rb.missing == []
+
+
+def test_quantized_artifact_matches_quantized_reference(built):
+    out, _, _ = built
+    report = validate_artifact(out, steps=24)
+    assert report.passed, report.to_json()
+    assert report.top1_agreement >= 0.99
+    assert read_manifest(out)["quantization"]["schemes"]
+
+
+def test_readback_notices_one_changed_code(built):
+    """The readback is not vacuous: flip one code in the reference and it is reported."""
+    out, kind, name = built
+    ref = reference_model(out, read_manifest(out))
+    path, w = next((p, w) for p, w in named_weights(ref) if isinstance(w, QuantWeight))
+    w.codes = w.codes.clone()
+    hi = 2 ** (w.bits - 1) - 1 if w.symmetric else 2 ** w.bits - 1
+    w.codes[0, 0] = hi if int(w.codes[0, 0]) != hi else hi - 1
+    rb = getattr(readback, f"check_{kind}")(ref, out / name)
+    assert any(m.startswith(path) for m in rb.missing)
+
+
+# ------------------------------------------------------------------ legality: exit 2, one line
+
+@pytest.mark.parametrize("args, words", [
+    (["-t", "executorch", "-b", "xnnpack", "--pass", "quant.rtn:bits=4,group_size=32"], "needs act_bits=8"),
+    (["-t", "executorch", "-b", "xnnpack", "--pass", "quant.rtn:act_bits=8"], "scale_dtype=bfloat16"),
+    (["-t", "executorch", "-b", "xnnpack", "--pass", f"quant.rtn:bits=4,group_size=32,symmetric=false,{XNN}"],
+     "symmetric"),
+    (["-t", "executorch", "-b", "xnnpack", "--pass", f"quant.rtn:bits=8,group_size=32,{XNN}"], "group_size=0"),
+    (["-t", "executorch", "-b", "portable", "--pass", "quant.rtn"], "no quantized tensors"),
+    (["-t", "executorch", "-b", "xnnpack", "--recipe", "int4-g32-coreml"], "built for coreml"),
+    (["-t", "executorch", "--recipe", "nope"], "unknown recipe"),
+    (["-t", "tflite", "--pass", "quant.rtn"], "TensorFlow"),
+    (["-t", "coreml", "-b", "ane", "--pass", "quant.rtn:scale_dtype=float16"], "Neural Engine layout"),
+    (["-t", "coreml", "-b", "all", "--pass", "quant.rtn"], "scale_dtype=float16"),
+    (["-t", "executorch", "--pass", "quant.rtn:scale_dtype=fp8"], "scale_dtype"),
+])
+def test_illegal_quantization_for_the_flow_exits_2(tiny_llama_dir, tmp_path, args, words):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["compile", str(tiny_llama_dir), "-o", str(out), "--max-seq-len", "32", *args])
+    assert r.exit_code == 2, r.output
+    assert words in r.output
+    assert not out.exists()
+
+
+def test_calib_flag_checks_files_and_records_them(tiny_llama_dir, tmp_path):
+    bad = tmp_path / "empty.txt"
+    bad.write_text("")
+    r = CliRunner().invoke(main, ["compile", str(tiny_llama_dir), "-o", str(tmp_path / "o1"),
+                                  "--recipe", "int4-g32-xnnpack", "--calib", str(bad)])
+    assert r.exit_code == 2 and "empty" in r.output
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out, manifest = compile_model(tiny_llama_dir, "executorch", "xnnpack", tmp_path / "o2", max_seq_len=64,
+                                  recipe="int4-g32-xnnpack", calib=[str(text)],
+                                  passes=[])
+    files = manifest["calibration_files"]
+    assert files and files[0]["path"] == str(text.resolve()) and len(files[0]["sha256"]) == 64
+    gptq = next(p for p in manifest["pipeline"] if p["name"] == "quant.gptq")
+    assert gptq["options"]["calib"] == str(text.resolve())
+    assert manifest["recipe"] == "int4-g32-xnnpack"
+
+
+def test_fake_quant_tokens_matches_torchao():
+    """The reference's int8 activation rounding is torchao's, which XNNPACK implements."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        _apply_int8_act_asym_per_token_quant_dequant)
+
+    from slmc.compiler.quant import fake_quant_tokens
+
+    x = torch.randn(5, 64) * torch.linspace(0.1, 10, 64)
+    assert torch.equal(fake_quant_tokens(x), _apply_int8_act_asym_per_token_quant_dequant(x))
