@@ -17,12 +17,15 @@ from slmc.compiler.verify import verify
 from slmc.passes.arch_gqa import balanced_groups, kv_bytes_per_token
 
 load_all()
-CALIB = "n_seqs=4,seq_len=32"
+CALIB = "n_seqs=8,seq_len=32"
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife. However little known the feelings or views of such a man may be "
         "on his first entering a neighbourhood, this truth is so well fixed in the minds of the "
         "surrounding families, that he is considered the rightful property of some one or other of "
         "their daughters. ") * 6
+
+HELD_OUT = ("Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition, "
+            "seemed to unite some of the best blessings of existence.")
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +59,12 @@ def text(tmp_path_factory):
 
 def _ids(m, n=20):
     return torch.randint(0, m.vocab_size, (1, n), generator=torch.Generator().manual_seed(1))
+
+
+def _text_ids(folder, text):
+    from tokenizers import Tokenizer
+
+    return torch.tensor([Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids[:60]])
 
 
 def _run(m, spec):
@@ -125,10 +134,9 @@ def test_similarity_beats_mean_on_clustered_heads(make, text):
 ])
 def test_refit_lowers_calibration_error(make, text, family, kv, G):
     m = import_hf(make(family, kv), max_seq_len=64)
+    m_orig = import_hf(make(family, kv), max_seq_len=64)
     H, K = m.blocks[0].attn.n_heads, m.blocks[0].attn.n_kv_heads
     fused = m.blocks[0].attn.fused
-    ids = _ids(m)
-    before = reference.forward(m, ids)
     bytes_before = kv_bytes_per_token(m)
     out, logs = _run(m, f"arch.gqa:kv_groups={G},calib={text},{CALIB}")
     info = logs[0].info
@@ -137,11 +145,13 @@ def test_refit_lowers_calibration_error(make, text, family, kv, G):
     assert info["kv_cache_bytes_per_token"] == {"before": bytes_before, "after": bytes_before * G // K}
     assert info["layers_refit"] == info["layers_converted"] == len(out.blocks)
     assert info["calib_error"] < info["calib_error_mean_pool"]
-    # the refit model is closer to the original than mean pooling, on other tokens too
+    # the refit model is also closer to the original than mean pooling on held-out text
     mean_model, _ = _run(import_hf(make(family, kv), max_seq_len=64),
                          f"arch.gqa:kv_groups={G},method=mean,refit=false")
-    d_refit = (reference.forward(out, ids) - before).pow(2).mean()
-    d_mean = (reference.forward(mean_model, ids) - before).pow(2).mean()
+    held = _text_ids(make(family, kv), HELD_OUT)
+    ref = reference.forward(m_orig, held)
+    d_refit = (reference.forward(out, held) - ref).pow(2).mean()
+    d_mean = (reference.forward(mean_model, held) - ref).pow(2).mean()
     assert d_refit < d_mean
 
 
