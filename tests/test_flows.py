@@ -21,9 +21,10 @@ load_targets()
 # The default suite runs, per target, the families that between them exercise every IR
 # feature (GQA + tied head, soft-capping + sliding windows + sandwich norms, fused qkv +
 # partial rotary, MoE + shared expert); the other families run with the slow marker (CI).
+# Backends past a target's second (Core ML's ane and gpu/iOS 17 variants) run with `slow` too.
 CORE_FAMILIES = {"llama", "gemma2", "phi3", "qwen2_moe"}
 FLOWS = [pytest.param(t.name, b, fam, id=f"{t.name}-{b}-{fam}",
-                      marks=() if fam in CORE_FAMILIES else pytest.mark.slow)
+                      marks=() if fam in CORE_FAMILIES and i < 2 else pytest.mark.slow)
          for t in TARGETS.values() for i, b in enumerate(t.host_backends)
          for fam in (sorted(FAMILIES) if i == 0 else ["llama"])]
 

@@ -34,7 +34,11 @@ FLOWS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(FLOWS))
+SLOW_FLOWS = {"pte-8da8w", "coreml-fp16"}  # CI runs them (make test-slow); the default suite the others
+
+
+@pytest.fixture(scope="module", params=[pytest.param(f, marks=pytest.mark.slow if f in SLOW_FLOWS else ())
+                                        for f in sorted(FLOWS)])
 def built(request, tiny_llama_dir, tmp_path_factory):
     target, backend, passes, kind, name = FLOWS[request.param]
     out = tmp_path_factory.mktemp("q") / request.param
