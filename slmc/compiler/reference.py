@@ -96,7 +96,7 @@ def causal_mask(positions: torch.Tensor, window: int | None) -> torch.Tensor:
     return ok
 
 
-def attention(a: Attention, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def attention(a: Attention, x: torch.Tensor, positions: torch.Tensor, kv_dtype: str = "float32") -> torch.Tensor:
     B, T, _ = x.shape
     q, k, v = qkv(a, x)
     q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
@@ -108,6 +108,8 @@ def attention(a: Attention, x: torch.Tensor, positions: torch.Tensor) -> torch.T
         k = rms_norm(k, a.k_norm)
     cos, sin = rope_cos_sin(a.rope, positions)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if kv_dtype == "float16":  # what a half-precision KV cache hands back (the current token too)
+        k, v = k.half().float(), v.half().float()
     rep = a.n_heads // a.n_kv_heads
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = (q @ k.transpose(-1, -2)) * a.scale
@@ -143,8 +145,8 @@ def moe(m: MoE, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(shape)
 
 
-def block(b: Block, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    h = attention(b.attn, rms_norm(x, b.attn_norm), positions)
+def block(b: Block, x: torch.Tensor, positions: torch.Tensor, kv_dtype: str = "float32") -> torch.Tensor:
+    h = attention(b.attn, rms_norm(x, b.attn_norm), positions, kv_dtype)
     if b.post_attn_norm is not None:
         h = rms_norm(h, b.post_attn_norm)
     x = x + h
@@ -179,7 +181,7 @@ def forward(model: Model, ids: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(ids.shape[1])
     x = embed(model, ids)
     for d in range(model.n_layers):
-        x = block(model.block_at(d), x, positions)
+        x = block(model.block_at(d), x, positions, model.kv.dtype)
     return head(model, x)
 
 

@@ -157,3 +157,17 @@ def read_manifest(folder: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise SlmcError(f"invalid manifest ({e})", str(path)) from None
+
+
+def kv_refusal(model: Model, how: str, dtypes: tuple[str, ...] = ("float32", "float16")) -> str | None:
+    """Why a target's cache (`how`: buffers, states, signature I/O) cannot hold this KV spec."""
+    kv = model.kv
+    if kv.dtype not in dtypes:
+        return (f"a {kv.dtype} KV cache is not lowered for {how} (slmc lowers {'/'.join(dtypes)} caches; "
+                "int8 with per-token scales needs scale tensors beside each cache, not built yet)")
+    if kv.window is not None:
+        return (f"a ring-buffer KV cache (window={kv.window}, sinks={kv.sink_tokens}) is not lowered for "
+                f"{how}: every position keeps its own slot; use a max length instead")
+    if kv.arena:
+        return f"an arena KV cache (one buffer, per-layer views) is not lowered for {how}; per-layer caches are"
+    return None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..compiler.ir import Model, QuantWeight, named_weights
 from ..compiler.lowering import LoweringSpec, export_decoder, io_spec
-from .base import Artifact, Target, TargetSpec, register
+from .base import Artifact, Target, TargetSpec, kv_refusal, register
 from .executorch_backends import BACKENDS
 
 DEFAULT_SOC = {"qnn": "SM8650", "mediatek": "mt6989"}
@@ -114,10 +114,9 @@ class ExecuTorchTarget(Target):
             why = offload_supports(model)
             if why:
                 return why
-        kv = model.kv
-        if kv.dtype != "float32" or kv.window is not None or kv.arena:
-            return (f"KV cache dtype={kv.dtype} window={kv.window} arena={kv.arena}: this target "
-                    "lowers a static fp32 cache per layer (BHSD or BSHD) only")
+        why = kv_refusal(model, "ExecuTorch mutable buffers")
+        if why:
+            return why
         if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
             why = BACKENDS[spec.backend].quant.check(model)
             if why:

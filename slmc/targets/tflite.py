@@ -37,7 +37,7 @@ from ..compiler.ir import Model, QuantWeight, named_weights
 from ..compiler.lowering import LoweredLM, LoweringSpec
 from ..compiler.textdata import find_tokenizer_dir
 from ..errors import SlmcError
-from .base import Artifact, Target, TargetSpec, register
+from .base import Artifact, Target, TargetSpec, kv_refusal, register
 from .quant_rules import LITERT
 from .tflite_gpu import gpu_fallback
 
@@ -325,10 +325,10 @@ class TFLiteTarget(Target):
     spec_class = TFLiteSpec
 
     def supports(self, model: Model, spec: TFLiteSpec) -> str | None:
+        why = kv_refusal(model, "LiteRT signature I/O")
+        if why:
+            return why
         kv = model.kv
-        if kv.dtype != "float32" or kv.window is not None or kv.arena:
-            return (f"KV cache dtype={kv.dtype} window={kv.window} arena={kv.arena}: this target "
-                    "lowers a static fp32 cache per layer (BHSD or BSHD) as signature I/O only")
         if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
             why = LITERT.check(model)
             if why:

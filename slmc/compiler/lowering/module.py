@@ -178,6 +178,7 @@ class LAttention(nn.Module):
         axis = 1 if self.bshd else 2
         k_new = (k.transpose(1, 2) if self.bshd else k).contiguous()
         v_new = (v.transpose(1, 2) if self.bshd else v).contiguous()
+        k_new, v_new = k_new.to(k_cache.dtype), v_new.to(v_cache.dtype)  # fp16 caches round here
         if inplace:
             k_cache.index_copy_(axis, positions, k_new)
             v_cache.index_copy_(axis, positions, v_new)
@@ -192,6 +193,7 @@ class LAttention(nn.Module):
             keys, values = k_cache.view(L, kvh, hd).transpose(0, 1), v_cache.view(L, kvh, hd).transpose(0, 1)
         else:
             keys, values = k_cache.view(kvh, L, hd), v_cache.view(kvh, L, hd)
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
         qg = q.reshape(kvh, rep, -1, hd).transpose(1, 2).reshape(kvh, -1, hd)
         s = torch.bmm(qg, keys.transpose(1, 2)) * self.scale
         if self.softcap is not None:
@@ -247,12 +249,13 @@ class LoweredLM(nn.Module):
     def __init__(self, model: Model, spec: LoweringSpec = LoweringSpec()):
         super().__init__()
         kv = model.kv
-        if kv.dtype != "float32" or kv.window is not None or kv.arena:
+        if kv.dtype not in ("float32", "float16") or kv.window is not None or kv.arena:
             raise UnsupportedError(
-                f"this lowering holds a static fp32 cache per layer; KV spec dtype={kv.dtype} "
+                f"this lowering holds a static fp32/fp16 cache per layer; KV spec dtype={kv.dtype} "
                 f"window={kv.window} arena={kv.arena} is not lowered yet", "kv")
         bshd = kv.layout == "bshd"
         self.spec, self.max_len = spec, kv.max_len
+        self.cache_dtype = torch.float16 if kv.dtype == "float16" else spec.dtype
         P = _Params(self, spec.dtype)
         self.embed = P(model.embed)
         self.embed_scale = model.embed_scale
@@ -291,14 +294,14 @@ class LoweredLM(nn.Module):
                                      else (1, a.n_kv_heads, kv.max_len, a.head_dim))
         if spec.kv == "buffers":
             for d, shape in enumerate(self.cache_shapes):
-                self.register_buffer(f"k_cache_{d}", torch.zeros(shape, dtype=spec.dtype))
-                self.register_buffer(f"v_cache_{d}", torch.zeros(shape, dtype=spec.dtype))
+                self.register_buffer(f"k_cache_{d}", torch.zeros(shape, dtype=self.cache_dtype))
+                self.register_buffer(f"v_cache_{d}", torch.zeros(shape, dtype=self.cache_dtype))
         if P.quantized:
             unwrap(self)
 
     def empty_caches(self) -> list[torch.Tensor]:
         """Zero K and V tensors per depth, in forward's argument order (kv="io")."""
-        return [torch.zeros(s, dtype=self.spec.dtype) for s in self.cache_shapes for _ in (0, 1)]
+        return [torch.zeros(s, dtype=self.cache_dtype) for s in self.cache_shapes for _ in (0, 1)]
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *rest: torch.Tensor):
         T = tokens.shape[1]

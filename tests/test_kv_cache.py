@@ -1,0 +1,61 @@
+"""The KV-cache spec (kv.cache pass) lowered per target and checked against the reference,
+which models the cache's dtype (an fp16 cache rounds K and V to half precision).
+
+Every legal (target, layout, dtype) runs a prompt plus greedy decode longer than the
+prompt, so decode reads rows written by earlier calls; illegal combinations are refused at
+compile time with the reason and exit 2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from slmc.api import compile_model, load, validate_artifact
+from slmc.cli import main
+from slmc.compiler import reference
+from slmc.compiler.pass_manager import PassManager, parse_pass
+
+LEGAL = [(t, b, lay, dt) for t, b in [("executorch", "xnnpack"), ("tflite", "cpu"),
+                                      ("coreml", "cpu:precision=fp32,kv=io")]
+         for lay in ("bhsd", "bshd") for dt in ("float32", "float16")
+         if not (t == "coreml" and lay == "bshd" and dt == "float16")]  # one Core ML fp16 case is enough
+# The default suite runs one fp16 flow per target (fp32 BHSD is every other test's flow); CI the rest.
+DEFAULT = {("executorch", "bshd", "float16"), ("tflite", "bhsd", "float16"), ("coreml", "bhsd", "float16")}
+
+
+@pytest.mark.parametrize("target,backend,layout,dtype", [
+    pytest.param(*f, marks=() if (f[0], f[2], f[3]) in DEFAULT else pytest.mark.slow, id="-".join(f[::2] + f[3:]))
+    for f in LEGAL])
+def test_kv_spec_validates_against_reference(tiny_llama_dir, tmp_path, target, backend, layout, dtype):
+    out, manifest = compile_model(tiny_llama_dir, target, backend, tmp_path / "a", max_seq_len=64,
+                                  passes=[f"kv.cache:layout={layout},dtype={dtype}"])
+    assert manifest["kv_cache_spec"]["layout"] == layout and manifest["kv_cache_spec"]["dtype"] == dtype
+    report = validate_artifact(out, steps=40)
+    assert report.passed, report.to_json()
+
+
+def test_reference_models_an_fp16_cache(tiny_llama_dir):
+    ids = torch.tensor([[3, 9, 27, 81, 5, 1, 2, 7]])
+    m32 = load(tiny_llama_dir, max_seq_len=64)
+    m16, _ = PassManager([parse_pass("kv.cache:dtype=float16")]).run(load(tiny_llama_dir, max_seq_len=64))
+    a, b = reference.forward(m32, ids), reference.forward(m16, ids)
+    assert not torch.equal(a, b)  # rounding K/V is visible ...
+    assert (a - b).abs().max() < 1e-2  # ... and small
+
+
+@pytest.mark.parametrize("target,opts,words", [
+    ("executorch", "dtype=int8", "int8"),
+    ("tflite", "window=16,sink_tokens=4", "ring-buffer"),
+    ("executorch", "arena=true", "arena"),
+    ("executorch", "layout=bhds", "layout"),
+    ("executorch", "window=8,sink_tokens=8", "sink_tokens"),
+    ("coreml", "dtype=int8", "int8"),
+])
+def test_kv_spec_the_target_cannot_express_exits_2(tiny_llama_dir, tmp_path, target, opts, words):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["compile", str(tiny_llama_dir), "-t", target, "-o", str(out),
+                                  "--max-seq-len", "32", "--pass", f"kv.cache:{opts}"])
+    assert r.exit_code == 2, r.output
+    assert words in r.output and not out.exists()
