@@ -179,7 +179,9 @@ def _check_scalars(m: Model):
 
 
 def _check_offload(m: Model):
-    depths = [d for d in range(m.n_layers) if isinstance(m.block_at(d).ffn, MoE)]
+    # depths pointing at no block are the layers check's finding; skip them here
+    depths = [d for d in range(m.n_layers)
+              if 0 <= m.layers[d] < len(m.blocks) and isinstance(m.block_at(d).ffn, MoE)]
     plans = [m.block_at(d).ffn.offload for d in depths]
     if all(p is None for p in plans):
         return
