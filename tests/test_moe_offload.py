@@ -23,7 +23,7 @@ from slmc.compiler.pass_manager import PassManager, parse_pass
 from slmc.compiler.printer import print_model
 from slmc.compiler.serialize import load_ir, save_ir
 from slmc.passes.moe_offload import statistics
-from slmc.runtime_tests.moe_runner import ExpertCache, MoEOffloadSession, predict_next
+from slmc.runtime_tests.moe_runner import ExpertCache, MoEOffloadSession, after_layer, serve_layer
 
 load_all()
 CALIB = "n_seqs=4,seq_len=32"
@@ -147,17 +147,15 @@ def test_dense_model_exits_2(tiny_llama_dir, tmp_path):
 
 
 def _sweep(cache, routes, transition, predict):
-    """Tokens through MoE depths 0..L-1: routes[t][l] = experts of token t at depth l."""
+    """Tokens through MoE depths 0..L-1 with the runner's policy: routes[t][l] = experts."""
     for token in routes:
         for layer, experts in enumerate(token):
-            for e in experts:
-                cache.get((layer, e))
-                assert len(cache.entries) <= cache.capacity
-            if predict and layer + 1 < len(token):
-                w = torch.full((len(experts),), 1.0 / len(experts))
-                for e in predict_next(transition, torch.tensor(experts), w, len(experts)):
-                    cache.preload((layer + 1, e))
-                    assert len(cache.entries) <= cache.capacity
+            serve_layer(cache, layer, experts, lambda e, loaded: None)
+            assert len(cache.entries) <= cache.capacity
+            nxt = layer + 1 if predict and layer + 1 < len(token) else None
+            w = torch.full((len(experts),), 1.0 / len(experts))
+            after_layer(cache, layer, nxt, transition, torch.tensor(experts), w, len(experts))
+            assert len(cache.entries) <= cache.capacity
     return cache.stats
 
 
@@ -173,6 +171,20 @@ def test_prediction_beats_lru_when_routing_is_predictable():
     assert lru.hit_rate == 0.0  # a cyclic sweep over 24 experts through 2 slots: LRU's worst case
     assert pred.hit_rate >= 5 / 6 - 1e-9 and pred.preloads_used == pred.hits
     assert lru.bytes_read == 100 * len(sizes)
+
+
+def test_unused_preloads_are_dropped_after_their_layer():
+    # the table always guesses expert 3 next, the token goes to experts 0 and 1
+    cache = ExpertCache(8, lambda k: k, lambda k: 1)
+    t = [[0.0, 0.0, 0.5, 0.5]] * 4
+    serve_layer(cache, 0, [0, 1], lambda e, loaded: None)
+    after_layer(cache, 0, 1, t, torch.tensor([0, 1]), torch.tensor([0.5, 0.5]), 2)
+    assert {(1, 2), (1, 3)} <= set(cache.entries)
+    serve_layer(cache, 1, [0, 2], lambda e, loaded: None)  # (1, 2) was a good guess, (1, 3) not
+    after_layer(cache, 1, None, None, torch.tensor([0, 2]), torch.tensor([0.5, 0.5]), 2)
+    assert (1, 3) not in cache.entries and (1, 2) in cache.entries
+    s = cache.stats
+    assert (s.preloads, s.preloads_used, s.preloads_dropped, s.hits, s.misses) == (2, 1, 1, 1, 3)
 
 
 def test_cache_evicts_least_recently_used():
@@ -218,7 +230,6 @@ def test_layout_has_one_file_per_expert(float_artifact):
     pred = json.loads((float_artifact / plan["predictor"]).read_text())
     assert pred["moe_depths"] == [0, 1] and pred["transitions"][1] is None
     assert plan["policy"]["cache_experts"] == 2
-    assert plan["experts_from_shared_edge_program"] == 8  # one edge generation for all 8 experts
 
 
 def test_artifact_validates_against_the_reference(float_artifact):
@@ -285,7 +296,6 @@ def test_quantized_experts_on_xnnpack(qwen_dir, tmp_path):
                                       passes=[f"moe.offload:cache_experts=2,{CALIB}"])
     plan = manifest["moe_offload"]
     assert plan["expert_bits"] == 4 and not plan["quantized_backbone"]
-    assert plan["experts_from_shared_edge_program"] == 8
     sizes = [s for L in plan["layers"] for s in L["expert_bytes"]]
     fp32 = 3 * 64 * 32 * 4  # one expert's gate/up/down in float32 (hidden 64, moe_intermediate 32)
     assert len(sizes) == 8 and max(sizes) < fp32 / 2  # int4 codes + bf16 scales, not floats

@@ -8,7 +8,14 @@ It implements the policy the manifest describes (manifest["moe_offload"]):
 - after MoE depth d, the next MoE depth's experts are scored with the predictor table,
   score(e') = sum over this depth's routed (e, w) of w * P(e' | e), and the top_k best
   that are not resident are preloaded (on a phone this read overlaps with the next
-  layer's attention; here it is counted, not overlapped).
+  layer's attention; here it is counted, not overlapped);
+- once that next depth has run, its preloaded experts that no token used are dropped:
+  a wrong guess then holds a slot for one layer, not until LRU reaches it. Without this,
+  with K near the per-token working set, wrong guesses turn LRU's reuse across tokens
+  into thrashing (on the upcycled SmolLM2 trace, K=60: 69 expert loads per token
+  instead of 36; bench/arch_moe.py).
+`serve_layer` and `after_layer` are the policy; the session and the benchmark's
+simulation both call them.
 The runner combines expert outputs itself: y = x + sum_k w_k * expert_k(ffn_in), the
 reference executor's arithmetic in fp32.
 
@@ -35,6 +42,7 @@ class CacheStats:
     misses: int = 0
     preloads: int = 0
     preloads_used: int = 0  # preloaded experts that a token then asked for
+    preloads_dropped: int = 0  # preloaded experts the predicted layer did not use
     bytes_read: int = 0
     evictions: int = 0
     max_resident: int = 0
@@ -89,6 +97,29 @@ class ExpertCache:
         self.stats.preloads += 1
         self._insert(key)
         self.preloaded.add(key)
+
+    def drop_unused(self, belongs: Callable[[Hashable], bool]) -> None:
+        """Unload the still-unused preloads that `belongs` picks."""
+        for key in [k for k in self.preloaded if belongs(k)]:
+            self.preloaded.discard(key)
+            del self.entries[key]
+            self.stats.preloads_dropped += 1
+
+
+def serve_layer(cache: ExpertCache, depth: int, experts: list[int], run: Callable[[int, object], None]) -> None:
+    """Fetch and run each routed expert of a depth; resident ones first, so a miss never
+    evicts an expert this layer still needs."""
+    for e in sorted(experts, key=lambda e: not cache.resident((depth, e))):
+        run(e, cache.get((depth, e)))
+
+
+def after_layer(cache: ExpertCache, depth: int, next_depth: int | None, transition, routed: torch.Tensor,
+                weights: torch.Tensor, k: int) -> None:
+    """Drop this depth's unused preloads; preload the next depth's k likeliest experts."""
+    cache.drop_unused(lambda key: key[0] == depth)
+    if next_depth is not None and transition is not None:
+        for e in predict_next(transition, routed, weights, k):
+            cache.preload((next_depth, e))
 
 
 def predict_next(transition: list[list[float]], routed: torch.Tensor, weights: torch.Tensor, k: int) -> list[int]:
@@ -152,18 +183,15 @@ class MoEOffloadSession:
     def _moe(self, d: int, x: torch.Tensor, n: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         n, w, idx = n[0], w[0], idx[0]
         out = torch.zeros_like(n)
-        wanted = idx.unique().tolist()
-        # resident experts first, so a miss never evicts an expert this layer still needs
-        for e in sorted(wanted, key=lambda e: not self.cache.resident((d, e))):
+
+        def run(e, loaded):
             rows, slot = (idx == e).nonzero(as_tuple=True)
-            _, method = self.cache.get((d, e))
-            y = method.execute([n[rows].contiguous()])[0]
+            y = loaded[1].execute([n[rows].contiguous()])[0]
             out.index_add_(0, rows, y * w[rows, slot, None])
-        nxt = self.next_depth.get(d)
-        if self.predict and nxt is not None:
-            k = self.layers[nxt]["top_k"]
-            for e in predict_next(self.transitions[d], idx, w, k):
-                self.cache.preload((nxt, e))
+
+        serve_layer(self.cache, d, idx.unique().tolist(), run)
+        nxt = self.next_depth.get(d) if self.predict else None
+        after_layer(self.cache, d, nxt, self.transitions.get(d), idx, w, self.layers[nxt]["top_k"] if nxt is not None else 0)
         return x + out[None]
 
     def step(self, tokens: list[int], start_pos: int) -> torch.Tensor:

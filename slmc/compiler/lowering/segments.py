@@ -69,7 +69,7 @@ class LayerSegment(nn.Module):
         super().__init__()
         b, kv = model.block_at(depth), model.kv
         a = b.attn
-        if kv.dtype != "float32" or kv.window is not None or kv.arena:
+        if kv.dtype not in ("float32", "float16") or kv.window is not None or kv.arena:
             raise UnsupportedError(f"KV spec dtype={kv.dtype} window={kv.window} arena={kv.arena} is not "
                                    "lowered for expert offload", "kv")
         P = _Params(self, spec.dtype)
@@ -84,8 +84,9 @@ class LayerSegment(nn.Module):
         self.register_buffer("rope_cos", F.pad(cos, (0, pad), value=1.0).to(spec.dtype), persistent=False)
         self.register_buffer("rope_sin", F.pad(sin, (0, pad), value=0.0).to(spec.dtype), persistent=False)
         shape = (1, kv.max_len, a.n_kv_heads, a.head_dim) if bshd else (1, a.n_kv_heads, kv.max_len, a.head_dim)
-        self.register_buffer(f"k_cache_{depth}", torch.zeros(shape, dtype=spec.dtype))
-        self.register_buffer(f"v_cache_{depth}", torch.zeros(shape, dtype=spec.dtype))
+        cache_dtype = torch.float16 if kv.dtype == "float16" else spec.dtype  # LAttention rounds into it
+        self.register_buffer(f"k_cache_{depth}", torch.zeros(shape, dtype=cache_dtype))
+        self.register_buffer(f"v_cache_{depth}", torch.zeros(shape, dtype=cache_dtype))
         f = b.ffn
         self.moe = isinstance(f, MoE)
         if self.moe:
