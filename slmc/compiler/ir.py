@@ -299,6 +299,31 @@ def named_weights(obj, prefix: str = "") -> Iterator[tuple[str, AnyWeight]]:
     yield from walk(obj, prefix)
 
 
+def _mlp_linears(m: MLP, where: str) -> Iterator[tuple[str, Linear]]:
+    for nm in ("gate", "up", "gate_up", "down"):
+        if getattr(m, nm) is not None:
+            yield f"{where}.{nm}", getattr(m, nm)
+
+
+def block_linears(model: Model, routers: bool = False) -> Iterator[tuple[str, Linear]]:
+    """(path, Linear) for every projection in every block. Routers only when asked: the
+    quantization passes keep them float (tiny, and routing is sensitive to them)."""
+    for i, b in enumerate(model.blocks):
+        a = b.attn
+        for nm in ("q", "k", "v", "qkv", "o"):
+            if getattr(a, nm) is not None:
+                yield f"blocks.{i}.attn.{nm}", getattr(a, nm)
+        if isinstance(b.ffn, MoE):
+            if routers:
+                yield f"blocks.{i}.ffn.router", b.ffn.router
+            for e, ex in enumerate(b.ffn.experts):
+                yield from _mlp_linears(ex, f"blocks.{i}.ffn.experts.{e}")
+            if b.ffn.shared is not None:
+                yield from _mlp_linears(b.ffn.shared, f"blocks.{i}.ffn.shared")
+        else:
+            yield from _mlp_linears(b.ffn, f"blocks.{i}.ffn")
+
+
 def param_count(model: Model) -> int:
     return sum(w.numel() for _, w in named_weights(model))
 

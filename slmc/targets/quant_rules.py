@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compiler.ir import Model, QuantWeight
+from ..compiler.ir import Model, QuantWeight, block_linears
 
 
 @dataclass(frozen=True)
@@ -53,32 +53,9 @@ def _quant_tensors(model: Model, rules: QuantRules):
             yield "tied lm_head", model.embed, rules.linear
     if model.lm_head is not None and isinstance(model.lm_head.weight, QuantWeight):
         yield "lm_head", model.lm_head.weight, rules.linear
-    for path, lin in _block_linears(model):
+    for path, lin in block_linears(model, routers=True):
         if isinstance(lin.weight, QuantWeight):
             yield path, lin.weight, rules.linear
-
-
-def _block_linears(model: Model):
-    """Every projection of every block (targets never import passes, so no _linears)."""
-    from ..compiler.ir import MLP, MoE
-
-    def mlp(m, where):
-        for nm in ("gate", "up", "gate_up", "down"):
-            if getattr(m, nm) is not None:
-                yield f"{where}.{nm}", getattr(m, nm)
-
-    for i, b in enumerate(model.blocks):
-        for nm in ("q", "k", "v", "qkv", "o"):
-            if getattr(b.attn, nm) is not None:
-                yield f"blocks.{i}.attn.{nm}", getattr(b.attn, nm)
-        if isinstance(b.ffn, MoE):
-            yield f"blocks.{i}.ffn.router", b.ffn.router
-            for e, ex in enumerate(b.ffn.experts):
-                yield from mlp(ex, f"blocks.{i}.ffn.experts.{e}")
-            if b.ffn.shared is not None:
-                yield from mlp(b.ffn.shared, f"blocks.{i}.ffn.shared")
-        elif isinstance(b.ffn, MLP):
-            yield from mlp(b.ffn, f"blocks.{i}.ffn")
 
 
 def _violation(w: QuantWeight, rule: Rule | None) -> str | None:
