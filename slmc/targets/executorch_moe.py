@@ -133,7 +133,16 @@ def _edge_weights(edge_ep, ep) -> dict | None:
             return None
         out[name] = torch.nn.Parameter(new.detach(), requires_grad=False) if isinstance(old, torch.nn.Parameter) \
             else new
-    return out if used == set(raw) else None
+    # every weight of the expert must land somewhere (names that alias one tensor count once)
+    covered = {_ident(raw[k]) for k in used}
+    return out if all(_ident(t) in covered for t in raw.values()) else None
+
+
+def _ident(t) -> int:
+    try:
+        return t.data_ptr()
+    except RuntimeError:  # a tensor subclass without storage of its own: the object itself
+        return id(t)
 
 
 def _equal(a, b) -> bool:
