@@ -146,8 +146,15 @@ def run(args) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="slmc-arch-share-"))
     model = _quick_model(work) if _opt(args, "quick") else str(_opt(args, "model"))
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    # finished rows, keyed by their settings: --resume reuses them after a crash (a run is ~1 h)
+    cache = Path(tempfile.gettempdir()) / f"slmc-arch-share-rows{'-quick' if _opt(args, 'quick') else ''}.json"
+    done = json.loads(cache.read_text()) if getattr(args, "resume", False) and cache.is_file() else {}
     rows = []
     for cfg in configs(args, model):
+        key = json.dumps({k: v for k, v in cfg.items() if k != "model" or not _opt(args, "quick")}, sort_keys=True)
+        if key in done:
+            rows.append(done[key])
+            continue
         res = work / "row.json"
         t0 = time.perf_counter()
         p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg), "--result", str(res)],
@@ -159,6 +166,8 @@ def run(args) -> list[dict]:
         print(f"  {row['config']}: {row['weight_bytes'] / MiB:.1f} MiB weights, ppl {row['perplexity']}, "
               f"{row['wall_seconds']} s", file=sys.stderr, flush=True)
         rows.append(row)
+        done[key] = row
+        cache.write_text(json.dumps(done))
     base = rows[0]
     for r in rows:
         r["weight_bytes_saved"] = base["weight_bytes"] - r["weight_bytes"]
@@ -217,6 +226,7 @@ def parser() -> argparse.ArgumentParser:
             ap.add_argument("--quick", action="store_true", help="tiny random Llama, for a fast smoke test")
         else:
             ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
+    ap.add_argument("--resume", action="store_true", help="reuse the rows a crashed run finished")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     return ap
