@@ -166,9 +166,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"{r['kl']:.3f} | {r['top1']:.3f} | {err} | {r['pass_s']:.1f} | "
                      f"{r['pass_peak_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} |")
     lines += ["", "calib err: the pass's mean relative squared error of each layer's attention output on "
-              "calibration data (mean pooling vs the chosen weights, same inputs). Each variant runs in its "
+              "calibration data (mean pooling vs the chosen weights, same inputs; with the refit those inputs "
+              "come from the refit earlier layers, so its mean-pool figure differs from the mean row's). Each variant runs in its "
               "own process; pass peak RSS is measured in-worker after the pass, peak RSS over the whole "
-              "worker (which also holds the original model for KL).", ""]
+              "worker (which also holds the original model for KL). The pass reads the weights on first "
+              "use, so its peak RSS includes materializing the model (plus tokenizing the calibration novel).", ""]
+    if meta["kv_groups"] == 1:
+        lines += ["With kv_groups=1 all query heads form one group, so similarity grouping has nothing to "
+                  "choose and equals mean pooling; only the refit changes the result.", ""]
     return "\n".join(lines)
 
 
