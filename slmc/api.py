@@ -25,17 +25,19 @@ from .targets.base import check_backend, check_output_path, check_supported, get
 DEFAULT_MODEL = "default"
 
 
-def resolve_model_path(path: str) -> Path:
-    """'default' is the built-in SmolLM2-135M-Instruct (converted once, then cached)."""
+def resolve_model_path(path: str, keep_codes: bool = False) -> Path:
+    """'default' is the built-in SmolLM2-135M-Instruct (converted once, then cached); with
+    keep_codes it is the Q4_1 GGUF that model comes from, whose codes are then kept."""
     if path == DEFAULT_MODEL:
-        from .default_model import default_model_dir
+        from .default_model import default_gguf_path, default_model_dir
 
-        return default_model_dir()
+        return default_gguf_path() if keep_codes else default_model_dir()
     return Path(path)
 
 
-def load(path: str | Path, max_seq_len: int | None = None, strict: bool = False) -> Model:
-    p = resolve_model_path(str(path))
+def load(path: str | Path, max_seq_len: int | None = None, strict: bool = False,
+         keep_codes: bool = False) -> Model:
+    p = resolve_model_path(str(path), keep_codes)
     if is_ir_folder(p):
         m = load_ir(p)
         if max_seq_len is not None:
@@ -44,7 +46,7 @@ def load(path: str | Path, max_seq_len: int | None = None, strict: bool = False)
             check_max_seq_len(max_seq_len, m.max_position, "--max-seq-len")
             m.kv.max_len = max_seq_len
         return m
-    return load_model(p, max_seq_len=max_seq_len, strict=strict)
+    return load_model(p, max_seq_len=max_seq_len, strict=strict, keep_codes=keep_codes)
 
 
 def tokenizer_dir(model_path: Path) -> Path | None:
@@ -115,7 +117,8 @@ def quant_summary(ir: Model) -> dict | None:
 def compile_model(model: str | Path, target: str = "executorch", backend: str | None = None,
                   out: str | Path = "out", passes: list[str] = (), max_seq_len: int | None = None,
                   strict: bool = False, dump_ir: Path | None = None, progress=None,
-                  recipe: str | None = None, calib: list[str] = ()) -> tuple[Path, dict]:
+                  recipe: str | None = None, calib: list[str] = (),
+                  keep_codes: bool = False) -> tuple[Path, dict]:
     step = progress or (lambda msg: None)
     out = Path(out)
     check_output_path(out)  # fail before minutes of work, not after
@@ -130,8 +133,8 @@ def compile_model(model: str | Path, target: str = "executorch", backend: str | 
         passes = recipe_passes(recipe, tgt.name, spec.backend) + list(passes)
     pipeline = with_calibration([parse_pass(p) for p in list(passes) + target_pipeline(tgt)], calib)
     step("importing")
-    src_path = resolve_model_path(str(model))
-    ir = load(src_path, max_seq_len=max_seq_len, strict=strict)
+    src_path = resolve_model_path(str(model), keep_codes)
+    ir = load(src_path, max_seq_len=max_seq_len, strict=strict, keep_codes=keep_codes)
     ir, logs = PassManager(pipeline, dump_dir=Path(dump_ir) if dump_ir else None, progress=step).run(ir)
     check_supported(tgt, ir, spec)
     t0 = time.time()
@@ -157,7 +160,9 @@ def compile_model(model: str | Path, target: str = "executorch", backend: str | 
         "validation": None,
     })
     step("writing")
-    path = write_artifact(art, out, tokenizer_dir(src_path))
+    tok = tokenizer_dir(src_path) or (tokenizer_dir(resolve_model_path(DEFAULT_MODEL))
+                                      if str(model) == DEFAULT_MODEL else None)
+    path = write_artifact(art, out, tok)
     return path, json.loads((path / "manifest.json").read_text())
 
 
@@ -167,7 +172,7 @@ def reference_model(folder: Path, manifest: dict) -> Model:
     path = Path(src.get("path", ""))
     if not path.exists():
         raise SlmcError(f"the artifact's source model {path} is gone; pass --reference MODEL", str(folder))
-    ir = load(path, max_seq_len=manifest["kv_cache_spec"]["max_len"])
+    ir = load(path, max_seq_len=manifest["kv_cache_spec"]["max_len"], keep_codes=bool(src.get("keep_codes")))
     if src.get("sha256") and ir.source.get("sha256") != src["sha256"]:
         raise SlmcError(f"source model {path} changed since compile (sha256 differs)", str(folder))
     load_passes()

@@ -100,18 +100,21 @@ def main(verbose: bool) -> None:
               help="Your calibration text (repeatable); default: data-free samples from the model.")
 @click.option("--max-seq-len", type=int, default=None, help="KV-cache length (default: min(limit, 2048)).")
 @click.option("--strict", is_flag=True, help="Fail, rather than warn, on NaN/Inf weights.")
+@click.option("--keep-codes", is_flag=True,
+              help="Keep a pre-quantized checkpoint's own codes (GGUF Q4_0/Q4_1/Q8_0, AutoAWQ, GPTQ).")
 @click.option("--dump-ir", type=click.Path(path_type=Path), default=None, help="Write the IR after each pass.")
 @click.option("--validate/--no-validate", "do_validate", default=False, help="Validate right after compiling.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @friendly
-def compile(model, target, backend, out, passes, recipe, calib, max_seq_len, strict, dump_ir, do_validate,
-            as_json):
+def compile(model, target, backend, out, passes, recipe, calib, max_seq_len, strict, keep_codes, dump_ir,
+            do_validate, as_json):
     """Compile MODEL for a target into the folder OUT."""
     from . import api
 
     with _Progress(not as_json) as progress:
         path, manifest = api.compile_model(model, target, backend, out, list(passes), max_seq_len, strict,
-                                           dump_ir, progress, recipe=recipe, calib=list(calib))
+                                           dump_ir, progress, recipe=recipe, calib=list(calib),
+                                           keep_codes=keep_codes)
         if do_validate:
             progress("validating")
             report = api.validate_artifact(path)
@@ -190,14 +193,15 @@ def run(artifact, prompt, max_new_tokens, temperature, chat):
 @click.option("--pass", "passes", multiple=True, metavar="NAME[:k=v,...]", help="Run passes, then print.")
 @click.option("--max-seq-len", type=int, default=None)
 @click.option("--save-ir", type=click.Path(path_type=Path), default=None, help="Also save the IR folder.")
+@click.option("--keep-codes", is_flag=True, help="Keep a pre-quantized checkpoint's own codes.")
 @friendly
-def inspect(model, passes, max_seq_len, save_ir):
+def inspect(model, passes, max_seq_len, save_ir, keep_codes):
     """Print MODEL's IR (after the given passes)."""
     from . import api
     from .compiler.pass_manager import PassManager, parse_pass
     from .compiler.printer import print_model
 
-    ir = api.load(model, max_seq_len=max_seq_len)
+    ir = api.load(model, max_seq_len=max_seq_len, keep_codes=keep_codes)
     ir, _ = PassManager([parse_pass(p) for p in passes]).run(ir)
     click.echo(print_model(ir), nl=False)
     if save_ir:

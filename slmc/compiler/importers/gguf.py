@@ -30,7 +30,8 @@ import torch
 from ...errors import SlmcError, UnsupportedError
 from ..families import load_all
 from ..families.base import _BY_ARCH, build_model
-from ..ir import Model, Weight
+from ..ir import Model, QuantWeight, Weight
+from .gguf_blocks import LAYOUTS, block_codes, permute_rows
 from .hf import check_finite, check_max_seq_len
 
 log = logging.getLogger("slmc")
@@ -246,8 +247,9 @@ def gguf_config(reader, path: Path) -> tuple[dict, bool]:
 class GGUFSource:
     """TensorSource over one GGUF file: Hugging Face names -> lazily dequantized Weights."""
 
-    def __init__(self, reader, path: Path, permute_heads: dict[str, int] | None = None):
-        self.reader, self.path = reader, path
+    def __init__(self, reader, path: Path, permute_heads: dict[str, int] | None = None,
+                 keep_codes: bool = False):
+        self.reader, self.path, self.keep_codes = reader, path, keep_codes
         self._tensors = {t.name: t for t in reader.tensors}
         self._permute = permute_heads or {}  # GGUF layer-tensor stem ("attn_q") -> heads
         self.used: set[str] = set()  # GGUF names
@@ -265,6 +267,17 @@ class GGUFSource:
     def _heads_for(self, g: str) -> int | None:
         parts = g.split(".")
         return self._permute.get(parts[2]) if len(parts) == 4 and parts[0] == "blk" else None
+
+    def _codes(self, g: str, t, shape: tuple[int, int], heads: int | None) -> QuantWeight:
+        """The tensor's own integer codes and scales (--keep-codes), never re-rounded."""
+        try:
+            w = block_codes(np.asarray(t.data), t.tensor_type.name, shape)
+        except ValueError as e:
+            raise SlmcError(f"{t.tensor_type.name} blocks contradict the tensor shape {list(shape)}: {e}",
+                            f"{self.path}:{g}") from None
+        if not bool(w.scales.isfinite().all()) or (w.zeros is not None and not bool(w.zeros.isfinite().all())):
+            raise SlmcError(f"{t.tensor_type.name} block scales contain NaN or Inf", f"{self.path}:{g}")
+        return permute_rows(w, lambda a: unpermute_rows(a, heads)) if heads else w
 
     def _load(self, g: str, shape: tuple[int, ...]) -> torch.Tensor:
         from gguf import GGMLQuantizationType, dequantize
@@ -284,7 +297,7 @@ class GGUFSource:
             a = unpermute_rows(a, heads)
         return torch.from_numpy(np.array(a, copy=True))  # own the memory; the mmap stays read-only
 
-    def weight(self, name: str) -> Weight:
+    def weight(self, name: str) -> Weight | QuantWeight:
         from gguf import GGMLQuantizationType
 
         g = gguf_name(name)
@@ -293,6 +306,9 @@ class GGUFSource:
         heads = self._heads_for(g)
         if heads and shape[0] % (2 * heads):
             raise SlmcError(f"{shape[0]} rows cannot hold {heads} rope heads", self.describe(name))
+        if self.keep_codes and t.tensor_type.name in LAYOUTS and len(shape) == 2:
+            self.used.add(g)
+            return self._codes(g, t, shape, heads)
         dtype = "float16" if t.tensor_type == GGMLQuantizationType.F16 else "float32"
         self.used.add(g)
         return Weight(shape=shape, dtype=dtype, loader=lambda: self._load(g, shape))
@@ -306,7 +322,10 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def import_gguf(path: str | Path, max_seq_len: int | None = None, strict: bool = False) -> Model:
+def import_gguf(path: str | Path, max_seq_len: int | None = None, strict: bool = False,
+                keep_codes: bool = False) -> Model:
+    """keep_codes: Q4_0/Q4_1/Q8_0 matrices stay quantized with the file's own codes and scales
+    (see gguf_blocks); otherwise every tensor is dequantized to float."""
     path = Path(path)
     if not path.exists():
         raise SlmcError("no such file or folder", str(path))
@@ -321,9 +340,11 @@ def import_gguf(path: str | Path, max_seq_len: int | None = None, strict: bool =
         raise SlmcError(f"cannot read {family.name} metadata: {e}", str(path)) from None
     check_max_seq_len(max_seq_len, arch.max_position, "--max-seq-len")
     permute = {"attn_q": arch.n_heads, "attn_k": arch.n_kv_heads} if permuted else {}
-    src = GGUFSource(reader, path, permute)
-    model = build_model(family, arch, src, max_seq_len,
-                        {"format": "gguf", "path": str(path.resolve()), "sha256": file_hash(path)})
+    src = GGUFSource(reader, path, permute, keep_codes)
+    source = {"format": "gguf", "path": str(path.resolve()), "sha256": file_hash(path)}
+    if keep_codes:
+        source["keep_codes"] = True
+    model = build_model(family, arch, src, max_seq_len, source)
     unused = set(src.names()) - src.used - _IGNORED
     if unused:
         log.warning("%d GGUF tensors were not used, e.g. %s", len(unused), sorted(unused)[0])

@@ -101,7 +101,8 @@ def check_max_seq_len(max_seq_len: int | None, limit: int, where: str) -> None:
                         where)
 
 
-def import_hf(folder: str | Path, max_seq_len: int | None = None, strict: bool = False) -> Model:
+def import_hf(folder: str | Path, max_seq_len: int | None = None, strict: bool = False,
+              keep_codes: bool = False) -> Model:
     folder = Path(folder)
     if not folder.exists():
         raise SlmcError("no such file or folder", str(folder))
