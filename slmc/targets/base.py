@@ -54,6 +54,10 @@ class Target(ABC):
     @abstractmethod
     def lower(self, model: Model, spec: TargetSpec, progress=None) -> Artifact: ...
 
+    def quant_rules(self, spec: TargetSpec):
+        """The QuantRules (targets/quant_rules.py) of this spec; None: no quantized storage."""
+        return None
+
 
 TARGETS: dict[str, Target] = {}
 

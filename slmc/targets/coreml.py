@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..compiler.ir import Model, QuantWeight, named_weights
-from ..compiler.lowering.module import LMLP, LAttention, LBlock, LNorm, _Params, _rope
+from ..compiler.lowering.module import LMLP, LAttention, LBlock, LNorm, _Params, _rope, head_linear
 from ..compiler.lowering.quantized import unwrap
 from ..compiler.reference import activation, rope_cos_sin
 from ..errors import SlmcError
@@ -206,8 +206,7 @@ class CoreMLLM(nn.Module):
         self.blocks = nn.ModuleList(CBlock(b, P, bshd) for b in model.blocks)
         self.layers, self.stateful = list(model.layers), stateful
         self.final_norm = LNorm(model.final_norm, P)
-        self.lm_head = P(model.lm_head.weight) if model.lm_head is not None else self.embed
-        self.lm_bias = P(model.lm_head.bias) if model.lm_head is not None else None
+        self.head = head_linear(model, P)
         self.final_softcap = model.final_logit_softcap
         self.fp16 = fp16
         for m in self.modules():  # the shared modules, with the activation and norm above
@@ -261,7 +260,7 @@ class CoreMLLM(nn.Module):
                                        self.stateful)
             new_k.append(kc)
             new_v.append(vc)
-        logits = F.linear(self.final_norm(x), self.lm_head, self.lm_bias)
+        logits = self.head(self.final_norm(x))
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits if self.stateful else (logits, torch.stack(new_k), torch.stack(new_v))
@@ -374,6 +373,9 @@ class CoreMLTarget(Target):
     # Checked here by slmc's MIL interpreter (tolerance by precision). The first runs every
     # family: fp32 with the cache as I/O, the one combination with no fp16 rounding at all.
     host_backends = ("cpu:precision=fp32,kv=io", "all", "ane", "gpu:deployment_target=ios17")
+
+    def quant_rules(self, spec):
+        return coreml_rules(spec)
 
     def supports(self, model: Model, spec: CoreMLSpec) -> str | None:
         return refusal(model, spec)

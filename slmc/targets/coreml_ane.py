@@ -138,7 +138,7 @@ class CoreMLLMANE(CoreMLLM):
                 h = _norm(h, blk.post_ffn, f16)
             x = x + h
         x = _norm(x, self.final_norm, f16)
-        logits = F.conv2d(x, self.lm_head[:, :, None, None], self.lm_bias).squeeze(2).transpose(1, 2)
+        logits = F.conv2d(x, self.head.weight[:, :, None, None], self.head.bias).squeeze(2).transpose(1, 2)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits if self.stateful else (logits, torch.stack(new_k), torch.stack(new_v))

@@ -107,6 +107,9 @@ class ExecuTorchTarget(Target):
     # One GEMM for q/k/v and one for gate/up: fewer, larger delegate calls per token.
     default_passes = ("canon.fuse_projections",)
 
+    def quant_rules(self, spec):
+        return BACKENDS[spec.backend_name].quant if spec.backend_name in BACKENDS else None
+
     def supports(self, model: Model, spec: ExecuTorchSpec) -> str | None:
         from .executorch_moe import has_offload_plan, offload_supports
 

@@ -324,6 +324,9 @@ class TFLiteTarget(Target):
     host_backends = ("cpu",)
     spec_class = TFLiteSpec
 
+    def quant_rules(self, spec):
+        return LITERT
+
     def supports(self, model: Model, spec: TFLiteSpec) -> str | None:
         why = kv_refusal(model, "LiteRT signature I/O")
         if why:

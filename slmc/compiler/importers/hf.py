@@ -17,7 +17,7 @@ from ...errors import SlmcError
 from ..families import family_for, load_all
 from ..families.base import build_model
 from ..ir import Model, Weight, named_weights
-from .safetensors_source import SafetensorsSource
+from .prequant import PrequantSource, open_source
 
 log = logging.getLogger("slmc")
 
@@ -38,6 +38,8 @@ def read_config(folder: Path) -> dict:
     if isinstance(cfg.get("text_config"), dict) and "num_hidden_layers" not in cfg:
         merged = dict(cfg["text_config"])
         merged.setdefault("architectures", cfg.get("architectures"))
+        if "quantization_config" in cfg:  # describes the whole checkpoint's tensors
+            merged.setdefault("quantization_config", cfg["quantization_config"])
         cfg = merged
     return cfg
 
@@ -103,6 +105,8 @@ def check_max_seq_len(max_seq_len: int | None, limit: int, where: str) -> None:
 
 def import_hf(folder: str | Path, max_seq_len: int | None = None, strict: bool = False,
               keep_codes: bool = False) -> Model:
+    """keep_codes: the linears of an AutoAWQ / GPTQ checkpoint stay quantized with its own codes
+    and scales (see prequant); otherwise they are dequantized to float32."""
     folder = Path(folder)
     if not folder.exists():
         raise SlmcError("no such file or folder", str(folder))
@@ -117,9 +121,14 @@ def import_hf(folder: str | Path, max_seq_len: int | None = None, strict: bool =
         raise SlmcError(f"cannot read {family.name} config: {e}", str(folder / "config.json")) from None
     check_max_seq_len(max_seq_len, arch.max_position, "--max-seq-len")
     files = weight_files(folder)
-    src = SafetensorsSource(files)
-    model = build_model(family, arch, src, max_seq_len,
-                        {"format": "hf", "path": str(folder.resolve()), "sha256": source_hash(files)})
+    # AutoAWQ / GPTQ checkpoints: packed linears unpacked (see prequant), the rest as usual
+    src = open_source(files, cfg, str(folder / "config.json"), keep_codes)
+    source = {"format": "hf", "path": str(folder.resolve()), "sha256": source_hash(files)}
+    if keep_codes:
+        source["keep_codes"] = True
+    model = build_model(family, arch, src, max_seq_len, source)
+    if isinstance(src, PrequantSource):
+        src.report()
     unused = set(src.names()) - src.used - {"lm_head.weight"}
     unused = {n for n in unused if not n.endswith("rotary_emb.inv_freq")}
     if unused:

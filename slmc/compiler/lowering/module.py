@@ -70,6 +70,12 @@ class LLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+def head_linear(model: Model, P: _Params) -> LLinear:
+    """The output head as a child module, also when tied: a quantized table that the top
+    module read twice would be parametrized twice by unwrap_tensor_subclass (two export inputs)."""
+    return LLinear(model.lm_head if model.lm_head is not None else Linear(model.embed), P)
+
+
 class LNorm(nn.Module):
     def __init__(self, n: Norm, P: _Params):
         super().__init__()
@@ -262,8 +268,7 @@ class LoweredLM(nn.Module):
         self.blocks = nn.ModuleList(LBlock(b, P, bshd) for b in model.blocks)
         self.layers = list(model.layers)
         self.final_norm = LNorm(model.final_norm, P)
-        self.lm_head = P(model.lm_head.weight) if model.lm_head is not None else self.embed
-        self.lm_bias = P(model.lm_head.bias) if model.lm_head is not None else None
+        self.head = head_linear(model, P)
         self.final_softcap = model.final_logit_softcap
         # One rope table per distinct rope config, one mask per distinct window.
         rope_keys, self.windows, self.layer_rope, self.layer_window = [], [], [], []
@@ -332,7 +337,7 @@ class LoweredLM(nn.Module):
             updated += [kc, vc]
         if not self.spec.full_logits:
             x = x[:, -1, :]
-        logits = F.linear(self.final_norm(x), self.lm_head, self.lm_bias)
+        logits = self.head(self.final_norm(x))
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return (logits, *updated) if io else logits
