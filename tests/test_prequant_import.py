@@ -320,6 +320,22 @@ def test_bad_input_is_one_clear_error(case, keep, good, tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("qc,ok", [
+    ({"quant_method": "awq", "format": "gemm", "backend": "auto", "bits": 4, "group_size": 32}, True),  # transformers 5
+    ({"quant_method": "awq", "version": "GEMM", "w_bit": 4, "q_group_size": 64, "zero_point": True}, True),
+    ({"quant_method": "awq", "version": "gemm", "backend": "llm-awq"}, False),  # another packing order
+    ({"quant_method": "awq", "version": "gemm", "zero_point": False}, False),
+    ({"quant_method": "gptq", "bits": 4, "format": "gptq_v2"}, True),
+    ({"quant_method": "gptq", "bits": 4, "dynamic": {"-:.*down": {}}}, False),
+    ({"quant_method": "fp8"}, False)])
+def test_quantization_config_variants(qc, ok):
+    if ok:
+        assert read_prequant_config({"quantization_config": qc}, "config.json") is not None
+    else:
+        with pytest.raises(UnsupportedError):
+            read_prequant_config({"quantization_config": qc}, "config.json")
+
+
 def test_packed_tensors_without_quantization_config(good, tmp_path):
     d = variant_of(good, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
@@ -343,8 +359,10 @@ def test_cli_refuses_with_exit_2_and_no_output(case, good, tmp_path):
 
 
 def test_gptq_sym_codes_compile_to_coreml_and_validate(good, tmp_path):
-    """Core ML holds symmetric int4 codes with fp16-exact scales as they are: no requant."""
-    from slmc.api import compile_model, validate_artifact
+    """Core ML holds symmetric int4 codes with fp16-exact scales as they are: no requant, and the
+    artifact's constexpr ops hold the checkpoint's codes and scales."""
+    from slmc.api import compile_model, reference_model, validate_artifact
+    from slmc.runtime_tests import readback
 
     pytest.importorskip("coremltools")
     out = tmp_path / "cm"
@@ -353,4 +371,6 @@ def test_gptq_sym_codes_compile_to_coreml_and_validate(good, tmp_path):
     assert not [p for p in manifest["pipeline"] if p["name"] == "quant.requant"]
     assert manifest["quantization"]["algorithms"] == ["gptq-import"]
     assert manifest["source"]["keep_codes"]
+    rb = readback.check_mlpackage(reference_model(out, manifest), out / "model.mlpackage")
+    assert rb.checked == 14 and rb.missing == []
     assert validate_artifact(out, steps=16).passed

@@ -109,13 +109,13 @@ def _gptq(qc: dict, where: str) -> PrequantConfig:
 
 
 def _awq(qc: dict, where: str) -> PrequantConfig:
-    version = str(qc.get("version", "gemm")).lower()
-    if version != "gemm":
-        raise UnsupportedError(f"AutoAWQ version {qc.get('version')!r} is not supported; supported: gemm",
-                               f"{where}.version")
-    backend = str(qc.get("backend", "autoawq")).lower()
-    if backend != "autoawq":  # llm-awq packs its words in another order
-        raise UnsupportedError(f"AWQ backend {backend!r} is not supported; supported: autoawq", f"{where}.backend")
+    # the packing: "version" (AutoAWQ, and what transformers writes) or "format" (transformers 5);
+    # "backend" only picks a kernel, except the legacy "llm-awq", which packs in another order
+    fmt = str(qc.get("version") or qc.get("format") or "gemm").lower()
+    if str(qc.get("backend", "")).lower() == "llm-awq":
+        fmt = "llm-awq"
+    if fmt != "gemm":
+        raise UnsupportedError(f"AWQ format {fmt!r} is not supported; supported: gemm", f"{where}.version")
     bits = _int(qc, ("bits", "w_bit"), 4, where)
     if bits != 4:
         raise UnsupportedError(f"AutoAWQ GEMM {bits}-bit is not supported (4)", f"{where}.bits")
