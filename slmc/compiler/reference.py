@@ -96,6 +96,20 @@ def causal_mask(positions: torch.Tensor, window: int | None) -> torch.Tensor:
     return ok
 
 
+def kv_int8_scale(x: torch.Tensor) -> torch.Tensor:
+    """The int8 KV cache's scale per token and KV head: symmetric over head_dim (the last axis)."""
+    return (x.abs().amax(-1, keepdim=True) / 127.0).clamp_min(1e-10)
+
+
+def kv_int8_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.round(x / scale).clamp(-127, 127)
+
+
+def kv_int8_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    s = kv_int8_scale(x)
+    return kv_int8_codes(x, s) * s
+
+
 def attention(a: Attention, x: torch.Tensor, positions: torch.Tensor, kv_dtype: str = "float32") -> torch.Tensor:
     B, T, _ = x.shape
     q, k, v = qkv(a, x)
@@ -110,6 +124,8 @@ def attention(a: Attention, x: torch.Tensor, positions: torch.Tensor, kv_dtype: 
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv_dtype == "float16":  # what a half-precision KV cache hands back (the current token too)
         k, v = k.half().float(), v.half().float()
+    elif kv_dtype == "int8":  # what an int8 cache with per-token scales hands back
+        k, v = kv_int8_roundtrip(k), kv_int8_roundtrip(v)
     rep = a.n_heads // a.n_kv_heads
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = (q @ k.transpose(-1, -2)) * a.scale

@@ -167,8 +167,9 @@ def kv_refusal(model: Model, how: str, dtypes: tuple[str, ...] = ("float32", "fl
     """Why a target's cache (`how`: buffers, states, signature I/O) cannot hold this KV spec."""
     kv = model.kv
     if kv.dtype not in dtypes:
-        return (f"a {kv.dtype} KV cache is not lowered for {how} (slmc lowers {'/'.join(dtypes)} caches; "
-                "int8 with per-token scales needs scale tensors beside each cache, not built yet)")
+        return (f"a {kv.dtype} KV cache is not lowered for {how} (slmc lowers {'/'.join(dtypes)} caches "
+                "there; int8 caches with per-token scales exist for ExecuTorch buffers without expert "
+                "offload and for LiteRT signature I/O)")
     if kv.window is not None:
         return (f"a ring-buffer KV cache (window={kv.window}, sinks={kv.sink_tokens}) is not lowered for "
                 f"{how}: every position keeps its own slot; use a max length instead")

@@ -117,7 +117,10 @@ class ExecuTorchTarget(Target):
             why = offload_supports(model)
             if why:
                 return why
-        why = kv_refusal(model, "ExecuTorch mutable buffers")
+        # int8 caches: codes + per-token scales as two mutable buffers, run by portable kernels
+        # (the expert-offload segments keep float caches only)
+        dtypes = ("float32", "float16") if has_offload_plan(model) else ("float32", "float16", "int8")
+        why = kv_refusal(model, "ExecuTorch mutable buffers", dtypes)
         if why:
             return why
         if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):

@@ -117,6 +117,14 @@ def _npu_refusal(backend: str, soc_model: str | None) -> str | None:
 
 # --- lowering ------------------------------------------------------------------------------------
 
+def cache_names(lm: LoweredLM, n_layers: int) -> list[str]:
+    """The cache tensors in forward's order: k_0, v_0, ...; an int8 cache adds its per-token
+    scales after each (k_0, k_scale_0, v_0, v_scale_0, ...)."""
+    slots = ("k", "k_scale", "v", "v_scale") if lm.int8 else ("k", "v")
+    return [f"{c.replace('_scale', '')}_scale_{d}" if c.endswith("_scale") else f"{c}_{d}"
+            for d in range(n_layers) for c in slots]
+
+
 class _Signature(nn.Module):
     """forward(tokens, input_pos, kv_cache={"k_0": .., "v_0": .., ...}) in LiteRT-LM's names:
     litert_torch names flattened kwargs `kv_cache_k_0`, ... (inputs and outputs alike)."""
@@ -124,11 +132,12 @@ class _Signature(nn.Module):
     def __init__(self, lm: LoweredLM, n_layers: int, logits: bool):
         super().__init__()
         self.lm, self.n, self.logits = lm, n_layers, logits
+        self.names = cache_names(lm, n_layers)
 
     def forward(self, tokens, input_pos, kv_cache):
-        caches = [kv_cache[f"{c}_{d}"] for d in range(self.n) for c in "kv"]
+        caches = [kv_cache[n] for n in self.names]
         out = self.lm(tokens.long(), input_pos[:1].long(), *caches)  # only the start position
-        res = {"kv_cache": {f"{c}_{d}": out[1 + 2 * d + j] for d in range(self.n) for j, c in enumerate("kv")}}
+        res = {"kv_cache": {n: out[1 + i] for i, n in enumerate(self.names)}}
         if self.logits:
             res["logits"] = out[0].reshape(1, 1, -1)
         return res
@@ -220,7 +229,7 @@ def convert(model: Model, prefill_len: int) -> bytes:
     lm = LoweredLM(model, LoweringSpec(kv="io", positions="start", mask_input=False)).eval()
     _rank3_norms(lm)
     caches = lm.empty_caches()
-    kv = {f"{c}_{d}": caches[2 * d + j] for d in range(model.n_layers) for j, c in enumerate("kv")}
+    kv = dict(zip(cache_names(lm, model.n_layers), caches))
 
     def sample(T):
         return {"tokens": torch.zeros(1, T, dtype=torch.int32),
@@ -239,7 +248,7 @@ def signature_io(data: bytes) -> dict:
 
     def order(name):  # tokens, input_pos, then caches by layer, K before V
         if name.startswith("kv_cache_"):
-            c, d = name[len("kv_cache_"):].split("_")
+            c, d = name[len("kv_cache_"):].rsplit("_", 1)
             return (2, int(d), c)
         return ({"tokens": 0, "input_pos": 1, "logits": 0}.get(name, 3), 0, name)
 
@@ -328,7 +337,7 @@ class TFLiteTarget(Target):
         return LITERT
 
     def supports(self, model: Model, spec: TFLiteSpec) -> str | None:
-        why = kv_refusal(model, "LiteRT signature I/O")
+        why = kv_refusal(model, "LiteRT signature I/O", ("float32", "float16", "int8"))
         if why:
             return why
         kv = model.kv
@@ -356,8 +365,12 @@ class TFLiteTarget(Target):
             "positions": ("input_pos[0] is the chunk's start position; rows are at input_pos[0] + i and "
                           "the rest of input_pos is ignored (LiteRT-LM fills padding with 0). A chunk "
                           "must satisfy input_pos[0] + T <= max_len."),
-            "kv_cache": {"kind": "signature_io", "names": ["kv_cache_k_{i}", "kv_cache_v_{i}"],
-                         "layout": model.kv.layout, "dtype": "float32", "max_len": model.kv.max_len,
+            "kv_cache": {"kind": "signature_io", "names": ["kv_cache_k_{i}", "kv_cache_v_{i}"] + (
+                             ["kv_cache_k_scale_{i}", "kv_cache_v_scale_{i}"] if model.kv.dtype == "int8" else []),
+                         "scales": ("int8 codes; float32 scale per token and KV head "
+                                    "(symmetric, max|x| / 127), same axes with head_dim 1")
+                         if model.kv.dtype == "int8" else None,
+                         "layout": model.kv.layout, "dtype": model.kv.dtype, "max_len": model.kv.max_len,
                          "axes": "[1, max_len, kv_heads, head_dim]" if model.kv.layout == "bshd"
                          else "[1, kv_heads, max_len, head_dim]"},
             "runner": {"convention": "LiteRT-LM LlmLiteRtCompiledModelExecutor",

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ...errors import UnsupportedError
 from ..ir import MLP, Attention, Block, Linear, Model, MoE, Norm, QuantWeight
-from ..reference import activation, rope_cos_sin
+from ..reference import activation, kv_int8_codes, kv_int8_scale, rope_cos_sin
 from .quantized import intx_parameter, unwrap
 
 
@@ -184,21 +184,26 @@ class LAttention(nn.Module):
         axis = 1 if self.bshd else 2
         k_new = (k.transpose(1, 2) if self.bshd else k).contiguous()
         v_new = (v.transpose(1, 2) if self.bshd else v).contiguous()
-        k_new, v_new = k_new.to(k_cache.dtype), v_new.to(v_cache.dtype)  # fp16 caches round here
-        if inplace:
-            k_cache.index_copy_(axis, positions, k_new)
-            v_cache.index_copy_(axis, positions, v_new)
+        if isinstance(k_cache, tuple):  # int8 codes + per-token scales (the reference's formula)
+            k_cache = _write_int8(k_cache, axis, positions, k_new, inplace)
+            v_cache = _write_int8(v_cache, axis, positions, v_new, inplace)
         else:
-            k_cache = k_cache.index_copy(axis, positions, k_new)
-            v_cache = v_cache.index_copy(axis, positions, v_new)
+            k_new, v_new = k_new.to(k_cache.dtype), v_new.to(v_cache.dtype)  # fp16 caches round here
+            if inplace:
+                k_cache.index_copy_(axis, positions, k_new)
+                v_cache.index_copy_(axis, positions, v_new)
+            else:
+                k_cache = k_cache.index_copy(axis, positions, k_new)
+                v_cache = v_cache.index_copy(axis, positions, v_new)
+        k_read, v_read = _read(k_cache), _read(v_cache)
         # Grouped attention without repeating the cache: fold each KV group's query
         # heads into the row axis as (T, rep), T outermost (a symbolic axis split with
         # T innermost makes torch.export add unprovable guards).
-        rep, L = h // kvh, k_cache.shape[axis]
+        rep, L = h // kvh, k_read.shape[axis]
         if self.bshd:
-            keys, values = k_cache.view(L, kvh, hd).transpose(0, 1), v_cache.view(L, kvh, hd).transpose(0, 1)
+            keys, values = k_read.view(L, kvh, hd).transpose(0, 1), v_read.view(L, kvh, hd).transpose(0, 1)
         else:
-            keys, values = k_cache.view(kvh, L, hd), v_cache.view(kvh, L, hd)
+            keys, values = k_read.view(kvh, L, hd), v_read.view(kvh, L, hd)
         keys, values = keys.to(q.dtype), values.to(q.dtype)
         qg = q.reshape(kvh, rep, -1, hd).transpose(1, 2).reshape(kvh, -1, hd)
         s = torch.bmm(qg, keys.transpose(1, 2)) * self.scale
@@ -208,6 +213,29 @@ class LAttention(nn.Module):
         p = torch.softmax(s, dim=-1).view(kvh, -1, L)
         out = torch.bmm(p, values).view(kvh, -1, rep, hd)
         return self.o(out.permute(1, 0, 2, 3).reshape(1, -1, h * hd)), k_cache, v_cache
+
+
+def _scale_shape(cache_shape: tuple) -> tuple:
+    return (*cache_shape[:-1], 1)
+
+
+def _write_int8(cache: tuple, axis: int, positions, new, inplace: bool) -> tuple:
+    """Quantize the new rows per token and head, then store codes and scales at `positions`."""
+    codes, scales = cache
+    s = kv_int8_scale(new)
+    q = kv_int8_codes(new, s).to(torch.int8)
+    if inplace:
+        codes.index_copy_(axis, positions, q)
+        scales.index_copy_(axis, positions, s)
+        return cache
+    return codes.index_copy(axis, positions, q), scales.index_copy(axis, positions, s)
+
+
+def _read(cache):
+    """The cache as float rows: int8 codes times their scales, or the float cache itself."""
+    if isinstance(cache, tuple):
+        return cache[0].to(cache[1].dtype) * cache[1]
+    return cache
 
 
 def rotate_half_matrix(head_dim: int, rot_dim: int, dtype) -> torch.Tensor:
@@ -255,13 +283,14 @@ class LoweredLM(nn.Module):
     def __init__(self, model: Model, spec: LoweringSpec = LoweringSpec()):
         super().__init__()
         kv = model.kv
-        if kv.dtype not in ("float32", "float16") or kv.window is not None or kv.arena:
+        if kv.dtype not in ("float32", "float16", "int8") or kv.window is not None or kv.arena:
             raise UnsupportedError(
-                f"this lowering holds a static fp32/fp16 cache per layer; KV spec dtype={kv.dtype} "
+                f"this lowering holds a static fp32/fp16/int8 cache per layer; KV spec dtype={kv.dtype} "
                 f"window={kv.window} arena={kv.arena} is not lowered yet", "kv")
         bshd = kv.layout == "bshd"
         self.spec, self.max_len = spec, kv.max_len
-        self.cache_dtype = torch.float16 if kv.dtype == "float16" else spec.dtype
+        self.cache_dtype = {"float16": torch.float16, "int8": torch.int8}.get(kv.dtype, spec.dtype)
+        self.int8 = kv.dtype == "int8"  # each cache is (codes, scales per token and head)
         P = _Params(self, spec.dtype)
         self.embed = P(model.embed)
         self.embed_scale = model.embed_scale
@@ -299,14 +328,34 @@ class LoweredLM(nn.Module):
                                      else (1, a.n_kv_heads, kv.max_len, a.head_dim))
         if spec.kv == "buffers":
             for d, shape in enumerate(self.cache_shapes):
-                self.register_buffer(f"k_cache_{d}", torch.zeros(shape, dtype=self.cache_dtype))
-                self.register_buffer(f"v_cache_{d}", torch.zeros(shape, dtype=self.cache_dtype))
+                for kv_name in ("k", "v"):
+                    self.register_buffer(f"{kv_name}_cache_{d}", torch.zeros(shape, dtype=self.cache_dtype))
+                    if self.int8:
+                        self.register_buffer(f"{kv_name}_cache_scale_{d}", torch.zeros(_scale_shape(shape),
+                                                                                      dtype=spec.dtype))
         if P.quantized:
             unwrap(self)
 
     def empty_caches(self) -> list[torch.Tensor]:
-        """Zero K and V tensors per depth, in forward's argument order (kv="io")."""
-        return [torch.zeros(s, dtype=self.cache_dtype) for s in self.cache_shapes for _ in (0, 1)]
+        """Zero K and V tensors per depth, in forward's argument order (kv="io"); an int8
+        cache is two tensors (codes, then scales)."""
+        out = []
+        for s in self.cache_shapes:
+            for _ in (0, 1):
+                out.append(torch.zeros(s, dtype=self.cache_dtype))
+                if self.int8:
+                    out.append(torch.zeros(_scale_shape(s), dtype=self.spec.dtype))
+        return out
+
+    def _cache(self, caches, d: int, i: int):
+        """Depth d's K (i=0) or V (i=1) cache: a tensor, or (codes, scales) when int8."""
+        if self.spec.kv == "io":
+            n = 2 if self.int8 else 1
+            j = (2 * d + i) * n
+            return (caches[j], caches[j + 1]) if self.int8 else caches[j]
+        name = f"{'kv'[i]}_cache_{d}"
+        return (getattr(self, name), getattr(self, f"{'kv'[i]}_cache_scale_{d}")) if self.int8 \
+            else getattr(self, name)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *rest: torch.Tensor):
         T = tokens.shape[1]
@@ -330,11 +379,10 @@ class LoweredLM(nn.Module):
         io, updated = self.spec.kv == "io", []
         for d, b in enumerate(self.layers):
             cos, sin = ropes[self.layer_rope[d]]
-            kc, vc = (caches[2 * d], caches[2 * d + 1]) if io else \
-                (getattr(self, f"k_cache_{d}"), getattr(self, f"v_cache_{d}"))
+            kc, vc = self._cache(caches, d, 0), self._cache(caches, d, 1)
             mask = masks[self.layer_window[d]] if mask_in is None else mask_in[0, 0]
             x, kc, vc = self.blocks[b](x, cos, sin, mask, kc, vc, positions, not io)
-            updated += [kc, vc]
+            updated += [*kc, *vc] if self.int8 else [kc, vc]
         if not self.spec.full_logits:
             x = x[:, -1, :]
         logits = self.head(self.final_norm(x))
