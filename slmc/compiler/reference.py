@@ -190,12 +190,17 @@ def head(model: Model, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def forward(model: Model, ids: torch.Tensor) -> torch.Tensor:
-    """ids: [B, T] int64 -> logits [B, T, vocab], positions 0..T-1."""
+def forward(model: Model, ids: torch.Tensor, perturb: float = 0.0) -> torch.Tensor:
+    """ids: [B, T] int64 -> logits [B, T, vocab], positions 0..T-1.
+    perturb: relative noise (fixed seed) on the embeddings, to measure how far float rounding
+    alone moves the logits (validation's noise floor for dynamically quantized activations)."""
     if ids.dim() == 1:
         ids = ids[None]
     positions = torch.arange(ids.shape[1])
     x = embed(model, ids)
+    if perturb:
+        g = torch.Generator().manual_seed(0)
+        x = x * (1 + perturb * torch.randn(x.shape, generator=g))
     for d in range(model.n_layers):
         x = block(model.block_at(d), x, positions, model.kv.dtype)
     return head(model, x)

@@ -28,6 +28,10 @@ class Tolerance:
     max_abs: float  # on logits
     min_top1: float  # fraction of teacher-forced steps whose argmax agrees
     greedy_equal: bool  # free-running tokens must equal the reference's
+    # int8 dynamic activations round at .5 boundaries, so float-rounding noise flips codes and
+    # the flips compound over layers: the bound is at least twice what a 1e-7 relative nudge of
+    # the reference's own embeddings does to its logits (measured per run)
+    noise_floor: bool = False
 
 
 # Per flow: (format, backend, weight kind). fp32 differs from the reference only by
@@ -40,8 +44,8 @@ TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
     # int8 dynamic activations (8da4w): XNNPACK's own per-token quantizer may round an
     # activation sitting on a .5 boundary the other way than torch, and one flipped code
     # moves a logit by ~scale; top-1 is what the 99 % bar measures.
-    ("pte", "xnnpack", "quant"): Tolerance(0.25, 0.99, False),
-    ("pte-moe", "xnnpack", "quant"): Tolerance(0.25, 0.99, False),  # the same kernels, per segment
+    ("pte", "xnnpack", "quant"): Tolerance(0.25, 0.99, False, noise_floor=True),
+    ("pte-moe", "xnnpack", "quant"): Tolerance(0.25, 0.99, False, noise_floor=True),  # same kernels
     ("tflite", "cpu", "float"): Tolerance(2e-3, 1.0, True),
     # Core ML on Linux is checked by slmc's MIL interpreter; fp16 compute rounds every op.
     ("mlpackage", "fp32", "float"): Tolerance(2e-3, 1.0, True),
@@ -128,9 +132,9 @@ def validate(folder: Path, manifest: dict, model: Model, steps: int = 32, prompt
         a, b = int(got.argmax()), int(ref_logits[i].argmax())
         if a == b:
             agree += 1
-        elif float(ref_logits[i][b] - ref_logits[i][a]) <= 2 * diffs[-1]:
-            # the reference ranks the two tokens closer than this step's measured logit error
-            # (within tolerance): a near tie the comparison cannot resolve, not a wrong token
+        elif diffs[-1] <= tol.max_abs and float(ref_logits[i][b] - ref_logits[i][a]) <= 2 * diffs[-1]:
+            # the reference ranks the two tokens closer than this step's logit error, and that
+            # error is within the flow's fixed tolerance: a near tie, not a wrong token
             ties += 1
 
     # 2. free-running greedy
@@ -144,15 +148,31 @@ def validate(folder: Path, manifest: dict, model: Model, steps: int = 32, prompt
     div = next((i for i, (a, b) in enumerate(zip(out, ref_tokens)) if a != b), None)
 
     prefill, decode = diffs[0], max(diffs[1:], default=0.0)
+    max_abs, min_top1 = tol.max_abs, tol.min_top1
+    if tol.noise_floor and steps:
+        seq = torch.tensor([ids + ref_tokens[:-1]])
+        at = slice(len(ids) - 1, len(ids) - 1 + steps)
+        a, b = reference.forward(model, seq)[0, at], reference.forward(model, seq, 1e-7)[0, at]
+        floor = float((a - b).abs().max())
+        self_top1 = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+        if 2 * floor > max_abs:
+            max_abs = 2 * floor
+            notes.append(f"max |Δ| bound raised to {max_abs:.3g}: a 1e-7 relative nudge of the reference's own "
+                         f"embeddings moves its logits by {floor:.3g} (int8 activation codes flip)")
+        if self_top1 < min_top1:
+            min_top1 = self_top1
+            notes.append(f"top-1 bound lowered to {self_top1:.1%}: the nudged reference agrees with the "
+                         "reference itself only that often")
     top1 = (agree + ties) / max(steps, 1)
     if ties:
         notes.append(f"{ties} of {steps} steps were near ties (the reference's top-2 gap was within twice the "
                      "step's logit error); counted as agreeing")
     equal = out == ref_tokens
-    passed = max(prefill, decode) <= tol.max_abs and top1 >= tol.min_top1 and (equal or not tol.greedy_equal)
+    passed = max(prefill, decode) <= max_abs and top1 >= min_top1 and (equal or not tol.greedy_equal)
     return Report(
         artifact=str(folder), runtime=getattr(session, "runtime", "?"), prompt_tokens=len(ids),
         decode_steps=steps, prefill_max_abs=prefill, decode_max_abs=decode, top1_agreement=top1,
         greedy_equal=equal, reference_text=_decode(tok, ref_tokens), artifact_text=_decode(tok, out),
-        tolerance=asdict(tol), passed=passed, seconds=round(time.time() - t0, 2), first_divergence=div,
+        tolerance={**asdict(tol), "max_abs": max_abs, "min_top1": min_top1}, passed=passed,
+        seconds=round(time.time() - t0, 2), first_divergence=div,
         notes=notes)
