@@ -126,3 +126,20 @@ def test_fake_quant_tokens_matches_torchao():
 
     x = torch.randn(5, 64) * torch.linspace(0.1, 10, 64)
     assert torch.equal(fake_quant_tokens(x), _apply_int8_act_asym_per_token_quant_dequant(x))
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "int8da-int4w-g32" else pytest.mark.slow)
+                                  for n in ("int8da-int4w-g32", "int8da-int8w", "int4-g32-xnnpack",
+                                            "awq-int4-g32-xnnpack", "int4-g32-coreml", "int8-coreml")])
+def test_each_recipe_compiles_its_flow_and_validates(tiny_llama_dir, tmp_path, name):
+    from slmc.recipes import RECIPES
+
+    target, _, backend = RECIPES[name].flows[0].partition(":")
+    backend = backend or "cpu:precision=fp32,kv=io"
+    out, manifest = compile_model(tiny_llama_dir, target, backend, tmp_path / name, max_seq_len=64, recipe=name)
+    assert manifest["recipe"] == name and manifest["quantization"]
+    if name == "int8da-int4w-g32":  # head and embedding quantized too, as ExecuTorch's Llama export does
+        ref = reference_model(out, manifest)
+        assert isinstance(ref.embed, QuantWeight) and isinstance(ref.lm_head.weight, QuantWeight)
+    report = validate_artifact(out, steps=16)
+    assert report.passed, report.to_json()
