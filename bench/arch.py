@@ -91,7 +91,12 @@ def markdown(table: list[dict], sources: dict) -> str:
               "compare against the upcycled dense model, not SmolLM2 itself (see arch_moe.md); their "
               "peak RSS is the ExecuTorch runner's while decoding. KV cache sizes are at each benchmark's "
               "cache length (GQA: 2048 tokens). SmolLM2 has 9 query heads in 3 KV groups, and G must "
-              "divide 9, so G=1 is the only reduction arch.gqa can make on it.", ""]
+              "divide 9, so G=1 is the only reduction arch.gqa can make on it. The share_layers rows evaluate "
+              "on Mansfield Park (the GQA rows on Pride and Prejudice), hence the different original "
+              "perplexity. Without retraining, merging SmolLM2's blocks or FFNs and cutting it to one KV "
+              "head cost most of its quality (MobileLLM trains with sharing from the start); the lossless "
+              "mode and the MoE offload change no logits beyond quantization. The GQA benchmark does not "
+              "compile artifacts, so its artifact column is empty; arch_gqa.md gives the weight bytes.", ""]
     return "\n".join(lines)
 
 
