@@ -100,6 +100,7 @@ def test_coreml_keeps_exact_codes_and_requantizes_q4_1(tiny_codes, tmp_path):
     assert validate_artifact(out, steps=16).passed
 
 
+@pytest.mark.slow  # ~90 s; the Core ML case above covers the fitting in the default suite
 def test_xnnpack_requantizes_to_its_scheme_and_validates(tiny_codes, tmp_path):
     out = tmp_path / "pte"
     _, manifest = compile_model(tiny_codes, "executorch", "xnnpack", out, max_seq_len=64, keep_codes=True)

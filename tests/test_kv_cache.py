@@ -26,7 +26,7 @@ LEGAL = [(t, b, lay, dt) for t, b in [("executorch", "xnnpack"), ("tflite", "cpu
 # The default suite runs one fp16 and one int8 flow per target (fp32 BHSD is every other test's
 # flow); CI the rest.
 DEFAULT = {("executorch", "bshd", "float16"), ("tflite", "bhsd", "float16"), ("coreml", "bhsd", "float16"),
-           ("executorch", "bhsd", "int8"), ("tflite", "bshd", "int8")}
+           ("executorch", "bhsd", "int8")}
 
 
 @pytest.mark.parametrize("target,backend,layout,dtype", [

@@ -128,7 +128,9 @@ def test_fake_quant_tokens_matches_torchao():
     assert torch.equal(fake_quant_tokens(x), _apply_int8_act_asym_per_token_quant_dequant(x))
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "int8da-int4w-g32" else pytest.mark.slow)
+# slow: the pte-8da4w flow above runs the flagship recipe's passes in the default suite
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [pytest.param(n)
                                   for n in ("int8da-int4w-g32", "int8da-int8w", "int4-g32-xnnpack",
                                             "awq-int4-g32-xnnpack", "int4-g32-coreml", "int8-coreml")])
 def test_each_recipe_compiles_its_flow_and_validates(tiny_llama_dir, tmp_path, name):
