@@ -24,7 +24,7 @@ demo: setup
 	$(BIN)/slmc run $(OUT) --prompt "$(PROMPT)" --max-new-tokens 48
 
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow and not emulator and not macos"
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "not slow and not emulator and not macos"
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m "slow"

@@ -17,3 +17,14 @@ def tiny_llama_dir(tmp_path_factory):
     save_hf_model(tiny_config(), d)
     save_ascii_tokenizer(d)
     return d
+
+
+def pytest_configure(config):
+    # Under pytest-xdist each worker gets one core: two workers with two torch threads each
+    # would fight over this 2-core machine's cores.
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
