@@ -107,6 +107,8 @@ def table(rows: list[dict], meta: dict) -> str:
     lines += ["", "Goals (issue 4): GPTQ and AWQ strictly better than RTN at every group size; best int4 g32 "
               "within +5 % of fp32 perplexity; AWQ/GPTQ under 10 min each on this 2-core machine.",
               "Weights come from a Q4_1 GGUF (asymmetric g32): symmetric int4 is the real test."]
+    if not meta.get("complete", True):
+        lines += ["", "**Partial run:** the rows above are all this run measured."]
     return "\n".join(lines) + "\n"
 
 
@@ -143,11 +145,6 @@ def main() -> None:
             save_ascii_tokenizer(d)
         a.model, a.groups, a.eval_tokens, a.window, a.n_seqs, a.seq_len = str(d), "32", 600, 128, 4, 64
         suffix = "-quick"
-    rows = []
-    for name, passes in variants([int(g) for g in a.groups.split(",")], a.calib_text, a.n_seqs, a.seq_len):
-        print(f"{name} ...", file=sys.stderr, flush=True)
-        rows.append(run_variant(name, passes, a))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     meta = {"model": a.model, "date": datetime.date.today().isoformat(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "calibration": f"{Path(a.calib_text).name}, {a.n_seqs}x{a.seq_len} tokens",
@@ -155,8 +152,16 @@ def main() -> None:
                           f"stride {a.window // 2}"}
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    (out / f"quant{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (out / f"quant{suffix}.md").write_text(table(rows, meta))
+    todo = variants([int(g) for g in a.groups.split(",")], a.calib_text, a.n_seqs, a.seq_len)
+    rows = []
+    for i, (name, passes) in enumerate(todo):
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        rows.append(run_variant(name, passes, a))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        # written after every variant: an hour-long run that is stopped keeps what it measured
+        meta["complete"] = i + 1 == len(todo)
+        (out / f"quant{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        (out / f"quant{suffix}.md").write_text(table(rows, meta))
     print(table(rows, meta))
 
 

@@ -72,7 +72,7 @@ def test_int8_cache_scales_are_per_token_and_head():
 
 @pytest.mark.parametrize("target,opts,words", [
     ("tflite", "arena=true", "arena"),
-    ("tflite", "window=16,sink_tokens=4", "ring-buffer"),
+    ("coreml", "window=16,sink_tokens=4", "ring-buffer"),
     ("executorch", "arena=true", "arena"),
     ("executorch", "layout=bhds", "layout"),
     ("executorch", "window=8,sink_tokens=8", "sink_tokens"),
@@ -84,3 +84,65 @@ def test_kv_spec_the_target_cannot_express_exits_2(tiny_llama_dir, tmp_path, tar
                                   "--max-seq-len", "32", "--pass", f"kv.cache:{opts}"])
     assert r.exit_code == 2, r.output
     assert words in r.output and not out.exists()
+
+
+# ---------------------------------------------------------------- ring buffer (window, sinks)
+
+RING = [("executorch", "xnnpack", "window=16,sink_tokens=4"),
+        ("executorch", "xnnpack", "window=12,layout=bshd,dtype=int8"),
+        ("tflite", "cpu", "window=16,sink_tokens=4,dtype=float16"),
+        ("tflite", "cpu", "window=20,layout=bshd")]
+
+
+@pytest.mark.parametrize("target,backend,opts", RING, ids=["-".join(r[::2]) for r in RING])
+def test_ring_cache_validates_past_its_window(tiny_llama_dir, tmp_path, target, backend, opts):
+    """Prompt + decode run 3-5x past the window: the ring wraps and evicts; the artifact's
+    logits follow the reference's sink + recent-window attention, which differs from full
+    attention by far more than the tolerance (so the ring is really exercised)."""
+    out, manifest = compile_model(tiny_llama_dir, target, backend, tmp_path / "a", max_seq_len=64,
+                                  passes=[f"kv.cache:{opts}"])
+    ring = manifest["kv_cache"]["ring"]
+    kv = manifest["kv_cache_spec"]
+    assert ring["slots"] == kv["window"] and ring["sink_tokens"] == kv["sink_tokens"]
+    assert ring["max_tokens_per_call"] == kv["window"] - kv["sink_tokens"]
+    report = validate_artifact(out, steps=40)
+    assert report.passed, report.to_json()
+    assert report.prompt_tokens + report.decode_steps > 3 * kv["window"]
+    if target == "tflite":  # the cache tensors hold `window` rows, not max_len
+        k0 = next(i for i in manifest["io"]["decode"]["inputs"] if i["name"] == "kv_cache_k_0")
+        assert kv["window"] in k0["shape"] and 64 not in k0["shape"]
+    else:  # the stock runner chunks prompts by get_max_seq_len
+        assert manifest["runner"]["metadata_methods"]["get_max_seq_len"] == ring["max_tokens_per_call"]
+
+
+def test_tflite_prefill_longer_than_the_ring_exits_2(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["compile", str(tiny_llama_dir), "-t", "tflite", "-b", "cpu:prefill_len=12",
+                                  "-o", str(out), "--max-seq-len", "32", "--pass", "kv.cache:window=16,sink_tokens=8"])
+    assert r.exit_code == 2, r.output
+    assert "prefill length 12 exceeds the ring buffer's 8 non-sink slots" in r.output and not out.exists()
+
+
+def test_reference_ring_hides_evicted_keys(tiny_llama_dir):
+    ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(0))
+    full = load(tiny_llama_dir, max_seq_len=64)
+    ring, _ = PassManager([parse_pass("kv.cache:window=16,sink_tokens=4")]).run(load(tiny_llama_dir, max_seq_len=64))
+    a, b = reference.forward(full, ids)[0], reference.forward(ring, ids)[0]
+    assert torch.equal(a[:16], b[:16])  # nothing evicted yet
+    assert (a[16:] - b[16:]).abs().amax(-1).min() > 1e-2  # every later position lost keys
+
+
+def test_ring_slots_and_masks_follow_the_spec():
+    from slmc.compiler.lowering.ring import ring_masks, ring_slots
+
+    W, S = 7, 2
+    slots = ring_slots(torch.arange(20), W, S)
+    assert slots.tolist() == [0, 1] + [2 + (p - 2) % 5 for p in range(2, 20)]
+    # a chunk at positions 13..15 sees the sinks, the ring's still-recent slots and itself causally
+    pos = torch.arange(13, 16)
+    mask = ring_masks(pos, W, S, [None], torch.float32)[0]
+    held = {int(s): p for p in range(13) for s in [slots[p]]}  # the ring after positions 0..12
+    for i, q in enumerate(pos.tolist()):
+        seen = {held[j] for j in range(W) if mask[i, j] == 0} | {int(pos[t]) for t in range(3) if mask[i, W + t] == 0}
+        want = {k for k in range(q + 1) if k < S or q - k < W - S}
+        assert seen == want, (q, seen, want)

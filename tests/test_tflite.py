@@ -197,8 +197,7 @@ def test_npu_compile_with_sdk(tiny_llama_dir, tmp_path, backend):
     assert art.manifest["npu"]["soc_model"] == soc and all(n.endswith(".tflite") for n in art.files)
 
 
-@pytest.mark.parametrize("change,word", [({"window": 16}, "window=16"),
-                                         ({"arena": True}, "arena")])  # fp16/int8 are lowered (test_kv_cache.py)
+@pytest.mark.parametrize("change,word", [({"arena": True}, "arena")])  # fp16/int8/ring: test_kv_cache.py
 def test_unsupported_kv_spec_exits_2(tiny_llama_dir, tmp_path, change, word):
     m = api.load(tiny_llama_dir, max_seq_len=MAX_LEN)
     for k, v in change.items():

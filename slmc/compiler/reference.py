@@ -96,6 +96,12 @@ def causal_mask(positions: torch.Tensor, window: int | None) -> torch.Tensor:
     return ok
 
 
+def ring_keep(q: torch.Tensor, k: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
+    """A ring-buffer KV cache of `window` slots, `sinks` of them attention sinks: query position
+    q sees key position k when k is a sink or among the last window - sinks positions."""
+    return (k < sinks) | (q - k < window - sinks)
+
+
 def kv_int8_scale(x: torch.Tensor) -> torch.Tensor:
     """The int8 KV cache's scale per token and KV head: symmetric over head_dim (the last axis)."""
     return (x.abs().amax(-1, keepdim=True) / 127.0).clamp_min(1e-10)
@@ -110,7 +116,9 @@ def kv_int8_roundtrip(x: torch.Tensor) -> torch.Tensor:
     return kv_int8_codes(x, s) * s
 
 
-def attention(a: Attention, x: torch.Tensor, positions: torch.Tensor, kv_dtype: str = "float32") -> torch.Tensor:
+def attention(a: Attention, x: torch.Tensor, positions: torch.Tensor, kv_dtype: str = "float32",
+              ring: tuple[int, int] | None = None) -> torch.Tensor:
+    """ring: (window, sinks) of a ring-buffer KV cache, which hides older keys (ring_keep)."""
     B, T, _ = x.shape
     q, k, v = qkv(a, x)
     q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
@@ -131,7 +139,10 @@ def attention(a: Attention, x: torch.Tensor, positions: torch.Tensor, kv_dtype: 
     scores = (q @ k.transpose(-1, -2)) * a.scale
     if a.logit_softcap is not None:
         scores = torch.tanh(scores / a.logit_softcap) * a.logit_softcap
-    scores = scores.masked_fill(~causal_mask(positions, a.sliding_window), float("-inf"))
+    ok = causal_mask(positions, a.sliding_window)
+    if ring is not None:
+        ok = ok & ring_keep(positions[:, None], positions[None, :], *ring)
+    scores = scores.masked_fill(~ok, float("-inf"))
     out = torch.softmax(scores, dim=-1) @ v
     return linear(out.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim), a.o)
 
@@ -161,8 +172,9 @@ def moe(m: MoE, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(shape)
 
 
-def block(b: Block, x: torch.Tensor, positions: torch.Tensor, kv_dtype: str = "float32") -> torch.Tensor:
-    h = attention(b.attn, rms_norm(x, b.attn_norm), positions, kv_dtype)
+def block(b: Block, x: torch.Tensor, positions: torch.Tensor, kv_dtype: str = "float32",
+          ring: tuple[int, int] | None = None) -> torch.Tensor:
+    h = attention(b.attn, rms_norm(x, b.attn_norm), positions, kv_dtype, ring)
     if b.post_attn_norm is not None:
         h = rms_norm(h, b.post_attn_norm)
     x = x + h
@@ -197,12 +209,13 @@ def forward(model: Model, ids: torch.Tensor, perturb: float = 0.0) -> torch.Tens
     if ids.dim() == 1:
         ids = ids[None]
     positions = torch.arange(ids.shape[1])
+    ring = (model.kv.window, model.kv.sink_tokens) if model.kv.window is not None else None
     x = embed(model, ids)
     if perturb:
         g = torch.Generator().manual_seed(0)
         x = x * (1 + perturb * torch.randn(x.shape, generator=g))
     for d in range(model.n_layers):
-        x = block(model.block_at(d), x, positions, model.kv.dtype)
+        x = block(model.block_at(d), x, positions, model.kv.dtype, ring)
     return head(model, x)
 
 

@@ -57,7 +57,8 @@ DEFAULT_TOLERANCE = Tolerance(5e-2, 0.97, False)
 def tolerance_for(manifest: dict) -> Tolerance:
     kind = "quant" if manifest.get("quantization") else "float"
     # Core ML backends name compute units; its tolerances go by compute precision.
-    backend = manifest.get("precision") if manifest.get("format") == "mlpackage" else manifest.get("backend")
+    backend = manifest.get("precision") if manifest.get("format") == "mlpackage" \
+        else str(manifest.get("backend")).partition(":")[0]
     return TOLERANCES.get((manifest.get("format"), backend, kind), DEFAULT_TOLERANCE)
 
 

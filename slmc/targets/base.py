@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..compiler.ir import Model
+from ..compiler.lowering.export import max_chunk
 from ..errors import SlmcError, UnsupportedError
 
 
@@ -163,16 +164,31 @@ def read_manifest(folder: Path) -> dict:
         raise SlmcError(f"invalid manifest ({e})", str(path)) from None
 
 
-def kv_refusal(model: Model, how: str, dtypes: tuple[str, ...] = ("float32", "float16")) -> str | None:
-    """Why a target's cache (`how`: buffers, states, signature I/O) cannot hold this KV spec."""
+def ring_manifest(model: Model) -> dict:
+    """How a ring-buffer cache maps positions to slots, for the app's runtime ({} without one)."""
+    kv = model.kv
+    if kv.window is None:
+        return {}
+    return {"ring": {"slots": kv.window, "sink_tokens": kv.sink_tokens,
+                     "slot_of_position": f"p if p < {kv.sink_tokens} else {kv.sink_tokens} + "
+                                         f"(p - {kv.sink_tokens}) mod {kv.window - kv.sink_tokens}",
+                     "attends_to": f"the {kv.sink_tokens} sink positions and the last "
+                                   f"{kv.window - kv.sink_tokens} positions",
+                     "max_tokens_per_call": max_chunk(model),
+                     "max_positions": kv.max_len}}
+
+
+def kv_refusal(model: Model, how: str, dtypes: tuple[str, ...] = ("float32", "float16"),
+               ring: str | None = "every position keeps its own slot; use a max length instead") -> str | None:
+    """Why a target's cache (`how`: buffers, states, signature I/O) cannot hold this KV spec.
+    ring: why it cannot hold a ring buffer, or None where the shared lowering's ring is used."""
     kv = model.kv
     if kv.dtype not in dtypes:
         return (f"a {kv.dtype} KV cache is not lowered for {how} (slmc lowers {'/'.join(dtypes)} caches "
                 "there; int8 caches with per-token scales exist for ExecuTorch buffers without expert "
                 "offload and for LiteRT signature I/O)")
-    if kv.window is not None:
-        return (f"a ring-buffer KV cache (window={kv.window}, sinks={kv.sink_tokens}) is not lowered for "
-                f"{how}: every position keeps its own slot; use a max length instead")
+    if kv.window is not None and ring:
+        return f"a ring-buffer KV cache (window={kv.window}, sinks={kv.sink_tokens}) is not lowered for {how}: {ring}"
     if kv.arena:
         return f"an arena KV cache (one buffer, per-layer views) is not lowered for {how}; per-layer caches are"
     return None

@@ -108,7 +108,11 @@ def refusal(model: Model, spec: CoreMLSpec) -> str | None:
     kv = model.kv
     if kv.dtype == "float16" and cache_dtype(model, spec) != "float16":
         return f"an fp16 KV cache as inputs/outputs needs iOS 16+ (fp16 I/O), not {spec.deployment_target}"
-    if kv.dtype not in ("float32", "float16") or kv.window is not None or kv.arena:
+    if kv.window is not None:
+        return (f"a ring-buffer KV cache (window={kv.window}) is not lowered for Core ML: the app hands "
+                "the model swift-transformers' causalMask over slots 0..E, which means slot = position; "
+                "a ring would make that mask wrong. Use executorch or tflite for a ring cache")
+    if kv.dtype not in ("float32", "float16") or kv.arena:
         return (f"KV cache dtype={kv.dtype} window={kv.window} arena={kv.arena}: Core ML keeps one "
                 "full-length float cache per depth (BHSD or BSHD) only")
     if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
@@ -152,7 +156,8 @@ class CNorm(LNorm):
 class CAttention(LAttention):
     """Attention over one layer of the stacked cache: writes rows [start, end), reads [0, end)."""
 
-    def forward(self, x, cos, sin, mask, kc, vc, span, inplace):
+    def forward(self, x, cos, sin, mask, kc, vc, span, inplace, slots=None, pad=None):
+        # slots/pad belong to ring caches, which Core ML refuses (supports())
         (start, end), h, kvh, hd = span, self.h, self.kvh, self.hd
         if self.fused:
             q, k, v = self.qkv(x).split([h * hd, kvh * hd, kvh * hd], -1)

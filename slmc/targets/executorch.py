@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..compiler.ir import Model, QuantWeight, named_weights
-from ..compiler.lowering import LoweringSpec, export_decoder, io_spec
-from .base import Artifact, Target, TargetSpec, kv_refusal, register
+from ..compiler.lowering import LoweringSpec, export_decoder, io_spec, max_chunk
+from .base import Artifact, Target, TargetSpec, kv_refusal, register, ring_manifest
 from .executorch_backends import BACKENDS
 
 DEFAULT_SOC = {"qnn": "SM8650", "mediatek": "mt6989"}
@@ -54,7 +54,8 @@ def delegation_summary(edge, method: str = "forward") -> dict:
 def runner_metadata(model: Model, dynamic: bool = True) -> dict:
     eos = model.eos_ids or []
     meta = {
-        "get_max_seq_len": model.kv.max_len,
+        # tokens per forward call: the runner's prefill splits longer prompts into such chunks
+        "get_max_seq_len": max_chunk(model) if model.kv.window is not None else model.kv.max_len,
         "get_max_context_len": model.kv.max_len,
         "get_vocab_size": model.vocab_size,
         "get_n_layers": model.n_layers,
@@ -120,7 +121,8 @@ class ExecuTorchTarget(Target):
         # int8 caches: codes + per-token scales as two mutable buffers, run by portable kernels
         # (the expert-offload segments keep float caches only)
         dtypes = ("float32", "float16") if has_offload_plan(model) else ("float32", "float16", "int8")
-        why = kv_refusal(model, "ExecuTorch mutable buffers", dtypes)
+        ring = "expert-offload segments keep linear caches" if has_offload_plan(model) else None
+        why = kv_refusal(model, "ExecuTorch mutable buffers", dtypes, ring)
         if why:
             return why
         if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
@@ -151,7 +153,8 @@ class ExecuTorchTarget(Target):
             "backend_note": backend.note,
             "runner": {"convention": "executorch.extension.llm.runner.TextLLMRunner",
                        "metadata_methods": meta},
-            "kv_cache": {"kind": "mutable_buffers", "buffers_per_layer": ["k_cache_{d}", "v_cache_{d}"]},
+            "kv_cache": {"kind": "mutable_buffers", "buffers_per_layer": ["k_cache_{d}", "v_cache_{d}"],
+                         **ring_manifest(model)},
         }
         return Artifact(files={"model.pte": data}, manifest=manifest)
 

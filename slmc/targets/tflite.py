@@ -17,6 +17,9 @@ Padding: the runtime fills a short prefill chunk with token 0 and position 0 aft
 tokens. The model reads only input_pos[0] and writes row i's K/V at input_pos[0] + i, so padded
 rows land in still-unused slots after the real tokens (causally masked, overwritten later),
 never on slot 0. A chunk must fit in the cache: input_pos[0] + T <= max_len.
+A ring-buffer cache (kv.cache:window=W,sink_tokens=S) has W slots; prefill chunks are at most
+W - S tokens, and there padded rows (input_pos 0 after the first) write back their slots' old
+rows, so padding never evicts a live position.
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ import torch
 import torch.nn as nn
 
 from ..compiler.ir import Model, QuantWeight, named_weights
-from ..compiler.lowering import LoweredLM, LoweringSpec
+from ..compiler.lowering import LoweredLM, LoweringSpec, max_chunk
 from ..compiler.textdata import find_tokenizer_dir
 from ..errors import SlmcError
-from .base import Artifact, Target, TargetSpec, kv_refusal, register
+from .base import Artifact, Target, TargetSpec, kv_refusal, register, ring_manifest
 from .quant_rules import LITERT
 from .tflite_gpu import gpu_fallback
 
@@ -53,9 +56,22 @@ class TFLiteSpec(TargetSpec):
     soc_model: str | None = None  # NPU backends: e.g. SM8650, MT6989; None: every SoC of the vendor
     bundle: bool = True  # also pack model.litertlm when the source has a tokenizer.json
 
+    def __post_init__(self):  # `--backend cpu:prefill_len=64`
+        name, _, opts = self.backend.partition(":")
+        for item in filter(None, opts.split(",")):
+            key, _, value = item.partition("=")
+            if key != "prefill_len" or not value.isdigit() or int(value) < 1:
+                raise SlmcError(f"unknown LiteRT option {item!r}; options: prefill_len=N (tokens per "
+                                "prefill call, N >= 1)", "--backend")
+            object.__setattr__(self, "prefill_len", int(value))
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.partition(":")[0]
+
 
 def prefill_length(model: Model, spec: TFLiteSpec) -> int:
-    return spec.prefill_len or min(DEFAULT_PREFILL, model.kv.max_len - 1)
+    return spec.prefill_len or min(DEFAULT_PREFILL, max_chunk(model))
 
 
 # --- NPU ahead-of-time compile: find the vendor SDK as ai_edge_litert.aot does -----------------
@@ -136,7 +152,8 @@ class _Signature(nn.Module):
 
     def forward(self, tokens, input_pos, kv_cache):
         caches = [kv_cache[n] for n in self.names]
-        out = self.lm(tokens.long(), input_pos[:1].long(), *caches)  # only the start position
+        # only the start position, or all of them where padding rows must be told apart
+        out = self.lm(tokens.long(), (input_pos if self.lm.spec.padded else input_pos[:1]).long(), *caches)
         res = {"kv_cache": {n: out[1 + i] for i, n in enumerate(self.names)}}
         if self.logits:
             res["logits"] = out[0].reshape(1, 1, -1)
@@ -226,7 +243,9 @@ def convert(model: Model, prefill_len: int) -> bytes:
     """Both signatures through one litert_torch Converter: one flatbuffer, weights stored once."""
     import litert_torch
 
-    lm = LoweredLM(model, LoweringSpec(kv="io", positions="start", mask_input=False)).eval()
+    # padded: a ring keeps its live slots under LiteRT-LM's prefill padding (input_pos 0 there)
+    lm = LoweredLM(model, LoweringSpec(kv="io", positions="start", mask_input=False,
+                                       padded=model.kv.window is not None)).eval()
     _rank3_norms(lm)
     caches = lm.empty_caches()
     kv = dict(zip(cache_names(lm, model.n_layers), caches))
@@ -337,7 +356,7 @@ class TFLiteTarget(Target):
         return LITERT
 
     def supports(self, model: Model, spec: TFLiteSpec) -> str | None:
-        why = kv_refusal(model, "LiteRT signature I/O", ("float32", "float16", "int8"))
+        why = kv_refusal(model, "LiteRT signature I/O", ("float32", "float16", "int8"), ring=None)
         if why:
             return why
         kv = model.kv
@@ -348,8 +367,12 @@ class TFLiteTarget(Target):
         P = prefill_length(model, spec)
         if not 1 <= P <= kv.max_len - 1:
             return f"prefill length {P} must be in 1..max_len-1={kv.max_len - 1}"
-        if spec.backend in _NPU:
-            return _npu_refusal(spec.backend, spec.soc_model)
+        if P > max_chunk(model):  # a chunk's rows must land in distinct ring slots
+            return (f"prefill length {P} exceeds the ring buffer's {max_chunk(model)} non-sink slots "
+                    f"(window={kv.window}, sink_tokens={kv.sink_tokens}); use --backend cpu:prefill_len=N "
+                    "with a smaller N")
+        if spec.backend_name in _NPU:
+            return _npu_refusal(spec.backend_name, spec.soc_model)
         return None
 
     def lower(self, model: Model, spec: TFLiteSpec, progress=None) -> Artifact:
@@ -357,13 +380,15 @@ class TFLiteTarget(Target):
         P = prefill_length(model, spec)
         step("litert_torch: prefill + decode signatures")
         data = convert(model, P)
+        rows = "max_len" if model.kv.window is None else f"window={model.kv.window}"
         manifest = {
             "format": "tflite",
             "artifact": "model.tflite",
             "io": signature_io(data),
             "prefill_len": P,
             "positions": ("input_pos[0] is the chunk's start position; rows are at input_pos[0] + i and "
-                          "the rest of input_pos is ignored (LiteRT-LM fills padding with 0). A chunk "
+                          "the rest of input_pos is ignored (LiteRT-LM fills padding with 0; a ring cache "
+                          "reads it to keep its slots under padding). A chunk "
                           "must satisfy input_pos[0] + T <= max_len."),
             "kv_cache": {"kind": "signature_io", "names": ["kv_cache_k_{i}", "kv_cache_v_{i}"] + (
                              ["kv_cache_k_scale_{i}", "kv_cache_v_scale_{i}"] if model.kv.dtype == "int8" else []),
@@ -371,15 +396,15 @@ class TFLiteTarget(Target):
                                     "(symmetric, max|x| / 127), same axes with head_dim 1")
                          if model.kv.dtype == "int8" else None,
                          "layout": model.kv.layout, "dtype": model.kv.dtype, "max_len": model.kv.max_len,
-                         "axes": "[1, max_len, kv_heads, head_dim]" if model.kv.layout == "bshd"
-                         else "[1, kv_heads, max_len, head_dim]"},
+                         "axes": f"[1, {rows}, kv_heads, head_dim]" if model.kv.layout == "bshd"
+                         else f"[1, kv_heads, {rows}, head_dim]", **ring_manifest(model)},
             "runner": {"convention": "LiteRT-LM LlmLiteRtCompiledModelExecutor",
                        "prefill_logits": False, "decode_logits": "[1, 1, vocab]"},
             "gpu_delegate_fallback": gpu_fallback(data),
         }
         files = {"model.tflite": data}
-        if spec.backend in _NPU:
-            step(f"ai_edge_litert.aot: {spec.backend} NPU compile")
+        if spec.backend_name in _NPU:
+            step(f"ai_edge_litert.aot: {spec.backend_name} NPU compile")
             files, manifest["npu"] = self._aot(data, spec)
             manifest["artifact"] = sorted(files)[0]
             manifest["litertlm"] = {"file": None, "reason": "not bundled: LiteRT-LM's NPU executor expects "
@@ -398,17 +423,17 @@ class TFLiteTarget(Target):
         from ai_edge_litert.aot.core import aot_types
         from ai_edge_litert.aot.vendors import import_vendor
 
-        vendor = _NPU[spec.backend][0]
+        vendor = _NPU[spec.backend_name][0]
         backend = import_vendor.import_vendor(vendor)
         mod = __import__(f"ai_edge_litert.aot.vendors.{vendor}.target", fromlist=["Target"])
         target = mod.Target(mod.SocModel(spec.soc_model or "ALL"))
-        found, _ = npu_sdk_dir(spec.backend)  # apply_plugin passes LD_LIBRARY_PATH on to the plugin
+        found, _ = npu_sdk_dir(spec.backend_name)  # apply_plugin passes LD_LIBRARY_PATH on to the plugin
         lib_path = os.pathsep.join(filter(None, [found and str(found), os.environ.get("LD_LIBRARY_PATH")]))
         with _env("LD_LIBRARY_PATH", lib_path):
             res = aot_compile.aot_compile(aot_types.Model.create_from_bytes(data), target=target,
                                           keep_going=False)
         if not res.models_with_backend:
-            raise SlmcError(f"NPU compile failed: {res.failed_backends}", f"tflite/{spec.backend}")
+            raise SlmcError(f"NPU compile failed: {res.failed_backends}", f"tflite/{spec.backend_name}")
         files, stats = {}, {}
         for b, m in res.models_with_backend:
             name = f"model{b.target_id_suffix}.tflite"

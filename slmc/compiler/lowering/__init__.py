@@ -1,4 +1,4 @@
-from .export import example_inputs, export_decoder, io_spec
+from .export import example_inputs, export_decoder, io_spec, max_chunk
 from .module import LoweredLM, LoweringSpec
 
-__all__ = ["LoweredLM", "LoweringSpec", "export_decoder", "example_inputs", "io_spec"]
+__all__ = ["LoweredLM", "LoweringSpec", "export_decoder", "example_inputs", "io_spec", "max_chunk"]

@@ -9,17 +9,26 @@ from ..ir import Model
 from .module import LoweredLM, LoweringSpec
 
 
+def max_chunk(model: Model) -> int:
+    """The most tokens one forward call takes: max_len - 1, and no more than a ring-buffer
+    cache's non-sink slots (a chunk's rows must land in distinct slots)."""
+    kv = model.kv
+    if kv.window is not None:
+        return min(kv.max_len - 1, kv.window - kv.sink_tokens)
+    return kv.max_len - 1
+
+
 def example_inputs(model: Model, T: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(1, T, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
 
 
 def export_decoder(model: Model, spec: LoweringSpec = LoweringSpec(), dynamic: bool = True) -> ExportedProgram:
-    """Export forward(tokens[1, T], input_pos[1]); T is dynamic in 1..max_len-1."""
+    """Export forward(tokens[1, T], input_pos[1]); T is dynamic in 1..max_chunk(model)."""
     module = LoweredLM(model, spec).eval()
     if dynamic:
         # max_len - 1: a Dim whose max equals a static size it is compared against
         # gets specialised by export (ExecuTorch's own LLM export does the same).
-        shapes = ({1: Dim("seq_len", max=model.kv.max_len - 1)}, None)
+        shapes = ({1: Dim("seq_len", max=max_chunk(model))}, None)
         args = example_inputs(model, 2)
     else:
         shapes, args = None, example_inputs(model, 1)
@@ -29,7 +38,7 @@ def export_decoder(model: Model, spec: LoweringSpec = LoweringSpec(), dynamic: b
 
 def io_spec(model: Model, spec: LoweringSpec, dynamic: bool = True) -> dict:
     """The method signature, as recorded in every manifest."""
-    seq = f"1..{model.kv.max_len - 1}" if dynamic else "1"
+    seq = f"1..{max_chunk(model)}" if dynamic else "1"
     logits = [1, seq, model.vocab_size] if spec.full_logits else [1, model.vocab_size]
     return {
         "inputs": [

@@ -21,6 +21,7 @@ from ...errors import UnsupportedError
 from ..ir import MLP, Attention, Block, Linear, Model, MoE, Norm, QuantWeight
 from ..reference import activation, kv_int8_codes, kv_int8_scale, rope_cos_sin
 from .quantized import intx_parameter, unwrap
+from .ring import ring_masks, ring_slots
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class LoweringSpec:
     positions: str = "start"
     # True: an additive float mask[1, 1, T, max_len] is an input (LiteRT-LM), else built inside.
     mask_input: bool = False
+    # True: input_pos[T] as LiteRT-LM fills a padded prefill chunk, 0 past the real tokens;
+    # positions stay input_pos[0] + i, and a ring-buffer cache keeps its rows under padding.
+    padded: bool = False
     dtype: torch.dtype = torch.float32
 
 
@@ -164,7 +168,10 @@ class LAttention(nn.Module):
         self.register_buffer("rot_t", rotate_half_matrix(a.head_dim, a.rope.dim, P.dtype).T.contiguous(),
                              persistent=False)
 
-    def forward(self, x, cos, sin, mask, k_cache, v_cache, positions, inplace: bool = True):
+    def forward(self, x, cos, sin, mask, k_cache, v_cache, positions, inplace: bool = True, slots=None,
+                pad=None):
+        # slots: a ring-buffer cache's slot per new row (ring.py); None: the slot is the position.
+        # pad: rows that are padding (LiteRT-LM), which must not overwrite a ring's live slots.
         # Batch 1 (the LLM-runner convention). Every reshape names the dynamic
         # length as -1 and everything else statically: XNNPACK takes such views,
         # while symbolic sizes would split the graph into many small delegates.
@@ -184,46 +191,91 @@ class LAttention(nn.Module):
         axis = 1 if self.bshd else 2
         k_new = (k.transpose(1, 2) if self.bshd else k).contiguous()
         v_new = (v.transpose(1, 2) if self.bshd else v).contiguous()
-        if isinstance(k_cache, tuple):  # int8 codes + per-token scales (the reference's formula)
-            k_cache = _write_int8(k_cache, axis, positions, k_new, inplace)
-            v_cache = _write_int8(v_cache, axis, positions, v_new, inplace)
-        else:
-            k_new, v_new = k_new.to(k_cache.dtype), v_new.to(v_cache.dtype)  # fp16 caches round here
-            if inplace:
-                k_cache.index_copy_(axis, positions, k_new)
-                v_cache.index_copy_(axis, positions, v_new)
-            else:
-                k_cache = k_cache.index_copy(axis, positions, k_new)
-                v_cache = v_cache.index_copy(axis, positions, v_new)
-        k_read, v_read = _read(k_cache), _read(v_cache)
+        if slots is not None:  # ring: attend to [old slots | new rows], then write (ring.py)
+            parts = [(_read(k_cache), _read(v_cache)), (_as_stored(k_new, k_cache), _as_stored(v_new, v_cache))]
+            out = self._attend(q, parts, mask)
+            return (out, _write(k_cache, axis, slots, k_new, inplace, pad),
+                    _write(v_cache, axis, slots, v_new, inplace, pad))
+        k_cache = _write(k_cache, axis, positions, k_new, inplace)
+        v_cache = _write(v_cache, axis, positions, v_new, inplace)
+        return self._attend(q, [(_read(k_cache), _read(v_cache))], mask), k_cache, v_cache
+
+    def _heads(self, rows, dtype):
+        """Cache-layout rows -> [kvh, L, hd]."""
+        if self.bshd:
+            return rows.reshape(-1, self.kvh, self.hd).transpose(0, 1).to(dtype)
+        return rows.reshape(self.kvh, -1, self.hd).to(dtype)
+
+    def _attend(self, q, parts, mask):
+        """Attention over the (K, V) row sets in `parts`, as one key sequence under `mask`.
+        Scores are computed per part and joined only on their last axis: one concatenated
+        key sequence of length W + T would make export guard on sums it cannot prove."""
+        h, kvh, hd = self.h, self.kvh, self.hd
         # Grouped attention without repeating the cache: fold each KV group's query
         # heads into the row axis as (T, rep), T outermost (a symbolic axis split with
         # T innermost makes torch.export add unprovable guards).
-        rep, L = h // kvh, k_read.shape[axis]
-        if self.bshd:
-            keys, values = k_read.view(L, kvh, hd).transpose(0, 1), v_read.view(L, kvh, hd).transpose(0, 1)
-        else:
-            keys, values = k_read.view(kvh, L, hd), v_read.view(kvh, L, hd)
-        keys, values = keys.to(q.dtype), values.to(q.dtype)
+        rep = h // kvh
         qg = q.reshape(kvh, rep, -1, hd).transpose(1, 2).reshape(kvh, -1, hd)
-        s = torch.bmm(qg, keys.transpose(1, 2)) * self.scale
-        if self.softcap is not None:
-            s = torch.tanh(s / self.softcap) * self.softcap
-        s = s.view(kvh, -1, rep, L) + mask[:, None, :]
-        p = torch.softmax(s, dim=-1).view(kvh, -1, L)
-        out = torch.bmm(p, values).view(kvh, -1, rep, hd)
-        return self.o(out.permute(1, 0, 2, 3).reshape(1, -1, h * hd)), k_cache, v_cache
+        scores, values = [], []
+        for k_rows, v_rows in parts:
+            keys, vals = self._heads(k_rows, q.dtype), self._heads(v_rows, q.dtype)
+            s = torch.bmm(qg, keys.transpose(1, 2)) * self.scale
+            if self.softcap is not None:
+                s = torch.tanh(s / self.softcap) * self.softcap
+            scores.append(s.view(kvh, -1, rep, keys.shape[1]))
+            values.append(vals)
+        s = (scores[0] if len(scores) == 1 else torch.cat(scores, -1)) + mask[:, None, :]
+        p = torch.softmax(s, dim=-1)
+        out, at = None, 0
+        for vals in values:
+            L = vals.shape[1]
+            pi = p if len(values) == 1 else p[..., at:at + L]
+            o = torch.bmm(pi.reshape(kvh, -1, L), vals)
+            out, at = (o if out is None else out + o), at + L
+        out = out.view(kvh, -1, rep, hd)
+        return self.o(out.permute(1, 0, 2, 3).reshape(1, -1, h * hd))
+
+
+def _write(cache, axis: int, slots, new, inplace: bool, pad=None):
+    """Store the new rows at `slots`: int8 as codes + per-token scales (the reference's formula),
+    float caches rounded to their dtype. Rows where `pad` is true write back what was there."""
+    if isinstance(cache, tuple):
+        return _write_int8(cache, axis, slots, new, inplace, pad)
+    new = _keep(cache, axis, slots, new.to(cache.dtype), pad)  # fp16 caches round here
+    if inplace:
+        cache.index_copy_(axis, slots, new)
+        return cache
+    return cache.index_copy(axis, slots, new)
+
+
+def _as_stored(new, cache):
+    """The new rows as the cache will hand them back once written."""
+    if isinstance(cache, tuple):
+        s = kv_int8_scale(new)
+        return kv_int8_codes(new, s) * s
+    return new.to(cache.dtype)
 
 
 def _scale_shape(cache_shape: tuple) -> tuple:
     return (*cache_shape[:-1], 1)
 
 
-def _write_int8(cache: tuple, axis: int, positions, new, inplace: bool) -> tuple:
+def _keep(cache, axis: int, slots, rows, pad):
+    if pad is None:
+        return rows
+    shape = [1, 1, 1, 1]
+    shape[axis] = -1
+    # LiteRT has no fp16 gather: gather in fp32 (exact both ways)
+    src = cache.float() if cache.dtype == torch.float16 else cache
+    return torch.where(pad.view(shape), src.index_select(axis, slots).to(rows.dtype), rows)
+
+
+def _write_int8(cache: tuple, axis: int, positions, new, inplace: bool, pad=None) -> tuple:
     """Quantize the new rows per token and head, then store codes and scales at `positions`."""
     codes, scales = cache
     s = kv_int8_scale(new)
     q = kv_int8_codes(new, s).to(torch.int8)
+    q, s = _keep(codes, axis, positions, q, pad), _keep(scales, axis, positions, s, pad)
     if inplace:
         codes.index_copy_(axis, positions, q)
         scales.index_copy_(axis, positions, s)
@@ -265,8 +317,8 @@ class LBlock(nn.Module):
         self.post_attn = LNorm(b.post_attn_norm, P) if b.post_attn_norm is not None else None
         self.post_ffn = LNorm(b.post_ffn_norm, P) if b.post_ffn_norm is not None else None
 
-    def forward(self, x, cos, sin, mask, kc, vc, positions, inplace: bool = True):
-        h, kc, vc = self.attn(self.attn_norm(x), cos, sin, mask, kc, vc, positions, inplace)
+    def forward(self, x, cos, sin, mask, kc, vc, positions, inplace: bool = True, slots=None, pad=None):
+        h, kc, vc = self.attn(self.attn_norm(x), cos, sin, mask, kc, vc, positions, inplace, slots, pad)
         if self.post_attn is not None:
             h = self.post_attn(h)
         x = x + h
@@ -283,10 +335,15 @@ class LoweredLM(nn.Module):
     def __init__(self, model: Model, spec: LoweringSpec = LoweringSpec()):
         super().__init__()
         kv = model.kv
-        if kv.dtype not in ("float32", "float16", "int8") or kv.window is not None or kv.arena:
+        if kv.dtype not in ("float32", "float16", "int8") or kv.arena:
             raise UnsupportedError(
-                f"this lowering holds a static fp32/fp16/int8 cache per layer; KV spec dtype={kv.dtype} "
-                f"window={kv.window} arena={kv.arena} is not lowered yet", "kv")
+                f"this lowering holds a fp32/fp16/int8 cache per layer; KV spec dtype={kv.dtype} "
+                f"arena={kv.arena} is not lowered yet", "kv")
+        # ring buffer: (window, sinks); the cache has `window` slots (ring.py)
+        self.ring = (kv.window, kv.sink_tokens) if kv.window is not None else None
+        if self.ring and spec.mask_input:
+            raise UnsupportedError("a ring-buffer cache builds its own mask; mask_input is for linear caches", "kv")
+        slots = kv.window if self.ring else kv.max_len
         bshd = kv.layout == "bshd"
         self.spec, self.max_len = spec, kv.max_len
         self.cache_dtype = {"float16": torch.float16, "int8": torch.int8}.get(kv.dtype, spec.dtype)
@@ -324,8 +381,8 @@ class LoweredLM(nn.Module):
         self.cache_shapes = []
         for d in range(model.n_layers):
             a = model.block_at(d).attn
-            self.cache_shapes.append((1, kv.max_len, a.n_kv_heads, a.head_dim) if bshd
-                                     else (1, a.n_kv_heads, kv.max_len, a.head_dim))
+            self.cache_shapes.append((1, slots, a.n_kv_heads, a.head_dim) if bshd
+                                     else (1, a.n_kv_heads, slots, a.head_dim))
         if spec.kv == "buffers":
             for d, shape in enumerate(self.cache_shapes):
                 for kv_name in ("k", "v"):
@@ -359,6 +416,10 @@ class LoweredLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *rest: torch.Tensor):
         T = tokens.shape[1]
+        pad = None
+        if self.spec.padded:
+            pad = (torch.arange(T, dtype=torch.int64) > 0) & (input_pos == 0)
+            input_pos = input_pos[:1]
         if self.spec.positions == "tokens":
             positions = input_pos
         else:
@@ -368,8 +429,11 @@ class LoweredLM(nn.Module):
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         keys = torch.arange(self.max_len, dtype=torch.int64)
-        masks = []
-        for w in self.windows if mask_in is None else ():
+        masks, slots = [], None
+        if self.ring:
+            slots = ring_slots(positions, *self.ring)
+            masks = ring_masks(positions, *self.ring, self.windows, x.dtype)
+        for w in self.windows if mask_in is None and not self.ring else ():
             ok = keys[None, :] <= positions[:, None]
             if w is not None:
                 ok = ok & (positions[:, None] - keys[None, :] < w)
@@ -381,7 +445,7 @@ class LoweredLM(nn.Module):
             cos, sin = ropes[self.layer_rope[d]]
             kc, vc = self._cache(caches, d, 0), self._cache(caches, d, 1)
             mask = masks[self.layer_window[d]] if mask_in is None else mask_in[0, 0]
-            x, kc, vc = self.blocks[b](x, cos, sin, mask, kc, vc, positions, not io)
+            x, kc, vc = self.blocks[b](x, cos, sin, mask, kc, vc, positions, not io, slots, pad)
             updated += [*kc, *vc] if self.int8 else [kc, vc]
         if not self.spec.full_logits:
             x = x[:, -1, :]
