@@ -27,7 +27,7 @@ test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "not slow and not emulator and not macos"
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -m "slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "slow"
 
 bench: setup
 	$(BIN)/python bench/compile.py
