@@ -146,3 +146,13 @@ def test_ring_slots_and_masks_follow_the_spec():
         seen = {held[j] for j in range(W) if mask[i, j] == 0} | {int(pos[t]) for t in range(3) if mask[i, W + t] == 0}
         want = {k for k in range(q + 1) if k < S or q - k < W - S}
         assert seen == want, (q, seen, want)
+
+
+def test_coreml_arena_is_its_stacked_cache(tiny_llama_dir, tmp_path):
+    """Core ML's keyCache/valueCache already hold every layer (one view per depth): arena=true
+    compiles to that and validates; ExecuTorch and LiteRT refuse it (above)."""
+    out, manifest = compile_model(tiny_llama_dir, "coreml", "all", tmp_path / "a", max_seq_len=32,
+                                  passes=["kv.cache:arena=true"])
+    assert manifest["kv_cache_spec"]["arena"] is True
+    report = validate_artifact(out, steps=8)
+    assert report.passed, report.to_json()

@@ -179,7 +179,8 @@ def ring_manifest(model: Model) -> dict:
 
 
 def kv_refusal(model: Model, how: str, dtypes: tuple[str, ...] = ("float32", "float16"),
-               ring: str | None = "every position keeps its own slot; use a max length instead") -> str | None:
+               ring: str | None = "every position keeps its own slot; use a max length instead",
+               arena: str = "per-layer caches are") -> str | None:
     """Why a target's cache (`how`: buffers, states, signature I/O) cannot hold this KV spec.
     ring: why it cannot hold a ring buffer, or None where the shared lowering's ring is used."""
     kv = model.kv
@@ -190,5 +191,5 @@ def kv_refusal(model: Model, how: str, dtypes: tuple[str, ...] = ("float32", "fl
     if kv.window is not None and ring:
         return f"a ring-buffer KV cache (window={kv.window}, sinks={kv.sink_tokens}) is not lowered for {how}: {ring}"
     if kv.arena:
-        return f"an arena KV cache (one buffer, per-layer views) is not lowered for {how}; per-layer caches are"
+        return f"an arena KV cache (one buffer, per-layer views) is not lowered for {how}: {arena}"
     return None

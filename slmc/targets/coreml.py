@@ -112,9 +112,10 @@ def refusal(model: Model, spec: CoreMLSpec) -> str | None:
         return (f"a ring-buffer KV cache (window={kv.window}) is not lowered for Core ML: the app hands "
                 "the model swift-transformers' causalMask over slots 0..E, which means slot = position; "
                 "a ring would make that mask wrong. Use executorch or tflite for a ring cache")
-    if kv.dtype not in ("float32", "float16") or kv.arena:
-        return (f"KV cache dtype={kv.dtype} window={kv.window} arena={kv.arena}: Core ML keeps one "
-                "full-length float cache per depth (BHSD or BSHD) only")
+    # arena=true is what this target always builds: keyCache/valueCache hold every layer,
+    # each depth a view [d] (swift-transformers' contract), so it needs no refusal
+    if kv.dtype not in ("float32", "float16"):
+        return (f"KV cache dtype={kv.dtype}: Core ML keeps a float cache (fp32/fp16) only")
     if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
         if spec.ane_layout:
             return ("the Neural Engine layout rewrites weights into 1x1 convolutions, which slmc does "

@@ -122,7 +122,10 @@ class ExecuTorchTarget(Target):
         # (the expert-offload segments keep float caches only)
         dtypes = ("float32", "float16") if has_offload_plan(model) else ("float32", "float16", "int8")
         ring = "expert-offload segments keep linear caches" if has_offload_plan(model) else None
-        why = kv_refusal(model, "ExecuTorch mutable buffers", dtypes, ring)
+        why = kv_refusal(model, "ExecuTorch mutable buffers", dtypes, ring, arena=(
+            "torch.export turns writes into views of one buffer into whole-buffer copies "
+            "(select_scatter), two per layer per call; ExecuTorch's memory planner already places "
+            "the per-layer cache buffers in one planned arena"))
         if why:
             return why
         if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):

@@ -356,7 +356,8 @@ class TFLiteTarget(Target):
         return LITERT
 
     def supports(self, model: Model, spec: TFLiteSpec) -> str | None:
-        why = kv_refusal(model, "LiteRT signature I/O", ("float32", "float16", "int8"), ring=None)
+        why = kv_refusal(model, "LiteRT signature I/O", ("float32", "float16", "int8"), ring=None,
+                         arena="LiteRT-LM binds one kv_cache_k_{i} / kv_cache_v_{i} buffer per layer by name")
         if why:
             return why
         kv = model.kv
