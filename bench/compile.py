@@ -164,10 +164,10 @@ def worker_main(a) -> None:
     Path(a.result).write_text(json.dumps(out))
 
 
-def spawn(args: list[str], result: Path) -> dict:
-    """Run a worker in a fresh interpreter; return its result + wall time and peak RSS."""
+def spawn(args: list[str], result: Path, script: str = __file__, python: str = sys.executable) -> dict:
+    """Run a worker of `script` in a fresh interpreter; return its result + wall time and peak RSS."""
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args, "--result", str(result)])
+    p = subprocess.Popen([python, str(Path(script).resolve()), *args, "--result", str(result)])
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)

@@ -1,0 +1,255 @@
+"""Core ML and LiteRT compile benchmark: slmc beside each ecosystem's own converter.
+
+    SLMC_CACHE=/tmp/slmc-cache python bench/compile_targets.py [--max-seq-len 512]
+    python bench/compile_targets.py --quick          # tiny random Llama, smoke test
+
+Paths, each in a fresh subprocess (wall time, CPU time and peak RSS are its own):
+  slmc coreml   compile_model(target="coreml", backend="all"): fp16, iOS 18 states, prefill +
+                decode functions in one multifunction .mlpackage
+  ref coreml    transformers' TorchExportableModuleForDecoderOnlyLM (static cache, T=1)
+                -> torch.export -> run_decompositions -> coremltools.convert (fp16, iOS 18)
+  slmc tflite   compile_model(target="tflite", backend="cpu"): prefill (128) + decode signatures
+  ref tflite    litert_torch.generative.export_hf.export (the HF exporter litert-torch ships),
+                fp32 (quantization_recipe="none"), prefill 128, same cache length, no bundle; its exporter
+                imports tensorflow, which slmc's environment does not have: give it a venv
+                that does with --ref-python (torch 2.13.0, litert-torch 0.10.0, tensorflow)
+Then one subprocess times greedy decode of both .tflite files in ai_edge_litert's interpreter
+(caches fed back output -> input; median of repeats). A path that fails records its error:
+the reference converters are measured as they are, not patched.
+Writes bench/results/compile_targets{,-quick}.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from compile import Phases, busy_processes, machine, prompt_ids, spawn, weight_count  # noqa: E402
+
+
+def dir_bytes(p: Path) -> int:
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def worker_slmc(target: str, model: str, out: Path, L: int, ph: Phases) -> dict:
+    from slmc import api
+
+    ph("compile_model setup")
+    backend = {"coreml": "all", "tflite": "cpu"}[target]
+    path, _ = api.compile_model(model, target, backend, out, max_seq_len=L, progress=ph)
+    ph("done")
+    art = path / ("model.mlpackage" if target == "coreml" else "model.tflite")
+    return {"artifact": str(art)}
+
+
+def worker_ref_coreml(model: str, out: Path, L: int, ph: Phases) -> dict:
+    import coremltools as ct
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    ph("load HF model")
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    hf.generation_config.use_cache, hf.generation_config.cache_implementation = True, "static"
+    wrapped = TorchExportableModuleForDecoderOnlyLM(hf, batch_size=1, max_cache_len=L)
+    ph("torch.export")
+    with torch.no_grad():
+        ep = wrapped.export(input_ids=torch.tensor([[1]]), cache_position=torch.tensor([0]))
+    ph("run_decompositions")
+    ep = ep.run_decompositions({})
+    ph("coremltools.convert")
+    ml = ct.convert(ep, minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16,
+                    skip_model_load=True)
+    ph("writing")
+    art = out / "model.mlpackage"
+    out.mkdir(parents=True, exist_ok=True)
+    ml.save(str(art))
+    ph("done")
+    return {"artifact": str(art)}
+
+
+def worker_ref_tflite(model: str, out: Path, L: int, ph: Phases) -> dict:
+    from litert_torch.generative.export_hf import export as hf_export
+
+    ph("litert_torch export_hf")
+    hf_export.export(model=model, output_dir=str(out), prefill_lengths=[128], cache_length=L,
+                     quantization_recipe="none", bundle_litert_lm=False)
+    ph("done")
+    arts = sorted(out.glob("*.tflite"))
+    if not arts:
+        raise SystemExit(f"litert_torch wrote no .tflite into {out}: {sorted(p.name for p in out.iterdir())}")
+    return {"artifact": str(arts[0])}
+
+
+def worker_decode(arts: dict, ids: list[int], steps: int, repeats: int) -> dict:
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    res = {}
+    for name, path in arts.items():
+        it = Interpreter(model_path=path, num_threads=os.cpu_count())
+        run = it.get_signature_runner("decode")
+        ins = run.get_input_details()
+        feeds = {k: np.zeros(d["shape"], d["dtype"]) for k, d in ins.items()}
+        caches = [k for k in ins if "cache" in k]
+        tok_s = []
+        for r in range(repeats + 1):  # repeat 0: warm-up
+            for k in caches:
+                feeds[k][...] = 0
+            t0, tok = time.perf_counter(), ids[-1]
+            for i in range(steps):  # decode from an empty cache: every step costs the same work
+                feeds["tokens"][...] = tok
+                feeds["input_pos"][...] = i
+                out = run(**feeds)
+                for k in caches:
+                    feeds[k] = out[k] if k in out else feeds[k]
+                tok = int(np.asarray(out["logits"]).reshape(-1)[:].argmax())
+            if r:
+                tok_s.append(steps / (time.perf_counter() - t0))
+        res[name] = {"decode_tok_s": statistics.median(tok_s), "tok_s": tok_s,
+                     "decode_inputs": {k: list(map(int, d["shape"])) for k, d in ins.items()}}
+    return res
+
+
+def worker_main(a) -> None:
+    ph = Phases()
+    if a.worker == "decode":
+        out = worker_decode(json.loads(a.arts), json.loads(a.prompt_ids), a.steps, a.repeats)
+    else:
+        target, who = a.worker.split("-")
+        fn = (lambda *x: worker_slmc(target, *x)) if who == "slmc" else \
+            {"coreml": worker_ref_coreml, "tflite": worker_ref_tflite}[target]
+        try:
+            out = fn(a.model, Path(a.out), a.max_seq_len, ph)
+        except Exception as e:  # a converter that fails is a result, recorded with its error
+            out = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:400]}
+        out["phases"] = ph.rows
+    Path(a.result).write_text(json.dumps(out))
+
+
+def run_path(name: str, common: list[str], work: Path, python: str = sys.executable) -> dict:
+    print(f"== {name} ...", flush=True)
+    r = spawn(["--worker", name, *common, "--out", str(work / name)], work / f"{name}.json", __file__, python)
+    r["python"] = python
+    if "error" in r:
+        print(f"   failed: {r['error']}", flush=True)
+        return r
+    r["artifact_bytes"] = dir_bytes(Path(r["artifact"]))
+    print(f"   {r['wall_s']} s, peak RSS {r['peak_rss_mb']} MiB", flush=True)
+    return r
+
+
+def ratio(a, b, key):
+    ok = "error" not in a and "error" not in b and b.get(key)
+    return a[key] / b[key] if ok else None
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [f"# Core ML and LiteRT compile: slmc beside the reference converters ({r['model_name']})", "",
+             f"{m['date']} · {m['cpu']} · {m['cores']} cores · torch {m['torch']} · max_seq_len {r['max_seq_len']} · "
+             f"fp32 weights {r['fp32_weight_bytes'] / 2**20:.0f} MiB", "",
+             "| path | compile wall (s) | CPU (s) | peak RSS (MiB) | artifact (MiB) | decode tok/s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, x in r["paths"].items():
+        if "error" in x:
+            lines.append(f"| {name} | failed after {x['wall_s']:.0f} s: `{x['error']}` | | | | |")
+            continue
+        tok = f"{x['decode_tok_s']:.1f}" if "decode_tok_s" in x else "-"
+        lines.append(f"| {name} | {x['wall_s']:.1f} | {x['cpu_s']:.1f} | {x['peak_rss_mb']:.0f} | "
+                     f"{x['artifact_bytes'] / 2**20:.1f} | {tok} |")
+    lines += ["", "| goal | measured | target | result |", "|---|---:|---:|---|"]
+    for k, (val, tgt, ok) in r["goals"].items():
+        lines.append(f"| {k} | {'-' if val is None else f'{val:.2f}'} | {tgt} | "
+                     f"{'n/a (reference failed)' if ok is None else ('PASS' if ok else 'FAIL')} |")
+    lines += ["", f"Decode: median of {r['repeats']} repeats of {r['decode_steps']} greedy decode steps from an "
+              "empty cache, each .tflite in ai_edge_litert's interpreter (all cores), caches fed back.", ""]
+    for name, x in r["paths"].items():
+        if "phases" in x:
+            lines += [f"{name} phases (in-worker; peak RSS so far):", "", "| phase | s | peak RSS (MiB) |",
+                      "|---|---:|---:|"]
+            lines += [f"| {p['phase']} | {p['seconds']} | {p['peak_rss_mb_after']:.0f} |" for p in x["phases"]]
+            lines.append("")
+    if r["other_processes"]:
+        lines += ["Other python/slmc processes seen during the run (timings may overlap them):", ""]
+        lines += [f"- `{p}`" for p in r["other_processes"]] + [""]
+    return "\n".join(lines)
+
+
+def main(a) -> None:
+    os.environ.setdefault("SLMC_CACHE", "/tmp/slmc-cache")
+    sys.path.insert(0, str(ROOT))
+    work = Path(tempfile.mkdtemp(prefix="slmc-bench-targets-"))
+    model = a.model
+    if a.quick:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny import save_ascii_tokenizer, save_hf_model
+
+        from slmc.compiler.families.llama import tiny_config
+
+        model = str(work / "tiny")
+        save_hf_model(tiny_config(), Path(model))
+        save_ascii_tokenizer(Path(model))
+    from slmc.api import resolve_model_path
+
+    model_dir = resolve_model_path(model)
+    common = ["--model", str(model_dir), "--max-seq-len", str(a.max_seq_len)]
+    others = set(busy_processes())
+    paths = {}
+    for name in ("coreml-slmc", "coreml-ref", "tflite-slmc", "tflite-ref"):
+        ref_py = a.ref_python if name == "tflite-ref" and a.ref_python else sys.executable
+        paths[name] = run_path(name, common, work, ref_py)
+        others |= set(busy_processes())
+    cfg = json.loads((model_dir / "config.json").read_text())
+    arts = {k: paths[k]["artifact"] for k in ("tflite-slmc", "tflite-ref") if "artifact" in paths[k]}
+    if arts:
+        print("== decode timing ...", flush=True)
+        dec = spawn(["--worker", "decode", "--arts", json.dumps(arts), "--prompt-ids",
+                     json.dumps(prompt_ids(model_dir, cfg["vocab_size"])), "--steps", str(a.steps),
+                     "--repeats", str(a.repeats)], work / "decode.json", __file__)
+        for k in arts:
+            v = dec[k]
+            paths[k].update(decode_tok_s=v["decode_tok_s"], decode_tok_s_all=v["tok_s"], decode_inputs=v["decode_inputs"])
+    fp32 = weight_count(model_dir) * 4
+    goals = {}
+    for t in ("coreml", "tflite"):
+        s, f = paths[f"{t}-slmc"], paths[f"{t}-ref"]
+        w = ratio(s, f, "wall_s")
+        goals[f"{t}: slmc wall / reference wall"] = (w, "≤ 0.5", None if w is None else w <= 0.5)
+        rss = s["peak_rss_mb"] * 2**20 / fp32 if "error" not in s else None
+        goals[f"{t}: slmc peak RSS / fp32 weight bytes"] = (rss, "≤ 1.5", None if rss is None else rss <= 1.5)
+    d = ratio(paths["tflite-slmc"], paths["tflite-ref"], "decode_tok_s")
+    goals["tflite: slmc decode tok/s / reference"] = (d, "≥ 1.2", None if d is None else d >= 1.2)
+    r = {"model_name": "tiny random llama (--quick)" if a.quick else cfg.get("_name_or_path") or model_dir.name,
+         "max_seq_len": a.max_seq_len, "fp32_weight_bytes": fp32, "machine": machine(), "paths": paths,
+         "goals": goals, "decode_steps": a.steps, "repeats": a.repeats, "other_processes": sorted(others)}
+    stem = "compile_targets-quick" if a.quick else "compile_targets"
+    (HERE / "results" / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
+    (HERE / "results" / f"{stem}.md").write_text(markdown(r))
+    print(markdown(r))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default", help="HF folder, or 'default' (SmolLM2-135M-Instruct)")
+    ap.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default 512; 128 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="tiny random Llama, for a fast smoke test")
+    ap.add_argument("--steps", type=int, default=32, help="decode steps per repeat")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats (after one warm-up)")
+    ap.add_argument("--ref-python", default=None,
+                    help="python of a venv with tensorflow for litert-torch's HF exporter (which imports it)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    [ap.add_argument(k, help=argparse.SUPPRESS) for k in ("--out", "--result", "--arts", "--prompt-ids")]
+    args = ap.parse_args()
+    if args.max_seq_len is None:
+        args.max_seq_len = 128 if args.quick else 512
+    worker_main(args) if args.worker else main(args)
