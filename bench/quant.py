@@ -24,6 +24,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,14 +78,41 @@ def worker(args) -> None:
 def run_variant(name: str, passes: list[str], a) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--name", name, "--model", a.model, "--eval-text", a.eval_text,
            "--eval-tokens", str(a.eval_tokens), "--window", str(a.window)] + sum((["--pass", p] for p in passes), [])
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    err = tempfile.TemporaryFile(mode="w+")
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     out = p.stdout.read()
     _, status, ru = os.wait4(p.pid, 0)
-    if status != 0:
-        return {"variant": name, "error": f"exit {status}"}
+    if status != 0:  # slmc's own one-line error is the last line (e.g. a group size that does not divide)
+        err.seek(0)
+        last = [ln for ln in err.read().splitlines() if ln.strip()][-1:] or [f"exit {status}"]
+        return {"variant": name, "error": last[0][:300]}
     row = json.loads(out.strip().splitlines()[-1])
     row["peak_rss_mb"] = round(ru.ru_maxrss / 1024)
     return row
+
+
+def verdicts(rows: list[dict], base: float | None) -> list[tuple[str, str, str]]:
+    """Issue 4's goals, checked on the measured rows."""
+    ppl = {r["variant"]: r["perplexity"] for r in rows if "perplexity" in r}
+    out = []
+    groups = sorted({int(v.split("g")[-1]) for v in ppl if v.startswith("rtn int4 g")})
+    for algo in ("awq", "gptq"):
+        pairs = [(g, ppl.get(f"{algo} int4 g{g}"), ppl[f"rtn int4 g{g}"]) for g in groups]
+        ok = all(a is not None and a < r for _, a, r in pairs)
+        out.append((f"{algo.upper()} better than RTN at every group size",
+                    ", ".join(f"g{g}: {a:.2f} vs {r:.2f}" if a else f"g{g}: -" for g, a, r in pairs),
+                    "PASS" if ok and pairs else "FAIL"))
+    g32 = [(v, p) for v, p in ppl.items() if v.endswith("int4 g32")]
+    if base and g32:
+        v, p = min(g32, key=lambda x: x[1])
+        out.append(("best int4 g32 within +5 % of fp32", f"{v}: {100 * (p / base - 1):+.1f} %",
+                    "PASS" if p <= 1.05 * base else "FAIL"))
+    slow = [(r["variant"], r["pass_seconds"]) for r in rows if r["variant"].split()[0] in ("awq", "gptq")
+            and "pass_seconds" in r]
+    if slow:
+        v, t = max(slow, key=lambda x: x[1])
+        out.append(("AWQ/GPTQ each under 10 min", f"slowest {v}: {t:.0f} s", "PASS" if t < 600 else "FAIL"))
+    return out
 
 
 def table(rows: list[dict], meta: dict) -> str:
@@ -96,7 +124,7 @@ def table(rows: list[dict], meta: dict) -> str:
     base = next((r["perplexity"] for r in rows if r.get("variant") == "fp32" and "perplexity" in r), None)
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | failed: {r['error']} |||||||| ")
+            lines.append(f"| {r['variant']} | not run: {r['error']} |||||||| ")
             continue
         d = f"{100 * (r['perplexity'] / base - 1):+.1f} %" if base else "-"
         kl = f"{r['kl_divergence']:.4f}" if r.get("kl_divergence") is not None else "-"
@@ -107,6 +135,11 @@ def table(rows: list[dict], meta: dict) -> str:
     lines += ["", "Goals (issue 4): GPTQ and AWQ strictly better than RTN at every group size; best int4 g32 "
               "within +5 % of fp32 perplexity; AWQ/GPTQ under 10 min each on this 2-core machine.",
               "Weights come from a Q4_1 GGUF (asymmetric g32): symmetric int4 is the real test."]
+    lines += ["", "| goal | measured | result |", "|---|---|---|"] + [f"| {g} | {m} | {v} |" for g, m, v in verdicts(rows, base)]
+    if any("does not divide" in r.get("error", "") for r in rows):
+        lines += ["", "Rows marked *not run* are refused by slmc (exit 2): a group size must divide every quantized "
+                  "linear's input (SmolLM2-135M's hidden size is 576 = 4.5 x 128), so g192 stands in for the "
+                  "largest group size."]
     if not meta.get("complete", True):
         lines += ["", "**Partial run:** the rows above are all this run measured."]
     return "\n".join(lines) + "\n"
@@ -127,6 +160,8 @@ def main() -> None:
     ap.add_argument("--n-seqs", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the measured rows of the last results file; run only the missing or failed ones")
     a = ap.parse_args()
     if a.worker:
         return worker(a)
@@ -153,10 +188,15 @@ def main() -> None:
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     todo = variants([int(g) for g in a.groups.split(",")], a.calib_text, a.n_seqs, a.seq_len)
+    old = {}
+    if a.append and (out / f"quant{suffix}.json").is_file():
+        prev = json.loads((out / f"quant{suffix}.json").read_text())
+        old = {r["variant"]: r for r in prev["rows"] if "error" not in r}
+        meta["appended_to"] = prev["meta"].get("date")
     rows = []
     for i, (name, passes) in enumerate(todo):
         print(f"{name} ...", file=sys.stderr, flush=True)
-        rows.append(run_variant(name, passes, a))
+        rows.append(old.get(name) or run_variant(name, passes, a))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         # written after every variant: an hour-long run that is stopped keeps what it measured
         meta["complete"] = i + 1 == len(todo)
