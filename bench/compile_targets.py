@@ -84,7 +84,7 @@ def worker_ref_tflite(model: str, out: Path, L: int, ph: Phases) -> dict:
     hf_export.export(model=model, output_dir=str(out), prefill_lengths=[128], cache_length=L,
                      quantization_recipe="none", bundle_litert_lm=False)
     ph("done")
-    arts = sorted(out.glob("*.tflite"))
+    arts = sorted(out.rglob("*.tflite"))  # it may leave the model in its work dir under `out`
     if not arts:
         raise SystemExit(f"litert_torch wrote no .tflite into {out}: {sorted(p.name for p in out.iterdir())}")
     return {"artifact": str(arts[0])}
