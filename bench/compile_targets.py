@@ -204,8 +204,15 @@ def main(a) -> None:
     model_dir = resolve_model_path(model)
     common = ["--model", str(model_dir), "--max-seq-len", str(a.max_seq_len)]
     others = set(busy_processes())
+    stem = "compile_targets-quick" if a.quick else "compile_targets"
     paths = {}
+    if a.only:  # re-measure some paths; keep the last run's others (their artifacts must still exist)
+        prev = json.loads((HERE / "results" / f"{stem}.json").read_text())
+        paths = {k: v for k, v in prev["paths"].items() if k not in a.only.split(",")}
+        others |= set(prev["other_processes"])
     for name in ("coreml-slmc", "coreml-ref", "tflite-slmc", "tflite-ref"):
+        if name in paths:
+            continue
         ref_py = a.ref_python if name == "tflite-ref" and a.ref_python else sys.executable
         paths[name] = run_path(name, common, work, ref_py)
         others |= set(busy_processes())
@@ -232,7 +239,6 @@ def main(a) -> None:
     r = {"model_name": "tiny random llama (--quick)" if a.quick else cfg.get("_name_or_path") or model_dir.name,
          "max_seq_len": a.max_seq_len, "fp32_weight_bytes": fp32, "machine": machine(), "paths": paths,
          "goals": goals, "decode_steps": a.steps, "repeats": a.repeats, "other_processes": sorted(others)}
-    stem = "compile_targets-quick" if a.quick else "compile_targets"
     (HERE / "results" / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
     (HERE / "results" / f"{stem}.md").write_text(markdown(r))
     print(markdown(r))
@@ -247,6 +253,8 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (after one warm-up)")
     ap.add_argument("--ref-python", default=None,
                     help="python of a venv with tensorflow for litert-torch's HF exporter (which imports it)")
+    ap.add_argument("--only", default="", help="comma-separated paths to re-measure (e.g. tflite-slmc); "
+                    "the others come from the last results file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     [ap.add_argument(k, help=argparse.SUPPRESS) for k in ("--out", "--result", "--arts", "--prompt-ids")]
     args = ap.parse_args()

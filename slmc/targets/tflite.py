@@ -239,13 +239,23 @@ def _quiet():
         log.close()
 
 
+def _dus_rows(cache, axis: int, start, rows):
+    """T cache rows at `start` as one TFLite DYNAMIC_UPDATE_SLICE, which the runtime can do in
+    place; index_copy would become a generic stablehlo scatter over the whole cache."""
+    from litert_torch.generative.custom_ops.dynamic_update_slice import dynamic_update_slice
+
+    zero = torch.zeros(1, dtype=torch.int32)
+    idx = torch.cat([start.reshape(1).to(torch.int32) if i == axis else zero for i in range(cache.dim())])
+    return dynamic_update_slice(cache, rows, [x for x in idx])
+
+
 def convert(model: Model, prefill_len: int) -> bytes:
     """Both signatures through one litert_torch Converter: one flatbuffer, weights stored once."""
     import litert_torch
 
     # padded: a ring keeps its live slots under LiteRT-LM's prefill padding (input_pos 0 there)
     lm = LoweredLM(model, LoweringSpec(kv="io", positions="start", mask_input=False,
-                                       padded=model.kv.window is not None)).eval()
+                                       padded=model.kv.window is not None, write_rows=_dus_rows)).eval()
     _rank3_norms(lm)
     caches = lm.empty_caches()
     kv = dict(zip(cache_names(lm, model.n_layers), caches))

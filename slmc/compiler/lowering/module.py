@@ -39,6 +39,10 @@ class LoweringSpec:
     # positions stay input_pos[0] + i, and a ring-buffer cache keeps its rows under padding.
     padded: bool = False
     dtype: torch.dtype = torch.float32
+    # A target's op for writing T contiguous cache rows at a start position, out of place:
+    # write_rows(cache, axis, start[1], rows) -> cache (LiteRT: dynamic_update_slice). None:
+    # index_copy at every row's position. Ring caches always use index_copy.
+    write_rows: object = None
 
 
 class _Params:
@@ -164,6 +168,7 @@ class LAttention(nn.Module):
         self.q_norm = LNorm(a.q_norm, P) if a.q_norm is not None else None
         self.k_norm = LNorm(a.k_norm, P) if a.k_norm is not None else None
         self.scale, self.softcap = a.scale, a.logit_softcap
+        self.write_rows = None  # LoweringSpec.write_rows, set by LoweredLM
         # F.linear(x, W) computes x @ W.T, so store R.T
         self.register_buffer("rot_t", rotate_half_matrix(a.head_dim, a.rope.dim, P.dtype).T.contiguous(),
                              persistent=False)
@@ -196,8 +201,8 @@ class LAttention(nn.Module):
             out = self._attend(q, parts, mask)
             return (out, _write(k_cache, axis, slots, k_new, inplace, pad),
                     _write(v_cache, axis, slots, v_new, inplace, pad))
-        k_cache = _write(k_cache, axis, positions, k_new, inplace)
-        v_cache = _write(v_cache, axis, positions, v_new, inplace)
+        k_cache = _write(k_cache, axis, positions, k_new, inplace, writer=self.write_rows)
+        v_cache = _write(v_cache, axis, positions, v_new, inplace, writer=self.write_rows)
         return self._attend(q, [(_read(k_cache), _read(v_cache))], mask), k_cache, v_cache
 
     def _heads(self, rows, dtype):
@@ -236,16 +241,23 @@ class LAttention(nn.Module):
         return self.o(out.permute(1, 0, 2, 3).reshape(1, -1, h * hd))
 
 
-def _write(cache, axis: int, slots, new, inplace: bool, pad=None):
+def _write(cache, axis: int, slots, new, inplace: bool, pad=None, writer=None):
     """Store the new rows at `slots`: int8 as codes + per-token scales (the reference's formula),
-    float caches rounded to their dtype. Rows where `pad` is true write back what was there."""
+    float caches rounded to their dtype. Rows where `pad` is true write back what was there.
+    writer: a target's op for rows that are contiguous from slots[0] (linear caches)."""
     if isinstance(cache, tuple):
-        return _write_int8(cache, axis, slots, new, inplace, pad)
+        return _write_int8(cache, axis, slots, new, inplace, pad, writer)
     new = _keep(cache, axis, slots, new.to(cache.dtype), pad)  # fp16 caches round here
+    return _store(cache, axis, slots, new, inplace, writer)
+
+
+def _store(buf, axis: int, slots, rows, inplace: bool, writer=None):
     if inplace:
-        cache.index_copy_(axis, slots, new)
-        return cache
-    return cache.index_copy(axis, slots, new)
+        buf.index_copy_(axis, slots, rows)
+        return buf
+    if writer is not None:
+        return writer(buf, axis, slots[:1], rows)
+    return buf.index_copy(axis, slots, rows)
 
 
 def _as_stored(new, cache):
@@ -270,17 +282,14 @@ def _keep(cache, axis: int, slots, rows, pad):
     return torch.where(pad.view(shape), src.index_select(axis, slots).to(rows.dtype), rows)
 
 
-def _write_int8(cache: tuple, axis: int, positions, new, inplace: bool, pad=None) -> tuple:
+def _write_int8(cache: tuple, axis: int, positions, new, inplace: bool, pad=None, writer=None) -> tuple:
     """Quantize the new rows per token and head, then store codes and scales at `positions`."""
     codes, scales = cache
     s = kv_int8_scale(new)
     q = kv_int8_codes(new, s).to(torch.int8)
     q, s = _keep(codes, axis, positions, q, pad), _keep(scales, axis, positions, s, pad)
-    if inplace:
-        codes.index_copy_(axis, positions, q)
-        scales.index_copy_(axis, positions, s)
-        return cache
-    return codes.index_copy(axis, positions, q), scales.index_copy(axis, positions, s)
+    out = (_store(codes, axis, positions, q, inplace, writer), _store(scales, axis, positions, s, inplace, writer))
+    return cache if inplace else out
 
 
 def _read(cache):
@@ -352,6 +361,8 @@ class LoweredLM(nn.Module):
         self.embed = P(model.embed)
         self.embed_scale = model.embed_scale
         self.blocks = nn.ModuleList(LBlock(b, P, bshd) for b in model.blocks)
+        for blk in self.blocks:
+            blk.attn.write_rows = spec.write_rows
         self.layers = list(model.layers)
         self.final_norm = LNorm(model.final_norm, P)
         self.head = head_linear(model, P)
