@@ -161,16 +161,21 @@ class _Signature(nn.Module):
 
 
 class _Rank3Norm(nn.Module):
-    """Runs a norm (over the last axis) on a rank-3 view. LiteRT's converter rejects linears
-    over some rank-4 tensors with a length-1 axis, like the q/k norms' in decode ("'tfl.batch_matmul'
-    op found invalid output rank, expected 3 but got 4")."""
+    """RMSNorm as LiteRT's `odml.rms_norm` composite, which the runtime runs as one fused kernel
+    (the plain ops it decomposes to are the fallback), on a rank-3 view: LiteRT's converter
+    rejects some rank-4 tensors with a length-1 axis, like the q/k norms' in decode."""
 
     def __init__(self, norm: nn.Module):
         super().__init__()
         self.norm = norm
+        self.register_buffer("one", torch.ones(1, dtype=norm.weight.dtype), persistent=False)
 
     def forward(self, x):
-        return self.norm(x.reshape(1, -1, x.shape[-1])).reshape(x.shape)
+        from litert_torch.generative.layers.normalization import rms_norm_with_hlfb
+
+        n = self.norm
+        y = rms_norm_with_hlfb(x.reshape(1, -1, x.shape[-1]), n.weight + n.offset, n.eps, self.one)
+        return y.reshape(x.shape)
 
 
 def _rank3_norms(module: nn.Module) -> None:
@@ -255,7 +260,8 @@ def convert(model: Model, prefill_len: int) -> bytes:
 
     # padded: a ring keeps its live slots under LiteRT-LM's prefill padding (input_pos 0 there)
     lm = LoweredLM(model, LoweringSpec(kv="io", positions="start", mask_input=False,
-                                       padded=model.kv.window is not None, write_rows=_dus_rows)).eval()
+                                       padded=model.kv.window is not None, write_rows=_dus_rows,
+                                       rope_slices=True)).eval()
     _rank3_norms(lm)
     caches = lm.empty_caches()
     kv = dict(zip(cache_names(lm, model.n_layers), caches))

@@ -43,6 +43,9 @@ class LoweringSpec:
     # write_rows(cache, axis, start[1], rows) -> cache (LiteRT: dynamic_update_slice). None:
     # index_copy at every row's position. Ring caches always use index_copy.
     write_rows: object = None
+    # rotate_half as slices and a concat instead of a [head_dim, head_dim] matmul: cheaper
+    # where the runtime has no delegate to keep whole (LiteRT); XNNPACK wants the matmul.
+    rope_slices: bool = False
 
 
 class _Params:
@@ -168,7 +171,8 @@ class LAttention(nn.Module):
         self.q_norm = LNorm(a.q_norm, P) if a.q_norm is not None else None
         self.k_norm = LNorm(a.k_norm, P) if a.k_norm is not None else None
         self.scale, self.softcap = a.scale, a.logit_softcap
-        self.write_rows = None  # LoweringSpec.write_rows, set by LoweredLM
+        self.write_rows, self.rope_slices = None, False  # from the LoweringSpec, set by LoweredLM
+        self.rope_dim = a.rope.dim
         # F.linear(x, W) computes x @ W.T, so store R.T
         self.register_buffer("rot_t", rotate_half_matrix(a.head_dim, a.rope.dim, P.dtype).T.contiguous(),
                              persistent=False)
@@ -190,7 +194,10 @@ class LAttention(nn.Module):
         v = v.reshape(1, -1, kvh, hd).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rope(q, cos, sin, self.rot_t), _rope(k, cos, sin, self.rot_t)
+        if self.rope_slices:
+            q, k = _rope_sliced(q, cos, sin, self.rope_dim), _rope_sliced(k, cos, sin, self.rope_dim)
+        else:
+            q, k = _rope(q, cos, sin, self.rot_t), _rope(k, cos, sin, self.rot_t)
         # BHSD caches take [1, kvh, T, hd] rows on axis 2; BSHD caches [1, T, kvh, hd] on axis 1.
         # contiguous(): index_copy on a transposed source makes export guard on T.
         axis = 1 if self.bshd else 2
@@ -317,6 +324,13 @@ def _rope(x, cos, sin, rot_t):
     return x * cos + F.linear(x, rot_t) * sin
 
 
+def _rope_sliced(x, cos, sin, rot_dim: int):
+    """The same rotation with rotate_half as slices; the tail past rot_dim meets sin = 0."""
+    h = rot_dim // 2
+    parts = [-x[..., h:rot_dim], x[..., :h]] + ([x[..., rot_dim:]] if rot_dim < x.shape[-1] else [])
+    return x * cos + torch.cat(parts, -1) * sin
+
+
 class LBlock(nn.Module):
     def __init__(self, b: Block, P: _Params, bshd: bool = False):
         super().__init__()
@@ -362,7 +376,7 @@ class LoweredLM(nn.Module):
         self.embed_scale = model.embed_scale
         self.blocks = nn.ModuleList(LBlock(b, P, bshd) for b in model.blocks)
         for blk in self.blocks:
-            blk.attn.write_rows = spec.write_rows
+            blk.attn.write_rows, blk.attn.rope_slices = spec.write_rows, spec.rope_slices
         self.layers = list(model.layers)
         self.final_norm = LNorm(model.final_norm, P)
         self.head = head_linear(model, P)
