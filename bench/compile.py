@@ -237,29 +237,40 @@ def markdown(r: dict) -> str:
               f"Decode: median of {r['repeats']} repeats of {r['decode_steps']} greedy steps after a "
               f"{len(r['prompt_ids'])}-token prefill, both programs in one executorch.runtime process.", ""]
     for name in ("slmc", "reference"):
-        lines += [f"{name} phases (in-worker; peak RSS so far):", "",
-                  "| phase | s | peak RSS (MiB) |", "|---|---:|---:|"]
-        lines += [f"| {p['phase']} | {p['seconds']} | {p['peak_rss_mb_after']:.0f} |" for p in r[name]["phases"]]
-        lines.append("")
-    if r["other_processes"]:
-        lines += ["Other python/slmc processes seen during the run (timings may overlap them):", ""]
-        lines += [f"- `{p}`" for p in r["other_processes"]] + [""]
-    return "\n".join(lines)
+        lines += phase_table(name, r[name]["phases"])
+    return "\n".join(lines + others_seen(r["other_processes"]))
+
+
+def phase_table(name: str, phases: list[dict]) -> list[str]:
+    lines = [f"{name} phases (in-worker; peak RSS so far):", "", "| phase | s | peak RSS (MiB) |", "|---|---:|---:|"]
+    return lines + [f"| {p['phase']} | {p['seconds']} | {p['peak_rss_mb_after']:.0f} |" for p in phases] + [""]
+
+
+def others_seen(procs: list[str]) -> list[str]:
+    if not procs:
+        return []
+    return ["Other python/slmc processes seen during the run (timings may overlap them):", ""] + \
+        [f"- `{p}`" for p in procs] + [""]
+
+
+def tiny_model(work: Path) -> str:
+    """--quick: a tiny random Llama with a byte-level tokenizer, in `work`."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny import save_ascii_tokenizer, save_hf_model
+
+    from slmc.compiler.families.llama import tiny_config
+
+    model = work / "tiny"
+    save_hf_model(tiny_config(), model)
+    save_ascii_tokenizer(model)
+    return str(model)
 
 
 def main(a) -> None:
     os.environ.setdefault("SLMC_CACHE", "/tmp/slmc-cache")
     sys.path.insert(0, str(ROOT))
     work = Path(tempfile.mkdtemp(prefix="slmc-bench-"))
-    model = a.model
-    if a.quick:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from tiny import save_hf_model
-
-        from slmc.compiler.families.llama import tiny_config
-
-        model = str(work / "tiny")
-        save_hf_model(tiny_config(), Path(model))
+    model = tiny_model(work) if a.quick else a.model
     from slmc.api import resolve_model_path
 
     model_dir = resolve_model_path(model)

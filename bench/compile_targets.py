@@ -33,7 +33,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from compile import Phases, busy_processes, machine, prompt_ids, spawn, weight_count  # noqa: E402
+from compile import (Phases, busy_processes, machine, others_seen, phase_table, prompt_ids,  # noqa: E402
+                     spawn, tiny_model, weight_count)
 
 
 def dir_bytes(p: Path) -> int:
@@ -174,31 +175,15 @@ def markdown(r: dict) -> str:
     lines += ["", f"Decode: median of {r['repeats']} repeats of {r['decode_steps']} greedy decode steps from an "
               "empty cache, each .tflite in ai_edge_litert's interpreter (all cores), caches fed back.", ""]
     for name, x in r["paths"].items():
-        if "phases" in x:
-            lines += [f"{name} phases (in-worker; peak RSS so far):", "", "| phase | s | peak RSS (MiB) |",
-                      "|---|---:|---:|"]
-            lines += [f"| {p['phase']} | {p['seconds']} | {p['peak_rss_mb_after']:.0f} |" for p in x["phases"]]
-            lines.append("")
-    if r["other_processes"]:
-        lines += ["Other python/slmc processes seen during the run (timings may overlap them):", ""]
-        lines += [f"- `{p}`" for p in r["other_processes"]] + [""]
-    return "\n".join(lines)
+        lines += phase_table(name, x["phases"]) if "phases" in x else []
+    return "\n".join(lines + others_seen(r["other_processes"]))
 
 
 def main(a) -> None:
     os.environ.setdefault("SLMC_CACHE", "/tmp/slmc-cache")
     sys.path.insert(0, str(ROOT))
     work = Path(tempfile.mkdtemp(prefix="slmc-bench-targets-"))
-    model = a.model
-    if a.quick:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from tiny import save_ascii_tokenizer, save_hf_model
-
-        from slmc.compiler.families.llama import tiny_config
-
-        model = str(work / "tiny")
-        save_hf_model(tiny_config(), Path(model))
-        save_ascii_tokenizer(Path(model))
+    model = tiny_model(work) if a.quick else a.model
     from slmc.api import resolve_model_path
 
     model_dir = resolve_model_path(model)
