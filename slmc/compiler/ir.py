@@ -248,6 +248,11 @@ class KVCacheSpec:
     sink_tokens: int = 0  # attention-sink positions kept when the ring wraps
     arena: bool = False  # one preallocated buffer with per-layer views
 
+    @property
+    def ring(self) -> tuple[int, int] | None:
+        """(window, sink_tokens) of a ring-buffer cache; None for a linear one."""
+        return (self.window, self.sink_tokens) if self.window is not None else None
+
 
 @dataclass(eq=False)
 class Model:

@@ -209,13 +209,12 @@ def forward(model: Model, ids: torch.Tensor, perturb: float = 0.0) -> torch.Tens
     if ids.dim() == 1:
         ids = ids[None]
     positions = torch.arange(ids.shape[1])
-    ring = (model.kv.window, model.kv.sink_tokens) if model.kv.window is not None else None
     x = embed(model, ids)
     if perturb:
         g = torch.Generator().manual_seed(0)
         x = x * (1 + perturb * torch.randn(x.shape, generator=g))
     for d in range(model.n_layers):
-        x = block(model.block_at(d), x, positions, model.kv.dtype, ring)
+        x = block(model.block_at(d), x, positions, model.kv.dtype, model.kv.ring)
     return head(model, x)
 
 

@@ -160,7 +160,7 @@ class _Signature(nn.Module):
         return res
 
 
-class _Rank3Norm(nn.Module):
+class _CompositeNorm(nn.Module):
     """RMSNorm as LiteRT's `odml.rms_norm` composite, which the runtime runs as one fused kernel
     (the plain ops it decomposes to are the fallback), on a rank-3 view: LiteRT's converter
     rejects some rank-4 tensors with a length-1 axis, like the q/k norms' in decode."""
@@ -178,14 +178,14 @@ class _Rank3Norm(nn.Module):
         return y.reshape(x.shape)
 
 
-def _rank3_norms(module: nn.Module) -> None:
+def _composite_norms(module: nn.Module) -> None:
     from ..compiler.lowering.module import LNorm
 
     for name, child in list(module.named_children()):
         if isinstance(child, LNorm):
-            setattr(module, name, _Rank3Norm(child))
+            setattr(module, name, _CompositeNorm(child))
         else:
-            _rank3_norms(child)
+            _composite_norms(child)
 
 
 @contextlib.contextmanager
@@ -262,7 +262,7 @@ def convert(model: Model, prefill_len: int) -> bytes:
     lm = LoweredLM(model, LoweringSpec(kv="io", positions="start", mask_input=False,
                                        padded=model.kv.window is not None, write_rows=_dus_rows,
                                        rope_slices=True)).eval()
-    _rank3_norms(lm)
+    _composite_norms(lm)
     caches = lm.empty_caches()
     kv = dict(zip(cache_names(lm, model.n_layers), caches))
 

@@ -363,7 +363,7 @@ class LoweredLM(nn.Module):
                 f"this lowering holds a fp32/fp16/int8 cache per layer; KV spec dtype={kv.dtype} "
                 f"arena={kv.arena} is not lowered yet", "kv")
         # ring buffer: (window, sinks); the cache has `window` slots (ring.py)
-        self.ring = (kv.window, kv.sink_tokens) if kv.window is not None else None
+        self.ring = kv.ring
         if self.ring and spec.mask_input:
             raise UnsupportedError("a ring-buffer cache builds its own mask; mask_input is for linear caches", "kv")
         slots = kv.window if self.ring else kv.max_len
