@@ -42,6 +42,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "AWQ int4 g32 for XNNPACK's 8da4w"),
     Recipe("int4-g32-coreml", (f"quant.gptq:bits=4,group_size=32,{_CML}",), ("coreml",),
            "GPTQ int4 g32 with fp16 scales: constexpr_blockwise_shift_scale, exact in fp16 compute"),
+    Recipe("int4-g32-litert", ("quant.gptq:bits=4,group_size=32,symmetric=true,embed_bits=8",), ("tflite",),
+           "GPTQ int4 g32 with float32 scales and an int8 embedding table: INT4/INT8 constants "
+           "dequantized before each matmul, float activations, exact"),
+    Recipe("int8-litert", ("quant.rtn:bits=8,group_size=0,symmetric=true,embed_bits=8",), ("tflite",),
+           "int8 weights and embedding per channel (per-axis DEQUANTIZE, runs once at load)"),
     Recipe("int8-coreml", (f"quant.rtn:bits=8,group_size=0,{_CML}",), ("coreml",),
            "int8 weights per channel, fp16 scales"),
 )}
@@ -55,6 +60,6 @@ def recipe_passes(name: str, target: str, backend: str) -> list[str]:
     if not r.legal_for(target, backend):
         fits = [n for n, x in RECIPES.items() if x.legal_for(target, backend)]
         raise SlmcError(f"recipe {name} is built for {', '.join(r.flows)}, not {target}:{backend}; "
-                        f"recipes for this flow: {', '.join(fits) or 'none (LiteRT holds no slmc codes yet)'}",
+                        f"recipes for this flow: {', '.join(fits) or 'none'}",
                         "--recipe")
     return list(r.passes)

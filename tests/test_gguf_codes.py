@@ -115,12 +115,25 @@ def test_xnnpack_requantizes_to_its_scheme_and_validates(tiny_codes, tmp_path):
     assert report.passed, report.to_json()
 
 
-def test_litert_refuses_codes_with_its_reason(tiny_codes, tmp_path):
+def test_litert_keeps_codes_requantizes_q4_1_and_validates(tiny_codes, tmp_path):
+    """LiteRT holds Q4_0/Q8_0 (and the Q8_0 table as embedding and head) unchanged; Q4_1's
+    fractional zero points are re-rounded like Core ML's, and the .tflite reads back exact."""
+    from slmc.api import reference_model
+    from slmc.runtime_tests.readback import check_tflite
+
+    out = tmp_path / "t"
     r = CliRunner().invoke(main, ["compile", str(tiny_codes), "--target", "tflite", "--keep-codes",
-                                  "-o", str(tmp_path / "t")])
-    assert r.exit_code == 2, r.output
-    assert "LiteRT" in r.output and "convert_mlir_bytecode" in r.output
-    assert not (tmp_path / "t").exists()
+                                  "--max-seq-len", "64", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    from slmc.targets.base import read_manifest
+
+    manifest = read_manifest(out)
+    (req,) = _pipeline(manifest)
+    assert req["options"]["scope"] == "linears" and req["info"]["requantized"] == 2
+    rb = check_tflite(reference_model(out, manifest), out / "model.tflite")
+    assert rb.exact, rb.missing
+    report = validate_artifact(out, steps=16)
+    assert report.passed, report.to_json()
 
 
 def test_nan_block_scale_is_refused(tmp_path):

@@ -31,10 +31,18 @@ FLOWS = {
     # fp16 compute, stateful multifunction: fp16 scales keep the codes exact
     "coreml-fp16": ("coreml", "all", ["quant.rtn:bits=4,group_size=32,scale_dtype=float16"],
                     "mlpackage", "model.mlpackage"),
+    # INT4 blockwise block linears and head, int8 per-channel embedding (per-axis DEQUANTIZE)
+    "tflite-int4": ("tflite", "cpu", ["quant.rtn:bits=4,group_size=32,head_bits=4,embed_bits=8"],
+                    "tflite", "model.tflite"),
+    # asymmetric int8 blockwise linears and head (SUB zeros), asymmetric int4 per-channel
+    # embedding (per-axis zero points)
+    "tflite-asym": ("tflite", "cpu", ["quant.rtn:bits=8,group_size=16,symmetric=false,head_bits=8",
+                                      "quant.rtn:bits=4,group_size=0,symmetric=false,embed_bits=4"],
+                    "tflite", "model.tflite"),
 }
 
 
-SLOW_FLOWS = {"pte-8da8w", "coreml-fp16"}  # CI runs them (make test-slow); the default suite the others
+SLOW_FLOWS = {"pte-8da8w", "coreml-fp16", "tflite-asym"}  # CI runs them (make test-slow); the default suite the others
 
 
 @pytest.fixture(scope="module", params=[pytest.param(f, marks=pytest.mark.slow if f in SLOW_FLOWS else ())
@@ -86,7 +94,7 @@ def test_readback_notices_one_changed_code(built):
     (["-t", "executorch", "-b", "portable", "--pass", "quant.rtn"], "no quantized tensors"),
     (["-t", "executorch", "-b", "xnnpack", "--recipe", "int4-g32-coreml"], "built for coreml"),
     (["-t", "executorch", "--recipe", "nope"], "unknown recipe"),
-    (["-t", "tflite", "--pass", "quant.rtn"], "TensorFlow"),
+    (["-t", "tflite", "--pass", f"quant.rtn:{XNN}"], "act_bits=0"),
     (["-t", "coreml", "-b", "ane", "--pass", "quant.rtn:scale_dtype=float16"], "Neural Engine layout"),
     (["-t", "coreml", "-b", "all", "--pass", "quant.rtn"], "scale_dtype=float16"),
     (["-t", "executorch", "--pass", "quant.rtn:scale_dtype=fp8"], "scale_dtype"),
@@ -132,12 +140,13 @@ def test_fake_quant_tokens_matches_torchao():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param(n)
                                   for n in ("int8da-int4w-g32", "int8da-int8w", "int4-g32-xnnpack",
-                                            "awq-int4-g32-xnnpack", "int4-g32-coreml", "int8-coreml")])
+                                            "awq-int4-g32-xnnpack", "int4-g32-coreml", "int8-coreml",
+                                            "int4-g32-litert", "int8-litert")])
 def test_each_recipe_compiles_its_flow_and_validates(tiny_llama_dir, tmp_path, name):
     from slmc.recipes import RECIPES
 
     target, _, backend = RECIPES[name].flows[0].partition(":")
-    backend = backend or "cpu:precision=fp32,kv=io"
+    backend = backend or ("cpu" if target == "tflite" else "cpu:precision=fp32,kv=io")
     out, manifest = compile_model(tiny_llama_dir, target, backend, tmp_path / name, max_seq_len=64, recipe=name)
     assert manifest["recipe"] == name and manifest["quantization"]
     if name == "int8da-int4w-g32":  # head and embedding quantized too, as ExecuTorch's Llama export does

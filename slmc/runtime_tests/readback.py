@@ -127,3 +127,64 @@ def check_mlpackage(model: Model, artifact: Path) -> Readback:
         if not hit:
             rb.missing.append(f"{path}: no constexpr_blockwise_shift_scale holds its codes/scales/offsets")
     return rb
+
+
+def _tflite_contents(artifact: Path) -> tuple[dict[bytes, set[int]], list[tuple[bytes, bytes]]]:
+    """({buffer bytes: TFLite types of the tensors reading it}, [(per-axis scales, zero points)])."""
+    import numpy as np
+    from ai_edge_litert import schema_py_generated as S
+
+    data = Path(artifact).read_bytes()
+    mt = S.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    raw = []
+    for b in mt.buffers:
+        if b.offset > 1:
+            raw.append(data[b.offset:b.offset + b.size])
+        else:
+            raw.append(b"" if b.data is None else np.asarray(b.data, np.uint8).tobytes())
+    types: dict[bytes, set[int]] = {}
+    axis = []
+    for sg in mt.subgraphs:
+        for t in sg.tensors:
+            if raw[t.buffer]:
+                types.setdefault(raw[t.buffer], set()).add(t.type)
+            q = t.quantization
+            if q is not None and q.scale is not None and len(q.scale) > 1:
+                axis.append((np.asarray(q.scale, np.float32).tobytes(), np.asarray(q.zeroPoint, np.int64).tobytes()))
+    return types, axis
+
+
+def check_tflite(model: Model, artifact: Path) -> Readback:
+    """LiteRT: each QuantWeight's codes must be an INT4 (two's-complement nibbles, even index
+    low) or INT8 constant; its float32 scales either that tensor's per-axis scales (with the
+    zero points) or a float32 constant of [groups, 1] (and the zeros another)."""
+    import numpy as np
+    from ai_edge_litert import schema_py_generated as S
+
+    types, axis = _tflite_contents(Path(artifact))
+    rb = Readback()
+    for path, w in named_weights(model):
+        if not isinstance(w, QuantWeight):
+            continue
+        rb.checked += 1
+        codes = _signed(w).numpy().astype(np.int8).reshape(-1)
+        if w.bits == 4:
+            nib = (codes.astype(np.uint8) & 0xF)
+            nib = np.append(nib, np.uint8(0)) if nib.size % 2 else nib
+            image, typ = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes(), S.TensorType.INT4
+        else:
+            image, typ = codes.tobytes(), S.TensorType.INT8
+        if typ not in types.get(image, ()):
+            rb.missing.append(f"{path}: codes not stored as an int{w.bits} tensor")
+        scales = _bytes(w.scales.float())
+        zeros = None if w.zeros is None else (w.zeros.float() - 2 ** (w.bits - 1))
+        if w.group_size == w.shape[1]:
+            z = np.zeros(w.shape[0], np.int64) if zeros is None else zeros.numpy().astype(np.int64)
+            if (scales, z.tobytes()) not in axis:
+                rb.missing.append(f"{path}: per-axis scales/zero points not stored unchanged")
+        else:
+            if S.TensorType.FLOAT32 not in types.get(scales, ()):
+                rb.missing.append(f"{path}: scales not stored unchanged")
+            if zeros is not None and S.TensorType.FLOAT32 not in types.get(_bytes(zeros), ()):
+                rb.missing.append(f"{path}: zero points not stored unchanged")
+    return rb

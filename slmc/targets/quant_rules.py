@@ -136,16 +136,14 @@ XNNPACK = QuantRules(
     tied_quantized_head=False,
 )
 
-# LiteRT: litert_torch lowers torchao's dequantize_affine to int4/int8 DEQUANTIZE tensors
-# only in its V2 converter, which needs TensorFlow's MLIR converter; without it the ops
-# stay STABLEHLO_CUSTOM_CALL, which no LiteRT interpreter runs. Refused, not re-rounded.
-LITERT = QuantRules(
-    "LiteRT", linear=None, embedding=None,
-    none_reason=("litert_torch maps slmc's int4/int8 codes into the flatbuffer only through its V2 "
-                 "converter, which needs a TensorFlow build with convert_mlir_bytecode (a tf-nightly; "
-                 "tensorflow 2.21 lacks it, so litert_torch.converter_v2.is_supported() is False); the V1 "
-                 "path leaves STABLEHLO_CUSTOM_CALL ops that no LiteRT interpreter runs"),
-)
+# LiteRT: slmc writes the codes into the flatbuffer itself (tflite_codes.py): INT4/INT8
+# constants with float32 scales, integer zero points, dequantized to float before each
+# FULLY_CONNECTED / EMBEDDING_LOOKUP. Activations stay float: LiteRT's int8 dynamic
+# activations (XNNPACK qd8) would need BlockwiseQuantization with fp16 scales instead.
+_LITERT_RULE = Rule(bits=(4, 8), act_bits=(0,),
+                    note=" (LiteRT stores weight-only codes with float activations: act_bits=0; "
+                         "recipes int4-g32-litert and int8-litert fit)")
+LITERT = QuantRules("LiteRT", linear=_LITERT_RULE, embedding=_LITERT_RULE)
 
 
 def coreml_rules(spec) -> QuantRules:

@@ -42,6 +42,7 @@ from ..compiler.textdata import find_tokenizer_dir
 from ..errors import SlmcError
 from .base import Artifact, Target, TargetSpec, kv_refusal, register, ring_manifest
 from .quant_rules import LITERT
+from .tflite_codes import store_codes
 from .tflite_gpu import gpu_fallback
 
 DEFAULT_PREFILL = 128
@@ -254,14 +255,16 @@ def _dus_rows(cache, axis: int, start, rows):
     return dynamic_update_slice(cache, rows, [x for x in idx])
 
 
-def convert(model: Model, prefill_len: int) -> bytes:
-    """Both signatures through one litert_torch Converter: one flatbuffer, weights stored once."""
+def convert(model: Model, prefill_len: int) -> tuple[bytes, dict]:
+    """Both signatures through one litert_torch Converter: one flatbuffer, weights stored
+    once; quantized weights are lowered as floats and their codes put back (tflite_codes.py).
+    Returns the flatbuffer and {weight path: how its codes are stored}."""
     import litert_torch
 
     # padded: a ring keeps its live slots under LiteRT-LM's prefill padding (input_pos 0 there)
     lm = LoweredLM(model, LoweringSpec(kv="io", positions="start", mask_input=False,
                                        padded=model.kv.window is not None, write_rows=_dus_rows,
-                                       rope_slices=True)).eval()
+                                       rope_slices=True, dequantize=True)).eval()
     _composite_norms(lm)
     caches = lm.empty_caches()
     kv = dict(zip(cache_names(lm, model.n_layers), caches))
@@ -274,7 +277,9 @@ def convert(model: Model, prefill_len: int) -> bytes:
         prefill, decode = (_Signature(lm, model.n_layers, lg).eval() for lg in (False, True))
         conv = litert_torch.signature("prefill", prefill, sample_kwargs=sample(prefill_len))
         conv.signature("decode", decode, sample_kwargs=sample(1))
-        return bytes(conv.convert().model_content())
+        data = bytes(conv.convert().model_content())
+    del lm, prefill, decode, conv  # the float images of the quantized weights
+    return store_codes(data, model)
 
 
 def signature_io(data: bytes) -> dict:
@@ -396,7 +401,7 @@ class TFLiteTarget(Target):
         step = progress or (lambda msg: None)
         P = prefill_length(model, spec)
         step("litert_torch: prefill + decode signatures")
-        data = convert(model, P)
+        data, codes = convert(model, P)
         rows = "max_len" if model.kv.window is None else f"window={model.kv.window}"
         manifest = {
             "format": "tflite",
@@ -419,6 +424,11 @@ class TFLiteTarget(Target):
                        "prefill_logits": False, "decode_logits": "[1, 1, vocab]"},
             "gpu_delegate_fallback": gpu_fallback(data),
         }
+        if codes:
+            manifest["quantized_weights"] = {
+                "storage": "slmc's codes as INT4/INT8 constants; float32 scales (and zeros) as constant "
+                           "buffers shared by both signatures; float activations",
+                "tensors": codes}
         files = {"model.tflite": data}
         if spec.backend_name in _NPU:
             step(f"ai_edge_litert.aot: {spec.backend_name} NPU compile")

@@ -46,18 +46,22 @@ class LoweringSpec:
     # rotate_half as slices and a concat instead of a [head_dim, head_dim] matmul: cheaper
     # where the runtime has no delegate to keep whole (LiteRT); XNNPACK wants the matmul.
     rope_slices: bool = False
+    # True: each QuantWeight becomes its exact dequantized float (a plain constant) for a
+    # target that puts the codes back itself (LiteRT: targets/tflite_codes.py).
+    dequantize: bool = False
 
 
 class _Params:
     """Turns IR weights into Parameters, one per IR object (shared blocks stay shared)."""
 
-    def __init__(self, owner: nn.Module, dtype: torch.dtype):
+    def __init__(self, owner: nn.Module, dtype: torch.dtype, dequantize: bool = False):
         self.owner, self.dtype, self.memo, self.quantized = owner, dtype, {}, False
+        self.dequantize = dequantize
 
     def __call__(self, w) -> nn.Parameter:
         if w is None:
             return None
-        if id(w) not in self.memo and isinstance(w, QuantWeight):
+        if id(w) not in self.memo and isinstance(w, QuantWeight) and not self.dequantize:
             # not also registered on the owner: unwrap_tensor_subclass would parametrize the
             # same tensor twice in one module, which export then counts as two inputs
             self.quantized = True
@@ -371,7 +375,7 @@ class LoweredLM(nn.Module):
         self.spec, self.max_len = spec, kv.max_len
         self.cache_dtype = {"float16": torch.float16, "int8": torch.int8}.get(kv.dtype, spec.dtype)
         self.int8 = kv.dtype == "int8"  # each cache is (codes, scales per token and head)
-        P = _Params(self, spec.dtype)
+        P = _Params(self, spec.dtype, spec.dequantize)
         self.embed = P(model.embed)
         self.embed_scale = model.embed_scale
         self.blocks = nn.ModuleList(LBlock(b, P, bshd) for b in model.blocks)

@@ -1,0 +1,250 @@
+"""slmc's int4/int8 codes into the .tflite flatbuffer, unchanged.
+
+litert_torch's converter that runs without TensorFlow stores every weight as a float
+constant (torchao's dequantize ops would stay STABLEHLO_CUSTOM_CALL, which no LiteRT
+interpreter runs). So the lowering gives each QuantWeight its exact dequantized float
+(QuantWeight.float()), the converter copies those bytes unchanged, and this module finds
+each such constant by its bytes and replaces it with the codes and the dequantization,
+in builtin ops every LiteRT CPU runtime has:
+
+  per channel (g = in):
+    before  W  float32[out, in] constant ──► FULLY_CONNECTED / EMBEDDING_LOOKUP
+    after   C  int4|int8[out, in], per-axis scale + zero point (axis 0) ──► DEQUANTIZE ──► W
+  blockwise (g < in), G = out * in / g groups:
+    after   C  int4|int8[G, g] ──► DEQUANTIZE ──► [SUB Z float32[G, 1]] ──► MUL S float32[G, 1]
+               ──► RESHAPE [out, in] ──► W
+
+DEQUANTIZE of a constant runs once (the interpreter keeps its output); the blockwise MUL
+and RESHAPE run on every call, which is the price of exact float-activation math (see
+README). Scales/zeros live in constant buffers shared by both signatures, so the file is
+params * bits / 8 + scales. Per-axis metadata would be written once per signature and
+BlockwiseQuantization holds only bf16-rounded fp16 scales without zero points, and runs in
+XNNPACK's int8-dynamic-activation kernel: neither is the reference's math.
+
+Buffers are written after the flatbuffer table (Buffer.offset/size, 16-byte aligned), the
+layout TFLite uses for models over 2 GiB: every kernel sees aligned data and packing
+stays fast in Python. A QuantWeight whose float image is not found is an error, never a
+silent float fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from ..compiler.ir import Model, QuantWeight, named_weights
+from ..errors import SlmcError
+
+_ALIGN = 16
+
+
+def _digest(raw) -> bytes:
+    return hashlib.blake2b(memoryview(raw).cast("B"), digest_size=20).digest()
+
+
+def _float_image(w: QuantWeight) -> bytes:
+    return w.float().contiguous().numpy().astype(np.float32, copy=False).tobytes()
+
+
+def _signed(w: QuantWeight) -> tuple[np.ndarray, np.ndarray | None]:
+    """Codes in the signed int4/int8 range and zeros shifted alike: (c - z) unchanged."""
+    c = w.codes.numpy().astype(np.int16)
+    if w.symmetric:
+        return c.astype(np.int8), None
+    half = 2 ** (w.bits - 1)
+    return (c - half).astype(np.int8), w.zeros.float().numpy() - half
+
+
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+    """TFLite INT4: two codes per byte, the even index in the low nibble."""
+    c = codes.reshape(-1).astype(np.uint8) & 0xF
+    if c.size % 2:
+        c = np.append(c, np.uint8(0))
+    return (c[0::2] | (c[1::2] << 4)).astype(np.uint8)
+
+
+class _Writer:
+    """Adds tensors, buffers and ops to a ModelT (the schema's object API)."""
+
+    def __init__(self, mt):
+        from ai_edge_litert import schema_py_generated as S
+
+        self.S, self.mt = S, mt
+
+    def buffer(self, arr: np.ndarray) -> int:
+        b = self.S.BufferT()
+        b.data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        self.mt.buffers.append(b)
+        return len(self.mt.buffers) - 1
+
+    def tensor(self, sg, name: bytes, shape, typ, buffer: int = 0, quant=None) -> int:
+        t = self.S.TensorT()
+        t.name, t.shape, t.type, t.buffer = name, np.array(shape, np.int32), typ, buffer
+        t.quantization = quant
+        sg.tensors.append(t)
+        return len(sg.tensors) - 1
+
+    def quant(self, scale: np.ndarray, zero: np.ndarray, axis: int = 0):
+        q = self.S.QuantizationParametersT()
+        q.scale, q.zeroPoint, q.quantizedDimension = scale.astype(np.float32), zero.astype(np.int64), axis
+        return q
+
+    def op(self, code: int, ins: list[int], outs: list[int], options: str | None = None):
+        S, mt = self.S, self.mt
+        idx = next((i for i, oc in enumerate(mt.operatorCodes)
+                    if max(oc.builtinCode, oc.deprecatedBuiltinCode) == code), None)
+        if idx is None:
+            oc = S.OperatorCodeT()
+            oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), 1
+            mt.operatorCodes.append(oc)
+            idx = len(mt.operatorCodes) - 1
+        o = S.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = idx, np.array(ins, np.int32), np.array(outs, np.int32)
+        if options:
+            o.builtinOptionsType = getattr(S.BuiltinOptions, options)
+            o.builtinOptions = getattr(S, options + "T")()
+        return o
+
+
+class _Stored:
+    """One QuantWeight's model-level buffers (shared by every subgraph that reads it)."""
+
+    def __init__(self, wr: _Writer, path: str, w: QuantWeight):
+        self.path, self.w = path, w
+        codes, zeros = _signed(w)
+        out, inp = w.shape
+        g = w.group_size
+        self.rows = out * inp // g
+        self.per_channel = g == inp
+        self.codes = wr.buffer(pack_int4(codes) if w.bits == 4 else codes.view(np.uint8))
+        scales = w.scales.float().numpy()
+        self.zeros = None
+        if self.per_channel:
+            self.scale, self.zero = scales.reshape(-1), (np.zeros(out) if zeros is None else zeros.reshape(-1))
+            if not np.array_equal(self.zero, np.round(self.zero)):
+                raise SlmcError(f"{path}: fractional zero points cannot be stored in a TFLite tensor", "tflite")
+        else:
+            self.scales = wr.buffer(scales.reshape(-1).astype(np.float32))
+            self.zeros = None if zeros is None else wr.buffer(zeros.reshape(-1).astype(np.float32))
+        self.shape_buf = wr.buffer(np.array([out, inp], np.int32))
+
+
+def _replace(wr: _Writer, sg, ti: int, st: _Stored) -> list:
+    """Ops that compute tensor `ti` (formerly a float constant) from st's codes."""
+    S, t, w = wr.S, sg.tensors[ti], st.w
+    name = t.name
+    typ = S.TensorType.INT4 if w.bits == 4 else S.TensorType.INT8
+    t.buffer = 0
+    if st.per_channel:
+        c = wr.tensor(sg, name + b"/codes", w.shape, typ, st.codes, wr.quant(st.scale, st.zero))
+        return [wr.op(S.BuiltinOperator.DEQUANTIZE, [c], [ti])]
+    G, g = st.rows, w.group_size
+    c = wr.tensor(sg, name + b"/codes", [G, g], typ, st.codes, wr.quant(np.ones(1), np.zeros(1)))
+    x = wr.tensor(sg, name + b"/codes_f", [G, g], S.TensorType.FLOAT32)
+    ops = [wr.op(S.BuiltinOperator.DEQUANTIZE, [c], [x])]
+    if st.zeros is not None:
+        z = wr.tensor(sg, name + b"/zeros", [G, 1], S.TensorType.FLOAT32, st.zeros)
+        y = wr.tensor(sg, name + b"/centered", [G, g], S.TensorType.FLOAT32)
+        ops.append(wr.op(S.BuiltinOperator.SUB, [x, z], [y], "SubOptions"))
+        x = y
+    s = wr.tensor(sg, name + b"/scales", [G, 1], S.TensorType.FLOAT32, st.scales)
+    d = wr.tensor(sg, name + b"/dequantized", [G, g], S.TensorType.FLOAT32)
+    ops.append(wr.op(S.BuiltinOperator.MUL, [x, s], [d], "MulOptions"))
+    shp = wr.tensor(sg, name + b"/shape", [2], S.TensorType.INT32, st.shape_buf)
+    ops.append(wr.op(S.BuiltinOperator.RESHAPE, [d, shp], [ti]))
+    return ops
+
+
+def store_codes(data: bytes, model: Model) -> tuple[bytes, dict]:
+    """Replace the float image of every QuantWeight in `data` by its codes; returns the new
+    flatbuffer and {path: how it is stored} for the manifest."""
+    from ai_edge_litert import schema_py_generated as S
+
+    quant = [(p, w) for p, w in named_weights(model) if isinstance(w, QuantWeight)]
+    if not quant:
+        return data, {}
+    mt = S.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    raw = _buffers_raw(mt, data)
+    wanted: dict[bytes, tuple[str, QuantWeight]] = {}
+    for p, w in quant:
+        wanted.setdefault(_digest(_float_image(w)), (p, w))
+    sizes = {w.numel() * 4 for _, w in quant}
+    wr = _Writer(mt)
+    stored: dict[int, _Stored] = {}  # old float buffer -> codes
+    by_digest: dict[bytes, _Stored] = {}
+    for bi, r in list(enumerate(raw)):
+        if r is None or len(r) not in sizes:
+            continue
+        key = _digest(r)
+        if key in wanted:
+            if key not in by_digest:
+                by_digest[key] = _Stored(wr, *wanted[key])
+            stored[bi] = by_digest[key]
+    lost = [p for k, (p, _) in wanted.items() if k not in by_digest]
+    if lost:
+        raise SlmcError(f"litert_torch did not store {len(lost)} quantized weight(s) as plain float constants "
+                        f"(first: {lost[0]}); slmc cannot put their codes in the flatbuffer", "tflite")
+    for sg in mt.subgraphs:
+        pre = []
+        for ti in range(len(sg.tensors)):
+            st = stored.get(sg.tensors[ti].buffer)
+            if st is not None:
+                pre += _replace(wr, sg, ti, st)
+        sg.operators = pre + list(sg.operators)  # codes are constants: the new ops go first
+    for bi in stored:
+        mt.buffers[bi].data, raw[bi] = None, None
+    out = _pack(mt, raw + [np.asarray(b.data) if b.data is not None else None for b in mt.buffers[len(raw):]])
+    layout = {st.path: {"codes": f"int{st.w.bits}", "group_size": st.w.group_size,
+                        "dequantize": "DEQUANTIZE per-axis" if st.per_channel
+                        else "DEQUANTIZE" + (" -> SUB zeros" if st.zeros is not None else "") + " -> MUL scales -> RESHAPE"}
+              for st in by_digest.values()}
+    return out, layout
+
+
+def _buffers_raw(mt, data: bytes) -> list:
+    """Each buffer's bytes (inline or at offset/size after the table), None when empty."""
+    out = []
+    for b in mt.buffers:
+        if b.offset > 1:
+            out.append(np.frombuffer(data, np.uint8, count=b.size, offset=b.offset))
+        elif b.data is not None and len(b.data):
+            out.append(np.asarray(b.data, dtype=np.uint8))
+        else:
+            out.append(None)
+    return out
+
+
+def _pack(mt, raw: list) -> bytes:
+    """Serialize with every non-empty buffer appended after the table, 16-byte aligned."""
+    import flatbuffers
+
+    for b, r in zip(mt.buffers, raw):
+        b.data = None
+        b.offset, b.size = (1, len(r)) if r is not None else (0, 0)  # 1: placeholder, rewritten below
+
+    def table() -> bytes:
+        fb = flatbuffers.Builder(1 << 20)
+        fb.Finish(mt.Pack(fb), file_identifier=b"TFL3")
+        return bytes(fb.Output())
+
+    head = table()
+    # the offsets are absolute; the table's size does not change when they do (fixed-width u64)
+    pos, chunks = _aligned(len(head)), []
+    for b, r in zip(mt.buffers, raw):
+        if r is not None:
+            b.offset = pos
+            chunks.append((pos, r))
+            pos = _aligned(pos + len(r))
+    again = table()
+    assert len(again) == len(head), "offsets changed the table's size"
+    head = again
+    out = bytearray(pos)
+    out[:len(head)] = head
+    for at, r in chunks:
+        out[at:at + len(r)] = memoryview(r).cast("B")
+    return bytes(out)
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
