@@ -31,10 +31,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     # ExecuTorch's own Llama export (-qmode 8da4w -E 4,32) quantizes the output head and the
     # embedding too; left in float, the tied table alone is most of a small model's .pte
     Recipe("int8da-int4w-g32", (f"quant.rtn:bits=4,group_size=32,{_XNN},head_bits=4,embed_bits=4",),
-           ("executorch:xnnpack",),
+           ("executorch:xnnpack", "tflite"),
            "XNNPACK 8da4w: int4 weights in groups of 32 (bf16 scales), int8 dynamic activations; "
-           "head 8da4w and embedding int4 g32 (embedding_4bit)"),
-    Recipe("int8da-int8w", (f"quant.rtn:bits=8,group_size=0,{_XNN}",), ("executorch:xnnpack",),
+           "head 8da4w and embedding int4 g32 (ExecuTorch embedding_4bit; LiteRT dequantizes the table)"),
+    Recipe("int8da-int8w", (f"quant.rtn:bits=8,group_size=0,{_XNN}",), ("executorch:xnnpack", "tflite"),
            "XNNPACK 8da8w: int8 weights per channel, int8 dynamic activations"),
     Recipe("int4-g32-xnnpack", (f"quant.gptq:bits=4,group_size=32,{_XNN}",), ("executorch:xnnpack",),
            "GPTQ int4 g32 (data-free calibration unless calib= is given) for XNNPACK's 8da4w"),

@@ -34,6 +34,9 @@ FLOWS = {
     # INT4 blockwise block linears and head, int8 per-channel embedding (per-axis DEQUANTIZE)
     "tflite-int4": ("tflite", "cpu", ["quant.rtn:bits=4,group_size=32,head_bits=4,embed_bits=8"],
                     "tflite", "model.tflite"),
+    # XNNPACK's 8da4w through LiteRT: BlockwiseQuantization int4 filters, fp16 (bf16-exact) scales
+    "tflite-8da4w": ("tflite", "cpu", [f"quant.rtn:bits=4,group_size=32,{XNN},head_bits=4,embed_bits=4"],
+                     "tflite", "model.tflite"),
     # asymmetric int8 blockwise linears and head (SUB zeros), asymmetric int4 per-channel
     # embedding (per-axis zero points)
     "tflite-asym": ("tflite", "cpu", ["quant.rtn:bits=8,group_size=16,symmetric=false,head_bits=8",
@@ -94,7 +97,7 @@ def test_readback_notices_one_changed_code(built):
     (["-t", "executorch", "-b", "portable", "--pass", "quant.rtn"], "no quantized tensors"),
     (["-t", "executorch", "-b", "xnnpack", "--recipe", "int4-g32-coreml"], "built for coreml"),
     (["-t", "executorch", "--recipe", "nope"], "unknown recipe"),
-    (["-t", "tflite", "--pass", f"quant.rtn:{XNN}"], "act_bits=0"),
+    (["-t", "tflite", "--pass", f"quant.rtn:{XNN},symmetric=false"], "symmetric"),
     (["-t", "coreml", "-b", "ane", "--pass", "quant.rtn:scale_dtype=float16"], "Neural Engine layout"),
     (["-t", "coreml", "-b", "all", "--pass", "quant.rtn"], "scale_dtype=float16"),
     (["-t", "executorch", "--pass", "quant.rtn:scale_dtype=fp8"], "scale_dtype"),

@@ -156,8 +156,9 @@ def _tflite_contents(artifact: Path) -> tuple[dict[bytes, set[int]], list[tuple[
 
 def check_tflite(model: Model, artifact: Path) -> Readback:
     """LiteRT: each QuantWeight's codes must be an INT4 (two's-complement nibbles, even index
-    low) or INT8 constant; its float32 scales either that tensor's per-axis scales (with the
-    zero points) or a float32 constant of [groups, 1] (and the zeros another)."""
+    low) or INT8 constant; its scales either that tensor's per-axis scales (with the zero
+    points), a float32 constant of [groups, 1] (and the zeros another), or, for a
+    BlockwiseQuantization filter, an fp16 constant holding the same values."""
     import numpy as np
     from ai_edge_litert import schema_py_generated as S
 
@@ -183,7 +184,10 @@ def check_tflite(model: Model, artifact: Path) -> Readback:
             if (scales, z.tobytes()) not in axis:
                 rb.missing.append(f"{path}: per-axis scales/zero points not stored unchanged")
         else:
-            if S.TensorType.FLOAT32 not in types.get(scales, ()):
+            s32 = w.scales.float().numpy()
+            s16 = s32.astype(np.float16)  # a BlockwiseQuantization filter's scale tensor
+            fp16 = np.array_equal(s16.astype(np.float32), s32) and S.TensorType.FLOAT16 in types.get(s16.tobytes(), ())
+            if S.TensorType.FLOAT32 not in types.get(scales, ()) and not fp16:
                 rb.missing.append(f"{path}: scales not stored unchanged")
             if zeros is not None and S.TensorType.FLOAT32 not in types.get(_bytes(zeros), ()):
                 rb.missing.append(f"{path}: zero points not stored unchanged")

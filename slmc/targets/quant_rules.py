@@ -33,6 +33,7 @@ class QuantRules:
     linear: Rule | None  # None: quantized linears are not supported at all
     embedding: Rule | None
     tied_quantized_head: bool = True  # a quantized embedding may also serve as the head
+    linear_8da: Rule | None = None  # another rule for linears with int8 activations (act_bits=8)
     none_reason: str = "this target holds no quantized tensors of this kind"
 
     def check(self, model: Model) -> str | None:
@@ -40,6 +41,8 @@ class QuantRules:
             return (f"{self.name} cannot use one quantized table as both embedding and output head; "
                     "quantize the head separately (head_bits=...)")
         for where, w, rule in _quant_tensors(model, self):
+            if rule is self.linear and w.act_bits == 8 and self.linear_8da is not None:
+                rule = self.linear_8da
             why = _violation(w, rule) if rule is not None else self.none_reason
             if why:
                 acts = f"int{w.act_bits} activations" if w.act_bits else "float activations"
@@ -136,14 +139,20 @@ XNNPACK = QuantRules(
     tied_quantized_head=False,
 )
 
-# LiteRT: slmc writes the codes into the flatbuffer itself (tflite_codes.py): INT4/INT8
-# constants with float32 scales, integer zero points, dequantized to float before each
-# FULLY_CONNECTED / EMBEDDING_LOOKUP. Activations stay float: LiteRT's int8 dynamic
-# activations (XNNPACK qd8) would need BlockwiseQuantization with fp16 scales instead.
-_LITERT_RULE = Rule(bits=(4, 8), act_bits=(0,),
-                    note=" (LiteRT stores weight-only codes with float activations: act_bits=0; "
-                         "recipes int4-g32-litert and int8-litert fit)")
-LITERT = QuantRules("LiteRT", linear=_LITERT_RULE, embedding=_LITERT_RULE)
+# LiteRT: slmc writes the codes into the flatbuffer itself (tflite_codes.py). Float
+# activations: INT4/INT8 constants with float32 scales and integer zero points, dequantized
+# before each FULLY_CONNECTED / EMBEDDING_LOOKUP (exact for any group size, but blockwise
+# weights are re-dequantized on every call). int8 activations (act_bits=8): the codes are
+# the FULLY_CONNECTED filter itself, per-axis int8 or BlockwiseQuantization int4 with fp16
+# scale tensors, which XNNPACK runs in the same qd8 GEMMs as ExecuTorch's 8da4w/8da8w.
+_NOTE = " (recipes int8da-int4w-g32, int4-g32-litert and int8-litert fit)"
+LITERT = QuantRules(
+    "LiteRT",
+    linear=Rule(bits=(4, 8), act_bits=(0, 8), note=_NOTE),
+    embedding=Rule(bits=(4, 8), note=_NOTE),
+    linear_8da=Rule(bits=(4, 8), symmetric_only=True, act_bits=(8,), bf16_scales=True, per_channel_bits=(8,),
+                    note=_NOTE),
+)
 
 
 def coreml_rules(spec) -> QuantRules:

@@ -14,6 +14,13 @@ in builtin ops every LiteRT CPU runtime has:
     after   C  int4|int8[G, g] ──► DEQUANTIZE ──► [SUB Z float32[G, 1]] ──► MUL S float32[G, 1]
                ──► RESHAPE [out, in] ──► W
 
+int8 activations (act_bits=8): the codes become the FULLY_CONNECTED filter itself, which
+LiteRT runs as a dynamically quantized GEMM (XNNPACK qd8-f32-qc8w / qb4w, the kernels of
+ExecuTorch's 8da8w / 8da4w; asymmetric per-row inputs, asymmetricQuantizeInputs set so the
+builtin kernel agrees):
+    after   C  int8[out, in] per-axis scales            ──► FULLY_CONNECTED (filter)
+            C  int4[out, in] BlockwiseQuantization(S fp16[out, in / g], block g) ──► same
+
 DEQUANTIZE of a constant runs once (the interpreter keeps its output); the blockwise MUL
 and RESHAPE run on every call, which is the price of exact float-activation math (see
 README). Scales/zeros live in constant buffers shared by both signatures, so the file is
@@ -156,6 +163,52 @@ def _replace(wr: _Writer, sg, ti: int, st: _Stored) -> list:
     return ops
 
 
+def _filter_in_place(wr: _Writer, mt, bi: int, path: str, w: QuantWeight) -> dict:
+    """act_bits=8: buffer `bi` holds the codes; every tensor on it becomes a quantized FC filter."""
+    S = wr.S
+    codes, _ = _signed(w)
+    out, inp = w.shape
+    blockwise = w.group_size < inp
+    mt.buffers[bi].data = pack_int4(codes) if w.bits == 4 else codes.view(np.uint8).reshape(-1)
+    scales = w.scales.float().numpy()
+    if blockwise:
+        half = scales.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), scales):
+            raise SlmcError(f"{path}: blockwise scales must be fp16 values for LiteRT's BlockwiseQuantization "
+                            "(quantize with scale_dtype=bfloat16; some scale is outside fp16's range)", "tflite")
+        sbuf = wr.buffer(half)
+    for sg in mt.subgraphs:
+        users = [ti for ti, t in enumerate(sg.tensors) if t.buffer == bi]
+        for op in sg.operators:
+            code = max(mt.operatorCodes[op.opcodeIndex].builtinCode, mt.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)
+            for k, ti in enumerate(op.inputs):
+                if ti in users and (code != S.BuiltinOperator.FULLY_CONNECTED or k != 1):
+                    raise SlmcError(f"{path}: an int8-activation weight must only be a matmul's weight in the "
+                                    "LiteRT graph (quantize it with act_bits=0 instead)", "tflite")
+            if code == S.BuiltinOperator.FULLY_CONNECTED and len(op.inputs) > 1 and op.inputs[1] in users:
+                if op.builtinOptions is None:
+                    op.builtinOptionsType = S.BuiltinOptions.FullyConnectedOptions
+                    op.builtinOptions = S.FullyConnectedOptionsT()
+                op.builtinOptions.asymmetricQuantizeInputs = True
+        for ti in users:
+            t = sg.tensors[ti]
+            t.type = S.TensorType.INT4 if w.bits == 4 else S.TensorType.INT8
+            if blockwise:
+                q = S.QuantizationParametersT()
+                q.quantizedDimension = 0
+                q.detailsType = S.QuantizationDetails.BlockwiseQuantization
+                d = S.BlockwiseQuantizationT()
+                d.scales = wr.tensor(sg, t.name + b"/scales", [out, inp // w.group_size], S.TensorType.FLOAT16, sbuf)
+                d.zeroPoints, d.blockSize = -1, w.group_size
+                q.details = d
+                t.quantization = q
+            else:
+                t.quantization = wr.quant(scales.reshape(-1), np.zeros(out))
+    return {"codes": f"int{w.bits}", "group_size": w.group_size,
+            "dequantize": "FULLY_CONNECTED filter, int8 dynamic activations"
+                          + (" (BlockwiseQuantization, fp16 scales)" if blockwise else " (per-axis)")}
+
+
 def store_codes(data: bytes, model: Model) -> tuple[bytes, dict]:
     """Replace the float image of every QuantWeight in `data` by its codes; returns the new
     flatbuffer and {path: how it is stored} for the manifest."""
@@ -173,11 +226,16 @@ def store_codes(data: bytes, model: Model) -> tuple[bytes, dict]:
     wr = _Writer(mt)
     stored: dict[int, _Stored] = {}  # old float buffer -> codes
     by_digest: dict[bytes, _Stored] = {}
+    layout = {}
     for bi, r in list(enumerate(raw)):
         if r is None or len(r) not in sizes:
             continue
         key = _digest(r)
-        if key in wanted:
+        if key in wanted and wanted[key][1].act_bits == 8:
+            layout[wanted[key][0]] = _filter_in_place(wr, mt, bi, *wanted[key])
+            raw[bi] = np.asarray(mt.buffers[bi].data)
+            by_digest[key] = None
+        elif key in wanted:
             if key not in by_digest:
                 by_digest[key] = _Stored(wr, *wanted[key])
             stored[bi] = by_digest[key]
@@ -195,10 +253,10 @@ def store_codes(data: bytes, model: Model) -> tuple[bytes, dict]:
     for bi in stored:
         mt.buffers[bi].data, raw[bi] = None, None
     out = _pack(mt, raw + [np.asarray(b.data) if b.data is not None else None for b in mt.buffers[len(raw):]])
-    layout = {st.path: {"codes": f"int{st.w.bits}", "group_size": st.w.group_size,
-                        "dequantize": "DEQUANTIZE per-axis" if st.per_channel
-                        else "DEQUANTIZE" + (" -> SUB zeros" if st.zeros is not None else "") + " -> MUL scales -> RESHAPE"}
-              for st in by_digest.values()}
+    layout.update({st.path: {"codes": f"int{st.w.bits}", "group_size": st.w.group_size,
+                             "dequantize": "DEQUANTIZE per-axis" if st.per_channel else
+                             "DEQUANTIZE" + (" -> SUB zeros" if st.zeros is not None else "") + " -> MUL scales -> RESHAPE"}
+                   for st in by_digest.values() if st is not None})
     return out, layout
 
 
