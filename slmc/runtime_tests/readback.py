@@ -179,16 +179,16 @@ def check_tflite(model: Model, artifact: Path) -> Readback:
             rb.missing.append(f"{path}: codes not stored as an int{w.bits} tensor")
         scales = _bytes(w.scales.float())
         zeros = None if w.zeros is None else (w.zeros.float() - 2 ** (w.bits - 1))
-        if w.group_size == w.shape[1]:
+        f32 = S.TensorType.FLOAT32
+        consts = f32 in types.get(scales, ()) and (zeros is None or f32 in types.get(_bytes(zeros), ()))
+        if w.group_size == w.shape[1]:  # per channel: per-axis metadata, or constants as below
             z = np.zeros(w.shape[0], np.int64) if zeros is None else zeros.numpy().astype(np.int64)
-            if (scales, z.tobytes()) not in axis:
+            if (scales, z.tobytes()) not in axis and not consts:
                 rb.missing.append(f"{path}: per-axis scales/zero points not stored unchanged")
         else:
             s32 = w.scales.float().numpy()
             s16 = s32.astype(np.float16)  # a BlockwiseQuantization filter's scale tensor
             fp16 = np.array_equal(s16.astype(np.float32), s32) and S.TensorType.FLOAT16 in types.get(s16.tobytes(), ())
-            if S.TensorType.FLOAT32 not in types.get(scales, ()) and not fp16:
-                rb.missing.append(f"{path}: scales not stored unchanged")
-            if zeros is not None and S.TensorType.FLOAT32 not in types.get(_bytes(zeros), ()):
-                rb.missing.append(f"{path}: zero points not stored unchanged")
+            if not consts and not fp16:
+                rb.missing.append(f"{path}: scales (or zero points) not stored unchanged")
     return rb

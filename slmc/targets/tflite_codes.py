@@ -115,52 +115,113 @@ class _Writer:
 
 
 class _Stored:
-    """One QuantWeight's model-level buffers (shared by every subgraph that reads it)."""
+    """One QuantWeight's model-level buffers (shared by every subgraph that reads it), each
+    made on first use."""
 
     def __init__(self, wr: _Writer, path: str, w: QuantWeight):
-        self.path, self.w = path, w
+        self.wr, self.path, self.w = wr, path, w
         codes, zeros = _signed(w)
         out, inp = w.shape
         g = w.group_size
-        self.rows = out * inp // g
+        self.rows, self.groups = out * inp // g, inp // g
         self.per_channel = g == inp
         self.codes = wr.buffer(pack_int4(codes) if w.bits == 4 else codes.view(np.uint8))
-        scales = w.scales.float().numpy()
-        self.zeros = None
-        if self.per_channel:
-            self.scale, self.zero = scales.reshape(-1), (np.zeros(out) if zeros is None else zeros.reshape(-1))
-            if not np.array_equal(self.zero, np.round(self.zero)):
-                raise SlmcError(f"{path}: fractional zero points cannot be stored in a TFLite tensor", "tflite")
-        else:
-            self.scales = wr.buffer(scales.reshape(-1).astype(np.float32))
-            self.zeros = None if zeros is None else wr.buffer(zeros.reshape(-1).astype(np.float32))
-        self.shape_buf = wr.buffer(np.array([out, inp], np.int32))
+        self.scale = w.scales.float().numpy().reshape(-1).astype(np.float32)
+        self.zero = None if zeros is None else zeros.reshape(-1).astype(np.float32)
+        if self.per_channel and self.zero is not None and not np.array_equal(self.zero, np.round(self.zero)):
+            raise SlmcError(f"{path}: fractional zero points cannot be stored in a TFLite tensor", "tflite")
+        self._bufs: dict[str, int] = {}
+        self.used: set[str] = set()  # how graph ops read it, for the manifest
+
+    def buf(self, what: str) -> int:
+        if what not in self._bufs:
+            arr = {"scales": self.scale, "zeros": self.zero,
+                   "shape": np.array(self.w.shape, np.int32)}[what]
+            self._bufs[what] = self.wr.buffer(arr)
+        return self._bufs[what]
 
 
-def _replace(wr: _Writer, sg, ti: int, st: _Stored) -> list:
-    """Ops that compute tensor `ti` (formerly a float constant) from st's codes."""
-    S, t, w = wr.S, sg.tensors[ti], st.w
-    name = t.name
+def _dequantize(wr: _Writer, sg, ti: int, st: _Stored) -> list:
+    """Ops that compute tensor `ti` (formerly the float constant) from st's codes."""
+    S, w = wr.S, st.w
+    name = sg.tensors[ti].name
     typ = S.TensorType.INT4 if w.bits == 4 else S.TensorType.INT8
-    t.buffer = 0
     if st.per_channel:
-        c = wr.tensor(sg, name + b"/codes", w.shape, typ, st.codes, wr.quant(st.scale, st.zero))
+        st.used.add("DEQUANTIZE per-axis (once)")
+        zero = np.zeros(len(st.scale)) if st.zero is None else st.zero
+        c = wr.tensor(sg, name + b"/codes", w.shape, typ, st.codes, wr.quant(st.scale, zero))
         return [wr.op(S.BuiltinOperator.DEQUANTIZE, [c], [ti])]
+    st.used.add("DEQUANTIZE" + (" -> SUB zeros" if st.zero is not None else "") + " -> MUL scales -> RESHAPE")
     G, g = st.rows, w.group_size
     c = wr.tensor(sg, name + b"/codes", [G, g], typ, st.codes, wr.quant(np.ones(1), np.zeros(1)))
     x = wr.tensor(sg, name + b"/codes_f", [G, g], S.TensorType.FLOAT32)
     ops = [wr.op(S.BuiltinOperator.DEQUANTIZE, [c], [x])]
-    if st.zeros is not None:
-        z = wr.tensor(sg, name + b"/zeros", [G, 1], S.TensorType.FLOAT32, st.zeros)
+    if st.zero is not None:
+        z = wr.tensor(sg, name + b"/zeros", [G, 1], S.TensorType.FLOAT32, st.buf("zeros"))
         y = wr.tensor(sg, name + b"/centered", [G, g], S.TensorType.FLOAT32)
         ops.append(wr.op(S.BuiltinOperator.SUB, [x, z], [y], "SubOptions"))
         x = y
-    s = wr.tensor(sg, name + b"/scales", [G, 1], S.TensorType.FLOAT32, st.scales)
+    s = wr.tensor(sg, name + b"/scales", [G, 1], S.TensorType.FLOAT32, st.buf("scales"))
     d = wr.tensor(sg, name + b"/dequantized", [G, g], S.TensorType.FLOAT32)
     ops.append(wr.op(S.BuiltinOperator.MUL, [x, s], [d], "MulOptions"))
-    shp = wr.tensor(sg, name + b"/shape", [2], S.TensorType.INT32, st.shape_buf)
+    shp = wr.tensor(sg, name + b"/shape", [2], S.TensorType.INT32, st.buf("shape"))
     ops.append(wr.op(S.BuiltinOperator.RESHAPE, [d, shp], [ti]))
     return ops
+
+
+def _lookup(wr: _Writer, sg, op, st: _Stored) -> list:
+    """EMBEDDING_LOOKUP(ids, table) -> out, reading only the looked-up rows' codes: a hybrid
+    lookup of the codes (scale 1, so exact integers), a lookup of their scales (and zeros),
+    then (c - z) * s on [T, groups, g] and a reshape to out's shape."""
+    S, w = wr.S, st.w
+    ids, out = int(op.inputs[0]), int(op.outputs[0])
+    shape = [int(d) for d in sg.tensors[out].shape]
+    T, V, K, g = int(np.prod(shape[:-1])), w.shape[0], st.groups, w.group_size
+    name = sg.tensors[out].name
+    st.used.add("EMBEDDING_LOOKUP of codes and scales" + (" and zeros" if st.zero is not None else "")
+                + " (looked-up rows only)")
+    typ = S.TensorType.INT4 if w.bits == 4 else S.TensorType.INT8
+    c = wr.tensor(sg, name + b"/codes", [V, K, g], typ, st.codes, wr.quant(np.ones(1), np.zeros(1)))
+    x = wr.tensor(sg, name + b"/rows", [T, K, g], S.TensorType.FLOAT32)
+    ops = [wr.op(S.BuiltinOperator.EMBEDDING_LOOKUP, [ids, c], [x])]
+    if st.zero is not None:
+        zt = wr.tensor(sg, name + b"/zeros", [V, K, 1], S.TensorType.FLOAT32, st.buf("zeros"))
+        z = wr.tensor(sg, name + b"/row_zeros", [T, K, 1], S.TensorType.FLOAT32)
+        y = wr.tensor(sg, name + b"/centered", [T, K, g], S.TensorType.FLOAT32)
+        ops += [wr.op(S.BuiltinOperator.EMBEDDING_LOOKUP, [ids, zt], [z]),
+                wr.op(S.BuiltinOperator.SUB, [x, z], [y], "SubOptions")]
+        x = y
+    stab = wr.tensor(sg, name + b"/scales", [V, K, 1], S.TensorType.FLOAT32, st.buf("scales"))
+    s = wr.tensor(sg, name + b"/row_scales", [T, K, 1], S.TensorType.FLOAT32)
+    d = wr.tensor(sg, name + b"/dequantized", [T, K, g], S.TensorType.FLOAT32)
+    shp = wr.tensor(sg, name + b"/shape", [len(shape)], S.TensorType.INT32, wr.buffer(np.array(shape, np.int32)))
+    return ops + [wr.op(S.BuiltinOperator.EMBEDDING_LOOKUP, [ids, stab], [s]),
+                  wr.op(S.BuiltinOperator.MUL, [x, s], [d], "MulOptions"),
+                  wr.op(S.BuiltinOperator.RESHAPE, [d, shp], [out])]
+
+
+def _rewrite_subgraph(wr: _Writer, mt, sg, stored: dict) -> None:
+    """Lookups of a quantized table read its codes; any other reader gets the dequantized
+    tensor, computed by ops placed first (their inputs are all constants)."""
+    S = wr.S
+    pre, ops, readers = [], [], {}
+    for op in sg.operators:
+        oc = mt.operatorCodes[op.opcodeIndex]
+        table = int(op.inputs[1]) if len(op.inputs) > 1 else -1
+        st = stored.get(sg.tensors[table].buffer) if table >= 0 else None
+        if st is not None and max(oc.builtinCode, oc.deprecatedBuiltinCode) == S.BuiltinOperator.EMBEDDING_LOOKUP:
+            ops += _lookup(wr, sg, op, st)
+            continue
+        for ti in op.inputs:
+            if ti >= 0 and sg.tensors[ti].buffer in stored:
+                readers.setdefault(int(ti), stored[sg.tensors[ti].buffer])
+        ops.append(op)
+    for ti, st in readers.items():
+        pre += _dequantize(wr, sg, ti, st)
+    for t in sg.tensors:
+        if t.buffer in stored:
+            t.buffer = 0
+    sg.operators = pre + ops
 
 
 def _filter_in_place(wr: _Writer, mt, bi: int, path: str, w: QuantWeight) -> dict:
@@ -244,18 +305,12 @@ def store_codes(data: bytes, model: Model) -> tuple[bytes, dict]:
         raise SlmcError(f"litert_torch did not store {len(lost)} quantized weight(s) as plain float constants "
                         f"(first: {lost[0]}); slmc cannot put their codes in the flatbuffer", "tflite")
     for sg in mt.subgraphs:
-        pre = []
-        for ti in range(len(sg.tensors)):
-            st = stored.get(sg.tensors[ti].buffer)
-            if st is not None:
-                pre += _replace(wr, sg, ti, st)
-        sg.operators = pre + list(sg.operators)  # codes are constants: the new ops go first
+        _rewrite_subgraph(wr, mt, sg, stored)
     for bi in stored:
         mt.buffers[bi].data, raw[bi] = None, None
     out = _pack(mt, raw + [np.asarray(b.data) if b.data is not None else None for b in mt.buffers[len(raw):]])
     layout.update({st.path: {"codes": f"int{st.w.bits}", "group_size": st.w.group_size,
-                             "dequantize": "DEQUANTIZE per-axis" if st.per_channel else
-                             "DEQUANTIZE" + (" -> SUB zeros" if st.zeros is not None else "") + " -> MUL scales -> RESHAPE"}
+                             "dequantize": "; ".join(sorted(st.used))}
                    for st in by_digest.values() if st is not None})
     return out, layout
 
