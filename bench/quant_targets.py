@@ -1,0 +1,161 @@
+"""Quantized SmolLM2-135M in every target: artifact size against params x bits / 8 + scales,
+`slmc validate` against the quantized reference, and LiteRT decode speed.
+
+    SLMC_CACHE=/tmp/slmc-cache python bench/quant_targets.py
+    python bench/quant_targets.py --only tflite-int4w,tflite-8da4w   # re-measure some flows
+    python bench/quant_targets.py --quick                            # tiny random Llama
+
+Codes come from RTN (sizes and storage do not depend on the algorithm; bench/quant.py
+compares the algorithms). Each flow compiles and validates in its own subprocess. "ideal"
+is, per tensor, codes at their bit width + scales (and zeros) at the IR's scale dtype,
+float tensors at the artifact's float width. Decode: greedy steps from an empty cache in
+ai_edge_litert (all cores), median of repeats, fp32 LiteRT beside the quantized ones.
+Writes bench/results/quant_targets{,-quick}.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from compile import busy_processes, machine, others_seen, prompt_ids, spawn, tiny_model  # noqa: E402
+from compile_targets import dir_bytes  # noqa: E402
+
+XNN = "scale_dtype=bfloat16,act_bits=8,symmetric=true"
+# name: (target, backend, passes, float bytes per param in the artifact, the artifact file)
+FLOWS = {
+    "tflite-fp32": ("tflite", "cpu", [], 4, "model.tflite"),
+    "tflite-int4w": ("tflite", "cpu", ["quant.rtn:bits=4,group_size=32,embed_bits=8"], 4, "model.tflite"),
+    "tflite-8da4w": ("tflite", "cpu", [f"quant.rtn:bits=4,group_size=32,{XNN},head_bits=4,embed_bits=4"], 4,
+                     "model.tflite"),
+    "coreml-int4-fp16": ("coreml", "all", ["quant.rtn:bits=4,group_size=32,scale_dtype=float16,embed_bits=8"], 2,
+                         "model.mlpackage"),
+    "pte-8da4w": ("executorch", "xnnpack", [f"quant.rtn:bits=4,group_size=32,{XNN},head_bits=4,embed_bits=4"], 4,
+                  "model.pte"),
+}
+GOAL = 0.03  # the issue: artifact within 3 % of params x bits / 8 + scales
+
+
+def ideal_bytes(model, float_bytes: int) -> int:
+    from slmc.compiler.ir import QuantWeight, named_weights
+
+    n = 0
+    for _, w in named_weights(model):
+        if isinstance(w, QuantWeight):
+            width = w.scales.element_size()
+            n += w.numel() * w.bits // 8 + w.scales.numel() * width
+            n += 0 if w.zeros is None else w.zeros.numel() * width
+        else:
+            n += w.numel() * float_bytes
+    return n
+
+
+def worker_flow(name: str, model: str, out: Path, L: int) -> dict:
+    from slmc.api import compile_model, reference_model, validate_artifact
+
+    target, backend, passes, fb, art = FLOWS[name]
+    try:
+        _, manifest = compile_model(model, target, backend, out, passes=passes, max_seq_len=L)
+        ideal = ideal_bytes(reference_model(out, manifest), fb)
+        rep = validate_artifact(out, steps=32)
+    except Exception as e:  # a flow that fails is a result, recorded with its error
+        return {"error": f"{type(e).__name__}: {e}".splitlines()[0][:400]}
+    return {"artifact": str(out / art), "artifact_bytes": dir_bytes(out / art), "ideal_bytes": ideal,
+            "schemes": (manifest.get("quantization") or {}).get("schemes"),
+            "validate": {"passed": rep.passed, "top1": rep.top1_agreement, "max_abs": max(rep.prefill_max_abs,
+                         rep.decode_max_abs), "tolerance": rep.tolerance, "greedy_equal": rep.greedy_equal}}
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [f"# Quantized artifacts per target ({r['model_name']})", "",
+             f"{m['date']} · {m['cores']} cores · torch {m['torch']} · max_seq_len {r['max_seq_len']}", "",
+             "| flow | schemes | artifact MiB | ideal MiB | over ideal | validate (top-1, max abs Δ) | "
+             "compile+validate s | decode tok/s |",
+             "|---|---|---:|---:|---:|---|---:|---:|"]
+    for k, x in r["flows"].items():
+        if "error" in x:
+            lines.append(f"| {k} | failed: `{x['error']}` |||||||")
+            continue
+        over = x["artifact_bytes"] / x["ideal_bytes"] - 1
+        v = x["validate"]
+        val = f"{'PASS' if v['passed'] else 'FAIL'} ({v['top1']:.1%}, {v['max_abs']:.3g})"
+        sch = ", ".join(f"{s}×{n}" for s, n in (x["schemes"] or {}).items()) or "fp32"
+        tok = f"{x['decode_tok_s']:.1f}" if "decode_tok_s" in x else "-"
+        lines.append(f"| {k} | {sch} | {x['artifact_bytes'] / 2**20:.1f} | {x['ideal_bytes'] / 2**20:.1f} | "
+                     f"{over:+.1%} | {val} | {x['wall_s']:.0f} | {tok} |")
+    lines += ["", f"Goal (issue 4): artifact within {GOAL:.0%} of params × bits / 8 + scales "
+              "(the ideal column; float tensors at the artifact's float width).", ""]
+    lines += [f"- {k}: {'PASS' if ok else 'FAIL'} ({over:+.1%})" for k, (over, ok) in r["goals"].items()]
+    lines += ["", *others_seen(r["other_processes"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(a) -> None:
+    os.environ.setdefault("SLMC_CACHE", "/tmp/slmc-cache")
+    sys.path.insert(0, str(ROOT))
+    work = Path(tempfile.mkdtemp(prefix="slmc-bench-qt-"))
+    model = tiny_model(work) if a.quick else a.model
+    from slmc.api import resolve_model_path
+
+    model_dir = resolve_model_path(model)
+    L = a.max_seq_len or (128 if a.quick else 512)
+    stem = "quant_targets-quick" if a.quick else "quant_targets"
+    others, flows = set(busy_processes()), {}
+    if a.only:
+        prev = json.loads((HERE / "results" / f"{stem}.json").read_text())
+        flows = {k: v for k, v in prev["flows"].items() if k not in a.only.split(",")}
+        others |= set(prev["other_processes"])
+    for name in FLOWS:
+        if name in flows:
+            continue
+        print(f"== {name} ...", flush=True)
+        flows[name] = spawn(["--worker", name, "--model", str(model_dir), "--max-seq-len", str(L),
+                             "--out", str(work / name)], work / f"{name}.json", __file__)
+        print(f"   {flows[name].get('error') or flows[name]['validate']}", flush=True)
+        others |= set(busy_processes())
+    arts = {k: v["artifact"] for k, v in flows.items() if k.startswith("tflite") and "artifact" in v
+            and Path(v["artifact"]).exists()}
+    if arts:
+        cfg = json.loads((model_dir / "config.json").read_text())
+        dec = spawn(["--worker", "decode", "--arts", json.dumps(arts), "--prompt-ids",
+                     json.dumps(prompt_ids(model_dir, cfg["vocab_size"])), "--steps", str(a.steps),
+                     "--repeats", str(a.repeats)], work / "decode.json", HERE / "compile_targets.py")
+        for k in arts:
+            flows[k].update(decode_tok_s=dec[k]["decode_tok_s"], decode_tok_s_all=dec[k]["tok_s"])
+    goals = {}
+    for k, x in flows.items():
+        if "error" not in x and x["schemes"]:
+            over = x["artifact_bytes"] / x["ideal_bytes"] - 1
+            goals[f"{k} size"] = (over, abs(over) <= GOAL)
+    r = {"model_name": "tiny random llama (--quick)" if a.quick else model_dir.name, "max_seq_len": L,
+         "machine": machine(), "flows": flows, "goals": goals, "other_processes": sorted(others)}
+    (HERE / "results" / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
+    (HERE / "results" / f"{stem}.md").write_text(markdown(r))
+    print(markdown(r))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default", help="HF folder, or 'default' (SmolLM2-135M-Instruct)")
+    ap.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default 512; 128 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="tiny random Llama, for a fast smoke test")
+    ap.add_argument("--steps", type=int, default=32, help="decode steps per repeat")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats (after one warm-up)")
+    ap.add_argument("--only", default="", help="comma-separated flows to re-measure; the others come from the "
+                    "last results file")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    [ap.add_argument(k, help=argparse.SUPPRESS) for k in ("--out", "--result", "--arts", "--prompt-ids")]
+    args = ap.parse_args()
+    if args.worker:
+        out = worker_flow(args.worker, args.model, Path(args.out), args.max_seq_len)
+        Path(args.result).write_text(json.dumps(out))
+    else:
+        main(args)
