@@ -157,3 +157,26 @@ def test_each_recipe_compiles_its_flow_and_validates(tiny_llama_dir, tmp_path, n
         assert isinstance(ref.embed, QuantWeight) and isinstance(ref.lm_head.weight, QuantWeight)
     report = validate_artifact(out, steps=16)
     assert report.passed, report.to_json()
+
+
+# LiteRT finds each quantized weight in litert_torch's flatbuffer by its float image; every
+# family's lowering (fused qkv, MoE experts, soft-capping, tied heads) must keep those bytes.
+@pytest.mark.parametrize("family", [pytest.param(f, marks=() if f in ("qwen2_moe", "phi3") else pytest.mark.slow)
+                                    for f in ("llama", "gemma2", "phi3", "qwen2_moe")])
+def test_litert_codes_on_each_family(family, tmp_path):
+    from tiny import save_ascii_tokenizer, save_hf_model
+
+    from slmc.compiler.families import FAMILIES, load_all
+    from slmc.runtime_tests.readback import check_tflite
+
+    load_all()
+    cfg = FAMILIES[family].tiny_config()
+    src = tmp_path / family
+    save_hf_model(cfg, src)
+    save_ascii_tokenizer(src, cfg["vocab_size"])
+    out, manifest = compile_model(src, "tflite", "cpu", tmp_path / "out", max_seq_len=48,
+                                  passes=["quant.rtn:bits=4,group_size=16,embed_bits=8"])
+    rb = check_tflite(reference_model(out, manifest), out / "model.tflite")
+    assert rb.exact, rb.missing
+    report = validate_artifact(out, steps=16)
+    assert report.passed and report.top1_agreement == 1.0, report.to_json()

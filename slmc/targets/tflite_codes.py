@@ -4,29 +4,30 @@ litert_torch's converter that runs without TensorFlow stores every weight as a f
 constant (torchao's dequantize ops would stay STABLEHLO_CUSTOM_CALL, which no LiteRT
 interpreter runs). So the lowering gives each QuantWeight its exact dequantized float
 (QuantWeight.float()), the converter copies those bytes unchanged, and this module finds
-each such constant by its bytes and replaces it with the codes and the dequantization,
-in builtin ops every LiteRT CPU runtime has:
+each such constant by its bytes and replaces it with the codes, in builtin ops every
+LiteRT CPU runtime has. Float activations (act_bits=0), a matmul's weight W[out, in]:
 
   per channel (g = in):
-    before  W  float32[out, in] constant ──► FULLY_CONNECTED / EMBEDDING_LOOKUP
+    before  W  float32[out, in] constant ──► FULLY_CONNECTED
     after   C  int4|int8[out, in], per-axis scale + zero point (axis 0) ──► DEQUANTIZE ──► W
-  blockwise (g < in), G = out * in / g groups:
+  groups (g < in), G = out * in / g:
     after   C  int4|int8[G, g] ──► DEQUANTIZE ──► [SUB Z float32[G, 1]] ──► MUL S float32[G, 1]
                ──► RESHAPE [out, in] ──► W
 
-int8 activations (act_bits=8): the codes become the FULLY_CONNECTED filter itself, which
-LiteRT runs as a dynamically quantized GEMM (XNNPACK qd8-f32-qc8w / qb4w, the kernels of
-ExecuTorch's 8da8w / 8da4w; asymmetric per-row inputs, asymmetricQuantizeInputs set so the
-builtin kernel agrees):
-    after   C  int8[out, in] per-axis scales            ──► FULLY_CONNECTED (filter)
+An EMBEDDING_LOOKUP of a quantized table reads only the looked-up rows: a hybrid lookup
+of the codes C[V, K, g] (scale 1: exact integers), lookups of S (and Z) [V, K, 1], then
+(c - z) * s and a reshape. int8 activations (act_bits=8): the codes become the
+FULLY_CONNECTED filter itself, run as a dynamically quantized GEMM (XNNPACK qd8-f32-qc8w /
+qb4w, ExecuTorch's 8da8w / 8da4w kernels; asymmetricQuantizeInputs so the builtin kernel
+agrees):
+    after   C  int8[out, in] per-axis scales ──► FULLY_CONNECTED (filter)
             C  int4[out, in] BlockwiseQuantization(S fp16[out, in / g], block g) ──► same
 
-DEQUANTIZE of a constant runs once (the interpreter keeps its output); the blockwise MUL
-and RESHAPE run on every call, which is the price of exact float-activation math (see
-README). Scales/zeros live in constant buffers shared by both signatures, so the file is
-params * bits / 8 + scales. Per-axis metadata would be written once per signature and
-BlockwiseQuantization holds only bf16-rounded fp16 scales without zero points, and runs in
-XNNPACK's int8-dynamic-activation kernel: neither is the reference's math.
+DEQUANTIZE of a constant runs once (the interpreter keeps its output); the grouped MUL and
+RESHAPE run on every call: the price of exact float-activation math (README). Scales and
+zeros are constant buffers shared by both signatures, so the file is params * bits / 8 +
+scales; per-axis metadata for groups would be written once per signature, and
+BlockwiseQuantization has no zero points and runs only in the int8-activation GEMMs.
 
 Buffers are written after the flatbuffer table (Buffer.offset/size, 16-byte aligned), the
 layout TFLite uses for models over 2 GiB: every kernel sees aligned data and packing
