@@ -33,18 +33,20 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("int8da-int4w-g32", (f"quant.rtn:bits=4,group_size=32,{_XNN},head_bits=4,embed_bits=4",),
            ("executorch:xnnpack", "tflite"),
            "XNNPACK 8da4w: int4 weights in groups of 32 (bf16 scales), int8 dynamic activations; "
-           "head 8da4w and embedding int4 g32 (ExecuTorch embedding_4bit; LiteRT dequantizes the table)"),
+           "head 8da4w and embedding int4 g32 (ExecuTorch embedding_4bit; LiteRT looks up the rows' codes)"),
     Recipe("int8da-int8w", (f"quant.rtn:bits=8,group_size=0,{_XNN}",), ("executorch:xnnpack", "tflite"),
            "XNNPACK 8da8w: int8 weights per channel, int8 dynamic activations"),
-    Recipe("int4-g32-xnnpack", (f"quant.gptq:bits=4,group_size=32,{_XNN}",), ("executorch:xnnpack",),
-           "GPTQ int4 g32 (data-free calibration unless calib= is given) for XNNPACK's 8da4w"),
-    Recipe("awq-int4-g32-xnnpack", (f"quant.awq:bits=4,group_size=32,{_XNN}",), ("executorch:xnnpack",),
-           "AWQ int4 g32 for XNNPACK's 8da4w"),
+    Recipe("int4-g32-xnnpack", (f"quant.gptq:bits=4,group_size=32,{_XNN}",), ("executorch:xnnpack", "tflite"),
+           "GPTQ int4 g32 (data-free calibration unless calib= is given) for XNNPACK's 8da4w "
+           "(ExecuTorch, or LiteRT's CPU)"),
+    Recipe("awq-int4-g32-xnnpack", (f"quant.awq:bits=4,group_size=32,{_XNN}",), ("executorch:xnnpack", "tflite"),
+           "AWQ int4 g32 for XNNPACK's 8da4w (ExecuTorch, or LiteRT's CPU)"),
     Recipe("int4-g32-coreml", (f"quant.gptq:bits=4,group_size=32,{_CML}",), ("coreml",),
            "GPTQ int4 g32 with fp16 scales: constexpr_blockwise_shift_scale, exact in fp16 compute"),
     Recipe("int4-g32-litert", ("quant.gptq:bits=4,group_size=32,symmetric=true,embed_bits=8",), ("tflite",),
-           "GPTQ int4 g32 with float32 scales and an int8 embedding table: INT4/INT8 constants "
-           "dequantized before each matmul, float activations, exact"),
+           "GPTQ int4 g32 with float32 scales and an int8 embedding table, float activations: exact, "
+           "but grouped weights are dequantized on every call (decode slower than fp32; "
+           "int4-g32-xnnpack is the fast one)"),
     Recipe("int8-litert", ("quant.rtn:bits=8,group_size=0,symmetric=true,embed_bits=8",), ("tflite",),
            "int8 weights and embedding per channel (per-axis DEQUANTIZE, runs once at load)"),
     Recipe("int8-coreml", (f"quant.rtn:bits=8,group_size=0,{_CML}",), ("coreml",),

@@ -180,3 +180,16 @@ def test_litert_codes_on_each_family(family, tmp_path):
     assert rb.exact, rb.missing
     report = validate_artifact(out, steps=16)
     assert report.passed and report.top1_agreement == 1.0, report.to_json()
+
+
+def test_litert_never_falls_back_to_float_silently(tiny_llama_dir, tmp_path):
+    """A quantized weight whose float image is not in the flatbuffer is an error, not a float tensor."""
+    from slmc.compiler.pass_manager import PassManager, parse_pass
+    from slmc.errors import SlmcError
+    from slmc.targets.tflite_codes import store_codes
+
+    out, manifest = compile_model(tiny_llama_dir, "tflite", "cpu", tmp_path / "f", max_seq_len=32)
+    data = (out / "model.tflite").read_bytes()
+    quantized, _ = PassManager([parse_pass("quant.rtn:bits=4,group_size=16")]).run(reference_model(out, manifest))
+    with pytest.raises(SlmcError, match="did not store"):
+        store_codes(data, quantized)
