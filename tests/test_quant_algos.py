@@ -54,6 +54,13 @@ def test_gptq_and_awq_beat_rtn(tiny_llama_dir):
     assert mse["quant.gptq"] < 0.8 * mse["quant.rtn"], mse
     assert mse["quant.awq"] < 0.9 * mse["quant.rtn"], mse
     assert q.blocks[0].attn.q.weight.algorithm == "awq"
+    # AWQ's scales alone (quantize=false), then GPTQ on the rescaled float model
+    q, logs = _quantize(tiny_llama_dir, f"quant.awq:group_size=16,quantize=false,{CAL}",
+                        f"quant.gptq:group_size=16,{CAL}")
+    assert logs[0].info["quantized"] == 0 and logs[0].info["scaled_groups"] > 0 and logs[1].info["quantized"] == 14
+    assert q.blocks[0].attn.q.weight.algorithm == "gptq"
+    both = float(((reference.forward(q, held_out) - ref) ** 2).mean())
+    assert both < 0.8 * mse["quant.rtn"], (both, mse)
 
 
 @pytest.mark.parametrize("family,overrides,fuse,groups", [

@@ -70,6 +70,9 @@ class AWQOptions:
     head_bits: int = 0  # 0: keep the output head in float
     scale_dtype: str = "float32"  # bfloat16: scales exact in XNNPACK's bf16 storage
     act_bits: int = 0  # 8: int8 dynamic per-token activations at run time (XNNPACK 8da4w)
+    # false: search and fold the scales only, leaving an equivalent float model for another
+    # quantizer (quant.awq:quantize=false then quant.gptq: AWQ + GPTQ)
+    quantize: bool = True
 
 
 def fake_quant(w: torch.Tensor, s: QuantScheme) -> torch.Tensor:
@@ -191,7 +194,7 @@ class QuantAWQ(Pass):
     Options = AWQOptions
 
     def run(self, ir: Model) -> PassResult:
-        return self.apply(ir, quantize=True)
+        return self.apply(ir, quantize=self.options.quantize)
 
     def apply(self, ir: Model, quantize: bool = True) -> PassResult:
         """quantize=False: search and fold the scales only (the float model stays equivalent)."""

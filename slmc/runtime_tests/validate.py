@@ -29,8 +29,9 @@ class Tolerance:
     min_top1: float  # fraction of teacher-forced steps whose argmax agrees
     greedy_equal: bool  # free-running tokens must equal the reference's
     # int8 dynamic activations round at .5 boundaries, so float-rounding noise flips codes and
-    # the flips compound over layers: the bound is at least twice what a 1e-7 relative nudge of
-    # the reference's own embeddings does to its logits (measured per run)
+    # the flips compound over layers: the bounds are at least twice what a 1e-7 relative nudge
+    # of the reference's own embeddings does to its logits and to its top-1 disagreement
+    # (measured per run: one nudge is one sample of that noise, not its worst case)
     noise_floor: bool = False
 
 
@@ -170,10 +171,11 @@ def validate(folder: Path, manifest: dict, model: Model, steps: int = 32, prompt
             max_abs = 2 * floor
             notes.append(f"max |Δ| bound raised to {max_abs:.3g}: a 1e-7 relative nudge of the reference's own "
                          f"embeddings moves its logits by {floor:.3g} (int8 activation codes flip)")
-        if self_top1 < min_top1:
-            min_top1 = self_top1
-            notes.append(f"top-1 bound lowered to {self_top1:.1%}: the nudged reference agrees with the "
-                         "reference itself only that often")
+        bound = 1 - 2 * (1 - self_top1)  # twice the nudge's disagreement, as for |Δ| above
+        if bound < min_top1:
+            min_top1 = bound
+            notes.append(f"top-1 bound lowered to {bound:.1%}: the nudged reference agrees with the reference "
+                         f"itself only {self_top1:.1%} of the time (twice that disagreement allowed)")
     top1 = (agree + ties) / max(steps, 1)
     if ties:
         notes.append(f"{ties} of {steps} steps were near ties (the reference's top-2 gap was within twice the "
