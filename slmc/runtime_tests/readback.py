@@ -157,8 +157,8 @@ def _tflite_contents(artifact: Path) -> tuple[dict[bytes, set[int]], list[tuple[
 def check_tflite(model: Model, artifact: Path) -> Readback:
     """LiteRT: each QuantWeight's codes must be an INT4 (two's-complement nibbles, even index
     low) or INT8 constant; its scales either that tensor's per-axis scales (with the zero
-    points), a float32 constant of [groups, 1] (and the zeros another), or, for a
-    BlockwiseQuantization filter, an fp16 constant holding the same values."""
+    points) or a float32 constant (fp16 when every scale is an fp16 value, as a
+    BlockwiseQuantization filter's are), and the zeros another float32 constant."""
     import numpy as np
     from ai_edge_litert import schema_py_generated as S
 
@@ -180,15 +180,15 @@ def check_tflite(model: Model, artifact: Path) -> Readback:
         scales = _bytes(w.scales.float())
         zeros = None if w.zeros is None else (w.zeros.float() - 2 ** (w.bits - 1))
         f32 = S.TensorType.FLOAT32
-        consts = f32 in types.get(scales, ()) and (zeros is None or f32 in types.get(_bytes(zeros), ()))
+        s32 = w.scales.float().numpy()
+        s16 = s32.astype(np.float16)  # fp16 constants (or a BlockwiseQuantization filter's scales)
+        fp16 = np.array_equal(s16.astype(np.float32), s32) and S.TensorType.FLOAT16 in types.get(s16.tobytes(), ())
+        consts = (f32 in types.get(scales, ()) or fp16) and (zeros is None or f32 in types.get(_bytes(zeros), ()))
         if w.group_size == w.shape[1]:  # per channel: per-axis metadata, or constants as below
             z = np.zeros(w.shape[0], np.int64) if zeros is None else zeros.numpy().astype(np.int64)
             if (scales, z.tobytes()) not in axis and not consts:
                 rb.missing.append(f"{path}: per-axis scales/zero points not stored unchanged")
         else:
-            s32 = w.scales.float().numpy()
-            s16 = s32.astype(np.float16)  # a BlockwiseQuantization filter's scale tensor
-            fp16 = np.array_equal(s16.astype(np.float32), s32) and S.TensorType.FLOAT16 in types.get(s16.tobytes(), ())
-            if not consts and not fp16:
+            if not consts:
                 rb.missing.append(f"{path}: scales (or zero points) not stored unchanged")
     return rb

@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import torch
 
 from ..compiler.ir import Model, QuantWeight, named_weights
 from ..errors import SlmcError
@@ -119,8 +120,21 @@ class _Stored:
     """One QuantWeight's model-level buffers (shared by every subgraph that reads it), each
     made on first use."""
 
-    def __init__(self, wr: _Writer, path: str, w: QuantWeight):
+    def __init__(self, wr: _Writer, entries: list[tuple[str, QuantWeight]]):
+        path, w = entries[0]
         self.wr, self.path, self.w = wr, path, w
+        for p, o in entries[1:]:  # e.g. an embedding and a head quantized alike from one tied table
+            same = (o.bits, o.group_size, o.symmetric) == (w.bits, w.group_size, w.symmetric) and \
+                torch.equal(o.codes, w.codes) and torch.equal(o.scales.float(), w.scales.float())
+            if not same:
+                raise SlmcError(f"{p} and {path} have one float image but different codes; "
+                                "LiteRT's converter merged them into one constant", "tflite")
+        # act_bits=8: matmuls read the codes as a quantized FULLY_CONNECTED filter
+        self.filter = any(o.act_bits == 8 for _, o in entries)
+        if self.filter and any(o.act_bits != 8 and p != "embed" for p, o in entries):
+            raise SlmcError(f"{path}: one constant is read by matmuls with int8 and with float activations; "
+                            "quantize them with the same act_bits", "tflite")
+        self.paths = [p for p, _ in entries]
         codes, zeros = _signed(w)
         out, inp = w.shape
         g = w.group_size
@@ -131,12 +145,26 @@ class _Stored:
         self.zero = None if zeros is None else zeros.reshape(-1).astype(np.float32)
         if self.per_channel and self.zero is not None and not np.array_equal(self.zero, np.round(self.zero)):
             raise SlmcError(f"{path}: fractional zero points cannot be stored in a TFLite tensor", "tflite")
+        if self.filter and not self.per_channel and \
+                not np.array_equal(self.scale.astype(np.float16).astype(np.float32), self.scale):
+            raise SlmcError(f"{path}: blockwise scales must be fp16 values for LiteRT's BlockwiseQuantization "
+                            "(quantize with scale_dtype=bfloat16; some scale is outside fp16's range)", "tflite")
         self._bufs: dict[str, int] = {}
         self.used: set[str] = set()  # how graph ops read it, for the manifest
 
+    def scales_tensor(self, sg, name: bytes, shape: list[int]) -> tuple[int, list]:
+        """A float32 tensor of the scales: stored as fp16 when every scale is an fp16 value
+        (half the bytes; DEQUANTIZE of a constant runs once), else as float32."""
+        S, wr = self.wr.S, self.wr
+        if not np.array_equal(self.scale.astype(np.float16).astype(np.float32), self.scale):
+            return wr.tensor(sg, name + b"/scales", shape, S.TensorType.FLOAT32, self.buf("scales")), []
+        half = wr.tensor(sg, name + b"/scales_fp16", shape, S.TensorType.FLOAT16, self.buf("scales_fp16"))
+        out = wr.tensor(sg, name + b"/scales", shape, S.TensorType.FLOAT32)
+        return out, [wr.op(S.BuiltinOperator.DEQUANTIZE, [half], [out])]
+
     def buf(self, what: str) -> int:
         if what not in self._bufs:
-            arr = {"scales": self.scale, "zeros": self.zero,
+            arr = {"scales": self.scale, "zeros": self.zero, "scales_fp16": self.scale.astype(np.float16),
                    "shape": np.array(self.w.shape, np.int32)}[what]
             self._bufs[what] = self.wr.buffer(arr)
         return self._bufs[what]
@@ -162,7 +190,8 @@ def _dequantize(wr: _Writer, sg, ti: int, st: _Stored) -> list:
         y = wr.tensor(sg, name + b"/centered", [G, g], S.TensorType.FLOAT32)
         ops.append(wr.op(S.BuiltinOperator.SUB, [x, z], [y], "SubOptions"))
         x = y
-    s = wr.tensor(sg, name + b"/scales", [G, 1], S.TensorType.FLOAT32, st.buf("scales"))
+    s, sops = st.scales_tensor(sg, name, [G, 1])
+    ops += sops
     d = wr.tensor(sg, name + b"/dequantized", [G, g], S.TensorType.FLOAT32)
     ops.append(wr.op(S.BuiltinOperator.MUL, [x, s], [d], "MulOptions"))
     shp = wr.tensor(sg, name + b"/shape", [2], S.TensorType.INT32, st.buf("shape"))
@@ -192,7 +221,8 @@ def _lookup(wr: _Writer, sg, op, st: _Stored) -> list:
         ops += [wr.op(S.BuiltinOperator.EMBEDDING_LOOKUP, [ids, zt], [z]),
                 wr.op(S.BuiltinOperator.SUB, [x, z], [y], "SubOptions")]
         x = y
-    stab = wr.tensor(sg, name + b"/scales", [V, K, 1], S.TensorType.FLOAT32, st.buf("scales"))
+    stab, sops = st.scales_tensor(sg, name, [V, K, 1])
+    ops += sops
     s = wr.tensor(sg, name + b"/row_scales", [T, K, 1], S.TensorType.FLOAT32)
     d = wr.tensor(sg, name + b"/dequantized", [T, K, g], S.TensorType.FLOAT32)
     shp = wr.tensor(sg, name + b"/shape", [len(shape)], S.TensorType.INT32, wr.buffer(np.array(shape, np.int32)))
@@ -202,73 +232,62 @@ def _lookup(wr: _Writer, sg, op, st: _Stored) -> list:
 
 
 def _rewrite_subgraph(wr: _Writer, mt, sg, stored: dict) -> None:
-    """Lookups of a quantized table read its codes; any other reader gets the dequantized
-    tensor, computed by ops placed first (their inputs are all constants)."""
+    """Lookups of a quantized table read its codes; int8-activation matmuls read them as their
+    filter; any other reader gets the dequantized tensor, computed by ops placed first (their
+    inputs are all constants)."""
     S = wr.S
-    pre, ops, readers = [], [], {}
+    pre, ops, readers, filters = [], [], {}, {}
     for op in sg.operators:
-        oc = mt.operatorCodes[op.opcodeIndex]
+        code = max(mt.operatorCodes[op.opcodeIndex].builtinCode, mt.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)
         table = int(op.inputs[1]) if len(op.inputs) > 1 else -1
         st = stored.get(sg.tensors[table].buffer) if table >= 0 else None
-        if st is not None and max(oc.builtinCode, oc.deprecatedBuiltinCode) == S.BuiltinOperator.EMBEDDING_LOOKUP:
+        if st is not None and code == S.BuiltinOperator.EMBEDDING_LOOKUP:
             ops += _lookup(wr, sg, op, st)
             continue
-        for ti in op.inputs:
-            if ti >= 0 and sg.tensors[ti].buffer in stored:
-                readers.setdefault(int(ti), stored[sg.tensors[ti].buffer])
+        for k, ti in enumerate(op.inputs):
+            st = stored.get(sg.tensors[ti].buffer) if ti >= 0 else None
+            if st is None:
+                continue
+            if not st.filter:
+                readers.setdefault(int(ti), st)
+            elif code == S.BuiltinOperator.FULLY_CONNECTED and k == 1:
+                filters[int(ti)] = st
+                if op.builtinOptions is None:
+                    op.builtinOptionsType = S.BuiltinOptions.FullyConnectedOptions
+                    op.builtinOptions = S.FullyConnectedOptionsT()
+                op.builtinOptions.asymmetricQuantizeInputs = True  # per-row asymmetric, as XNNPACK's qd8
+            else:
+                raise SlmcError(f"{st.path}: an int8-activation weight must only be a matmul's weight in the "
+                                "LiteRT graph (quantize it with act_bits=0 instead)", "tflite")
         ops.append(op)
     for ti, st in readers.items():
         pre += _dequantize(wr, sg, ti, st)
     for t in sg.tensors:
         if t.buffer in stored:
             t.buffer = 0
+    for ti, st in filters.items():
+        _as_filter(wr, sg, ti, st)
     sg.operators = pre + ops
 
 
-def _filter_in_place(wr: _Writer, mt, bi: int, path: str, w: QuantWeight) -> dict:
-    """act_bits=8: buffer `bi` holds the codes; every tensor on it becomes a quantized FC filter."""
-    S = wr.S
-    codes, _ = _signed(w)
+def _as_filter(wr: _Writer, sg, ti: int, st: _Stored) -> None:
+    """act_bits=8: tensor `ti` becomes the codes themselves, a quantized FULLY_CONNECTED filter."""
+    S, t, w = wr.S, sg.tensors[ti], st.w
     out, inp = w.shape
-    blockwise = w.group_size < inp
-    mt.buffers[bi].data = pack_int4(codes) if w.bits == 4 else codes.view(np.uint8).reshape(-1)
-    scales = w.scales.float().numpy()
-    if blockwise:
-        half = scales.astype(np.float16)
-        if not np.array_equal(half.astype(np.float32), scales):
-            raise SlmcError(f"{path}: blockwise scales must be fp16 values for LiteRT's BlockwiseQuantization "
-                            "(quantize with scale_dtype=bfloat16; some scale is outside fp16's range)", "tflite")
-        sbuf = wr.buffer(half)
-    for sg in mt.subgraphs:
-        users = [ti for ti, t in enumerate(sg.tensors) if t.buffer == bi]
-        for op in sg.operators:
-            code = max(mt.operatorCodes[op.opcodeIndex].builtinCode, mt.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)
-            for k, ti in enumerate(op.inputs):
-                if ti in users and (code != S.BuiltinOperator.FULLY_CONNECTED or k != 1):
-                    raise SlmcError(f"{path}: an int8-activation weight must only be a matmul's weight in the "
-                                    "LiteRT graph (quantize it with act_bits=0 instead)", "tflite")
-            if code == S.BuiltinOperator.FULLY_CONNECTED and len(op.inputs) > 1 and op.inputs[1] in users:
-                if op.builtinOptions is None:
-                    op.builtinOptionsType = S.BuiltinOptions.FullyConnectedOptions
-                    op.builtinOptions = S.FullyConnectedOptionsT()
-                op.builtinOptions.asymmetricQuantizeInputs = True
-        for ti in users:
-            t = sg.tensors[ti]
-            t.type = S.TensorType.INT4 if w.bits == 4 else S.TensorType.INT8
-            if blockwise:
-                q = S.QuantizationParametersT()
-                q.quantizedDimension = 0
-                q.detailsType = S.QuantizationDetails.BlockwiseQuantization
-                d = S.BlockwiseQuantizationT()
-                d.scales = wr.tensor(sg, t.name + b"/scales", [out, inp // w.group_size], S.TensorType.FLOAT16, sbuf)
-                d.zeroPoints, d.blockSize = -1, w.group_size
-                q.details = d
-                t.quantization = q
-            else:
-                t.quantization = wr.quant(scales.reshape(-1), np.zeros(out))
-    return {"codes": f"int{w.bits}", "group_size": w.group_size,
-            "dequantize": "FULLY_CONNECTED filter, int8 dynamic activations"
-                          + (" (BlockwiseQuantization, fp16 scales)" if blockwise else " (per-axis)")}
+    t.type, t.buffer = (S.TensorType.INT4 if w.bits == 4 else S.TensorType.INT8), st.codes
+    if st.per_channel:
+        st.used.add("FULLY_CONNECTED filter, per-axis scales, int8 dynamic activations")
+        t.quantization = wr.quant(st.scale, np.zeros(out))
+        return
+    st.used.add("FULLY_CONNECTED filter, BlockwiseQuantization (fp16 scales), int8 dynamic activations")
+    q = S.QuantizationParametersT()
+    q.quantizedDimension, q.detailsType = 0, S.QuantizationDetails.BlockwiseQuantization
+    d = S.BlockwiseQuantizationT()
+    d.scales = wr.tensor(sg, t.name + b"/scales", [out, inp // w.group_size], S.TensorType.FLOAT16,
+                         st.buf("scales_fp16"))
+    d.zeroPoints, d.blockSize = -1, w.group_size
+    q.details = d
+    t.quantization = q
 
 
 def store_codes(data: bytes, model: Model) -> tuple[bytes, dict]:
@@ -281,27 +300,22 @@ def store_codes(data: bytes, model: Model) -> tuple[bytes, dict]:
         return data, {}
     mt = S.ModelT.InitFromPackedBuf(bytearray(data), 0)
     raw = _buffers_raw(mt, data)
-    wanted: dict[bytes, tuple[str, QuantWeight]] = {}
+    wanted: dict[bytes, list[tuple[str, QuantWeight]]] = {}
     for p, w in quant:
-        wanted.setdefault(_digest(_float_image(w)), (p, w))
+        wanted.setdefault(_digest(_float_image(w)), []).append((p, w))
     sizes = {w.numel() * 4 for _, w in quant}
     wr = _Writer(mt)
     stored: dict[int, _Stored] = {}  # old float buffer -> codes
     by_digest: dict[bytes, _Stored] = {}
-    layout = {}
     for bi, r in list(enumerate(raw)):
         if r is None or len(r) not in sizes:
             continue
         key = _digest(r)
-        if key in wanted and wanted[key][1].act_bits == 8:
-            layout[wanted[key][0]] = _filter_in_place(wr, mt, bi, *wanted[key])
-            raw[bi] = np.asarray(mt.buffers[bi].data)
-            by_digest[key] = None
-        elif key in wanted:
+        if key in wanted:
             if key not in by_digest:
-                by_digest[key] = _Stored(wr, *wanted[key])
+                by_digest[key] = _Stored(wr, wanted[key])
             stored[bi] = by_digest[key]
-    lost = [p for k, (p, _) in wanted.items() if k not in by_digest]
+    lost = [e[0][0] for k, e in wanted.items() if k not in by_digest]
     if lost:
         raise SlmcError(f"litert_torch did not store {len(lost)} quantized weight(s) as plain float constants "
                         f"(first: {lost[0]}); slmc cannot put their codes in the flatbuffer", "tflite")
@@ -310,9 +324,8 @@ def store_codes(data: bytes, model: Model) -> tuple[bytes, dict]:
     for bi in stored:
         mt.buffers[bi].data, raw[bi] = None, None
     out = _pack(mt, raw + [np.asarray(b.data) if b.data is not None else None for b in mt.buffers[len(raw):]])
-    layout.update({st.path: {"codes": f"int{st.w.bits}", "group_size": st.w.group_size,
-                             "dequantize": "; ".join(sorted(st.used))}
-                   for st in by_digest.values() if st is not None})
+    layout = {p: {"codes": f"int{st.w.bits}", "group_size": st.w.group_size, "stored_as": "; ".join(sorted(st.used))}
+              for st in by_digest.values() for p in st.paths}
     return out, layout
 
 
