@@ -125,7 +125,8 @@ class _Stored:
         self.wr, self.path, self.w = wr, path, w
         for p, o in entries[1:]:  # e.g. an embedding and a head quantized alike from one tied table
             same = (o.bits, o.group_size, o.symmetric) == (w.bits, w.group_size, w.symmetric) and \
-                torch.equal(o.codes, w.codes) and torch.equal(o.scales.float(), w.scales.float())
+                torch.equal(o.codes, w.codes) and torch.equal(o.scales.float(), w.scales.float()) and \
+                (o.zeros is None) == (w.zeros is None) and (o.zeros is None or torch.equal(o.zeros, w.zeros))
             if not same:
                 raise SlmcError(f"{p} and {path} have one float image but different codes; "
                                 "LiteRT's converter merged them into one constant", "tflite")
