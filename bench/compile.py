@@ -266,14 +266,35 @@ def tiny_model(work: Path) -> str:
     return str(model)
 
 
-def main(a) -> None:
+def bench_setup(a, prefix: str) -> tuple[Path, Path]:
+    """A fresh work folder and the model folder (--quick: a tiny random Llama made in it)."""
     os.environ.setdefault("SLMC_CACHE", "/tmp/slmc-cache")
     sys.path.insert(0, str(ROOT))
-    work = Path(tempfile.mkdtemp(prefix="slmc-bench-"))
-    model = tiny_model(work) if a.quick else a.model
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     from slmc.api import resolve_model_path
 
-    model_dir = resolve_model_path(model)
+    return work, resolve_model_path(tiny_model(work) if a.quick else a.model)
+
+
+def write_results(stem: str, r: dict, markdown) -> None:
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(r))
+    print(markdown(r))
+
+
+def common_args(ap: argparse.ArgumentParser, steps: int, repeats: int) -> None:
+    """The options every bench script takes (model, cache length, --quick, decode timing)."""
+    ap.add_argument("--model", default="default", help="HF folder, or 'default' (SmolLM2-135M-Instruct)")
+    ap.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default 512; 128 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="tiny random Llama, for a fast smoke test")
+    ap.add_argument("--steps", type=int, default=steps, help="decode steps per repeat")
+    ap.add_argument("--repeats", type=int, default=repeats, help="timed repeats (after one warm-up)")
+
+
+def main(a) -> None:
+    work, model_dir = bench_setup(a, "slmc-bench-")
     cfg = json.loads((model_dir / "config.json").read_text())
     common = ["--model", str(model_dir), "--max-seq-len", str(a.max_seq_len)]
     others: set[str] = set(busy_processes())
@@ -324,21 +345,13 @@ def main(a) -> None:
         from tokenizers import Tokenizer
 
         r["greedy"]["slmc_text"] = Tokenizer.from_file(str(model_dir / "tokenizer.json")).decode(gs)
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(r))
-    print(markdown(r))
+    write_results(stem, r, markdown)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="default", help="HF folder, or 'default' (SmolLM2-135M-Instruct)")
-    ap.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default 512; 128 with --quick)")
-    ap.add_argument("--quick", action="store_true", help="tiny random Llama, for a fast smoke test")
+    common_args(ap, steps=64, repeats=5)
     ap.add_argument("--decode-only", action="store_true", help="re-time decode of the last run's .pte files")
-    ap.add_argument("--steps", type=int, default=64, help="decode steps per repeat")
-    ap.add_argument("--repeats", type=int, default=5, help="timed repeats (after one warm-up)")
     ap.add_argument("--worker", choices=("slmc", "ref", "decode"), help=argparse.SUPPRESS)
     [ap.add_argument(k, help=argparse.SUPPRESS) for k in ("--out", "--result", "--ptes", "--prompt-ids")]
     args = ap.parse_args()

@@ -26,15 +26,14 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from compile import (Phases, busy_processes, machine, others_seen, phase_table, prompt_ids,  # noqa: E402
-                     spawn, tiny_model, weight_count)
+from compile import (Phases, bench_setup, busy_processes, common_args, machine, others_seen,  # noqa: E402
+                     phase_table, prompt_ids, spawn, weight_count, write_results)
 
 
 def dir_bytes(p: Path) -> int:
@@ -180,13 +179,7 @@ def markdown(r: dict) -> str:
 
 
 def main(a) -> None:
-    os.environ.setdefault("SLMC_CACHE", "/tmp/slmc-cache")
-    sys.path.insert(0, str(ROOT))
-    work = Path(tempfile.mkdtemp(prefix="slmc-bench-targets-"))
-    model = tiny_model(work) if a.quick else a.model
-    from slmc.api import resolve_model_path
-
-    model_dir = resolve_model_path(model)
+    work, model_dir = bench_setup(a, "slmc-bench-targets-")
     common = ["--model", str(model_dir), "--max-seq-len", str(a.max_seq_len)]
     others = set(busy_processes())
     stem = "compile_targets-quick" if a.quick else "compile_targets"
@@ -224,18 +217,12 @@ def main(a) -> None:
     r = {"model_name": "tiny random llama (--quick)" if a.quick else cfg.get("_name_or_path") or model_dir.name,
          "max_seq_len": a.max_seq_len, "fp32_weight_bytes": fp32, "machine": machine(), "paths": paths,
          "goals": goals, "decode_steps": a.steps, "repeats": a.repeats, "other_processes": sorted(others)}
-    (HERE / "results" / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
-    (HERE / "results" / f"{stem}.md").write_text(markdown(r))
-    print(markdown(r))
+    write_results(stem, r, markdown)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="default", help="HF folder, or 'default' (SmolLM2-135M-Instruct)")
-    ap.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default 512; 128 with --quick)")
-    ap.add_argument("--quick", action="store_true", help="tiny random Llama, for a fast smoke test")
-    ap.add_argument("--steps", type=int, default=32, help="decode steps per repeat")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats (after one warm-up)")
+    common_args(ap, steps=32, repeats=3)
     ap.add_argument("--ref-python", default=None,
                     help="python of a venv with tensorflow for litert-torch's HF exporter (which imports it)")
     ap.add_argument("--only", default="", help="comma-separated paths to re-measure (e.g. tflite-slmc); "

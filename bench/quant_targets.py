@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from compile import busy_processes, machine, others_seen, prompt_ids, spawn, tiny_model  # noqa: E402
+from compile import (bench_setup, busy_processes, common_args, machine, others_seen, prompt_ids,  # noqa: E402
+                     spawn, write_results)
 from compile_targets import dir_bytes  # noqa: E402
 
 XNN = "scale_dtype=bfloat16,act_bits=8,symmetric=true"
@@ -108,13 +106,7 @@ def markdown(r: dict) -> str:
 
 
 def main(a) -> None:
-    os.environ.setdefault("SLMC_CACHE", "/tmp/slmc-cache")
-    sys.path.insert(0, str(ROOT))
-    work = Path(tempfile.mkdtemp(prefix="slmc-bench-qt-"))
-    model = tiny_model(work) if a.quick else a.model
-    from slmc.api import resolve_model_path
-
-    model_dir = resolve_model_path(model)
+    work, model_dir = bench_setup(a, "slmc-bench-qt-")
     L = a.max_seq_len or (128 if a.quick else 512)
     stem = "quant_targets-quick" if a.quick else "quant_targets"
     others, flows = set(busy_processes()), {}
@@ -153,18 +145,12 @@ def main(a) -> None:
             goals[f"{k} size"] = (over, over <= GOAL)
     r = {"model_name": "tiny random llama (--quick)" if a.quick else model_dir.name, "max_seq_len": L,
          "machine": machine(), "flows": flows, "goals": goals, "other_processes": sorted(others)}
-    (HERE / "results" / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
-    (HERE / "results" / f"{stem}.md").write_text(markdown(r))
-    print(markdown(r))
+    write_results(stem, r, markdown)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="default", help="HF folder, or 'default' (SmolLM2-135M-Instruct)")
-    ap.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default 512; 128 with --quick)")
-    ap.add_argument("--quick", action="store_true", help="tiny random Llama, for a fast smoke test")
-    ap.add_argument("--steps", type=int, default=32, help="decode steps per repeat")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats (after one warm-up)")
+    common_args(ap, steps=32, repeats=3)
     ap.add_argument("--only", default="", help="comma-separated flows to re-measure; the others come from the "
                     "last results file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
