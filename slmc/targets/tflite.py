@@ -278,7 +278,7 @@ def convert(model: Model, prefill_len: int) -> tuple[bytes, dict]:
         conv = litert_torch.signature("prefill", prefill, sample_kwargs=sample(prefill_len))
         conv.signature("decode", decode, sample_kwargs=sample(1))
         data = bytes(conv.convert().model_content())
-    del lm, prefill, decode, conv  # the float images of the quantized weights
+    del lm, prefill, decode, conv  # the exported programs, before the flatbuffer is rewritten
     return store_codes(data, model)
 
 
@@ -426,8 +426,9 @@ class TFLiteTarget(Target):
         }
         if codes:
             manifest["quantized_weights"] = {
-                "storage": "slmc's codes as INT4/INT8 constants; float32 scales (and zeros) as constant "
-                           "buffers shared by both signatures; float activations",
+                "storage": "slmc's codes as INT4/INT8 constants shared by both signatures: dequantized "
+                           "before float matmuls and lookups (scales and zeros as constant buffers), or, "
+                           "for int8-activation weights, the FULLY_CONNECTED filter itself; per tensor below",
                 "tensors": codes}
         files = {"model.tflite": data}
         if spec.backend_name in _NPU:
