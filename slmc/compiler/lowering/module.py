@@ -47,7 +47,7 @@ class LoweringSpec:
     # where the runtime has no delegate to keep whole (LiteRT); XNNPACK wants the matmul.
     rope_slices: bool = False
     # True: each QuantWeight becomes its exact dequantized float (a plain constant) for a
-    # target that puts the codes back itself (LiteRT: targets/tflite_codes.py).
+    # target that puts the codes back itself (LiteRT: targets/tflite/codes.py).
     dequantize: bool = False
 
 

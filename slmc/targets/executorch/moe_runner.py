@@ -33,7 +33,7 @@ from typing import Callable, Hashable
 
 import torch
 
-from ..errors import SlmcError, UnsupportedError
+from ...errors import SlmcError, UnsupportedError
 
 
 @dataclass
