@@ -9,6 +9,15 @@ import torch
 from ...errors import SlmcError, UnsupportedError
 
 
+def require_host_runnable(folder: Path, manifest: dict, what: str) -> None:
+    """Refuse, with the reason, an artifact whose backend has no delegate in this runtime."""
+    if not manifest.get("host_runnable", True):
+        raise UnsupportedError(
+            f"{what} for the {manifest.get('backend')} backend cannot run on this host "
+            f"({manifest.get('backend_note', 'no delegate in this runtime')}); validate it on a device "
+            "with ExecuTorch's runtime", str(folder))
+
+
 class ExecuTorchSession:
     """The .pte in ExecuTorch's runtime (pybindings), on this host's CPU."""
 
@@ -27,11 +36,7 @@ class ExecuTorchSession:
 
     @classmethod
     def from_artifact(cls, folder: Path, manifest: dict) -> "ExecuTorchSession":
-        if not manifest.get("host_runnable", True):
-            raise UnsupportedError(
-                f"a .pte for the {manifest.get('backend')} backend cannot run on this host "
-                f"({manifest.get('backend_note', 'no delegate in this runtime')}); validate it on a device "
-                "with ExecuTorch's runtime", str(folder))
+        require_host_runnable(folder, manifest, "a .pte")
         # a ring-buffer cache takes at most its non-sink slots per call, as the runner's prefill
         ring = manifest.get("kv_cache", {}).get("ring")
         return cls(Path(folder) / manifest["artifact"], ring["max_tokens_per_call"] if ring else None)
