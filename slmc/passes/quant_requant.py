@@ -25,7 +25,7 @@ from ..compiler.ir import Linear, Model, QuantWeight
 from ..compiler.pass_manager import Pass, PassResult, register
 from ..compiler.quant import QuantScheme, rtn
 from ..errors import SlmcError
-from ._linears import block_linears
+from ..compiler.ir import block_linears
 
 SCOPES = ("linears", "head", "embed")
 
