@@ -9,8 +9,8 @@ that fails is the user's pipeline order, exit 2; a broken promise is a bug in th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .ir import Model, MoE, QuantWeight, block_linears
 
