@@ -143,7 +143,7 @@ class PassManager:
             unmet = first_violation(ir, p.requires)
             if unmet:
                 prop, why = unmet
-                fix = f"; {prop.fix.format(**{'pass': p.name})}" if prop.fix else ""
+                fix = "; " + prop.fix.replace("{pass}", p.name) if prop.fix else ""
                 raise SlmcError(f"requires {prop.about} ({prop.name}), but {why}{fix}", f"--pass {p.name}")
             t0 = time.perf_counter()
             res = p.run(ir)
