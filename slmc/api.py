@@ -14,9 +14,10 @@ from importlib import metadata
 from pathlib import Path
 
 from . import __version__
+from . import passes as _passes  # noqa: F401  (importing slmc.passes registers every pass)
 from .compiler.importers import load_model
 from .compiler.ir import Model, QuantWeight, named_weights, param_count, weight_bytes
-from .compiler.pass_manager import PASSES, PassManager, load_passes, parse_pass
+from .compiler.pass_manager import PASSES, PassManager, parse_pass
 from .compiler.serialize import is_ir_folder, load_ir
 from .compiler.textdata import find_tokenizer_dir
 from .errors import SlmcError, ValidationFailed
@@ -200,7 +201,6 @@ def reference_model(folder: Path, manifest: dict) -> Model:
     ir = load(path, max_seq_len=manifest["kv_cache_spec"]["max_len"], keep_codes=bool(src.get("keep_codes")))
     if src.get("sha256") and ir.source.get("sha256") != src["sha256"]:
         raise SlmcError(f"source model {path} changed since compile (sha256 differs)", str(folder))
-    load_passes()
     pipeline = []
     for p in manifest.get("pipeline", []):
         cls = PASSES.get(p["name"])
