@@ -241,10 +241,10 @@ def eval_(subject, texts, passes, window, stride, max_tokens, reference, as_json
 def list_() -> None:
     """List families, passes, targets and recipes."""
     from .compiler.families import supported_architectures
-    from .compiler.pass_manager import PASSES, load_passes
+    from . import passes  # noqa: F401  (registers every pass)
+    from .compiler.pass_manager import PASSES
     from .targets import TARGETS, load_all
 
-    load_passes()
     load_all()
     click.echo("architectures: " + ", ".join(supported_architectures()))
     click.echo("passes: " + ", ".join(sorted(PASSES)))
