@@ -7,9 +7,9 @@ base.py) and its runtime (src/models/position_inputs.cpp, kv_cache.cpp):
   runtime picks the last row itself) and `present.{i}.key` / `.value`;
 - caches are [batch, kv_heads, seq, head_dim]. slmc's caches have a fixed length (max_len):
   past and present have the same shape and the runtime binds them to one buffer
-  (`past_present_share_buffer`, as the builder does for its static-cache GroupQueryAttention
-  graphs, and as genai does by itself for any model whose cache length is fixed). Row p of
-  a cache holds position p; a call writes its rows at `position_ids`.
+  (`past_present_share_buffer`, as the builder sets for its static-cache GroupQueryAttention
+  graphs), not growing past/present tensors. Row p of a cache holds position p; a call
+  writes its rows at `position_ids` and returns the whole cache.
 - no `attention_mask` input (genai treats it as optional): batch is 1, and the causal and
   per-layer sliding-window masks are built inside from `position_ids`, as in every slmc target.
 
