@@ -222,7 +222,8 @@ def load_script(name: str):
     return mod
 
 
-NOTES_START, NOTES_END = "<!-- notes from results/{stem}.json (bench/render.py writes this block) -->", "<!-- end notes -->"
+NOTES_START = "<!-- notes from results/{stem}.json (bench/render.py writes this block) -->"
+NOTES_END = "<!-- end notes -->"
 
 
 def rendered(only: str | None = None, readme: str | None = None) -> dict[Path, str]:

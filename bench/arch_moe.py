@@ -20,7 +20,8 @@ on *Emma*) and the ExecuTorch/XNNPACK offload layout. Measured:
   rate with and without prediction, bytes read from expert files per decoded token, decode tok/s;
 - a policy simulation on the routing trace of the held-out text (the runner's own
   ExpertCache and predictor, more tokens than the runtime runs can afford).
-Writes bench/results/arch_moe{,-quick}.{json,md} (`--render`: the .md again from the .json). `run(args)` returns the table rows.
+Writes bench/results/arch_moe{,-quick}.{json,md} (`--render`: the .md again from the .json).
+`run(args)` returns the table rows.
 """
 
 from __future__ import annotations
@@ -205,8 +206,12 @@ def run(args) -> list[dict]:
         manifest = old
     else:
         t0 = time.perf_counter()
-        _, manifest = api.compile_ir(off, "executorch", "xnnpack", folder, tokenizer=src, extra={"bench_passes": passes},
-                                     progress=lambda m: print(f"  [{time.perf_counter() - t0:7.1f}s] {m}", flush=True))
+
+        def step(msg: str) -> None:
+            print(f"  [{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
+
+        _, manifest = api.compile_ir(off, "executorch", "xnnpack", folder, tokenizer=src, progress=step,
+                                     extra={"bench_passes": passes})
     t_lower = round(manifest["compile_seconds"], 1)  # the lowering alone, as the manifest records it
     tokenizer = set((manifest.get("tokenizer") or {}).get("files", []))
     plan, sizes = manifest["moe_offload"], {n: b for n, b in manifest["files"].items() if n not in tokenizer}
