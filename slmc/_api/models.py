@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .. import passes  # noqa: F401  importing slmc.passes registers every pass
+from .. import passes as _passes  # noqa: F401  importing slmc.passes registers every pass
 from ..compiler.importers import load_model
 from ..compiler.ir import Model
 from ..compiler.pass_manager import PASSES, PassManager, parse_pass
