@@ -278,3 +278,19 @@ def test_rotate_composes_before_gptq_and_awq(llama, quant):
     assert logs[1].modified
     out = reference.forward(m, ids)
     assert torch.isfinite(out).all() and out.abs().max() > 0.1
+
+
+def test_rotated_model_lowers_unchanged(llama_dir):
+    """No new ops: the shared lowering runs the rotated IR (prefill + decode with its KV cache)
+    and matches the original model's reference logits."""
+    from test_lowering import _run as run_lowered
+
+    from slmc.compiler.lowering.module import LoweredLM, LoweringSpec
+
+    m = import_hf(llama_dir, max_seq_len=40)
+    ids = _ids(m.vocab_size)[:1]
+    want = reference.forward(m, ids)[0]
+    m, _ = _run(m, "quant.rotate:untie=true")
+    spec = LoweringSpec()
+    outs = run_lowered(LoweredLM(m, spec).eval(), ids, 10, spec)
+    assert max(_err(a, b) for a, b in zip(outs, [want[9]] + [want[t] for t in range(10, 20)])) <= TOL
