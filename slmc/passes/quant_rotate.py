@@ -11,7 +11,7 @@ as before and every target lowers it unchanged. Run it before quant.rtn/awq/gptq
    every linear that reads the stream (q/k/v or qkv, gate/up or gate_up, MoE router,
    shared-expert gate, output head) W <- W R1; every linear that writes it (o, down) W <-
    R1^T W and bias b <- b R1.
-3. R2 (head_dim x head_dim, one per model): each value head v_h <- v_h R2 (v's rows, bias
+3. R2 (head_dim x head_dim, one per head size): each value head v_h <- v_h R2 (v's rows, bias
    included) and o's input columns of every query head <- W_o,h R2, so the attention output
    of each head, a weighted sum of values, carries R2 into o and out again. q and k are
    untouched, so RoPE, q/k norms, soft-capping and sliding windows are unaffected.
@@ -22,15 +22,16 @@ R is a Hadamard matrix / sqrt(n) with seeded random signs where one of order n i
 weights are transformed in float64 and stored as float32.
 
 Refused, with the reason: weights already quantized (a rotation must precede rounding);
-Gemma 2/3's post-attention/post-FFN norms (their scale acts on the block's output after the
-residual write's input, where no linear follows to absorb R1); a tied embedding/head whose
-final norm scale is not uniform (the scale would have to fold into the one shared table;
-untie=true gives the head its own vocab x hidden table, embed R1 and head diag(w) R1);
-a linear shared by blocks whose norms differ (one folded weight cannot carry two scales).
-A tied head with a uniform final norm stays tied: the table becomes E R1 for both uses.
-Biases are rotated with their rows; RMSNorm has no mean or bias, so nothing else is needed.
-Shared blocks and FFNs are rotated once. A quantized KV cache (int8/float16) stores the
-rotated values, so only its rounding changes.
+Gemma 2/3's post-attention/post-FFN norms (they scale the attention/FFN output per channel
+just before it joins the stream, and no linear follows them to carry R1); a tied
+embedding/head whose final norm's scale is not uniform (the scale would have to fold into
+the one shared table; untie=true gives the head its own vocab x hidden table: embed E R1,
+head E diag(w) R1); a linear shared by blocks whose norms differ (one folded weight cannot
+carry two scales). A tied head with a uniform final norm stays tied (the table becomes
+E R1 for both uses; the norm's uniform scale commutes with R1). Biases rotate with their
+rows (RMSNorm has no mean or bias, so no bias is ever in the way); q/k norms act after q/k,
+which R1 and R2 leave as they are. Shared blocks and FFNs are rotated once. A quantized KV
+cache (int8/float16) stores the rotated values, so only its rounding changes.
 
 Before:                                   After (untie=true on a tied model):
   embed: f32[49152,576]                     embed: f32[49152,576]         (E R1)
