@@ -7,8 +7,8 @@ g32 symmetric quantization of SmolLM2-135M, on text calibration never saw (issue
 Calibration: one novel (Emma by default); evaluation: another, less famous one (Northanger
 Abbey by default), strided windows as in bench/quant.py (slmc's runtime_tests.evaluate:
 perplexity, and KL / top-1 against the fp32 model on the same windows). Variants: fp32; RTN;
-GPTQ calibrated on the text; GPTQ data-free (samples from the model, compiler/calib.py);
-each of the three quantized ones also after quant.rotate. The rotated models carry an untied
+GPTQ and AWQ calibrated on the text; GPTQ and AWQ data-free (samples from the model,
+compiler/calib.py); RTN and GPTQ with int8 per-token activations; each also after quant.rotate. The rotated models carry an untied
 float head (SmolLM2 ties its head to the embedding and its final norm is not uniform, so the
 norm's scale needs a table of its own): "weights MiB" shows that cost. Each variant runs in
 its own subprocess with one torch thread (the machine is shared). Writes
@@ -33,6 +33,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 ROTATE = "quant.rotate:untie=true"
+FOLD = "fold-norms-only"  # quant.rotate's first step alone (fold_norms, head untied), no rotation
 GOALS = (("calibrated", 5.0), ("data-free", 8.0))  # issue 18: int4 g32 sym, % perplexity over fp32
 
 
@@ -41,10 +42,18 @@ def variants(calib: str, seqs: int, seq_len: int) -> list[tuple[str, str, list[s
     rtn = "quant.rtn:bits=4,group_size=32"
     gptq = f"quant.gptq:bits=4,group_size=32,act_order=true,n_seqs={seqs},seq_len={seq_len}"
     out = [("fp32", "-", []), ("rtn int4 g32", "data-free", [rtn]), ("rotate+rtn int4 g32", "data-free", [ROTATE, rtn]),
+           ("fold-only+rtn int4 g32", "data-free", [FOLD, rtn]),
            ("gptq int4 g32", "calibrated", [f"{gptq},calib={calib}"]),
            ("rotate+gptq int4 g32", "calibrated", [ROTATE, f"{gptq},calib={calib}"]),
            ("gptq data-free int4 g32", "data-free", [gptq]),
            ("rotate+gptq data-free int4 g32", "data-free", [ROTATE, gptq])]
+    # AWQ (issue 18's best data-free method so far): its scales can put back per-channel weights
+    # into the unit norms the rotation leaves
+    awq = f"quant.awq:bits=4,group_size=32,n_seqs={seqs},seq_len={seq_len}"
+    out += [("awq int4 g32", "calibrated", [f"{awq},calib={calib}"]),
+            ("rotate+awq int4 g32", "calibrated", [ROTATE, f"{awq},calib={calib}"]),
+            ("awq data-free int4 g32", "data-free", [awq]),
+            ("rotate+awq data-free int4 g32", "data-free", [ROTATE, awq])]
     # int8 per-token activations (XNNPACK's 8da4w, simulated by the reference executor): the
     # activation outliers a rotation is meant to flatten
     out += [("rtn int4 g32 + a8", "data-free", [f"{rtn},act_bits=8"]),
@@ -68,6 +77,14 @@ def worker(a) -> None:
     model = load(a.model)
     ref = load(a.model) if a.passes else None
     t0 = time.time()
+    if a.passes and a.passes[0] == FOLD:  # what folding alone does to rounding (exact in float)
+        from slmc.compiler.ir import Linear, Weight
+        from slmc.passes.quant_rotate import fold_norms
+
+        if model.lm_head is None:
+            model.lm_head = Linear(Weight(model.embed.data.clone()))
+        fold_norms(model)
+        a.passes = a.passes[1:]
     model, logs = PassManager([parse_pass(p) for p in a.passes]).run(model)
     seconds = time.time() - t0
     tok = find_tokenizer_dir(model.source.get("path")) / "tokenizer.json"
@@ -115,8 +132,8 @@ def verdicts(rows: list[dict], base: float | None) -> list[tuple[str, str, str]]
         v, d = min(cand, key=lambda x: x[1])
         out.append((label, f"best: {v} {d:+.1f} %", "met" if d <= goal else "not met"))
     ppl = {r["variant"]: r["perplexity"] for r in rows if "perplexity" in r}
-    for plain in ("rtn int4 g32", "gptq int4 g32", "gptq data-free int4 g32", "rtn int4 g32 + a8",
-                  "gptq int4 g32 + a8"):
+    for plain in ("rtn int4 g32", "gptq int4 g32", "gptq data-free int4 g32", "awq int4 g32",
+                  "awq data-free int4 g32", "rtn int4 g32 + a8", "gptq int4 g32 + a8"):
         rot = "rotate+" + plain
         if plain in ppl and rot in ppl:
             out.append((f"rotation lowers {plain}'s perplexity", f"{ppl[rot]:.2f} vs {ppl[plain]:.2f}",
@@ -128,6 +145,8 @@ def table(rows: list[dict], meta: dict) -> str:
     lines = [f"# quant.rotate before int4 g32 quantization ({meta['model']})", "",
              f"{meta['date']}, {meta['machine']}. Calibration: {meta['calibration']}. "
              f"Evaluation: {meta['evaluation']} (text calibration never saw).", ""]
+    if meta.get("note"):
+        lines += [meta["note"], ""]
     if meta.get("reduced"):
         lines += [f"**Reduced configuration:** {meta['reduced']}", ""]
     lines += ["| variant | calibration | ppl | Δppl vs fp32 | KL (nats) | top-1 vs fp32 | weights MiB | pass s |",
@@ -143,6 +162,9 @@ def table(rows: list[dict], meta: dict) -> str:
         lines.append(f"| {r['variant']} | {r.get('kind', '')} | {r['perplexity']:.2f} | "
                      f"{f'{d:+.1f} %' if d is not None else '-'} | {kl} | {t1} | "
                      f"{r['weight_bytes'] / 2**20:.1f} | {r['pass_seconds']} |")
+    if any(r["variant"].startswith("fold-only") for r in rows):
+        lines += ["", "fold-only: quant.rotate's first step alone (RMSNorm scales folded into the linears, "
+                  "head untied), no rotation: what an exact rotation's prerequisite does to rounding."]
     rot = next((r["rotation"] for r in rows if r.get("rotation")), None)
     if rot:
         lines += ["", f"Rotation: R1 {rot['r1']}, " + ", ".join(f"R2 {v}" for k, v in rot.items() if k.startswith("r2_"))
@@ -224,17 +246,22 @@ def main() -> None:
     for i, (name, kind, passes) in enumerate(todo):
         if name in old:
             rows.append(old[name])
-            continue
-        print(f"{name} ...", file=sys.stderr, flush=True)
-        t0 = time.time()
-        row = run_variant(name, passes, a)
-        row.update(kind=kind, wall_seconds=round(time.time() - t0))
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
-        meta["complete"] = i + 1 == len(todo)  # written after every variant: a stopped run keeps its rows
+        else:
+            rows.append(measure(name, kind, passes, a))
+        # written after every variant: a stopped run keeps its rows
+        meta["complete"] = i + 1 == len(todo)
         (out / f"quant_rotate{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         (out / f"quant_rotate{suffix}.md").write_text(table(rows, meta))
     print(table(rows, meta))
+
+
+def measure(name: str, kind: str, passes: list[str], a) -> dict:
+    print(f"{name} ...", file=sys.stderr, flush=True)
+    t0 = time.time()
+    row = run_variant(name, passes, a)
+    row.update(kind=kind, wall_seconds=round(time.time() - t0))
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
 
 
 if __name__ == "__main__":
