@@ -6,13 +6,15 @@ g32 symmetric quantization of SmolLM2-135M, on text calibration never saw (issue
 
 Calibration: one novel (Emma by default); evaluation: another, less famous one (Northanger
 Abbey by default), strided windows as in bench/quant.py (slmc's runtime_tests.evaluate:
-perplexity, and KL / top-1 against the fp32 model on the same windows). Variants: fp32; RTN;
-GPTQ and AWQ calibrated on the text; GPTQ and AWQ data-free (samples from the model,
-compiler/calib.py); RTN and GPTQ with int8 per-token activations; each also after quant.rotate. The rotated models carry an untied
-float head (SmolLM2 ties its head to the embedding and its final norm is not uniform, so the
-norm's scale needs a table of its own): "weights MiB" shows that cost. Each variant runs in
-its own subprocess with one torch thread (the machine is shared). Writes
-bench/results/quant_rotate{,-quick}.json and renders the .md from that JSON.
+perplexity, and KL / top-1 against the fp32 model on the same windows). Variants: fp32;
+RTN; GPTQ and AWQ calibrated on the text; GPTQ and AWQ data-free (samples from the model,
+compiler/calib.py); RTN and GPTQ with int8 per-token activations; each also after
+quant.rotate; and RTN after the norm folding alone (quant.rotate's first step). The rotated
+models carry an untied float head (SmolLM2 ties its head to the embedding and its final
+norm is not uniform, so the norm's scale needs a table of its own): "weights MiB" shows
+that cost. Each variant runs in its own subprocess with one torch thread (the machine is
+shared). --append keeps the measured rows and runs only the missing ones. Writes
+bench/results/quant_rotate{,-quick}.json and renders the .md from that JSON (--render).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ seeded Haar-random orthogonal matrix.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -56,7 +56,7 @@ def _paley2(q: int) -> torch.Tensor:
     return torch.kron(c, a) + torch.kron(torch.eye(n, dtype=torch.float64), b)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _build(n: int) -> tuple[torch.Tensor, str] | None:
     """A +-1 Hadamard matrix of order n and how it was built, or None."""
     if n == 1:
