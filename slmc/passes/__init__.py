@@ -18,5 +18,6 @@ from . import (  # noqa: F401  (each module registers its pass)
     quant_awq,
     quant_gptq,
     quant_requant,
+    quant_rotate,
     quant_rtn,
 )
