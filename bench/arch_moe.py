@@ -107,7 +107,7 @@ def upcycle(ir, n_layers: int, n_experts: int, top_k: int, noise: float, calib_i
 
 
 def worker_run(a) -> dict:
-    from slmc.runtime_tests.moe_runner import MoEOffloadSession
+    from slmc.targets.executorch.moe_runner import MoEOffloadSession
 
     import importlib
 
@@ -158,7 +158,7 @@ def simulate(routes: dict, transitions: dict, depths: list[int], k: int, predict
     token; routed experts weigh equally in the prediction (the trace keeps only which)."""
     import torch
 
-    from slmc.runtime_tests.moe_runner import ExpertCache, after_layer, serve_layer
+    from slmc.targets.executorch.moe_runner import ExpertCache, after_layer, serve_layer
 
     c = ExpertCache(k, lambda key: key, lambda key: 1)
     n_tok = len(routes[depths[0]])

@@ -20,7 +20,8 @@ from .compiler.pass_manager import PASSES, PassManager, load_passes, parse_pass
 from .compiler.serialize import is_ir_folder, load_ir
 from .compiler.textdata import find_tokenizer_dir
 from .errors import SlmcError, ValidationFailed
-from .targets.base import check_backend, check_output_path, check_supported, get_target, read_manifest, write_artifact
+from .targets import get_target
+from .targets.base import check_backend, check_output_path, check_supported, read_manifest, write_artifact
 
 DEFAULT_MODEL = "default"
 

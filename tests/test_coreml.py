@@ -132,7 +132,7 @@ def test_ane_layout_is_convolutions_of_rank_at_most_4(tmp_path):
     from tiny import save_ascii_tokenizer, save_hf_model
 
     from slmc.compiler.families.gemma2 import tiny_config
-    from slmc.runtime_tests.mil_interp import MILProgram
+    from slmc.targets.coreml.mil_interp import MILProgram
 
     src, out = tmp_path / "gemma2", tmp_path / "ane"
     save_hf_model(tiny_config(), src)
@@ -172,7 +172,7 @@ def test_interpreter_names_an_op_it_does_not_know(tmp_path):
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
 
-    from slmc.runtime_tests.mil_interp import MILProgram, UnknownOpError
+    from slmc.targets.coreml.mil_interp import MILProgram, UnknownOpError
 
     @mb.program(input_specs=[mb.TensorSpec(shape=(2, 3))], opset_version=ct.target.iOS17)
     def prog(x):
@@ -187,7 +187,7 @@ def test_interpreter_names_an_op_it_does_not_know(tmp_path):
 @pytest.mark.macos
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predictions (MLModel.predict) need macOS")
 def test_mlmodel_predict_matches_the_reference(default_art):
-    from slmc.runtime_tests.coreml_session import CoreMLSession
+    from slmc.targets.coreml.session import CoreMLSession
     from slmc.runtime_tests.validate import validate
 
     out, m = default_art

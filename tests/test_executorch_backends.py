@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from slmc.cli import main
-from slmc.targets.executorch_backends import BACKENDS
+from slmc.targets.executorch.backends import BACKENDS
 
 
 def _compile(model, out, backend):

@@ -1,8 +1,8 @@
 """One suite over flows (target x backend x family): compile a tiny random model,
 run the artifact in its own runtime, compare with the reference executor.
 
-Each flow's tolerance comes from slmc.runtime_tests.validate.TOLERANCES, keyed by
-the artifact's format, backend and weight kind.
+Each flow's tolerance comes from its target's `tolerances` (slmc/targets/<name>/target.py),
+keyed by backend (Core ML: compute precision) and weight kind.
 """
 
 import json

@@ -119,7 +119,7 @@ def test_litert_keeps_codes_requantizes_q4_1_and_validates(tiny_codes, tmp_path)
     """LiteRT holds Q4_0/Q8_0 (and the Q8_0 table as embedding and head) unchanged; Q4_1's
     fractional zero points are re-rounded like Core ML's, and the .tflite reads back exact."""
     from slmc.api import reference_model
-    from slmc.runtime_tests.readback import check_tflite
+    from slmc.targets import get_target
 
     out = tmp_path / "t"
     r = CliRunner().invoke(main, ["compile", str(tiny_codes), "--target", "tflite", "--keep-codes",
@@ -130,7 +130,7 @@ def test_litert_keeps_codes_requantizes_q4_1_and_validates(tiny_codes, tmp_path)
     manifest = read_manifest(out)
     (req,) = _pipeline(manifest)
     assert req["options"]["scope"] == "linears" and req["info"]["requantized"] == 2
-    rb = check_tflite(reference_model(out, manifest), out / "model.tflite")
+    rb = get_target("tflite").readback(reference_model(out, manifest), out / "model.tflite")
     assert rb.exact, rb.missing
     report = validate_artifact(out, steps=16)
     assert report.passed, report.to_json()

@@ -23,7 +23,7 @@ from slmc.compiler.pass_manager import PassManager, parse_pass
 from slmc.compiler.printer import print_model
 from slmc.compiler.serialize import load_ir, save_ir
 from slmc.passes.moe_offload import statistics
-from slmc.runtime_tests.moe_runner import ExpertCache, MoEOffloadSession, after_layer, serve_layer
+from slmc.targets.executorch.moe_runner import ExpertCache, MoEOffloadSession, after_layer, serve_layer
 
 load_all()
 CALIB = "n_seqs=4,seq_len=32"

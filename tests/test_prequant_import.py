@@ -362,7 +362,7 @@ def test_gptq_sym_codes_compile_to_coreml_and_validate(good, tmp_path):
     """Core ML holds symmetric int4 codes with fp16-exact scales as they are: no requant, and the
     artifact's constexpr ops hold the checkpoint's codes and scales."""
     from slmc.api import compile_model, reference_model, validate_artifact
-    from slmc.runtime_tests import readback
+    from slmc.targets import get_target
 
     pytest.importorskip("coremltools")
     out = tmp_path / "cm"
@@ -371,6 +371,6 @@ def test_gptq_sym_codes_compile_to_coreml_and_validate(good, tmp_path):
     assert not [p for p in manifest["pipeline"] if p["name"] == "quant.requant"]
     assert manifest["quantization"]["algorithms"] == ["gptq-import"]
     assert manifest["source"]["keep_codes"]
-    rb = readback.check_mlpackage(reference_model(out, manifest), out / "model.mlpackage")
+    rb = get_target("coreml").readback(reference_model(out, manifest), out / "model.mlpackage")
     assert rb.checked == 14 and rb.missing == []
     assert validate_artifact(out, steps=16).passed

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from slmc.api import compile_model, reference_model, validate_artifact
 from slmc.cli import main
 from slmc.compiler.ir import QuantWeight, named_weights
-from slmc.runtime_tests import readback
+from slmc.targets import get_target
 from slmc.targets.base import read_manifest
 
 XNN = "scale_dtype=bfloat16,act_bits=8"
@@ -54,13 +54,13 @@ def built(request, tiny_llama_dir, tmp_path_factory):
     target, backend, passes, kind, name = FLOWS[request.param]
     out = tmp_path_factory.mktemp("q") / request.param
     compile_model(tiny_llama_dir, target, backend, out, passes=passes, max_seq_len=64)
-    return out, kind, name
+    return out, target, name
 
 
 def test_artifact_holds_slmcs_codes_and_scales(built):
-    out, kind, name = built
+    out, target, name = built
     ref = reference_model(out, read_manifest(out))
-    rb = getattr(readback, f"check_{kind}")(ref, out / name)
+    rb = get_target(target).readback(ref, out / name)
     n_quant = sum(isinstance(w, QuantWeight) for _, w in named_weights(ref))
     assert rb.checked == n_quant > 0
     assert rb.missing == []
@@ -76,13 +76,13 @@ def test_quantized_artifact_matches_quantized_reference(built):
 
 def test_readback_notices_one_changed_code(built):
     """The readback is not vacuous: flip one code in the reference and it is reported."""
-    out, kind, name = built
+    out, target, name = built
     ref = reference_model(out, read_manifest(out))
     path, w = next((p, w) for p, w in named_weights(ref) if isinstance(w, QuantWeight))
     w.codes = w.codes.clone()
     hi = 2 ** (w.bits - 1) - 1 if w.symmetric else 2 ** w.bits - 1
     w.codes[0, 0] = hi if int(w.codes[0, 0]) != hi else hi - 1
-    rb = getattr(readback, f"check_{kind}")(ref, out / name)
+    rb = get_target(target).readback(ref, out / name)
     assert any(m.startswith(path) for m in rb.missing)
 
 
@@ -167,8 +167,6 @@ def test_litert_codes_on_each_family(family, tmp_path):
     from tiny import save_ascii_tokenizer, save_hf_model
 
     from slmc.compiler.families import FAMILIES, load_all
-    from slmc.runtime_tests.readback import check_tflite
-
     load_all()
     cfg = FAMILIES[family].tiny_config()
     src = tmp_path / family
@@ -176,7 +174,7 @@ def test_litert_codes_on_each_family(family, tmp_path):
     save_ascii_tokenizer(src, cfg["vocab_size"])
     out, manifest = compile_model(src, "tflite", "cpu", tmp_path / "out", max_seq_len=48,
                                   passes=["quant.rtn:bits=4,group_size=16,embed_bits=8"])
-    rb = check_tflite(reference_model(out, manifest), out / "model.tflite")
+    rb = get_target("tflite").readback(reference_model(out, manifest), out / "model.tflite")
     assert rb.exact, rb.missing
     report = validate_artifact(out, steps=16)
     assert report.passed and report.top1_agreement == 1.0, report.to_json()
@@ -186,7 +184,7 @@ def test_litert_never_falls_back_to_float_silently(tiny_llama_dir, tmp_path):
     """A quantized weight whose float image is not in the flatbuffer is an error, not a float tensor."""
     from slmc.compiler.pass_manager import PassManager, parse_pass
     from slmc.errors import SlmcError
-    from slmc.targets.tflite_codes import store_codes
+    from slmc.targets.tflite.codes import store_codes
 
     out, manifest = compile_model(tiny_llama_dir, "tflite", "cpu", tmp_path / "f", max_seq_len=32)
     data = (out / "model.tflite").read_bytes()

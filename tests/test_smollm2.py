@@ -33,7 +33,7 @@ def test_smollm2_greedy_text_equals_transformers(smol):
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
-    from slmc.runtime_tests.sessions import ExecuTorchSession
+    from slmc.targets.executorch.session import ExecuTorchSession
 
     src, out, _ = smol
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))

@@ -15,11 +15,11 @@ from slmc.compiler import reference
 from slmc.compiler.lowering import LoweredLM, LoweringSpec
 from slmc.compiler.serialize import save_ir
 from slmc.errors import SlmcError
-from slmc.runtime_tests.tflite_session import open_tflite
+from slmc.targets.tflite.session import open_tflite
 from slmc.targets import get_target
 from slmc.targets.base import write_artifact
-from slmc.targets.tflite import TFLiteSpec, npu_sdk_dir
-from slmc.targets.tflite_gpu import _gpu_reason
+from slmc.targets.tflite.target import TFLiteSpec, npu_sdk_dir
+from slmc.targets.tflite.gpu import _gpu_reason
 
 MAX_LEN = 64
 

@@ -18,59 +18,16 @@ import torch
 
 from ..compiler import reference
 from ..compiler.ir import Model
+from ..targets import target_of
+from ..targets.bounds import Tolerance
 from .sessions import open_session
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time,"
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    max_abs: float  # on logits
-    min_top1: float  # fraction of teacher-forced steps whose argmax agrees
-    greedy_equal: bool  # free-running tokens must equal the reference's
-    # int8 dynamic activations round at .5 boundaries, so float-rounding noise flips codes and
-    # the flips compound over layers: the bounds are at least twice what a 1e-7 relative nudge
-    # of the reference's own embeddings does to its logits and to its top-1 disagreement
-    # (measured per run: one nudge is one sample of that noise, not its worst case)
-    noise_floor: bool = False
-
-
-# Per flow: (format, backend, weight kind). fp32 differs from the reference only by
-# kernel summation order.
-TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
-    ("pte", "xnnpack", "float"): Tolerance(2e-3, 1.0, True),
-    ("pte", "portable", "float"): Tolerance(2e-3, 1.0, True),
-    ("pte-moe", "xnnpack", "float"): Tolerance(2e-3, 1.0, True),
-    ("pte-moe", "portable", "float"): Tolerance(2e-3, 1.0, True),
-    # int8 dynamic activations (8da4w): XNNPACK's own per-token quantizer may round an
-    # activation sitting on a .5 boundary the other way than torch, and one flipped code
-    # moves a logit by ~scale; top-1 is what the issue's 99 % bar measures.
-    ("pte", "xnnpack", "quant-act8"): Tolerance(0.25, 0.99, False, noise_floor=True),
-    ("pte-moe", "xnnpack", "quant-act8"): Tolerance(0.25, 0.99, False, noise_floor=True),  # same kernels
-    ("pte", "xnnpack", "quant"): Tolerance(0.25, 0.99, False, noise_floor=True),  # quantized tables only
-    ("pte-moe", "xnnpack", "quant"): Tolerance(0.25, 0.99, False, noise_floor=True),
-    ("tflite", "cpu", "float"): Tolerance(2e-3, 1.0, True),
-    # weight-only codes are dequantized to the reference's exact floats: float tolerance
-    ("tflite", "cpu", "quant"): Tolerance(2e-3, 1.0, True),
-    # int8-activation filters run in XNNPACK's qd8 GEMMs, as ExecuTorch's 8da4w does
-    ("tflite", "cpu", "quant-act8"): Tolerance(0.25, 0.99, False, noise_floor=True),
-    # Core ML on Linux is checked by slmc's MIL interpreter; fp16 compute rounds every op.
-    ("mlpackage", "fp32", "float"): Tolerance(2e-3, 1.0, True),
-    ("mlpackage", "fp16", "float"): Tolerance(0.25, 0.9, False),
-    # codes dequantize exactly; what is left is the compute precision's own rounding
-    ("mlpackage", "fp32", "quant"): Tolerance(2e-3, 1.0, True),
-    ("mlpackage", "fp16", "quant"): Tolerance(0.25, 0.9, False),
-}
-DEFAULT_TOLERANCE = Tolerance(5e-2, 0.97, False)
-
-
 def tolerance_for(manifest: dict) -> Tolerance:
-    q = manifest.get("quantization")
-    kind = "float" if not q else "quant-act8" if any("+act_int8" in k for k in q.get("schemes", {})) else "quant"
-    # Core ML backends name compute units; its tolerances go by compute precision.
-    backend = manifest.get("precision") if manifest.get("format") == "mlpackage" \
-        else str(manifest.get("backend")).partition(":")[0]
-    return TOLERANCES.get((manifest.get("format"), backend, kind), DEFAULT_TOLERANCE)
+    """The bound the target that wrote the artifact fixes for its flow (targets/bounds.py)."""
+    return target_of(manifest).tolerance(manifest)
 
 
 @dataclass

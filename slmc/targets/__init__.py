@@ -1,19 +1,7 @@
-"""Targets, registered by name: executorch, tflite (LiteRT), coreml."""
+"""Targets, one package each (executorch, tflite, coreml, ...), registered by name (registry.py)."""
 
-import importlib
+from .base import Artifact, Session, Target, TargetSpec
+from .registry import TARGETS, get_target, load_all, register, target_of
 
-from .base import TARGETS, Artifact, Target, TargetSpec, get_target
-
-_MODULES = ("executorch", "tflite", "coreml")
-
-
-def load_all() -> None:
-    for m in _MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{m}")
-        except ModuleNotFoundError as e:  # a target still being written must not break the others
-            if e.name != f"{__name__}.{m}":
-                raise
-
-
-__all__ = ["TARGETS", "Artifact", "Target", "TargetSpec", "get_target", "load_all"]
+__all__ = ["TARGETS", "Artifact", "Session", "Target", "TargetSpec", "get_target", "load_all", "register",
+           "target_of"]

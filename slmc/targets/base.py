@@ -1,6 +1,9 @@
-"""The target interface: `supports(ir, spec) -> why-not`, `lower(ir, spec) -> Artifact`.
+"""The target interface. A target is one package, slmc/targets/<name>/, whose class says:
+`supports(ir, spec) -> why-not`, `lower(ir, spec) -> Artifact`, `quant_rules(spec)`, its
+`tolerances`, `open_session(folder, manifest)` (run by `run`, `validate`, `eval`) and
+`readback(ir, artifact)` (are slmc's codes in the artifact unchanged?).
 
-Targets are registered by name with a typed spec. `lower` returns bytes in memory;
+Targets are registered by name with a typed spec (registry.py). `lower` returns bytes in memory;
 `write_artifact` is the one place that touches the output folder, and it does so
 atomically (temp folder, then rename), so a failed compile leaves nothing behind.
 """
@@ -14,10 +17,15 @@ import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Protocol
+
+import torch
 
 from ..compiler.ir import Model
 from ..compiler.lowering.export import max_chunk
 from ..errors import SlmcError, UnsupportedError
+from .bounds import DEFAULT_TOLERANCE, Tolerance, weight_kind
+from .readback import Readback
 
 
 @dataclass(frozen=True)
@@ -38,10 +46,25 @@ class Artifact:
     manifest: dict = field(default_factory=dict)
 
 
+class Session(Protocol):
+    """An artifact in its own runtime: `step(tokens, start_pos) -> logits of the last
+    position`, and `reset()` to an empty KV cache."""
+
+    runtime: str
+
+    def step(self, tokens: list[int], start_pos: int) -> torch.Tensor: ...
+
+    def reset(self) -> None: ...
+
+
 class Target(ABC):
     name: str
     backends: tuple[str, ...]
     spec_class: type[TargetSpec] = TargetSpec
+    # The manifest "format" values this target writes (a session is found by them too).
+    formats: tuple[str, ...] = ()
+    # (backend, weight kind) -> the acceptance bound (bounds.py); absent: DEFAULT_TOLERANCE
+    tolerances: ClassVar[dict[tuple[str, str], Tolerance]] = {}
     # Backends whose artifacts this host can run (and so validate); the flow suite
     # compiles and validates each one. Others compile but are checked differently.
     host_backends: tuple[str, ...] = ()
@@ -59,22 +82,20 @@ class Target(ABC):
         """The QuantRules (targets/quant_rules.py) of this spec; None: no quantized storage."""
         return None
 
+    def tolerance_key(self, manifest: dict) -> str:
+        """What the tolerance table is keyed by besides the weight kind: the backend."""
+        return str(manifest.get("backend")).partition(":")[0]
 
-TARGETS: dict[str, Target] = {}
+    def tolerance(self, manifest: dict) -> Tolerance:
+        return self.tolerances.get((self.tolerance_key(manifest), weight_kind(manifest)), DEFAULT_TOLERANCE)
 
+    @abstractmethod
+    def open_session(self, folder: Path, manifest: dict) -> Session:
+        """The artifact in `folder` in its runtime, on this host."""
 
-def register(target: Target) -> Target:
-    TARGETS[target.name] = target
-    return target
-
-
-def get_target(name: str) -> Target:
-    from . import load_all
-
-    load_all()
-    if name not in TARGETS:
-        raise SlmcError(f"unknown target {name!r}; available: {', '.join(sorted(TARGETS))}", "--target")
-    return TARGETS[name]
+    @abstractmethod
+    def readback(self, model: Model, artifact: Path) -> Readback:
+        """Which of `model`'s QuantWeights the artifact file/package does not hold unchanged."""
 
 
 def check_backend(target: Target, spec: TargetSpec) -> None:

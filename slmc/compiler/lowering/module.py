@@ -50,7 +50,7 @@ class LoweringSpec:
     padded: bool = False
     dtype: torch.dtype = torch.float32
     # True: each QuantWeight becomes its exact dequantized float (a plain constant) for a
-    # target that puts the codes back itself (LiteRT: targets/tflite_codes.py).
+    # target that puts the codes back itself (LiteRT: targets/tflite/codes.py).
     dequantize: bool = False
     # the decoder's components (components.py)
     components: Components = field(default_factory=Components)

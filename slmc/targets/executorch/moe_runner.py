@@ -33,7 +33,8 @@ from typing import Callable, Hashable
 
 import torch
 
-from ..errors import SlmcError, UnsupportedError
+from ...errors import SlmcError
+from .session import require_host_runnable
 
 
 @dataclass
@@ -154,10 +155,7 @@ class MoEOffloadSession:
 
     @classmethod
     def from_artifact(cls, folder: Path, manifest: dict) -> "MoEOffloadSession":
-        if not manifest.get("host_runnable", True):
-            raise UnsupportedError(
-                f"an offload artifact for the {manifest.get('backend')} backend cannot run on this host "
-                f"({manifest.get('backend_note', 'no delegate in this runtime')})", str(folder))
+        require_host_runnable(folder, manifest, "an offload artifact")
         return cls(Path(folder), manifest)
 
     def _expert_bytes(self, key) -> int:

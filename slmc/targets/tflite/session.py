@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import SlmcError
+from ...errors import SlmcError
 
 
 def _interpreter_class():

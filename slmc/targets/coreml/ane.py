@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..compiler.lowering.module import LMLP, LMoE
-from .coreml import CoreMLLM, act
+from ...compiler.lowering.module import LMLP, LMoE
+from .module import CoreMLLM, act
 
 
 def _conv(x, lin):

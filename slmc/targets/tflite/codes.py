@@ -42,8 +42,8 @@ import hashlib
 import numpy as np
 import torch
 
-from ..compiler.ir import Model, QuantWeight, named_weights
-from ..errors import SlmcError
+from ...compiler.ir import Model, QuantWeight, named_weights
+from ...errors import SlmcError
 
 _ALIGN = 16
 

@@ -13,18 +13,19 @@ The executorch target hands such a model here. The artifact loads lazily:
                           P(expert e' at the next MoE depth | expert e here)
 
 manifest["moe_offload"] lists every file with its size and the cache policy;
-slmc.runtime_tests.moe_runner is the reference runner that implements it.
+targets/executorch/moe_runner.py is the reference runner that implements it.
 """
 
 from __future__ import annotations
 
 import json
 
-from ..compiler.ir import MoE, Model, QuantWeight, named_weights
-from ..compiler.lowering import LoweringSpec
-from ..compiler.lowering.segments import export_segments, moe_depths
-from .base import Artifact
-from .executorch import BACKENDS, ExecuTorchSpec, backend_config, delegation_summary, runner_metadata, to_pte
+from ...compiler.ir import MoE, Model, QuantWeight, named_weights
+from ...compiler.lowering import LoweringSpec
+from ...compiler.lowering.segments import export_segments, moe_depths
+from ..base import Artifact
+from .backends import BACKENDS
+from .program import ExecuTorchSpec, backend_config, delegation_summary, runner_metadata, to_pte
 
 FORMAT = "pte-moe"
 PREDICTOR = "moe_predictor.json"
@@ -190,7 +191,7 @@ def lower_offload(model: Model, spec: ExecuTorchSpec, step) -> Artifact:
         "host_runnable": backend.host_runnable,
         "backend_note": backend.note,
         "delegation": delegation,
-        "runner": {"convention": "slmc.runtime_tests.moe_runner (segments + expert cache); the stock "
+        "runner": {"convention": "slmc.targets.executorch.moe_runner (segments + expert cache); the stock "
                                  "TextLLMRunner cannot run this layout", "metadata_methods": meta},
         "kv_cache": {"kind": "mutable_buffers", "buffers_per_layer": ["k_cache_{d}", "v_cache_{d}"],
                      "where": "method layer_{d} of backbone.pte; one shared arena for all layers"},

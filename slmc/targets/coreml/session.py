@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import SlmcError
+from ...errors import SlmcError
 
 _NP = {"float16": np.float16, "float32": np.float32, "int32": np.int32}
 

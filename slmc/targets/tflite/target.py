@@ -36,14 +36,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..compiler.ir import Model, QuantWeight, named_weights
-from ..compiler.lowering import LoweredLM, LoweringSpec, max_chunk
-from ..compiler.textdata import find_tokenizer_dir
-from ..errors import SlmcError
-from .base import Artifact, Target, TargetSpec, kv_refusal, register, ring_manifest
-from .quant_rules import LITERT
-from .tflite_codes import store_codes
-from .tflite_gpu import gpu_fallback
+from ...compiler.ir import Model, QuantWeight, named_weights
+from ...compiler.lowering import LoweredLM, LoweringSpec, max_chunk
+from ...compiler.textdata import find_tokenizer_dir
+from ...errors import SlmcError
+from ..base import Artifact, Target, TargetSpec, kv_refusal, ring_manifest
+from ..bounds import FLOAT_EXACT, Tolerance
+from .rules import LITERT
+from .codes import store_codes
+from .gpu import gpu_fallback
+from .readback import readback
+from .session import open_tflite
 
 DEFAULT_PREFILL = 128
 
@@ -180,7 +183,7 @@ class _CompositeNorm(nn.Module):
 
 
 def _composite_norms(module: nn.Module) -> None:
-    from ..compiler.lowering.module import LNorm
+    from ...compiler.lowering.module import LNorm
 
     for name, child in list(module.named_children()):
         if isinstance(child, LNorm):
@@ -257,7 +260,7 @@ def _dus_rows(cache, axis: int, start, rows):
 
 def convert(model: Model, prefill_len: int) -> tuple[bytes, dict]:
     """Both signatures through one litert_torch Converter: one flatbuffer, weights stored
-    once; quantized weights are lowered as floats and their codes put back (tflite_codes.py).
+    once; quantized weights are lowered as floats and their codes put back (codes.py).
     Returns the flatbuffer and {weight path: how its codes are stored}."""
     import litert_torch
 
@@ -372,6 +375,20 @@ class TFLiteTarget(Target):
     backends = ("cpu", "qualcomm", "mediatek")
     host_backends = ("cpu",)
     spec_class = TFLiteSpec
+    formats = ("tflite",)
+    tolerances = {
+        ("cpu", "float"): FLOAT_EXACT,
+        # weight-only codes are dequantized to the reference's exact floats: float tolerance
+        ("cpu", "quant"): FLOAT_EXACT,
+        # int8-activation filters run in XNNPACK's qd8 GEMMs, as ExecuTorch's 8da4w does
+        ("cpu", "quant-act8"): Tolerance(0.25, 0.99, False, noise_floor=True),
+    }
+
+    def open_session(self, folder, manifest):
+        return open_tflite(folder, manifest)
+
+    def readback(self, model, artifact):
+        return readback(model, artifact)
 
     def quant_rules(self, spec):
         return LITERT
@@ -472,5 +489,3 @@ class TFLiteTarget(Target):
                        "partition_stats": stats,
                        "note": "fp32 graph as compiled; vendor NPUs mostly want int8/int16 (a16w8) models"}
 
-
-register(TFLiteTarget())

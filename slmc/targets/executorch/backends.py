@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .quant_rules import XNNPACK, QuantRules
+from ..quant_rules import QuantRules
+from .rules import XNNPACK
 
 
 @dataclass(frozen=True)
