@@ -15,7 +15,7 @@ Shared IR weights become one shared Parameter, so every exporter stores them onc
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -23,10 +23,10 @@ import torch.nn.functional as F
 
 from ...errors import UnsupportedError
 from ..ir import MLP, Block, Model
-from .attention import AttnContext, LAttention, RowCacheAttention
+from .attention import AttnContext, LAttention
 from .cache import scale_shape
 from .components import Components
-from .layers import LMLP, LMoE, _Params, head_projection, rope_slices
+from .layers import LMLP, LMoE, _Params, head_projection
 from .math import rope_tables, softcap
 from .quantized import unwrap
 from .ring import ring_masks, ring_slots
@@ -54,19 +54,6 @@ class LoweringSpec:
     dequantize: bool = False
     # the decoder's components (components.py)
     components: Components = field(default_factory=Components)
-    # Older spellings of two component choices, kept for callers that still pass them:
-    # write_rows -> Components.attention = RowCacheAttention(write_rows); rope_slices -> rope.
-    write_rows: object = None
-    rope_slices: bool = False
-
-    def parts(self) -> Components:
-        C = self.components
-        if self.write_rows is not None:
-            C = replace(C, attention=RowCacheAttention(self.write_rows))
-        if self.rope_slices:
-            C = replace(C, rope=rope_slices)
-        return C
-
 
 class LBlock(nn.Module):
     def __init__(self, b: Block, P: _Params, C: Components, bshd: bool = False):
@@ -85,12 +72,16 @@ class LBlock(nn.Module):
             h = self.post_attn(h)
         return x + h, k_cache, v_cache
 
-    def forward(self, x, ctx: AttnContext, k_cache, v_cache):
-        x, k_cache, v_cache = self.attention(x, ctx, k_cache, v_cache)
-        h = self.ffn(self.ffn_norm(x))
+    def feed_forward(self, x, ffn):
+        """The FFN sublayer (ffn: the MLP or MoE) with its residual."""
+        h = ffn(self.ffn_norm(x))
         if self.post_ffn is not None:
             h = self.post_ffn(h)
-        return x + h, k_cache, v_cache
+        return x + h
+
+    def forward(self, x, ctx: AttnContext, k_cache, v_cache):
+        x, k_cache, v_cache = self.attention(x, ctx, k_cache, v_cache)
+        return self.feed_forward(x, self.ffn), k_cache, v_cache
 
 
 class LoweredLM(nn.Module):
@@ -101,7 +92,7 @@ class LoweredLM(nn.Module):
 
     def __init__(self, model: Model, spec: LoweringSpec = LoweringSpec()):
         super().__init__()
-        kv, C = model.kv, spec.parts()
+        kv, C = model.kv, spec.components
         if spec.interface not in ("runner", "swift"):
             raise ValueError(f"LoweringSpec.interface must be 'runner' or 'swift', not {spec.interface!r}")
         if spec.kv not in ("buffers", "io"):
@@ -308,3 +299,16 @@ class LoweredLM(nn.Module):
         for name, buf in self.named_buffers():
             if "_cache_" in name or name in ("keyCache", "valueCache"):
                 buf.zero_()
+
+
+class SwiftLM(LoweredLM):
+    """LoweredLM with interface="swift", under the argument names torch.export gives the Core ML
+    converter (inputIds, causalMask and, for kv="io", the two stacked caches)."""
+
+    def __init__(self, model: Model, spec: LoweringSpec):
+        if spec.interface != "swift":
+            raise ValueError("SwiftLM takes a LoweringSpec with interface='swift'")
+        super().__init__(model, spec)
+
+    def forward(self, input_ids, causal_mask, key_cache=None, value_cache=None):
+        return self._swift(input_ids, causal_mask, key_cache, value_cache)

@@ -50,7 +50,7 @@ class EmbedSegment(nn.Module):
 class HeadSegment(nn.Module):
     def __init__(self, model: Model, spec: LoweringSpec):
         super().__init__()
-        P, C = _Params(self, spec.dtype), spec.parts()
+        P, C = _Params(self, spec.dtype), spec.components
         self.final_norm = C.norm(model.final_norm, P, C.channels_first)
         self.weight = P(model.lm_head.weight if model.lm_head is not None else model.embed)
         self.bias = P(model.lm_head.bias) if model.lm_head is not None else None
@@ -73,7 +73,7 @@ class LayerSegment(LBlock):
         if kv.dtype not in ("float32", "float16") or kv.window is not None or kv.arena:
             raise UnsupportedError(f"KV spec dtype={kv.dtype} window={kv.window} arena={kv.arena} is not "
                                    "lowered for expert offload", "kv")
-        P, C = _Params(self, spec.dtype), spec.parts()
+        P, C = _Params(self, spec.dtype), spec.components
         bshd, cf = kv.layout == "bshd", C.channels_first
         norm = lambda n: C.norm(n, P, cf) if n is not None else None  # noqa: E731
         self.attn_norm, self.attn = norm(b.attn_norm), LAttention(a, P, C, bshd)
@@ -96,7 +96,7 @@ class LayerSegment(LBlock):
             self.shared = LMLP(f.shared, P, C) if f.shared is not None else None
             self.shared_gate = C.projection(f.shared_gate, P) if f.shared_gate is not None else None
         else:
-            self.ffn = LMLP(f, P, C)
+            self.mlp = LMLP(f, P, C)
         _finish(self, P)
 
     def forward(self, x, input_pos):
@@ -108,9 +108,9 @@ class LayerSegment(LBlock):
         mask = torch.where(ok, 0.0, float("-inf")).to(x.dtype)
         ctx = AttnContext(self.rope_cos[positions], self.rope_sin[positions], mask, positions=positions)
         kc, vc = getattr(self, f"k_cache_{self.depth}"), getattr(self, f"v_cache_{self.depth}")
-        if not self.moe:
-            return super().forward(x, ctx, kc, vc)[0]
         x, _, _ = self.attention(x, ctx, kc, vc)
+        if not self.moe:
+            return self.feed_forward(x, self.mlp)
         n = self.ffn_norm(x)
         probs = torch.softmax(self.router(n), dim=-1)
         top_w, top_i = probs.topk(self.top_k, dim=-1)
@@ -126,7 +126,7 @@ class ExpertSegment(nn.Module):
     def __init__(self, expert: MLP, spec: LoweringSpec):
         super().__init__()
         P = _Params(self, spec.dtype)
-        self.mlp = LMLP(expert, P, spec.parts())
+        self.mlp = LMLP(expert, P, spec.components)
         _finish(self, P)
 
     def forward(self, x):
