@@ -19,12 +19,10 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+from _common import HERE, RESULTS, MiB, render, write_results
+
 PASSES = {"gqa": "arch_gqa", "share": "arch_share", "moe": "arch_moe"}
-MiB = 1 << 20
 
 
 def _mib(v) -> float | None:
@@ -47,7 +45,7 @@ def rows_gqa(d: dict) -> list[dict]:
 def rows_share(d: dict) -> list[dict]:
     return [{"pass": "arch.share_layers", "config": r["config"], "weights_mib": _mib(r.get("weight_bytes")),
              "kv_cache_mib": _mib(r.get("kv_cache_bytes")), "kv_note": f"at {d['meta'].get('max_seq_len')} tokens",
-             "artifact_mib": _mib(r.get("artifact_bytes")), "peak_rss_mib": r.get("peak_rss_pass_mb"),
+             "artifact_mib": _mib(r.get("artifact_bytes")), "peak_rss_mib": r.get("peak_rss_pass_mib"),
              "ppl": r.get("perplexity"), "kl": r.get("kl"), "pass_s": r.get("pass_seconds")}
             for r in d["rows"]]
 
@@ -61,8 +59,8 @@ def rows_moe(d: dict) -> list[dict]:
         if r.get("hit_rate") is not None:
             extra.append(f"hit {r['hit_rate']:.0%}")
         out.append({"pass": "moe.offload", "config": r["variant"] + (f" ({', '.join(extra)})" if extra else ""),
-                    "weights_mib": r.get("weights_mb_ir"), "kv_cache_mib": r.get("kv_cache_mb"), "kv_note": "",
-                    "artifact_mib": r.get("artifact_mb"), "peak_rss_mib": r.get("peak_rss_mb"),
+                    "weights_mib": r.get("ir_weights_mib"), "kv_cache_mib": r.get("kv_cache_mib"), "kv_note": "",
+                    "artifact_mib": r.get("artifact_mib"), "peak_rss_mib": r.get("peak_rss_mib"),
                     "ppl": r.get("ppl"), "kl": r.get("kl_vs_dense"), "pass_s": r.get("pass_s"),
                     "decode_tok_s": r.get("decode_tok_s"), "hit_rate": r.get("hit_rate")})
     return out
@@ -75,7 +73,8 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def markdown(table: list[dict], sources: dict) -> str:
+def markdown(data: dict) -> str:
+    table, sources = data["rows"], data["sources"]
     lines = ["# Architecture passes on SmolLM2-135M", "",
              "One row per configuration; the per-pass files hold the detail and the settings "
              "(calibration and evaluation text, windows, machine): "
@@ -100,7 +99,7 @@ def markdown(table: list[dict], sources: dict) -> str:
     return "\n".join(lines)
 
 
-def assemble(quick: bool) -> dict:
+def assemble(quick: bool) -> None:
     suffix = "-quick" if quick else ""
     table, sources = [], {}
     for key, stem in PASSES.items():
@@ -110,10 +109,7 @@ def assemble(quick: bool) -> dict:
             continue
         sources[key] = f.stem
         table += READERS[key](json.loads(f.read_text()))
-    out = {"rows": table, "sources": sources}
-    (RESULTS / f"arch{suffix}.json").write_text(json.dumps(out, indent=1) + "\n")
-    (RESULTS / f"arch{suffix}.md").write_text(markdown(table, sources))
-    return out
+    write_results(f"arch{suffix}", {"rows": table, "sources": sources})
 
 
 def main() -> None:
@@ -121,7 +117,10 @@ def main() -> None:
     ap.add_argument("--only", help=f"comma-separated subset of {','.join(PASSES)}")
     ap.add_argument("--assemble", action="store_true", help="only rebuild the table from existing results")
     ap.add_argument("--quick", action="store_true", help="tiny random models (each benchmark's --quick)")
+    ap.add_argument("--render", action="store_true", help="only re-render results/*.md from the .json")
     a = ap.parse_args()
+    if a.render:
+        return render("arch")
     keys = a.only.split(",") if a.only else list(PASSES)
     bad = [k for k in keys if k not in PASSES]
     if bad:
@@ -131,8 +130,7 @@ def main() -> None:
             cmd = [sys.executable, str(HERE / f"{PASSES[k]}.py")] + (["--quick"] if a.quick else [])
             print(f"== {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
             subprocess.run(cmd, check=True, cwd=HERE.parent)
-    out = assemble(a.quick)
-    print(markdown(out["rows"], out["sources"]))
+    assemble(a.quick)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ on one novel of ../shared/corpus (--calib) and every variant is scored on anothe
 perplexity, KL(original || variant) per token and top-1 agreement with the original, through
 slmc.runtime_tests.evaluate (reference executor, fp32). Each variant runs in a fresh
 subprocess: pass wall time, peak RSS after the pass (in-worker) and for the whole worker
-(os.wait4) are its own. Writes bench/results/arch_gqa{,-quick}.{json,md}.
+(os.wait4) are its own. Writes bench/results/arch_gqa{,-quick}.{json,md} (`--render`: the .md
+again from the .json).
 
 `run(args) -> list[dict]` is what bench/arch.py calls; args is a Namespace or dict with the
 options below (missing ones take their defaults).
@@ -21,17 +22,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-CORPUS = ROOT.parent / "shared" / "corpus"
+from _common import CORPUS, ROOT, cpu_name, peak_rss_mib, render, spawn, tiny_model, write_results
+
 VARIANTS = {  # name -> pass options after kv_groups (None: the original model)
     "original": None,
     "mean": "method=mean,refit=false",
@@ -54,80 +50,55 @@ def options(args) -> dict:
     return {**a, **QUICK} if a["quick"] else a
 
 
-def _rss_mib() -> float:  # this process's peak RSS so far (Linux: KiB)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def worker(a: dict) -> dict:
     """One variant: load, run the pass (timed), then score it on the eval text."""
     import torch
 
     from slmc import api
-    from slmc.compiler.ir import weight_bytes
-    from slmc.compiler.pass_manager import PassManager, parse_pass
-    from slmc.compiler.textdata import token_ids
-    from slmc.passes.arch_gqa import kv_bytes_per_token
-    from slmc.runtime_tests.evaluate import evaluate
 
     torch.set_num_threads(a["threads"])
     src = api.resolve_model_path(a["model"])
     model = api.load(src)
-    out = {"variant": a["variant"], "kv_bytes_per_token_before": kv_bytes_per_token(model)}
+    out = {"variant": a["variant"], "kv_bytes_per_token_before": api.kv_bytes_per_token(model)}
     t0 = time.perf_counter()
     info = {}
     if a["spec"]:
         spec = (f"arch.gqa:kv_groups={a['kv_groups']},{a['spec']},calib={a['calib']},"
                 f"n_seqs={a['n_seqs']},seq_len={a['seq_len']}")
-        model, logs = PassManager([parse_pass(spec)]).run(model)
+        model, logs = api.run_passes(model, [spec])
         info = logs[0].info
         out["pass"] = spec
-    out.update(pass_s=round(time.perf_counter() - t0, 2), pass_peak_rss_mib=round(_rss_mib(), 1),
-               kv_bytes_per_token=kv_bytes_per_token(model), weight_bytes=weight_bytes(model),
+    out.update(pass_s=round(time.perf_counter() - t0, 2), peak_rss_pass_mib=round(peak_rss_mib(), 1),
+               kv_bytes_per_token=api.kv_bytes_per_token(model), weight_bytes=api.weight_bytes(model),
                kv_heads=model.blocks[0].attn.n_kv_heads,
                calib_error_mean_pool=info.get("calib_error_mean_pool"), calib_error=info.get("calib_error"),
                layers_refit=info.get("layers_refit"))
-    ids = token_ids([a["eval"]], src / "tokenizer.json", min_tokens=a["window"] + 1,
+    ids = api.token_ids([a["eval"]], src / "tokenizer.json", min_tokens=a["window"] + 1,
                     max_tokens=a["eval_tokens"], what="evaluation text")
     ref = api.load(src) if a["spec"] else None
-    r = evaluate(ids, model, a["variant"], ref, window=a["window"], stride=a["stride"]).to_dict()
+    r = api.evaluate_tokens(ids, model, a["variant"], ref, window=a["window"], stride=a["stride"]).to_dict()
     out.update(tokens_scored=r["tokens_scored"], perplexity=r["perplexity"],
                kl=r["kl_divergence"] if ref is not None else 0.0,
                top1=r["top1_agreement"] if ref is not None else 1.0, eval_s=r["seconds"])
     return out
 
 
-def spawn(a: dict, work: Path) -> dict:
-    """A worker in a fresh interpreter; adds its wall time and whole-process peak RSS."""
+def run_worker(a: dict, work: Path) -> dict:
+    """A worker in a fresh interpreter; adds its wall time, CPU time and whole-process peak RSS."""
     res = work / f"{a['variant'].replace('+', '_')}.json"
-    env = dict(os.environ, OMP_NUM_THREADS=str(a["threads"]))
-    t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(a),
-                          "--result", str(res)], env=env, cwd=str(ROOT))
-    _, status, ru = os.wait4(p.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"worker {a['variant']} failed with exit code {os.waitstatus_to_exitcode(status)}")
-    out = json.loads(res.read_text())
-    out.update(worker_wall_s=round(time.perf_counter() - t0, 2), peak_rss_mib=round(ru.ru_maxrss / 1024, 1))
-    return out
+    return spawn(__file__, ["--worker", json.dumps(a)], res, env=dict(os.environ, OMP_NUM_THREADS=str(a["threads"])),
+                 cwd=ROOT)
 
 
 def _quick_model(work: Path) -> tuple[str, str, str]:
     """A tiny random MHA Llama (4 query heads, 4 KV heads) and two ASCII texts."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny import save_ascii_tokenizer, save_hf_model
-
-    from slmc.compiler.families.llama import tiny_config
-
-    cfg = dict(tiny_config(), num_key_value_heads=4)
-    d = work / "tiny-mha"
-    save_hf_model(cfg, d)
-    save_ascii_tokenizer(d, cfg["vocab_size"])
+    d = tiny_model(work, "tiny-mha", num_key_value_heads=4)
     texts = []
     for name in ("austen_emma.txt", "austen_prideprejudice.txt"):
         t = work / name
         t.write_text((CORPUS / name).read_text(encoding="utf-8")[20000:60000].encode("ascii", "ignore").decode())
         texts.append(str(t))
-    return str(d), *texts
+    return d, *texts
 
 
 def run(args) -> list[dict]:
@@ -139,7 +110,7 @@ def run(args) -> list[dict]:
     rows = []
     for name in a["variants"].split(","):
         print(f"== arch.gqa bench: {name}", flush=True)
-        rows.append(spawn({**a, "variant": name, "spec": VARIANTS[name]}, work))
+        rows.append(run_worker({**a, "variant": name, "spec": VARIANTS[name]}, work))
         print(json.dumps(rows[-1]), flush=True)
     base = next((r["perplexity"] for r in rows if r["variant"] == "original"), None)
     for r in rows:
@@ -148,7 +119,8 @@ def run(args) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+def markdown(data: dict) -> str:
+    rows, meta = data["rows"], data["meta"]
     lines = [f"# arch.gqa on {meta['model_name']}: KV heads to kv_groups={meta['kv_groups']}", "",
              f"{meta['date']} · {meta['cpu']} · {meta['cores']} cores ({meta['threads']} torch thread) · "
              f"calibration: {meta['calib']} ({meta['n_seqs']}x{meta['seq_len']} tokens) · "
@@ -164,7 +136,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"{r['kv_bytes_per_token'] * 2048 / 2**20:.1f} | {r['weight_bytes'] / 2**20:.1f} | "
                      f"{r['perplexity']:.2f} | {r['ppl_ratio'] if r['ppl_ratio'] is not None else '—'} | "
                      f"{r['kl']:.3f} | {r['top1']:.3f} | {err} | {r['pass_s']:.1f} | "
-                     f"{r['pass_peak_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} |")
+                     f"{r['peak_rss_pass_mib']:.0f} | {r['peak_rss_mib']:.0f} |")
     lines += ["", "calib err: the pass's mean relative squared error of each layer's attention output on "
               "calibration data (mean pooling vs the chosen weights, same inputs; with the refit those inputs "
               "come from the refit earlier layers, so its mean-pool figure differs from the mean row's). Each variant runs in its "
@@ -178,8 +150,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def meta_for(a: dict, rows: list[dict]) -> dict:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     name = "tiny random MHA llama (--quick)" if a["quick"] else (
         "SmolLM2-135M-Instruct" if a["model"] == "default" else Path(a["model"]).name)
     return {"model_name": name, "kv_groups": a["kv_groups"], "date": datetime.datetime.now().isoformat("T", "seconds"),
@@ -192,12 +163,7 @@ def main(ns: argparse.Namespace) -> None:
     a = options(ns)
     rows = run(ns)
     meta = meta_for(a, rows)
-    stem = "arch_gqa-quick" if a["quick"] else "arch_gqa"
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+    write_results("arch_gqa-quick" if a["quick"] else "arch_gqa", {"meta": meta, "rows": rows})
 
 
 def parser() -> argparse.ArgumentParser:
@@ -214,6 +180,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, help="torch threads per worker (default 1)")
     ap.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}")
     ap.add_argument("--quick", action="store_true", default=None, help="tiny random model, ~1 min")
+    ap.add_argument("--render", action="store_true", help="only re-render results/*.md from the .json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     return ap
@@ -221,8 +188,9 @@ def parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     ns = parser().parse_args()
-    if ns.worker:
-        sys.path.insert(0, str(ROOT))
+    if ns.render:
+        render("arch_gqa")
+    elif ns.worker:
         Path(ns.result).write_text(json.dumps(worker(json.loads(ns.worker))))
     else:
         main(ns)

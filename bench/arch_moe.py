@@ -20,36 +20,25 @@ on *Emma*) and the ExecuTorch/XNNPACK offload layout. Measured:
   rate with and without prediction, bytes read from expert files per decoded token, decode tok/s;
 - a policy simulation on the routing trace of the held-out text (the runner's own
   ExpertCache and predictor, more tokens than the runtime runs can afford).
-Writes bench/results/arch_moe{,-quick}.{json,md}. `run(args)` returns the table rows.
+Writes bench/results/arch_moe{,-quick}.{json,md} (`--render`: the .md again from the .json).
+`run(args)` returns the table rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-CORPUS = ROOT.parent / "shared" / "corpus"
+from _common import CORPUS, machine, render, spawn, status_mib, write_results
+
 DEFAULTS = dict(quick=False, layers=30, experts=4, top_k=2, noise=0.02, backbone_bits=8, ends_bits=8,
                 reuse_artifact=False, max_seq_len=256, calib_seqs=16,
                 calib_len=128, eval_tokens=2048, decode_steps=48, ks="", work="/tmp/slmc-bench-moe",
                 calib_text=str(CORPUS / "austen_emma.txt"), eval_text=str(CORPUS / "austen_northangerabbey.txt"))
-
-
-def _status_mb(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak) of this process. Not ru_maxrss: a child's ru_maxrss
-    carries the parent's RSS from before exec, and this parent holds several models."""
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
 
 
 # ------------------------------------------------------------------ building the MoE
@@ -74,31 +63,27 @@ def upcycle(ir, n_layers: int, n_experts: int, top_k: int, noise: float, calib_i
     """Keep the first n_layers blocks; each MLP -> n_experts noisy copies + a clustered router."""
     import torch
 
-    from slmc.compiler import reference as R
-    from slmc.compiler.ir import MLP, Linear, MoE, Weight
+    from slmc import api
 
     ir.layers, ir.blocks = list(range(n_layers)), [ir.block_at(d) for d in range(n_layers)]
     g = torch.Generator().manual_seed(seed)
 
-    def noisy(lin: Linear) -> Linear:
+    def noisy(lin):
         w = lin.weight.float()
-        return Linear(Weight(w + noise * w.std() * torch.randn(w.shape, generator=g)))
+        return api.Linear(api.Weight(w + noise * w.std() * torch.randn(w.shape, generator=g)))
 
-    pos = torch.arange(calib_ids.shape[1])
+    # every depth clusters the dense model's activations (computed before any MLP is replaced)
+    inputs = api.ffn_inputs(ir, calib_ids)
     with torch.no_grad():
-        x = R.embed(ir, calib_ids)
-        for b in ir.blocks:
-            x = x + R.attention(b.attn, R.rms_norm(x, b.attn_norm), pos)
-            n = R.rms_norm(x, b.ffn_norm)
+        for b, n in zip(ir.blocks, inputs):
             dense = b.ffn
-            x = x + R.mlp(dense, n)  # the next depth clusters the dense model's activations
             flat = n.reshape(-1, n.shape[-1])
             c = spherical_kmeans(flat, n_experts, seed)
             c = c / (flat @ c.T).std()
             parts = [nm for nm in ("gate", "up", "gate_up") if getattr(dense, nm) is not None]
-            experts = [MLP(down=noisy(dense.down), act=dense.act, **{nm: noisy(getattr(dense, nm)) for nm in parts})
+            experts = [api.MLP(down=noisy(dense.down), act=dense.act, **{nm: noisy(getattr(dense, nm)) for nm in parts})
                        for _ in range(n_experts)]
-            b.ffn = MoE(router=Linear(Weight(c)), experts=experts, top_k=top_k, norm_topk_prob=True)
+            b.ffn = api.MoE(router=api.Linear(api.Weight(c)), experts=experts, top_k=top_k, norm_topk_prob=True)
     ir.architecture = f"{ir.architecture} upcycled {n_experts}x top-{top_k} (slmc bench)"
     return ir
 
@@ -107,16 +92,16 @@ def upcycle(ir, n_layers: int, n_experts: int, top_k: int, noise: float, calib_i
 
 
 def worker_run(a) -> dict:
-    from slmc.targets.executorch.moe_runner import MoEOffloadSession
-
     import importlib
+
+    from slmc import api
 
     for m in ("executorch.kernels.quantized", "executorch.runtime"):  # the runner's imports, before measuring
         importlib.import_module(m)
 
     manifest = json.loads((Path(a.folder) / "manifest.json").read_text())
-    rss0 = _status_mb("VmRSS")  # python + torch + executorch, before any model byte
-    s = MoEOffloadSession(Path(a.folder), manifest, cache_experts=a.k, predict=bool(a.predict))
+    rss0 = status_mib("VmRSS")  # python + torch + executorch, before any model byte
+    s = api.moe_session(a.folder, manifest, cache_experts=a.k, predict=bool(a.predict))
     if a.all_resident:
         for L in manifest["moe_offload"]["layers"]:
             for e in range(len(L["experts"])):
@@ -132,21 +117,19 @@ def worker_run(a) -> dict:
     t2 = time.perf_counter()
     after = s.stats()
     hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
-    return {"rss_before_model_mb": round(rss0, 1), "prefill_s": round(t1 - t0, 3),
+    return {"rss_before_model_mib": round(rss0, 1), "prefill_s": round(t1 - t0, 3),
             "decode_tok_s": round((a.steps - 1) / (t2 - t1), 2), "tokens": out,
             "decode_hit_rate": hits / max(hits + misses, 1),
             "decode_bytes_per_token": (after["bytes_read"] - before["bytes_read"]) / (a.steps - 1),
             "decode_preloads_per_token": (after["preloads"] - before["preloads"]) / (a.steps - 1),
-            "max_resident": after["max_resident"], "total": after, "peak_rss_mb": round(_status_mb("VmHWM"), 1)}
+            "max_resident": after["max_resident"], "total": after, "peak_rss_mib": round(status_mib("VmHWM"), 1)}
 
 
-def spawn(args: list[str], result: Path) -> dict:
-    p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args, "--result", str(result)],
-                         env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    if p.wait() != 0:
-        raise SystemExit(f"worker {args[:2]} failed")
-    out = json.loads(result.read_text())
-    out["model_rss_mb"] = round(out["peak_rss_mb"] - out["rss_before_model_mb"], 1)
+def run_worker(args: list[str], result: Path) -> dict:
+    """A runtime worker in a fresh process; its peak RSS is its own (VmHWM, see status_mib)."""
+    out = spawn(__file__, args, result, rusage=False,
+                env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    out["model_rss_mib"] = round(out["peak_rss_mib"] - out["rss_before_model_mib"], 1)
     return out
 
 
@@ -158,16 +141,16 @@ def simulate(routes: dict, transitions: dict, depths: list[int], k: int, predict
     token; routed experts weigh equally in the prediction (the trace keeps only which)."""
     import torch
 
-    from slmc.targets.executorch.moe_runner import ExpertCache, after_layer, serve_layer
+    from slmc import api
 
-    c = ExpertCache(k, lambda key: key, lambda key: 1)
+    c = api.ExpertCache(k, lambda key: key, lambda key: 1)
     n_tok = len(routes[depths[0]])
     for t in range(n_tok):
         for i, d in enumerate(depths):
             picked = routes[d][t]
-            serve_layer(c, d, picked.tolist(), lambda e, loaded: None)
+            api.serve_layer(c, d, picked.tolist(), lambda e, loaded: None)
             nxt = depths[i + 1] if predict and i + 1 < len(depths) else None
-            after_layer(c, d, nxt, transitions[d], picked, torch.full((len(picked),), 1.0 / len(picked)),
+            api.after_layer(c, d, nxt, transitions[d], picked, torch.full((len(picked),), 1.0 / len(picked)),
                         len(picked))
     s = c.stats
     return {"k": k, "predict": predict, "hit_rate": round(s.hit_rate, 4),
@@ -183,21 +166,14 @@ def run(args) -> list[dict]:
         a.layers, a.calib_seqs, a.calib_len, a.eval_tokens, a.decode_steps = min(a.layers, 2), 4, 64, 256, 16
     os.environ.setdefault("SLMC_CACHE", "/tmp/slmc-cache")
     from slmc import api
-    from slmc.compiler.ir import param_count, weight_bytes
-    from slmc.compiler.pass_manager import PassManager, parse_pass
-    from slmc.compiler.textdata import token_ids
-    from slmc.passes.moe_offload import expert_routes
-    from slmc.runtime_tests.evaluate import evaluate
-    from slmc.targets import get_target
-    from slmc.targets.base import write_artifact
 
     torch.manual_seed(0)
     work = Path(a.work) / ("quick" if a.quick else f"L{a.layers}")
     work.mkdir(parents=True, exist_ok=True)
     src = api.resolve_model_path("default")
     tok = src / "tokenizer.json"
-    calib = torch.tensor(token_ids([a.calib_text], tok, a.calib_seqs * a.calib_len)[: a.calib_seqs * a.calib_len])
-    held = token_ids([a.eval_text], tok, a.eval_tokens)[: a.eval_tokens]
+    calib = torch.tensor(api.token_ids([a.calib_text], tok, a.calib_seqs * a.calib_len)[: a.calib_seqs * a.calib_len])
+    held = api.token_ids([a.eval_text], tok, a.eval_tokens)[: a.eval_tokens]
     dense = api.load(src, max_seq_len=a.max_seq_len)
     dense.layers, dense.blocks = list(range(a.layers)), [dense.block_at(d) for d in range(a.layers)]
     t0 = time.perf_counter()
@@ -212,36 +188,35 @@ def run(args) -> list[dict]:
         passes.append(f"quant.rtn:bits=8,group_size={g},embed_bits={a.ends_bits},head_bits={a.ends_bits},"
                       "act_bits=8,scale_dtype=bfloat16")
     t0 = time.perf_counter()
-    off, logs = PassManager([parse_pass(p) for p in passes + ["canon.fuse_projections"]]).run(copy.deepcopy(moe))
+    off, logs = api.run_passes(copy.deepcopy(moe), passes + ["canon.fuse_projections"])
     t_pass = time.perf_counter() - t0
-    quality = {name: evaluate(held, m, name, dense, window=min(256, a.max_seq_len), stride=128).to_dict()
+    quality = {name: api.evaluate_tokens(held, m, name, dense, window=min(256, a.max_seq_len), stride=128).to_dict()
                for name, m in (("dense", dense), ("moe float", moe), ("offloaded, quantized", off))}
     # routing trace of the held-out text, for the policy simulation
     n = len(held) // a.calib_len
-    routes = expert_routes(off, torch.tensor(held[: n * a.calib_len]).view(n, -1))
+    routes = api.expert_routes(off, torch.tensor(held[: n * a.calib_len]).view(n, -1))
     depths = sorted(routes)
     trans = {d: off.block_at(d).ffn.offload.transition for d in depths}
 
     folder = work / "artifact"
     old = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
-    if a.reuse_artifact and old.get("bench_passes") == passes:  # same IR pipeline: skip a half-hour lowering
-        print(f"reusing {folder} (lowered in {old['bench_lower_s']} s)", flush=True)
-        manifest, t_lower = old, old["bench_lower_s"]
+    reusable = old.get("bench_passes") == passes and "compile_seconds" in old
+    if a.reuse_artifact and reusable:  # same IR pipeline: skip a half-hour lowering
+        print(f"reusing {folder} (lowered in {old['compile_seconds']} s)", flush=True)
+        manifest = old
     else:
-        tgt = get_target("executorch")
         t0 = time.perf_counter()
-        art = tgt.lower(off, tgt.spec_class(backend="xnnpack"),
-                        progress=lambda m: print(f"  [{time.perf_counter() - t0:7.1f}s] {m}", flush=True))
-        t_lower = round(time.perf_counter() - t0, 1)
-        art.manifest.update(model={"layers": off.n_layers, "params": param_count(off)}, backend="xnnpack",
-                            bench_passes=passes, bench_lower_s=t_lower)
-        write_artifact(art, folder, src)
-        del art
-        manifest = json.loads((folder / "manifest.json").read_text())
+
+        def step(msg: str) -> None:
+            print(f"  [{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
+
+        _, manifest = api.compile_ir(off, "executorch", "xnnpack", folder, tokenizer=src, progress=step,
+                                     extra={"bench_passes": passes})
+    t_lower = round(manifest["compile_seconds"], 1)  # the lowering alone, as the manifest records it
     tokenizer = set((manifest.get("tokenizer") or {}).get("files", []))
     plan, sizes = manifest["moe_offload"], {n: b for n, b in manifest["files"].items() if n not in tokenizer}
 
-    prompt = token_ids([a.eval_text], tok, a.eval_tokens + 32)[a.eval_tokens:a.eval_tokens + 32]  # unseen text
+    prompt = api.token_ids([a.eval_text], tok, a.eval_tokens + 32)[a.eval_tokens:a.eval_tokens + 32]  # unseen text
     pf = work / "prompt.json"
     pf.write_text(json.dumps(prompt))
     ks = [int(k) for k in a.ks.split(",")] if a.ks else sorted({a.top_k, max(a.top_k, total // 8),
@@ -250,25 +225,26 @@ def run(args) -> list[dict]:
     rows, greedy = [], {}
     for name, k, predict, allres in configs:
         print(f"run {name} predict={predict}", flush=True)
-        r = spawn(["--worker", "run", "--folder", str(folder), "--k", str(k), "--predict", str(predict),
+        r = run_worker(["--worker", "run", "--folder", str(folder), "--k", str(k), "--predict", str(predict),
                    "--all-resident", str(allres), "--prompt-file", str(pf), "--steps", str(a.decode_steps)],
-                  work / "result.json")
+                       work / "result.json")
         greedy[name, predict] = r["tokens"]
         rows.append({"pass": "moe.offload", "variant": name + ("" if allres else (" +predict" if predict else " LRU")),
                      "cache_experts": k, "resident_expert_share": round(min(k, total) / total, 3),
-                     "predict": bool(predict), "peak_rss_mb": r["peak_rss_mb"], "model_rss_mb": r["model_rss_mb"],
+                     "predict": bool(predict), "peak_rss_mib": r["peak_rss_mib"], "model_rss_mib": r["model_rss_mib"],
                      "decode_tok_s": r["decode_tok_s"], "hit_rate": round(r["decode_hit_rate"], 4),
                      "bytes_read_per_token": round(r["decode_bytes_per_token"]),
                      "preloads_per_token": round(r["decode_preloads_per_token"], 2),
                      "max_resident": r["max_resident"]})
     same = len({tuple(v) for v in greedy.values()}) == 1
     common = {"layers": a.layers, "experts_per_layer": a.experts, "top_k": a.top_k, "routed_experts": total,
-              "artifact_mb": round(sum(sizes.values()) / 2**20, 2), "backbone_mb": round(plan["backbone_bytes"] / 2**20, 2),
-              "expert_file_kb": round(plan["layers"][0]["expert_bytes"][0] / 1024, 1),
-              "weights_mb_ir": round(weight_bytes(off) / 2**20, 2),
-              "expert_weights_mb": round(plan["expert_weight_bytes"] / 2**20, 2),
-              "backbone_weights_mb": round(plan["backbone_weight_bytes"] / 2**20, 2),
-              "kv_cache_mb": round(sum(2 * b.attn.n_kv_heads * b.attn.head_dim * a.max_seq_len * 4
+              "artifact_mib": round(sum(sizes.values()) / 2**20, 2),
+              "backbone_mib": round(plan["backbone_bytes"] / 2**20, 2),
+              "expert_file_kib": round(plan["layers"][0]["expert_bytes"][0] / 1024, 1),
+              "ir_weights_mib": round(api.weight_bytes(off) / 2**20, 2),
+              "expert_weights_mib": round(plan["expert_weight_bytes"] / 2**20, 2),
+              "backbone_weights_mib": round(plan["backbone_weight_bytes"] / 2**20, 2),
+              "kv_cache_mib": round(sum(2 * b.attn.n_kv_heads * b.attn.head_dim * a.max_seq_len * 4
                                        for b in map(off.block_at, range(off.n_layers))) / 2**20, 2),
               "ppl": round(quality["offloaded, quantized"]["perplexity"], 3),
               "kl_vs_dense": round(quality["offloaded, quantized"]["kl_divergence"], 4),
@@ -279,36 +255,32 @@ def run(args) -> list[dict]:
     report = {"machine": machine(), "setup": {**vars(a), "plan_cache_experts": k_plan, "passes": passes},
               "pass_info": logs[0].info, "quality": quality, "rows": rows, "simulation": sim,
               "greedy_tokens_equal_across_runs": same, "trace_tokens": n * a.calib_len}
-    RESULTS = HERE / "results"
-    RESULTS.mkdir(exist_ok=True)
-    stem = "arch_moe-quick" if a.quick else "arch_moe"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(report))
+    write_results("arch_moe-quick" if a.quick else "arch_moe", report, echo=False)
     return rows
-
-
-def machine() -> dict:
-    mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
-    return {"cores": os.cpu_count(), "mem_gib": round(mem, 1), "python": platform.python_version(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
 def markdown(rep: dict) -> str:
     s, c = rep["setup"], rep["rows"][0]
     full = " (the full model)" if s["layers"] == 30 else " (scaled down from 30 layers: compile time on this host)"
     q = rep["quality"]
+    # results of runs before backbone/ends quantization and the weight split were recorded lack those fields
+    bb, eb = s.get("backbone_bits"), s.get("ends_bits")
+    backbone = f"backbone linears {bb}-bit per channel" if bb else "float backbone linears"
+    ends = f"embedding and head {eb}-bit" if eb else "float embedding and head"
+    split = (f" (IR weights: experts {c['expert_weights_mib']} MiB, the rest {c['backbone_weights_mib']} MiB)"
+             if "expert_weights_mib" in c else "")
+    passes = f" Passes: `{'` then `'.join(s['passes'])}`." if "passes" in s else ""
     lines = [
         f"# moe.offload on SmolLM2-135M upcycled: {c['layers']} layers{full}, {c['experts_per_layer']} experts, "
         f"top-{c['top_k']}",
         "",
         f"{rep['machine']['date']}, {rep['machine']['cores']} cores (shared host: tok/s are noisy). Experts 4-bit "
-        f"g32, backbone linears {s['backbone_bits'] or 'float'}-bit per channel, embedding and head "
-        f"{s['ends_bits'] or 'float'}-bit, int8 dynamic activations (XNNPACK 8da4w/8da8w); "
+        f"g32, {backbone}, {ends}, int8 dynamic activations (XNNPACK 8da4w{'/8da8w' if bb or eb else ''}); "
         f"{c['routed_experts']} routed experts, "
-        f"one `.pte` each ({c['expert_file_kb']} KiB); backbone {c['backbone_mb']} MiB; artifact {c['artifact_mb']} MiB "
-        f"(IR weights: experts {c['expert_weights_mb']} MiB, the rest {c['backbone_weights_mb']} MiB); "
-        f"KV cache {c['kv_cache_mb']} MiB at max_len {s['max_seq_len']}. Passes {c['pass_s']} s, lowering "
-        f"{c['lower_s']} s. Passes: `{'` then `'.join(s['passes'])}`.",
+        f"one `.pte` each ({c['expert_file_kib']} KiB); backbone {c['backbone_mib']} MiB; artifact "
+        f"{c['artifact_mib']} MiB{split}; "
+        f"KV cache {c['kv_cache_mib']} MiB at max_len {s['max_seq_len']}. Passes {c['pass_s']} s, lowering "
+        f"{c['lower_s']} s.{passes}",
         "",
         "## Quality (reference executor, held-out text, "
         f"{q['dense']['tokens_scored']} tokens)",
@@ -323,16 +295,16 @@ def markdown(rep: dict) -> str:
               "| variant | resident share | peak RSS MiB | model RSS MiB | hit rate | expert bytes read / token | "
               "preloads / token | decode tok/s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rep["rows"]:
-        lines.append(f"| {r['variant']} | {r['resident_expert_share']:.0%} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['model_rss_mb']:.0f} | {r['hit_rate']:.1%} | {r['bytes_read_per_token'] / 1024:.0f} KiB | "
+        lines.append(f"| {r['variant']} | {r['resident_expert_share']:.0%} | {r['peak_rss_mib']:.0f} | "
+                     f"{r['model_rss_mib']:.0f} | {r['hit_rate']:.1%} | {r['bytes_read_per_token'] / 1024:.0f} KiB | "
                      f"{r['preloads_per_token']} | {r['decode_tok_s']} |")
     full_row = next(r for r in rep["rows"] if r["variant"] == "all resident")
-    saved = [f"K={r['cache_experts']} ({r['resident_expert_share']:.0%} of experts): {r['model_rss_mb']:.0f} MiB "
-             f"({1 - r['model_rss_mb'] / full_row['model_rss_mb']:.0%} less)" for r in rep["rows"] if r["predict"]
+    saved = [f"K={r['cache_experts']} ({r['resident_expert_share']:.0%} of experts): {r['model_rss_mib']:.0f} MiB "
+             f"({1 - r['model_rss_mib'] / full_row['model_rss_mib']:.0%} less)" for r in rep["rows"] if r["predict"]
              and r["variant"] != "all resident"]
     lines += ["", f"Greedy tokens identical across all runs: {'yes' if rep['greedy_tokens_equal_across_runs'] else 'NO'}. "
               "Model RSS = peak RSS minus the process's RSS before loading the model (python, torch, executorch). "
-              f"Model RSS with everything resident: {full_row['model_rss_mb']:.0f} MiB; with offload "
+              f"Model RSS with everything resident: {full_row['model_rss_mib']:.0f} MiB; with offload "
               + "; ".join(saved) + ". Hit rate = routed-expert requests served by a resident expert (kept or "
               "preloaded). Bytes read count every expert file loaded, preloads included; the runner loads "
               "synchronously, so decode tok/s pays for every load (on a phone a preload would overlap the "
@@ -355,6 +327,7 @@ def parse_args(argv=None):
     for k, v in DEFAULTS.items():
         if k not in ("quick", "reuse_artifact"):
             p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=None)
+    p.add_argument("--render", action="store_true", help="only re-render results/*.md from the .json")
     p.add_argument("--worker", default=None)
     p.add_argument("--folder"), p.add_argument("--k", type=int), p.add_argument("--predict", type=int)
     p.add_argument("--all-resident", type=int, default=0), p.add_argument("--prompt-file")
@@ -364,7 +337,9 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     args = parse_args()
-    if args.worker == "run":
+    if args.render:
+        render("arch_moe")
+    elif args.worker == "run":
         Path(args.result).write_text(json.dumps(worker_run(args)))
     else:
         for row in run(args):

@@ -10,7 +10,7 @@ KL(original || shared) and top-1 agreement on one novel through the reference ex
 (slmc.runtime_tests.evaluate) after calibrating on another, then save the IR (ir.json +
 safetensors, sharing preserved), compile it to an artifact and record its size.
 `run(args)` returns the rows (for bench/arch.py); `__main__` also writes
-bench/results/arch_share{,-quick}.{json,md}.
+bench/results/arch_share{,-quick}.{json,md} (`--render`: the .md again from the .json).
 """
 
 from __future__ import annotations
@@ -20,29 +20,21 @@ import datetime
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-CORPUS = ROOT.parent / "shared" / "corpus"
+from _common import CORPUS, ROOT, MiB, peak_rss_mib, render, spawn, tiny_model, write_results
+
 DEFAULTS = {"model": "default", "modes": "block,ffn", "budgets": "0.1,0.2", "calib": str(CORPUS / "austen_emma.txt"),
             "eval": str(CORPUS / "austen_mansfieldpark.txt"), "n_seqs": 8, "seq_len": 256, "eval_tokens": 2048,
             "window": 512, "stride": 256, "max_seq_len": 512, "target": "tflite", "backend": "cpu",
             "quick": False}
-MiB = 1 << 20
 
 
 def _opt(args, name):
     return getattr(args, name, None) if getattr(args, name, None) is not None else DEFAULTS[name]
-
-
-def _peak_mb() -> float:  # peak RSS of this process so far (Linux: KiB)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def kv_cache_bytes(ir) -> int:
@@ -59,21 +51,16 @@ def _artifact_bytes(manifest: dict) -> int:
 def worker(cfg: dict) -> dict:
     """One configuration, start to end, in this (fresh) process."""
     from slmc import api
-    from slmc.compiler.ir import param_count, weight_bytes
-    from slmc.compiler.pass_manager import PassManager, parse_pass
-    from slmc.compiler.serialize import save_ir
-    from slmc.compiler.textdata import token_ids
-    from slmc.runtime_tests.evaluate import evaluate
 
     row = {"config": cfg["name"], "mode": cfg.get("mode"), "budget": cfg.get("budget")}
     src = api.resolve_model_path(cfg["model"])
     ir = api.load(src, max_seq_len=cfg["max_seq_len"])
-    row["peak_rss_load_mb"] = round(_peak_mb(), 1)
+    row["peak_rss_load_mib"] = round(peak_rss_mib(), 1)
     if cfg.get("mode"):
         spec = (f"arch.share_layers:mode={cfg['mode']},budget={cfg['budget']},calib={cfg['calib']},"
                 f"n_seqs={cfg['n_seqs']},seq_len={cfg['seq_len']}")
         t0 = time.perf_counter()
-        ir, logs = PassManager([parse_pass(spec)]).run(ir)
+        ir, logs = api.run_passes(ir, [spec])
         row["pass_seconds"] = round(time.perf_counter() - t0, 2)
         info = logs[0].info
         row.update({k: info.get(k) for k in ("pairs", "calib_error", "calib_kl", "calib_top1", "merge_wins",
@@ -81,14 +68,14 @@ def worker(cfg: dict) -> dict:
         row["shared"] = [{"depths": s["depths"], "merge": s["merge"], "error": s["error"]} for s in info["shared"]]
     else:
         row["pairs"] = 0
-    row["peak_rss_pass_mb"] = round(_peak_mb(), 1)
-    row.update({"blocks": len(ir.blocks), "layers": ir.n_layers, "params": param_count(ir),
-                "weight_bytes": weight_bytes(ir), "kv_cache_bytes": kv_cache_bytes(ir)})
+    row["peak_rss_pass_mib"] = round(peak_rss_mib(), 1)
+    row.update({"blocks": len(ir.blocks), "layers": ir.n_layers, "params": api.param_count(ir),
+                "weight_bytes": api.weight_bytes(ir), "kv_cache_bytes": kv_cache_bytes(ir)})
     tok = api.tokenizer_dir(src) / "tokenizer.json"
-    ids = token_ids([cfg["eval"]], tok, min_tokens=cfg["window"] + 1, max_tokens=cfg["eval_tokens"],
+    ids = api.token_ids([cfg["eval"]], tok, min_tokens=cfg["window"] + 1, max_tokens=cfg["eval_tokens"],
                     what="evaluation text")
     ref = api.load(src) if cfg.get("mode") else None
-    rep = evaluate(ids, ir, cfg["name"], ref, window=cfg["window"], stride=cfg["stride"])
+    rep = api.evaluate_tokens(ids, ir, cfg["name"], ref, window=cfg["window"], stride=cfg["stride"])
     row.update({"perplexity": round(rep.perplexity, 4), "eval_tokens": rep.tokens_scored,
                 "eval_seconds": rep.seconds})
     if ref is not None:
@@ -97,29 +84,18 @@ def worker(cfg: dict) -> dict:
     del ref
     with tempfile.TemporaryDirectory(prefix="slmc-share-bench-") as tmp:
         t0 = time.perf_counter()
-        folder = save_ir(ir, Path(tmp) / "ir")
+        folder = api.save_ir(ir, Path(tmp) / "ir")
         del ir
-        _, manifest = api.compile_model(folder, cfg["target"], cfg["backend"], Path(tmp) / "art",
-                                        max_seq_len=cfg["max_seq_len"])
+        _, manifest = api.compile(api.CompileOptions(folder, cfg["target"], cfg["backend"], Path(tmp) / "art",
+                                                     max_seq_len=cfg["max_seq_len"]))
         row.update({"artifact": manifest["artifact"], "artifact_bytes": _artifact_bytes(manifest),
                     "compile_seconds": round(time.perf_counter() - t0, 2)})
-    row["peak_rss_total_mb"] = round(_peak_mb(), 1)
+    row["peak_rss_total_mib"] = round(peak_rss_mib(), 1)
     return row
 
 
 def _quick_model(work: Path) -> str:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny import save_ascii_tokenizer, save_hf_model
-
-    from slmc.compiler.families.llama import tiny_config
-
-    d = work / "tiny"
-    if not (d / "config.json").is_file():
-        cfg = tiny_config()
-        cfg.update(num_hidden_layers=10, hidden_size=128, intermediate_size=256)
-        save_hf_model(cfg, d)
-        save_ascii_tokenizer(d)
-    return str(d)
+    return tiny_model(work, num_hidden_layers=10, hidden_size=128, intermediate_size=256)
 
 
 def settings(args) -> dict:
@@ -155,16 +131,11 @@ def run(args) -> list[dict]:
         if key in done:
             rows.append(done[key])
             continue
-        res = work / "row.json"
-        t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg), "--result", str(res)],
-                           env=env, cwd=ROOT, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise RuntimeError(f"{cfg['name']} failed:\n{p.stderr[-3000:]}")
-        row = json.loads(res.read_text())
-        row["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        row = spawn(__file__, ["--worker", json.dumps(cfg)], work / "row.json", env=env, cwd=ROOT, errors="record")
+        if "error" in row:
+            raise RuntimeError(f"{cfg['name']} failed: {row['error']}")
         print(f"  {row['config']}: {row['weight_bytes'] / MiB:.1f} MiB weights, ppl {row['perplexity']}, "
-              f"{row['wall_seconds']} s", file=sys.stderr, flush=True)
+              f"{row['wall_s']} s", file=sys.stderr, flush=True)
         rows.append(row)
         done[key] = row
         cache.write_text(json.dumps(done))
@@ -176,7 +147,8 @@ def run(args) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+def markdown(data: dict) -> str:
+    rows, meta = data["rows"], data["meta"]
     lines = [f"# arch.share_layers on {meta['model']}", "",
              f"{meta['date']} · {meta['machine']} · calibration: {meta['calib']} ({meta['n_seqs']}x{meta['seq_len']} "
              f"tokens) · evaluation: {meta['eval']} ({rows[0]['eval_tokens']} tokens scored, window "
@@ -194,7 +166,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{r['weight_bytes_saved'] / MiB:.1f} | {r['kv_cache_bytes'] / MiB:.1f} | {r['artifact_bytes'] / MiB:.1f} | "
             f"{r['artifact_bytes_saved'] / MiB:.1f} | {r['perplexity']:.3f} | "
             f"{r['perplexity'] - r['baseline_perplexity']:+.3f} | {f('kl')} | {f('top1')} | {f('calib_kl')} | "
-            f"{merges} | {f('pass_seconds', '{:.1f}')} | {r['peak_rss_pass_mb']:.0f} |")
+            f"{merges} | {f('pass_seconds', '{:.1f}')} | {r['peak_rss_pass_mib']:.0f} |")
     lines += ["", "Pairs chosen (depths, merge, calibration error at the pair's output):", ""]
     for r in rows[1:]:
         pairs = "; ".join(f"{s['depths']} {s['merge']} {s['error']:.4f}" for s in r.get("shared") or [])
@@ -212,11 +184,7 @@ def main(a) -> None:
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": f"{platform.processor() or platform.machine()} · {os.cpu_count()} cores", **settings(a)}
     meta["calib"], meta["eval"] = Path(meta["calib"]).name, Path(meta["eval"]).name
-    stem = "arch_share-quick" if a.quick else "arch_share"
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    (HERE / "results" / f"{stem}.md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+    write_results("arch_share-quick" if a.quick else "arch_share", {"meta": meta, "rows": rows})
 
 
 def parser() -> argparse.ArgumentParser:
@@ -227,15 +195,17 @@ def parser() -> argparse.ArgumentParser:
         else:
             ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     ap.add_argument("--resume", action="store_true", help="reuse the rows a crashed run finished")
+    ap.add_argument("--render", action="store_true", help="only re-render results/*.md from the .json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     return ap
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     args = parser().parse_args()
-    if args.worker:
+    if args.render:
+        render("arch_share")
+    elif args.worker:
         Path(args.result).write_text(json.dumps(worker(json.loads(args.worker))))
     else:
         main(args)

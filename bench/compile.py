@@ -5,7 +5,7 @@
     python bench/compile.py --quick        # tiny random Llama, smoke test in ~1 min
 
 Measures, for the same HF folder (fp32) and the same max_seq_len:
- (a) slmc: `compile_model(..., target="executorch", backend="xnnpack")` -> .pte;
+ (a) slmc: `api.compile(CompileOptions(..., target="executorch", backend="xnnpack"))` -> .pte;
  (b) reference: transformers `TorchExportableModuleForDecoderOnlyLM` (static cache, batch 1)
      -> torch.export (T dynamic) -> `to_edge_transform_and_lower([XnnpackPartitioner()])`
      -> `.to_executorch()` (same ExecutorchBackendConfig as slmc) -> .pte.
@@ -14,45 +14,20 @@ are per path; the workers also log per-phase time and peak RSS so far. Then one 
 subprocess loads both .pte files in executorch.runtime (pybindings), prefills a fixed
 ~16-token prompt and times greedy single-token decode steps (median over repeats,
 alternating the two programs), and checks both produce the same greedy tokens.
-Writes bench/results/compile{,-quick}.json and .md.
+Writes bench/results/compile{,-quick}.json and .md (`--render`: the .md again from the .json).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import math
 import os
-import platform
-import resource
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-PROMPT = "The quick brown fox jumps over the lazy dog. Write a short story about a robot who"
-
-
-def _rss_mb() -> float:  # peak RSS of this process so far (Linux: KiB)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class Phases:
-    def __init__(self):
-        self.t0 = self.last = time.perf_counter()
-        self.name, self.rows = "startup+imports", []
-
-    def __call__(self, name: str):
-        now = time.perf_counter()
-        self.rows.append({"phase": self.name, "seconds": round(now - self.last, 2),
-                          "peak_rss_mb_after": round(_rss_mb(), 1)})
-        self.name, self.last = name, now
+from _common import (RESULTS, Phases, bench_setup, busy_processes, common_args, machine, others_seen, phase_table,
+                     prompt_ids, render, spawn, weight_count, write_results)
 
 
 def _backend_config():
@@ -69,8 +44,8 @@ def worker_slmc(model: str, out: Path, max_seq_len: int, ph: Phases) -> dict:
     from slmc import api
 
     ph("compile_model setup")  # slmc imports torch/executorch lazily, inside its phases
-    path, manifest = api.compile_model(model, "executorch", "xnnpack", out, max_seq_len=max_seq_len,
-                                       progress=ph)
+    path, manifest = api.compile(api.CompileOptions(model, "executorch", "xnnpack", out, max_seq_len=max_seq_len),
+                                 progress=ph)
     ph("done")
     return {"pte": str(path / "model.pte"), "params": manifest["model"]["params"]}
 
@@ -164,56 +139,6 @@ def worker_main(a) -> None:
     Path(a.result).write_text(json.dumps(out))
 
 
-def spawn(args: list[str], result: Path, script: str = __file__, python: str = sys.executable) -> dict:
-    """Run a worker of `script` in a fresh interpreter; return its result + wall time and peak RSS."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen([python, str(Path(script).resolve()), *args, "--result", str(result)])
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise SystemExit(f"worker {args[:2]} failed with exit code {p.returncode}")
-    out = json.loads(result.read_text())
-    out.update(wall_s=round(wall, 2), cpu_s=round(ru.ru_utime + ru.ru_stime, 2),
-               peak_rss_mb=round(ru.ru_maxrss / 1024, 1))
-    return out
-
-
-def busy_processes() -> list[str]:
-    """Other python/slmc processes (not ours) running while we measure."""
-    r = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()
-    me = {os.getpid(), os.getppid()}
-    return [l.strip()[:120] for l in r[1:] if ("python" in l or "slmc" in l) and int(l.split()[0]) not in me
-            and int(l.split()[1]) not in me and "ps -eo" not in l]
-
-
-def machine() -> dict:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
-    vers = {k: metadata.version(k) for k in ("torch", "executorch", "transformers")}
-    mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
-    return {"cores": os.cpu_count(), "cpu": cpu, "mem_gib": round(mem, 1), "python": platform.python_version(),
-            **vers, "date": datetime.datetime.now().isoformat(timespec="seconds")}
-
-
-def prompt_ids(model_dir: Path, vocab: int) -> list[int]:
-    if (model_dir / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(PROMPT).ids[:16]
-    return [(7 * i + 3) % vocab for i in range(16)]
-
-
-def weight_count(model_dir: Path) -> int:
-    from safetensors import safe_open
-
-    n = 0
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
-    return n
-
-
 def markdown(r: dict) -> str:
     s, f, m, g = r["slmc"], r["reference"], r["machine"], r["goals"]
     yn = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
@@ -224,7 +149,7 @@ def markdown(r: dict) -> str:
              "| path | compile wall (s) | compile CPU (s) | peak RSS (MiB) | .pte (MiB) | decode tok/s "
              "| prefill 16 tok (ms) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, x in (("slmc", s), ("reference (transformers)", f)):
-        lines.append(f"| {name} | {x['wall_s']:.1f} | {x.get('cpu_s', float('nan')):.1f} | {x['peak_rss_mb']:.0f} | "
+        lines.append(f"| {name} | {x['wall_s']:.1f} | {x.get('cpu_s', float('nan')):.1f} | {x['peak_rss_mib']:.0f} | "
                      f"{x['pte_bytes'] / 2**20:.1f} | "
                      f"{x['decode_tok_s']:.1f} | {x['prefill_ms']:.1f} |")
     lines += ["", "| goal | measured | target | result |", "|---|---:|---:|---|"]
@@ -241,56 +166,16 @@ def markdown(r: dict) -> str:
     return "\n".join(lines + others_seen(r["other_processes"]))
 
 
-def phase_table(name: str, phases: list[dict]) -> list[str]:
-    lines = [f"{name} phases (in-worker; peak RSS so far):", "", "| phase | s | peak RSS (MiB) |", "|---|---:|---:|"]
-    return lines + [f"| {p['phase']} | {p['seconds']} | {p['peak_rss_mb_after']:.0f} |" for p in phases] + [""]
-
-
-def others_seen(procs: list[str]) -> list[str]:
-    if not procs:
-        return []
-    return ["Other python/slmc processes seen during the run (timings may overlap them):", ""] + \
-        [f"- `{p}`" for p in procs] + [""]
-
-
-def tiny_model(work: Path) -> str:
-    """--quick: a tiny random Llama with a byte-level tokenizer, in `work`."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny import save_ascii_tokenizer, save_hf_model
-
-    from slmc.compiler.families.llama import tiny_config
-
-    model = work / "tiny"
-    save_hf_model(tiny_config(), model)
-    save_ascii_tokenizer(model)
-    return str(model)
-
-
-def bench_setup(a, prefix: str) -> tuple[Path, Path]:
-    """A fresh work folder and the model folder (--quick: a tiny random Llama made in it)."""
-    os.environ.setdefault("SLMC_CACHE", "/tmp/slmc-cache")
-    sys.path.insert(0, str(ROOT))
-    work = Path(tempfile.mkdtemp(prefix=prefix))
-    from slmc.api import resolve_model_path
-
-    return work, resolve_model_path(tiny_model(work) if a.quick else a.model)
-
-
-def write_results(stem: str, r: dict, markdown) -> None:
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(r))
-    print(markdown(r))
-
-
-def common_args(ap: argparse.ArgumentParser, steps: int, repeats: int) -> None:
-    """The options every bench script takes (model, cache length, --quick, decode timing)."""
-    ap.add_argument("--model", default="default", help="HF folder, or 'default' (SmolLM2-135M-Instruct)")
-    ap.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default 512; 128 with --quick)")
-    ap.add_argument("--quick", action="store_true", help="tiny random Llama, for a fast smoke test")
-    ap.add_argument("--steps", type=int, default=steps, help="decode steps per repeat")
-    ap.add_argument("--repeats", type=int, default=repeats, help="timed repeats (after one warm-up)")
+def notes(r: dict) -> str | None:
+    """bench/README.md's paragraph on an earlier full run (kept in the results file's notes)."""
+    e = (r.get("notes") or {}).get("earlier_run")
+    if not e:
+        return None
+    s, f = e["slmc"], e["reference"]
+    return (f"Earlier full run (finished {e['date']}, less contention during the slmc compile, heavy during "
+            f"the reference): slmc {s['wall_s']:.1f} s wall / {s['peak_rss_mib']:.0f} MiB peak RSS; reference "
+            f"{f['wall_s']:.1f} s / {f['peak_rss_mib']:.0f} MiB; decode {s['decode_tok_s']:.1f} vs "
+            f"{f['decode_tok_s']:.1f} tok/s (noisy); greedy tokens {'agreed' if e['greedy_agree'] else 'differed'}.")
 
 
 def main(a) -> None:
@@ -301,23 +186,23 @@ def main(a) -> None:
     stem = "compile-quick" if a.quick else "compile"
     res: dict = {}
     if a.decode_only:  # re-time decode of the .pte files a previous full run left behind
-        prev = json.loads((HERE / "results" / f"{stem}.json").read_text())
+        prev = json.loads((RESULTS / f"{stem}.json").read_text())
         res = {k: prev[k] for k in ("slmc", "reference")}
         others |= set(prev["other_processes"])
     for name in () if a.decode_only else ("slmc", "reference"):
         print(f"== compiling with {name} ...", flush=True)
         load = os.getloadavg()[0]
-        res[name] = spawn(["--worker", "slmc" if name == "slmc" else "ref", *common,
-                           "--out", str(work / name)], work / f"{name}.json")
+        res[name] = spawn(__file__, ["--worker", "slmc" if name == "slmc" else "ref", *common,
+                                     "--out", str(work / name)], work / f"{name}.json")
         res[name].update(pte_bytes=Path(res[name]["pte"]).stat().st_size, loadavg_1m_before=load)
         others |= set(busy_processes())
-        print(f"   {name}: {res[name]['wall_s']} s, peak RSS {res[name]['peak_rss_mb']} MiB", flush=True)
+        print(f"   {name}: {res[name]['wall_s']} s, peak RSS {res[name]['peak_rss_mib']} MiB", flush=True)
     ids = prompt_ids(model_dir, cfg["vocab_size"])
     print("== decode timing ...", flush=True)
     load = os.getloadavg()[0]
-    dec = spawn(["--worker", "decode", "--ptes", json.dumps({k: res[k]["pte"] for k in ("slmc", "reference")}),
-                 "--prompt-ids", json.dumps(ids), "--steps", str(a.steps), "--repeats", str(a.repeats)],
-                work / "decode.json")
+    ptes = json.dumps({k: res[k]["pte"] for k in ("slmc", "reference")})
+    dec = spawn(__file__, ["--worker", "decode", "--ptes", ptes, "--prompt-ids", json.dumps(ids), "--steps",
+                           str(a.steps), "--repeats", str(a.repeats)], work / "decode.json", rusage=False)
     others |= set(busy_processes())
     for k in ("slmc", "reference"):
         res[k].update(decode_tok_s=dec[k]["decode_tok_s"], decode_tok_s_all=dec[k]["tok_s"],
@@ -335,8 +220,8 @@ def main(a) -> None:
          "greedy": {"slmc": gs, "reference": gr, "agree": gs == gr, "common_prefix": prefix},
          "goals": {"slmc wall / reference wall": (s["wall_s"] / f["wall_s"], "≤ 0.5",
                                                   s["wall_s"] <= 0.5 * f["wall_s"]),
-                   "slmc peak RSS / fp32 weight bytes": (s["peak_rss_mb"] * 2**20 / fp32, "≤ 1.5",
-                                                        s["peak_rss_mb"] * 2**20 <= 1.5 * fp32),
+                   "slmc peak RSS / fp32 weight bytes": (s["peak_rss_mib"] * 2**20 / fp32, "≤ 1.5",
+                                                        s["peak_rss_mib"] * 2**20 <= 1.5 * fp32),
                    "slmc decode tok/s / reference": (s["decode_tok_s"] / f["decode_tok_s"], "≥ 1.2",
                                                      s["decode_tok_s"] >= 1.2 * f["decode_tok_s"])},
          "info": {"slmc CPU s / reference CPU s (compile)": s["cpu_s"] / f["cpu_s"]} if "cpu_s" in s else {},
@@ -345,16 +230,17 @@ def main(a) -> None:
         from tokenizers import Tokenizer
 
         r["greedy"]["slmc_text"] = Tokenizer.from_file(str(model_dir / "tokenizer.json")).decode(gs)
-    write_results(stem, r, markdown)
+    write_results(stem, r)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common_args(ap, steps=64, repeats=5)
+    ap.add_argument("--render", action="store_true", help="only re-render results/*.md from the .json")
     ap.add_argument("--decode-only", action="store_true", help="re-time decode of the last run's .pte files")
     ap.add_argument("--worker", choices=("slmc", "ref", "decode"), help=argparse.SUPPRESS)
     [ap.add_argument(k, help=argparse.SUPPRESS) for k in ("--out", "--result", "--ptes", "--prompt-ids")]
     args = ap.parse_args()
     if args.max_seq_len is None:
         args.max_seq_len = 128 if args.quick else 512
-    worker_main(args) if args.worker else main(args)
+    render("compile") if args.render else worker_main(args) if args.worker else main(args)

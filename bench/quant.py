@@ -11,7 +11,7 @@ against the fp32 model on the same windows. "size" is what the weights occupy in
 (codes at their bit width + fp32 scales) and the ideal params x bits / 8 + scales.
 The default model's weights come from a Q4_1 GGUF: asymmetric g32 RTN is nearly lossless
 on it by construction, so the table reports symmetric codes (the real test).
-Writes bench/results/quant{,-quick}.{json,md}.
+Writes bench/results/quant{,-quick}.{json,md} (`--render`: the .md again from the .json).
 """
 
 from __future__ import annotations
@@ -21,16 +21,12 @@ import datetime
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
+from _common import CORPUS, RESULTS, peak_rss_mib, render, spawn, tiny_model, write_results
 
 
 def variants(groups: list[int], calib: str, seqs: int, seq_len: int) -> list[tuple[str, list[str]]]:
@@ -48,50 +44,42 @@ def variants(groups: list[int], calib: str, seqs: int, seq_len: int) -> list[tup
     return out
 
 
-def worker(args) -> None:
-    """One variant: passes, then eval; prints one JSON line."""
+def worker(args) -> dict:
+    """One variant: passes, then eval."""
     import torch
 
-    from slmc.api import load
-    from slmc.compiler.ir import QuantWeight, named_weights, weight_bytes
-    from slmc.compiler.pass_manager import PassManager, parse_pass
-    from slmc.compiler.textdata import find_tokenizer_dir, token_ids
-    from slmc.runtime_tests.evaluate import evaluate
+    from slmc import api
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    model = load(args.model)
-    ref = load(args.model) if args.passes else None
+    model = api.load(args.model)
+    ref = api.load(args.model) if args.passes else None
     t0 = time.time()
-    model, _ = PassManager([parse_pass(p) for p in args.passes]).run(model)
+    model, _ = api.run_passes(model, args.passes)
     seconds = time.time() - t0
-    rss_pass = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_pass = peak_rss_mib()
     ideal = 0
-    for _, w in named_weights(model):
-        if isinstance(w, QuantWeight):
+    for _, w in api.named_weights(model):
+        if isinstance(w, api.QuantWeight):
             ideal += w.numel() * w.bits // 8 + w.scales.numel() * 4 + (w.zeros.numel() * 4 if w.zeros is not None else 0)
         else:
             ideal += w.numel() * 4
-    tok = find_tokenizer_dir(model.source.get("path")) / "tokenizer.json"
-    ids = token_ids([args.eval_text], tok, min_tokens=args.window)[:args.eval_tokens]
-    rep = evaluate(ids, model, args.name, ref, window=args.window, stride=args.window // 2)
-    print(json.dumps({"variant": args.name, "passes": args.passes, "pass_seconds": round(seconds, 1),
-                      "peak_rss_mb_after_pass": round(rss_pass), "weight_bytes": weight_bytes(model),
-                      "ideal_bytes": ideal, **rep.to_dict()}))
+    tok = api.tokenizer_dir(model.source.get("path")) / "tokenizer.json"
+    ids = api.token_ids([args.eval_text], tok, min_tokens=args.window)[:args.eval_tokens]
+    rep = api.evaluate_tokens(ids, model, args.name, ref, window=args.window, stride=args.window // 2)
+    return {"variant": args.name, "passes": args.passes, "pass_seconds": round(seconds, 1),
+            "peak_rss_mib_after_pass": round(rss_pass), "weight_bytes": api.weight_bytes(model),
+            "ideal_bytes": ideal, **rep.to_dict()}
 
 
-def run_variant(name: str, passes: list[str], a) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--name", name, "--model", a.model, "--eval-text", a.eval_text,
-           "--eval-tokens", str(a.eval_tokens), "--window", str(a.window)] + sum((["--pass", p] for p in passes), [])
-    err = tempfile.TemporaryFile(mode="w+")
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-    out = p.stdout.read()
-    _, status, ru = os.wait4(p.pid, 0)
-    if status != 0:  # slmc's own one-line error is the last line (e.g. a group size that does not divide)
-        err.seek(0)
-        last = [ln for ln in err.read().splitlines() if ln.strip()][-1:] or [f"exit {status}"]
-        return {"variant": name, "error": last[0][:300]}
-    row = json.loads(out.strip().splitlines()[-1])
-    row["peak_rss_mb"] = round(ru.ru_maxrss / 1024)
+def run_variant(name: str, passes: list[str], a, work: Path) -> dict:
+    args = ["--worker", "--name", name, "--model", a.model, "--eval-text", a.eval_text, "--eval-tokens",
+            str(a.eval_tokens), "--window", str(a.window)] + sum((["--pass", p] for p in passes), [])
+    row = spawn(__file__, args, work / "row.json", errors="record")
+    if "error" in row:
+        return {"variant": name, "error": row["error"]}
+    row["peak_rss_mib"] = round(row["peak_rss_mib"])
+    for k in ("wall_s", "cpu_s"):  # the table times the pass itself (pass_seconds)
+        row.pop(k)
     return row
 
 
@@ -119,7 +107,8 @@ def verdicts(rows: list[dict], base: float | None) -> list[tuple[str, str, str]]
     return out
 
 
-def table(rows: list[dict], meta: dict) -> str:
+def markdown(data: dict) -> str:
+    rows, meta = data["rows"], data["meta"]
     lines = [f"# Quantization benchmark ({meta['model']})", "",
              f"{meta['date']}, {meta['machine']}. Calibration: {meta['calibration']}. "
              f"Evaluation: {meta['evaluation']}.", "",
@@ -135,7 +124,7 @@ def table(rows: list[dict], meta: dict) -> str:
         t1 = f"{100 * r['top1_agreement']:.1f} %" if r.get("top1_agreement") is not None else "-"
         lines.append(f"| {r['variant']} | {r['perplexity']:.2f} | {d} | {kl} | {t1} | "
                      f"{r['weight_bytes'] / 2**20:.1f} | {r['ideal_bytes'] / 2**20:.1f} | {r['pass_seconds']} | "
-                     f"{r['peak_rss_mb']} |")
+                     f"{r['peak_rss_mib']} |")
     lines += ["", "Goals (issue 4): GPTQ and AWQ strictly better than RTN at every group size; best int4 g32 "
               "within +5 % of fp32 perplexity; AWQ/GPTQ under 10 min each on this 2-core machine.",
               "Weights come from a Q4_1 GGUF (asymmetric g32): symmetric int4 is the real test."]
@@ -152,10 +141,12 @@ def table(rows: list[dict], meta: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--render", action="store_true", help="only re-render results/*.md from the .json")
     ap.add_argument("--name", default="")
     ap.add_argument("--pass", dest="passes", action="append", default=[])
     ap.add_argument("--model", default="default")
-    ap.add_argument("--corpus", default=str(ROOT.parent / "shared" / "corpus"))
+    ap.add_argument("--corpus", default=str(CORPUS))
     ap.add_argument("--calib-text", default=None, help="default: CORPUS/austen_emma.txt")
     ap.add_argument("--eval-text", default=None, help="default: CORPUS/austen_prideprejudice.txt (another novel)")
     ap.add_argument("--eval-tokens", type=int, default=4096)
@@ -167,30 +158,27 @@ def main() -> None:
     ap.add_argument("--append", action="store_true",
                     help="keep the measured rows of the last results file; run only the missing or failed ones")
     a = ap.parse_args()
+    if a.render:
+        return render("quant")
     if a.worker:
-        return worker(a)
+        Path(a.result).write_text(json.dumps(worker(a)))
+        return
     corpus = Path(a.corpus)
     a.calib_text = a.calib_text or str(corpus / "austen_emma.txt")
     a.eval_text = a.eval_text or str(corpus / "austen_prideprejudice.txt")
     suffix = ""
     if a.quick:  # tiny random model: exercises every path in about a minute
-        from tests.tiny import save_ascii_tokenizer, save_hf_model
-
-        from slmc.compiler.families.llama import tiny_config
-
-        d = Path("/tmp/slmc-bench-quant-tiny")
-        if not d.exists():
-            save_hf_model(tiny_config(), d)
-            save_ascii_tokenizer(d)
-        a.model, a.groups, a.eval_tokens, a.window, a.n_seqs, a.seq_len = str(d), "32", 600, 128, 4, 64
+        a.model = tiny_model(Path("/tmp"), "slmc-bench-quant-tiny")
+        a.groups, a.eval_tokens, a.window, a.n_seqs, a.seq_len = "32", 600, 128, 4, 64
         suffix = "-quick"
     meta = {"model": a.model, "date": datetime.date.today().isoformat(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "calibration": f"{Path(a.calib_text).name}, {a.n_seqs}x{a.seq_len} tokens",
             "evaluation": f"{Path(a.eval_text).name}, first {a.eval_tokens} tokens, window {a.window}, "
                           f"stride {a.window // 2}"}
-    out = HERE / "results"
+    out = RESULTS
     out.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="slmc-bench-quant-"))
     todo = variants([int(g) for g in a.groups.split(",")], a.calib_text, a.n_seqs, a.seq_len)
     old = {}
     if a.append and (out / f"quant{suffix}.json").is_file():
@@ -200,13 +188,11 @@ def main() -> None:
     rows = []
     for i, (name, passes) in enumerate(todo):
         print(f"{name} ...", file=sys.stderr, flush=True)
-        rows.append(old.get(name) or run_variant(name, passes, a))
+        rows.append(old.get(name) or run_variant(name, passes, a, work))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         # written after every variant: an hour-long run that is stopped keeps what it measured
         meta["complete"] = i + 1 == len(todo)
-        (out / f"quant{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-        (out / f"quant{suffix}.md").write_text(table(rows, meta))
-    print(table(rows, meta))
+        write_results(f"quant{suffix}", {"meta": meta, "rows": rows}, echo=i + 1 == len(todo))
 
 
 if __name__ == "__main__":

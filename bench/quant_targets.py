@@ -10,21 +10,17 @@ compares the algorithms). Each flow compiles and validates in its own subprocess
 is, per tensor, codes at their bit width + scales (and zeros) in 2 bytes when they are
 bf16/fp16 values (scale_dtype=...), else 4; float tensors at the artifact's float width. Decode: greedy steps from an empty cache in
 ai_edge_litert (all cores), median of repeats, fp32 LiteRT beside the quantized ones.
-Writes bench/results/quant_targets{,-quick}.{json,md}.
+Writes bench/results/quant_targets{,-quick}.{json,md} (`--render`: the .md again from the .json).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from compile import (bench_setup, busy_processes, common_args, machine, others_seen, prompt_ids,  # noqa: E402
-                     spawn, write_results)
-from compile_targets import dir_bytes  # noqa: E402
+from _common import (HERE, RESULTS, bench_setup, busy_processes, common_args, dir_bytes, machine, others_seen,
+                     prompt_ids, render, spawn, write_results)
 
 XNN = "scale_dtype=bfloat16,act_bits=8,symmetric=true"
 # name: (target, backend, passes, float bytes per param in the artifact, the artifact file)
@@ -49,11 +45,11 @@ def scale_width(t) -> int:
 
 
 def ideal_bytes(model, float_bytes: int) -> int:
-    from slmc.compiler.ir import QuantWeight, named_weights
+    from slmc import api
 
     n = 0
-    for _, w in named_weights(model):
-        if isinstance(w, QuantWeight):
+    for _, w in api.named_weights(model):
+        if isinstance(w, api.QuantWeight):
             width = scale_width(w.scales)
             n += w.numel() * w.bits // 8 + w.scales.numel() * width
             n += 0 if w.zeros is None else w.zeros.numel() * width
@@ -63,12 +59,12 @@ def ideal_bytes(model, float_bytes: int) -> int:
 
 
 def worker_flow(name: str, model: str, out: Path, L: int) -> dict:
-    from slmc.api import compile_model, validate_artifact
+    from slmc import api
 
     target, backend, passes, fb, art = FLOWS[name]
     try:
-        _, manifest = compile_model(model, target, backend, out, passes=passes, max_seq_len=L)
-        rep = validate_artifact(out, steps=32)
+        _, manifest = api.compile(api.CompileOptions(model, target, backend, out, passes=tuple(passes), max_seq_len=L))
+        rep = api.validate(out, api.ValidateOptions(steps=32))
     except Exception as e:  # a flow that fails is a result, recorded with its error
         return {"error": f"{type(e).__name__}: {e}".splitlines()[0][:400]}
     return {"artifact": str(out / art), "artifact_bytes": dir_bytes(out / art),
@@ -111,33 +107,33 @@ def main(a) -> None:
     stem = "quant_targets-quick" if a.quick else "quant_targets"
     others, flows = set(busy_processes()), {}
     if a.only:
-        prev = json.loads((HERE / "results" / f"{stem}.json").read_text())
+        prev = json.loads((RESULTS / f"{stem}.json").read_text())
         flows = {k: v for k, v in prev["flows"].items() if k not in a.only.split(",")}
         others |= set(prev["other_processes"])
     for name in FLOWS:
         if name in flows:
             continue
         print(f"== {name} ...", flush=True)
-        flows[name] = spawn(["--worker", name, "--model", str(model_dir), "--max-seq-len", str(L),
-                             "--out", str(work / name)], work / f"{name}.json", __file__)
+        flows[name] = spawn(__file__, ["--worker", name, "--model", str(model_dir), "--max-seq-len", str(L),
+                                       "--out", str(work / name)], work / f"{name}.json")
         print(f"   {flows[name].get('error') or flows[name]['validate']}", flush=True)
         others |= set(busy_processes())
     arts = {k: v["artifact"] for k, v in flows.items() if k.startswith("tflite") and "artifact" in v
             and Path(v["artifact"]).exists()}
     if arts:
         cfg = json.loads((model_dir / "config.json").read_text())
-        dec = spawn(["--worker", "decode", "--arts", json.dumps(arts), "--prompt-ids",
-                     json.dumps(prompt_ids(model_dir, cfg["vocab_size"])), "--steps", str(a.steps),
-                     "--repeats", str(a.repeats)], work / "decode.json", HERE / "compile_targets.py")
+        dec = spawn(HERE / "compile_targets.py", ["--worker", "decode", "--arts", json.dumps(arts), "--prompt-ids",
+                                                  json.dumps(prompt_ids(model_dir, cfg["vocab_size"])), "--steps",
+                                                  str(a.steps), "--repeats", str(a.repeats)], work / "decode.json",
+                    rusage=False)
         for k in arts:
             flows[k].update(decode_tok_s=dec[k]["decode_tok_s"], decode_tok_s_all=dec[k]["tok_s"])
-    from slmc.api import reference_model
-    from slmc.targets.base import read_manifest
+    from slmc import api
 
     for k, x in flows.items():  # the ideal size of what each artifact holds
         if "artifact" in x and Path(x["artifact"]).exists():
             folder = Path(x["artifact"]).parent
-            x["ideal_bytes"] = ideal_bytes(reference_model(folder, read_manifest(folder)), FLOWS[k][3])
+            x["ideal_bytes"] = ideal_bytes(api.reference_model(folder, api.read_manifest(folder)), FLOWS[k][3])
     goals = {}
     for k, x in flows.items():
         if "error" not in x and x["schemes"]:
@@ -145,18 +141,21 @@ def main(a) -> None:
             goals[f"{k} size"] = (over, over <= GOAL)
     r = {"model_name": "tiny random llama (--quick)" if a.quick else model_dir.name, "max_seq_len": L,
          "machine": machine(), "flows": flows, "goals": goals, "other_processes": sorted(others)}
-    write_results(stem, r, markdown)
+    write_results(stem, r)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common_args(ap, steps=32, repeats=3)
+    ap.add_argument("--render", action="store_true", help="only re-render results/*.md from the .json")
     ap.add_argument("--only", default="", help="comma-separated flows to re-measure; the others come from the "
                     "last results file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     [ap.add_argument(k, help=argparse.SUPPRESS) for k in ("--out", "--result", "--arts", "--prompt-ids")]
     args = ap.parse_args()
-    if args.worker:
+    if args.render:
+        render("quant_targets")
+    elif args.worker:
         out = worker_flow(args.worker, args.model, Path(args.out), args.max_seq_len)
         Path(args.result).write_text(json.dumps(out))
     else:

@@ -111,13 +111,14 @@ def compile(model, target, backend, out, passes, recipe, calib, max_seq_len, str
     """Compile MODEL for a target into the folder OUT."""
     from . import api
 
+    opts = api.CompileOptions(model, target=target, backend=backend, out=out, passes=tuple(passes), recipe=recipe,
+                              calib=tuple(calib), max_seq_len=max_seq_len, strict=strict, keep_codes=keep_codes,
+                              dump_ir=dump_ir)
     with _Progress(not as_json) as progress:
-        path, manifest = api.compile_model(model, target, backend, out, list(passes), max_seq_len, strict,
-                                           dump_ir, progress, recipe=recipe, calib=list(calib),
-                                           keep_codes=keep_codes)
+        path, manifest = api.compile(opts, progress)
         if do_validate:
             progress("validating")
-            report = api.validate_artifact(path)
+            report = api.validate(path)
             manifest["validation"] = json.loads(report.to_json())
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
@@ -164,7 +165,7 @@ def validate(artifact, steps, prompt, reference, as_json):
     """Run ARTIFACT in its runtime and compare it with the reference executor."""
     from . import api
 
-    report = api.validate_artifact(artifact, steps=steps, prompt=prompt, reference=reference)
+    report = api.validate(artifact, api.ValidateOptions(steps=steps, prompt=prompt, reference=reference))
     _print_report(report, as_json)
     api.require_pass(report)
 
@@ -178,10 +179,10 @@ def validate(artifact, steps, prompt, reference, as_json):
 @friendly
 def run(artifact, prompt, max_new_tokens, temperature, chat):
     """Generate text with ARTIFACT in its own runtime (streams tokens, reports tok/s)."""
-    from .runtime_tests.generate import generate
+    from . import api
 
-    stats = generate(artifact, prompt, max_new_tokens, temperature, chat,
-                     on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    opts = api.RunOptions(prompt, max_new_tokens=max_new_tokens, temperature=temperature, chat=chat)
+    stats = api.run(artifact, opts, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     sys.stdout.write("\n")
     console.print(f"prefill: {stats['prompt_tokens']} tokens at {stats['prefill_tok_s']:.1f} tok/s, "
                   f"decode: {stats['generated_tokens']} tokens at {stats['decode_tok_s']:.1f} tok/s "
@@ -198,16 +199,10 @@ def run(artifact, prompt, max_new_tokens, temperature, chat):
 def inspect(model, passes, max_seq_len, save_ir, keep_codes):
     """Print MODEL's IR (after the given passes)."""
     from . import api
-    from .compiler.pass_manager import PassManager, parse_pass
-    from .compiler.printer import print_model
 
-    ir = api.load(model, max_seq_len=max_seq_len, keep_codes=keep_codes)
-    ir, _ = PassManager([parse_pass(p) for p in passes]).run(ir)
-    click.echo(print_model(ir), nl=False)
-    if save_ir:
-        from .compiler.serialize import save_ir as save
-
-        save(ir, save_ir)
+    text = api.inspect(model, api.InspectOptions(passes=tuple(passes), max_seq_len=max_seq_len,
+                                                  keep_codes=keep_codes, save_ir=save_ir))
+    click.echo(text, nl=False)
 
 
 @main.command("eval")
@@ -225,8 +220,9 @@ def eval_(subject, texts, passes, window, stride, max_tokens, reference, as_json
     """Perplexity of SUBJECT (a model or an artifact) on text; KL and top-1 vs the fp32 reference."""
     from . import api
 
-    r = api.evaluate(subject, list(texts), list(passes), window, stride or max(1, window // 2), max_tokens,
-                     reference)
+    r = api.evaluate(subject, api.EvalOptions(tuple(texts), passes=tuple(passes), window=window,
+                                              stride=stride or max(1, window // 2), max_tokens=max_tokens,
+                                              reference=reference))
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=2))
         return
@@ -240,29 +236,24 @@ def eval_(subject, texts, passes, window, stride, max_tokens, reference, as_json
 @main.command("list")
 def list_() -> None:
     """List families, passes, targets and recipes."""
-    from .compiler.families import supported_architectures
-    from .compiler.pass_manager import PASSES, load_passes
-    from .targets import TARGETS, load_all
+    from . import api
 
-    load_passes()
-    load_all()
-    click.echo("architectures: " + ", ".join(supported_architectures()))
-    click.echo("passes: " + ", ".join(sorted(PASSES)))
-    for name, t in sorted(TARGETS.items()):
-        click.echo(f"target {name}: backends {', '.join(t.backends)}")
-    from .recipes import RECIPES
-
-    for r in RECIPES.values():
-        click.echo(f"recipe {r.name} ({', '.join(r.flows)}): {r.about}")
+    c = api.catalog()
+    click.echo("architectures: " + ", ".join(c.architectures))
+    click.echo("passes: " + ", ".join(c.passes))
+    for name, backends in c.targets.items():
+        click.echo(f"target {name}: backends {', '.join(backends)}")
+    for name, flows, about in c.recipes:
+        click.echo(f"recipe {name} ({', '.join(flows)}): {about}")
 
 
 @main.command("default-model")
 @friendly
 def default_model() -> None:
     """Prepare the built-in SmolLM2-135M-Instruct (once) and print its folder."""
-    from .default_model import default_model_dir
+    from . import api
 
-    click.echo(str(default_model_dir()))
+    click.echo(str(api.default_model()))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,15 @@
 """The pass manager and the canonical passes: numbers before and after."""
 
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+import slmc.passes  # registers the passes
 from slmc.compiler import reference
 from slmc.compiler.importers.hf import import_hf
 from slmc.compiler.pass_manager import PassManager, parse_pass
@@ -59,20 +66,101 @@ def test_tie_leaves_a_different_head_alone(tiny):
     assert not logs[0].modified and m.lm_head is not None
 
 
-def test_requires_is_checked():
+def test_requires_is_checked_on_the_ir(tiny):
+    from slmc.compiler.pass_manager import Pass, PassResult
+
+    class NeedsFused(Pass):
+        name = "test.needs_fused"
+        requires = ("fused_qkv",)
+
+        def run(self, ir):
+            return PassResult(ir, False)
+
+    with pytest.raises(SlmcError, match=r"^--pass test.needs_fused: requires .* \(fused_qkv\), but blocks.0.attn "
+                                        r"has separate float q/k/v; run canon.fuse_projections before "
+                                        r"test.needs_fused$"):
+        PassManager([NeedsFused()]).run(tiny)
+    PassManager([parse_pass("canon.fuse_projections"), NeedsFused()]).run(tiny)
+
+
+def test_a_broken_promise_is_an_internal_error(tiny):
+    from slmc.compiler.pass_manager import Pass, PassResult
+
+    class Promises(Pass):
+        name = "test.promises"
+        ensures = ("untied_head",)
+
+        def run(self, ir):
+            return PassResult(ir, False)
+
+    with pytest.raises(RuntimeError, match="test.promises broke its promise untied_head"):
+        PassManager([Promises()]).run(tiny)
+    m, _ = PassManager([parse_pass("canon.untie_embeddings"), Promises()]).run(tiny)
+    assert m.lm_head is not None
+
+
+def test_unknown_property_names_are_refused():
     from slmc.compiler.pass_manager import PASSES, Pass, register
 
-    @register
-    class NeedsFuse(Pass):
-        name = "test.needs_fuse"
-        requires = ("canon.fuse_projections",)
+    class Typo(Pass):
+        name = "test.typo"
+        requires = ("fused_qvk",)
 
-    try:
-        with pytest.raises(SlmcError, match="requires canon.fuse_projections"):
-            PassManager([NeedsFuse()])
-        PassManager([parse_pass("canon.fuse_projections"), NeedsFuse()])
-    finally:
-        del PASSES["test.needs_fuse"]
+    with pytest.raises(ValueError, match="unknown IR properties fused_qvk"):
+        register(Typo)
+    with pytest.raises(ValueError, match="unknown IR properties fused_qvk"):
+        PassManager([Typo()])
+    assert "test.typo" not in PASSES
+
+
+def test_option_dependent_promises(tiny):
+    p = parse_pass("canon.fuse_projections:qkv=false")
+    assert p.ensures == ("fused_gate_up",)
+    assert parse_pass("quant.rtn:head_bits=8").ensures == ("quantized_linears", "quantized_head")
+    assert parse_pass("quant.awq:quantize=false").ensures == ()
+    m, _ = PassManager([parse_pass("quant.rtn:bits=8,group_size=16,head_bits=8,embed_bits=8")]).run(tiny)
+    from slmc.compiler.properties import PROPERTIES
+
+    for name in ("quantized_linears", "quantized_head", "quantized_embed", "untied_head"):
+        assert PROPERTIES[name].violation(m) is None, name
+    assert PROPERTIES["float_attention"].violation(m) == "blocks.0.attn has quantized projections"
+
+
+def test_shared_option_vocabularies_keep_flat_names():
+    import dataclasses
+
+    from slmc.passes._options import CalibOptions, QuantOptions
+
+    quant = [f.name for f in dataclasses.fields(QuantOptions)]
+    calib = [f.name for f in dataclasses.fields(CalibOptions)]
+    for name in ("quant.rtn", "quant.gptq", "quant.awq"):
+        fields = [f.name for f in dataclasses.fields(type(parse_pass(name).options))]
+        assert set(quant + calib * (name != "quant.rtn")) <= set(fields), name
+    o = parse_pass("quant.gptq:bits=8,group_size=0,seq_len=64,act_order=true").options
+    assert (o.bits, o.group_size, o.seq_len, o.act_order, o.n_seqs) == (8, 0, 64, True, 16)
+    assert parse_pass("arch.share_layers").options.n_seqs == 8  # a pass keeps its own default
+
+
+PASSES_DIR = Path(slmc.passes.__file__).parent
+
+
+def test_no_pass_imports_another_pass():
+    passes = {p.stem for p in PASSES_DIR.glob("*.py") if not p.stem.startswith("_")}
+    for f in PASSES_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                assert not set(names) & passes or f.stem == "__init__", f"{f.name} imports {names}"
+
+
+def test_the_compiler_does_not_import_the_passes():
+    code = "import sys, slmc.compiler.pass_manager, slmc.compiler.properties; print('slmc.passes' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(slmc.passes.__file__).parents[2])
+    assert out.stdout.strip() == "False"
+    upward = re.compile(r"^\s*(from|import)\s+(slmc\.passes|\.\.+passes)\b|import_module\(\S*passes", re.MULTILINE)
+    for f in (PASSES_DIR.parent / "compiler").rglob("*.py"):
+        assert not upward.search(f.read_text()), f
 
 
 def test_manager_verifies_after_each_pass(tiny):

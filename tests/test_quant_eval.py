@@ -6,6 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import slmc.passes  # noqa: F401  (registers the passes)
 from slmc.cli import main
 from slmc.compiler import reference
 from slmc.compiler.importers.hf import import_hf

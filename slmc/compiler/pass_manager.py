@@ -1,17 +1,19 @@
 """Passes and the pass manager.
 
 A pass is one class in one file under slmc/passes/: a registered `name`, options as
-a frozen dataclass (`Options`), `requires` (passes that must run earlier in the same
-pipeline), and `run(ir) -> PassResult(ir, modified)`. The manager resolves names,
-checks `requires`, verifies the IR after every pass, times each one, and can dump
-the IR after each pass (`--dump-ir DIR`).
+a frozen dataclass (`Options`), `requires` and `ensures` (IR properties, see
+compiler/properties.py), and `run(ir) -> PassResult(ir, modified)`. The manager
+resolves names, checks `requires` on the IR before each pass and `ensures` after it,
+verifies the IR after every pass, times each one, and can dump the IR after each pass
+(`--dump-ir DIR`).
+
+The registry is filled from the top: importing `slmc.passes` registers every pass;
+the compiler never imports the passes itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any, ClassVar
 
 from ..errors import SlmcError
 from .ir import Model
+from .properties import first_violation, unknown
 from .verify import verify
 
 
@@ -35,9 +38,13 @@ class PassResult:
 
 
 class Pass:
+    """`requires` / `ensures`: IR property names (a pass whose promises depend on its
+    options overrides them with a read-only property)."""
+
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
-    requires: ClassVar[tuple[str, ...]] = ()
+    requires: tuple[str, ...] = ()  # must hold on the IR before run (else the user's order is wrong)
+    ensures: tuple[str, ...] = ()  # hold on the IR after run (else the pass is broken)
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
@@ -49,16 +56,19 @@ class Pass:
 PASSES: dict[str, type[Pass]] = {}
 
 
+def _check_names(p, where: str) -> None:
+    """Property names must exist (a typo would otherwise never be checked)."""
+    declared = [getattr(p, attr) for attr in ("requires", "ensures")]
+    # on a class, an option-dependent declaration is still a property object: checked per instance
+    bad = [n for names in declared if isinstance(names, tuple) for n in unknown(names)]
+    if bad:
+        raise ValueError(f"{where}: unknown IR properties {', '.join(bad)} (see compiler/properties.py)")
+
+
 def register(cls: type[Pass]) -> type[Pass]:
+    _check_names(cls, f"pass {cls.name}")
     PASSES[cls.name] = cls
     return cls
-
-
-def load_passes() -> None:
-    """Import every module under slmc.passes, so each registers itself."""
-    pkg = importlib.import_module("slmc.passes")
-    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
-        importlib.import_module(m.name)
 
 
 def _coerce(value: str, typ, where: str):
@@ -77,8 +87,9 @@ def _coerce(value: str, typ, where: str):
 
 
 def parse_pass(spec: str) -> Pass:
-    """'name' or 'name:key=value,key=value' -> a configured pass."""
-    load_passes()
+    """'name' or 'name:key=value,key=value' -> a configured pass (import slmc.passes first)."""
+    if not PASSES:  # a programming error, not the user's: nobody imported slmc.passes
+        raise RuntimeError("no passes are registered; import slmc.passes before parsing pass specs")
     name, _, rest = spec.partition(":")
     if name not in PASSES:
         raise SlmcError(f"unknown pass {name!r}; available: {', '.join(sorted(PASSES))}", "--pass")
@@ -115,13 +126,8 @@ class PassLog:
 class PassManager:
     def __init__(self, passes: list[Pass], dump_dir: Path | None = None, progress=None):
         self.passes, self.dump_dir, self.progress = passes, dump_dir, progress
-        done: list[str] = []
         for p in passes:
-            missing = [r for r in p.requires if r not in done]
-            if missing:
-                raise SlmcError(f"pass {p.name} requires {', '.join(missing)} earlier in the pipeline",
-                                "--pass")
-            done.append(p.name)
+            _check_names(p, f"pass {p.name}")
 
     def run(self, ir: Model) -> tuple[Model, list[PassLog]]:
         from .printer import print_model
@@ -134,10 +140,19 @@ class PassManager:
         for i, p in enumerate(self.passes, 1):
             if self.progress:
                 self.progress(f"pass {p.name}")
+            unmet = first_violation(ir, p.requires)
+            if unmet:
+                prop, why = unmet
+                fix = "; " + prop.fix.replace("{pass}", p.name) if prop.fix else ""
+                raise SlmcError(f"requires {prop.about} ({prop.name}), but {why}{fix}", f"--pass {p.name}")
             t0 = time.perf_counter()
             res = p.run(ir)
             dt = time.perf_counter() - t0
             verify(res.ir, f"IR after pass {p.name}")
+            broken = first_violation(res.ir, p.ensures)
+            if broken:  # a bug in the pass, not the user's doing: keep the traceback
+                raise RuntimeError(f"pass {p.name} broke its promise {broken[0].name} ({broken[0].about}): "
+                                   f"{broken[1]}")
             ir = res.ir
             logs.append(PassLog(p.name, dataclasses.asdict(p.options), res.modified, round(dt, 4), res.info))
             if self.dump_dir:

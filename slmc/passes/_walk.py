@@ -1,21 +1,12 @@
-"""Small helpers shared by passes: iterate attention and MLP nodes of a model."""
+"""Small helpers shared by passes: iterate attention and MLP nodes, concatenate and split linears."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from ..compiler.ir import MLP, Attention, Linear, Model, MoE, QuantWeight, Weight
-
-
-@dataclass(frozen=True)
-class ProjectionOptions:
-    """Which projection groups a fuse/split pass touches."""
-
-    qkv: bool = True
-    gate_up: bool = True
 
 
 def attentions(model: Model) -> Iterator[Attention]:

@@ -37,7 +37,8 @@ Calibration (compiler/calib.py: calib=FILE;FILE text or data-free samples) runs 
 similarity grouping, the refit, or when calib= is given (to report the error); a layer's
 mean-pooled and refit errors are measured on the same inputs. A layer already at G KV heads
 is left as it is; a block used at several depths converts once. Fused qkv is split for the
-conversion and fused again; quantized q/k/v/o are refused (run arch.gqa before quant.*).
+conversion and fused again; quantized q/k/v/o are refused (requires float_attention:
+run arch.gqa before quant.*).
 
 Before (SmolLM2-135M):                   After (kv_groups=1):
   attn: heads=9 kv_heads=3 head_dim=64     attn: heads=9 kv_heads=1 head_dim=64
@@ -57,9 +58,10 @@ import torch
 
 from ..compiler import reference
 from ..compiler.calib import calibration_ids, describe, split_files
-from ..compiler.ir import Attention, Linear, Model, QuantWeight, Weight
+from ..compiler.ir import Attention, Linear, Model, Weight
 from ..compiler.pass_manager import Pass, PassResult, register
 from ..errors import SlmcError
+from ._options import CalibOptions
 from ._walk import concat_linears, split_linear
 
 METHODS = ("mean", "similarity")
@@ -70,14 +72,10 @@ WHERE = "--pass arch.gqa"
 
 
 @dataclass(frozen=True)
-class GQAOptions:
+class GQAOptions(CalibOptions):
     kv_groups: int = 0  # G: KV heads per layer after the pass (required)
     method: str = "similarity"  # "mean": contiguous heads; "similarity": by K/V activations
     refit: bool = True  # least-squares refit of K, V and O on calibration data
-    calib: str = ""  # your text files, separated by ';' (empty: data-free)
-    n_seqs: int = 16
-    seq_len: int = 256
-    seed: int = 0
 
     def __post_init__(self):
         if self.kv_groups < 1:
@@ -100,9 +98,6 @@ def check(ir: Model, G: int) -> None:
         if G > a.n_kv_heads:
             raise SlmcError(f"kv_groups={G} is more than the {a.n_kv_heads} KV heads there are "
                             "(the pass merges heads, it cannot add them)", where)
-        lins = [a.qkv] if a.fused else [a.q, a.k, a.v]
-        if any(isinstance(lin.weight, QuantWeight) for lin in lins + [a.o]):
-            raise SlmcError("quantized attention projections; run arch.gqa before quantization", where)
 
 
 def balanced_groups(sim: torch.Tensor, G: int) -> list[list[int]]:
@@ -358,6 +353,7 @@ def _split(a: Attention) -> Attention:
 class ArchGQA(Pass):
     name = "arch.gqa"
     Options = GQAOptions
+    requires = ("float_attention",)  # mean pooling and the refit need float K/V/O
 
     def run(self, ir: Model) -> PassResult:
         o, G = self.options, self.options.kv_groups

@@ -62,6 +62,7 @@ from ..compiler.calib import calibration_ids, describe, split_files
 from ..compiler.ir import Block, Model, QuantWeight, Weight, weight_bytes
 from ..compiler.pass_manager import Pass, PassResult, register
 from ..errors import SlmcError
+from ._options import CalibOptions
 
 MODES = ("lossless", "block", "ffn")
 MERGES = ("auto", "first", "second", "average")
@@ -69,14 +70,12 @@ WHERE = "--pass arch.share_layers"
 
 
 @dataclass(frozen=True)
-class ShareOptions:
+class ShareOptions(CalibOptions):
     mode: str = "lossless"
     budget: float = 0.1  # lossy modes: fraction of depths that may lose their own weights, 0..0.5
     merge: str = "auto"  # lossy modes: auto (the smallest error per pair), first, second, average
-    calib: str = ""  # your text files, separated by ';' (empty: data-free)
-    n_seqs: int = 8
+    n_seqs: int = 8  # this pass's own defaults (CalibOptions: 16 x 256)
     seq_len: int = 128
-    seed: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -14,13 +14,19 @@ from __future__ import annotations
 
 from ..compiler.ir import Model
 from ..compiler.pass_manager import Pass, PassResult, register
-from ._walk import ProjectionOptions, attentions, concat_linears, is_dense, mlps
+from ._options import ProjectionOptions
+from ._walk import attentions, concat_linears, is_dense, mlps
 
 
 @register
 class FuseProjections(Pass):
     name = "canon.fuse_projections"
     Options = ProjectionOptions
+
+    @property
+    def ensures(self) -> tuple[str, ...]:
+        o = self.options
+        return (("fused_qkv",) if o.qkv else ()) + (("fused_gate_up",) if o.gate_up else ())
 
     def run(self, ir: Model) -> PassResult:
         n = 0

@@ -13,13 +13,19 @@ from __future__ import annotations
 
 from ..compiler.ir import Model
 from ..compiler.pass_manager import Pass, PassResult, register
-from ._walk import ProjectionOptions, attentions, is_dense, mlps, split_linear
+from ._options import ProjectionOptions
+from ._walk import attentions, is_dense, mlps, split_linear
 
 
 @register
 class SplitProjections(Pass):
     name = "canon.split_projections"
     Options = ProjectionOptions
+
+    @property
+    def ensures(self) -> tuple[str, ...]:
+        o = self.options
+        return (("split_qkv",) if o.qkv else ()) + (("split_gate_up",) if o.gate_up else ())
 
     def run(self, ir: Model) -> PassResult:
         n = 0

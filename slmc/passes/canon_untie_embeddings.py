@@ -17,6 +17,7 @@ from ..compiler.pass_manager import Pass, PassResult, register
 @register
 class UntieEmbeddings(Pass):
     name = "canon.untie_embeddings"
+    ensures = ("untied_head",)
 
     def run(self, ir: Model) -> PassResult:
         if ir.lm_head is not None:

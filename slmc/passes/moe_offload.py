@@ -27,17 +27,17 @@ import torch
 
 from ..compiler import reference
 from ..compiler.calib import calibration_ids, describe, split_files
-from ..compiler.ir import ExpertOffload, Model, MoE, QuantWeight
+from ..compiler.ir import ExpertOffload, Model, MoE, QuantWeight, block_linears
 from ..compiler.pass_manager import Pass, PassResult, register
 from ..compiler.quant import QuantScheme, rtn
 from ..errors import SlmcError
-from ._linears import block_linears
+from ._options import CalibOptions
 
 WHERE = "--pass moe.offload"
 
 
 @dataclass(frozen=True)
-class OffloadOptions:
+class OffloadOptions(CalibOptions):
     expert_bits: int = 4  # 0: float experts
     backbone_bits: int = 0  # 0: float attention / shared / dense MLPs; 4 or 8
     group_size: int = 32
@@ -48,10 +48,7 @@ class OffloadOptions:
     act_bits: int = 8  # 0: float activations
     scale_dtype: str = "bfloat16"  # or float32
     cache_experts: int = 8  # K routed experts resident at once, over all MoE layers
-    calib: str = ""  # your text files, separated by ';' (empty: data-free)
-    n_seqs: int = 16
-    seq_len: int = 128
-    seed: int = 0
+    seq_len: int = 128  # this pass's own default (CalibOptions: 256)
 
 
 def _moe_depths(ir: Model) -> list[int]:
@@ -59,14 +56,8 @@ def _moe_depths(ir: Model) -> list[int]:
 
 
 def _check(ir: Model, o: OffloadOptions) -> list[int]:
+    """The options against the model (that it has MoE layers, each at one depth, is `requires`)."""
     depths = _moe_depths(ir)
-    if not depths:
-        raise SlmcError(f"moe.offload needs a mixture-of-experts model; this {ir.family} model is dense "
-                        "(no layer routes to experts)", WHERE)
-    blocks = [ir.layers[d] for d in depths]
-    if len(set(blocks)) != len(blocks):
-        raise SlmcError("an MoE block is used at several depths; its routing statistics would be "
-                        "ambiguous (offload before sharing layers)", WHERE)
     top_k = max(ir.block_at(d).ffn.top_k for d in depths)
     if o.cache_experts < top_k:
         raise SlmcError(f"cache_experts={o.cache_experts} is smaller than top_k={top_k}: one token needs "
@@ -150,6 +141,8 @@ def statistics(routes: dict[int, torch.Tensor], n_experts: dict[int, int]) -> tu
 class MoEOffload(Pass):
     name = "moe.offload"
     Options = OffloadOptions
+    requires = ("has_moe", "moe_single_depth")
+    ensures = ("offload_planned",)
 
     def run(self, ir: Model) -> PassResult:
         o = self.options

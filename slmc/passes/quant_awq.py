@@ -43,12 +43,12 @@ import torch
 
 from ..compiler import reference
 from ..compiler.calib import Site, calibration_ids, describe, gram, run_block, split_files
-from ..compiler.ir import Linear, Model, QuantWeight, Weight
+from ..compiler.ir import Linear, Model, QuantWeight, Weight, block_linears
 from ..compiler.pass_manager import Pass, PassResult, register
 from ..compiler.quant import QuantScheme, group_params, quantize_codes, rtn
 from ..errors import SlmcError
-from ._linears import block_linears
-from .quant_rtn import quantize_ends, set_act_bits
+from ._options import CalibOptions, QuantOptions
+from ._quant import quant_ensures, quantize_ends, set_act_bits
 
 N_SHRINK = 10  # clipping ratios 1, 0.95, ..., 0.55 (the reference code's max_shrink=0.5)
 EXACT_COLS = 1024  # scale-search error: exact (Gram matrix) up to this input width ...
@@ -57,19 +57,8 @@ SEARCH_ROWS = 512  # at most this many output rows score each scale
 
 
 @dataclass(frozen=True)
-class AWQOptions:
-    bits: int = 4
-    group_size: int = 32  # 0: one group per output row (per channel)
-    symmetric: bool = True
+class AWQOptions(CalibOptions, QuantOptions):
     n_grid: int = 20  # points of the scale exponent grid over [0, 1]
-    calib: str = ""  # your text files, separated by ';' (empty: data-free)
-    n_seqs: int = 16
-    seq_len: int = 256
-    seed: int = 0
-    embed_bits: int = 0  # 0: keep the embedding table in float
-    head_bits: int = 0  # 0: keep the output head in float
-    scale_dtype: str = "float32"  # bfloat16: scales exact in XNNPACK's bf16 storage
-    act_bits: int = 0  # 8: int8 dynamic per-token activations at run time (XNNPACK 8da4w)
     # false: search and fold the scales only, leaving an equivalent float model for another
     # quantizer (quant.awq:quantize=false then quant.gptq: AWQ + GPTQ)
     quantize: bool = True
@@ -192,6 +181,10 @@ def _foldable(site: Site) -> bool:
 class QuantAWQ(Pass):
     name = "quant.awq"
     Options = AWQOptions
+
+    @property
+    def ensures(self) -> tuple[str, ...]:
+        return quant_ensures(self.options) if self.options.quantize else ()
 
     def run(self, ir: Model) -> PassResult:
         return self.apply(ir, quantize=self.options.quantize)

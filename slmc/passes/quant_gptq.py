@@ -32,30 +32,19 @@ import torch
 
 from ..compiler import reference
 from ..compiler.calib import Site, calibration_ids, describe, gram, run_block, split_files
-from ..compiler.ir import Model, QuantWeight
+from ..compiler.ir import Model, QuantWeight, block_linears
 from ..compiler.pass_manager import Pass, PassResult, register
 from ..compiler.quant import QuantScheme, group_params
 from ..errors import SlmcError
-from ._linears import block_linears
-from .quant_rtn import quantize_ends, set_act_bits
+from ._options import CalibOptions, QuantOptions
+from ._quant import quant_ensures, quantize_ends, set_act_bits
 
 
 @dataclass(frozen=True)
-class GPTQOptions:
-    bits: int = 4
-    group_size: int = 32  # 0: one group per output row (per channel)
-    symmetric: bool = True
+class GPTQOptions(CalibOptions, QuantOptions):
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
     act_order: bool = False
     block_size: int = 128  # columns per lazy batch update
-    calib: str = ""  # your text files, separated by ';' (empty: data-free)
-    n_seqs: int = 16
-    seq_len: int = 256
-    seed: int = 0
-    embed_bits: int = 0  # 0: keep the embedding table in float
-    head_bits: int = 0  # 0: keep the output head in float
-    scale_dtype: str = "float32"  # bfloat16: scales exact in XNNPACK's bf16 storage
-    act_bits: int = 0  # 8: int8 dynamic per-token activations at run time (XNNPACK 8da4w)
 
 
 def _hinv_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -126,6 +115,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, b
 class QuantGPTQ(Pass):
     name = "quant.gptq"
     Options = GPTQOptions
+
+    @property
+    def ensures(self) -> tuple[str, ...]:
+        return quant_ensures(self.options)
 
     def run(self, ir: Model) -> PassResult:
         o = self.options

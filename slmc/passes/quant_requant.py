@@ -21,11 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compiler.ir import Linear, Model, QuantWeight
+from ..compiler.ir import Linear, Model, QuantWeight, block_linears
 from ..compiler.pass_manager import Pass, PassResult, register
 from ..compiler.quant import QuantScheme, rtn
 from ..errors import SlmcError
-from ._linears import block_linears
 
 SCOPES = ("linears", "head", "embed")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import SlmcError
-from ..targets.base import read_manifest
+from ..manifest import read_manifest
 
 
 def chat_prompt(folder: Path, prompt: str) -> str:

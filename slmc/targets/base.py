@@ -10,7 +10,6 @@ atomically (temp folder, then rename), so a failed compile leaves nothing behind
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -24,6 +23,7 @@ import torch
 from ..compiler.ir import Model
 from ..compiler.lowering.export import max_chunk
 from ..errors import SlmcError, UnsupportedError
+from ..manifest import read_manifest, write_manifest  # noqa: F401  read_manifest: re-exported
 from .bounds import DEFAULT_TOLERANCE, Tolerance, weight_kind
 from .readback import Readback
 
@@ -155,10 +155,7 @@ def write_artifact(art: Artifact, out: Path, tokenizer_dir: Path | None) -> Path
                 if (tokenizer_dir / name).is_file():
                     shutil.copyfile(tokenizer_dir / name, tmp / name)
                     copied.append(name)
-        manifest = dict(art.manifest)
-        manifest["tokenizer"] = {"files": copied} if "tokenizer.json" in copied else None
-        manifest["files"] = {n: (tmp / n).stat().st_size for n in sorted(art.files)}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_manifest(tmp, art.manifest, copied, art.files)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.rename(out, old / "a")
@@ -172,17 +169,6 @@ def write_artifact(art: Artifact, out: Path, tokenizer_dir: Path | None) -> Path
             raise SlmcError(f"cannot write the artifact ({e.strerror or e})", str(out)) from None
         raise
     return out
-
-
-def read_manifest(folder: Path) -> dict:
-    folder = Path(folder)
-    path = folder / "manifest.json"
-    if not path.is_file():
-        raise SlmcError("not an slmc artifact folder (no manifest.json)", str(folder))
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SlmcError(f"invalid manifest ({e})", str(path)) from None
 
 
 def ring_manifest(model: Model) -> dict:

@@ -1,0 +1,1 @@
+"""The implementation of slmc.api, split by job; import from slmc.api, not from here."""

@@ -1,0 +1,143 @@
+"""compile: model in, artifact folder out, with its manifest (slmc/manifest.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+from .. import __version__
+from ..compiler.ir import Model, QuantWeight, named_weights, param_count, weight_bytes
+from ..errors import SlmcError
+from ..manifest import Manifest
+from ..targets import get_target
+from ..targets.base import check_backend, check_output_path, check_supported, write_artifact
+from .models import DEFAULT_MODEL, load, parse_passes, resolve_model_path, run_passes, tokenizer_dir, with_calibration
+from .options import CompileOptions
+
+
+def versions() -> dict:
+    out = {"slmc": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "executorch", "coremltools", "ai-edge-litert", "transformers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def calibration_files(pipeline: list) -> list[dict]:
+    seen = []
+    for p in pipeline:
+        for f in filter(None, getattr(p.options, "calib", "").split(";")):
+            if f.strip() and f.strip() not in [x["path"] for x in seen]:
+                path = Path(f.strip())
+                sha = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+                seen.append({"path": str(path.resolve()), "sha256": sha})
+    return seen
+
+
+def quant_summary(ir: Model) -> dict | None:
+    """How the artifact's weights are stored: tensor count per scheme (None: all float)."""
+    schemes: dict[str, int] = {}
+    algos = set()
+    for _, w in named_weights(ir):
+        if isinstance(w, QuantWeight):
+            key = w.dtype + (f"+act_int{w.act_bits}" if w.act_bits else "")
+            schemes[key] = schemes.get(key, 0) + 1
+            algos.add(w.algorithm)
+    if not schemes:
+        return None
+    return {"schemes": schemes, "algorithms": sorted(algos),
+            "float_tensors": sum(1 for _, w in named_weights(ir) if not isinstance(w, QuantWeight))}
+
+
+def model_summary(ir: Model) -> dict:
+    return {"family": ir.family, "architecture": ir.architecture, "params": param_count(ir),
+            "weight_bytes": weight_bytes(ir), "layers": ir.n_layers, "blocks": len(ir.blocks),
+            "vocab_size": ir.vocab_size, "hidden_size": ir.hidden_size, "bos_id": ir.bos_id, "eos_ids": ir.eos_ids}
+
+
+def _target_and_spec(target: str, backend: str | None):
+    tgt = get_target(target)
+    spec = tgt.spec_class(backend=backend) if backend else tgt.spec_class()
+    check_backend(tgt, spec)
+    return tgt, spec
+
+
+def compile(opts: CompileOptions, progress=None) -> tuple[Path, dict]:
+    """Import, run the recipe's, your and the target's passes, lower, write `opts.out`.
+    Returns the artifact folder and its manifest (the JSON object written)."""
+    step = progress or (lambda msg: None)
+    out, dump_ir = Path(opts.out), Path(opts.dump_ir) if opts.dump_ir is not None else None
+    check_output_path(out)  # fail before minutes of work, not after
+    if dump_ir is not None and dump_ir.exists() and not dump_ir.is_dir():
+        raise SlmcError(f"{opts.dump_ir} exists and is a file, not a folder", "--dump-ir")
+    tgt, spec = _target_and_spec(opts.target, opts.backend)
+    passes = list(opts.passes)
+    if opts.recipe:
+        from ..recipes import recipe_passes
+
+        passes = recipe_passes(opts.recipe, tgt.name, spec.backend) + passes
+    pipeline = with_calibration(parse_passes(passes + list(getattr(tgt, "default_passes", ()))), opts.calib)
+    step("importing")
+    src_path = resolve_model_path(str(opts.model), opts.keep_codes)
+    ir = load(src_path, max_seq_len=opts.max_seq_len, strict=opts.strict, keep_codes=opts.keep_codes)
+    ir, logs = run_passes(ir, pipeline, dump_dir=dump_ir, progress=step)
+    if ir.source.get("keep_codes"):
+        ir, logs = fit_imported_codes(ir, tgt, spec, logs, dump_ir, step)
+    tok = tokenizer_dir(src_path) or (tokenizer_dir(resolve_model_path(DEFAULT_MODEL))
+                                      if str(opts.model) == DEFAULT_MODEL else None)
+    return _lower_and_write(ir, tgt, spec, out, tok, step, logs, opts.recipe, calibration_files(pipeline))
+
+
+def compile_ir(ir: Model, target: str, backend: str | None, out: str | Path, tokenizer: Path | None = None,
+               progress=None, extra: dict | None = None) -> tuple[Path, dict]:
+    """Lower an IR built in memory (passes already run) and write the artifact; `extra`
+    fields go into the manifest beside the others (a benchmark's own notes)."""
+    check_output_path(Path(out))
+    tgt, spec = _target_and_spec(target, backend)
+    return _lower_and_write(ir, tgt, spec, Path(out), tokenizer, progress or (lambda msg: None), [], None, [],
+                            extra or {})
+
+
+def _lower_and_write(ir, tgt, spec, out: Path, tok, step, logs, recipe, calib_files, extra=None):
+    check_supported(tgt, ir, spec)
+    t0 = time.time()
+    art = tgt.lower(ir, spec, progress=step)
+    details = {**art.manifest, **(extra or {})}
+    art.manifest = Manifest(
+        format=details.pop("format"), artifact=details.pop("artifact"), target=tgt.name, backend=spec.backend,
+        spec=dataclasses.asdict(spec), model=model_summary(ir), kv_cache_spec=dataclasses.asdict(ir.kv),
+        quantization=quant_summary(ir), recipe=recipe, calibration_files=calib_files, source=dict(ir.source),
+        pipeline=[{"name": l.name, "options": l.options, "modified": l.modified, "seconds": l.seconds,
+                   "info": l.info} for l in logs],
+        versions=versions(), compile_seconds=round(time.time() - t0, 2), details=details)
+    step("writing")
+    path = write_artifact(art, out, tok)
+    from ..manifest import read_manifest
+
+    return path, read_manifest(path)
+
+
+def fit_imported_codes(ir: Model, tgt, spec, logs: list, dump_ir, step) -> tuple[Model, list]:
+    """Imported codes the target cannot hold exactly are re-quantized into the nearest scheme
+    it can (quant.requant), with the added error logged and kept in the manifest's pipeline
+    (so `slmc validate` replays it). Codes the target can hold go in unchanged."""
+    from ..targets.quant_rules import fit_passes
+
+    fit = fit_passes(ir, tgt.quant_rules(spec))
+    if not fit:
+        return ir, logs
+    ir, more = run_passes(ir, fit, dump_dir=dump_ir, progress=step)
+    for lg in more:
+        if lg.info.get("requantized"):
+            logging.getLogger("slmc").warning(
+                "%s/%s cannot hold the checkpoint's codes as they are (%s): re-quantized %d tensors, "
+                "relative RMS error mean %.4f, max %.4f (%s)", tgt.name, spec.backend, lg.options.get("scope"),
+                lg.info["requantized"], lg.info["rel_rms_err_mean"], lg.info["rel_rms_err_max"], lg.info["worst"])
+    return ir, list(logs) + list(more)

@@ -1,0 +1,120 @@
+"""validate, evaluate, inspect, run, catalog: the CLI's other jobs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..compiler.ir import Model
+from ..errors import SlmcError, ValidationFailed
+from ..manifest import read_manifest, record_validation
+from .models import load, pass_registry, reference_model, resolve_model_path, run_passes, tokenizer_dir
+from .options import EvalOptions, InspectOptions, RunOptions, ValidateOptions
+
+
+def validate(folder: str | Path, opts: ValidateOptions = ValidateOptions(), model: Model | None = None):
+    """Run the artifact in its runtime beside the reference executor (`model`, else
+    `opts.reference`, else the manifest's source with its passes replayed)."""
+    from ..runtime_tests.validate import validate as run_validation
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if model is None:
+        model = load(opts.reference, max_seq_len=manifest["kv_cache_spec"]["max_len"]) if opts.reference \
+            else reference_model(folder, manifest)
+    report = run_validation(folder, manifest, model, steps=opts.steps, prompt=opts.prompt)
+    if opts.record:
+        record_validation(folder, json.loads(report.to_json()))
+    return report
+
+
+def require_pass(report) -> None:
+    if not report.passed:
+        raise ValidationFailed(
+            f"artifact disagrees with the reference: prefill |Δ|={report.prefill_max_abs:.3g}, decode "
+            f"|Δ|={report.decode_max_abs:.3g}, top-1 {report.top1_agreement:.1%}, greedy "
+            f"{'equal' if report.greedy_equal else 'differs'} (tolerance {report.tolerance})", report.artifact)
+
+
+def evaluate_tokens(ids: list[int], subject, name: str, reference: Model | None, window: int = 512,
+                    stride: int = 256):
+    """Perplexity of `subject` (an IR or an artifact session) on token ids; KL and top-1
+    against `reference` on the same windows when given."""
+    from ..runtime_tests.evaluate import evaluate as run_eval
+
+    return run_eval(ids, subject, name, reference, window=window, stride=stride)
+
+
+def evaluate(subject: str, opts: EvalOptions):
+    """Perplexity of a model (after `opts.passes`) or of an artifact in its runtime; KL and
+    top-1 against the fp32 reference (the source model without passes, or `opts.reference`)."""
+    from ..compiler.textdata import token_ids
+
+    window, stride, reference = opts.window, opts.stride, opts.reference
+    if window < 2 or not 0 < stride <= window:
+        raise SlmcError(f"need window >= 2 and 0 < stride <= window (got {window}, {stride})", "--window/--stride")
+    p = Path(subject)
+    if (p / "manifest.json").is_file():
+        from ..runtime_tests.sessions import open_session
+
+        manifest = read_manifest(p)
+        limit = manifest["kv_cache_spec"]["max_len"] - 1
+        if window > limit:
+            raise SlmcError(f"window {window} exceeds the artifact's KV cache ({limit} tokens)", "--window")
+        subj, tok_dir = open_session(p, manifest), p
+        ref = load(reference or manifest["source"]["path"])
+    else:
+        src = resolve_model_path(subject)
+        subj, _ = run_passes(load(src), opts.passes)
+        tok_dir = tokenizer_dir(src) or (Path(subj.source.get("path", "")) if subj.source else None)
+        ref = load(reference or src) if (opts.passes or reference) else None
+    if tok_dir is None:
+        raise SlmcError("no tokenizer.json next to the model", subject)
+    ids = token_ids(list(opts.texts), Path(tok_dir) / "tokenizer.json", min_tokens=window + 1,
+                    max_tokens=opts.max_tokens, what="evaluation text")
+    return evaluate_tokens(ids, subj, str(subject), ref, window=window, stride=stride)
+
+
+def inspect(model: str | Path, opts: InspectOptions = InspectOptions()) -> str:
+    """The IR of `model` after `opts.passes`, as text (and saved as an IR folder if asked)."""
+    from ..compiler.printer import print_model
+
+    ir = load(model, max_seq_len=opts.max_seq_len, keep_codes=opts.keep_codes)
+    ir, _ = run_passes(ir, opts.passes)
+    text = print_model(ir)
+    if opts.save_ir:
+        from ..compiler.serialize import save_ir
+
+        save_ir(ir, Path(opts.save_ir))
+    return text
+
+
+def run(artifact: str | Path, opts: RunOptions, on_text: Callable[[str], None] = lambda s: None) -> dict:
+    """Generate text with the artifact in its own app-side runtime; streams pieces to
+    `on_text`, returns token counts, tok/s, the runtime's name and the text."""
+    from ..runtime_tests.generate import generate
+
+    return generate(Path(artifact), opts.prompt, opts.max_new_tokens, opts.temperature, opts.chat, on_text=on_text)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    architectures: tuple[str, ...]
+    passes: tuple[str, ...]
+    targets: dict  # name -> its backends
+    recipes: tuple  # (name, flows, about)
+
+
+def catalog() -> Catalog:
+    """What this slmc knows: architectures, passes, targets with their backends, recipes."""
+    from ..compiler.families import supported_architectures
+    from ..recipes import RECIPES
+    from ..targets import TARGETS, load_all
+
+    passes = pass_registry()
+    load_all()
+    return Catalog(architectures=tuple(supported_architectures()), passes=tuple(sorted(passes)),
+                   targets={name: tuple(t.backends) for name, t in sorted(TARGETS.items())},
+                   recipes=tuple((r.name, tuple(r.flows), r.about) for r in RECIPES.values()))

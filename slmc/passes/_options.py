@@ -1,0 +1,42 @@
+"""Option vocabularies shared by several passes.
+
+A pass's Options inherits the vocabularies it speaks, so the same knob has the same name,
+default and meaning everywhere (`--pass quant.gptq:bits=4,group_size=32,calib=a.txt`).
+The fields stay flat: manifests record `dataclasses.asdict(options)` and replay rebuilds
+`Options(**that)`. A pass may override a default by redeclaring the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Groupwise weight quantization (quant.rtn, quant.gptq, quant.awq)."""
+
+    bits: int = 4
+    group_size: int = 32  # 0: one group per output row (per channel)
+    symmetric: bool = True
+    embed_bits: int = 0  # 0: keep the embedding table in float
+    head_bits: int = 0  # 0: keep the output head in float
+    scale_dtype: str = "float32"  # bfloat16: scales exact in XNNPACK's bf16 storage
+    act_bits: int = 0  # 8: int8 dynamic per-token activations at run time (XNNPACK 8da4w)
+
+
+@dataclass(frozen=True)
+class CalibOptions:
+    """Calibration tokens for data-aware passes (see compiler/calib.py)."""
+
+    calib: str = ""  # your text files, separated by ';' (empty: data-free)
+    n_seqs: int = 16
+    seq_len: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ProjectionOptions:
+    """Which projection groups a fuse/split pass touches."""
+
+    qkv: bool = True
+    gate_up: bool = True

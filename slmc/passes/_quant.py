@@ -1,0 +1,45 @@
+"""Steps shared by the weight-quantization passes (quant.rtn, quant.gptq, quant.awq)."""
+
+from __future__ import annotations
+
+from ..compiler.ir import Linear, Model, QuantWeight, block_linears
+from ..compiler.quant import QuantScheme, rtn
+from ..errors import SlmcError
+from ._options import QuantOptions
+
+
+def quantize_ends(ir: Model, opts: QuantOptions, algorithm: str) -> int:
+    """Embedding and head at their own bit widths (a tied head gets its own node first)."""
+    n = 0
+    if opts.head_bits:
+        if ir.lm_head is None:
+            ir.lm_head = Linear(ir.embed)
+        if not isinstance(ir.lm_head.weight, QuantWeight):
+            s = QuantScheme(opts.head_bits, opts.group_size, opts.symmetric, opts.scale_dtype)
+            s.check(ir.lm_head.in_features, "--pass quant:head_bits")
+            ir.lm_head.weight = rtn(ir.lm_head.weight.float(), s, algorithm)
+            n += 1
+    if opts.embed_bits and not isinstance(ir.embed, QuantWeight):
+        s = QuantScheme(opts.embed_bits, opts.group_size, opts.symmetric, opts.scale_dtype)
+        s.check(ir.hidden_size, "--pass quant:embed_bits")
+        ir.embed = rtn(ir.embed.float(), s, algorithm)
+        n += 1
+    return n
+
+
+def set_act_bits(ir: Model, opts: QuantOptions, where: str) -> None:
+    """Record run-time activation quantization on every quantized block linear and head."""
+    if opts.act_bits not in (0, 8):
+        raise SlmcError(f"act_bits={opts.act_bits}: 0 (float activations) or 8 (int8 per token)", where)
+    if not opts.act_bits:
+        return
+    lins = [lin for _, lin in block_linears(ir)] + ([ir.lm_head] if ir.lm_head is not None else [])
+    for lin in lins:
+        if isinstance(lin.weight, QuantWeight):
+            lin.weight.act_bits = opts.act_bits
+
+
+def quant_ensures(opts: QuantOptions) -> tuple[str, ...]:
+    """What a quantization pass with these options promises about the IR after it."""
+    return (("quantized_linears",) + (("quantized_head",) if opts.head_bits else ())
+            + (("quantized_embed",) if opts.embed_bits else ()))

@@ -1,0 +1,234 @@
+"""The ONNX Runtime artifact: onnxruntime-genai's decoder names and fixed-size past/present
+caches, validation in onnxruntime, greedy text in onnxruntime-genai's generator, byte-identical
+recompiles, a perturbed initializer caught by `validate`, and refusals (exit code 2)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from slmc import api
+from slmc.cli import main
+from slmc.compiler import reference
+from slmc.compiler.families import FAMILIES
+from slmc.compiler.families import load_all as load_families
+from slmc.targets import get_target
+from slmc.targets.base import write_artifact
+
+MAX_LEN = 64
+PROMPT = [5, 7, 9, 11, 13, 17]
+
+
+def _stdout(res):
+    return getattr(res, "stdout", res.output)
+
+
+def _compile(src, out, *extra):
+    res = CliRunner().invoke(main, ["compile", str(src), "-t", "onnx", "-o", str(out),
+                                    "--max-seq-len", str(MAX_LEN), "--json", *extra])
+    assert res.exit_code == 0, res.output
+    return json.loads(_stdout(res))  # exporter logs must not leak into --json output
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "tiny-onnx"
+    _compile(tiny_llama_dir, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def manifest(artifact):
+    return json.loads((artifact / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def gemma2_artifact(tmp_path_factory):
+    """Soft-capping, per-layer sliding windows (8 positions) and sandwich norms."""
+    from tiny import save_ascii_tokenizer, save_hf_model
+
+    load_families()
+    src = tmp_path_factory.mktemp("gemma2-src")
+    save_hf_model(FAMILIES["gemma2"].tiny_config(), src)
+    save_ascii_tokenizer(src, FAMILIES["gemma2"].tiny_config()["vocab_size"])
+    out = tmp_path_factory.mktemp("onnx-gemma2") / "a"
+    _compile(src, out)
+    return out
+
+
+def test_genai_names_and_fixed_size_caches(artifact, manifest):
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    ins = {i.name: i for i in s.get_inputs()}
+    outs = {o.name: o for o in s.get_outputs()}
+    past = {f"past_key_values.{d}.{c}" for d in range(2) for c in ("key", "value")}
+    assert set(ins) == {"input_ids", "position_ids"} | past
+    assert set(outs) == {"logits"} | {n.replace("past_key_values", "present") for n in past}
+    assert ins["input_ids"].shape == ins["position_ids"].shape == [1, "sequence_length"]
+    assert ins["input_ids"].type == ins["position_ids"].type == "tensor(int64)"
+    for n in past:  # [batch, kv_heads, max_len, head_dim], present the same shape as past
+        assert ins[n].shape == [1, 2, MAX_LEN, 16] and ins[n].type == "tensor(float)"
+        assert outs[n.replace("past_key_values", "present")].shape == [1, 2, MAX_LEN, 16]
+    assert outs["logits"].shape == [1, "sequence_length", 256]
+    import onnx
+
+    assert max(o.version for o in onnx.load(str(artifact / "model.onnx")).opset_import if o.domain == "") >= 17
+    assert manifest["format"] == "onnx" and manifest["artifact"] == "model.onnx"
+    assert manifest["external_data"] is None and "model.onnx.data" not in manifest["files"]
+    assert [i["name"] for i in manifest["io"]["inputs"]][:2] == ["input_ids", "position_ids"]
+    assert manifest["kv_cache"]["past_present_share_buffer"] and manifest["kv_cache"]["max_len"] == MAX_LEN
+    assert manifest["execution_provider"]["ort_name"] == "CPUExecutionProvider"
+    assert manifest["tokenizer"]["files"][0] == "tokenizer.json"
+
+
+def test_genai_config(artifact, manifest):
+    cfg = json.loads((artifact / "genai_config.json").read_text())
+    m, d = cfg["model"], cfg["model"]["decoder"]
+    assert m["type"] == "llama" and m["context_length"] == MAX_LEN and m["vocab_size"] == 256
+    assert m["eos_token_id"] == manifest["model"]["eos_ids"]
+    assert d["filename"] == "model.onnx" and d["num_hidden_layers"] == 2 and d["head_size"] == 16
+    assert d["inputs"] == {"input_ids": "input_ids", "position_ids": "position_ids",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    assert d["outputs"]["present_key_names"] == "present.%d.key" and d["outputs"]["logits"] == "logits"
+    assert d["session_options"]["provider_options"] == []
+    assert cfg["search"]["past_present_share_buffer"] and cfg["search"]["max_length"] == MAX_LEN
+
+
+def test_validate_cli_passes(artifact):
+    res = CliRunner().invoke(main, ["validate", str(artifact), "--steps", "8", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(_stdout(res)[_stdout(res).index("{"):])
+    assert report["passed"] and report["runtime"] == "onnxruntime" and report["prefill_max_abs"] < 1e-3
+
+
+def test_gemma2_validates(gemma2_artifact):
+    report = api.validate_artifact(gemma2_artifact, steps=24)  # 24 steps run past the 8-position window
+    assert report.passed and report.greedy_equal, report.to_json()
+
+
+def _genai_greedy(folder, prompt, n):
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], dtype=np.int32))
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out
+
+
+@pytest.mark.parametrize("which", ["artifact", "gemma2_artifact"])
+def test_genai_generator_matches_reference_greedy(which, request):
+    """onnxruntime-genai loads the folder as written and its greedy tokens are the reference's
+    (it stops early only at an eos id)."""
+    folder = request.getfixturevalue(which)
+    man = json.loads((folder / "manifest.json").read_text())
+    n = 30
+    got = _genai_greedy(folder, PROMPT, n)
+    ref, _ = reference.greedy(api.reference_model(folder, man), PROMPT, n)
+    assert got == ref[:len(got)]
+    assert len(got) == n or got[-1] in man["model"]["eos_ids"]
+
+
+def test_compile_is_deterministic(artifact, tiny_llama_dir, tmp_path):
+    out = tmp_path / "again"
+    _compile(tiny_llama_dir, out)
+    for name in ("model.onnx", "genai_config.json"):
+        assert (out / name).read_bytes() == (artifact / name).read_bytes(), name
+
+
+def test_perturbed_initializer_fails_validation(artifact, tmp_path):
+    """A broken-artifact control: one weight changed inside model.onnx must be caught."""
+    import onnx
+    from onnx import numpy_helper
+
+    broken = tmp_path / "broken"
+    shutil.copytree(artifact, broken)
+    proto = onnx.load(str(broken / "model.onnx"))
+    init = max(proto.graph.initializer, key=lambda t: np.prod(t.dims) if t.data_type == 1 else 0)
+    w = numpy_helper.to_array(init).copy()
+    w.flat[::7] += 0.05
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(proto, str(broken / "model.onnx"))
+    res = CliRunner().invoke(main, ["validate", str(broken), "--steps", "8"])
+    assert res.exit_code == 1, res.output
+    assert "validation failed" in res.output
+
+
+def test_external_data_file(tiny_llama_dir, tmp_path, monkeypatch):
+    """Large weights go to model.onnx.data beside the graph; the session reads them from there."""
+    from slmc.targets.onnx import export
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
+    m = api.load(tiny_llama_dir, max_seq_len=MAX_LEN)
+    tgt = get_target("onnx")
+    spec = tgt.spec_class()
+    art = tgt.lower(m, spec)
+    assert set(art.files) == {"model.onnx", "model.onnx.data", "genai_config.json"}
+    assert art.manifest["external_data"] == "model.onnx.data"
+    assert len(art.files["model.onnx"]) < len(art.files["model.onnx.data"])
+    out = write_artifact(art, tmp_path / "ext", None)
+    s = tgt.open_session(out, json.loads((out / "manifest.json").read_text()))
+    got = s.step(PROMPT, 0)
+    ref = reference.forward(m, torch.tensor([PROMPT]))[0, -1]
+    assert (got - ref).abs().max() < 1e-4
+    s.reset()
+    assert torch.equal(s.step(PROMPT, 0), got)
+
+
+def test_float_readback_checks_nothing(tiny_llama_dir, artifact):
+    rb = get_target("onnx").readback(api.load(tiny_llama_dir, max_seq_len=MAX_LEN), artifact / "model.onnx")
+    assert rb.checked == 0 and not rb.missing and not rb.exact
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--pass", "quant.rtn:bits=4,group_size=16"], ["MatMulNBits", "not lowered"]),
+    (["--pass", "kv.cache:dtype=int8"], ["int8 KV cache", "not lowered"]),
+    (["--pass", "kv.cache:window=16"], ["ring-buffer KV cache", "not lowered"]),
+    (["--pass", "kv.cache:layout=bshd"], ["bshd", "kv_heads, seq, head_dim"]),
+    (["--backend", "qnn:context_binary"], ["QNN context binaries", "QNN"]),
+])
+def test_refusals_exit_2_with_one_line(tiny_llama_dir, tmp_path, args, words):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["compile", str(tiny_llama_dir), "-t", "onnx", "-o", str(out), *args])
+    assert res.exit_code == 2, res.output
+    msg = res.output.strip()
+    assert len(msg.splitlines()) == 1, msg
+    assert all(w in msg for w in words), msg
+    assert not out.exists()
+
+
+def test_execution_provider_hints(tiny_llama_dir):
+    m = api.load(tiny_llama_dir, max_seq_len=MAX_LEN)
+    tgt = get_target("onnx")
+    art = tgt.lower(m, tgt.spec_class(backend="coreml"))
+    cfg = json.loads(art.files["genai_config.json"])
+    assert cfg["model"]["decoder"]["session_options"]["provider_options"] == [
+        {"CoreML": {"ModelFormat": "MLProgram", "MLComputeUnits": "ALL"}}]
+    assert art.manifest["execution_provider"]["ort_name"] == "CoreMLExecutionProvider"
+    assert not art.manifest["execution_provider"]["host_runnable"]
+
+
+@pytest.mark.slow
+def test_default_model_validates_and_generates_in_genai(tmp_path):
+    """SmolLM2-135M fp32: `slmc validate` passes, and onnxruntime-genai's generator on the
+    folder gives the reference's greedy tokens."""
+    from tokenizers import Tokenizer
+
+    out, man = api.compile_model("default", "onnx", "cpu", tmp_path / "smol", max_seq_len=256)
+    assert man["external_data"] == "model.onnx.data"
+    report = api.validate_artifact(out, steps=32)
+    assert report.passed and report.greedy_equal, report.to_json()
+    ids = Tokenizer.from_file(str(out / "tokenizer.json")).encode(
+        "The history of the printing press begins", add_special_tokens=False).ids
+    got = _genai_greedy(out, ids, 24)
+    ref, _ = reference.greedy(api.reference_model(out, man), ids, 24)
+    assert got == ref[:len(got)] and (len(got) == 24 or got[-1] in man["model"]["eos_ids"])
