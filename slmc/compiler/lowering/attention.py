@@ -81,6 +81,7 @@ class RowCacheAttention:
     row's position. Ring caches always use index_copy."""
 
     write_rows: Callable | None = None
+    stacked, channels_first = False, False  # the cache form and hidden layout it works on
 
     def heads(self, a: LAttention, q, k, v):
         # Every reshape names the dynamic length as -1 and everything else statically: XNNPACK
@@ -143,6 +144,8 @@ class StackedCacheAttention:
     """One layer of a stacked cache (Core ML): heads [T, heads, hd], rows [start, end) written,
     [0, end) attended to; mask [T, end]."""
 
+    stacked, channels_first = True, False
+
     def heads(self, a: LAttention, q, k, v):
         return q.view(-1, a.h, a.hd), k.view(-1, a.kvh, a.hd), v.view(-1, a.kvh, a.hd)
 
@@ -164,6 +167,8 @@ class PerHeadAttention:
     """The stacked cache in the Neural Engine layout: heads channels-first [heads, hd, T], one
     [E, hd] x [hd, T] matmul per head (keys on the leading axis, softmax over axis 0), no
     tensor above rank 4; mask [E, T]."""
+
+    stacked, channels_first = True, True
 
     def heads(self, a: LAttention, q, k, v):
         return q.view(a.h, a.hd, -1), k.view(a.kvh, a.hd, -1), v.view(a.kvh, a.hd, -1)

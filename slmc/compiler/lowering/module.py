@@ -100,6 +100,10 @@ class LoweredLM(nn.Module):
         if spec.positions not in ("start", "tokens"):
             raise ValueError(f"LoweringSpec.positions must be 'start' or 'tokens', not {spec.positions!r}")
         self.swift = spec.interface == "swift"
+        core = C.attention
+        if core.stacked != self.swift or core.channels_first != C.channels_first:
+            raise ValueError(f"attention core {type(core).__name__} does not fit interface={spec.interface!r} "
+                             f"with projection {C.projection.__name__}")
         if kv.dtype not in ("float32", "float16", "int8") or kv.arena and not self.swift:
             raise UnsupportedError(
                 f"this lowering holds a fp32/fp16/int8 cache per layer; KV spec dtype={kv.dtype} "
