@@ -67,3 +67,32 @@ def test_shared_blocks_share_parameters(tiny_llama_dir):
     mod = LoweredLM(m)
     assert sum(p.numel() for p in mod.parameters()) == n_params
     assert len(mod.cache_shapes) == 4  # each depth keeps its own KV slot
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2_moe"])
+@pytest.mark.parametrize("ane,fp16,kv,layout", [(False, False, "io", "bhsd"), (False, True, "buffers", "bshd"),
+                                                (True, False, "buffers", "bhsd"), (True, True, "io", "bshd")])
+def test_swift_interface_components_match_reference(family, ane, fp16, kv, layout, tmp_path):
+    """The Core ML choices (stacked cache, spelled gelu, max-scaled norm; channels-first 1x1 convs
+    and per-head attention) in the one decoder, eager, prefill then decode, against the reference."""
+    from tiny import save_hf_model
+
+    from slmc.compiler.lowering.module import SwiftLM
+    from slmc.targets.coreml.module import coreml_components
+
+    save_hf_model(FAMILIES[family].tiny_config(), tmp_path)
+    m = import_hf(tmp_path, max_seq_len=24)
+    m.kv.layout = layout
+    mod = SwiftLM(m, LoweringSpec(interface="swift", kv=kv, components=coreml_components(fp16, ane))).eval()
+    ids = torch.randint(0, m.vocab_size, (1, 12), generator=torch.Generator().manual_seed(4))
+    ref = reference.forward(m, ids)[0]
+    caches = mod.empty_caches() if kv == "io" else []
+    got = []
+    with torch.no_grad():
+        for a, b in [(0, 8)] + [(t, t + 1) for t in range(8, 12)]:
+            out = mod(ids[:, a:b].int(), torch.zeros(1, 1, b - a, b), *caches)
+            if kv == "io":
+                out, *caches = out
+            got.append(out[0])
+    assert max(float((g - ref[a:a + len(g)]).abs().max())
+               for g, a in zip(got, [0, 8, 9, 10, 11])) < 1e-4

@@ -1,8 +1,12 @@
 """Lowering: IR -> an export-friendly torch module built from plain ops.
 
-Every target starts here. The module follows ExecuTorch's LLM-runner convention,
-`forward(tokens[1, T], input_pos[1]) -> logits`, with the KV cache held as mutable
-buffers (one K and one V per depth, even where depths share a block's weights).
+Every target starts here: one decoder (`LoweredLM`), built from the components a target
+picks in `LoweringSpec.components` (components.py), with one of two calling conventions:
+- "runner": ExecuTorch's LLM-runner convention, `forward(tokens[1, T], input_pos[1]) -> logits`,
+  one K and one V cache per depth (even where depths share a block's weights), as mutable
+  buffers or as inputs returned updated (LiteRT);
+- "swift": swift-transformers' Core ML convention, `forward(inputIds[1, T], causalMask[1, 1, T, E])
+  -> logits[1, T, vocab]` with start = E - T and all layers stacked in keyCache/valueCache.
 Only ops every runtime has are used: no fused rms_norm, no SDPA custom ops, no
 data-dependent shapes (`input_pos` is a tensor, never `.item()`).
 
@@ -11,22 +15,28 @@ Shared IR weights become one shared Parameter, so every exporter stores them onc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ...errors import UnsupportedError
-from ..ir import MLP, Attention, Block, Linear, Model, MoE, Norm, QuantWeight
-from ..reference import activation, kv_int8_codes, kv_int8_scale, rope_cos_sin
-from .quantized import intx_parameter, unwrap
+from ..ir import MLP, Block, Model
+from .attention import AttnContext, LAttention
+from .cache import scale_shape
+from .components import Components
+from .layers import LMLP, LMoE, _Params, head_projection
+from .math import rope_tables, softcap
+from .quantized import unwrap
 from .ring import ring_masks, ring_slots
 
 
 @dataclass(frozen=True)
 class LoweringSpec:
-    full_logits: bool = False  # False: logits of the last position only, [1, vocab]
+    full_logits: bool = False  # False: logits of the last position only, [1, vocab] (runner)
+    # "runner" or "swift" (Core ML), see the module docstring
+    interface: str = "runner"
     # "buffers": the cache lives in the module as mutable buffers (ExecuTorch, Core ML states);
     # "io": caches are extra inputs and the updated caches extra outputs (LiteRT, Core ML iOS 17).
     kv: str = "buffers"
@@ -39,330 +49,62 @@ class LoweringSpec:
     # positions stay input_pos[0] + i, and a ring-buffer cache keeps its rows under padding.
     padded: bool = False
     dtype: torch.dtype = torch.float32
-    # A target's op for writing T contiguous cache rows at a start position, out of place:
-    # write_rows(cache, axis, start[1], rows) -> cache (LiteRT: dynamic_update_slice). None:
-    # index_copy at every row's position. Ring caches always use index_copy.
-    write_rows: object = None
-    # rotate_half as slices and a concat instead of a [head_dim, head_dim] matmul: cheaper
-    # where the runtime has no delegate to keep whole (LiteRT); XNNPACK wants the matmul.
-    rope_slices: bool = False
     # True: each QuantWeight becomes its exact dequantized float (a plain constant) for a
     # target that puts the codes back itself (LiteRT: targets/tflite/codes.py).
     dequantize: bool = False
-
-
-class _Params:
-    """Turns IR weights into Parameters, one per IR object (shared blocks stay shared)."""
-
-    def __init__(self, owner: nn.Module, dtype: torch.dtype, dequantize: bool = False):
-        self.owner, self.dtype, self.memo, self.quantized = owner, dtype, {}, False
-        self.dequantize = dequantize
-
-    def __call__(self, w) -> nn.Parameter:
-        if w is None:
-            return None
-        if id(w) not in self.memo and isinstance(w, QuantWeight) and not self.dequantize:
-            # not also registered on the owner: unwrap_tensor_subclass would parametrize the
-            # same tensor twice in one module, which export then counts as two inputs
-            self.quantized = True
-            self.memo[id(w)] = intx_parameter(w, self.dtype)
-        if id(w) not in self.memo:
-            was_loaded = getattr(w, "loaded", True)
-            p = nn.Parameter(w.float().to(self.dtype), requires_grad=False)
-            if not was_loaded and p.data_ptr() != w.data.data_ptr():
-                w.release()  # a converted copy exists now; don't also keep the checkpoint's bf16/fp16
-            self.owner.register_parameter(f"w{len(self.memo)}", p)
-            self.memo[id(w)] = p
-        return self.memo[id(w)]
-
-
-class LLinear(nn.Module):
-    def __init__(self, lin: Linear, P: _Params):
-        super().__init__()
-        self.weight, self.bias = P(lin.weight), P(lin.bias)
-
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
-
-
-def head_linear(model: Model, P: _Params) -> LLinear:
-    """The output head as a child module, also when tied: a quantized table that the top
-    module read twice would be parametrized twice by unwrap_tensor_subclass (two export inputs)."""
-    return LLinear(model.lm_head if model.lm_head is not None else Linear(model.embed), P)
-
-
-class LNorm(nn.Module):
-    def __init__(self, n: Norm, P: _Params):
-        super().__init__()
-        self.weight, self.eps, self.offset = P(n.weight), n.eps, 1.0 if n.unit_offset else 0.0
-
-        d = n.weight.shape[0]
-        self.register_buffer("mean_row", torch.full((1, d), 1.0 / d, dtype=P.dtype), persistent=False)
-        # eps as a [1] tensor, not a scalar: coremltools fuses "linear + constant" into the
-        # linear's bias and fails on a 0-d constant.
-        self.register_buffer("eps_vec", torch.full((1,), n.eps, dtype=P.dtype), persistent=False)
-
-    def forward(self, x):
-        # Plain ops on purpose (Core ML rejects aten.rms_norm), and the mean of squares
-        # as a 1-row linear: XNNPACK delegates linear but not mean.dim, and every
-        # undelegated op splits the graph into another delegate call.
-        ms = F.linear(x * x, self.mean_row)
-        return x * torch.rsqrt(ms + self.eps_vec) * (self.weight + self.offset)
-
-
-class LMLP(nn.Module):
-    def __init__(self, m: MLP, P: _Params):
-        super().__init__()
-        self.act = m.act
-        self.fused = m.fused
-        if m.fused:
-            self.gate_up = LLinear(m.gate_up, P)
-        else:
-            self.gate, self.up = LLinear(m.gate, P), LLinear(m.up, P)
-        self.down = LLinear(m.down, P)
-
-    def forward(self, x):
-        if self.fused:
-            g, u = self.gate_up(x).chunk(2, dim=-1)
-        else:
-            g, u = self.gate(x), self.up(x)
-        return self.down(activation(self.act, g) * u)
-
-
-class LMoE(nn.Module):
-    """Dense-compute MoE: every expert runs, weights are zero off the top-k.
-
-    Static shapes and no data-dependent control flow, so it exports everywhere;
-    sparse execution is the job of the expert-offload pass and its runner.
-    """
-
-    def __init__(self, m: MoE, P: _Params):
-        super().__init__()
-        self.router = LLinear(m.router, P)
-        self.experts = nn.ModuleList(LMLP(e, P) for e in m.experts)
-        self.top_k, self.norm = m.top_k, m.norm_topk_prob
-        self.shared = LMLP(m.shared, P) if m.shared is not None else None
-        self.shared_gate = LLinear(m.shared_gate, P) if m.shared_gate is not None else None
-
-    def forward(self, x):
-        probs = torch.softmax(self.router(x), dim=-1)
-        top_w, top_i = probs.topk(self.top_k, dim=-1)
-        if self.norm:
-            top_w = top_w / top_w.sum(-1, keepdim=True)
-        n = len(self.experts)
-        weights = (F.one_hot(top_i, n).to(x.dtype) * top_w.unsqueeze(-1)).sum(-2)  # [.., n]
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            out = out + expert(x) * weights[..., e:e + 1]
-        if self.shared is not None:
-            s = self.shared(x)
-            if self.shared_gate is not None:
-                s = torch.sigmoid(self.shared_gate(x)) * s
-            out = out + s
-        return out
-
-
-class LAttention(nn.Module):
-    def __init__(self, a: Attention, P: _Params, bshd: bool = False):
-        super().__init__()
-        self.h, self.kvh, self.hd, self.bshd = a.n_heads, a.n_kv_heads, a.head_dim, bshd
-        self.fused = a.fused
-        if a.fused:
-            self.qkv = LLinear(a.qkv, P)
-        else:
-            self.q, self.k, self.v = LLinear(a.q, P), LLinear(a.k, P), LLinear(a.v, P)
-        self.o = LLinear(a.o, P)
-        self.q_norm = LNorm(a.q_norm, P) if a.q_norm is not None else None
-        self.k_norm = LNorm(a.k_norm, P) if a.k_norm is not None else None
-        self.scale, self.softcap = a.scale, a.logit_softcap
-        self.write_rows, self.rope_slices = None, False  # from the LoweringSpec, set by LoweredLM
-        self.rope_dim = a.rope.dim
-        # F.linear(x, W) computes x @ W.T, so store R.T
-        self.register_buffer("rot_t", rotate_half_matrix(a.head_dim, a.rope.dim, P.dtype).T.contiguous(),
-                             persistent=False)
-
-    def forward(self, x, cos, sin, mask, k_cache, v_cache, positions, inplace: bool = True, slots=None,
-                pad=None):
-        # slots: a ring-buffer cache's slot per new row (ring.py); None: the slot is the position.
-        # pad: rows that are padding (LiteRT-LM), which must not overwrite a ring's live slots.
-        # Batch 1 (the LLM-runner convention). Every reshape names the dynamic
-        # length as -1 and everything else statically: XNNPACK takes such views,
-        # while symbolic sizes would split the graph into many small delegates.
-        h, kvh, hd = self.h, self.kvh, self.hd
-        if self.fused:
-            q, k, v = self.qkv(x).split([h * hd, kvh * hd, kvh * hd], -1)
-        else:
-            q, k, v = self.q(x), self.k(x), self.v(x)
-        q = q.reshape(1, -1, h, hd).transpose(1, 2)
-        k = k.reshape(1, -1, kvh, hd).transpose(1, 2)
-        v = v.reshape(1, -1, kvh, hd).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope_slices:
-            q, k = _rope_sliced(q, cos, sin, self.rope_dim), _rope_sliced(k, cos, sin, self.rope_dim)
-        else:
-            q, k = _rope(q, cos, sin, self.rot_t), _rope(k, cos, sin, self.rot_t)
-        # BHSD caches take [1, kvh, T, hd] rows on axis 2; BSHD caches [1, T, kvh, hd] on axis 1.
-        # contiguous(): index_copy on a transposed source makes export guard on T.
-        axis = 1 if self.bshd else 2
-        k_new = (k.transpose(1, 2) if self.bshd else k).contiguous()
-        v_new = (v.transpose(1, 2) if self.bshd else v).contiguous()
-        if slots is not None:  # ring: attend to [old slots | new rows], then write (ring.py)
-            parts = [(_read(k_cache), _read(v_cache)), (_as_stored(k_new, k_cache), _as_stored(v_new, v_cache))]
-            out = self._attend(q, parts, mask)
-            return (out, _write(k_cache, axis, slots, k_new, inplace, pad),
-                    _write(v_cache, axis, slots, v_new, inplace, pad))
-        k_cache = _write(k_cache, axis, positions, k_new, inplace, writer=self.write_rows)
-        v_cache = _write(v_cache, axis, positions, v_new, inplace, writer=self.write_rows)
-        return self._attend(q, [(_read(k_cache), _read(v_cache))], mask), k_cache, v_cache
-
-    def _heads(self, rows, dtype):
-        """Cache-layout rows -> [kvh, L, hd]."""
-        if self.bshd:
-            return rows.reshape(-1, self.kvh, self.hd).transpose(0, 1).to(dtype)
-        return rows.reshape(self.kvh, -1, self.hd).to(dtype)
-
-    def _attend(self, q, parts, mask):
-        """Attention over the (K, V) row sets in `parts`, as one key sequence under `mask`.
-        Scores are computed per part and joined only on their last axis: one concatenated
-        key sequence of length W + T would make export guard on sums it cannot prove."""
-        h, kvh, hd = self.h, self.kvh, self.hd
-        # Grouped attention without repeating the cache: fold each KV group's query
-        # heads into the row axis as (T, rep), T outermost (a symbolic axis split with
-        # T innermost makes torch.export add unprovable guards).
-        rep = h // kvh
-        qg = q.reshape(kvh, rep, -1, hd).transpose(1, 2).reshape(kvh, -1, hd)
-        scores, values = [], []
-        for k_rows, v_rows in parts:
-            keys, vals = self._heads(k_rows, q.dtype), self._heads(v_rows, q.dtype)
-            s = torch.bmm(qg, keys.transpose(1, 2)) * self.scale
-            if self.softcap is not None:
-                s = torch.tanh(s / self.softcap) * self.softcap
-            scores.append(s.view(kvh, -1, rep, keys.shape[1]))
-            values.append(vals)
-        s = (scores[0] if len(scores) == 1 else torch.cat(scores, -1)) + mask[:, None, :]
-        p = torch.softmax(s, dim=-1)
-        out, at = None, 0
-        for vals in values:
-            L = vals.shape[1]
-            pi = p if len(values) == 1 else p[..., at:at + L]
-            o = torch.bmm(pi.reshape(kvh, -1, L), vals)
-            out, at = (o if out is None else out + o), at + L
-        out = out.view(kvh, -1, rep, hd)
-        return self.o(out.permute(1, 0, 2, 3).reshape(1, -1, h * hd))
-
-
-def _write(cache, axis: int, slots, new, inplace: bool, pad=None, writer=None):
-    """Store the new rows at `slots`: int8 as codes + per-token scales (the reference's formula),
-    float caches rounded to their dtype. Rows where `pad` is true write back what was there.
-    writer: a target's op for rows that are contiguous from slots[0] (linear caches)."""
-    if isinstance(cache, tuple):
-        return _write_int8(cache, axis, slots, new, inplace, pad, writer)
-    new = _keep(cache, axis, slots, new.to(cache.dtype), pad)  # fp16 caches round here
-    return _store(cache, axis, slots, new, inplace, writer)
-
-
-def _store(buf, axis: int, slots, rows, inplace: bool, writer=None):
-    if inplace:
-        buf.index_copy_(axis, slots, rows)
-        return buf
-    if writer is not None:
-        return writer(buf, axis, slots[:1], rows)
-    return buf.index_copy(axis, slots, rows)
-
-
-def _as_stored(new, cache):
-    """The new rows as the cache will hand them back once written."""
-    if isinstance(cache, tuple):
-        s = kv_int8_scale(new)
-        return kv_int8_codes(new, s) * s
-    return new.to(cache.dtype)
-
-
-def _scale_shape(cache_shape: tuple) -> tuple:
-    return (*cache_shape[:-1], 1)
-
-
-def _keep(cache, axis: int, slots, rows, pad):
-    if pad is None:
-        return rows
-    shape = [1, 1, 1, 1]
-    shape[axis] = -1
-    # LiteRT has no fp16 gather: gather in fp32 (exact both ways)
-    src = cache.float() if cache.dtype == torch.float16 else cache
-    return torch.where(pad.view(shape), src.index_select(axis, slots).to(rows.dtype), rows)
-
-
-def _write_int8(cache: tuple, axis: int, positions, new, inplace: bool, pad=None, writer=None) -> tuple:
-    """Quantize the new rows per token and head, then store codes and scales at `positions`."""
-    codes, scales = cache
-    s = kv_int8_scale(new)
-    q = kv_int8_codes(new, s).to(torch.int8)
-    q, s = _keep(codes, axis, positions, q, pad), _keep(scales, axis, positions, s, pad)
-    out = (_store(codes, axis, positions, q, inplace, writer), _store(scales, axis, positions, s, inplace, writer))
-    return cache if inplace else out
-
-
-def _read(cache):
-    """The cache as float rows: int8 codes times their scales, or the float cache itself."""
-    if isinstance(cache, tuple):
-        return cache[0].to(cache[1].dtype) * cache[1]
-    return cache
-
-
-def rotate_half_matrix(head_dim: int, rot_dim: int, dtype) -> torch.Tensor:
-    """R with x @ R == rotate_half(x) on the first rot_dim dims (zero elsewhere).
-
-    RoPE as x * cos + (x @ R) * sin has no slices or concats of dynamic-length
-    tensors, so XNNPACK takes it whole instead of splitting the graph around it.
-    """
-    R = torch.zeros(head_dim, head_dim, dtype=dtype)
-    half = rot_dim // 2
-    idx = torch.arange(half)
-    R[idx + half, idx] = -1.0
-    R[idx, idx + half] = 1.0
-    return R
-
-
-def _rope(x, cos, sin, rot_t):
-    return x * cos + F.linear(x, rot_t) * sin
-
-
-def _rope_sliced(x, cos, sin, rot_dim: int):
-    """The same rotation with rotate_half as slices; the tail past rot_dim meets sin = 0."""
-    h = rot_dim // 2
-    parts = [-x[..., h:rot_dim], x[..., :h]] + ([x[..., rot_dim:]] if rot_dim < x.shape[-1] else [])
-    return x * cos + torch.cat(parts, -1) * sin
-
+    # the decoder's components (components.py)
+    components: Components = field(default_factory=Components)
 
 class LBlock(nn.Module):
-    def __init__(self, b: Block, P: _Params, bshd: bool = False):
+    def __init__(self, b: Block, P: _Params, C: Components, bshd: bool = False):
         super().__init__()
-        self.attn_norm, self.attn = LNorm(b.attn_norm, P), LAttention(b.attn, P, bshd)
-        self.ffn_norm = LNorm(b.ffn_norm, P)
-        self.ffn = LMLP(b.ffn, P) if isinstance(b.ffn, MLP) else LMoE(b.ffn, P)
-        self.post_attn = LNorm(b.post_attn_norm, P) if b.post_attn_norm is not None else None
-        self.post_ffn = LNorm(b.post_ffn_norm, P) if b.post_ffn_norm is not None else None
+        cf = C.channels_first
+        self.attn_norm, self.attn = C.norm(b.attn_norm, P, cf), LAttention(b.attn, P, C, bshd)
+        self.ffn_norm = C.norm(b.ffn_norm, P, cf)
+        self.ffn = LMLP(b.ffn, P, C) if isinstance(b.ffn, MLP) else LMoE(b.ffn, P, C)
+        self.post_attn = C.norm(b.post_attn_norm, P, cf) if b.post_attn_norm is not None else None
+        self.post_ffn = C.norm(b.post_ffn_norm, P, cf) if b.post_ffn_norm is not None else None
 
-    def forward(self, x, cos, sin, mask, kc, vc, positions, inplace: bool = True, slots=None, pad=None):
-        h, kc, vc = self.attn(self.attn_norm(x), cos, sin, mask, kc, vc, positions, inplace, slots, pad)
+    def attention(self, x, ctx: AttnContext, k_cache, v_cache):
+        """The attention sublayer with its residual."""
+        h, k_cache, v_cache = self.attn(self.attn_norm(x), ctx, k_cache, v_cache)
         if self.post_attn is not None:
             h = self.post_attn(h)
-        x = x + h
-        h = self.ffn(self.ffn_norm(x))
+        return x + h, k_cache, v_cache
+
+    def feed_forward(self, x, ffn):
+        """The FFN sublayer (ffn: the MLP or MoE) with its residual."""
+        h = ffn(self.ffn_norm(x))
         if self.post_ffn is not None:
             h = self.post_ffn(h)
-        return x + h, kc, vc
+        return x + h
+
+    def forward(self, x, ctx: AttnContext, k_cache, v_cache):
+        x, k_cache, v_cache = self.attention(x, ctx, k_cache, v_cache)
+        return self.feed_forward(x, self.ffn), k_cache, v_cache
 
 
 class LoweredLM(nn.Module):
-    """kv="buffers": forward(tokens[1, T] int64, input_pos[1] int64) -> logits.
-    kv="io": forward(tokens, input_pos, k_0, v_0, k_1, ...) -> (logits, k_0', v_0', ...)."""
+    """runner, kv="buffers": forward(tokens[1, T] int64, input_pos[1] int64) -> logits;
+    runner, kv="io": forward(tokens, input_pos, k_0, v_0, k_1, ...) -> (logits, k_0', v_0', ...);
+    swift: forward(inputIds[1, T] int32, causalMask[1, 1, T, E][, keyCache, valueCache]) ->
+    logits[1, T, vocab][, keyCache', valueCache'] (the caches only when kv="io")."""
 
     def __init__(self, model: Model, spec: LoweringSpec = LoweringSpec()):
         super().__init__()
-        kv = model.kv
-        if kv.dtype not in ("float32", "float16", "int8") or kv.arena:
+        kv, C = model.kv, spec.components
+        if spec.interface not in ("runner", "swift"):
+            raise ValueError(f"LoweringSpec.interface must be 'runner' or 'swift', not {spec.interface!r}")
+        if spec.kv not in ("buffers", "io"):
+            raise ValueError(f"LoweringSpec.kv must be 'buffers' or 'io', not {spec.kv!r}")
+        if spec.positions not in ("start", "tokens"):
+            raise ValueError(f"LoweringSpec.positions must be 'start' or 'tokens', not {spec.positions!r}")
+        self.swift = spec.interface == "swift"
+        core = C.attention
+        if core.stacked != self.swift or core.channels_first != C.channels_first:
+            raise ValueError(f"attention core {type(core).__name__} does not fit interface={spec.interface!r} "
+                             f"with projection {C.projection.__name__}")
+        if kv.dtype not in ("float32", "float16", "int8") or kv.arena and not self.swift:
             raise UnsupportedError(
                 f"this lowering holds a fp32/fp16/int8 cache per layer; KV spec dtype={kv.dtype} "
                 f"arena={kv.arena} is not lowered yet", "kv")
@@ -370,20 +112,17 @@ class LoweredLM(nn.Module):
         self.ring = kv.ring
         if self.ring and spec.mask_input:
             raise UnsupportedError("a ring-buffer cache builds its own mask; mask_input is for linear caches", "kv")
-        slots = kv.window if self.ring else kv.max_len
         bshd = kv.layout == "bshd"
-        self.spec, self.max_len = spec, kv.max_len
+        self.spec, self.max_len, self.channels_first = spec, kv.max_len, C.channels_first
         self.cache_dtype = {"float16": torch.float16, "int8": torch.int8}.get(kv.dtype, spec.dtype)
         self.int8 = kv.dtype == "int8"  # each cache is (codes, scales per token and head)
         P = _Params(self, spec.dtype, spec.dequantize)
         self.embed = P(model.embed)
         self.embed_scale = model.embed_scale
-        self.blocks = nn.ModuleList(LBlock(b, P, bshd) for b in model.blocks)
-        for blk in self.blocks:
-            blk.attn.write_rows, blk.attn.rope_slices = spec.write_rows, spec.rope_slices
+        self.blocks = nn.ModuleList(LBlock(b, P, C, bshd) for b in model.blocks)
         self.layers = list(model.layers)
-        self.final_norm = LNorm(model.final_norm, P)
-        self.head = head_linear(model, P)
+        self.final_norm = C.norm(model.final_norm, P, C.channels_first)
+        self.head = head_projection(model, P, C.projection)
         self.final_softcap = model.final_logit_softcap
         # One rope table per distinct rope config, one mask per distinct window.
         rope_keys, self.windows, self.layer_rope, self.layer_window = [], [], [], []
@@ -391,10 +130,7 @@ class LoweredLM(nn.Module):
             a = model.block_at(d).attn
             key = (a.rope.theta, a.rope.dim, a.head_dim, repr(a.rope.scaling))
             if key not in rope_keys:
-                cos, sin = rope_cos_sin(a.rope, torch.arange(kv.max_len))
-                pad = a.head_dim - a.rope.dim  # partial rotary: identity on the tail
-                cos = F.pad(cos, (0, pad), value=1.0)
-                sin = F.pad(sin, (0, pad), value=0.0)
+                cos, sin = rope_tables(a.rope, kv.max_len, a.head_dim)
                 self.register_buffer(f"rope_cos{len(rope_keys)}", cos.to(spec.dtype), persistent=False)
                 self.register_buffer(f"rope_sin{len(rope_keys)}", sin.to(spec.dtype), persistent=False)
                 rope_keys.append(key)
@@ -403,34 +139,48 @@ class LoweredLM(nn.Module):
             self.layer_rope.append(rope_keys.index(key))
             self.layer_window.append(self.windows.index(a.sliding_window))
         self.n_ropes = len(rope_keys)
-        if spec.kv not in ("buffers", "io"):
-            raise ValueError(f"LoweringSpec.kv must be 'buffers' or 'io', not {spec.kv!r}")
-        if spec.positions not in ("start", "tokens"):
-            raise ValueError(f"LoweringSpec.positions must be 'start' or 'tokens', not {spec.positions!r}")
+        if self.swift:
+            self._stacked_caches(model, bshd)
+        else:
+            self._layer_caches(model, bshd)
+        if P.quantized:  # torchao Intx weights -> dequantize_affine, which every converter maps
+            unwrap(self)
+
+    def _layer_caches(self, model: Model, bshd: bool) -> None:
+        slots = model.kv.window if self.ring else model.kv.max_len
         self.cache_shapes = []
         for d in range(model.n_layers):
             a = model.block_at(d).attn
             self.cache_shapes.append((1, slots, a.n_kv_heads, a.head_dim) if bshd
                                      else (1, a.n_kv_heads, slots, a.head_dim))
-        if spec.kv == "buffers":
+        if self.spec.kv == "buffers":
             for d, shape in enumerate(self.cache_shapes):
                 for kv_name in ("k", "v"):
                     self.register_buffer(f"{kv_name}_cache_{d}", torch.zeros(shape, dtype=self.cache_dtype))
                     if self.int8:
-                        self.register_buffer(f"{kv_name}_cache_scale_{d}", torch.zeros(_scale_shape(shape),
-                                                                                      dtype=spec.dtype))
-        if P.quantized:
-            unwrap(self)
+                        self.register_buffer(f"{kv_name}_cache_scale_{d}", torch.zeros(scale_shape(shape),
+                                                                                     dtype=self.spec.dtype))
+
+    def _stacked_caches(self, model: Model, bshd: bool) -> None:
+        """keyCache/valueCache [layers, kvh, L, hd] (BHSD) or [layers, L, kvh, hd] (BSHD)."""
+        a, kv = model.block_at(0).attn, model.kv
+        row = (kv.max_len, a.n_kv_heads) if bshd else (a.n_kv_heads, kv.max_len)
+        self.cache_shape = (model.n_layers, *row, a.head_dim)
+        if self.spec.kv == "buffers":  # fp32 here; Core ML declares its states fp16 (it has no other)
+            self.register_buffer("keyCache", torch.zeros(self.cache_shape))
+            self.register_buffer("valueCache", torch.zeros(self.cache_shape))
 
     def empty_caches(self) -> list[torch.Tensor]:
         """Zero K and V tensors per depth, in forward's argument order (kv="io"); an int8
         cache is two tensors (codes, then scales)."""
+        if self.swift:
+            return [torch.zeros(self.cache_shape), torch.zeros(self.cache_shape)]
         out = []
         for s in self.cache_shapes:
             for _ in (0, 1):
                 out.append(torch.zeros(s, dtype=self.cache_dtype))
                 if self.int8:
-                    out.append(torch.zeros(_scale_shape(s), dtype=self.spec.dtype))
+                    out.append(torch.zeros(scale_shape(s), dtype=self.spec.dtype))
         return out
 
     def _cache(self, caches, d: int, i: int):
@@ -444,6 +194,10 @@ class LoweredLM(nn.Module):
             else getattr(self, name)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *rest: torch.Tensor):
+        """runner: (tokens, input_pos, [mask,] caches...); swift: (inputIds, causalMask[, keyCache,
+        valueCache]), the second argument standing where input_pos stands."""
+        if self.swift:
+            return self._swift(tokens, input_pos, *rest)
         T = tokens.shape[1]
         pad = None
         if self.spec.padded:
@@ -454,9 +208,7 @@ class LoweredLM(nn.Module):
         else:
             positions = input_pos + torch.arange(T, dtype=torch.int64)
         mask_in, caches = (rest[0], rest[1:]) if self.spec.mask_input else (None, rest)
-        x = F.embedding(tokens, self.embed)
-        if self.embed_scale != 1.0:
-            x = x * self.embed_scale
+        x = self._embed(tokens)
         keys = torch.arange(self.max_len, dtype=torch.int64)
         masks, slots = [], None
         if self.ring:
@@ -469,21 +221,98 @@ class LoweredLM(nn.Module):
             masks.append(torch.where(ok, 0.0, float("-inf")).to(x.dtype))
         ropes = [(getattr(self, f"rope_cos{i}")[positions], getattr(self, f"rope_sin{i}")[positions])
                  for i in range(self.n_ropes)]
-        io, updated = self.spec.kv == "io", []
-        for d, b in enumerate(self.layers):
-            cos, sin = ropes[self.layer_rope[d]]
-            kc, vc = self._cache(caches, d, 0), self._cache(caches, d, 1)
-            mask = masks[self.layer_window[d]] if mask_in is None else mask_in[0, 0]
-            x, kc, vc = self.blocks[b](x, cos, sin, mask, kc, vc, positions, not io, slots, pad)
-            updated += [*kc, *vc] if self.int8 else [kc, vc]
+        io = self.spec.kv == "io"
+
+        def context(d):
+            return AttnContext(*ropes[self.layer_rope[d]],
+                               masks[self.layer_window[d]] if mask_in is None else mask_in[0, 0],
+                               inplace=not io, positions=positions, slots=slots, pad=pad)
+
+        x, k_new, v_new = self._layers(x, context, lambda d: (self._cache(caches, d, 0), self._cache(caches, d, 1)))
         if not self.spec.full_logits:
             x = x[:, -1, :]
+        logits = self._logits(x)
+        if not io:
+            return logits
+        updated = []
+        for kc, vc in zip(k_new, v_new):
+            updated += [*kc, *vc] if self.int8 else [kc, vc]
+        return (logits, *updated)
+
+    def _swift(self, input_ids, causal_mask, key_cache=None, value_cache=None):
+        """Core ML: start = E - T from the shapes; the model masks causally (and by sliding
+        window) itself, so swift-transformers' zero mask is valid."""
+        T, end = input_ids.shape[1], causal_mask.shape[-1]
+        start, cf = end - T, self.channels_first
+        x = self._embed(input_ids)
+        pos = torch.arange(T) + start
+        masks = []
+        if cf:  # keys first: [E, T]
+            keys = torch.arange(end)[:, None]
+            ok = keys <= pos[None, :]
+            extra = causal_mask[0, 0].transpose(0, 1)  # [E, T or 1]
+            masks = [torch.where(ok if w is None else torch.logical_and(ok, pos[None, :] - keys < w), 0.0,
+                                 float("-inf")) + extra for w in self.windows]
+            ropes = [(getattr(self, f"rope_cos{i}")[start:end].transpose(0, 1),
+                      getattr(self, f"rope_sin{i}")[start:end].transpose(0, 1)) for i in range(self.n_ropes)]
+        else:
+            ok = torch.arange(end)[None, :] <= pos[:, None]
+            for w in self.windows:
+                allowed = ok if w is None else torch.logical_and(ok, pos[:, None] - torch.arange(end)[None, :] < w)
+                masks.append(torch.where(allowed, 0.0, float("-inf")) + causal_mask[0, 0])
+            ropes = [(getattr(self, f"rope_cos{i}")[start:end, None, :],
+                      getattr(self, f"rope_sin{i}")[start:end, None, :]) for i in range(self.n_ropes)]
+        stateful = self.spec.kv == "buffers"
+        kcs, vcs = (self.keyCache, self.valueCache) if stateful else (key_cache, value_cache)
+
+        def context(d):
+            return AttnContext(*ropes[self.layer_rope[d]], masks[self.layer_window[d]], inplace=stateful,
+                               span=(start, end))
+
+        # states: layer views written in place; io: updated copies, stacked again
+        x, k_new, v_new = self._layers(x, context, lambda d: (kcs[d], vcs[d]))
+        logits = self._logits(x)
+        return logits if stateful else (logits, torch.stack(k_new), torch.stack(v_new))
+
+    def _embed(self, tokens):
+        if self.channels_first:
+            # rows of the conv-shaped table: a tied lm_head (a 1x1 conv) then stores it once
+            x = torch.index_select(self.embed[:, :, None, None], 0, tokens[0]).permute(2, 1, 3, 0)  # [1, C, 1, T]
+        else:
+            x = F.embedding(tokens, self.embed)
+        return x * self.embed_scale if self.embed_scale != 1.0 else x
+
+    def _layers(self, x, context_at, caches_at):
+        """Every depth in order; context_at(d) -> AttnContext, caches_at(d) -> (K, V) caches.
+        Returns x and each depth's K and V caches after the call."""
+        k_new, v_new = [], []
+        for d, b in enumerate(self.layers):
+            kc, vc = caches_at(d)
+            x, kc, vc = self.blocks[b](x, context_at(d), kc, vc)
+            k_new.append(kc)
+            v_new.append(vc)
+        return x, k_new, v_new
+
+    def _logits(self, x):
         logits = self.head(self.final_norm(x))
-        if self.final_softcap is not None:
-            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return (logits, *updated) if io else logits
+        if self.channels_first:  # [1, vocab, 1, T] -> [1, T, vocab]
+            logits = logits.squeeze(2).transpose(1, 2)
+        return softcap(logits, self.final_softcap) if self.final_softcap is not None else logits
 
     def reset_cache(self) -> None:
         for name, buf in self.named_buffers():
-            if "_cache_" in name:
+            if "_cache_" in name or name in ("keyCache", "valueCache"):
                 buf.zero_()
+
+
+class SwiftLM(LoweredLM):
+    """LoweredLM with interface="swift", under the argument names torch.export gives the Core ML
+    converter (inputIds, causalMask and, for kv="io", the two stacked caches)."""
+
+    def __init__(self, model: Model, spec: LoweringSpec):
+        if spec.interface != "swift":
+            raise ValueError("SwiftLM takes a LoweringSpec with interface='swift'")
+        super().__init__(model, spec)
+
+    def forward(self, input_ids, causal_mask, key_cache=None, value_cache=None):
+        return self._swift(input_ids, causal_mask, key_cache, value_cache)

@@ -2,7 +2,7 @@
 
 Slots 0..S-1 hold positions 0..S-1 for good (attention sinks); the other R = W - S slots
 hold the latest positions, position p in slot S + (p - S) mod R. A query at position q
-attends to the sinks and to the last R positions (reference.ring_keep).
+attends to the sinks and to the last R positions (math.ring_visible).
 
 A chunk of T <= R new tokens attends to [the W slots as they were | its own T rows],
 then its rows are written: writing first would overwrite rows that the chunk's earlier
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import ring_keep
+from .math import ring_visible
 
 
 def ring_slots(positions: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
@@ -35,8 +35,8 @@ def ring_masks(positions: torch.Tensor, window: int, sinks: int, windows: list, 
     held = torch.where(j < sinks, j, latest)
     valid = torch.where(j < sinks, j < start, latest >= sinks)
     q = positions[:, None]
-    old = valid[None, :] & ring_keep(q, held[None, :], window, sinks)
-    new = (positions[None, :] <= q) & ring_keep(q, positions[None, :], window, sinks)
+    old = valid[None, :] & ring_visible(q, held[None, :], window, sinks)
+    new = (positions[None, :] <= q) & ring_visible(q, positions[None, :], window, sinks)
     masks = []
     for w in windows:
         o, n = old, new

@@ -9,8 +9,8 @@ So the decoder becomes
                                              top_w[1, T, k], top_i[1, T, k])
   head(x[1, H]) -> logits[1, vocab]
   expert(x[N, H]) -> [N, H]   (one module per routed expert)
-built from the same pieces as LoweredLM (LNorm, LAttention, LMLP, _Params), so quantized
-weights and every attention variant lower the same way. Each layer segment holds its own
+built from the same components as LoweredLM (a layer segment is an LBlock whose FFN may stop
+at the MoE router), so quantized weights and every attention variant lower the same way. Each layer segment holds its own
 K/V cache as mutable buffers named k_cache_{d}/v_cache_{d} (unique names, so a program of
 all segments can keep every layer's cache in one shared arena).
 """
@@ -24,8 +24,10 @@ from torch.export import Dim, ExportedProgram
 
 from ...errors import UnsupportedError
 from ..ir import MLP, Model, MoE
-from ..reference import rope_cos_sin
-from .module import LAttention, LLinear, LMLP, LNorm, LoweringSpec, _Params
+from .attention import AttnContext, LAttention
+from .layers import LMLP, _Params
+from .math import rope_tables, softcap
+from .module import LBlock, LoweringSpec
 from .quantized import unwrap
 
 
@@ -48,8 +50,8 @@ class EmbedSegment(nn.Module):
 class HeadSegment(nn.Module):
     def __init__(self, model: Model, spec: LoweringSpec):
         super().__init__()
-        P = _Params(self, spec.dtype)
-        self.final_norm = LNorm(model.final_norm, P)
+        P, C = _Params(self, spec.dtype), spec.components
+        self.final_norm = C.norm(model.final_norm, P, C.channels_first)
         self.weight = P(model.lm_head.weight if model.lm_head is not None else model.embed)
         self.bias = P(model.lm_head.bias) if model.lm_head is not None else None
         self.softcap = model.final_logit_softcap
@@ -57,32 +59,29 @@ class HeadSegment(nn.Module):
 
     def forward(self, x):
         logits = F.linear(self.final_norm(x), self.weight, self.bias)
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return softcap(logits, self.softcap) if self.softcap is not None else logits
 
 
-class LayerSegment(nn.Module):
-    """One depth: attention with its own cache, then the dense MLP or the MoE's router."""
+class LayerSegment(LBlock):
+    """One depth: attention with its own cache, then the dense MLP or the MoE's router.
+    Its own constructor keeps the weights in the order the segments were always exported in."""
 
     def __init__(self, model: Model, depth: int, spec: LoweringSpec):
-        super().__init__()
+        nn.Module.__init__(self)
         b, kv = model.block_at(depth), model.kv
         a = b.attn
         if kv.dtype not in ("float32", "float16") or kv.window is not None or kv.arena:
             raise UnsupportedError(f"KV spec dtype={kv.dtype} window={kv.window} arena={kv.arena} is not "
                                    "lowered for expert offload", "kv")
-        P = _Params(self, spec.dtype)
-        bshd = kv.layout == "bshd"
-        self.attn_norm, self.attn = LNorm(b.attn_norm, P), LAttention(a, P, bshd)
-        self.post_attn = LNorm(b.post_attn_norm, P) if b.post_attn_norm is not None else None
-        self.ffn_norm = LNorm(b.ffn_norm, P)
-        self.post_ffn = LNorm(b.post_ffn_norm, P) if b.post_ffn_norm is not None else None
+        P, C = _Params(self, spec.dtype), spec.components
+        bshd, cf = kv.layout == "bshd", C.channels_first
+        norm = lambda n: C.norm(n, P, cf) if n is not None else None  # noqa: E731
+        self.attn_norm, self.attn = norm(b.attn_norm), LAttention(a, P, C, bshd)
+        self.post_attn, self.ffn_norm, self.post_ffn = norm(b.post_attn_norm), norm(b.ffn_norm), norm(b.post_ffn_norm)
         self.window, self.max_len, self.depth = a.sliding_window, kv.max_len, depth
-        cos, sin = rope_cos_sin(a.rope, torch.arange(kv.max_len))
-        pad = a.head_dim - a.rope.dim  # partial rotary: identity on the tail
-        self.register_buffer("rope_cos", F.pad(cos, (0, pad), value=1.0).to(spec.dtype), persistent=False)
-        self.register_buffer("rope_sin", F.pad(sin, (0, pad), value=0.0).to(spec.dtype), persistent=False)
+        cos, sin = rope_tables(a.rope, kv.max_len, a.head_dim)
+        self.register_buffer("rope_cos", cos.to(spec.dtype), persistent=False)
+        self.register_buffer("rope_sin", sin.to(spec.dtype), persistent=False)
         shape = (1, kv.max_len, a.n_kv_heads, a.head_dim) if bshd else (1, a.n_kv_heads, kv.max_len, a.head_dim)
         cache_dtype = torch.float16 if kv.dtype == "float16" else spec.dtype  # LAttention rounds into it
         self.register_buffer(f"k_cache_{depth}", torch.zeros(shape, dtype=cache_dtype))
@@ -93,11 +92,11 @@ class LayerSegment(nn.Module):
             if b.post_ffn_norm is not None:
                 raise UnsupportedError("expert offload of an MoE block with a post-FFN norm "
                                        "(the runner adds expert outputs after this segment)", "lowering")
-            self.router, self.top_k, self.norm_topk = LLinear(f.router, P), f.top_k, f.norm_topk_prob
-            self.shared = LMLP(f.shared, P) if f.shared is not None else None
-            self.shared_gate = LLinear(f.shared_gate, P) if f.shared_gate is not None else None
+            self.router, self.top_k, self.norm_topk = C.projection(f.router, P), f.top_k, f.norm_topk_prob
+            self.shared = LMLP(f.shared, P, C) if f.shared is not None else None
+            self.shared_gate = C.projection(f.shared_gate, P) if f.shared_gate is not None else None
         else:
-            self.mlp = LMLP(f, P)
+            self.mlp = LMLP(f, P, C)
         _finish(self, P)
 
     def forward(self, x, input_pos):
@@ -107,16 +106,12 @@ class LayerSegment(nn.Module):
         if self.window is not None:
             ok = ok & (positions[:, None] - keys[None, :] < self.window)
         mask = torch.where(ok, 0.0, float("-inf")).to(x.dtype)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        ctx = AttnContext(self.rope_cos[positions], self.rope_sin[positions], mask, positions=positions)
         kc, vc = getattr(self, f"k_cache_{self.depth}"), getattr(self, f"v_cache_{self.depth}")
-        h, _, _ = self.attn(self.attn_norm(x), cos, sin, mask, kc, vc, positions)
-        if self.post_attn is not None:
-            h = self.post_attn(h)
-        x = x + h
-        n = self.ffn_norm(x)
+        x, _, _ = self.attention(x, ctx, kc, vc)
         if not self.moe:
-            h = self.mlp(n)
-            return x + (self.post_ffn(h) if self.post_ffn is not None else h)
+            return self.feed_forward(x, self.mlp)
+        n = self.ffn_norm(x)
         probs = torch.softmax(self.router(n), dim=-1)
         top_w, top_i = probs.topk(self.top_k, dim=-1)
         if self.norm_topk:
@@ -131,7 +126,7 @@ class ExpertSegment(nn.Module):
     def __init__(self, expert: MLP, spec: LoweringSpec):
         super().__init__()
         P = _Params(self, spec.dtype)
-        self.mlp = LMLP(expert, P)
+        self.mlp = LMLP(expert, P, spec.components)
         _finish(self, P)
 
     def forward(self, x):

@@ -16,7 +16,7 @@ Deployment targets before iOS 18 have no states or multifunction: one function `
 the caches as inputs `keyCache`/`valueCache` and outputs `presentKeys`/`presentValues`.
 
 `--backend` names the compute units (cpu|gpu|ane|all) with options, `ane:deployment_target=
-ios17,precision=fp16,kv=io,layout=ane`; `ane` selects the Neural Engine layout (ane.py).
+ios17,precision=fp16,kv=io,layout=ane`; `ane` selects the Neural Engine layout (module.py).
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from ...compiler.ir import Model, QuantWeight, named_weights
 from ...errors import SlmcError
 from ..base import Artifact, Target, TargetSpec
 from ..bounds import FLOAT_EXACT, Tolerance
-from .ane import CoreMLLMANE
-from .module import CoreMLLM
+from .module import coreml_module
 from .readback import readback
 from .session import open_coreml
 from .rules import coreml_rules
@@ -144,7 +143,7 @@ def cache_dtype(model: Model, spec: CoreMLSpec) -> str:
     return "float16" if spec.stateful or (fp16 and spec.deployment_target >= "ios16") else "float32"
 
 
-def _function_io(model: Model, spec: CoreMLSpec, module: CoreMLLM, fn: str) -> dict:
+def _function_io(model: Model, spec: CoreMLSpec, module, fn: str) -> dict:
     L, flex = model.kv.max_len, fn != "decode"
     t = f"1..{L - 1}" if flex else 1
     fp16_io = spec.deployment_target >= "ios16"  # Core ML takes fp16 inputs/outputs from iOS 16
@@ -172,7 +171,7 @@ def convert_function(model: Model, spec: CoreMLSpec, fn: str, out: Path, module=
 
     import coremltools as ct
 
-    module = (module or CoreMLLM(model, spec.stateful, spec.precision == "fp16")).eval()
+    module = (module or coreml_module(model, spec.stateful, spec.precision == "fp16")).eval()
     io = _function_io(model, spec, module, fn)
     L, flex = model.kv.max_len, fn != "decode"
     # max L - 1: a Dim whose max equals a static size (the cache) gets specialised by export
@@ -271,8 +270,7 @@ class CoreMLTarget(Target):
         fns = ("prefill", "decode") if multi else ("main",)
         with tempfile.TemporaryDirectory(prefix="slmc-coreml-") as tmp:
             tmp, ios = Path(tmp), {}
-            Module = CoreMLLMANE if spec.ane_layout else CoreMLLM
-            module = Module(model, spec.stateful, spec.precision == "fp16")
+            module = coreml_module(model, spec.stateful, spec.precision == "fp16", spec.ane_layout)
             for fn in fns:
                 step(f"torch.export + coremltools: {fn}")
                 ios[fn] = convert_function(model, spec, fn, tmp / f"{fn}.mlpackage", module)

@@ -37,7 +37,9 @@ import torch
 import torch.nn as nn
 
 from ...compiler.ir import Model, QuantWeight, named_weights
-from ...compiler.lowering import LoweredLM, LoweringSpec, max_chunk
+from ...compiler.lowering import Components, LoweredLM, LoweringSpec, max_chunk
+from ...compiler.lowering.attention import RowCacheAttention
+from ...compiler.lowering.layers import LNorm, rope_slices
 from ...compiler.textdata import find_tokenizer_dir
 from ...errors import SlmcError
 from ..base import Artifact, Target, TargetSpec, kv_refusal, ring_manifest
@@ -164,32 +166,21 @@ class _Signature(nn.Module):
         return res
 
 
-class _CompositeNorm(nn.Module):
-    """RMSNorm as LiteRT's `odml.rms_norm` composite, which the runtime runs as one fused kernel
-    (the plain ops it decomposes to are the fallback), on a rank-3 view: LiteRT's converter
-    rejects some rank-4 tensors with a length-1 axis, like the q/k norms' in decode."""
+class CompositeNorm(LNorm):
+    """The norm component: RMSNorm as LiteRT's `odml.rms_norm` composite, which the runtime runs
+    as one fused kernel (the plain ops it decomposes to are the fallback), on a rank-3 view:
+    LiteRT's converter rejects some rank-4 tensors with a length-1 axis, like the q/k norms' in
+    decode."""
 
-    def __init__(self, norm: nn.Module):
-        super().__init__()
-        self.norm = norm
-        self.register_buffer("one", torch.ones(1, dtype=norm.weight.dtype), persistent=False)
+    def __init__(self, n, P, channels_first: bool = False):
+        super().__init__(n, P, channels_first)
+        self.register_buffer("one", torch.ones(1, dtype=P.dtype), persistent=False)
 
     def forward(self, x):
         from litert_torch.generative.layers.normalization import rms_norm_with_hlfb
 
-        n = self.norm
-        y = rms_norm_with_hlfb(x.reshape(1, -1, x.shape[-1]), n.weight + n.offset, n.eps, self.one)
+        y = rms_norm_with_hlfb(x.reshape(1, -1, x.shape[-1]), self.weight + self.offset, self.eps, self.one)
         return y.reshape(x.shape)
-
-
-def _composite_norms(module: nn.Module) -> None:
-    from ...compiler.lowering.module import LNorm
-
-    for name, child in list(module.named_children()):
-        if isinstance(child, LNorm):
-            setattr(module, name, _CompositeNorm(child))
-        else:
-            _composite_norms(child)
 
 
 @contextlib.contextmanager
@@ -258,6 +249,11 @@ def _dus_rows(cache, axis: int, start, rows):
     return dynamic_update_slice(cache, rows, [x for x in idx])
 
 
+# LiteRT's decoder components: the composite norm, rotate-half as slices (no delegate keeps the
+# graph whole, so the [hd, hd] matmul would only cost), cache rows by DYNAMIC_UPDATE_SLICE
+COMPONENTS = Components(norm=CompositeNorm, rope=rope_slices, attention=RowCacheAttention(write_rows=_dus_rows))
+
+
 def convert(model: Model, prefill_len: int) -> tuple[bytes, dict]:
     """Both signatures through one litert_torch Converter: one flatbuffer, weights stored
     once; quantized weights are lowered as floats and their codes put back (codes.py).
@@ -266,9 +262,8 @@ def convert(model: Model, prefill_len: int) -> tuple[bytes, dict]:
 
     # padded: a ring keeps its live slots under LiteRT-LM's prefill padding (input_pos 0 there)
     lm = LoweredLM(model, LoweringSpec(kv="io", positions="start", mask_input=False,
-                                       padded=model.kv.window is not None, write_rows=_dus_rows,
-                                       rope_slices=True, dequantize=True)).eval()
-    _composite_norms(lm)
+                                       padded=model.kv.window is not None, dequantize=True,
+                                       components=COMPONENTS)).eval()
     caches = lm.empty_caches()
     kv = dict(zip(cache_names(lm, model.n_layers), caches))
 
