@@ -8,7 +8,12 @@ The fields stay flat: manifests record `dataclasses.asdict(options)` and replay 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+
+import torch
+
+from ..compiler.calib import calibration_ids, describe, split_files
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,17 @@ class CalibOptions:
     n_seqs: int = 16
     seq_len: int = 256
     seed: int = 0
+
+    def tokens(self, ir) -> tuple[torch.Tensor, float]:
+        """The calibration token ids for `ir` ([n_seqs, seq_len]) and the seconds they took
+        (reading your text, or sampling data-free sequences from the model)."""
+        t0 = time.perf_counter()
+        ids = calibration_ids(ir, split_files(self.calib), self.n_seqs, self.seq_len, self.seed)
+        return ids, time.perf_counter() - t0
+
+    def describe(self) -> str:
+        """Where the calibration tokens come from, for the pass's info in the manifest."""
+        return describe(split_files(self.calib), self.n_seqs, self.seq_len, self.seed)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..compiler.ir import Linear, Model, QuantWeight, block_linears
+from ..compiler.pass_manager import Pass
 from ..compiler.quant import QuantScheme, rtn
 from ..errors import SlmcError
 from ._options import QuantOptions
@@ -43,3 +44,21 @@ def quant_ensures(opts: QuantOptions) -> tuple[str, ...]:
     """What a quantization pass with these options promises about the IR after it."""
     return (("quantized_linears",) + (("quantized_head",) if opts.head_bits else ())
             + (("quantized_embed",) if opts.embed_bits else ()))
+
+
+class QuantPass(Pass):
+    """What RTN, GPTQ and AWQ share: the block linears' scheme from QuantOptions, its group
+    size checked on every float linear before any (minutes-long) calibration, and the
+    properties the options promise."""
+
+    @property
+    def ensures(self) -> tuple[str, ...]:
+        return quant_ensures(self.options)
+
+    def scheme(self, ir: Model) -> QuantScheme:
+        o = self.options
+        s = QuantScheme(o.bits, o.group_size, o.symmetric, o.scale_dtype)
+        for path, lin in block_linears(ir):
+            if not isinstance(lin.weight, QuantWeight):
+                s.check(lin.in_features, f"--pass {self.name} ({path})")
+        return s

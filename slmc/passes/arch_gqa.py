@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compiler import reference
-from ..compiler.calib import calibration_ids, describe, split_files
+from ..compiler.calib import calibration_ids, split_files
 from ..compiler.ir import Attention, Linear, Model, Weight
 from ..compiler.pass_manager import Pass, PassResult, register
 from ..errors import SlmcError
@@ -392,7 +392,7 @@ class ArchGQA(Pass):
                 "kv_cache_bytes_per_token": {"before": before, "after": after},
                 "kv_cache_reduction": round(before / after, 3)}
         if calibrate:
-            info.update(calibration=describe(files, o.n_seqs, o.seq_len, o.seed),
+            info.update(calibration=o.describe(),
                         calibration_seconds=round(stats["t_calib"], 2),
                         calib_error_mean_pool=_avg(stats["err_mean"]), calib_error=_avg(stats["err"]))
             if o.refit:

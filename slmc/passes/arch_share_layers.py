@@ -58,7 +58,6 @@ import torch
 import torch.nn.functional as F
 
 from ..compiler import reference
-from ..compiler.calib import calibration_ids, describe, split_files
 from ..compiler.ir import Block, Model, QuantWeight, Weight, weight_bytes
 from ..compiler.pass_manager import Pass, PassResult, register
 from ..errors import SlmcError
@@ -361,9 +360,7 @@ class ShareLayers(Pass):
         if o.merge == "average" and quantized:
             raise SlmcError(f"merge=average needs float weights; depth {quantized[0]}'s pair is quantized "
                             "(share before quantizing, or use merge=auto)", WHERE)
-        t0 = time.perf_counter()
-        files = split_files(o.calib)
-        ids = calibration_ids(ir, files, o.n_seqs, o.seq_len, o.seed)
+        ids, t_calib = o.tokens(ir)
         t1 = time.perf_counter()
         xs = hidden_states(ir, ids)
         errs: dict[int, dict[str, float]] = {}
@@ -387,7 +384,7 @@ class ShareLayers(Pass):
             "weight_bytes_saved": before - weight_bytes(ir),
             "calib_error": round(sum(s["error"] for s in shared) / max(1, len(shared)), 6),
             "merge_wins": dict(sorted(wins.items())),
-            "calibration": describe(files, o.n_seqs, o.seq_len, o.seed),
-            "calibration_seconds": round(t1 - t0, 2), "search_seconds": round(time.perf_counter() - t1, 2)})
+            "calibration": o.describe(),
+            "calibration_seconds": round(t_calib, 2), "search_seconds": round(time.perf_counter() - t1, 2)})
         info.update(proxy(ir, ids, final_before))
         return PassResult(ir, bool(chosen), info)

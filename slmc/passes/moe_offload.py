@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 
 from ..compiler import reference
-from ..compiler.calib import calibration_ids, describe, split_files
 from ..compiler.ir import ExpertOffload, Model, MoE, QuantWeight, block_linears
 from ..compiler.pass_manager import Pass, PassResult, register
 from ..compiler.quant import QuantScheme, rtn
@@ -148,8 +147,7 @@ class MoEOffload(Pass):
         o = self.options
         depths = _check(ir, o)
         n_quant = _quantize(ir, o)
-        files = split_files(o.calib)
-        ids = calibration_ids(ir, files, o.n_seqs, o.seq_len, o.seed)
+        ids, _ = o.tokens(ir)
         routes = expert_routes(ir, ids)
         n_exp = {d: len(ir.block_at(d).ffn.experts) for d in depths}
         freqs, trans, recall = statistics(routes, n_exp)
@@ -159,6 +157,6 @@ class MoEOffload(Pass):
         total = sum(n_exp.values())
         return PassResult(ir, True, {
             "moe_layers": len(depths), "routed_experts": total, "cache_experts": min(o.cache_experts, total),
-            "quantized": n_quant, "calibration": describe(files, o.n_seqs, o.seq_len, o.seed),
+            "quantized": n_quant, "calibration": o.describe(),
             "tokens": int(ids.numel()), "predictor_recall": round(recall, 4)})
 

@@ -36,19 +36,18 @@ Before:                                  After (bits=4, group_size=32):
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from ..compiler import reference
-from ..compiler.calib import Site, calibration_ids, describe, gram, run_block, split_files
-from ..compiler.ir import Linear, Model, QuantWeight, Weight, block_linears
-from ..compiler.pass_manager import Pass, PassResult, register
+from ..compiler.calib import Site, gram, run_block
+from ..compiler.ir import Linear, Model, QuantWeight, Weight
+from ..compiler.pass_manager import PassResult, register
 from ..compiler.quant import QuantScheme, group_params, quantize_codes, rtn
 from ..errors import SlmcError
 from ._options import CalibOptions, QuantOptions
-from ._quant import quant_ensures, quantize_ends, set_act_bits
+from ._quant import QuantPass, quant_ensures, quantize_ends, set_act_bits
 
 N_SHRINK = 10  # clipping ratios 1, 0.95, ..., 0.55 (the reference code's max_shrink=0.5)
 EXACT_COLS = 1024  # scale-search error: exact (Gram matrix) up to this input width ...
@@ -178,7 +177,7 @@ def _foldable(site: Site) -> bool:
 
 
 @register
-class QuantAWQ(Pass):
+class QuantAWQ(QuantPass):
     name = "quant.awq"
     Options = AWQOptions
 
@@ -192,16 +191,10 @@ class QuantAWQ(Pass):
     def apply(self, ir: Model, quantize: bool = True) -> PassResult:
         """quantize=False: search and fold the scales only (the float model stays equivalent)."""
         o = self.options
-        s = QuantScheme(o.bits, o.group_size, o.symmetric, o.scale_dtype)
         if o.n_grid < 1:
             raise SlmcError(f"n_grid must be >= 1 (got {o.n_grid})", "--pass quant.awq")
-        for path, lin in block_linears(ir):  # refuse bad group sizes before minutes of calibration
-            if not isinstance(lin.weight, QuantWeight):
-                s.check(lin.in_features, f"--pass quant.awq ({path})")
-        t0 = time.perf_counter()
-        files = split_files(o.calib)
-        ids = calibration_ids(ir, files, o.n_seqs, o.seq_len, o.seed)
-        t_calib = time.perf_counter() - t0
+        s = self.scheme(ir)
+        ids, t_calib = o.tokens(ir)
         x = reference.embed(ir, ids)
         done: set[int] = set()
         stats = {"quantized": 0, "scaled_groups": 0, "loss_rtn": 0.0, "loss_awq": 0.0}
@@ -218,7 +211,7 @@ class QuantAWQ(Pass):
             set_act_bits(ir, o, "--pass quant.awq")
         info = {"quantized": stats["quantized"], "scaled_groups": stats["scaled_groups"],
                 "scheme": f"{'s' if o.symmetric else 'a'}int{o.bits}g{o.group_size}",
-                "calibration": describe(files, o.n_seqs, o.seq_len, o.seed),
+                "calibration": o.describe(),
                 "calibration_seconds": round(t_calib, 2)}
         if stats["loss_rtn"] > 0:  # the searched scales' share of plain RTN's output error
             info["scale_search_loss_vs_rtn"] = round(stats["loss_awq"] / stats["loss_rtn"], 4)

@@ -25,19 +25,18 @@ Before:                                  After (bits=4, group_size=32):
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from ..compiler import reference
-from ..compiler.calib import Site, calibration_ids, describe, gram, run_block, split_files
-from ..compiler.ir import Model, QuantWeight, block_linears
-from ..compiler.pass_manager import Pass, PassResult, register
+from ..compiler.calib import Site, gram, run_block
+from ..compiler.ir import Model, QuantWeight
+from ..compiler.pass_manager import PassResult, register
 from ..compiler.quant import QuantScheme, group_params
 from ..errors import SlmcError
 from ._options import CalibOptions, QuantOptions
-from ._quant import quant_ensures, quantize_ends, set_act_bits
+from ._quant import QuantPass, quantize_ends, set_act_bits
 
 
 @dataclass(frozen=True)
@@ -112,26 +111,16 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, b
 
 
 @register
-class QuantGPTQ(Pass):
+class QuantGPTQ(QuantPass):
     name = "quant.gptq"
     Options = GPTQOptions
 
-    @property
-    def ensures(self) -> tuple[str, ...]:
-        return quant_ensures(self.options)
-
     def run(self, ir: Model) -> PassResult:
         o = self.options
-        s = QuantScheme(o.bits, o.group_size, o.symmetric, o.scale_dtype)
         if not o.damp >= 0 or o.block_size < 1:
             raise SlmcError(f"need damp >= 0 and block_size >= 1 (got {o.damp}, {o.block_size})", "--pass quant.gptq")
-        for path, lin in block_linears(ir):  # refuse bad group sizes before minutes of calibration
-            if not isinstance(lin.weight, QuantWeight):
-                s.check(lin.in_features, f"--pass quant.gptq ({path})")
-        t0 = time.perf_counter()
-        files = split_files(o.calib)
-        ids = calibration_ids(ir, files, o.n_seqs, o.seq_len, o.seed)
-        t_calib = time.perf_counter() - t0
+        s = self.scheme(ir)
+        ids, t_calib = o.tokens(ir)
         n = quantize_ends(ir, o, "gptq")  # first, so the blocks are calibrated on the quantized embedding
         memo: dict[int, tuple] = {}
         x = reference.embed(ir, ids)
@@ -145,7 +134,7 @@ class QuantGPTQ(Pass):
         set_act_bits(ir, o, "--pass quant.gptq")
         return PassResult(ir, n > 0, {
             "quantized": n, "scheme": f"{'s' if o.symmetric else 'a'}int{o.bits}g{o.group_size}",
-            "calibration": describe(files, o.n_seqs, o.seq_len, o.seed),
+            "calibration": o.describe(),
             "calibration_seconds": round(t_calib, 2)})
 
     def _site(self, site: Site, s: QuantScheme, memo: dict[int, tuple]) -> None:

@@ -14,31 +14,25 @@ Before:                                  After (bits=4, group_size=32):
 from __future__ import annotations
 
 from ..compiler.ir import Model, QuantWeight, block_linears
-from ..compiler.pass_manager import Pass, PassResult, register
-from ..compiler.quant import QuantScheme, rtn
+from ..compiler.pass_manager import PassResult, register
+from ..compiler.quant import rtn
 from ._options import QuantOptions
-from ._quant import quant_ensures, quantize_ends, set_act_bits
+from ._quant import QuantPass, quantize_ends, set_act_bits
 
 
 @register
-class QuantRTN(Pass):
+class QuantRTN(QuantPass):
     name = "quant.rtn"
     Options = QuantOptions
 
-    @property
-    def ensures(self) -> tuple[str, ...]:
-        return quant_ensures(self.options)
-
     def run(self, ir: Model) -> PassResult:
-        o = self.options
-        s = QuantScheme(o.bits, o.group_size, o.symmetric, o.scale_dtype)
+        o, s = self.options, self.scheme(ir)
         done: dict[int, QuantWeight] = {}
         for path, lin in block_linears(ir):
             if isinstance(lin.weight, QuantWeight):
                 continue
             key = id(lin.weight)
             if key not in done:  # a weight shared by several depths is quantized once
-                s.check(lin.in_features, f"--pass quant.rtn ({path})")
                 done[key] = rtn(lin.weight.float(), s)
             lin.weight = done[key]
         n = len(done) + quantize_ends(ir, o, "rtn")
