@@ -27,16 +27,18 @@ R is a Hadamard matrix / sqrt(n) with seeded random signs where one of order n i
 weights are transformed in float64 and stored as float32.
 
 Requires float weights (IR property float_weights: a rotation must precede rounding, so
-quant.rtn/awq/gptq come after it). Refused, with the reason, because of the model: Gemma 2/3's post-attention/post-FFN norms (they scale the attention/FFN output per channel
-just before it joins the stream, and no linear follows them to carry R1); a tied
-embedding/head whose final norm's scale is not uniform (the scale would have to fold into
-the one shared table; untie=true gives the head its own vocab x hidden table: embed E R1,
-head E diag(w) R1); a linear shared by blocks whose norms differ (one folded weight cannot
-carry two scales). Gemma's post norms are no obstacle to rotate=false. A tied head with a uniform final norm stays tied (the table becomes
-E R1 for both uses; the norm's uniform scale commutes with R1). Biases rotate with their
-rows (RMSNorm has no mean or bias, so no bias is ever in the way); q/k norms act after q/k,
-which R1 and R2 leave as they are. Shared blocks and FFNs are rotated once. A quantized KV
-cache (int8/float16) stores the rotated values, so only its rounding changes.
+quant.rtn/awq/gptq come after it). Refused, with the reason, because of the model: Gemma
+2/3's post-attention/post-FFN norms (they scale the attention/FFN output per channel just
+before it joins the stream, and no linear follows them to carry R1; no obstacle to
+rotate=false); a tied embedding/head whose final norm's scale is not uniform (the scale
+would have to fold into the one shared table; untie=true gives the head its own vocab x
+hidden table: embed E R1, head E diag(w) R1); a linear shared by blocks whose norms differ
+(one folded weight cannot carry two scales). A tied head with a uniform final norm stays
+tied (the table becomes E R1 for both uses; the norm's uniform scale commutes with R1).
+Biases rotate with their rows (RMSNorm has no mean or bias, so no bias is ever in the way);
+q/k norms act after q/k, which R1 and R2 leave as they are. Shared blocks and FFNs are
+rotated once. A quantized KV cache (int8/float16) stores the rotated values, so only its
+rounding changes.
 
 Before:                                   After (untie=true on a tied model):
   embed: f32[49152,576]                     embed: f32[49152,576]         (E R1)
