@@ -9,12 +9,13 @@ Abbey by default), strided windows as in bench/quant.py (slmc's runtime_tests.ev
 perplexity, and KL / top-1 against the fp32 model on the same windows). Variants: fp32;
 RTN; GPTQ and AWQ calibrated on the text; GPTQ and AWQ data-free (samples from the model,
 compiler/calib.py); RTN and GPTQ with int8 per-token activations; each also after
-quant.rotate; and RTN after the norm folding alone (quant.rotate's first step). The rotated
-models carry an untied float head (SmolLM2 ties its head to the embedding and its final
-norm is not uniform, so the norm's scale needs a table of its own): "weights MiB" shows
-that cost. Each variant runs in its own subprocess with one torch thread (the machine is
-shared). --append keeps the measured rows and runs only the missing ones. Writes
-bench/results/quant_rotate{,-quick}.json and renders the .md from that JSON (--render).
+quant.rotate; and RTN after the norm folding alone (quant.rotate:rotate=false, its first
+step). The rotated models carry an untied float head (SmolLM2 ties its head to the
+embedding and its final norm is not uniform, so the norm's scale needs a table of its
+own): "weights MiB" shows that cost. Each variant runs in its own subprocess with one torch thread (the machine is
+shared); its wall time is `wall_s`. --append keeps the measured rows and runs only the
+missing ones. Writes bench/results/quant_rotate{,-quick}.json and renders the .md from that
+JSON alone (`markdown`; --render: the .md again).
 """
 
 from __future__ import annotations
@@ -24,18 +25,15 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
+from _common import CORPUS, RESULTS, render, spawn, tiny_model, write_results
 
 ROTATE = "quant.rotate:untie=true"
-FOLD = "fold-norms-only"  # quant.rotate's first step alone (fold_norms, head untied), no rotation
+FOLD = "quant.rotate:rotate=false,untie=true"  # its first step alone (norms folded, head untied)
 GOALS = (("calibrated", 5.0), ("data-free", 8.0))  # issue 18: int4 g32 sym, % perplexity over fp32
 
 
@@ -65,48 +63,31 @@ def variants(calib: str, seqs: int, seq_len: int) -> list[tuple[str, str, list[s
     return out
 
 
-def worker(a) -> None:
-    """One variant: passes, then eval; prints one JSON line."""
+def worker(a) -> dict:
+    """One variant: passes, then eval."""
     import torch
 
+    from slmc import api
+
     torch.set_num_threads(1)
-    from slmc.api import load
-    from slmc.compiler.ir import weight_bytes
-    from slmc.compiler.pass_manager import PassManager, parse_pass
-    from slmc.compiler.textdata import find_tokenizer_dir, token_ids
-    from slmc.runtime_tests.evaluate import evaluate
-
-    model = load(a.model)
-    ref = load(a.model) if a.passes else None
+    model = api.load(a.model)
+    ref = api.load(a.model) if a.passes else None
     t0 = time.time()
-    if a.passes and a.passes[0] == FOLD:  # what folding alone does to rounding (exact in float)
-        from slmc.compiler.ir import Linear, Weight
-        from slmc.passes.quant_rotate import fold_norms
-
-        if model.lm_head is None:
-            model.lm_head = Linear(Weight(model.embed.data.clone()))
-        fold_norms(model)
-        a.passes = a.passes[1:]
-    model, logs = PassManager([parse_pass(p) for p in a.passes]).run(model)
+    model, logs = api.run_passes(model, a.passes)
     seconds = time.time() - t0
-    tok = find_tokenizer_dir(model.source.get("path")) / "tokenizer.json"
-    ids = token_ids([a.eval_text], tok, min_tokens=a.window)[:a.eval_tokens]
-    rep = evaluate(ids, model, a.name, ref, window=a.window, stride=a.window // 2)
+    tok = api.tokenizer_dir(model.source.get("path")) / "tokenizer.json"
+    ids = api.token_ids([a.eval_text], tok, min_tokens=a.window)[:a.eval_tokens]
+    rep = api.evaluate_tokens(ids, model, a.name, ref, window=a.window, stride=a.window // 2)
     rot = next((l.info for l in logs if l.name == "quant.rotate"), None)
-    print(json.dumps({"variant": a.name, "passes": a.passes, "pass_seconds": round(seconds, 1),
-                      "weight_bytes": weight_bytes(model), "rotation": rot, **rep.to_dict()}))
+    return {"variant": a.name, "passes": a.passes, "pass_seconds": round(seconds, 1),
+            "weight_bytes": api.weight_bytes(model), "rotation": rot, **rep.to_dict()}
 
 
-def run_variant(name: str, passes: list[str], a) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--name", name, "--model", a.model, "--eval-text", a.eval_text,
-           "--eval-tokens", str(a.eval_tokens), "--window", str(a.window)] + sum((["--pass", p] for p in passes), [])
-    err = tempfile.TemporaryFile(mode="w+")
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-    if p.returncode != 0:  # slmc's one-line error is the last line of stderr
-        err.seek(0)
-        last = [ln for ln in err.read().splitlines() if ln.strip()][-1:] or [f"exit {p.returncode}"]
-        return {"variant": name, "error": last[0][:300]}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+def run_variant(name: str, passes: list[str], a, work: Path) -> dict:
+    args = ["--worker", "--name", name, "--model", a.model, "--eval-text", a.eval_text, "--eval-tokens",
+            str(a.eval_tokens), "--window", str(a.window)] + sum((["--pass", p] for p in passes), [])
+    row = spawn(__file__, args, work / "row.json", errors="record")
+    return {"variant": name, "error": row["error"]} if "error" in row else row
 
 
 def _delta(r: dict, base: float | None) -> float | None:
@@ -143,7 +124,8 @@ def verdicts(rows: list[dict], base: float | None) -> list[tuple[str, str, str]]
     return out
 
 
-def table(rows: list[dict], meta: dict) -> str:
+def markdown(data: dict) -> str:
+    rows, meta = data["rows"], data["meta"]
     lines = [f"# quant.rotate before int4 g32 quantization ({meta['model']})", "",
              f"{meta['date']}, {meta['machine']}. Calibration: {meta['calibration']}. "
              f"Evaluation: {meta['evaluation']} (text calibration never saw).", ""]
@@ -167,7 +149,7 @@ def table(rows: list[dict], meta: dict) -> str:
     if any(r["variant"].startswith("fold-only") for r in rows):
         lines += ["", "fold-only: quant.rotate's first step alone (RMSNorm scales folded into the linears, "
                   "head untied), no rotation: what an exact rotation's prerequisite does to rounding."]
-    rot = next((r["rotation"] for r in rows if r.get("rotation")), None)
+    rot = next((r["rotation"] for r in rows if "r1" in (r.get("rotation") or {})), None)  # not fold-only
     if rot:
         lines += ["", f"Rotation: R1 {rot['r1']}, " + ", ".join(f"R2 {v}" for k, v in rot.items() if k.startswith("r2_"))
                   + f"; untied head: {rot['untied_head']} (its float table is in 'weights MiB')."]
@@ -185,10 +167,11 @@ def table(rows: list[dict], meta: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--name", default="")
     ap.add_argument("--pass", dest="passes", action="append", default=[])
     ap.add_argument("--model", default="default")
-    ap.add_argument("--corpus", default=str(ROOT.parent / "shared" / "corpus"))
+    ap.add_argument("--corpus", default=str(CORPUS))
     ap.add_argument("--calib-text", default=None, help="default: CORPUS/austen_emma.txt")
     ap.add_argument("--eval-text", default=None, help="default: CORPUS/austen_northangerabbey.txt")
     ap.add_argument("--eval-tokens", type=int, default=4096)
@@ -200,29 +183,20 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--append", action="store_true",
                     help="keep the measured rows of the last results file; run only the missing or failed ones")
-    ap.add_argument("--render", action="store_true", help="only re-render the .md from the .json")
+    ap.add_argument("--render", action="store_true", help="only re-render results/*.md from the .json")
     a = ap.parse_args()
-    if a.worker:
-        return worker(a)
     if a.render:
-        for f in (HERE / "results").glob("quant_rotate*.json"):
-            d = json.loads(f.read_text())
-            f.with_suffix(".md").write_text(table(d["rows"], d["meta"]))
+        return render("quant_rotate")
+    if a.worker:
+        Path(a.result).write_text(json.dumps(worker(a)))
         return
     corpus = Path(a.corpus)
     a.calib_text = a.calib_text or str(corpus / "austen_emma.txt")
     a.eval_text = a.eval_text or str(corpus / "austen_northangerabbey.txt")
     suffix = ""
     if a.quick:  # tiny random model: exercises every path in a few minutes
-        from tests.tiny import save_ascii_tokenizer, save_hf_model
-
-        from slmc.compiler.families.llama import tiny_config
-
-        d = Path("/tmp/slmc-bench-quant-rotate-tiny")
-        if not d.exists():
-            save_hf_model(tiny_config(), d)
-            save_ascii_tokenizer(d)
-        a.model, a.eval_tokens, a.window, a.n_seqs, a.seq_len = str(d), 600, 128, 4, 64
+        a.model = tiny_model(Path("/tmp"), "slmc-bench-quant-rotate-tiny")
+        a.eval_tokens, a.window, a.n_seqs, a.seq_len = 600, 128, 4, 64
         suffix = "-quick"
     meta = {"model": a.model, "date": datetime.date.today().isoformat(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores (1 torch thread, nice 19, shared)",
@@ -236,34 +210,25 @@ def main() -> None:
     if a.only:
         keep = set(a.only.split(","))
         todo = [t for t in todo if t[0] in keep]
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
+    stem = f"quant_rotate{suffix}"
     old = {}
-    if a.append and (out / f"quant_rotate{suffix}.json").is_file():
-        prev = json.loads((out / f"quant_rotate{suffix}.json").read_text())
+    if a.append and (RESULTS / f"{stem}.json").is_file():
+        prev = json.loads((RESULTS / f"{stem}.json").read_text())
         old = {r["variant"]: r for r in prev["rows"] if "error" not in r}
         meta["appended_to"] = prev["meta"].get("date")
         meta["reduced"] = meta.get("reduced") or prev["meta"].get("reduced", "")
+    work = Path(tempfile.mkdtemp(prefix="slmc-bench-quant-rotate-"))
     rows = []
     for i, (name, kind, passes) in enumerate(todo):
         if name in old:
             rows.append(old[name])
         else:
-            rows.append(measure(name, kind, passes, a))
+            print(f"{name} ...", file=sys.stderr, flush=True)
+            rows.append({**run_variant(name, passes, a, work), "kind": kind})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         # written after every variant: a stopped run keeps its rows
         meta["complete"] = i + 1 == len(todo)
-        (out / f"quant_rotate{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-        (out / f"quant_rotate{suffix}.md").write_text(table(rows, meta))
-    print(table(rows, meta))
-
-
-def measure(name: str, kind: str, passes: list[str], a) -> dict:
-    print(f"{name} ...", file=sys.stderr, flush=True)
-    t0 = time.time()
-    row = run_variant(name, passes, a)
-    row.update(kind=kind, wall_seconds=round(time.time() - t0))
-    print(json.dumps(row), file=sys.stderr, flush=True)
-    return row
+        write_results(stem, {"meta": meta, "rows": rows}, echo=i + 1 == len(todo))
 
 
 if __name__ == "__main__":

@@ -179,6 +179,39 @@ def test_shared_blocks_and_ffns_are_rotated_once(llama):
     assert _err(reference.forward(m, ids), want) <= TOL
 
 
+def test_fold_only_is_exact_and_rotates_nothing(llama):
+    """rotate=false: the norm scales move into the linears reading them (W diag(w), the head
+    untied as E diag(w_final)) and nothing else changes: no R1 on the embedding or on what
+    writes the stream, no R2 on the heads."""
+    ids = _ids(llama.vocab_size)
+    want = reference.forward(llama, ids)
+    b = llama.blocks[0]
+    before = _snapshot(llama)
+    w_attn, w_final = b.attn_norm.weight.data.double(), llama.final_norm.weight.data.double()
+    m, logs = _run(llama, "quant.rotate:rotate=false,untie=true")
+    assert _err(reference.forward(m, ids), want) <= TOL
+    after = _snapshot(m)
+    for p in ("embed", "blocks.0.attn.o.weight", "blocks.0.ffn.down.weight", "blocks.1.attn.o.weight"):
+        assert torch.equal(after[p], before[p]), f"{p} must not be rotated"
+    assert torch.equal(m.blocks[0].attn.q.weight.data, (before["blocks.0.attn.q.weight"].double() * w_attn).float())
+    assert torch.equal(m.blocks[0].attn.v.weight.data, (before["blocks.0.attn.v.weight"].double() * w_attn).float())
+    assert m.lm_head is not None and m.lm_head.weight is not m.embed
+    assert torch.equal(m.lm_head.weight.data, (before["embed"].double() * w_final).float())
+    assert logs[0].info["untied_head"] and "r1" not in logs[0].info
+    assert all(torch.equal(n.weight.data, torch.ones_like(n.weight.data))
+               for b in m.blocks for n in (b.attn_norm, b.ffn_norm))
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_fold_only_accepts_post_norm_families(name, tmp_path):
+    """Gemma 2/3's post norms only stop the rotation; folding the pre-norms stays exact."""
+    m = _import(name, tmp_path)
+    ids = _ids(m.vocab_size)
+    want = reference.forward(m, ids)
+    m, _ = _run(m, "quant.rotate:rotate=false,untie=true")
+    assert _err(reference.forward(m, ids), want) <= TOL
+
+
 # ---------------------------------------------------------------- controls
 
 def test_control_rotating_without_folding_the_norms_breaks_the_logits(llama):
@@ -221,8 +254,9 @@ def test_post_norm_families_are_refused(name, tmp_path):
 
 def test_quantized_weights_are_refused(llama):
     m, _ = _run(llama, "quant.rtn:bits=4,group_size=32")
-    with pytest.raises(SlmcError, match="already quantized; rotate before"):
+    with pytest.raises(SlmcError, match="(float_weights).*already quantized; run quant.rotate before") as e:
         _run(m, "quant.rotate:untie=true")
+    assert "\n" not in str(e.value)
 
 
 def test_tied_head_with_a_non_uniform_final_norm_is_refused(llama):

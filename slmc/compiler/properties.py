@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .ir import Model, MoE, QuantWeight, block_linears
+from .ir import Model, MoE, QuantWeight, block_linears, named_weights
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,11 @@ def _quantized_linears(m: Model) -> str | None:
         if not _quantized(lin):
             return f"{path} is float"
     return None
+
+
+def _float_weights(m: Model) -> str | None:
+    return next((f"{path} is already quantized" for path, w in named_weights(m) if isinstance(w, QuantWeight)),
+                None)
 
 
 def _untied_head(m: Model) -> str | None:
@@ -128,6 +133,8 @@ def _offload_planned(m: Model) -> str | None:
 PROPERTIES: dict[str, Property] = {p.name: p for p in (
     Property("float_attention", "float attention projections", _float_attention,
              "run {pass} before quantization"),
+    Property("float_weights", "float weights everywhere (none quantized yet)", _float_weights,
+             "run {pass} before quant.rtn/awq/gptq"),
     Property("has_moe", "a mixture-of-experts model", _has_moe,
              "compile an MoE checkpoint, or leave out {pass}"),
     Property("moe_single_depth", "every MoE block at one depth only", _moe_single_depth,

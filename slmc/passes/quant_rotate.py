@@ -16,22 +16,29 @@ as before and every target lowers it unchanged. Run it before quant.rtn/awq/gptq
    of each head, a weighted sum of values, carries R2 into o and out again. q and k are
    untouched, so RoPE, q/k norms, soft-capping and sliding windows are unaffected.
 
+rotate=false stops after step 1: the norm scales folded into the linears (the head untied as
+below), nothing rotated; exact in float. It measures what folding alone does to rounding,
+since the fold is what an exact rotation needs first (bench/quant_rotate.py's fold-only rows);
+kind, seed and heads then do nothing.
+
 R is a Hadamard matrix / sqrt(n) with seeded random signs where one of order n is built
 (compiler/hadamard.py: Sylvester, Paley I/II and Kronecker products; SmolLM2's 576 =
 8 x 72), else a seeded random orthogonal matrix (kind=random: always). Exact in float: the
 weights are transformed in float64 and stored as float32.
 
-Refused, with the reason: weights already quantized (a rotation must precede rounding);
-Gemma 2/3's post-attention/post-FFN norms (they scale the attention/FFN output per channel
-just before it joins the stream, and no linear follows them to carry R1); a tied
-embedding/head whose final norm's scale is not uniform (the scale would have to fold into
-the one shared table; untie=true gives the head its own vocab x hidden table: embed E R1,
-head E diag(w) R1); a linear shared by blocks whose norms differ (one folded weight cannot
-carry two scales). A tied head with a uniform final norm stays tied (the table becomes
-E R1 for both uses; the norm's uniform scale commutes with R1). Biases rotate with their
-rows (RMSNorm has no mean or bias, so no bias is ever in the way); q/k norms act after q/k,
-which R1 and R2 leave as they are. Shared blocks and FFNs are rotated once. A quantized KV
-cache (int8/float16) stores the rotated values, so only its rounding changes.
+Requires float weights (IR property float_weights: a rotation must precede rounding, so
+quant.rtn/awq/gptq come after it). Refused, with the reason, because of the model: Gemma
+2/3's post-attention/post-FFN norms (they scale the attention/FFN output per channel just
+before it joins the stream, and no linear follows them to carry R1; no obstacle to
+rotate=false); a tied embedding/head whose final norm's scale is not uniform (the scale
+would have to fold into the one shared table; untie=true gives the head its own vocab x
+hidden table: embed E R1, head E diag(w) R1); a linear shared by blocks whose norms differ
+(one folded weight cannot carry two scales). A tied head with a uniform final norm stays
+tied (the table becomes E R1 for both uses; the norm's uniform scale commutes with R1).
+Biases rotate with their rows (RMSNorm has no mean or bias, so no bias is ever in the way);
+q/k norms act after q/k, which R1 and R2 leave as they are. Shared blocks and FFNs are
+rotated once. A quantized KV cache (int8/float16) stores the rotated values, so only its
+rounding changes.
 
 Before:                                   After (untie=true on a tied model):
   embed: f32[49152,576]                     embed: f32[49152,576]         (E R1)
@@ -48,7 +55,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compiler.hadamard import rotation
-from ..compiler.ir import MLP, Attention, Block, Linear, Model, MoE, Norm, QuantWeight, Weight, named_weights
+from ..compiler.ir import MLP, Attention, Block, Linear, Model, MoE, Norm, Weight
 from ..compiler.pass_manager import Pass, PassResult, register
 from ..errors import SlmcError
 
@@ -62,6 +69,7 @@ class RotateOptions:
     seed: int = 0  # the Hadamard's random signs, or the random matrices
     heads: bool = True  # R2 on the value/output heads as well as R1 on the residual stream
     untie: bool = False  # a tied head whose final norm is not uniform gets its own table
+    rotate: bool = True  # false: fold the norm scales only (step 1), no R1/R2
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -120,11 +128,9 @@ def _attn_reads(a: Attention) -> list[Linear]:
 
 
 def refusal(ir: Model, o: RotateOptions) -> str | None:
-    """Why this IR cannot be rotated exactly, or None."""
-    quant = [p for p, w in named_weights(ir) if isinstance(w, QuantWeight)]
-    if quant:
-        return f"{quant[0]} is already quantized; rotate before quant.rtn/awq/gptq"
-    for i, b in enumerate(ir.blocks):
+    """Why this model cannot be rotated (or, rotate=false, folded) exactly, or None. That the
+    weights are still float is `requires` (pipeline order, checked by the pass manager)."""
+    for i, b in enumerate(ir.blocks if o.rotate else ()):
         for nm in ("post_attn_norm", "post_ffn_norm"):
             if getattr(b, nm) is not None:
                 return (f"blocks.{i}.{nm}: a norm after the attention/FFN output (Gemma 2/3) scales the "
@@ -221,15 +227,20 @@ def rotate_heads(ir: Model, r2s: dict[int, torch.Tensor]) -> int:
 class QuantRotate(Pass):
     name = "quant.rotate"
     Options = RotateOptions
+    requires = ("float_weights",)
 
     def run(self, ir: Model) -> PassResult:
         o = self.options
         why = refusal(ir, o)
         if why:
             raise SlmcError(why, WHERE)
+        was_tied = _tied(ir)
+        if not o.rotate:
+            folded = fold_norms(ir)
+            return PassResult(ir, True, {"norms_folded_into": folded,
+                                         "untied_head": was_tied and ir.lm_head is not None})
         gen = torch.Generator().manual_seed(o.seed)
         r1, how1 = rotation(ir.hidden_size, o.kind, gen)
-        was_tied = _tied(ir)
         folded = fold_norms(ir)
         n = rotate_stream(ir, r1)
         info = {"r1": f"{how1} ({ir.hidden_size})", "norms_folded_into": folded,
