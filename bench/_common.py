@@ -10,6 +10,7 @@ Sizes and memory are in MiB (2**20 bytes) under keys ending in `_mib`; worker wa
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -159,6 +160,40 @@ def common_args(ap, steps: int, repeats: int) -> None:
 
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Write a short story about a robot who"
+
+
+def quality_args(ap, eval_text: str) -> None:
+    """The arguments of the text-quality benchmarks (quant.py, quant_rotate.py): a worker mode,
+    the model, calibration on one novel and evaluation on another (`eval_text` in the corpus)."""
+    ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--render", action="store_true", help="only re-render results/*.md from the .json")
+    ap.add_argument("--name", default="")
+    ap.add_argument("--pass", dest="passes", action="append", default=[])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--corpus", default=str(CORPUS))
+    ap.add_argument("--calib-text", default=None, help="default: CORPUS/austen_emma.txt")
+    ap.add_argument("--eval-text", default=None, help=f"default: CORPUS/{eval_text} (another novel)")
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--n-seqs", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the measured rows of the last results file; run only the missing or failed ones")
+
+
+def quality_texts(a, eval_text: str, quick_name: str) -> str:
+    """Fill in the default texts; --quick swaps in a tiny random model and short texts.
+    Returns the results suffix ("-quick" or "")."""
+    corpus = Path(a.corpus)
+    a.calib_text = a.calib_text or str(corpus / "austen_emma.txt")
+    a.eval_text = a.eval_text or str(corpus / eval_text)
+    if not a.quick:
+        return ""
+    a.model = tiny_model(Path("/tmp"), quick_name)
+    a.eval_tokens, a.window, a.n_seqs, a.seq_len = 600, 128, 4, 64
+    return "-quick"
 
 
 def prompt_ids(model_dir: Path, vocab: int) -> list[int]:

@@ -26,7 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import CORPUS, RESULTS, peak_rss_mib, render, spawn, tiny_model, write_results
+from _common import RESULTS, peak_rss_mib, quality_args, quality_texts, render, spawn, write_results
+
+EVAL_TEXT = "austen_prideprejudice.txt"  # evaluation; calibration is on Emma
 
 
 def variants(groups: list[int], calib: str, seqs: int, seq_len: int) -> list[tuple[str, list[str]]]:
@@ -140,37 +142,17 @@ def markdown(data: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--worker", action="store_true")
-    ap.add_argument("--result", help=argparse.SUPPRESS)
-    ap.add_argument("--render", action="store_true", help="only re-render results/*.md from the .json")
-    ap.add_argument("--name", default="")
-    ap.add_argument("--pass", dest="passes", action="append", default=[])
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--corpus", default=str(CORPUS))
-    ap.add_argument("--calib-text", default=None, help="default: CORPUS/austen_emma.txt")
-    ap.add_argument("--eval-text", default=None, help="default: CORPUS/austen_prideprejudice.txt (another novel)")
-    ap.add_argument("--eval-tokens", type=int, default=4096)
-    ap.add_argument("--window", type=int, default=512)
+    quality_args(ap, EVAL_TEXT)
     ap.add_argument("--groups", default="32,64,128")
-    ap.add_argument("--n-seqs", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--append", action="store_true",
-                    help="keep the measured rows of the last results file; run only the missing or failed ones")
     a = ap.parse_args()
     if a.render:
         return render("quant")
     if a.worker:
         Path(a.result).write_text(json.dumps(worker(a)))
         return
-    corpus = Path(a.corpus)
-    a.calib_text = a.calib_text or str(corpus / "austen_emma.txt")
-    a.eval_text = a.eval_text or str(corpus / "austen_prideprejudice.txt")
-    suffix = ""
+    suffix = quality_texts(a, EVAL_TEXT, "slmc-bench-quant-tiny")
     if a.quick:  # tiny random model: exercises every path in about a minute
-        a.model = tiny_model(Path("/tmp"), "slmc-bench-quant-tiny")
-        a.groups, a.eval_tokens, a.window, a.n_seqs, a.seq_len = "32", 600, 128, 4, 64
-        suffix = "-quick"
+        a.groups = "32"
     meta = {"model": a.model, "date": datetime.date.today().isoformat(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "calibration": f"{Path(a.calib_text).name}, {a.n_seqs}x{a.seq_len} tokens",

@@ -30,8 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import CORPUS, RESULTS, render, spawn, tiny_model, write_results
+from _common import RESULTS, quality_args, quality_texts, render, spawn, write_results
 
+EVAL_TEXT = "austen_northangerabbey.txt"  # less famous than Pride and Prejudice; calibration is on Emma
 ROTATE = "quant.rotate:untie=true"
 FOLD = "quant.rotate:rotate=false,untie=true"  # its first step alone (norms folded, head untied)
 GOALS = (("calibrated", 5.0), ("data-free", 8.0))  # issue 18: int4 g32 sym, % perplexity over fp32
@@ -166,38 +167,16 @@ def markdown(data: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--worker", action="store_true")
-    ap.add_argument("--result", help=argparse.SUPPRESS)
-    ap.add_argument("--name", default="")
-    ap.add_argument("--pass", dest="passes", action="append", default=[])
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--corpus", default=str(CORPUS))
-    ap.add_argument("--calib-text", default=None, help="default: CORPUS/austen_emma.txt")
-    ap.add_argument("--eval-text", default=None, help="default: CORPUS/austen_northangerabbey.txt")
-    ap.add_argument("--eval-tokens", type=int, default=4096)
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--n-seqs", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=256)
+    quality_args(ap, EVAL_TEXT)
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     ap.add_argument("--reduced", default="", help="say in the results how this run is reduced")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--append", action="store_true",
-                    help="keep the measured rows of the last results file; run only the missing or failed ones")
-    ap.add_argument("--render", action="store_true", help="only re-render results/*.md from the .json")
     a = ap.parse_args()
     if a.render:
         return render("quant_rotate")
     if a.worker:
         Path(a.result).write_text(json.dumps(worker(a)))
         return
-    corpus = Path(a.corpus)
-    a.calib_text = a.calib_text or str(corpus / "austen_emma.txt")
-    a.eval_text = a.eval_text or str(corpus / "austen_northangerabbey.txt")
-    suffix = ""
-    if a.quick:  # tiny random model: exercises every path in a few minutes
-        a.model = tiny_model(Path("/tmp"), "slmc-bench-quant-rotate-tiny")
-        a.eval_tokens, a.window, a.n_seqs, a.seq_len = 600, 128, 4, 64
-        suffix = "-quick"
+    suffix = quality_texts(a, EVAL_TEXT, "slmc-bench-quant-rotate-tiny")
     meta = {"model": a.model, "date": datetime.date.today().isoformat(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores (1 torch thread, nice 19, shared)",
             "calibration": f"{Path(a.calib_text).name}, {a.n_seqs}x{a.seq_len} tokens (data-free rows: "
