@@ -56,12 +56,12 @@ def test_inspect_is_what_the_cli_prints(tiny_llama_dir, tmp_path):
     assert api.inspect(tmp_path / "ir") == text  # the saved IR reads back as the same model
 
 
-def test_run_refuses_an_artifact_it_cannot_run(tmp_path):
+def test_run_refuses_an_artifact_without_a_tokenizer(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "tflite", "artifact": "model.tflite"}))
-    with pytest.raises(SlmcError, match="supports .pte"):
+    with pytest.raises(SlmcError, match="no tokenizer.json"):
         api.run(tmp_path, api.RunOptions("hi"))
     res = CliRunner().invoke(main, ["run", str(tmp_path), "-p", "hi"])
-    assert res.exit_code == 2 and "supports .pte" in res.output
+    assert res.exit_code == 2 and "no tokenizer.json" in res.output
 
 
 def test_evaluate_checks_its_options_first(tiny_llama_dir):

@@ -302,3 +302,17 @@ def test_quantized_experts_on_xnnpack(qwen_dir, tmp_path):
     assert manifest["quantization"]["schemes"]  # so validation applies the quantized tolerance
     report = api.validate_artifact(out, steps=12)
     assert report.passed and report.decode_max_abs < 0.05, report.to_json()
+
+
+def test_slmc_run_uses_the_offload_runner(float_artifact):
+    """`slmc run` on an expert-offload folder generates with slmc's offload runner: the same
+    greedy tokens as the reference of the compiled IR."""
+    from tokenizers import Tokenizer
+
+    stats = api.run(float_artifact, api.RunOptions("Hello world", max_new_tokens=12, chat=False))
+    tok = Tokenizer.from_file(str(float_artifact / "tokenizer.json"))
+    ids = tok.encode("Hello world", add_special_tokens=False).ids
+    ref = api.reference_model(float_artifact, json.loads((float_artifact / "manifest.json").read_text()))
+    out, _ = reference.greedy(ref, ids, stats["generated_tokens"])
+    assert stats["generated_tokens"] > 0 and stats["tokens"] == out
+    assert "offload" in stats["runtime"]

@@ -232,3 +232,17 @@ def test_default_model_validates_and_generates_in_genai(tmp_path):
     got = _genai_greedy(out, ids, 24)
     ref, _ = reference.greedy(api.reference_model(out, man), ids, 24)
     assert got == ref[:len(got)] and (len(got) == 24 or got[-1] in man["model"]["eos_ids"])
+
+
+def test_run_generates_the_reference_text(artifact, tiny_llama_dir):
+    """`slmc run` on an artifact without a stock runner here drives the target's session;
+    greedy text == the reference's, and the stats say which runtime ran."""
+    from tokenizers import Tokenizer
+
+    res = CliRunner().invoke(main, ["run", str(artifact), "-p", "Hello world", "-n", "16", "--raw"])
+    assert res.exit_code == 0, res.output
+    tok = Tokenizer.from_file(str(tiny_llama_dir / "tokenizer.json"))
+    ids = tok.encode("Hello world", add_special_tokens=False).ids
+    out, _ = reference.greedy(api.load(tiny_llama_dir, max_seq_len=MAX_LEN), ids, 16)
+    assert len(out) == 16 and "decode: 16 tokens" in res.output
+    assert tok.decode(out) in res.output and "onnxruntime" in res.output and "tok/s" in res.output

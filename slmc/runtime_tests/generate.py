@@ -1,7 +1,9 @@
 """Text generation with an artifact in its own app-side runtime.
 
 For `.pte` this is ExecuTorch's stock `TextLLMRunner`, unmodified: if it works
-here, it works in an app that embeds the same runner.
+here, it works in an app that embeds the same runner. Every other artifact kind
+(LiteRT, Core ML, ONNX, ExecuTorch expert offload) runs in its target's session, the
+same one `slmc validate` uses, and the stats say so.
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ def generate(folder: Path, prompt: str, max_new_tokens: int = 64, temperature: f
              on_text: Callable[[str], None] = lambda s: None) -> dict:
     folder = Path(folder)
     manifest = read_manifest(folder)
-    if manifest.get("format") != "pte":
-        raise SlmcError(f"`slmc run` supports .pte artifacts; this one is {manifest.get('format')}", str(folder))
     if not (folder / "tokenizer.json").is_file():
         raise SlmcError("artifact has no tokenizer.json; the runner needs one", str(folder))
+    text = chat_prompt(folder, prompt) if chat else prompt
+    if manifest.get("format") != "pte":
+        return session_generate(folder, manifest, text, max_new_tokens, temperature, on_text)
     import executorch.kernels.quantized  # noqa: F401  registers quantized kernels
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
-    text = chat_prompt(folder, prompt) if chat else prompt
     runner = TextLLMRunner(str(folder / manifest["artifact"]), str(folder / "tokenizer.json"))
     got: dict = {}
 
@@ -66,3 +68,55 @@ def generate(folder: Path, prompt: str, max_new_tokens: int = 64, temperature: f
     got["runtime"] = "executorch TextLLMRunner"
     got["text"] = "".join(pieces)
     return got
+
+
+def session_generate(folder: Path, manifest: dict, text: str, max_new_tokens: int, temperature: float,
+                     on_text: Callable[[str], None]) -> dict:
+    """Generate with the artifact's session (targets/<name>/session.py): prefill the prompt, then
+    one token per step until an EOS id, `max_new_tokens`, or the KV cache is full. No BOS is
+    added, as with the stock runner (num_bos=0). temperature > 0 samples with a fixed seed."""
+    import time
+
+    import torch
+    from tokenizers import Tokenizer
+
+    from .sessions import open_session
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ids = tok.encode(text, add_special_tokens=False).ids
+    room = int(manifest["kv_cache_spec"]["max_len"]) - 1  # positions the exported programs take
+    if not ids or len(ids) >= room:
+        raise SlmcError(f"the prompt is {len(ids)} tokens; this artifact's KV cache takes 1..{room - 1} "
+                        "(compile with a larger --max-seq-len)", str(folder))
+    session = open_session(folder, manifest)
+    eos = set((manifest.get("model") or {}).get("eos_ids") or [])
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    logits = session.step(ids, 0)
+    t1 = time.perf_counter()
+    out: list[int] = []
+    shown = ""
+    while len(out) < min(max_new_tokens, room - len(ids)):
+        if temperature > 0:
+            nxt = int(torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=gen))
+        else:
+            nxt = int(logits.argmax())
+        if nxt in eos:
+            break
+        out.append(nxt)
+        now = tok.decode(out)
+        if not now.endswith("\ufffd"):  # a byte-level token may end inside a character
+            on_text(now[len(shown):])
+            shown = now
+        if len(out) < min(max_new_tokens, room - len(ids)):
+            logits = session.step([nxt], len(ids) + len(out) - 1)
+    t2 = time.perf_counter()
+    decoded = tok.decode(out)
+    if decoded != shown:
+        on_text(decoded[len(shown):])
+    return {"prompt_tokens": len(ids), "generated_tokens": len(out), "tokens": out,
+            "prefill_ms": (t1 - t0) * 1000, "decode_ms": (t2 - t1) * 1000,
+            "prefill_tok_s": len(ids) / max(t1 - t0, 1e-9), "decode_tok_s": len(out) / max(t2 - t1, 1e-9),
+            "runtime": f"slmc's {getattr(session, 'runtime', manifest.get('format'))} session "
+                       f"(no stock runner for {manifest.get('format')} artifacts here)",
+            "text": decoded}
