@@ -124,6 +124,24 @@ def test_unsupported_architecture_from_folder(tmp_path):
         import_hf(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3"])
+def test_config_without_architectures_loads_by_model_type(name, tmp_path):
+    """transformers loads a folder whose config.json has model_type but no architectures; so does slmc."""
+    cfg = FAMILIES[name].tiny_config()
+    hf = save_hf_model(cfg, tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    del conf["architectures"]
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    model = import_hf(tmp_path)
+    assert model.family == name
+    _check_parity(hf, model, cfg)
+
+
+def test_unknown_model_type_without_architectures_is_refused():
+    with pytest.raises(UnsupportedError, match="none given; model_type 'fancy'"):
+        family_for({"model_type": "fancy"}, "config.json")
+
+
 @pytest.mark.parametrize("rope", [
     {"rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}},
     {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,

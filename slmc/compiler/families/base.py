@@ -100,11 +100,17 @@ def family_for(cfg: dict, where: str) -> Family:
     for a in archs:
         if a in _BY_ARCH:
             return _BY_ARCH[a]
+    if not archs and cfg.get("model_type"):
+        # transformers' AutoModelForCausalLM loads such a folder by model_type; so does slmc,
+        # by the model_type each family's own config declares
+        for fam in FAMILIES.values():
+            if fam.tiny_config().get("model_type") == cfg["model_type"]:
+                return fam
     if cfg.get("auto_map"):
         raise UnsupportedError(
             "this model needs trust_remote_code (custom code in auto_map); slmc never runs "
             f"remote code. Supported architectures: {', '.join(supported)}", where)
-    got = ", ".join(archs) if archs else "none given"
+    got = ", ".join(archs) if archs else f"none given; model_type {cfg.get('model_type')!r}"
     raise UnsupportedError(
         f"unsupported architecture ({got}); supported: {', '.join(supported)}", where + ".architectures")
 
