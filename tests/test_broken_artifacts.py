@@ -50,7 +50,7 @@ FLOWS = {
     "tflite-cpu-8da4w": Flow("tflite", "cpu", (ACT8,)),
     "tflite-cpu-4w": Flow("tflite", "cpu", (WEIGHT_ONLY,)),
     "tflite-cpu-fp32": Flow("tflite", "cpu", ()),
-    "coreml-cpu-fp32-4w": Flow("coreml", "cpu:precision=fp32", (WEIGHT_ONLY,)),
+    "coreml-cpu-fp32-4w": Flow("coreml", "cpu:precision=fp32,kv=io", (WEIGHT_ONLY,)),
     "onnx-cpu-fp32": Flow("onnx", "cpu", ()),
 }
 
@@ -196,7 +196,24 @@ def honest_artifact(source, flow, tmp_path_factory, monkeypatch) -> Path:
 DEFAULT = {("executorch-xnnpack-8da4w", c) for c in ("scale", "head", "kv", "rope")}
 
 # Controls validate PASSES under today's bounds (see the module docstring): (flow, control) -> reason.
-KNOWN_GAPS: dict[tuple[str, str], str] = {}
+_XNN_BOUND = "bound (xnnpack, quant-act8): max|Δ| <= 0.25, top-1 >= 0.99, greedy not required"
+_TFL_BOUND = "bound (cpu, quant-act8): max|Δ| <= 0.25, top-1 >= 0.99, greedy not required"
+_FIX = "issue 14 item 1 (statistical bounds) fixes it"
+KNOWN_GAPS: dict[tuple[str, str], str] = {
+    ("executorch-xnnpack-8da4w", "scale"): f"validate PASSES one layer's scales x1.5: prefill max|Δ| 0.232, decode "
+                                           f"0.230, top-1 100 %, greedy equal; {_XNN_BOUND}; {_FIX}",
+    ("executorch-xnnpack-8da4w", "kv"): f"validate PASSES a KV-cache write shifted by one: prefill max|Δ| 0.117, "
+                                        f"decode 0.112, top-1 100 %, greedy equal; {_XNN_BOUND}; {_FIX}",
+    ("executorch-xnnpack-8da4w", "rope"): f"validate PASSES one RoPE frequency x1.5: prefill max|Δ| 0.030, decode "
+                                          f"0.024, top-1 100 %, greedy equal; {_XNN_BOUND}; {_FIX}",
+    # LiteRT runs the same XNNPACK qd8 kernels: the same numbers
+    ("tflite-cpu-8da4w", "scale"): f"validate PASSES one layer's scales x1.5: prefill max|Δ| 0.232, decode 0.230, "
+                                   f"top-1 100 %, greedy equal; {_TFL_BOUND}; {_FIX}",
+    ("tflite-cpu-8da4w", "kv"): f"validate PASSES a KV-cache write shifted by one: prefill max|Δ| 0.117, decode "
+                                f"0.112, top-1 100 %, greedy equal; {_TFL_BOUND}; {_FIX}",
+    ("tflite-cpu-8da4w", "rope"): f"validate PASSES one RoPE frequency x1.5: prefill max|Δ| 0.030, decode 0.024, "
+                                  f"top-1 100 %, greedy equal; {_TFL_BOUND}; {_FIX}",
+}
 
 # (a) on ExecuTorch/XNNPACK: no artifact to validate, the target refuses it (test below)
 CASES = [("executorch-xnnpack-8da4w", c) for c in ("scale", "head", "kv", "rope")] + \
