@@ -104,13 +104,24 @@ def shifted_kv_writes(monkeypatch) -> None:
         return original(cache, axis, torch.remainder(slots + 1, rows), new, inplace, pad=pad, writer=writer)
 
     monkeypatch.setattr(lowering_attention, "write_rows", write_rows)
-    # Core ML's stacked caches: rows [start, end) land at [start + 1, end + 1)
-    span_writer = lowering_attention.write_span
-
+    # Core ML's stacked caches: rows [start, end) land at [start + 1, end + 1), written into the
+    # cache padded by one row (so export can prove the slice fits) and cut back to its length
     def write_span(kc, vc, k_new, v_new, span, inplace, bshd):
         start, end = span
-        kc, vc, keys, values = span_writer(kc, vc, k_new, v_new, (start + 1, end + 1), inplace, bshd)
-        return kc, vc, keys[:, :end], values[:, :end]
+        axis = 0 if bshd else 1
+
+        def shifted(cache, new):
+            grown = torch.cat([cache, torch.zeros_like(cache.narrow(axis, 0, 1))], axis)
+            return torch.slice_scatter(grown, new, axis, start + 1, end + 1).narrow(axis, 0, cache.shape[axis])
+
+        k_all, v_all = shifted(kc, k_new), shifted(vc, v_new)
+        if inplace:
+            kc.copy_(k_all)
+            vc.copy_(v_all)
+            k_all, v_all = kc, vc
+        keys = k_all[:end].transpose(0, 1) if bshd else k_all[:, :end]
+        values = v_all[:end].transpose(0, 1) if bshd else v_all[:, :end]
+        return k_all, v_all, keys, values
 
     monkeypatch.setattr(lowering_attention, "write_span", write_span)
 
@@ -202,7 +213,9 @@ DEFAULT = {("executorch-xnnpack-8da4w", c) for c in ("scale", "head", "kv", "rop
 # Controls validate PASSES under today's bounds (see the module docstring): (flow, control) -> reason.
 _XNN_BOUND = "bound (xnnpack, quant-act8): max|Δ| <= 0.25, top-1 >= 0.99, greedy not required"
 _TFL_BOUND = "bound (cpu, quant-act8): max|Δ| <= 0.25, top-1 >= 0.99, greedy not required"
+_CML_BOUND = "bound (fp16, quant): max|Δ| <= 0.25, top-1 >= 0.9, greedy not required (a fixed bound, no noise floor)"
 _FIX = "issue 14 item 1 (statistical bounds) fixes it"
+_FIX_FIXED = "issue 14 item 1 (fixed bounds per flow kind, tightened until every control fails) fixes it"
 KNOWN_GAPS: dict[tuple[str, str], str] = {
     ("executorch-xnnpack-8da4w", "scale"): f"validate PASSES one layer's scales x1.5: prefill max|Δ| 0.232, decode "
                                            f"0.230, top-1 100 %, greedy equal; {_XNN_BOUND}; {_FIX}",
@@ -217,6 +230,13 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
                                 f"0.112, top-1 100 %, greedy equal; {_TFL_BOUND}; {_FIX}",
     ("tflite-cpu-8da4w", "rope"): f"validate PASSES one RoPE frequency x1.5: prefill max|Δ| 0.030, decode 0.024, "
                                   f"top-1 100 %, greedy equal; {_TFL_BOUND}; {_FIX}",
+    # Core ML fp16 (MIL interpreter): the loose fixed fp16 bound
+    ("coreml-cpu-fp16-4w", "scale"): f"validate PASSES one layer's scales x1.5: prefill max|Δ| 0.184, decode "
+                                     f"0.248, top-1 100 %, greedy equal; {_CML_BOUND}; {_FIX_FIXED}",
+    ("coreml-cpu-fp16-4w", "rope"): f"validate PASSES one RoPE frequency x1.5: prefill max|Δ| 0.020, decode "
+                                    f"0.023, top-1 100 %, greedy equal; {_CML_BOUND}; {_FIX_FIXED}",
+    ("coreml-cpu-fp16-4w", "kv"): f"validate PASSES a KV-cache write shifted by one: prefill max|Δ| 0.108, decode "
+                                  f"0.099, top-1 100 %, greedy DIFFERS (not required); {_CML_BOUND}; {_FIX_FIXED}",
 }
 
 # (a) on ExecuTorch/XNNPACK: no artifact to validate, the target refuses it (test below). On LiteRT
