@@ -216,27 +216,26 @@ _TFL_BOUND = "bound (cpu, quant-act8): max|Δ| <= 0.25, top-1 >= 0.99, greedy no
 _CML_BOUND = "bound (fp16, quant): max|Δ| <= 0.25, top-1 >= 0.9, greedy not required (a fixed bound, no noise floor)"
 _FIX = "issue 14 item 1 (statistical bounds) fixes it"
 _FIX_FIXED = "issue 14 item 1 (fixed bounds per flow kind, tightened until every control fails) fixes it"
+_GAP = "validate PASSES {what}: prefill max|Δ| {nums}; {bound}; {fix}"
+# (control: what it breaks, what validate measured); LiteRT's 8da4w runs the same XNNPACK qd8
+# kernels as ExecuTorch's, and measured the same numbers
+_MEASURED_8DA4W = {
+    "scale": ("one layer's scales x1.5", "0.232, decode 0.230, top-1 100 %, greedy equal"),
+    "kv": ("a KV-cache write shifted by one", "0.117, decode 0.112, top-1 100 %, greedy equal"),
+    "rope": ("one RoPE frequency x1.5", "0.030, decode 0.024, top-1 100 %, greedy equal"),
+}
+# Core ML fp16 (MIL interpreter): the loose fixed fp16 bound
+_MEASURED_CML_FP16 = {
+    "scale": ("one layer's scales x1.5", "0.184, decode 0.248, top-1 100 %, greedy equal"),
+    "rope": ("one RoPE frequency x1.5", "0.020, decode 0.023, top-1 100 %, greedy equal"),
+    "kv": ("a KV-cache write shifted by one", "0.108, decode 0.099, top-1 100 %, greedy DIFFERS (not required)"),
+}
 KNOWN_GAPS: dict[tuple[str, str], str] = {
-    ("executorch-xnnpack-8da4w", "scale"): f"validate PASSES one layer's scales x1.5: prefill max|Δ| 0.232, decode "
-                                           f"0.230, top-1 100 %, greedy equal; {_XNN_BOUND}; {_FIX}",
-    ("executorch-xnnpack-8da4w", "kv"): f"validate PASSES a KV-cache write shifted by one: prefill max|Δ| 0.117, "
-                                        f"decode 0.112, top-1 100 %, greedy equal; {_XNN_BOUND}; {_FIX}",
-    ("executorch-xnnpack-8da4w", "rope"): f"validate PASSES one RoPE frequency x1.5: prefill max|Δ| 0.030, decode "
-                                          f"0.024, top-1 100 %, greedy equal; {_XNN_BOUND}; {_FIX}",
-    # LiteRT runs the same XNNPACK qd8 kernels: the same numbers
-    ("tflite-cpu-8da4w", "scale"): f"validate PASSES one layer's scales x1.5: prefill max|Δ| 0.232, decode 0.230, "
-                                   f"top-1 100 %, greedy equal; {_TFL_BOUND}; {_FIX}",
-    ("tflite-cpu-8da4w", "kv"): f"validate PASSES a KV-cache write shifted by one: prefill max|Δ| 0.117, decode "
-                                f"0.112, top-1 100 %, greedy equal; {_TFL_BOUND}; {_FIX}",
-    ("tflite-cpu-8da4w", "rope"): f"validate PASSES one RoPE frequency x1.5: prefill max|Δ| 0.030, decode 0.024, "
-                                  f"top-1 100 %, greedy equal; {_TFL_BOUND}; {_FIX}",
-    # Core ML fp16 (MIL interpreter): the loose fixed fp16 bound
-    ("coreml-cpu-fp16-4w", "scale"): f"validate PASSES one layer's scales x1.5: prefill max|Δ| 0.184, decode "
-                                     f"0.248, top-1 100 %, greedy equal; {_CML_BOUND}; {_FIX_FIXED}",
-    ("coreml-cpu-fp16-4w", "rope"): f"validate PASSES one RoPE frequency x1.5: prefill max|Δ| 0.020, decode "
-                                    f"0.023, top-1 100 %, greedy equal; {_CML_BOUND}; {_FIX_FIXED}",
-    ("coreml-cpu-fp16-4w", "kv"): f"validate PASSES a KV-cache write shifted by one: prefill max|Δ| 0.108, decode "
-                                  f"0.099, top-1 100 %, greedy DIFFERS (not required); {_CML_BOUND}; {_FIX_FIXED}",
+    (flow, control): _GAP.format(what=what, nums=nums, bound=bound, fix=fix)
+    for flow, measured, bound, fix in (("executorch-xnnpack-8da4w", _MEASURED_8DA4W, _XNN_BOUND, _FIX),
+                                       ("tflite-cpu-8da4w", _MEASURED_8DA4W, _TFL_BOUND, _FIX),
+                                       ("coreml-cpu-fp16-4w", _MEASURED_CML_FP16, _CML_BOUND, _FIX_FIXED))
+    for control, (what, nums) in measured.items()
 }
 
 # (a) on ExecuTorch/XNNPACK: no artifact to validate, the target refuses it (test below). On LiteRT
