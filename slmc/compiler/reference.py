@@ -219,6 +219,21 @@ def forward(model: Model, ids: torch.Tensor, perturb: float = 0.0) -> torch.Tens
 
 
 @torch.no_grad()
+def hidden_states(model: Model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream of a prompt at positions 0..T-1: ([depths + 2, T, hidden], logits
+    [T, vocab]); rows are the embedding output, the state after every depth, the final norm's
+    output (before the head). What `slmc diff` compares each runtime's debug variant with."""
+    x = embed(model, torch.tensor([ids]))
+    positions = torch.arange(len(ids))
+    states = [x[0]]
+    for d in range(model.n_layers):
+        x = block(model.block_at(d), x, positions, model.kv.dtype, model.kv.ring)
+        states.append(x[0])
+    states.append(rms_norm(x, model.final_norm)[0])
+    return torch.stack(states), head(model, x)[0]
+
+
+@torch.no_grad()
 def greedy(model: Model, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy continuation of `prompt` by n tokens; also returns each step's logits."""
     ids, steps = list(prompt), []

@@ -46,6 +46,15 @@ class Artifact:
     manifest: dict = field(default_factory=dict)
 
 
+@dataclass
+class Intermediates:
+    """One runtime's view of a prompt (slmc diff): the debug variant's hidden states."""
+    states: torch.Tensor  # [depths + 2, T, hidden]: embedding, after each depth, final norm
+    logits: torch.Tensor  # [T, vocab]
+    runtime: str
+    how: str  # how the runtime was made to show them
+
+
 class Session(Protocol):
     """An artifact in its own runtime: `step(tokens, start_pos) -> logits of the last
     position`, and `reset()` to an empty KV cache."""
@@ -96,6 +105,11 @@ class Target(ABC):
     @abstractmethod
     def readback(self, model: Model, artifact: Path) -> Readback:
         """Which of `model`'s QuantWeights the artifact file/package does not hold unchanged."""
+
+    def hidden_states(self, model: Model, manifest: dict, ids: list[int]) -> Intermediates:
+        """The hidden states of prompt `ids` (positions 0..T-1) in this target's runtime, from a
+        debug variant of the artifact compiled from `model` with the manifest's spec."""
+        raise UnsupportedError(f"the {self.name} target cannot show its hidden states (slmc diff)", self.name)
 
 
 def check_backend(target: Target, spec: TargetSpec) -> None:

@@ -54,6 +54,11 @@ class ExecuTorchTarget(Target):
     def readback(self, model, artifact):
         return readback(model, artifact)
 
+    def hidden_states(self, model, manifest, ids):
+        from .intermediates import hidden_states
+
+        return hidden_states(model, manifest, ids)
+
     def supports(self, model: Model, spec: ExecuTorchSpec) -> str | None:
         if has_offload_plan(model):  # moe.offload: a backbone program + one program per expert
             why = offload_supports(model)

@@ -385,6 +385,11 @@ class TFLiteTarget(Target):
     def readback(self, model, artifact):
         return readback(model, artifact)
 
+    def hidden_states(self, model, manifest, ids):
+        from .intermediates import hidden_states
+
+        return hidden_states(model, manifest, ids)
+
     def quant_rules(self, spec):
         return LITERT
 

@@ -1,0 +1,64 @@
+"""Hidden states of a .tflite flow (slmc diff): a debug model of the same lowered decoder (LiteRT's
+components, dequantized constants with slmc's codes put back by codes.py) with one signature,
+`debug`, that takes the whole prompt and also returns the residual stream
+(compiler/lowering/taps.py), run in LiteRT's interpreter.
+
+Why not `experimental_preserve_all_tensors`: it keeps tensors only outside delegates, and the
+XNNPACK delegate LiteRT applies by default (the one running the int8-activation GEMMs) would be
+switched off, so the numbers would come from other kernels. The debug model runs the same ones;
+`diff` checks its last logits row against the artifact's own prefill + decode.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ...compiler.ir import Model
+from ...compiler.lowering import LoweredLM, LoweringSpec
+from ...compiler.lowering.taps import Tapped
+from ...errors import SlmcError
+from ..base import Intermediates
+from .codes import store_codes
+from .session import _interpreter_class
+from .target import COMPONENTS, _drop_runtime_asserts, _env, _quiet, cache_names
+
+
+class _Debug(nn.Module):
+    def __init__(self, lm: LoweredLM, n_layers: int):
+        super().__init__()
+        self.lm, self.names = lm, cache_names(lm, n_layers)
+
+    def forward(self, tokens, input_pos, kv_cache):
+        pos = input_pos if self.lm.spec.padded else input_pos[:1]
+        out = self.lm(tokens.long(), pos.long(), *[kv_cache[n] for n in self.names])
+        return {"logits": out[0]}
+
+
+def hidden_states(model: Model, manifest: dict, ids: list[int]) -> Intermediates:
+    import litert_torch
+
+    T = len(ids)
+    lm = LoweredLM(model, LoweringSpec(kv="io", positions="start", full_logits=True,
+                                       padded=model.kv.window is not None, dequantize=True,
+                                       components=COMPONENTS)).eval()
+    kv = dict(zip(cache_names(lm, model.n_layers), lm.empty_caches()))
+    sample = {"tokens": torch.zeros(1, T, dtype=torch.int32), "input_pos": torch.arange(T, dtype=torch.int32),
+              "kv_cache": kv}
+    with _env("LITERT_TORCH_SHOW_PROGRESS", "n"), _quiet(), _drop_runtime_asserts(), torch.no_grad():
+        module = Tapped(_Debug(lm, model.n_layers), lm).eval()
+        data = bytes(litert_torch.signature("debug", module, sample_kwargs=sample).convert().model_content())
+    del lm, module
+    data, _ = store_codes(data, model)
+    try:
+        runner = _interpreter_class()(model_content=data).get_signature_runner("debug")
+    except Exception as e:  # the interpreter raises bare ValueErrors/RuntimeErrors
+        raise SlmcError(f"LiteRT could not load the debug model: {e}", "tflite") from None
+    caches = {f"kv_cache_{n}": np.zeros(d["shape"], d["dtype"]) for n, d in
+              ((n[len("kv_cache_"):], d) for n, d in runner.get_input_details().items() if n.startswith("kv_cache_"))}
+    out = runner(tokens=np.array([ids], dtype=np.int32), input_pos=np.arange(T, dtype=np.int32), **caches)
+    logits = torch.from_numpy(np.array(out["logits"])).reshape(T, -1).float()
+    states = torch.from_numpy(np.array(out["hidden_states"])).float()
+    return Intermediates(states=states, logits=logits, runtime="ai_edge_litert",
+                         how="debug .tflite (one signature over the prompt) with the hidden states as an extra output")
