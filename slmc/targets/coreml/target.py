@@ -259,6 +259,11 @@ class CoreMLTarget(Target):
     def readback(self, model, artifact):
         return readback(model, artifact)
 
+    def hidden_states(self, model, manifest, ids):
+        from .intermediates import hidden_states
+
+        return hidden_states(model, manifest, ids)
+
     def supports(self, model: Model, spec: CoreMLSpec) -> str | None:
         return refusal(model, spec)
 
