@@ -6,6 +6,7 @@ Jobs (the CLI's commands), each taking a frozen options object:
     evaluate(subject, EvalOptions(texts=...)) -> report
     inspect(model, InspectOptions(...)) -> IR text;  run(folder, RunOptions(prompt=...)) -> stats
     catalog() -> what `slmc list` prints;  default_model() -> the built-in model's folder
+    diff(a, b, DiffOptions(...)) -> per-block comparison;  write_report(path, ...) -> HTML report
 The manifest each artifact carries is `slmc.manifest.Manifest` (schema: manifest.schema.json).
 The implementation lives in slmc/_api/; this module only names what is public.
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._api.compile import compile, compile_ir, quant_summary
+from ._api.diff import DiffOptions, diff
+from ._api.report import write_report
 from ._api.jobs import Catalog, catalog, evaluate, evaluate_tokens, inspect, require_pass, run, validate
 from ._api.models import (DEFAULT_MODEL, default_model, load, parse_passes, pass_registry, reference_model,
                           resolve_model_path, run_passes, tokenizer_dir)
@@ -29,7 +32,7 @@ __all__ = [
     "compile", "compile_model", "compile_ir", "validate", "validate_artifact", "require_pass", "evaluate",
     "evaluate_tokens", "inspect", "run", "catalog", "default_model", "DEFAULT_MODEL", "load",
     "resolve_model_path", "tokenizer_dir", "reference_model", "read_manifest", "parse_passes", "pass_registry",
-    "run_passes", "quant_summary",
+    "run_passes", "quant_summary", "diff", "DiffOptions", "write_report",
     # for benchmarks and scripts that build or measure IR themselves
     "Model", "MLP", "Linear", "MoE", "Weight", "QuantWeight", "named_weights", "param_count", "weight_bytes",
     "save_ir", "token_ids", "kv_bytes_per_token", "ffn_inputs", "tiny_llama_config", "expert_routes",

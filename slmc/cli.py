@@ -160,14 +160,74 @@ def _print_report(report, as_json: bool) -> None:
 @click.option("--prompt", default=None, help="Prompt text (default: a fixed English sentence).")
 @click.option("--reference", default=None, help="Reference model (default: the manifest's source + passes).")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--report", "html", type=click.Path(path_type=Path), default=None, help="Also write an HTML report.")
 @friendly
-def validate(artifact, steps, prompt, reference, as_json):
+def validate(artifact, steps, prompt, reference, as_json, html):
     """Run ARTIFACT in its runtime and compare it with the reference executor."""
     from . import api
 
     report = api.validate(artifact, api.ValidateOptions(steps=steps, prompt=prompt, reference=reference))
+    if html:
+        api.write_report(html, artifact=artifact, validation=report)
     _print_report(report, as_json)
     api.require_pass(report)
+
+
+@main.command()
+@click.argument("a")
+@click.argument("b", required=False)
+@click.option("--prompt", default=None, help="Prompt text (default: validate's fixed sentence).")
+@click.option("--pass", "passes", multiple=True, metavar="NAME[:k=v,...]",
+              help="A is a model: quantize with these passes and compare float vs quantized IR.")
+@click.option("--recipe", default=None, help="A is a model: quantize with this recipe's passes.")
+@click.option("--max-seq-len", type=int, default=None, help="A is a model: its KV-cache length.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--report", "html", type=click.Path(path_type=Path), default=None, help="Also write an HTML report.")
+@friendly
+def diff(a, b, prompt, passes, recipe, max_seq_len, as_json, html):
+    """Compare hidden states block by block: artifact A vs its reference IR (B omitted or
+    `reference`), vs artifact B, or vs model B; or model A's float vs quantized IR (--pass/--recipe)."""
+    from . import api
+
+    r = api.diff(a, b, api.DiffOptions(prompt=prompt, passes=tuple(passes), recipe=recipe, max_seq_len=max_seq_len))
+    if html:
+        api.write_report(html, artifact=a if r.mode != "float-vs-quantized" else None, diffs=[r])
+    if as_json:
+        click.echo(r.to_json())
+    else:
+        _print_diff(r)
+    if not r.passed:
+        sys.exit(1)
+
+
+def _print_diff(r) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{r.a} vs {r.b} ({r.mode}, {r.prompt_tokens} prompt tokens)")
+    for col in ("stage", "max |Δ|", "rel RMS", "cosine", f"rel RMS ≤ {r.bound:.3g}"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for s in r.stages:
+        ok = "yes" if s["within"] else "[red]no[/]"
+        t.add_row(s["stage"], f"{s['max_abs']:.3g}", f"{s['rel_rms']:.3g}", f"{s['cosine']:.6f}", ok)
+    out = Console()
+    out.print(t)
+    for s in r.sides:
+        out.print(f"{escape(s['label'])}: {escape(s['how'])}", soft_wrap=True)
+        c = s.get("artifact_check")
+        if c:
+            out.print(f"  debug variant vs the artifact's own last logits: rel RMS {c['rel_rms']:.3g} "
+                      f"(≤ {c['bound']:.3g}: {'matches' if c['matches'] else 'DIFFERS'})")
+    out.print(f"bound: {escape(r.bound_why)}", soft_wrap=True)
+    for n in r.notes:
+        out.print(f"[yellow]note:[/] {escape(n)}", soft_wrap=True)
+    if r.mode == "float-vs-quantized":
+        where = r.first_past or "nowhere"
+        out.print(f"quantization error first exceeds one rounding of the scheme at: {where}")
+    elif any(s.get("artifact_check") and not s["artifact_check"]["matches"] for s in r.sides):
+        out.print("[red]no verdict on the blocks: a debug variant does not reproduce its artifact[/]")
+    else:
+        out.print(f"first stage past the bound: [red]{r.first_past}[/]" if r.first_past
+                  else "[green]every stage within the bound[/]")
 
 
 @main.command()

@@ -49,7 +49,8 @@ def diff(a: str | Path, b: str | Path | None = None, opts: DiffOptions = DiffOpt
     a artifact, b artifact: the two artifacts (b is the baseline);
     a artifact, b a model: the artifact vs that model's IR (fp32 unless passes are given);
     a model: its float IR vs the IR after `opts.passes` / `opts.recipe` (where quantization enters).
-    model_a / model_b: the IR an artifact was compiled from (default: rebuilt from its manifest)."""
+    model_a / model_b: the IR an artifact was compiled from (default: rebuilt from its manifest);
+    model_b with b None: the reference IR to compare with (default: model_a)."""
     from ..runtime_tests import diff as d
 
     t0 = time.time()
@@ -61,8 +62,9 @@ def diff(a: str | Path, b: str | Path | None = None, opts: DiffOptions = DiffOpt
         names = d.stage_names(ir_a)
         side_a = d.artifact_side(fa, ma, ir_a, ids)
         if b is None or str(b) == "reference":
-            return d.diff_sides(side_a, d.reference_side(ir_a, ids, "reference (the artifact's IR)"), names,
-                                "artifact-vs-reference", t0)
+            ref, label = (ir_a, "reference (the artifact's IR)") if model_b is None else (model_b, "reference")
+            _same_shape(ir_a, ref, "reference")
+            return d.diff_sides(side_a, d.reference_side(ref, ids, label), names, "artifact-vs-reference", t0)
         if _is_artifact(b):
             fb = Path(b)
             mb = read_manifest(fb)
@@ -85,8 +87,10 @@ def diff(a: str | Path, b: str | Path | None = None, opts: DiffOptions = DiffOpt
     q, _ = run_passes(copy.deepcopy(fp), _passes(opts))
     ids = _prompt(tokenizer_dir(src), fp, opts.prompt)
     bound, why = d.scheme_bound(q)
-    return d.diff_sides(d.reference_side(q, ids, "quantized IR"), d.reference_side(fp, ids, "float IR"),
+    r = d.diff_sides(d.reference_side(q, ids, "quantized IR"), d.reference_side(fp, ids, "float IR"),
                         d.stage_names(fp), "float-vs-quantized", t0, bound, why, judged=False)
+    r.passes = _passes(opts)
+    return r
 
 
 def _passes(opts: DiffOptions) -> list[str]:

@@ -73,6 +73,7 @@ class DiffReport:
     passed: bool
     seconds: float
     notes: list[str] = field(default_factory=list)
+    passes: list[str] = field(default_factory=list)  # float-vs-quantized: the passes applied
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

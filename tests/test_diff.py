@@ -1,0 +1,120 @@
+"""slmc diff (issue 14, item 4): per-block hidden states of an artifact's debug variant in its own
+runtime against the reference executor. For every target that runs on this host, an honest
+artifact has every stage within its fixed bound, and an artifact compiled from an IR with one
+block's weights scaled x1.5 (block 1 of 2) is named at "block 1", with the embedding and
+block 0 still within the bound. A debug variant built from another IR than the artifact's is
+caught by the artifact check (no verdict on blocks)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from slmc import api
+from slmc.compiler.families import FAMILIES, load_all
+from slmc.compiler.ir import QuantWeight, Weight, named_weights
+
+load_all()
+
+MAX_LEN = 32
+ACT8 = "quant.rtn:bits=4,group_size=32,scale_dtype=bfloat16,act_bits=8,symmetric=true,head_bits=4,embed_bits=4"
+WEIGHT_ONLY_FP16 = "quant.rtn:bits=4,group_size=32,symmetric=true,head_bits=8,scale_dtype=float16"
+FLOWS = {  # target, backend, passes: one host flow per target, the bounds of each weight kind
+    "executorch-xnnpack-8da4w": ("executorch", "xnnpack", (ACT8,)),
+    "tflite-cpu-8da4w": ("tflite", "cpu", (ACT8,)),
+    "coreml-cpu-fp16-4w": ("coreml", "cpu", (WEIGHT_ONLY_FP16,)),
+    "onnx-cpu-fp32": ("onnx", "cpu", ()),
+}
+BROKEN = "block 1"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    from tiny import save_ascii_tokenizer, save_hf_model
+
+    d = tmp_path_factory.mktemp("llama")
+    cfg = FAMILIES["llama"].tiny_config()
+    save_hf_model(cfg, d)
+    save_ascii_tokenizer(d, cfg["vocab_size"])
+    return d
+
+
+def scale_block(ir, depth: int = 1) -> None:
+    """Block `depth`'s MLP down projection x1.5: its scales (kept in their storage dtype) or its floats."""
+    name, w = next((n, w) for n, w in named_weights(ir) if n.startswith(f"blocks.{depth}.ffn.down"))
+    if isinstance(w, QuantWeight):
+        scales = w.scales * 1.5
+        for dtype in (torch.bfloat16, torch.float16):
+            if torch.equal(w.scales, w.scales.to(dtype).to(w.scales.dtype)):
+                scales = scales.to(dtype).to(w.scales.dtype)
+                break
+        w.scales = scales
+    else:
+        setattr(_owner(ir, name), name.rsplit(".", 1)[1], Weight(w.data * 1.5))
+
+
+def _owner(ir, dotted: str):
+    obj = ir
+    for part in dotted.split(".")[:-1]:
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def build(source, flow, out, broken: bool):
+    target, backend, passes = FLOWS[flow]
+    ir, _ = api.run_passes(api.load(source, max_seq_len=MAX_LEN), passes)
+    honest = ir
+    if broken:
+        ir = copy.deepcopy(ir)
+        scale_block(ir)
+    folder, _ = api.compile_ir(ir, target, backend, out, tokenizer=source)
+    return folder, ir, honest
+
+
+def show(r) -> None:
+    print(f"{r.a} vs {r.b}: bound {r.bound:.3g}, first past {r.first_past}")
+    for s in r.stages:
+        print(f"  {s['stage']:>10}  max|Δ| {s['max_abs']:.3g}  rel {s['rel_rms']:.3g}  cos {s['cosine']:.6f}")
+
+
+@pytest.mark.parametrize("flow", sorted(FLOWS))
+def test_honest_within_and_broken_block_named(flow, source, tmp_path):
+    folder, ir, _ = build(source, flow, tmp_path / "honest", broken=False)
+    r = api.diff(folder, model_a=ir)
+    show(r)
+    assert r.sides[0]["artifact_check"]["matches"], r.to_json()
+    assert r.passed and r.first_past is None, r.to_json()
+    assert [s["stage"] for s in r.stages] == ["embedding", "block 0", "block 1", "final norm", "logits"]
+
+    bad, bad_ir, honest = build(source, flow, tmp_path / "broken", broken=True)
+    r = api.diff(bad, model_a=bad_ir, model_b=honest)
+    show(r)
+    assert r.sides[0]["artifact_check"]["matches"], r.to_json()
+    assert not r.passed and r.first_past == BROKEN, r.to_json()
+    assert all(s["within"] for s in r.stages[:2]), r.to_json()  # embedding, block 0
+
+
+def test_debug_variant_from_another_ir_is_caught(source, tmp_path):
+    """The CLI builds the debug program from the IR the manifest names; an artifact that was not
+    compiled from it must not get a verdict on its blocks."""
+    bad, _, honest = build(source, "onnx-cpu-fp32", tmp_path / "broken", broken=True)
+    r = api.diff(bad, model_a=honest)
+    assert not r.sides[0]["artifact_check"]["matches"], r.to_json()
+    assert not r.passed and any("does not reproduce" in n for n in r.notes), r.to_json()
+
+
+def test_artifact_vs_artifact_and_float_vs_quantized(source, tmp_path):
+    a, ir, _ = build(source, "executorch-xnnpack-8da4w", tmp_path / "pte", broken=False)
+    b, _, _ = build(source, "tflite-cpu-8da4w", tmp_path / "tflite", broken=False)
+    r = api.diff(a, b, model_a=ir, model_b=ir)
+    show(r)
+    assert r.mode == "artifact-vs-artifact" and r.passed, r.to_json()
+    assert r.bound == pytest.approx(0.1)  # the two artifacts' own bounds added
+    q = api.diff(source, opts=api.DiffOptions(recipe="int8da-int4w-g32", max_seq_len=MAX_LEN))
+    show(q)
+    # int4 weights move the stream by more than float rounding, and by more as blocks add up
+    assert q.mode == "float-vs-quantized" and q.stages[1]["rel_rms"] > 1e-3
+    assert q.stages[-2]["rel_rms"] >= q.stages[1]["rel_rms"]
