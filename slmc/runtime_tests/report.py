@@ -189,7 +189,7 @@ def size_section(model: Model | None, manifest: dict | None) -> str:
         trs = "".join(
             f"<tr><td>{e(k)}</td><td><code>{e(s)}</code></td><td class=n>{n}</td><td class=n>{b / 2**20:.3f}</td>"
             f"<td class=n>{b / total:.1%}</td><td><svg xmlns='http://www.w3.org/2000/svg' width='{bar_w}' height='12'>"
-            f"<rect width='{max(1, round(bar_w * b / total))}' height='12' fill='#1f77b4'/></svg></td></tr>"
+            f"<rect width='{max(1, round(bar_w * b / total))}' height='12' fill='#7f8c9a'/></svg></td></tr>"
             for k, s, n, b in rows)
         out.append("<p>Weight bytes as the IR stores them (codes at their bit width, scales and zeros), "
                    "each shared tensor once:</p>"
