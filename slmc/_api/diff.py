@@ -23,6 +23,38 @@ class DiffOptions:
     max_seq_len: int | None = None
 
 
+# One process often diffs one artifact several times (a .pte vs its reference, then vs a .tflite):
+# its rebuilt IR and its debug variant's states are kept for the same folder, manifest and prompt.
+_IRS: dict = {}
+_SIDES: dict = {}
+
+
+def _key(folder: Path) -> tuple:
+    return str(folder.resolve()), (folder / "manifest.json").stat().st_mtime_ns
+
+
+def _artifact_ir(folder: Path, manifest: dict, model: Model | None) -> Model:
+    if model is not None:
+        return model
+    k = _key(folder)
+    if k not in _IRS:
+        if len(_IRS) >= 2:  # a real model's IR is large: the two sides' at most
+            _IRS.pop(next(iter(_IRS)))
+        _IRS[k] = reference_model(folder, manifest)
+    return _IRS[k]
+
+
+def _artifact_side(folder: Path, manifest: dict, model: Model, ids: list[int]):
+    from ..runtime_tests import diff as d
+
+    k = (*_key(folder), tuple(ids), id(model))
+    if k not in _SIDES:
+        if len(_SIDES) >= 4:
+            _SIDES.pop(next(iter(_SIDES)))
+        _SIDES[k] = (model, d.artifact_side(folder, manifest, model, ids))  # the model kept: its id stays its own
+    return _SIDES[k][1]
+
+
 def _is_artifact(p) -> bool:
     return p is not None and (Path(p) / "manifest.json").is_file()
 
@@ -57,10 +89,10 @@ def diff(a: str | Path, b: str | Path | None = None, opts: DiffOptions = DiffOpt
     if _is_artifact(a):
         fa = Path(a)
         ma = read_manifest(fa)
-        ir_a = model_a if model_a is not None else reference_model(fa, ma)
+        ir_a = _artifact_ir(fa, ma, model_a)
         ids = _prompt(fa, ir_a, opts.prompt)
         names = d.stage_names(ir_a)
-        side_a = d.artifact_side(fa, ma, ir_a, ids)
+        side_a = _artifact_side(fa, ma, ir_a, ids)
         if b is None or str(b) == "reference":
             ref, label = (ir_a, "reference (the artifact's IR)") if model_b is None else (model_b, "reference")
             _same_shape(ir_a, ref, "reference")
@@ -68,9 +100,9 @@ def diff(a: str | Path, b: str | Path | None = None, opts: DiffOptions = DiffOpt
         if _is_artifact(b):
             fb = Path(b)
             mb = read_manifest(fb)
-            ir_b = model_b if model_b is not None else reference_model(fb, mb)
+            ir_b = _artifact_ir(fb, mb, model_b)
             _same_shape(ir_a, ir_b, str(b))
-            return d.diff_sides(side_a, d.artifact_side(fb, mb, ir_b, ids), names, "artifact-vs-artifact", t0)
+            return d.diff_sides(side_a, _artifact_side(fb, mb, ir_b, ids), names, "artifact-vs-artifact", t0)
         ir_b = model_b if model_b is not None else load(resolve_model_path(str(b)), max_seq_len=ir_a.kv.max_len)
         if opts.passes or opts.recipe:
             ir_b, _ = run_passes(copy.deepcopy(ir_b), _passes(opts))

@@ -21,13 +21,13 @@ from ...compiler.lowering.taps import Tapped
 from ..base import Intermediates
 from .mil_interp import MILProgram
 from .module import coreml_module
-from .target import COMPUTE_UNITS, CoreMLSpec, _quiet
 
 
-def hidden_states(model: Model, manifest: dict, ids: list[int]) -> Intermediates:
+def hidden_states(model: Model, manifest: dict, ids: list[int], spec, units: str, quiet) -> Intermediates:
+    """spec: the artifact's CoreMLSpec; units: its coremltools compute units; quiet(fn, ...): how
+    the target calls the converter (target.py)."""
     import coremltools as ct
 
-    spec = CoreMLSpec(**manifest["spec"])
     T = len(ids)
     module = coreml_module(model, spec.stateful, spec.precision == "fp16", spec.ane_layout).eval()
     mask_dt = np.float16 if spec.deployment_target >= "ios16" else np.float32
@@ -45,11 +45,11 @@ def hidden_states(model: Model, manifest: dict, ids: list[int]) -> Intermediates
               for n in ("keyCache", "valueCache")] if spec.stateful else None
     with torch.no_grad():
         ep = torch.export.export(Tapped(module, module).eval(), tuple(args), strict=False).run_decompositions({})
-    ml = _quiet(ct.convert, ep, inputs=inputs, outputs=[ct.TensorType(name=n) for n in names], states=states,
+    ml = quiet(ct.convert, ep, inputs=inputs, outputs=[ct.TensorType(name=n) for n in names], states=states,
                 convert_to="mlprogram", skip_model_load=True,
                 minimum_deployment_target=getattr(ct.target, "iOS" + spec.deployment_target[3:]),
                 compute_precision=ct.precision.FLOAT16 if spec.precision == "fp16" else ct.precision.FLOAT32,
-                compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[spec.units]))
+                compute_units=getattr(ct.ComputeUnit, units))
     shape = tuple(module.cache_shape)
     del ep, module
     with tempfile.TemporaryDirectory(prefix="slmc-diff-") as tmp:

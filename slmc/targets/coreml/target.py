@@ -262,7 +262,8 @@ class CoreMLTarget(Target):
     def hidden_states(self, model, manifest, ids):
         from .intermediates import hidden_states
 
-        return hidden_states(model, manifest, ids)
+        spec = CoreMLSpec(**manifest["spec"])
+        return hidden_states(model, manifest, ids, spec, COMPUTE_UNITS[spec.units], _quiet)
 
     def supports(self, model: Model, spec: CoreMLSpec) -> str | None:
         return refusal(model, spec)

@@ -16,19 +16,18 @@ import torch
 import torch.nn as nn
 
 from ...compiler.ir import Model
-from ...compiler.lowering import LoweredLM, LoweringSpec
+from ...compiler.lowering import LoweredLM
 from ...compiler.lowering.taps import Tapped
 from ...errors import SlmcError
 from ..base import Intermediates
 from .codes import store_codes
 from .session import _interpreter_class
-from .target import COMPONENTS, _drop_runtime_asserts, _env, _quiet, cache_names
 
 
 class _Debug(nn.Module):
-    def __init__(self, lm: LoweredLM, n_layers: int):
+    def __init__(self, lm: LoweredLM, names: list[str]):
         super().__init__()
-        self.lm, self.names = lm, cache_names(lm, n_layers)
+        self.lm, self.names = lm, names
 
     def forward(self, tokens, input_pos, kv_cache):
         pos = input_pos if self.lm.spec.padded else input_pos[:1]
@@ -36,18 +35,17 @@ class _Debug(nn.Module):
         return {"logits": out[0]}
 
 
-def hidden_states(model: Model, manifest: dict, ids: list[int]) -> Intermediates:
+def hidden_states(model: Model, ids: list[int], lm: LoweredLM, names: list[str], converting) -> Intermediates:
+    """lm: the target's LoweredLM (its components, kv="io", full logits); names: its cache names
+    in forward's order; converting(): the context the target converts in (target.py)."""
     import litert_torch
 
     T = len(ids)
-    lm = LoweredLM(model, LoweringSpec(kv="io", positions="start", full_logits=True,
-                                       padded=model.kv.window is not None, dequantize=True,
-                                       components=COMPONENTS)).eval()
-    kv = dict(zip(cache_names(lm, model.n_layers), lm.empty_caches()))
+    kv = dict(zip(names, lm.empty_caches()))
     sample = {"tokens": torch.zeros(1, T, dtype=torch.int32), "input_pos": torch.arange(T, dtype=torch.int32),
               "kv_cache": kv}
-    with _env("LITERT_TORCH_SHOW_PROGRESS", "n"), _quiet(), _drop_runtime_asserts(), torch.no_grad():
-        module = Tapped(_Debug(lm, model.n_layers), lm).eval()
+    with converting(), torch.no_grad():
+        module = Tapped(_Debug(lm, names), lm).eval()
         data = bytes(litert_torch.signature("debug", module, sample_kwargs=sample).convert().model_content())
     del lm, module
     data, _ = store_codes(data, model)

@@ -239,6 +239,13 @@ def _quiet():
         log.close()
 
 
+@contextlib.contextmanager
+def _converting():
+    """How litert_torch runs here: quiet, without progress bars, runtime asserts dropped."""
+    with _env("LITERT_TORCH_SHOW_PROGRESS", "n"), _quiet(), _drop_runtime_asserts():
+        yield
+
+
 def _dus_rows(cache, axis: int, start, rows):
     """T cache rows at `start` as one TFLite DYNAMIC_UPDATE_SLICE, which the runtime can do in
     place; index_copy would become a generic stablehlo scatter over the whole cache."""
@@ -388,7 +395,9 @@ class TFLiteTarget(Target):
     def hidden_states(self, model, manifest, ids):
         from .intermediates import hidden_states
 
-        return hidden_states(model, manifest, ids)
+        lm = LoweredLM(model, LoweringSpec(kv="io", positions="start", full_logits=True, dequantize=True,
+                                           padded=model.kv.window is not None, components=COMPONENTS)).eval()
+        return hidden_states(model, ids, lm, cache_names(lm, model.n_layers), _converting)
 
     def quant_rules(self, spec):
         return LITERT
