@@ -106,13 +106,20 @@ def test_debug_variant_from_another_ir_is_caught(source, tmp_path):
     assert not r.passed and any("does not reproduce" in n for n in r.notes), r.to_json()
 
 
-def test_artifact_vs_artifact_and_float_vs_quantized(source, tmp_path):
+@pytest.mark.slow  # two more compiles and debug variants (the per-target cases above cover each runtime)
+def test_artifact_vs_artifact(source, tmp_path):
     a, ir, _ = build(source, "executorch-xnnpack-8da4w", tmp_path / "pte", broken=False)
     b, _, _ = build(source, "tflite-cpu-8da4w", tmp_path / "tflite", broken=False)
     r = api.diff(a, b, model_a=ir, model_b=ir)
     show(r)
     assert r.mode == "artifact-vs-artifact" and r.passed, r.to_json()
     assert r.bound == pytest.approx(0.1)  # the two artifacts' own bounds added
+    bad, bad_ir, _ = build(source, "tflite-cpu-8da4w", tmp_path / "broken", broken=True)
+    r = api.diff(a, bad, model_a=ir, model_b=bad_ir)
+    assert not r.passed and r.first_past == BROKEN, r.to_json()
+
+
+def test_float_vs_quantized(source):
     q = api.diff(source, opts=api.DiffOptions(recipe="int8da-int4w-g32", max_seq_len=MAX_LEN))
     show(q)
     # int4 weights move the stream by more than float rounding, and by more as blocks add up
