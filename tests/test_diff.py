@@ -125,3 +125,26 @@ def test_float_vs_quantized(source):
     # int4 weights move the stream by more than float rounding, and by more as blocks add up
     assert q.mode == "float-vs-quantized" and q.stages[1]["rel_rms"] > 1e-3
     assert q.stages[-2]["rel_rms"] >= q.stages[1]["rel_rms"]
+
+
+def test_cli_float_vs_quantized_table_json_and_report(source, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from slmc.cli import main
+
+    runner = CliRunner()
+    r = runner.invoke(main, ["diff", str(source), "--recipe", "int8da-int4w-g32", "--max-seq-len", str(MAX_LEN)])
+    assert r.exit_code == 0, r.output
+    assert "block 1" in r.output and "final norm" in r.output and "rel RMS" in r.output
+    page = tmp_path / "q.html"
+    r = runner.invoke(main, ["diff", str(source), "--recipe", "int8da-int4w-g32", "--max-seq-len", str(MAX_LEN),
+                             "--json", "--report", str(page)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["mode"] == "float-vs-quantized" and len(data["stages"]) == 5
+    assert "<svg" in page.read_text() and "quant.rtn" in page.read_text()
+    # no passes: nothing to compare a model with (one line, exit 2)
+    r = runner.invoke(main, ["diff", str(source)])
+    assert r.exit_code == 2 and "needs --pass or --recipe" in r.output
