@@ -107,3 +107,16 @@ def test_browser_renders_the_plot(pages, tmp_path):
     colors = Image.open(png).convert("RGB").getcolors(maxcolors=1 << 20)
     assert sum(n for n, c in colors if all(abs(a - b) <= 8 for a, b in zip(c, PLOT_RGB))) == 0
     assert "<polyline" not in dom
+
+
+def test_validate_cli_writes_the_report(artifact, tmp_path):
+    from click.testing import CliRunner
+
+    from slmc.cli import main
+
+    folder, _ = artifact
+    page = tmp_path / "v.html"
+    r = CliRunner().invoke(main, ["validate", str(folder), "--steps", "2", "--report", str(page)])
+    assert r.exit_code in (0, 1), r.output  # the verdict is validate's; the page is written either way
+    text = page.read_text()
+    assert "Validation" in text and ("PASS" in text or "FAIL" in text) and "Pass pipeline" in text

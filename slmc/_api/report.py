@@ -9,7 +9,7 @@ from pathlib import Path
 from ..compiler.ir import Model
 from ..errors import SlmcError
 from ..manifest import read_manifest
-from .models import reference_model
+from .diff import _artifact_ir
 
 
 def write_report(path: str | Path, artifact: str | Path | None = None, validation=None, diffs=(),
@@ -21,8 +21,7 @@ def write_report(path: str | Path, artifact: str | Path | None = None, validatio
     manifest = None
     if artifact is not None and (Path(artifact) / "manifest.json").is_file():
         manifest = read_manifest(Path(artifact))
-        if model is None:
-            model = reference_model(Path(artifact), manifest)
+        model = _artifact_ir(Path(artifact), manifest, model)  # diff's IR, when it just rebuilt it
     title = f"slmc report: {artifact}" if artifact is not None else "slmc report"
     page = render(title, validation=validation, diffs=diffs, model=model, manifest=manifest)
     path = Path(path)
