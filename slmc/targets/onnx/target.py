@@ -125,7 +125,6 @@ class ONNXTarget(Target):
         # slmc's codes comes with their MatMulNBits lowering.
         return Readback()
 
-
     def hidden_states(self, model, manifest, ids):
         from .intermediates import hidden_states
 
