@@ -1,6 +1,6 @@
 """A device: somewhere an artifact's check runs, reached by `push`, `run` and `pull`.
 
-Transports register a factory by name (`register`); `get_device("NAME[:ARG]")` makes one:
+Transports register a factory by name (`register`); `slmc.device.get_device("NAME[:ARG]")` makes one:
 `qemu-arm64` (the arm64 root filesystem `slmc device setup qemu-arm64` builds, run under
 qemu-user) and `adb[:SERIAL]` (an Android phone) ship here; another transport is one
 module that subclasses `Device` and registers itself.
@@ -61,13 +61,3 @@ DEVICES: dict[str, Callable[[str | None], Device]] = {}
 
 def register(name: str, factory: Callable[[str | None], Device]) -> None:
     DEVICES[name] = factory
-
-
-def get_device(spec: str) -> Device:
-    """`NAME[:ARG]` -> a Device (ARG: e.g. adb's serial)."""
-    from . import adb, host, qemu  # noqa: F401  the transports register themselves
-
-    name, _, arg = spec.partition(":")
-    if name not in DEVICES:
-        raise SlmcError(f"unknown device {name!r}; available: {', '.join(sorted(DEVICES))}", "--on")
-    return DEVICES[name](arg or None)

@@ -25,7 +25,8 @@ from ..compiler.ir import Model
 from ..errors import SlmcError
 from ..runtime_tests.validate import Report, load_tokenizer
 from ..targets import target_of
-from .base import Device, get_device
+from . import get_device
+from .base import Device
 from .bundle import CHECK_DIR, bounds_for
 from .judge import judge
 
