@@ -160,7 +160,8 @@ def _print_report(report, as_json: bool) -> None:
 @click.option("--prompt", default=None, help="Prompt text (default: a fixed English sentence).")
 @click.option("--reference", default=None, help="Reference model (default: the manifest's source + passes).")
 @click.option("--on", "on", default=None, metavar="DEVICE",
-              help="Run the artifact's check bundle on a device (qemu-arm64, adb[:SERIAL]) and judge it here.")
+              help="Run the artifact's check bundle (check/: its fixed prompt and steps; --steps/--prompt do not "
+                   "apply) on a device (qemu-arm64, adb[:SERIAL]) and judge it here.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
 def validate(artifact, steps, prompt, reference, on, as_json):

@@ -24,6 +24,21 @@ def emulator():
     return api.device_setup("qemu-arm64")
 
 
+@pytest.fixture(scope="module")
+def compiled(tiny_llama_dir, tmp_path_factory):
+    """flow -> its artifact folder, compiled once per module."""
+    done = {}
+
+    def get(target, recipe):
+        if (target, recipe) not in done:
+            out = tmp_path_factory.mktemp(f"{target}-{recipe or 'float'}") / "a"
+            api.compile_model(str(tiny_llama_dir), target, None, out, max_seq_len=48, recipe=recipe)
+            done[target, recipe] = out
+        return done[target, recipe]
+
+    return get
+
+
 @pytest.mark.emulator
 def test_setup_is_cached_and_every_runtime_runs(emulator):
     t = time.time()
@@ -35,10 +50,8 @@ def test_setup_is_cached_and_every_runtime_runs(emulator):
 
 @pytest.mark.emulator
 @pytest.mark.parametrize("target,recipe", FLOWS, ids=[f"{t}-{r or 'float'}" for t, r in FLOWS])
-def test_validate_on_qemu_arm64(emulator, tiny_llama_dir, tmp_path, target, recipe):
-    out = tmp_path / "a"
-    api.compile_model(str(tiny_llama_dir), target, None, out, max_seq_len=48, recipe=recipe)
-    r = api.validate(out, api.ValidateOptions(on="qemu-arm64", record=False))
+def test_validate_on_qemu_arm64(emulator, compiled, target, recipe):
+    r = api.validate(compiled(target, recipe), api.ValidateOptions(on="qemu-arm64", record=False))
     print(json.dumps({"flow": f"{target}/{recipe or 'float'}", "passed": r.passed, "prefill_max_abs": r.prefill_max_abs,
                       "decode_max_abs": r.decode_max_abs, "top1": r.top1_agreement, "notes": r.notes}))
     assert r.passed, r
@@ -51,10 +64,9 @@ def test_validate_on_qemu_arm64(emulator, tiny_llama_dir, tmp_path, target, reci
 
 
 @pytest.mark.emulator
-def test_broken_artifact_fails_on_the_emulator(emulator, tiny_llama_dir, tmp_path):
+def test_broken_artifact_fails_on_the_emulator(emulator, compiled, tiny_llama_dir):
     """Control: the emulator's verdict can fail (a model with other weights as the reference)."""
-    out = tmp_path / "a"
-    api.compile_model(str(tiny_llama_dir), "tflite", None, out, max_seq_len=48)
+    out = compiled("tflite", None)
     other = api.load(str(tiny_llama_dir), max_seq_len=48)
     for _, w in api.named_weights(other):
         if getattr(w, "data", None) is not None and w.data.ndim == 2:
@@ -77,3 +89,19 @@ def test_a_runtime_setup_could_not_run_is_refused_with_its_reason(tmp_path, monk
     manifest = {"target": "coreml", "format": "mlpackage", "backend": "cpu"}
     with pytest.raises(SlmcError, match="XCTest source, run with Xcode"):
         validate.validate_on(tmp_path, manifest, model, "qemu-arm64")
+
+
+@pytest.mark.slow
+@pytest.mark.emulator
+def test_smollm2_8da4w_on_qemu_arm64(emulator, tmp_path):
+    """The real SmolLM2-135M, int8da-int4w-g32 on ExecuTorch/XNNPACK: its check bundle (a
+    prefill of the bundle's prompt and four decode steps) inside the emulator, judged against
+    the host's reference; the host-vs-emulator difference is in the report's notes."""
+    out = tmp_path / "smollm2"
+    api.compile_model(api.DEFAULT_MODEL, "executorch", "xnnpack", out, max_seq_len=128, recipe="int8da-int4w-g32")
+    r = api.validate(out, api.ValidateOptions(on="qemu-arm64", record=False))
+    print(json.dumps({"flow": "smollm2-135m executorch/xnnpack int8da-int4w-g32", "passed": r.passed,
+                      "prefill_max_abs": r.prefill_max_abs, "decode_max_abs": r.decode_max_abs,
+                      "top1": r.top1_agreement, "tolerance": r.tolerance, "notes": r.notes}))
+    assert r.passed, r
+    assert any(n.startswith("host vs qemu-arm64") for n in r.notes)

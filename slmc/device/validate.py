@@ -78,8 +78,8 @@ def validate_on(folder: Path, manifest: dict, model: Model, spec: str) -> Report
     if why:
         raise SlmcError(f"{target.name} cannot be validated on {device.name}: {why}", str(folder))
     if not (folder / CHECK_DIR / "check.py").is_file():
-        raise SlmcError(f"the artifact has no check bundle ({CHECK_DIR}/check.py); recompile it with this slmc",
-                        str(folder))
+        raise SlmcError(f"the artifact has no on-device checker ({CHECK_DIR}/check.py): it was compiled by an "
+                        f"slmc without check bundles, or its format ({manifest.get('format')}) has none", str(folder))
     with np.load(folder / CHECK_DIR / "expected.npz") as exp:
         prompt, bundled = exp["prompt"].tolist(), exp["logits"].copy()
     # the host's reference on the bundle's prompt, the flow's bounds
