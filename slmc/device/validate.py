@@ -44,7 +44,9 @@ def run_bundle(folder: Path, device: Device, timeout: float = TIMEOUT_S) -> dict
     try:
         for name in ["manifest.json", CHECK_DIR, *bounds["sha256"]]:
             device.push(folder / name, f"{remote}/art/{name}")
-        r = device.run([device.python, f"{remote}/art/{CHECK_DIR}/check.py", f"{remote}/result.npz"],
+        # the result path is relative to the work folder: under `qemu -L` a new file's absolute
+        # path would not map into the root filesystem
+        r = device.run([device.python, f"{remote}/art/{CHECK_DIR}/check.py", "result.npz"], cwd=remote,
                        timeout=timeout)
         lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
         if r.returncode not in (0, 1) or not lines:
