@@ -1,5 +1,5 @@
 """`slmc validate --on qemu-arm64`: tiny models' artifacts (ExecuTorch and LiteRT, float and
-8da4w) checked inside the arm64 emulator with their own check bundle, judged on the host
+8da4w; ONNX float) checked inside the arm64 emulator with their own check bundle, judged on the host
 against the host's reference under the flow's bounds (marker `emulator`: needs
 `slmc device setup qemu-arm64`, which `make emulator` runs; .ci/run does both).
 
@@ -16,7 +16,8 @@ import pytest
 from slmc import api
 from slmc.errors import SlmcError
 
-FLOWS = [("executorch", None), ("executorch", "int8da-int4w-g32"), ("tflite", None), ("tflite", "int8da-int4w-g32")]
+FLOWS = [("executorch", None), ("executorch", "int8da-int4w-g32"), ("tflite", None), ("tflite", "int8da-int4w-g32"),
+         ("onnx", None)]
 
 
 @pytest.fixture(scope="module")
