@@ -27,7 +27,7 @@ test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "not slow and not emulator and not macos"
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "slow and not emulator"
 
 # The arm64 emulator `slmc validate --on qemu-arm64` runs check bundles in: the host tools
 # from Debian (installed here when root), then slmc builds the root filesystem once
