@@ -108,7 +108,7 @@ final class SlmcCheckTests: XCTestCase {{
         try reset()
         var agree = 0
         for i in 0..<tokens.count {{
-            let got = i == 0 ? try step(prompt, 0) : try step([tokens[i - 1]], prompt.count + i - 1)
+            let got = try (i == 0 ? step(prompt, 0) : step([tokens[i - 1]], prompt.count + i - 1))
             let ref = Array(expected[(i * vocab)..<((i + 1) * vocab)])
             let diff = zip(got, ref).map {{ abs($0 - $1) }}.max()!
             XCTAssertLessThanOrEqual(diff, maxAbs, "step \\(i): max |Δ| logits")
