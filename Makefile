@@ -32,12 +32,12 @@ test-slow: setup
 # The arm64 emulator `slmc validate --on qemu-arm64` runs check bundles in: the host tools
 # from Debian (installed here when root), then slmc builds the root filesystem once
 # (cached by a content hash under ~/.cache/slmc/devices; a second call does nothing).
-EMULATOR_TOOLS := qemu-aarch64-static debootstrap aarch64-linux-gnu-ld adb
+EMULATOR_TOOLS := qemu-aarch64-static debootstrap aarch64-linux-gnu-ld readelf adb
 emulator: setup
 	@missing=$$(for t in $(EMULATOR_TOOLS); do command -v $$t >/dev/null || echo $$t; done); \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			qemu-user-static debootstrap binutils-aarch64-linux-gnu adb >/dev/null; fi
+			qemu-user-static debootstrap binutils binutils-aarch64-linux-gnu adb >/dev/null; fi
 	$(BIN)/slmc device setup qemu-arm64
 
 test-emulator: emulator
