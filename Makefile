@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 OUT    ?= out/smollm2-135m-executorch
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow test-emulator emulator bench clean
 
 setup: $(VENV)/.installed
 
@@ -27,7 +27,21 @@ test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "not slow and not emulator and not macos"
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "slow and not emulator"
+
+# The arm64 emulator `slmc validate --on qemu-arm64` runs check bundles in: the host tools
+# from Debian (installed here when root), then slmc builds the root filesystem once
+# (cached by a content hash under ~/.cache/slmc/devices; a second call does nothing).
+EMULATOR_TOOLS := qemu-aarch64-static debootstrap aarch64-linux-gnu-ld readelf adb
+emulator: setup
+	@missing=$$(for t in $(EMULATOR_TOOLS); do command -v $$t >/dev/null || echo $$t; done); \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			qemu-user-static debootstrap binutils binutils-aarch64-linux-gnu adb >/dev/null; fi
+	$(BIN)/slmc device setup qemu-arm64
+
+test-emulator: emulator
+	$(BIN)/python -m pytest -q -m "emulator and not slow" tests/test_device.py
 
 bench: setup
 	$(BIN)/python bench/compile.py

@@ -18,6 +18,7 @@ from pathlib import Path
 from ._api.compile import compile, compile_ir, quant_summary
 from ._api.diff import DiffOptions, diff
 from ._api.report import write_report
+from ._api.devices import device_setup
 from ._api.jobs import Catalog, catalog, evaluate, evaluate_tokens, inspect, require_pass, run, validate
 from ._api.models import (DEFAULT_MODEL, default_model, load, parse_passes, pass_registry, reference_model,
                           resolve_model_path, run_passes, tokenizer_dir)
@@ -32,7 +33,7 @@ __all__ = [
     "compile", "compile_model", "compile_ir", "validate", "validate_artifact", "require_pass", "evaluate",
     "evaluate_tokens", "inspect", "run", "catalog", "default_model", "DEFAULT_MODEL", "load",
     "resolve_model_path", "tokenizer_dir", "reference_model", "read_manifest", "parse_passes", "pass_registry",
-    "run_passes", "quant_summary", "diff", "DiffOptions", "write_report",
+    "run_passes", "quant_summary", "diff", "DiffOptions", "write_report", "device_setup",
     # for benchmarks and scripts that build or measure IR themselves
     "Model", "MLP", "Linear", "MoE", "Weight", "QuantWeight", "named_weights", "param_count", "weight_bytes",
     "save_ir", "token_ids", "kv_bytes_per_token", "ffn_inputs", "tiny_llama_config", "expert_routes",
@@ -50,7 +51,8 @@ def compile_model(model: str | Path, target: str = "executorch", backend: str | 
 
 
 def validate_artifact(folder: str | Path, steps: int = 32, prompt: str | None = None,
-                      reference: str | Path | None = None, model: Model | None = None, record: bool = True):
+                      reference: str | Path | None = None, model: Model | None = None, record: bool = True,
+                      on: str | None = None):
     """validate() with the options as keywords."""
-    return validate(folder, ValidateOptions(steps=steps, prompt=prompt, reference=reference, record=record),
+    return validate(folder, ValidateOptions(steps=steps, prompt=prompt, reference=reference, record=record, on=on),
                     model=model)

@@ -159,18 +159,41 @@ def _print_report(report, as_json: bool) -> None:
 @click.option("--steps", default=32, show_default=True, help="Decode steps to compare.")
 @click.option("--prompt", default=None, help="Prompt text (default: a fixed English sentence).")
 @click.option("--reference", default=None, help="Reference model (default: the manifest's source + passes).")
+@click.option("--on", "on", default=None, metavar="DEVICE",
+              help="Run the artifact's check bundle (check/: its fixed prompt and steps; --steps/--prompt do not "
+                   "apply) on a device (qemu-arm64, adb[:SERIAL]) and judge it here.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--report", "html", type=click.Path(path_type=Path), default=None, help="Also write an HTML report.")
 @friendly
-def validate(artifact, steps, prompt, reference, as_json, html):
+def validate(artifact, steps, prompt, reference, on, as_json, html):
     """Run ARTIFACT in its runtime and compare it with the reference executor."""
     from . import api
 
-    report = api.validate(artifact, api.ValidateOptions(steps=steps, prompt=prompt, reference=reference))
+    report = api.validate(artifact, api.ValidateOptions(steps=steps, prompt=prompt, reference=reference, on=on))
     if html:
         api.write_report(html, artifact=artifact, validation=report)
     _print_report(report, as_json)
     api.require_pass(report)
+
+
+@main.group()
+def device() -> None:
+    """Devices that `slmc validate --on` runs an artifact's check bundle on."""
+
+
+@device.command("setup")
+@click.argument("name", type=click.Choice(["qemu-arm64"]))
+@friendly
+def device_setup(name):
+    """Build NAME once (cached by a content hash; a second call does nothing): qemu-arm64 is an
+    arm64 Debian root filesystem with LiteRT, ExecuTorch and onnxruntime, run under qemu-user."""
+    from . import api
+
+    with _Progress(True) as progress:
+        d = api.device_setup(name, progress)
+    runs = ", ".join(f"{r}: {'ok' if why is None else 'NO (' + why + ')'}" for r, why in d["runtimes"].items())
+    console.print(f"{name} {'(cached) ' if d['cached'] else ''}at {escape(d['path'])}; {escape(runs)}; "
+                  f"setup seconds {d['seconds']}", soft_wrap=True)
 
 
 @main.command()

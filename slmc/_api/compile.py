@@ -117,11 +117,22 @@ def _lower_and_write(ir, tgt, spec, out: Path, tok, step, logs, recipe, calib_fi
         pipeline=[{"name": l.name, "options": l.options, "modified": l.modified, "seconds": l.seconds,
                    "info": l.info} for l in logs],
         versions=versions(), compile_seconds=round(time.time() - t0, 2), details=details)
+    step("making the on-device check bundle")
+    art.files.update(check_bundle(ir, tgt, art, tok))
     step("writing")
     path = write_artifact(art, out, tok)
     from ..manifest import read_manifest
 
     return path, read_manifest(path)
+
+
+def check_bundle(ir: Model, tgt, art, tok) -> dict[str, bytes]:
+    """The artifact's `check/` folder (device/bundle.py): the reference's expected outputs for
+    a few steps, the flow's bounds and the target's own checker; the model files are unchanged."""
+    from ..device.bundle import check_data, check_files
+
+    manifest = art.manifest.to_json()
+    return check_files(tgt, art, manifest, check_data(ir, tgt.tolerance(manifest), tok))
 
 
 def fit_imported_codes(ir: Model, tgt, spec, logs: list, dump_ir, step) -> tuple[Model, list]:

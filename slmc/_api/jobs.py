@@ -24,7 +24,12 @@ def validate(folder: str | Path, opts: ValidateOptions = ValidateOptions(), mode
     if model is None:
         model = load(opts.reference, max_seq_len=manifest["kv_cache_spec"]["max_len"]) if opts.reference \
             else reference_model(folder, manifest)
-    report = run_validation(folder, manifest, model, steps=opts.steps, prompt=opts.prompt)
+    if opts.on:  # the artifact's check bundle on a device, judged here (slmc/device/validate.py)
+        from ..device.validate import validate_on
+
+        report = validate_on(folder, manifest, model, opts.on)
+    else:
+        report = run_validation(folder, manifest, model, steps=opts.steps, prompt=opts.prompt)
     if opts.record:
         record_validation(folder, json.loads(report.to_json()))
     return report

@@ -27,6 +27,7 @@ class ValidateOptions:
     prompt: str | None = None  # None: a fixed English sentence
     reference: str | Path | None = None  # None: the manifest's source model + its passes
     record: bool = True  # store the report in the artifact's manifest
+    on: str | None = None  # run the artifact's check bundle on a device (slmc/device): qemu-arm64, adb[:SERIAL]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,108 @@
+"""`slmc validate --on qemu-arm64`: tiny models' artifacts (ExecuTorch and LiteRT, float and
+8da4w; ONNX float) checked inside the arm64 emulator with their own check bundle, judged on the host
+against the host's reference under the flow's bounds (marker `emulator`: needs
+`slmc device setup qemu-arm64`, which `make emulator` runs; .ci/run does both).
+
+Without the emulator set up these tests fail with setup's one-line reason: never skipped."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from slmc import api
+from slmc.errors import SlmcError
+
+FLOWS = [("executorch", None), ("executorch", "int8da-int4w-g32"), ("tflite", None), ("tflite", "int8da-int4w-g32"),
+         ("onnx", None)]
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    return api.device_setup("qemu-arm64")
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_llama_dir, tmp_path_factory):
+    """flow -> its artifact folder, compiled once per module."""
+    done = {}
+
+    def get(target, recipe):
+        if (target, recipe) not in done:
+            out = tmp_path_factory.mktemp(f"{target}-{recipe or 'float'}") / "a"
+            api.compile_model(str(tiny_llama_dir), target, None, out, max_seq_len=48, recipe=recipe)
+            done[target, recipe] = out
+        return done[target, recipe]
+
+    return get
+
+
+@pytest.mark.emulator
+def test_setup_is_cached_and_every_runtime_runs(emulator):
+    t = time.time()
+    again = api.device_setup("qemu-arm64")
+    assert again["cached"] and again["path"] == emulator["path"] and time.time() - t < 5
+    # a runtime that could not run would be named here with its reason (and refused by validate)
+    assert again["runtimes"] == {"ai_edge_litert": None, "executorch": None, "onnxruntime": None}, again["runtimes"]
+
+
+@pytest.mark.emulator
+@pytest.mark.parametrize("target,recipe", FLOWS, ids=[f"{t}-{r or 'float'}" for t, r in FLOWS])
+def test_validate_on_qemu_arm64(emulator, compiled, target, recipe):
+    r = api.validate(compiled(target, recipe), api.ValidateOptions(on="qemu-arm64", record=False))
+    print(json.dumps({"flow": f"{target}/{recipe or 'float'}", "passed": r.passed, "prefill_max_abs": r.prefill_max_abs,
+                      "decode_max_abs": r.decode_max_abs, "top1": r.top1_agreement, "notes": r.notes}))
+    assert r.passed, r
+    assert "qemu-arm64" in r.runtime
+    host_vs = next(n for n in r.notes if n.startswith("host vs qemu-arm64"))
+    diff = float(re.search(r"max \|Δ\| logits (\S+),", host_vs).group(1))
+    assert diff <= r.tolerance["max_abs"], host_vs
+    if target == "executorch":
+        assert any(re.search(r"BundledProgram verification .*: (\d+)/\1 test cases passed", n) for n in r.notes), r.notes
+
+
+@pytest.mark.emulator
+def test_broken_artifact_fails_on_the_emulator(emulator, compiled, tiny_llama_dir):
+    """Control: the emulator's verdict can fail (a model with other weights as the reference)."""
+    out = compiled("tflite", None)
+    other = api.load(str(tiny_llama_dir), max_seq_len=48)
+    for _, w in api.named_weights(other):
+        if getattr(w, "data", None) is not None and w.data.ndim == 2:
+            w.data.mul_(1.05)
+    r = api.validate(out, api.ValidateOptions(on="qemu-arm64", record=False), model=other)
+    assert not r.passed
+
+
+def test_a_runtime_setup_could_not_run_is_refused_with_its_reason(tmp_path, monkeypatch, tiny_llama_dir):
+    """No emulator needed: a device whose setup recorded a runtime as failing refuses it."""
+    from slmc.device import qemu, validate
+
+    dev = qemu.QemuArm64(root=tmp_path)
+    dev.info = {"runtimes": {"ai_edge_litert": "`import ...` fails under qemu-user (exit 1): probe", "executorch": None}}
+    monkeypatch.setattr(validate, "get_device", lambda spec: dev)
+    manifest = {"target": "tflite", "format": "tflite", "backend": "cpu"}
+    model = api.load(str(tiny_llama_dir), max_seq_len=48)
+    with pytest.raises(SlmcError, match=r"tflite cannot be validated on qemu-arm64: `import \.\.\.` fails"):
+        validate.validate_on(tmp_path, manifest, model, "qemu-arm64")
+    manifest = {"target": "coreml", "format": "mlpackage", "backend": "cpu"}
+    with pytest.raises(SlmcError, match="XCTest source, run with Xcode"):
+        validate.validate_on(tmp_path, manifest, model, "qemu-arm64")
+
+
+@pytest.mark.slow
+@pytest.mark.emulator
+def test_smollm2_8da4w_on_qemu_arm64(emulator, tmp_path):
+    """The real SmolLM2-135M, int8da-int4w-g32 on ExecuTorch/XNNPACK: its check bundle (a
+    prefill of the bundle's prompt and four decode steps) inside the emulator, judged against
+    the host's reference; the host-vs-emulator difference is in the report's notes."""
+    out = tmp_path / "smollm2"
+    api.compile_model(api.DEFAULT_MODEL, "executorch", "xnnpack", out, max_seq_len=128, recipe="int8da-int4w-g32")
+    r = api.validate(out, api.ValidateOptions(on="qemu-arm64", record=False))
+    print(json.dumps({"flow": "smollm2-135m executorch/xnnpack int8da-int4w-g32", "passed": r.passed,
+                      "prefill_max_abs": r.prefill_max_abs, "decode_max_abs": r.decode_max_abs,
+                      "top1": r.top1_agreement, "tolerance": r.tolerance, "notes": r.notes}))
+    assert r.passed, r
+    assert any(n.startswith("host vs qemu-arm64") for n in r.notes)
