@@ -215,6 +215,22 @@ def _set_metadata(package: Path, meta: dict, description: str) -> None:
     path.write_bytes(spec.SerializeToString())
 
 
+def _stable_package_ids(package: Path) -> None:
+    """coremltools names each item of the package's Manifest.json by a random uuid4, so identical
+    inputs gave different bytes. The ids only need to be unique within the package: derive each
+    from its item's path (uuid5), keeping the same structure and the root item."""
+    import json
+    import uuid
+
+    path = package / "Manifest.json"
+    man = json.loads(path.read_text())
+    ids = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, f"slmc:mlpackage:{item['path']}"))
+           for old, item in man["itemInfoEntries"].items()}
+    man["itemInfoEntries"] = {ids[k]: v for k, v in man["itemInfoEntries"].items()}
+    man["rootModelIdentifier"] = ids[man["rootModelIdentifier"]]
+    path.write_text(json.dumps(man, indent=4, sort_keys=True))
+
+
 def conventions(model: Model, spec: CoreMLSpec) -> dict:
     io = "inputs keyCache/valueCache, returned updated as presentKeys/presentValues"
     return {
@@ -291,6 +307,7 @@ class CoreMLTarget(Target):
                     "slmc.max_context": model.kv.max_len - 1, "slmc.compute_units": spec.units,
                     "slmc.precision": spec.precision}
             _set_metadata(pkg, meta, f"{model.architecture} compiled by slmc ({spec.precision})")
+            _stable_package_ids(pkg)
             files = {f"{PACKAGE}/{p.relative_to(pkg).as_posix()}": p.read_bytes()
                      for p in sorted(pkg.rglob("*")) if p.is_file()}
         manifest = {
