@@ -125,9 +125,9 @@ def _sweep_outputs(jobs: list[Job]) -> None:
 
 def _compile_misses(cache: Cache, misses: list[Job], n: int, progress) -> None:
     def done(j, r):
-        j.status, j.seconds = r["status"], r["seconds"]
-        progress(f"{j.id}: {'compiled' if j.status == 'compiled' else 'cached by another build'} "
-                 f"({j.seconds} s)")
+        j.status = "compiled" if r["status"] == "compiled" else "waited for another build"
+        j.seconds = r["seconds"]
+        progress(f"{j.id}: {j.status} ({j.seconds} s)")
 
     def fail(j, e):
         if isinstance(e, SlmcError):
