@@ -12,4 +12,4 @@ def build(opts: BuildOptions, progress=None) -> dict:
     """Compile and validate what is out of date in `opts.config`; returns one entry per
     artifact ({id, status, key, sha256, out, seconds}) and where slmc.lock and the depfile are."""
     return _build(Path(opts.config), tuple(opts.platforms), opts.jobs, opts.cache, opts.depfile, opts.stamp,
-                  progress=progress)
+                  opts.out, progress=progress)

@@ -63,3 +63,4 @@ class BuildOptions:
     cache: str | Path | None = None  # None: $SLMC_CACHE/build or ~/.cache/slmc/build
     depfile: str | Path | None = None  # None: slmc.d beside slmc.toml
     stamp: str | Path | None = None  # a file touched on success, the depfile's target (default slmc.lock)
+    out: str | Path | None = None  # replaces the (one) platform's out folder

@@ -75,7 +75,7 @@ def _model_path(cfg, name: str) -> Path:
     return p
 
 
-def plan(cfg, platforms: list[str], memo: dict) -> list[Job]:
+def plan(cfg, platforms: list[str], memo: dict, out: Path | None = None) -> list[Job]:
     vers, models, jobs = versions(), {}, []
     for pname in platforms:
         pspec = cfg.platforms[pname]
@@ -110,7 +110,7 @@ def plan(cfg, platforms: list[str], memo: dict) -> list[Job]:
             opts = {"model": str(path) if cfg.models[a.model].path != "default" else "default",
                     "target": a.target, "backend": a.backend, "passes": tuple(passes), "recipe": a.recipe,
                     "calib": tuple(str(c) for c in calib), "max_seq_len": a.max_seq_len}
-            jobs.append(Job(pname, a.name, where, cfg.resolve(pspec.out) / a.name, key, key_inputs, opts,
+            jobs.append(Job(pname, a.name, where, (out or cfg.resolve(pspec.out)) / a.name, key, key_inputs, opts,
                             a.validate, tree_files(path) + calib))
     return jobs
 
@@ -156,9 +156,10 @@ def _compile_misses(cache: Cache, misses: list[Job], n: int, progress) -> None:
 
 def build(config: str | Path = "slmc.toml", platforms: tuple[str, ...] = (), jobs: int = 1,
           cache_dir: str | Path | None = None, depfile: str | Path | None = None,
-          stamp: str | Path | None = None, progress=None) -> dict:
+          stamp: str | Path | None = None, out: str | Path | None = None, progress=None) -> dict:
     """Bring the artifacts of `config` (for `platforms`, default all) up to date. Returns
-    {"artifacts": [{id, status, key, sha256, out, seconds}], "lock": path, "depfile": path}."""
+    {"artifacts": [{id, status, key, sha256, out, seconds}], "lock": path, "depfile": path}.
+    `out` replaces the platform's out folder (an app build's own asset folder; one platform only)."""
     step = progress or (lambda msg: None)
     cfg = cfgmod.load(config)
     for p in platforms:
@@ -167,12 +168,14 @@ def build(config: str | Path = "slmc.toml", platforms: tuple[str, ...] = (), job
     if jobs < 1:
         raise SlmcError(f"must be at least 1, not {jobs}", "--jobs")
     chosen = list(platforms) or list(cfg.platforms)
+    if out is not None and len(chosen) != 1:
+        raise SlmcError("needs exactly one --platform (each platform has its own out folder)", "--out")
     cache = Cache(Path(cache_dir) if cache_dir else None)
     lock_path = cfg.root / "slmc.lock"
     t0 = time.time()
     with file_lock(cfg.root / ".slmc-build.lock"):  # one build of this project at a time
         memo = cache.load_memo()
-        todo = plan(cfg, chosen, memo)
+        todo = plan(cfg, chosen, memo, Path(os.path.abspath(out)) if out is not None else None)
         _sweep_outputs(todo)
         locked = read_lock(lock_path).get("artifacts", {})
         for j in todo:
