@@ -89,7 +89,7 @@ def built(models, tmp_path_factory):
     """One project built once (two platforms, two models): what the other tests start from."""
     cache = tmp_path_factory.mktemp("cache")
     proj = write_project(tmp_path_factory.mktemp("proj"), *models)
-    first = build_json(proj, cache)
+    first = build_json(proj, cache, "--jobs", "2")  # two misses: compiled in two worker processes
     return proj, cache, first
 
 
