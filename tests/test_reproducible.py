@@ -15,11 +15,11 @@ from slmc.build.digest import artifact_sha256, file_digests, stable_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Known and measured: coremltools' ct.convert of the same torch.export graph (its code hashed
-# equal in both runs) gives a different MIL program run to run (e.g. 979 vs 985 ops: a few
-# shape/slice_by_index ops kept in one run, folded in the other), so model.mlmodel differs.
-# The rest of the package (weights, Manifest.json, manifest) is byte-identical and checked.
-NOT_REPRODUCIBLE = {"coreml": {"model.mlpackage/Data/com.apple.CoreML/model.mlmodel"}}
+# Targets with a file known to differ between identical compiles (compared out, with the reason
+# here). None now: Core ML's model.mlmodel differed (coremltools picked among equal broadcast
+# symbols in set order, and protobuf wrote map fields in hash order) until targets/coreml/
+# target.py made both stable.
+NOT_REPRODUCIBLE: dict[str, set] = {}
 
 FLOWS = [("executorch", "xnnpack"), ("tflite", "cpu"), ("coreml", "all"), ("onnx", "cpu")]
 
