@@ -7,6 +7,7 @@ Jobs (the CLI's commands), each taking a frozen options object:
     inspect(model, InspectOptions(...)) -> IR text;  run(folder, RunOptions(prompt=...)) -> stats
     catalog() -> what `slmc list` prints;  default_model() -> the built-in model's folder
     diff(a, b, DiffOptions(...)) -> per-block comparison;  write_report(path, ...) -> HTML report
+    build(BuildOptions(config="slmc.toml")) -> what `slmc build` did per artifact
 The manifest each artifact carries is `slmc.manifest.Manifest` (schema: manifest.schema.json).
 The implementation lives in slmc/_api/; this module only names what is public.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._api.build import build
 from ._api.compile import compile, compile_ir, quant_summary
 from ._api.diff import DiffOptions, diff
 from ._api.report import write_report
@@ -22,14 +24,14 @@ from ._api.devices import device_setup
 from ._api.jobs import Catalog, catalog, evaluate, evaluate_tokens, inspect, require_pass, run, validate
 from ._api.models import (DEFAULT_MODEL, default_model, load, parse_passes, pass_registry, reference_model,
                           resolve_model_path, run_passes, tokenizer_dir)
-from ._api.options import CompileOptions, EvalOptions, InspectOptions, RunOptions, ValidateOptions
+from ._api.options import BuildOptions, CompileOptions, EvalOptions, InspectOptions, RunOptions, ValidateOptions
 from ._api.toolkit import (MLP, ExpertCache, Linear, Model, MoE, QuantWeight, Weight, after_layer, expert_routes,
                            ffn_inputs, kv_bytes_per_token, moe_session, named_weights, param_count, save_ir,
                            serve_layer, tiny_llama_config, token_ids, weight_bytes)
 from .manifest import Manifest, read_manifest
 
 __all__ = [
-    "CompileOptions", "ValidateOptions", "EvalOptions", "InspectOptions", "RunOptions", "Catalog", "Manifest",
+    "BuildOptions", "build", "CompileOptions", "ValidateOptions", "EvalOptions", "InspectOptions", "RunOptions", "Catalog", "Manifest",
     "compile", "compile_model", "compile_ir", "validate", "validate_artifact", "require_pass", "evaluate",
     "evaluate_tokens", "inspect", "run", "catalog", "default_model", "DEFAULT_MODEL", "load",
     "resolve_model_path", "tokenizer_dir", "reference_model", "read_manifest", "parse_passes", "pass_registry",

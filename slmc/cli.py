@@ -316,6 +316,37 @@ def eval_(subject, texts, passes, window, stride, max_tokens, reference, as_json
     click.echo(line)
 
 
+@main.command()
+@click.option("--config", "-c", default="slmc.toml", show_default=True, type=click.Path(path_type=Path),
+              help="The app's slmc.toml.")
+@click.option("--platform", "platforms", multiple=True, help="android, ios or host (repeatable; default: all).")
+@click.option("--jobs", "-j", default=1, show_default=True, help="Cache misses compiled in parallel.")
+@click.option("--cache", default=None, type=click.Path(path_type=Path), help="Cache folder "
+              "(default: $SLMC_CACHE/build, else ~/.cache/slmc/build).")
+@click.option("--depfile", default=None, type=click.Path(path_type=Path), help="Depfile (default: slmc.d).")
+@click.option("--stamp", default=None, type=click.Path(path_type=Path), help="File touched on success.")
+@click.option("--out", default=None, type=click.Path(path_type=Path),
+              help="Write the platform's artifacts here instead of its out (one --platform).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+@friendly
+def build(config, platforms, jobs, cache, depfile, stamp, out, as_json):
+    """Compile and validate what is out of date in slmc.toml (via the shared cache)."""
+    # slmc.build, not slmc.api: a no-op build must not pay for importing torch (2 s budget);
+    # it imports the compiler only when something must be compiled.
+    from .build import build as run_build
+
+    report = run_build(config, tuple(platforms), jobs, cache, depfile, stamp, out,
+                       progress=None if as_json else lambda msg: console.print(escape(msg), soft_wrap=True))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    counts = {}
+    for a in report["artifacts"]:
+        counts[a["status"]] = counts.get(a["status"], 0) + 1
+    console.print(f"[green]slmc build:[/] {', '.join(f'{n} {s}' for s, n in counts.items())} "
+                  f"({report['seconds']} s); lock {escape(report['lock'])}", soft_wrap=True)
+
+
 @main.command("list")
 def list_() -> None:
     """List families, passes, targets and recipes."""

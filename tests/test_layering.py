@@ -6,7 +6,8 @@ inside functions), so the layers stay as designed:
   share numerics with what it checks);
 - a target never imports another target, nor passes, runtime_tests, api or cli;
 - passes never import targets or runtime_tests; runtime_tests never import passes;
-- the CLI and the benchmarks import only slmc.api and slmc.errors from slmc;
+- the CLI and the benchmarks import only slmc.api and slmc.errors from slmc (the CLI's `build` also
+  slmc.build, whose no-op check must not import torch);
 - no import cycle among slmc's modules.
 """
 
@@ -83,7 +84,7 @@ RULES = {
     "passes never import targets or checks": lambda m, i: under(m, "slmc.passes") and under(
         i, "slmc.targets", "slmc.runtime_tests", "slmc.api", "slmc.cli"),
     "checks never import passes": lambda m, i: under(m, "slmc.runtime_tests") and under(i, "slmc.passes"),
-    "the CLI uses only the API": lambda m, i: m == "slmc.cli" and i not in ("slmc.api", "slmc.errors"),
+    "the CLI uses only the API": lambda m, i: m == "slmc.cli" and i not in ("slmc.api", "slmc.errors", "slmc.build"),
 }
 
 

@@ -54,3 +54,14 @@ class RunOptions:
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0: greedy
     chat: bool = True  # apply the model's chat template
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    config: str | Path = "slmc.toml"
+    platforms: tuple[str, ...] = ()  # () : every platform in the config
+    jobs: int = 1  # cache misses compiled in parallel processes
+    cache: str | Path | None = None  # None: $SLMC_CACHE/build or ~/.cache/slmc/build
+    depfile: str | Path | None = None  # None: slmc.d beside slmc.toml
+    stamp: str | Path | None = None  # a file touched on success, the depfile's target (default slmc.lock)
+    out: str | Path | None = None  # replaces the (one) platform's out folder

@@ -21,6 +21,7 @@ ios17,precision=fp16,kv=io,layout=ane`; `ane` selects the Neural Engine layout (
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,35 @@ def _function_io(model: Model, spec: CoreMLSpec, module, fn: str) -> dict:
     return io
 
 
+@contextlib.contextmanager
+def _deterministic_broadcast():
+    """coremltools broadcasts symbolic dims with `list(set_of_symbols)[0]` (frontend/_utils.py
+    pymil_broadcast_shapes): which equal symbol wins, and so which tensor's shape op the program
+    reads, followed set order, and identical inputs gave different programs (979 vs 985 ops).
+    The symbols are equal by construction; taking the first by name makes the choice stable."""
+    from coremltools.converters.mil.frontend import _utils
+    from coremltools.converters.mil.mil.types.symbolic import is_symbolic
+
+    original = _utils.pymil_broadcast_shapes
+
+    def stable(shapes):
+        out = original(shapes)
+        rank = len(out)
+        padded = [[1] * (rank - len(s)) + list(s) for s in shapes]
+        for i in range(rank):
+            syms = sorted({s[i] for s in padded if is_symbolic(s[i])}, key=str)
+            ints = {s[i] for s in padded if not is_symbolic(s[i])}
+            if syms and ints <= {1}:
+                out[i] = syms[0]
+        return out
+
+    _utils.pymil_broadcast_shapes = stable
+    try:
+        yield
+    finally:
+        _utils.pymil_broadcast_shapes = original
+
+
 def convert_function(model: Model, spec: CoreMLSpec, fn: str, out: Path, module=None) -> dict:
     """torch.export one function of the package and convert it; returns its I/O description."""
     import numpy as np
@@ -193,11 +223,12 @@ def convert_function(model: Model, spec: CoreMLSpec, fn: str, out: Path, module=
     outputs = [ct.TensorType(name=o["name"], dtype=np_dt[o["dtype"]]) for o in io["outputs"]]
     states = [ct.StateType(ct.TensorType(shape=tuple(s["shape"]), dtype=np.float16), name=s["name"])
               for s in io.get("states", [])]
-    ml = _quiet(ct.convert, ep, inputs=inputs, outputs=outputs, states=states or None,
-                convert_to="mlprogram", skip_model_load=True,
-                minimum_deployment_target=getattr(ct.target, "iOS" + spec.deployment_target[3:]),
-                compute_precision=ct.precision.FLOAT16 if spec.precision == "fp16" else ct.precision.FLOAT32,
-                compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[spec.units]))
+    with _deterministic_broadcast():
+        ml = _quiet(ct.convert, ep, inputs=inputs, outputs=outputs, states=states or None,
+                    convert_to="mlprogram", skip_model_load=True,
+                    minimum_deployment_target=getattr(ct.target, "iOS" + spec.deployment_target[3:]),
+                    compute_precision=ct.precision.FLOAT16 if spec.precision == "fp16" else ct.precision.FLOAT32,
+                    compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[spec.units]))
     ml.save(str(out))
     return io
 
@@ -212,7 +243,23 @@ def _set_metadata(package: Path, meta: dict, description: str) -> None:
     spec.description.metadata.userDefined.update({k: str(v) for k, v in meta.items()})
     spec.description.metadata.shortDescription = description
     spec.description.metadata.author = "slmc"
-    path.write_bytes(spec.SerializeToString())
+    path.write_bytes(spec.SerializeToString(deterministic=True))  # map fields in key order: same bytes
+
+
+def _stable_package_ids(package: Path) -> None:
+    """coremltools names each item of the package's Manifest.json by a random uuid4, so identical
+    inputs gave different bytes. The ids only need to be unique within the package: derive each
+    from its item's path (uuid5), keeping the same structure and the root item."""
+    import json
+    import uuid
+
+    path = package / "Manifest.json"
+    man = json.loads(path.read_text())
+    ids = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, f"slmc:mlpackage:{item['path']}"))
+           for old, item in man["itemInfoEntries"].items()}
+    man["itemInfoEntries"] = {ids[k]: v for k, v in man["itemInfoEntries"].items()}
+    man["rootModelIdentifier"] = ids[man["rootModelIdentifier"]]
+    path.write_text(json.dumps(man, indent=4, sort_keys=True))
 
 
 def conventions(model: Model, spec: CoreMLSpec) -> dict:
@@ -297,6 +344,7 @@ class CoreMLTarget(Target):
                     "slmc.max_context": model.kv.max_len - 1, "slmc.compute_units": spec.units,
                     "slmc.precision": spec.precision}
             _set_metadata(pkg, meta, f"{model.architecture} compiled by slmc ({spec.precision})")
+            _stable_package_ids(pkg)
             files = {f"{PACKAGE}/{p.relative_to(pkg).as_posix()}": p.read_bytes()
                      for p in sorted(pkg.rglob("*")) if p.is_file()}
         manifest = {

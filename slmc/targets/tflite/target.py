@@ -25,6 +25,7 @@ rows, so padding never evicts a live position.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -333,6 +334,29 @@ def _tokenizer_adds(tok_dir: Path, bos_id: int) -> bool:
     return bool(ids) and ids[0] == bos_id
 
 
+@contextlib.contextmanager
+def _reproducible_metadata(lb, content_sha256: str):
+    """The builder stamps a random uuid4 and the current time into every bundle, so identical
+    inputs gave different bytes. Same inputs, same bytes: the uuid is derived from the content
+    (uuid5 of its sha256) and the time is $SOURCE_DATE_EPOCH (reproducible-builds.org), else 0."""
+    import datetime
+    import uuid
+
+    def populate(system_metadata):
+        kept = [m for m in system_metadata if m.key not in ("uuid", "creation_timestamp")]
+        when = datetime.datetime.fromtimestamp(int(os.environ.get("SOURCE_DATE_EPOCH", "0")), datetime.timezone.utc)
+        return kept + [lb.Metadata(key="uuid", value=str(uuid.uuid5(uuid.NAMESPACE_URL, f"slmc:{content_sha256}")),
+                                   dtype=lb.DType.STRING),
+                       lb.Metadata(key="creation_timestamp", value=when.isoformat(), dtype=lb.DType.STRING)]
+
+    saved = lb.populate_system_metadata
+    lb.populate_system_metadata = populate
+    try:
+        yield
+    finally:
+        lb.populate_system_metadata = saved
+
+
 def litertlm_bundle(model: Model, tflite: bytes) -> tuple[bytes | None, dict]:
     """Pack model + HF tokenizer + LLM metadata the way litert-torch's exporter does."""
     tok_dir = _tokenizer_dir(model)
@@ -359,7 +383,8 @@ def litertlm_bundle(model: Model, tflite: bytes) -> tuple[bytes | None, dict]:
         b.add_llm_metadata(str(Path(tmp) / "llm_metadata.pb"))
         b.add_hf_tokenizer(str(tok_dir / "tokenizer.json"))
         b.add_tflite_model(str(Path(tmp) / "model.tflite"), lb.TfLiteModelType.PREFILL_DECODE)
-        with open(Path(tmp) / "model.litertlm", "wb") as f:
+        ident = hashlib.sha256(tflite + meta.SerializeToString() + (tok_dir / "tokenizer.json").read_bytes())
+        with open(Path(tmp) / "model.litertlm", "wb") as f, _reproducible_metadata(lb, ident.hexdigest()):
             b.build(f)
         data = (Path(tmp) / "model.litertlm").read_bytes()
     return data, {"file": "model.litertlm", "builder": "litert_lm_builder.LitertLmFileBuilder",
