@@ -1,0 +1,56 @@
+"""Per-runtime efficiency: the fraction of a machine's memory bandwidth and compute peak a
+runtime achieves, measured on slmc's own artifacts on the x86 host (`bench/estimate.py
+--calibrate`), never fitted to the phone figures the estimate is compared with.
+
+- eff_bw = host decode tok/s x decode bytes per token (this cost model, the calibration
+  artifact's storage) / the host's copy bandwidth (numpy, measured in the same run);
+- eff_compute = host prefill tok/s x prefill operations per token / the host's peak at the
+  artifact's arithmetic (int8: 4 x the fp32 GEMM rate numpy's BLAS reaches, the VNNI-to-FMA
+  ratio; the phone peaks in devices.py use the same SDOT-to-FMA ratio);
+- overhead_mib = the runtime's peak RSS while generating, less the RSS before loading and
+  less the cost model's weights + KV cache + activations (clamped at 0).
+
+The figures below are copied from bench/results/estimate.json's `calibration` (the test
+suite checks they agree). Carrying them from a 2-core x86 server to a phone's big cores
+assumes the runtime loses the same fraction there; the README lists why that may not hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import SlmcError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    key: str  # target:backend
+    name: str
+    unit: str  # the compute unit it runs on
+    eff_bw: float
+    eff_compute: float
+    overhead_mib: float
+    source: str
+
+
+CALIBRATION = "bench/results/estimate.json (calibration), measured with bench/estimate.py --calibrate"
+
+RUNTIMES: dict[str, Runtime] = {r.key: r for r in (
+    Runtime("executorch:xnnpack", "ExecuTorch + XNNPACK", "cpu", 0.0, 0.0, 0.0,
+            f"SmolLM2-135M int8da-int4w-g32 .pte in ExecuTorch's TextLLMRunner on the host; {CALIBRATION}"),
+    Runtime("tflite:cpu", "LiteRT (CPU, XNNPACK delegate)", "cpu", 0.0, 0.0, 0.0,
+            f"SmolLM2-135M int8da-int8w .tflite in LiteRT's interpreter on the host; {CALIBRATION}"),
+)}
+
+BARE = Runtime("roofline", "bare roofline (efficiency 1)", "cpu", 1.0, 1.0, 0.0,
+               "no efficiency applied: an upper bound")
+
+
+def runtime(target: str, backend: str, bare: bool = False) -> Runtime:
+    key = f"{target}:{backend.split(':')[0]}"
+    if bare:
+        return Runtime(key, BARE.name, BARE.unit, 1.0, 1.0, 0.0, BARE.source)
+    if key not in RUNTIMES:
+        raise SlmcError(f"no efficiency factor measured for {key} (measured: {', '.join(RUNTIMES)}); "
+                        "--bare prints the roofline without one", "--target")
+    return RUNTIMES[key]
