@@ -263,7 +263,8 @@ def estimate(subject, devices, target, backend, recipe, passes, max_seq_len, pro
         return
     r0 = rows[0]
     click.echo(f"{r0['subject']} on {r0['runtime_name']} ({r0['arithmetic']}; linear {r0['storage']['linear']}, "
-               f"head {r0['storage']['head']}, embedding {r0['storage']['embedding']}, KV {r0['storage']['kv_bits']}-bit; "
+               f"head {r0['storage']['head']}, embedding {r0['storage']['embedding']}, "
+               f"KV {r0['storage']['kv_bits']}-bit; "
                f"eff_bw {r0['eff_bw']}, eff_compute {r0['eff_compute']})")
     click.echo(f"{'device':<18}{'GB/s':>7}{'GOPS':>8}{'decode tok/s':>14}{'bound':>9}{'prefill tok/s':>15}"
                f"{'bound':>9}{'peak MiB':>10}")
