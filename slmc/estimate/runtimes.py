@@ -42,14 +42,16 @@ RUNTIMES: dict[str, Runtime] = {r.key: r for r in (
             f"SmolLM2-135M int8da-int8w .tflite in LiteRT's interpreter on the host; {CALIBRATION}"),
 )}
 
-BARE = Runtime("roofline", "bare roofline (efficiency 1)", "cpu", 1.0, 1.0, 0.0,
-               "no efficiency applied: an upper bound")
+# The compute unit a backend runs on (others: the CPU).
+UNITS = {"ane": "npu", "qnn": "npu", "mediatek": "npu", "qualcomm": "npu", "gpu": "gpu", "vulkan": "gpu"}
 
 
 def runtime(target: str, backend: str, bare: bool = False) -> Runtime:
+    """The runtime of target:backend; bare: efficiency 1 (the roofline itself, an upper bound)."""
     key = f"{target}:{backend.split(':')[0]}"
     if bare:
-        return Runtime(key, BARE.name, BARE.unit, 1.0, 1.0, 0.0, BARE.source)
+        return Runtime(key, "bare roofline (efficiency 1)", UNITS.get(key.split(":")[1], "cpu"), 1.0, 1.0, 0.0,
+                       "no efficiency applied: an upper bound")
     if key not in RUNTIMES:
         raise SlmcError(f"no efficiency factor measured for {key} (measured: {', '.join(RUNTIMES)}); "
                         "--bare prints the roofline without one", "--target")
