@@ -26,6 +26,8 @@ from pathlib import Path
 
 from _common import HERE, RESULTS, machine, render, spawn, status_mib, write_results
 
+from slmc.errors import SlmcError
+
 CONFIGS = HERE / "configs"
 XNN = "scale_dtype=bfloat16,act_bits=8,symmetric=true"
 # name: (target, backend, passes, what it stands for)
@@ -173,18 +175,19 @@ def comparison() -> list[dict]:
     rows = []
     for model, flow, dev, metric, pub, prompt, source in PUBLISHED:
         target, backend, passes, _ = FLOWS[flow]
-        e = api.estimate(str(CONFIGS / model), api.EstimateOptions(
-            dev, target=target, backend=backend, passes=tuple(passes), prompt_len=prompt))
-        got = e[metric]["tok_s"]
-        bare = api.estimate(str(CONFIGS / model), api.EstimateOptions(
-            dev, target=target, backend=backend, passes=tuple(passes), prompt_len=prompt, bare=True))[metric]["tok_s"]
-        rows.append({"model": model, "flow": flow, "device": e["device"], "metric": metric, "published": pub,
-                     "estimate": round(got, 1), "bound": e[metric]["bound"],
+        opts = dict(target=target, backend=backend, passes=tuple(passes), prompt_len=prompt)
+        b = api.estimate(str(CONFIGS / model), api.EstimateOptions(dev, bare=True, **opts))
+        try:
+            e = api.estimate(str(CONFIGS / model), api.EstimateOptions(dev, **opts))
+        except SlmcError:  # no measured efficiency for this runtime (yet): the bare roofline only
+            e = None
+        got, bare = e and e[metric]["tok_s"], b[metric]["tok_s"]
+        rows.append({"model": model, "flow": flow, "device": b["device"], "metric": metric, "published": pub,
+                     "estimate": e and round(got, 1), "bound": (e or b)[metric]["bound"],
                      "roofline": round(bare, 1), "published_of_roofline": round(pub / bare, 3),
-                     "ratio": round(got / pub, 3),
-                     "within": abs(got / pub - 1) <= GOAL, "source": source,
-                     "decode_mib_per_token": round(e["decode"]["bytes_per_token"] / 2**20, 1),
-                     "peak_memory_mib": round(e["memory_mib"]["peak"])})
+                     "ratio": e and round(got / pub, 3), "within": e and abs(got / pub - 1) <= GOAL,
+                     "source": source, "decode_mib_per_token": round(b["decode"]["bytes_per_token"] / 2**20, 1),
+                     "peak_memory_mib": e and round(e["memory_mib"]["peak"])})
     return rows
 
 
@@ -196,9 +199,12 @@ def per_device() -> list[dict]:
     for model, flow in sorted({(m, f) for m, f, *_ in PUBLISHED}):
         target, backend, passes, _ = FLOWS[flow]
         for dev in api.estimate_devices():
-            e = api.estimate(str(CONFIGS / model), api.EstimateOptions(dev, target=target, backend=backend,
-                                                                        passes=tuple(passes)))
-            out.append({"model": model, "flow": flow, "device": e["device"],
+            opts = dict(target=target, backend=backend, passes=tuple(passes))
+            try:
+                e, bare = api.estimate(str(CONFIGS / model), api.EstimateOptions(dev, **opts)), False
+            except SlmcError:  # no measured efficiency for this runtime: the bare roofline, marked so
+                e, bare = api.estimate(str(CONFIGS / model), api.EstimateOptions(dev, bare=True, **opts)), True
+            out.append({"model": model, "flow": flow, "device": e["device"], "bare_roofline": bare,
                         "decode_tok_s": round(e["decode"]["tok_s"], 1),
                         "decode_bound": e["decode"]["bound"], "prefill_tok_s": round(e["prefill"]["tok_s"], 1),
                         "prefill_bound": e["prefill"]["bound"], "peak_memory_mib": round(e["memory_mib"]["peak"])})
@@ -223,21 +229,26 @@ def check_factors(cal: dict) -> None:
 
 def markdown(d: dict) -> str:
     L = ["# `slmc estimate` vs published phone figures", "",
-         f"{d['machine']['date']} · calibrated on {d['machine']['cpu']} ({d['machine']['cores']} cores) · "
+         f"{d['machine']['date']} · host {d['machine']['cpu']} ({d['machine']['cores']} cores) · "
          f"goal: within ±{GOAL:.0%} of each published figure", "",
          "| model | flow | device | metric | published tok/s | estimate tok/s | bound | estimate / published | "
          "within ±30 % | bare roofline tok/s | published / roofline |",
          "|---|---|---|---|---:|---:|---|---:|---|---:|---:|"]
     for r in d["comparison"]:
-        L.append(f"| {r['model']} | {r['flow']} | {r['device']} | {r['metric']} | {r['published']} | "
-                 f"{r['estimate']} | {r['bound']} | {r['ratio']:.2f} | {'yes' if r['within'] else 'no'} | "
+        est = (f"{r['estimate']} | {r['bound']} | {r['ratio']:.2f} | {'yes' if r['within'] else 'no'}"
+               if r["estimate"] is not None else f"not calibrated | {r['bound']} | - | -")
+        L.append(f"| {r['model']} | {r['flow']} | {r['device']} | {r['metric']} | {r['published']} | {est} | "
                  f"{r['roofline']} | {r['published_of_roofline']:.2f} |")
-    n = sum(r["within"] for r in d["comparison"])
-    L += ["", f"{n} of {len(d['comparison'])} published figures within ±30 %.", "",
+    n = sum(bool(r["within"]) for r in d["comparison"])
+    m = sum(r["estimate"] is not None for r in d["comparison"])
+    L += ["", f"{n} of {m} estimated figures within ±30 % ({len(d['comparison']) - m} not estimated: their "
+          "runtime has no measured efficiency factor).", "",
           "Runtime efficiency, measured on this host (not fitted to the figures above):", "",
           "| runtime | artifact storage | host copy GB/s | host int8 GOPS (4 × fp32 GEMM) | decode tok/s | "
           "prefill tok/s (tokens) | decode MiB/token | eff_bw | eff_compute | overhead MiB |",
           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if not d["calibration"]:
+        L.append("| (none measured yet) | | | | | | | | | |")
     for k, c in d["calibration"].items():
         m = c["best"]
         L.append(f"| {k} | linear {c['storage']['linear']}, head {c['storage']['head']} | {c['bandwidth_gbs']} | "
@@ -247,11 +258,13 @@ def markdown(d: dict) -> str:
     L += ["", "Flows (storage the estimate costs):", ""] + [f"- `{k}`: {v[3]}" for k, v in FLOWS.items()]
     L += ["", "Sources of the published figures:", ""] + sorted({f"- {r['source']}" for r in d["comparison"]})
     L += ["", "Every model on every phone (prompt 64, decode at mid-generation of 128, KV length 2048 or the "
-          "model's limit):", "", "| model | flow | device | decode tok/s | bound | prefill tok/s | bound | "
-          "peak MiB |", "|---|---|---|---:|---|---:|---|---:|"]
+          "model's limit; *bare*: no efficiency factor measured for the runtime, the roofline itself):", "",
+          "| model | flow | device | decode tok/s | bound | prefill tok/s | bound | peak MiB |",
+          "|---|---|---|---:|---|---:|---|---:|"]
     for r in d["per_device"]:
-        L.append(f"| {r['model']} | {r['flow']} | {r['device']} | {r['decode_tok_s']} | {r['decode_bound']} | "
-                 f"{r['prefill_tok_s']} | {r['prefill_bound']} | {r['peak_memory_mib']} |")
+        bare = " (bare)" if r["bare_roofline"] else ""
+        L.append(f"| {r['model']} | {r['flow']} | {r['device']} | {r['decode_tok_s']}{bare} | {r['decode_bound']} | "
+                 f"{r['prefill_tok_s']}{bare} | {r['prefill_bound']} | {r['peak_memory_mib']} |")
     return "\n".join(L) + "\n"
 
 
@@ -260,15 +273,14 @@ def main(a) -> None:
     prev = json.loads(path.read_text()) if path.is_file() else {}
     if a.calibrate:
         cal, mach = calibrate(a, prev.get("calibration", {})), machine()
-    elif "calibration" in prev:
-        cal, mach = prev["calibration"], prev["machine"]
-    else:
-        raise SystemExit("no calibration yet: run with --calibrate --et DIR --litert DIR first")
-    if not a.calibrate:
-        check_factors(cal)
-    elif set(cal) != {"executorch:xnnpack", "tflite:cpu"}:  # one runtime measured so far: keep it, no comparison
-        path.write_text(json.dumps({"machine": mach, "calibration": cal}, indent=2) + "\n")
-        return print(json.dumps(cal, indent=2))
+    else:  # no calibration yet: the comparison shows the bare roofline only
+        cal, mach = prev.get("calibration", {}), prev.get("machine") or machine()
+    if a.calibrate:  # the measurement first; the comparison once runtimes.py carries these factors
+        path.write_text(json.dumps({**prev, "machine": mach, "calibration": cal}, indent=2) + "\n")
+        print(json.dumps(cal, indent=2))
+        return print("now copy eff_bw, eff_compute and overhead_mib into slmc/estimate/runtimes.py and run "
+                     "bench/estimate.py again for the comparison")
+    check_factors(cal)
     data = {"machine": mach, "calibration": cal, "comparison": comparison(), "per_device": per_device()}
     write_results("estimate", data)
 

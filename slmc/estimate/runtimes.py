@@ -34,13 +34,17 @@ class Runtime:
 
 
 CALIBRATION = "bench/results/estimate.json (calibration), measured with bench/estimate.py --calibrate"
+# target:backend -> (name, unit, the calibration artifact)
+KNOWN = {
+    "executorch:xnnpack": ("ExecuTorch + XNNPACK", "cpu", "an int8da-int4w-g32 .pte in ExecuTorch's TextLLMRunner"),
+    "tflite:cpu": ("LiteRT (CPU, XNNPACK delegate)", "cpu", "an int8da-int8w .litertlm in LiteRT-LM's Benchmark"),
+}
+# target:backend -> (eff_bw, eff_compute, overhead_mib) as measured; a runtime absent here has no
+# measured factors yet and `slmc estimate` refuses it without --bare.
+MEASURED: dict[str, tuple[float, float, float]] = {}
 
-RUNTIMES: dict[str, Runtime] = {r.key: r for r in (
-    Runtime("executorch:xnnpack", "ExecuTorch + XNNPACK", "cpu", 0.0, 0.0, 0.0,
-            f"SmolLM2-135M int8da-int4w-g32 .pte in ExecuTorch's TextLLMRunner on the host; {CALIBRATION}"),
-    Runtime("tflite:cpu", "LiteRT (CPU, XNNPACK delegate)", "cpu", 0.0, 0.0, 0.0,
-            f"SmolLM2-135M int8da-int8w .tflite in LiteRT's interpreter on the host; {CALIBRATION}"),
-)}
+RUNTIMES: dict[str, Runtime] = {k: Runtime(k, KNOWN[k][0], KNOWN[k][1], *v, f"{KNOWN[k][2]} on the host; {CALIBRATION}")
+                                 for k, v in MEASURED.items()}
 
 # The compute unit a backend runs on (others: the CPU).
 UNITS = {"ane": "npu", "qnn": "npu", "mediatek": "npu", "qualcomm": "npu", "gpu": "gpu", "vulkan": "gpu"}
