@@ -41,7 +41,9 @@ KNOWN = {
 }
 # target:backend -> (eff_bw, eff_compute, overhead_mib) as measured; a runtime absent here has no
 # measured factors yet and `slmc estimate` refuses it without --bare.
-MEASURED: dict[str, tuple[float, float, float]] = {}
+MEASURED: dict[str, tuple[float, float, float]] = {
+    "executorch:xnnpack": (0.086, 0.105, 46.9),
+}
 
 RUNTIMES: dict[str, Runtime] = {k: Runtime(k, KNOWN[k][0], KNOWN[k][1], *v, f"{KNOWN[k][2]} on the host; {CALIBRATION}")
                                  for k, v in MEASURED.items()}
