@@ -347,6 +347,50 @@ def build(config, platforms, jobs, cache, depfile, stamp, out, as_json):
                   f"({report['seconds']} s); lock {escape(report['lock'])}", soft_wrap=True)
 
 
+@main.command()
+@click.argument("subject")
+@click.option("--device", "-d", "devices", multiple=True, required=True,
+              help="A phone (repeatable; `all` for every one): galaxy-s22, galaxy-s24-ultra, pixel-8, "
+                   "iphone-15-pro, oneplus-12.")
+@click.option("--target", "-t", default=None, help="For a MODEL subject (default executorch).")
+@click.option("--backend", "-b", default=None)
+@click.option("--recipe", default=None, help="For a MODEL subject: the recipe whose storage to cost.")
+@click.option("--pass", "passes", multiple=True, metavar="NAME[:k=v,...]", help="quant.* / kv.cache passes.")
+@click.option("--max-seq-len", type=int, default=None, help="KV-cache length (default: the artifact's).")
+@click.option("--prompt-len", default=64, show_default=True, help="Prefill length.")
+@click.option("--decode-tokens", default=128, show_default=True, help="Decode costed at mid-generation.")
+@click.option("--bare", is_flag=True, help="No runtime efficiency factor: the roofline itself.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def estimate(subject, devices, target, backend, recipe, passes, max_seq_len, prompt_len, decode_tokens, bare,
+             as_json):
+    """Roofline estimate of prefill/decode tok/s and peak memory of SUBJECT (an artifact folder, or a
+    MODEL with --target/--recipe; a folder holding only config.json is enough) on named phones."""
+    from . import api
+
+    names = api.estimate_devices() if "all" in devices else list(devices)
+    rows = [api.estimate(subject, api.EstimateOptions(
+        d, target=target, backend=backend, recipe=recipe, passes=tuple(passes), max_seq_len=max_seq_len,
+        prompt_len=prompt_len, decode_tokens=decode_tokens, bare=bare)) for d in names]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    r0 = rows[0]
+    click.echo(f"{r0['subject']} on {r0['runtime_name']} ({r0['arithmetic']}; linear {r0['storage']['linear']}, "
+               f"head {r0['storage']['head']}, embedding {r0['storage']['embedding']}, "
+               f"KV {r0['storage']['kv_bits']}-bit; "
+               f"eff_bw {r0['eff_bw']}, eff_compute {r0['eff_compute']})")
+    click.echo(f"{'device':<18}{'GB/s':>7}{'GOPS':>8}{'decode tok/s':>14}{'bound':>9}{'prefill tok/s':>15}"
+               f"{'bound':>9}{'peak MiB':>10}")
+    for r in rows:
+        click.echo(f"{r['device']:<18}{r['bandwidth_gbs']:>7.1f}{r['peak_gops']:>8.0f}{r['decode']['tok_s']:>14.1f}"
+                   f"{r['decode']['bound']:>9}{r['prefill']['tok_s']:>15.1f}{r['prefill']['bound']:>9}"
+                   f"{r['memory_mib']['peak']:>10.0f}")
+    click.echo(f"decode at position {r0['decode_position']}: {r0['decode']['bytes_per_token'] / 2**20:.1f} MiB and "
+               f"{r0['decode']['ops_per_token'] / 1e9:.2f} GOP per token; prefill {r0['prompt_len']} tokens; "
+               f"sources: `--json`")
+
+
 @main.command("list")
 def list_() -> None:
     """List families, passes, targets and recipes."""
