@@ -44,8 +44,9 @@ ARTIFACT = {"executorch": "model.pte", "tflite": "model.tflite"}
 # ------------------------------------------------------------------ random checkpoints
 
 
-def write_random_checkpoint(config: dict, folder: Path, seed: int = 0) -> int:
-    """config.json + model.safetensors (bf16, random) for `config`; returns the parameter count.
+def write_random_checkpoint(config: dict, folder: Path, seed: int = 0, fp32: bool = False) -> int:
+    """config.json + model.safetensors (bf16 as published, or fp32; random) for `config`; returns
+    the parameter count.
     Names and shapes from transformers' model on the meta device (no memory); data written
     tensor by tensor into one safetensors file (header first, then each tensor's bytes)."""
     import torch
@@ -61,8 +62,8 @@ def write_random_checkpoint(config: dict, folder: Path, seed: int = 0) -> int:
                if not (n == "lm_head.weight" and conf.tie_word_embeddings)]  # tied: saved once, as HF does
     header, off = {}, 0
     for name, shape in tensors:
-        n = 2 * math.prod(shape)
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
+        n = (4 if fp32 else 2) * math.prod(shape)
+        header[name] = {"dtype": "F32" if fp32 else "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -76,7 +77,7 @@ def write_random_checkpoint(config: dict, folder: Path, seed: int = 0) -> int:
                 t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
             else:  # std 0.02: the initializer_range of these configs, so activations stay finite
                 t = 0.02 * torch.randn(shape, generator=gen)
-            f.write(t.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+            f.write(t.numpy().tobytes() if fp32 else t.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
             del t
     tmp.rename(folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -138,7 +139,8 @@ def worker_decode(a) -> dict:
     if a.target == "executorch":
         from executorch.runtime import Runtime
 
-        prog = Runtime.get().load_program(a.artifact)
+        ptd = Path(a.artifact).with_name("model.ptd")  # a tied float table kept beside the .pte
+        prog = Runtime.get().load_program(a.artifact, data_path=str(ptd) if ptd.is_file() else None)
 
         def run_once():
             method, tok = prog.load_method("forward"), 1  # a fresh method: an empty cache
@@ -189,7 +191,8 @@ def measure(name: str, target: str, model_dir: Path, work: Path, a) -> dict:
         r = {**r, **res} if "phases" in res else r
         print(f"   failed: {r['error']}", flush=True)
         return r
-    r["artifact_bytes"] = dir_bytes(Path(r["artifact"]))
+    ptd = Path(r["artifact"]).with_name("model.ptd")
+    r["artifact_bytes"] = dir_bytes(Path(r["artifact"])) + (ptd.stat().st_size if ptd.is_file() else 0)
     print(f"   {r['wall_s']} s, peak RSS {r['peak_rss_mib']} MiB, {r['artifact_bytes'] / 2**20:.0f} MiB", flush=True)
     dec = spawn(__file__, ["--worker", "decode", "--target", target, "--artifact", r["artifact"], "--steps",
                            str(a.steps), "--repeats", str(a.repeats)], work / f"{name}-{target}-dec.json",

@@ -28,6 +28,8 @@ class ExecuTorchSession:
         from executorch.runtime import Runtime
 
         self.pte, self.max_chunk = Path(pte), max_chunk
+        if data is None and self.pte.with_name("model.ptd").is_file():  # a tied table kept beside it
+            data = self.pte.with_name("model.ptd")
         try:
             self.program = Runtime.get().load_program(str(self.pte), data_path=str(data) if data else None)
         except Exception as e:  # the runtime raises bare RuntimeErrors
