@@ -148,6 +148,11 @@ def markdown(r: dict) -> str:
     return "\n".join(lines + others_seen(r["other_processes"]))
 
 
+def notes(r: dict) -> str | None:
+    """bench/README.md's paragraph: the findings written into the results file's notes."""
+    return (r.get("notes") or {}).get("text")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")

@@ -87,7 +87,6 @@ def write_random_checkpoint(config: dict, folder: Path, seed: int = 0, fp32: boo
 def model_folder(name: str, work: Path, quick: bool) -> Path:
     """The random checkpoint of `name` under work/ (made once, reused by later runs)."""
     if quick:
-        sys.path.insert(0, str(HERE.parent / "tests"))
         from slmc import api
 
         config = {**api.tiny_llama_config(), "vocab_size": 512}
@@ -249,6 +248,11 @@ def write(stem: str, rows: dict, others: set, a) -> None:
                          "decode_steps": a.steps, "repeats": a.repeats, "rss_limit_gib": a.rss_limit_gib,
                          "rows": sorted(rows.values(), key=lambda r: (r["params"], r["target"])),
                          "growth": grow, "not_run": a.not_run, "other_processes": sorted(others)}, echo=False)
+
+
+def notes(r: dict) -> str | None:
+    """bench/README.md's paragraph: the findings written into the results file's notes."""
+    return (r.get("notes") or {}).get("text")
 
 
 def _f(x, fmt="{:.1f}"):

@@ -4,6 +4,7 @@ shared by the dense decoder (target.py) and the expert-offload layout (moe.py)."
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 from dataclasses import dataclass
 
@@ -148,15 +149,18 @@ def to_pte_and_data(programs, spec: ExecuTorchSpec, constant_methods: dict | Non
         constant_methods=constant_methods)
     delegation = {m: delegation_summary(edge, m) for m in (programs if isinstance(programs, dict) else ["forward"])}
     step("to_executorch")
-    if tied is None:
-        return edge.to_executorch(backend_config(shared_state)).buffer, delegation, None
+    gc.collect()  # the partitioner's copies of each partition are garbage in reference cycles
+    external = None
+    if tied is not None:
+        def external(node):
+            spec_ = node.meta.get("spec")
+            return PTD.removesuffix(".ptd") if tuple(getattr(spec_, "shape", ())) == tied else None
 
-    def external(node):
-        spec_ = node.meta.get("spec")
-        return PTD.removesuffix(".ptd") if tuple(getattr(spec_, "shape", ())) == tied else None
-
-    with _delegate_data_beside_constants():
+    with _delegate_data_beside_constants() if tied is not None else contextlib.nullcontext():
         prog = edge.to_executorch(backend_config(shared_state, external))
-    del edge
-    ptd = prog._tensor_data.get(PTD.removesuffix(".ptd"))  # written by ExecuTorch's FlatTensorSerializer
-    return prog.buffer, delegation, bytes(ptd) if ptd is not None else None
+    # The serialized file is a Cord of references to the constant and delegate buffers; drop
+    # the programs (graphs, lowered modules) before joining it into one bytes object.
+    pte, ptd = prog._pte_data, (prog._tensor_data or {}).get(PTD.removesuffix(".ptd"))
+    del prog, edge
+    gc.collect()
+    return bytes(pte), delegation, bytes(ptd) if ptd is not None else None
