@@ -136,6 +136,7 @@ def worker_decode(a) -> dict:
 
     steps, tok_s = a.steps, []
     if a.target == "executorch":
+        import executorch.kernels.quantized  # noqa: F401  registers embedding_4bit & co.
         from executorch.runtime import Runtime
 
         ptd = Path(a.artifact).with_name("model.ptd")  # a tied float table kept beside the .pte
@@ -224,7 +225,8 @@ def main(a) -> None:
     others = set(prev.get("other_processes", [])) | set(busy_processes())
     models = ["tiny"] if a.quick else a.models
     for name in models:
-        need = [t for t in a.targets if "error" in rows.get((name, t), {"error": ""})]
+        need = [t for t in a.targets if "error" in rows.get((name, t), {"error": ""})
+                or "error" in rows[(name, t)].get("decode", {})]
         if not need:
             continue
         model_dir = model_folder(name, work, a.quick)
@@ -277,7 +279,7 @@ def markdown(r: dict) -> str:
         lines.append(f"| {x['model']} | {x['target']} | {x['params']:,} | {x['fp32_weight_mib']:.0f} | "
                      f"{x['wall_s']:.0f} | {x['cpu_s']:.0f} | {rss:.0f} | {rss / x['fp32_weight_mib']:.2f} | "
                      f"{x['artifact_bytes'] / 2**20:.0f} | {x['artifact_bytes'] / x['params']:.3f} | "
-                     f"{_f(x.get('decode', {}).get('decode_tok_s'))} |")
+                     f"{_f(x.get('decode', {}).get('decode_tok_s')) if 'error' not in x.get('decode', {}) else 'failed: ' + x['decode']['error']} |")
     lines += ["", "Growth with parameter count (log-log slope, smallest to largest model measured; 1.0 = linear):", "",
               "| target | compile wall | peak RSS | artifact | decode tok/s |", "|---|---:|---:|---:|---:|"]
     for t, g in r["growth"].items():
