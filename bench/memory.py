@@ -59,7 +59,7 @@ def worker_compile(a) -> dict:
 
         prof = cProfile.Profile()
         prof.enable()
-    path, manifest = api.compile(api.CompileOptions(a.model, a.target, None, a.out,
+    _, manifest = api.compile(api.CompileOptions(a.model, a.target, None, a.out,
                                                     max_seq_len=a.max_seq_len), progress=ph)
     ph("done")
     out = {"artifact_bytes": sum(manifest["files"].values()), "params": manifest["model"]["params"],
