@@ -91,7 +91,8 @@ def worker_decode(ptes: dict, prompt_ids: list[int], steps: int, repeats: int) -
 
     rt, progs, res = Runtime.get(), {}, {}
     for name, pte in ptes.items():
-        progs[name] = rt.load_program(pte)
+        ptd = Path(pte).with_name("model.ptd")  # slmc keeps a tied float table beside the .pte
+        progs[name] = rt.load_program(pte, data_path=str(ptd) if ptd.is_file() else None)
         meta = progs[name].metadata("forward")
         res[name] = {"signature": [list(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())],
                      "tok_s": [], "prefill_ms": []}
@@ -194,7 +195,9 @@ def main(a) -> None:
         load = os.getloadavg()[0]
         res[name] = spawn(__file__, ["--worker", "slmc" if name == "slmc" else "ref", *common,
                                      "--out", str(work / name)], work / f"{name}.json")
-        res[name].update(pte_bytes=Path(res[name]["pte"]).stat().st_size, loadavg_1m_before=load)
+        ptd = Path(res[name]["pte"]).with_name("model.ptd")  # counted with the .pte: one program's weights
+        res[name].update(pte_bytes=Path(res[name]["pte"]).stat().st_size + (ptd.stat().st_size if ptd.is_file() else 0),
+                         loadavg_1m_before=load)
         others |= set(busy_processes())
         print(f"   {name}: {res[name]['wall_s']} s, peak RSS {res[name]['peak_rss_mib']} MiB", flush=True)
     ids = prompt_ids(model_dir, cfg["vocab_size"])

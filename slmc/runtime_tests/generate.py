@@ -44,7 +44,9 @@ def generate(folder: Path, prompt: str, max_new_tokens: int = 64, temperature: f
     import executorch.kernels.quantized  # noqa: F401  registers quantized kernels
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
-    runner = TextLLMRunner(str(folder / manifest["artifact"]), str(folder / "tokenizer.json"))
+    data = manifest.get("data_file")  # a tied table kept beside the .pte (targets/executorch/program.py)
+    runner = TextLLMRunner(str(folder / manifest["artifact"]), str(folder / "tokenizer.json"),
+                           str(folder / data) if data else None)
     got: dict = {}
 
     def on_stats(s):

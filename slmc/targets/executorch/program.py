@@ -3,6 +3,9 @@ shared by the dense decoder (target.py) and the expert-offload layout (moe.py)."
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import hashlib
 from dataclasses import dataclass
 
 from ...compiler.ir import Model
@@ -58,9 +61,10 @@ def runner_metadata(model: Model, dynamic: bool = True) -> dict:
     return meta
 
 
-def backend_config(shared_state: bool = False):
+def backend_config(shared_state: bool = False, external=None):
     """How every slmc .pte is serialized. shared_state: every method's mutable buffers live
-    in one arena, by name (the runtime otherwise lets methods overwrite each other's)."""
+    in one arena, by name (the runtime otherwise lets methods overwrite each other's).
+    external: node -> .ptd tag or None, for the constants kept beside the .pte (tied_table)."""
     from executorch.exir import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -70,13 +74,72 @@ def backend_config(shared_state: bool = False):
         # dequantize_affine + embedding -> quantized_decomposed::embedding_4bit/byte
         do_quant_fusion_and_const_prop=True,
         memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=shared_state),
-        sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass())
+        sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        external_constants=external or False)
+
+
+PTD = "model.ptd"
+
+
+def tied_table(model: Model, backend: str) -> tuple[int, ...] | None:
+    """The shape of a float table that both the embedding (a portable op: a program constant)
+    and the delegated head (XNNPACK: the delegate's named data) read, or None. A .pte keeps those
+    two stores apart, so such a table would be stored twice; it goes to model.ptd instead, where
+    both keys name one buffer (ExecuTorch's NamedDataStore keeps one copy of equal bytes)."""
+    from ...compiler.ir import Weight
+
+    if backend != "xnnpack" or model.lm_head is not None or not isinstance(model.embed, Weight):
+        return None
+    return tuple(model.embed.shape)
+
+
+@contextlib.contextmanager
+def _delegate_data_beside_constants():
+    """While to_executorch serializes: a delegate blob whose bytes equal a constant kept in a
+    .ptd goes into that .ptd as well (under its own key), so the file holds the bytes once.
+    ExecuTorch serializes inside ExecutorchProgramManager's constructor, so this wraps the
+    serializer it calls there."""
+    import executorch.exir.program._program as prog_mod
+    from executorch.exir._serialize._named_data_store import NamedDataStoreOutput
+
+    orig = prog_mod.serialize_for_executorch
+
+    def serialize(emitter_output, config, data_serializer, named_data=None):
+        if named_data is not None and emitter_output.external_constant_map:
+            tags = {}  # (length, sha256) of each constant kept outside -> its .ptd tag
+            for tag, fqns in emitter_output.external_constant_map.items():
+                for i in fqns.values():
+                    b = bytes(emitter_output.external_constant_buffer[i])
+                    tags[(len(b), hashlib.sha256(b).digest())] = tag
+            lengths = {n for n, _ in tags}
+            keep, external = {}, {t: dict(d) for t, d in named_data.external_data.items()}
+            for key, entry in named_data.pte_data.items():
+                buf = named_data.buffers[entry.buffer_index]
+                tag = tags.get((len(buf), hashlib.sha256(bytes(buf)).digest())) if len(buf) in lengths else None
+                (external.setdefault(tag, {}) if tag else keep)[key] = entry
+            named_data = NamedDataStoreOutput(named_data.buffers, keep, external)
+        return orig(emitter_output, config, data_serializer, named_data)
+
+    prog_mod.serialize_for_executorch = serialize
+    try:
+        yield
+    finally:
+        prog_mod.serialize_for_executorch = orig
 
 
 def to_pte(programs, spec: ExecuTorchSpec, constant_methods: dict | None = None, step=lambda msg: None,
            shared_state: bool = False) -> tuple[bytes, dict]:
     """One ExportedProgram (method "forward") or {method: ExportedProgram} -> (.pte bytes,
     delegation summary per method)."""
+    pte, delegation, _ = to_pte_and_data(programs, spec, constant_methods, step, shared_state)
+    return pte, delegation
+
+
+def to_pte_and_data(programs, spec: ExecuTorchSpec, constant_methods: dict | None = None, step=lambda msg: None,
+                    shared_state: bool = False, tied: tuple[int, ...] | None = None
+                    ) -> tuple[bytes, dict, bytes | None]:
+    """to_pte, and model.ptd's bytes (None when there is none). tied: the shape of a tied float
+    table (tied_table), then stored once, in model.ptd."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     step(f"to_edge + {spec.backend} partitioning")
@@ -86,4 +149,18 @@ def to_pte(programs, spec: ExecuTorchSpec, constant_methods: dict | None = None,
         constant_methods=constant_methods)
     delegation = {m: delegation_summary(edge, m) for m in (programs if isinstance(programs, dict) else ["forward"])}
     step("to_executorch")
-    return edge.to_executorch(backend_config(shared_state)).buffer, delegation
+    gc.collect()  # the partitioner's copies of each partition are garbage in reference cycles
+    external = None
+    if tied is not None:
+        def external(node):
+            spec_ = node.meta.get("spec")
+            return PTD.removesuffix(".ptd") if tuple(getattr(spec_, "shape", ())) == tied else None
+
+    with _delegate_data_beside_constants() if tied is not None else contextlib.nullcontext():
+        prog = edge.to_executorch(backend_config(shared_state, external))
+    # The serialized file is a Cord of references to the constant and delegate buffers; drop
+    # the programs (graphs, lowered modules) before joining it into one bytes object.
+    pte, ptd = prog._pte_data, (prog._tensor_data or {}).get(PTD.removesuffix(".ptd"))
+    del prog, edge
+    gc.collect()
+    return bytes(pte), delegation, bytes(ptd) if ptd is not None else None

@@ -17,6 +17,9 @@ def _pte_blobs(path: Path) -> list[bytes]:
     blobs = [bytes(b.storage) for b in pte.program.constant_buffer]
     if pte.named_data is not None:
         blobs += [bytes(getattr(b, "buffer", b)) for b in pte.named_data.buffers]
+    ptd = path.with_name("model.ptd")  # a tied table kept beside the .pte (program.tied_table)
+    if ptd.is_file():
+        blobs.append(ptd.read_bytes())
     return blobs
 
 

@@ -23,13 +23,15 @@ class ExecuTorchSession:
 
     runtime = "executorch"
 
-    def __init__(self, pte: Path, max_chunk: int | None = None):
+    def __init__(self, pte: Path, max_chunk: int | None = None, data: Path | None = None):
         import executorch.kernels.quantized  # noqa: F401  registers quantized kernels
         from executorch.runtime import Runtime
 
         self.pte, self.max_chunk = Path(pte), max_chunk
+        if data is None and self.pte.with_name("model.ptd").is_file():  # a tied table kept beside it
+            data = self.pte.with_name("model.ptd")
         try:
-            self.program = Runtime.get().load_program(str(self.pte))
+            self.program = Runtime.get().load_program(str(self.pte), data_path=str(data) if data else None)
         except Exception as e:  # the runtime raises bare RuntimeErrors
             raise SlmcError(f"ExecuTorch could not load the program: {e}", str(self.pte)) from None
         self.reset()
@@ -39,7 +41,9 @@ class ExecuTorchSession:
         require_host_runnable(folder, manifest, "a .pte")
         # a ring-buffer cache takes at most its non-sink slots per call, as the runner's prefill
         ring = manifest.get("kv_cache", {}).get("ring")
-        return cls(Path(folder) / manifest["artifact"], ring["max_tokens_per_call"] if ring else None)
+        data = manifest.get("data_file")  # the tied table kept beside the .pte (program.tied_table)
+        return cls(Path(folder) / manifest["artifact"], ring["max_tokens_per_call"] if ring else None,
+                   Path(folder) / data if data else None)
 
     def reset(self) -> None:
         # A fresh method gets fresh (zero-filled) planned memory, so an empty cache.

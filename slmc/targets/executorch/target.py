@@ -21,7 +21,7 @@ from ..bounds import FLOAT_EXACT, Tolerance
 from .backends import BACKENDS
 from .moe import FORMAT, has_offload_plan, lower_offload, offload_supports
 from .moe_runner import open_moe
-from .program import ExecuTorchSpec, runner_metadata, to_pte
+from .program import PTD, ExecuTorchSpec, runner_metadata, tied_table, to_pte_and_data
 from .readback import readback
 from .session import ExecuTorchSession
 
@@ -89,11 +89,16 @@ class ExecuTorchTarget(Target):
         step("torch.export")
         ep = export_decoder(model, lspec, dynamic=backend.dynamic)
         meta = runner_metadata(model, backend.dynamic)
-        data, delegation = to_pte(ep, spec, meta, step)
+        tied = tied_table(model, spec.backend)
+        data, delegation, ptd = to_pte_and_data(ep, spec, meta, step, tied=tied)
         del ep
+        files = {"model.pte": data, **({PTD: ptd} if ptd is not None else {})}
         manifest = {
             "format": "pte",
             "artifact": "model.pte",
+            # the tied embedding/head table, stored once: load_program(pte, data_path=...),
+            # TextLLMRunner(pte, tokenizer, data_path)
+            **({"data_file": PTD} if ptd is not None else {}),
             "io": {"forward": io_spec(model, lspec, backend.dynamic)},
             "delegation": delegation["forward"],
             "host_runnable": backend.host_runnable,
@@ -103,5 +108,5 @@ class ExecuTorchTarget(Target):
             "kv_cache": {"kind": "mutable_buffers", "buffers_per_layer": ["k_cache_{d}", "v_cache_{d}"],
                          **ring_manifest(model)},
         }
-        return Artifact(files={"model.pte": data}, manifest=manifest)
+        return Artifact(files=files, manifest=manifest)
 

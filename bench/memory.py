@@ -1,0 +1,181 @@
+"""Compile memory benchmark: where the peak RSS of `slmc compile` comes from, per target.
+
+    SLMC_CACHE=/tmp/slmc-cache flock /work/coord/heavy.lock nice -n 10 \\
+        python bench/memory.py [--targets executorch tflite coreml onnx] [--append] [--profile]
+    python bench/memory.py --quick       # tiny random Llama, smoke test
+
+For each target, one fresh process runs `api.compile(model, target)` (fp32, no recipe: the
+`slmc compile default --target T` command) and reports:
+- whole-process peak RSS and wall/CPU time from os.wait4 (the figures /usr/bin/time -v prints);
+- per phase (slmc's progress steps): seconds, the highest RSS sampled during it (a thread reads
+  VmRSS every 50 ms) and the RSS when it ends, so the step that sets the peak is named;
+- the floor: the RSS of a process that only imports what that target's compile imports (torch,
+  the converter) before touching a weight;
+- with --profile, cProfile's top entries by cumulative time (where the wall time goes).
+Goal (issue 17): peak RSS ≤ 1.5 × fp32 weight bytes. Writes bench/results/memory{,-quick}.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+
+from _common import (RESULTS, Phases, bench_setup, busy_processes, machine, others_seen, render, spawn, status_mib,
+                     weight_count, write_results)
+
+TARGETS = ("executorch", "tflite", "coreml", "onnx")  # each with its default backend, as the CLI
+# what a compile for each target imports before it reads a weight (the floor)
+IMPORTS = {"executorch": ["executorch.exir", "executorch.backends.xnnpack.partition.xnnpack_partitioner"],
+           "tflite": ["litert_torch", "ai_edge_litert.interpreter"],
+           "coreml": ["coremltools"], "onnx": ["onnx", "onnxscript"]}
+
+
+class Sampler:
+    """VmRSS every 50 ms: the highest value seen in each phase (Phases names the phase)."""
+
+    def __init__(self, ph: Phases):
+        self.ph, self.high = ph, {}
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self):
+        while True:
+            name, rss = self.ph.name, status_mib("VmRSS")
+            self.high[name] = max(self.high.get(name, 0.0), rss)
+            time.sleep(0.05)
+
+
+def worker_compile(a) -> dict:
+    ph = Phases()
+    sampler = Sampler(ph)
+    from slmc import api
+
+    ph("compile setup")
+    prof = None
+    if a.profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+    _, manifest = api.compile(api.CompileOptions(a.model, a.target, None, a.out,
+                                                    max_seq_len=a.max_seq_len), progress=ph)
+    ph("done")
+    out = {"artifact_bytes": sum(manifest["files"].values()), "params": manifest["model"]["params"],
+           "backend": manifest["backend"], "files": manifest["files"],
+           "phases": [{**r, "rss_high_mib": round(sampler.high.get(r["phase"], 0.0), 1)} for r in ph.rows]}
+    if prof is not None:
+        import io
+        import pstats
+
+        prof.disable()
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(25)
+        out["profile_top"] = [ln.rstrip() for ln in s.getvalue().splitlines() if ln.strip()][:40]
+    return out
+
+
+def worker_floor(a) -> dict:
+    import importlib
+
+    import torch  # noqa: F401
+
+    from slmc import api  # noqa: F401
+
+    for m in IMPORTS[a.target]:
+        importlib.import_module(m)
+    return {"floor_rss_mib": round(status_mib("VmRSS"), 1)}
+
+
+def main(a) -> None:
+    work, model_dir = bench_setup(a, "slmc-mem-")
+    stem = "memory-quick" if a.quick else "memory"
+    prev = json.loads((RESULTS / f"{stem}.json").read_text()) if a.append and (RESULTS / f"{stem}.json").is_file() \
+        else {}
+    rows = {r["target"]: r for r in prev.get("rows", [])}
+    others = set(prev.get("other_processes", [])) | set(busy_processes())
+    params = weight_count(model_dir)
+    for t in a.targets:
+        print(f"== {t} ...", flush=True)
+        common = ["--model", str(model_dir), "--target", t, "--max-seq-len", str(a.max_seq_len)]
+        floor = spawn(__file__, ["--worker", "floor", *common], work / f"{t}-floor.json", errors="record")
+        r = spawn(__file__, ["--worker", "compile", *common, "--out", str(work / t)] +
+                  (["--profile"] if a.profile else []), work / f"{t}.json", errors="record")
+        rows[t] = {"target": t, "commit": a.commit, **floor, **r}
+        others |= set(busy_processes())
+        print(f"   {r['error']}" if "error" in r else f"   {r['wall_s']} s, peak RSS {r['peak_rss_mib']} MiB", flush=True)
+    write_results(stem, {"model_dir": str(model_dir), "params": params, "fp32_weight_mib": round(params * 4 / 2**20, 1),
+                         "max_seq_len": a.max_seq_len, "machine": machine(), "rows": list(rows.values()),
+                         "before": prev.get("before", a.before), "other_processes": sorted(others)}, echo=False)
+
+
+def markdown(r: dict) -> str:
+    m, w = r["machine"], r["fp32_weight_mib"]
+    lines = [f"# Compile memory: peak RSS of `slmc compile MODEL --target T` (fp32, {r['params']:,} params, "
+             f"fp32 weights {w:.0f} MiB)", "",
+             f"{m['date']} · {m['cpu']} · {m['cores']} cores · {m['mem_gib']} GiB · torch {m['torch']} · "
+             f"executorch {m['executorch']} · max_seq_len {r['max_seq_len']} · peak RSS from os.wait4 "
+             "(as /usr/bin/time -v)", "",
+             "| target | commit | wall (s) | CPU (s) | peak RSS (MiB) | peak / fp32 weights | import floor (MiB) "
+             "| (peak − floor) / fp32 | artifact (MiB) | goal ≤ 1.5× |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for x in r["rows"]:
+        if "error" in x:
+            lines.append(f"| {x['target']} | {x.get('commit', '')} | failed: {x['error']} | | | | | | | |")
+            continue
+        p, f = x["peak_rss_mib"], x.get("floor_rss_mib", 0.0)
+        lines.append(f"| {x['target']} | {x.get('commit', '')} | {x['wall_s']:.0f} | {x['cpu_s']:.0f} | {p:.0f} | "
+                     f"{p / w:.2f} | {f:.0f} | {(p - f) / w:.2f} | {x['artifact_bytes'] / 2**20:.1f} | "
+                     f"{'PASS' if p <= 1.5 * w else 'FAIL'} |")
+    if r.get("before"):
+        lines += ["", "Before (measured with /usr/bin/time -v around the CLI, same model):", "",
+                  "| target | commit | wall (s) | CPU (s) | peak RSS (MiB) | peak / fp32 | artifact (MiB) |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for b in r["before"]:
+            lines.append(f"| {b['target']} | {b['commit']} | {b['wall_s']:.0f} | {b['cpu_s']:.0f} | "
+                         f"{b['peak_rss_mib']:.0f} | {b['peak_rss_mib'] / w:.2f} | {b['artifact_mib']:.1f} |")
+    for x in r["rows"]:
+        if "phases" not in x:
+            continue
+        lines += ["", f"{x['target']} phases (highest sampled RSS in the phase; RSS peak so far at its end):", "",
+                  "| phase | s | RSS high in phase (MiB) | peak so far (MiB) |", "|---|---:|---:|---:|"]
+        lines += [f"| {p['phase']} | {p['seconds']} | {p.get('rss_high_mib', 0):.0f} | {p['peak_rss_mib_after']:.0f} |"
+                  for p in x["phases"]]
+        if x.get("profile_top"):
+            lines += ["", f"{x['target']}: cProfile, top entries by cumulative time:", "", "```"] + \
+                x["profile_top"] + ["```"]
+    lines.append("")
+    return "\n".join(lines + others_seen(r["other_processes"]))
+
+
+def notes(r: dict) -> str | None:
+    """bench/README.md's paragraph: the findings written into the results file's notes."""
+    return (r.get("notes") or {}).get("text")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    ap.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default 512; 128 with --quick)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="cProfile the compile (slower)")
+    ap.add_argument("--append", action="store_true", help="keep the rows of targets not run now")
+    ap.add_argument("--commit", default="", help="the slmc commit measured (for the table)")
+    ap.add_argument("--before", type=json.loads, default=None,
+                    help="JSON list of earlier /usr/bin/time -v measurements: target, commit, wall_s, cpu_s, "
+                         "peak_rss_mib, artifact_mib")
+    ap.add_argument("--render", action="store_true")
+    ap.add_argument("--worker", choices=("compile", "floor"), help=argparse.SUPPRESS)
+    for k in ("--target", "--out", "--result"):
+        ap.add_argument(k, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.max_seq_len is None:
+        a.max_seq_len = 128 if a.quick else 512
+    if a.render:
+        render("memory")
+    elif a.worker:
+        fn = worker_compile if a.worker == "compile" else worker_floor
+        Path(a.result).write_text(json.dumps(fn(a)))
+    else:
+        main(a)
