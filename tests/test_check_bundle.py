@@ -20,17 +20,24 @@ import pytest
 from slmc import api
 from slmc.errors import SlmcError
 
-FLOWS = [("executorch", None), ("tflite", None)]
+# key -> (target, recipe): ExecuTorch fp32 keeps its tied table in model.ptd (no .bpte: ExecuTorch's
+# BundledModule cannot attach external data), so the BundledProgram is checked on the 8da4w flow
+FLOWS = {"executorch": ("executorch", "int8da-int4w-g32"), "executorch-ptd": ("executorch", None),
+         "tflite": ("tflite", None)}
 
 
 @pytest.fixture(scope="module")
 def artifacts(tiny_llama_dir, tmp_path_factory):
     out = {}
-    for target, recipe in FLOWS:
-        d = tmp_path_factory.mktemp(f"bundle-{target}") / "a"
+    for key, (target, recipe) in FLOWS.items():
+        d = tmp_path_factory.mktemp(f"bundle-{key}") / "a"
         api.compile_model(str(tiny_llama_dir), target, None, d, max_seq_len=48, recipe=recipe)
-        out[target] = d
+        out[key] = d
     return out
+
+
+def bounds_names(folder: Path) -> set[str]:
+    return set(json.loads((folder / "check" / "bounds.json").read_text())["sha256"])
 
 
 def run_checker(folder: Path) -> tuple[int, dict]:
@@ -40,7 +47,7 @@ def run_checker(folder: Path) -> tuple[int, dict]:
     return r.returncode, json.loads(lines[-1]) if lines else {"stderr": r.stderr[-2000:]}
 
 
-@pytest.mark.parametrize("target", [t for t, _ in FLOWS])
+@pytest.mark.parametrize("target", list(FLOWS))
 def test_bundle_is_in_the_folder_and_the_manifest(artifacts, target):
     folder = artifacts[target]
     m = api.read_manifest(folder)
@@ -48,6 +55,8 @@ def test_bundle_is_in_the_folder_and_the_manifest(artifacts, target):
     if target == "executorch":
         names.add("check/model.bpte")
     assert names <= set(m["files"]), sorted(m["files"])
+    if target == "executorch-ptd":
+        assert m["data_file"] in bounds_names(folder) and "check/model.bpte" not in m["files"]
     bounds = json.loads((folder / "check" / "bounds.json").read_text())
     # the hashes were taken from the lowered bytes before anything was written: the model
     # files on disk are exactly those bytes
@@ -58,7 +67,7 @@ def test_bundle_is_in_the_folder_and_the_manifest(artifacts, target):
         assert exp["logits"].shape == (len(exp["tokens"]), m["model"]["vocab_size"]) and len(exp["prompt"]) >= 1
 
 
-@pytest.mark.parametrize("target", [t for t, _ in FLOWS])
+@pytest.mark.parametrize("target", list(FLOWS))
 def test_checker_passes_on_host_and_validate_on_host(artifacts, target):
     rc, report = run_checker(artifacts[target])
     assert rc == 0 and report["passed"], report
@@ -68,7 +77,7 @@ def test_checker_passes_on_host_and_validate_on_host(artifacts, target):
     assert r.passed and r.runtime.endswith("on host"), r
 
 
-@pytest.mark.parametrize("target", [t for t, _ in FLOWS])
+@pytest.mark.parametrize("target", list(FLOWS))
 def test_tampered_expected_outputs_fail_the_checker(artifacts, target, tmp_path):
     folder = tmp_path / "a"
     shutil.copytree(artifacts[target], folder)
@@ -80,7 +89,7 @@ def test_tampered_expected_outputs_fail_the_checker(artifacts, target, tmp_path)
     assert rc == 1 and not report["passed"] and report["decode_max_abs"] > 0.4, report
 
 
-@pytest.mark.parametrize("target", [t for t, _ in FLOWS])
+@pytest.mark.parametrize("target", list(FLOWS))
 def test_tampered_artifact_fails(artifacts, target, tmp_path):
     folder = tmp_path / "a"
     shutil.copytree(artifacts[target], folder)
@@ -107,6 +116,7 @@ def test_wrong_reference_fails_on_the_host_side(artifacts, tiny_llama_dir):
 
 def test_executorch_bundled_program_verification_can_fail(artifacts):
     """ExecuTorch's own verification rejects a BundledProgram whose expected outputs are off."""
+    import executorch.kernels.quantized  # noqa: F401  the 8da4w program's quantized kernels
     import torch  # noqa: F401  libtorch for the pybindings
     from executorch.extension.pybindings import _C as et
 
@@ -116,12 +126,14 @@ def test_executorch_bundled_program_verification_can_fail(artifacts):
     with np.load(folder / "check" / "expected.npz") as exp:
         prompt, tokens, logits = exp["prompt"].tolist(), exp["tokens"].tolist(), exp["logits"].copy()
     pte = (folder / "model.pte").read_bytes()
+    atol = json.loads((folder / "check" / "bounds.json").read_text())["max_abs"]  # the flow's bound
+    assert atol < 0.5
     for shift, ok in ((0.0, True), (0.5, False)):
         bundle = et._load_bundled_program_from_buffer(bundled_program(pte, prompt, tokens, logits + shift))
         results = []
         for i in range(len(tokens)):
             try:
-                bundle.verify_result_with_bundled_expected_output("forward", i, rtol=0.0, atol=2e-3)
+                bundle.verify_result_with_bundled_expected_output("forward", i, rtol=0.0, atol=atol)
                 results.append(True)
             except RuntimeError:
                 results.append(False)

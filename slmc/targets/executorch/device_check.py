@@ -32,15 +32,16 @@ from executorch.extension.pybindings import _C as et  # noqa: E402
 class Session:
     runtime = "executorch"
 
-    def __init__(self, pte: Path, max_chunk: int | None):
-        self.pte, self.max_chunk = pte, max_chunk
+    def __init__(self, pte: Path, max_chunk: int | None, data: Path | None = None):
+        self.pte, self.max_chunk, self.data = pte, max_chunk, data
         bpte = HERE / "model.bpte"
         self.bundle = et._load_bundled_program_from_buffer(bpte.read_bytes()) if bpte.is_file() else None
         self.bounds = json.loads((HERE / "bounds.json").read_text())
         self.reset()
 
     def reset(self):
-        self.module = et._load_for_executorch(str(self.pte))
+        # a tied table kept beside the .pte (manifest "data_file") is the program's external data
+        self.module = et._load_for_executorch(str(self.pte), str(self.data) if self.data else None)
 
     def step(self, tokens, start_pos):
         n = self.max_chunk or len(tokens)
@@ -69,7 +70,9 @@ class Session:
 
 def open_session(root: Path, manifest: dict) -> Session:
     ring = (manifest.get("kv_cache") or {}).get("ring")
-    return Session(root / manifest["artifact"], ring["max_tokens_per_call"] if ring else None)
+    data = manifest.get("data_file")
+    return Session(root / manifest["artifact"], ring["max_tokens_per_call"] if ring else None,
+                   root / data if data else None)
 
 
 if __name__ == "__main__":
