@@ -49,28 +49,29 @@ def variants(calib: str, quick: bool) -> list[tuple[str, str, str, list[str]]]:
     best = "n_seqs=128,seq_len=128,act_order=true,damp=0.1"  # the combination of the single factors
     if quick:
         best = "n_seqs=8,seq_len=32,act_order=true,damp=0.1"
-    return [
+    rows = [  # most telling first: a stopped run keeps its rows
         ("fp32", "-", "reference", []),
-        ("rtn", "data-free", "reference", [f"quant.rtn:{Q}"]),
         ("gptq old default", "data-free", "baseline", [f"{g},{OLD}"]),
         ("awq old default", "data-free", "reference", [f"quant.awq:{Q},{OLD}"]),
-        ("gptq calibrated", "calibrated", "reference", [f"{g},{OLD},calib={calib}"]),
-        ("gptq act_order", "data-free", "act-order", [f"{g},{OLD},act_order=true"]),
-        ("gptq damp 0.1", "data-free", "damping", [f"{g},{OLD},damp=0.1"]),
-        ("gptq 64x64", "data-free", "diversity (same tokens)", [f"{g},n_seqs=64,seq_len=64"]),
         ("gptq 128x128", "data-free", "number of tokens (4x)", [f"{g},n_seqs=128,seq_len=128"]),
+        ("gptq 64x64", "data-free", "diversity (same tokens)", [f"{g},n_seqs=64,seq_len=64"]),
+        ("gptq damp 0.1", "data-free", "damping", [f"{g},{OLD},damp=0.1"]),
+        ("gptq act_order", "data-free", "act-order", [f"{g},{OLD},act_order=true"]),
         ("gptq T 0.8", "data-free", "temperature", [f"{g},{OLD},temperature=0.8"]),
         ("gptq first bos", "data-free", "first token", [f"{g},{OLD},first=bos"]),
+        ("rtn", "data-free", "reference", [f"quant.rtn:{Q}"]),
         ("gptq combined", "data-free", "combination", [f"{g},{best}"]),
         ("awq-scales+gptq combined", "data-free", "AWQ scales under GPTQ",
          [f"quant.awq:{Q},quantize=false,{best.split(',act')[0]}", f"{g},{best}"]),
+        ("gptq calibrated", "calibrated", "reference", [f"{g},{OLD},calib={calib}"]),
+        ("gptq calibrated combined", "calibrated", "combination, calibrated",
+         [f"{g},{best.replace('n_seqs=128,seq_len=128', OLD)},calib={calib}"]),
         ("gptq combined + int8 ends", "data-free", "embedding and head int8 per row",
          [f"{g},{best},{ENDS}"]),
         ("gptq combined + int4 ends", "data-free", "embedding and head int4 g32",
          [f"{g},{best},embed_bits=4,head_bits=4"]),
-        ("gptq calibrated combined", "calibrated", "combination, calibrated",
-         [f"{g},{best.replace('n_seqs=128,seq_len=128', OLD)},calib={calib}"]),
     ]
+    return rows
 
 
 def worker(a) -> dict:

@@ -10,7 +10,8 @@ from typing import Callable
 from ..compiler.ir import Model
 from ..errors import SlmcError, ValidationFailed
 from ..manifest import read_manifest, record_validation
-from .models import load, pass_registry, reference_model, resolve_model_path, run_passes, tokenizer_dir
+from .models import (load, parse_passes, pass_registry, reference_model, resolve_model_path, run_passes,
+                     tokenizer_dir, with_calibration)
 from .options import EvalOptions, InspectOptions, RunOptions, ValidateOptions
 
 
@@ -56,6 +57,9 @@ def evaluate(subject: str, opts: EvalOptions):
     if window < 2 or not 0 < stride <= window:
         raise SlmcError(f"need window >= 2 and 0 < stride <= window (got {window}, {stride})", "--window/--stride")
     p = Path(subject)
+    if opts.calib and not any(hasattr(q.options, "calib") for q in parse_passes(list(opts.passes))):
+        raise SlmcError("--calib feeds the data-aware passes (quant.gptq, quant.awq, ...) given with --pass; "
+                        "an artifact's calibration is fixed when it is compiled", "--calib")
     if (p / "manifest.json").is_file():
         from ..runtime_tests.sessions import open_session
 
@@ -67,7 +71,7 @@ def evaluate(subject: str, opts: EvalOptions):
         ref = load(reference or manifest["source"]["path"])
     else:
         src = resolve_model_path(subject)
-        subj, _ = run_passes(load(src), opts.passes)
+        subj, _ = run_passes(load(src), with_calibration(parse_passes(list(opts.passes)), opts.calib))
         tok_dir = tokenizer_dir(src) or (Path(subj.source.get("path", "")) if subj.source else None)
         ref = load(reference or src) if (opts.passes or reference) else None
     if tok_dir is None:
