@@ -16,7 +16,7 @@ Evaluation: perplexity on the first --eval-tokens tokens of each evaluation text
 famous corpus novels: Northanger Abbey and Mansfield Park), non-overlapping --window
 windows (stride = window: half the cost of bench/quant_rotate.py's stride window/2, so
 absolute perplexities differ from that file's). Each variant runs in its own subprocess
-with one torch thread, under `flock --lock` when given (the machine's heavy lock). Writes
+with --threads torch threads, under `flock --lock` when given (the machine's heavy lock). Writes
 bench/results/quant_calib{,-quick}.json after every variant and renders the .md from it.
 """
 
@@ -70,6 +70,8 @@ def variants(calib: str, quick: bool) -> list[tuple[str, str, str, list[str]]]:
          [f"{g},{best},{ENDS}"]),
         ("gptq combined + int4 ends", "data-free", "embedding and head int4 g32",
          [f"{g},{best},embed_bits=4,head_bits=4"]),
+        ("mixed 10% + gptq combined", "data-free", "quant.mixed: most sensitive linears int8, +10 % bytes",
+         [f"quant.mixed:{Q},budget=0.1", f"{g},{best}"]),
     ]
     return rows
 
@@ -80,7 +82,7 @@ def worker(a) -> dict:
 
     from slmc import api
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     model = api.load(a.model)
     t0 = time.time()
     model, logs = api.run_passes(model, a.passes)
@@ -98,7 +100,8 @@ def worker(a) -> dict:
 
 def run_variant(name: str, passes: list[str], a, work: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--name", name, "--model", a.model,
-           "--eval-tokens", str(a.eval_tokens), "--window", str(a.window), "--result", str(work / "row.json")]
+           "--eval-tokens", str(a.eval_tokens), "--window", str(a.window), "--result", str(work / "row.json"),
+           "--threads", str(a.threads)]
     cmd += sum((["--eval-text", t] for t in a.eval_texts), []) + sum((["--pass", p] for p in passes), [])
     if a.lock:
         cmd = ["flock", a.lock, "nice", "-n", "10"] + cmd
@@ -177,6 +180,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per variant")
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     ap.add_argument("--append", action="store_true", help="keep measured rows; run only missing/failed ones")
     ap.add_argument("--lock", default="", help="run each variant under `flock LOCK` (a machine-wide lock)")
@@ -195,7 +199,7 @@ def main() -> None:
         a.model = tiny_model(Path("/tmp"), "slmc-bench-quant-calib-tiny")
         a.eval_tokens, a.window, suffix = 600, 128, "-quick"
     meta = {"model": a.model if not a.quick else "tiny random Llama", "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores (1 torch thread, shared)",
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores ({a.threads} torch threads, shared)",
             "calibration": f"{CALIB_TEXT} (the data-free rows sample from the model; sizes in the passes)",
             "eval_texts": [Path(t).name for t in a.eval_texts],
             "evaluation": f"{', '.join(Path(t).name for t in a.eval_texts)}: first {a.eval_tokens} tokens each, "

@@ -246,7 +246,7 @@ def list_() -> None:
     for name, backends in c.targets.items():
         click.echo(f"target {name}: backends {', '.join(backends)}")
     for name, flows, about in c.recipes:
-        click.echo(f"recipe {name} ({', '.join(flows)}): {about}")
+        click.echo(f"recipe {name} ({', '.join(flows)}): {about} [{c.recipe_quality[name]}]")
 
 
 @main.command("default-model")

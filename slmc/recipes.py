@@ -8,7 +8,9 @@ target's own quantization rules check the result again before lowering.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import SlmcError
 
@@ -19,39 +21,74 @@ class Recipe:
     passes: tuple[str, ...]
     flows: tuple[str, ...]  # "target" or "target:backend" it is built for
     about: str
+    measured: str = ""  # its row in bench/results/quant_calib.json (the same method and ends)
 
     def legal_for(self, target: str, backend: str) -> bool:
         return target in self.flows or f"{target}:{backend.split(':')[0]}" in self.flows
 
 
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "quant_calib.json"
 _XNN = "scale_dtype=bfloat16,act_bits=8,symmetric=true"
 _CML = "scale_dtype=float16,symmetric=true"
+# Every int4 recipe quantizes the embedding and the head too (issue 17): left in float, the
+# tied 49152 x 576 table alone is most of SmolLM2's artifact. XNNPACK holds 8-bit weights per
+# channel only and ExecuTorch cannot use one quantized table as both embedding and head, so
+# the head gets its own table; LiteRT shares the tied table (one int8 copy serves both).
+_ENDS8 = "embed_bits=8,head_bits=8,ends_group_size=0"  # int8 rows: near float quality
+_ENDS4 = "embed_bits=4,head_bits=4"  # int4 g32: half the bytes the decode reads for the head
+_SHARED8 = "embed_bits=8,ends_group_size=0"  # a tied table stays one table, int8 rows
+_CITE = "chosen by bench/results/quant_calib.md"
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     # ExecuTorch's own Llama export (-qmode 8da4w -E 4,32) quantizes the output head and the
     # embedding too; left in float, the tied table alone is most of a small model's .pte
-    Recipe("int8da-int4w-g32", (f"quant.rtn:bits=4,group_size=32,{_XNN},head_bits=4,embed_bits=4",),
+    Recipe("int8da-int4w-g32", (f"quant.gptq:bits=4,group_size=32,{_XNN},{_ENDS4}",),
            ("executorch:xnnpack", "tflite"),
-           "XNNPACK 8da4w: int4 weights in groups of 32 (bf16 scales), int8 dynamic activations; "
-           "head 8da4w and embedding int4 g32 (ExecuTorch embedding_4bit; LiteRT looks up the rows' codes)"),
-    Recipe("int8da-int8w", (f"quant.rtn:bits=8,group_size=0,{_XNN}",), ("executorch:xnnpack", "tflite"),
-           "XNNPACK 8da8w: int8 weights per channel, int8 dynamic activations"),
-    Recipe("int4-g32-xnnpack", (f"quant.gptq:bits=4,group_size=32,{_XNN}",), ("executorch:xnnpack", "tflite"),
-           "GPTQ int4 g32 (data-free calibration unless calib= is given) for XNNPACK's 8da4w "
-           "(ExecuTorch, or LiteRT's CPU)"),
-    Recipe("awq-int4-g32-xnnpack", (f"quant.awq:bits=4,group_size=32,{_XNN}",), ("executorch:xnnpack", "tflite"),
-           "AWQ int4 g32 for XNNPACK's 8da4w (ExecuTorch, or LiteRT's CPU)"),
-    Recipe("int4-g32-coreml", (f"quant.gptq:bits=4,group_size=32,{_CML}",), ("coreml",),
-           "GPTQ int4 g32 with fp16 scales: constexpr_blockwise_shift_scale, exact in fp16 compute"),
-    Recipe("int4-g32-litert", ("quant.gptq:bits=4,group_size=32,symmetric=true,embed_bits=8",), ("tflite",),
-           "GPTQ int4 g32 with float32 scales and an int8 embedding table, float activations: exact, "
-           "but grouped weights are dequantized on every call (decode slower than fp32; "
-           "int4-g32-xnnpack is the fast one)"),
+           "XNNPACK 8da4w: GPTQ int4 weights in groups of 32 (bf16 scales; data-free calibration unless "
+           "--calib), int8 dynamic activations; head 8da4w and embedding int4 g32 (ExecuTorch "
+           f"embedding_4bit; LiteRT looks up the rows' codes); {_CITE}",
+           "gptq combined + int4 ends"),
+    Recipe("int8da-int8w", (f"quant.rtn:bits=8,group_size=0,{_XNN},{_ENDS8}",), ("executorch:xnnpack", "tflite"),
+           "XNNPACK 8da8w: int8 weights per channel, int8 dynamic activations; head 8da8w, embedding int8 rows"),
+    Recipe("int4-g32-xnnpack", (f"quant.gptq:bits=4,group_size=32,{_XNN},{_ENDS8}",),
+           ("executorch:xnnpack", "tflite"),
+           "GPTQ int4 g32 (data-free calibration unless --calib) for XNNPACK's 8da4w (ExecuTorch, or "
+           f"LiteRT's CPU); head 8da8w and embedding int8 rows (quality first); {_CITE}",
+           "gptq combined + int8 ends"),
+    Recipe("awq-int4-g32-xnnpack", (f"quant.awq:bits=4,group_size=32,{_XNN},{_ENDS8}",),
+           ("executorch:xnnpack", "tflite"),
+           f"AWQ int4 g32 for XNNPACK's 8da4w (ExecuTorch, or LiteRT's CPU); head 8da8w, embedding int8 rows; {_CITE}",
+           "awq old default"),
+    Recipe("int4-g32-coreml", (f"quant.gptq:bits=4,group_size=32,{_CML},{_ENDS8}",), ("coreml",),
+           "GPTQ int4 g32 with fp16 scales: constexpr_blockwise_shift_scale, exact in fp16 compute; "
+           f"head and embedding int8 rows; {_CITE}",
+           "gptq combined + int8 ends"),
+    Recipe("int4-g32-litert", (f"quant.gptq:bits=4,group_size=32,symmetric=true,{_SHARED8}",), ("tflite",),
+           "GPTQ int4 g32 with float32 scales and one int8 table for the embedding and the tied head, "
+           "float activations: exact, but grouped weights are dequantized on every call (decode slower "
+           f"than fp32; int4-g32-xnnpack is the fast one); {_CITE}",
+           "gptq combined + int8 ends"),
     Recipe("int8-litert", ("quant.rtn:bits=8,group_size=0,symmetric=true,embed_bits=8",), ("tflite",),
            "int8 weights and embedding per channel (per-axis DEQUANTIZE, runs once at load)"),
-    Recipe("int8-coreml", (f"quant.rtn:bits=8,group_size=0,{_CML}",), ("coreml",),
-           "int8 weights per channel, fp16 scales"),
+    Recipe("int8-coreml", (f"quant.rtn:bits=8,group_size=0,{_CML},{_ENDS8}",), ("coreml",),
+           "int8 weights per channel, fp16 scales; head and embedding int8 rows"),
 )}
+
+
+def measured_quality(r: Recipe) -> str:
+    """What bench/results/quant_calib.json measured for this recipe's method (mean perplexity
+    increase over fp32 on the texts no calibration saw, and the weights' size), or why not."""
+    if not r.measured or not RESULTS.is_file():
+        return "not measured"
+    data = json.loads(RESULTS.read_text())
+    rows = {x["variant"]: x for x in data["rows"] if "perplexity" in x}
+    row, base = rows.get(r.measured), rows.get("fp32")
+    if row is None or base is None:
+        return "not measured"
+    d = [100 * (row["perplexity"][t] / base["perplexity"][t] - 1) for t in base["perplexity"]]
+    return (f"measured {sum(d) / len(d):+.1f} % perplexity (data-free, weight-only, mean of "
+            f"{len(d)} unseen texts), {row['weight_bytes'] / 2**20:.0f} MiB weights "
+            f"(bench/results/quant_calib.md: {r.measured})")
 
 
 def recipe_passes(name: str, target: str, backend: str) -> list[str]:

@@ -109,16 +109,18 @@ class Catalog:
     passes: tuple[str, ...]
     targets: dict  # name -> its backends
     recipes: tuple  # (name, flows, about)
+    recipe_quality: dict = None  # name -> what bench/results measured for it, or "not measured"
 
 
 def catalog() -> Catalog:
     """What this slmc knows: architectures, passes, targets with their backends, recipes."""
     from ..compiler.families import supported_architectures
-    from ..recipes import RECIPES
+    from ..recipes import RECIPES, measured_quality
     from ..targets import TARGETS, load_all
 
     passes = pass_registry()
     load_all()
     return Catalog(architectures=tuple(supported_architectures()), passes=tuple(sorted(passes)),
                    targets={name: tuple(t.backends) for name, t in sorted(TARGETS.items())},
-                   recipes=tuple((r.name, tuple(r.flows), r.about) for r in RECIPES.values()))
+                   recipes=tuple((r.name, tuple(r.flows), r.about) for r in RECIPES.values()),
+                   recipe_quality={r.name: measured_quality(r) for r in RECIPES.values()})
