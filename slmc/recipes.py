@@ -48,6 +48,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "--calib), int8 dynamic activations; head 8da4w and embedding int4 g32 (ExecuTorch "
            f"embedding_4bit; LiteRT looks up the rows' codes); {_CITE}",
            "gptq combined + int4 ends"),
+    # the old int8da-int4w-g32 pass: the same artifact layout, compiled in seconds instead of
+    # minutes of calibration, and what torchao's RTN exports give (to compare compile times)
+    Recipe("int8da-int4w-g32-rtn", (f"quant.rtn:bits=4,group_size=32,{_XNN},{_ENDS4}",),
+           ("executorch:xnnpack", "tflite"),
+           "int8da-int4w-g32 with round-to-nearest codes (no calibration: fast compile, lower quality); "
+           "bench/results/quant_calib.md has RTN with a float embedding/head (row rtn)"),
     Recipe("int8da-int8w", (f"quant.rtn:bits=8,group_size=0,{_XNN},{_ENDS8}",), ("executorch:xnnpack", "tflite"),
            "XNNPACK 8da8w: int8 weights per channel, int8 dynamic activations; head 8da8w, embedding int8 rows"),
     Recipe("int4-g32-xnnpack", (f"quant.gptq:bits=4,group_size=32,{_XNN},{_ENDS8}",),
