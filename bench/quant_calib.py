@@ -52,18 +52,17 @@ def variants(calib: str, quick: bool) -> list[tuple[str, str, str, list[str]]]:
     rows = [  # most telling first: a stopped run keeps its rows
         ("fp32", "-", "reference", []),
         ("gptq old default", "data-free", "baseline", [f"{g},{OLD}"]),
-        ("awq old default", "data-free", "reference", [f"quant.awq:{Q},{OLD}"]),
-        ("gptq 128x128", "data-free", "number of tokens (4x)", [f"{g},n_seqs=128,seq_len=128"]),
-        ("gptq 64x64", "data-free", "diversity (same tokens)", [f"{g},n_seqs=64,seq_len=64"]),
-        ("gptq damp 0.1", "data-free", "damping", [f"{g},{OLD},damp=0.1"]),
         ("gptq act_order", "data-free", "act-order", [f"{g},{OLD},act_order=true"]),
+        ("gptq 128x128", "data-free", "number of tokens (4x)", [f"{g},n_seqs=128,seq_len=128"]),
+        ("awq old default", "data-free", "reference", [f"quant.awq:{Q},{OLD}"]),
+        ("gptq damp 0.1", "data-free", "damping", [f"{g},{OLD},damp=0.1"]),
+        ("gptq 64x64", "data-free", "diversity (same tokens)", [f"{g},n_seqs=64,seq_len=64"]),
+        ("gptq combined", "data-free", "combination", [f"{g},{best}"]),
         ("gptq T 0.8", "data-free", "temperature", [f"{g},{OLD},temperature=0.8"]),
         ("gptq first bos", "data-free", "first token", [f"{g},{OLD},first=bos"]),
         ("rtn", "data-free", "reference", [f"quant.rtn:{Q}"]),
-        ("gptq combined", "data-free", "combination", [f"{g},{best}"]),
         ("awq-scales+gptq combined", "data-free", "AWQ scales under GPTQ",
          [f"quant.awq:{Q},quantize=false,{best.split(',act')[0]}", f"{g},{best}"]),
-        ("gptq calibrated", "calibrated", "reference", [f"{g},{OLD},calib={calib}"]),
         ("gptq calibrated combined", "calibrated", "combination, calibrated",
          [f"{g},{best.replace('n_seqs=128,seq_len=128', OLD)},calib={calib}"]),
         ("gptq combined + int8 ends", "data-free", "embedding and head int8 per row",
@@ -72,6 +71,7 @@ def variants(calib: str, quick: bool) -> list[tuple[str, str, str, list[str]]]:
          [f"{g},{best},embed_bits=4,head_bits=4"]),
         ("mixed 10% + gptq combined", "data-free", "quant.mixed: most sensitive linears int8, +10 % bytes",
          [f"quant.mixed:{Q},budget=0.1", f"{g},{best}"]),
+        ("gptq calibrated", "calibrated", "reference", [f"{g},{OLD},calib={calib}"]),
     ]
     return rows
 
