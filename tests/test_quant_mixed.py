@@ -95,6 +95,17 @@ def test_the_most_sensitive_linear_is_kept_high(tiny_llama_dir):
     assert logs[0].info["most_sensitive"][0][0] == "blocks.1.ffn.down"
 
 
+def test_the_manifest_summary_counts_both_schemes(tiny_llama_dir):
+    from slmc._api.compile import quant_summary  # what compile writes as manifest["quantization"]
+
+    m, logs = _run(import_hf(tiny_llama_dir), f"quant.mixed:budget=0.3,{CAL}", "quant.rtn:bits=4,group_size=32")
+    schemes = quant_summary(m)["schemes"]
+    n_high = len(logs[0].info["high"])
+    assert n_high and sum(v for k, v in schemes.items() if k.startswith("sint8")) == n_high
+    assert schemes["sint4g32"] == sum(1 for _ in block_linears(m)) - n_high
+
+
+@pytest.mark.slow  # a real ExecuTorch compile and validation (minutes on a loaded 2-core host)
 def test_manifest_shows_the_mix_and_xnnpack_runs_it(tiny_llama_dir, tmp_path):
     xnn = "scale_dtype=bfloat16,act_bits=8,symmetric=true"
     out, manifest = compile_model(tiny_llama_dir, "executorch", "xnnpack", tmp_path / "pte", max_seq_len=64,
