@@ -21,13 +21,13 @@ class Recipe:
     passes: tuple[str, ...]
     flows: tuple[str, ...]  # "target" or "target:backend" it is built for
     about: str
-    measured: str = ""  # its row in bench/results/quant_calib.json (the same method and ends)
+    measured: str = ""  # "FILE.json:row" in bench/results measuring its method (`slmc list` shows it)
 
     def legal_for(self, target: str, backend: str) -> bool:
         return target in self.flows or f"{target}:{backend.split(':')[0]}" in self.flows
 
 
-RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "quant_calib.json"
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 _XNN = "scale_dtype=bfloat16,act_bits=8,symmetric=true"
 _CML = "scale_dtype=float16,symmetric=true"
 # Every int4 recipe quantizes the embedding and the head too (issue 17): left in float, the
@@ -47,7 +47,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "XNNPACK 8da4w: GPTQ int4 weights in groups of 32 (bf16 scales; data-free calibration unless "
            "--calib), int8 dynamic activations; head 8da4w and embedding int4 g32 (ExecuTorch "
            f"embedding_4bit; LiteRT looks up the rows' codes); {_CITE}",
-           "gptq combined + int4 ends"),
+           "quant_calib.json:gptq combined + int4 ends"),
     # the old int8da-int4w-g32 pass: the same artifact layout, compiled in seconds instead of
     # minutes of calibration, and what torchao's RTN exports give (to compare compile times)
     Recipe("int8da-int4w-g32-rtn", (f"quant.rtn:bits=4,group_size=32,{_XNN},{_ENDS4}",),
@@ -60,20 +60,20 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            ("executorch:xnnpack", "tflite"),
            "GPTQ int4 g32 (data-free calibration unless --calib) for XNNPACK's 8da4w (ExecuTorch, or "
            f"LiteRT's CPU); head 8da8w and embedding int8 rows (quality first); {_CITE}",
-           "gptq combined + int8 ends"),
+           "quant_calib.json:gptq combined + int8 ends"),
     Recipe("awq-int4-g32-xnnpack", (f"quant.awq:bits=4,group_size=32,{_XNN},{_ENDS8}",),
            ("executorch:xnnpack", "tflite"),
            f"AWQ int4 g32 for XNNPACK's 8da4w (ExecuTorch, or LiteRT's CPU); head 8da8w, embedding int8 rows; {_CITE}",
-           "awq old default"),
+           "quant_calib.json:awq old default"),
     Recipe("int4-g32-coreml", (f"quant.gptq:bits=4,group_size=32,{_CML},{_ENDS8}",), ("coreml",),
            "GPTQ int4 g32 with fp16 scales: constexpr_blockwise_shift_scale, exact in fp16 compute; "
            f"head and embedding int8 rows; {_CITE}",
-           "gptq combined + int8 ends"),
+           "quant_calib.json:gptq combined + int8 ends"),
     Recipe("int4-g32-litert", (f"quant.gptq:bits=4,group_size=32,symmetric=true,{_SHARED8}",), ("tflite",),
            "GPTQ int4 g32 with float32 scales and one int8 table for the embedding and the tied head, "
            "float activations: exact, but grouped weights are dequantized on every call (decode slower "
            f"than fp32; int4-g32-xnnpack is the fast one); {_CITE}",
-           "gptq combined + int8 ends"),
+           "quant_calib.json:gptq combined + int8 ends"),
     Recipe("int8-litert", ("quant.rtn:bits=8,group_size=0,symmetric=true,embed_bits=8",), ("tflite",),
            "int8 weights and embedding per channel (per-axis DEQUANTIZE, runs once at load)"),
     Recipe("int8-coreml", (f"quant.rtn:bits=8,group_size=0,{_CML},{_ENDS8}",), ("coreml",),
@@ -82,19 +82,25 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 
 
 def measured_quality(r: Recipe) -> str:
-    """What bench/results/quant_calib.json measured for this recipe's method (mean perplexity
-    increase over fp32 on the texts no calibration saw, and the weights' size), or why not."""
-    if not r.measured or not RESULTS.is_file():
+    """What bench/results measured for this recipe's method (`measured` = "FILE.json:row"): the
+    perplexity increase over fp32 on text no calibration saw (mean over the texts) and the
+    weights' size; "not measured" without such a row (or without the results, e.g. installed)."""
+    stem, _, variant = r.measured.partition(":")
+    path = RESULTS / stem
+    if not variant or not path.is_file():
         return "not measured"
-    data = json.loads(RESULTS.read_text())
+    data = json.loads(path.read_text())
     rows = {x["variant"]: x for x in data["rows"] if "perplexity" in x}
-    row, base = rows.get(r.measured), rows.get("fp32")
+    row, base = rows.get(variant), rows.get("fp32")
     if row is None or base is None:
         return "not measured"
-    d = [100 * (row["perplexity"][t] / base["perplexity"][t] - 1) for t in base["perplexity"]]
-    return (f"measured {sum(d) / len(d):+.1f} % perplexity (data-free, weight-only, mean of "
-            f"{len(d)} unseen texts), {row['weight_bytes'] / 2**20:.0f} MiB weights "
-            f"(bench/results/quant_calib.md: {r.measured})")
+    ppl, ref = row["perplexity"], base["perplexity"]
+    if not isinstance(ppl, dict):  # one evaluation text
+        ppl, ref = {"text": ppl}, {"text": ref}
+    d = [100 * (ppl[t] / ref[t] - 1) for t in ref]
+    return (f"measured {sum(d) / len(d):+.1f} % perplexity ({row.get('kind', '')}, weight-only, mean of "
+            f"{len(d)} unseen text{'s' if len(d) > 1 else ''}), {row['weight_bytes'] / 2**20:.0f} MiB weights "
+            f"(bench/results/{stem.replace('.json', '.md')}: {variant})")
 
 
 def recipe_passes(name: str, target: str, backend: str) -> list[str]:

@@ -79,3 +79,17 @@ def test_every_int4_recipe_quantizes_embedding_and_head(name):
     tied_ok = all(f.split(":")[0] in ("tflite", "coreml") for f in RECIPES[name].flows)
     assert q.head_bits in (4, 8) or (tied_ok and q.head_bits == 0)
     assert "bench/results/" in RECIPES[name].about  # the measurement it was chosen by
+
+
+def test_list_shows_measured_quality(tmp_path, monkeypatch):
+    import slmc.recipes as recipes
+
+    rows = [{"variant": "fp32", "perplexity": {"a": 10.0, "b": 20.0}, "weight_bytes": 2**20},
+            {"variant": "x", "kind": "data-free", "perplexity": {"a": 11.0, "b": 23.0}, "weight_bytes": 3 * 2**20}]
+    (tmp_path / "q.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    monkeypatch.setattr(recipes, "RESULTS", tmp_path)
+    r = recipes.Recipe("r", ("tflite",), ("tflite",), "about", "q.json:x")
+    text = recipes.measured_quality(r)
+    assert "+12.5 %" in text and "3 MiB" in text and "mean of 2 unseen texts" in text  # (10 % + 15 %) / 2
+    for missing in ("q.json:y", "other.json:x", ""):  # controls: no such row, no such file, none named
+        assert recipes.measured_quality(recipes.Recipe("r", (), (), "", missing)) == "not measured"
