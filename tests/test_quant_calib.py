@@ -90,6 +90,6 @@ def test_list_shows_measured_quality(tmp_path, monkeypatch):
     monkeypatch.setattr(recipes, "RESULTS", tmp_path)
     r = recipes.Recipe("r", ("tflite",), ("tflite",), "about", "q.json:x")
     text = recipes.measured_quality(r)
-    assert "+12.5 %" in text and "3 MiB" in text and "mean of 2 unseen texts" in text  # (10 % + 15 %) / 2
+    assert "+12.5 %" in text and "weights 3 MiB" in text and "mean of 2 unseen texts" in text  # (10 % + 15 %) / 2
     for missing in ("q.json:y", "other.json:x", ""):  # controls: no such row, no such file, none named
         assert recipes.measured_quality(recipes.Recipe("r", (), (), "", missing)) == "not measured"
