@@ -297,15 +297,17 @@ def inspect(model, passes, max_seq_len, save_ir, keep_codes):
 @click.option("--stride", default=None, type=int, help="Window step (default: window / 2).")
 @click.option("--max-tokens", default=4096, show_default=True)
 @click.option("--reference", default=None, help="fp32 reference model (default: the source, no passes).")
+@click.option("--calib", "calib", multiple=True, type=click.Path(),
+              help="Calibration text for the data-aware --pass (repeatable); default: data-free samples.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
-def eval_(subject, texts, passes, window, stride, max_tokens, reference, as_json):
+def eval_(subject, texts, passes, window, stride, max_tokens, reference, calib, as_json):
     """Perplexity of SUBJECT (a model or an artifact) on text; KL and top-1 vs the fp32 reference."""
     from . import api
 
     r = api.evaluate(subject, api.EvalOptions(tuple(texts), passes=tuple(passes), window=window,
                                               stride=stride or max(1, window // 2), max_tokens=max_tokens,
-                                              reference=reference))
+                                              reference=reference, calib=tuple(calib)))
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=2))
         return
@@ -402,7 +404,7 @@ def list_() -> None:
     for name, backends in c.targets.items():
         click.echo(f"target {name}: backends {', '.join(backends)}")
     for name, flows, about in c.recipes:
-        click.echo(f"recipe {name} ({', '.join(flows)}): {about}")
+        click.echo(f"recipe {name} ({', '.join(flows)}): {about} [{c.recipe_quality[name]}]")
 
 
 @main.command("default-model")

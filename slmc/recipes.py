@@ -8,7 +8,9 @@ target's own quantization rules check the result again before lowering.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import SlmcError
 
@@ -19,39 +21,94 @@ class Recipe:
     passes: tuple[str, ...]
     flows: tuple[str, ...]  # "target" or "target:backend" it is built for
     about: str
+    measured: str = ""  # "FILE.json:row" in bench/results measuring its method (`slmc list` shows it)
 
     def legal_for(self, target: str, backend: str) -> bool:
         return target in self.flows or f"{target}:{backend.split(':')[0]}" in self.flows
 
 
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 _XNN = "scale_dtype=bfloat16,act_bits=8,symmetric=true"
 _CML = "scale_dtype=float16,symmetric=true"
+# Every int4 recipe quantizes the embedding and the head too (issue 17): left in float, the
+# tied 49152 x 576 table alone is most of SmolLM2's artifact. XNNPACK holds 8-bit weights per
+# channel only and ExecuTorch cannot use one quantized table as both embedding and head, so
+# the head gets its own table; LiteRT shares the tied table (one int8 copy serves both).
+_ENDS8 = "embed_bits=8,head_bits=8,ends_group_size=0"  # int8 rows: near float quality
+_ENDS4 = "embed_bits=4,head_bits=4"  # int4 g32: half the bytes the decode reads for the head
+_SHARED8 = "embed_bits=8,ends_group_size=0"  # a tied table stays one table, int8 rows
+# The block linears' method, by measurement on text no calibration saw (SmolLM2-135M, int4 g32,
+# evaluated on Northanger Abbey, bench/results/quant_rotate.md): data-free, which is what a
+# recipe does without --calib, AWQ +14.3 % beats GPTQ +24.0 % (act-order) and RTN +36.9 %;
+# with calibration text GPTQ is ahead by 1.2 points (+11.7 vs +12.9 %), hence gptq-int4-g32-xnnpack.
+# quant.rotate helps only GPTQ and makes AWQ worse (+27.6 %), so no recipe rotates.
+_METHOD = "quant.awq"
+_CITE = "method chosen by bench/results/quant_rotate.md (data-free: AWQ +14.3 %, GPTQ +24.0 %, RTN +36.9 %)"
+_MEASURED = "quant_rotate.json:awq data-free int4 g32"  # embedding and head float there
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     # ExecuTorch's own Llama export (-qmode 8da4w -E 4,32) quantizes the output head and the
     # embedding too; left in float, the tied table alone is most of a small model's .pte
-    Recipe("int8da-int4w-g32", (f"quant.rtn:bits=4,group_size=32,{_XNN},head_bits=4,embed_bits=4",),
+    Recipe("int8da-int4w-g32", (f"{_METHOD}:bits=4,group_size=32,{_XNN},{_ENDS4}",),
            ("executorch:xnnpack", "tflite"),
-           "XNNPACK 8da4w: int4 weights in groups of 32 (bf16 scales), int8 dynamic activations; "
-           "head 8da4w and embedding int4 g32 (ExecuTorch embedding_4bit; LiteRT looks up the rows' codes)"),
-    Recipe("int8da-int8w", (f"quant.rtn:bits=8,group_size=0,{_XNN}",), ("executorch:xnnpack", "tflite"),
-           "XNNPACK 8da8w: int8 weights per channel, int8 dynamic activations"),
-    Recipe("int4-g32-xnnpack", (f"quant.gptq:bits=4,group_size=32,{_XNN}",), ("executorch:xnnpack", "tflite"),
-           "GPTQ int4 g32 (data-free calibration unless calib= is given) for XNNPACK's 8da4w "
-           "(ExecuTorch, or LiteRT's CPU)"),
-    Recipe("awq-int4-g32-xnnpack", (f"quant.awq:bits=4,group_size=32,{_XNN}",), ("executorch:xnnpack", "tflite"),
-           "AWQ int4 g32 for XNNPACK's 8da4w (ExecuTorch, or LiteRT's CPU)"),
-    Recipe("int4-g32-coreml", (f"quant.gptq:bits=4,group_size=32,{_CML}",), ("coreml",),
-           "GPTQ int4 g32 with fp16 scales: constexpr_blockwise_shift_scale, exact in fp16 compute"),
-    Recipe("int4-g32-litert", ("quant.gptq:bits=4,group_size=32,symmetric=true,embed_bits=8",), ("tflite",),
-           "GPTQ int4 g32 with float32 scales and an int8 embedding table, float activations: exact, "
-           "but grouped weights are dequantized on every call (decode slower than fp32; "
-           "int4-g32-xnnpack is the fast one)"),
+           "XNNPACK 8da4w: AWQ int4 weights in groups of 32 (bf16 scales; data-free calibration unless "
+           "--calib), int8 dynamic activations; head 8da4w and embedding int4 g32 (ExecuTorch "
+           f"embedding_4bit; LiteRT looks up the rows' codes); {_CITE}", _MEASURED),
+    # the old int8da-int4w-g32 pass: the same artifact layout, compiled in seconds instead of
+    # minutes of calibration, and what torchao's RTN exports give (to compare compile times)
+    Recipe("int8da-int4w-g32-rtn", (f"quant.rtn:bits=4,group_size=32,{_XNN},{_ENDS4}",),
+           ("executorch:xnnpack", "tflite"),
+           "int8da-int4w-g32 with round-to-nearest codes: no calibration, so a fast compile, but +36.9 % "
+           "perplexity weight-only (bench/results/quant_rotate.md)", "quant_rotate.json:rtn int4 g32"),
+    Recipe("int8da-int8w", (f"quant.rtn:bits=8,group_size=0,{_XNN},{_ENDS8}",), ("executorch:xnnpack", "tflite"),
+           "XNNPACK 8da8w: int8 weights per channel, int8 dynamic activations; head 8da8w, embedding int8 rows"),
+    Recipe("int4-g32-xnnpack", (f"{_METHOD}:bits=4,group_size=32,{_XNN},{_ENDS8}",),
+           ("executorch:xnnpack", "tflite"),
+           "AWQ int4 g32 (data-free calibration unless --calib) for XNNPACK's 8da4w (ExecuTorch, or "
+           f"LiteRT's CPU); head 8da8w and embedding int8 rows (quality first); {_CITE}", _MEASURED),
+    Recipe("gptq-int4-g32-xnnpack", (f"quant.gptq:bits=4,group_size=32,act_order=true,{_XNN},{_ENDS8}",),
+           ("executorch:xnnpack", "tflite"),
+           "GPTQ int4 g32 (act-order) for XNNPACK's 8da4w, head 8da8w, embedding int8 rows: the best measured "
+           "with your --calib text (+11.7 % vs AWQ +12.9 %), worse data-free (+24.0 % vs +14.3 %; "
+           "bench/results/quant_rotate.md)", "quant_rotate.json:gptq int4 g32"),
+    Recipe("awq-int4-g32-xnnpack", (f"quant.awq:bits=4,group_size=32,{_XNN},{_ENDS8}",),
+           ("executorch:xnnpack", "tflite"),
+           "AWQ int4 g32 for XNNPACK's 8da4w (ExecuTorch, or LiteRT's CPU); head 8da8w, embedding int8 rows "
+           f"(the same as int4-g32-xnnpack while AWQ is the measured best); {_CITE}", _MEASURED),
+    Recipe("int4-g32-coreml", (f"{_METHOD}:bits=4,group_size=32,{_CML},{_ENDS8}",), ("coreml",),
+           "AWQ int4 g32 with fp16 scales: constexpr_blockwise_shift_scale, exact in fp16 compute; "
+           f"head and embedding int8 rows; {_CITE}", _MEASURED),
+    Recipe("int4-g32-litert", (f"{_METHOD}:bits=4,group_size=32,symmetric=true,{_SHARED8}",), ("tflite",),
+           "AWQ int4 g32 with float32 scales and one int8 table for the embedding and the tied head, "
+           "float activations: exact, but grouped weights are dequantized on every call (decode slower "
+           f"than fp32; int4-g32-xnnpack is the fast one); {_CITE}", _MEASURED),
     Recipe("int8-litert", ("quant.rtn:bits=8,group_size=0,symmetric=true,embed_bits=8",), ("tflite",),
            "int8 weights and embedding per channel (per-axis DEQUANTIZE, runs once at load)"),
-    Recipe("int8-coreml", (f"quant.rtn:bits=8,group_size=0,{_CML}",), ("coreml",),
-           "int8 weights per channel, fp16 scales"),
+    Recipe("int8-coreml", (f"quant.rtn:bits=8,group_size=0,{_CML},{_ENDS8}",), ("coreml",),
+           "int8 weights per channel, fp16 scales; head and embedding int8 rows"),
 )}
+
+
+def measured_quality(r: Recipe) -> str:
+    """What bench/results measured for this recipe's method (`measured` = "FILE.json:row"): the
+    perplexity increase over fp32 on text no calibration saw (mean over the texts) and the
+    weights' size; "not measured" without such a row (or without the results, e.g. installed)."""
+    stem, _, variant = r.measured.partition(":")
+    path = RESULTS / stem
+    if not variant or not path.is_file():
+        return "not measured"
+    data = json.loads(path.read_text())
+    rows = {x["variant"]: x for x in data["rows"] if "perplexity" in x}
+    row, base = rows.get(variant), rows.get("fp32")
+    if row is None or base is None:
+        return "not measured"
+    ppl, ref = row["perplexity"], base["perplexity"]
+    if not isinstance(ppl, dict):  # one evaluation text
+        ppl, ref = {"text": ppl}, {"text": ref}
+    d = [100 * (ppl[t] / ref[t] - 1) for t in ref]
+    return (f"measured {sum(d) / len(d):+.1f} % perplexity ({row.get('kind', '')}, weight-only, mean of "
+            f"{len(d)} unseen text{'s' if len(d) > 1 else ''}; weights {row['weight_bytes'] / 2**20:.0f} MiB in that row) "
+            f"(bench/results/{stem.replace('.json', '.md')}: {variant})")
 
 
 def recipe_passes(name: str, target: str, backend: str) -> list[str]:

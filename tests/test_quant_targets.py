@@ -123,8 +123,8 @@ def test_calib_flag_checks_files_and_records_them(tiny_llama_dir, tmp_path):
                                   passes=[])
     files = manifest["calibration_files"]
     assert files and files[0]["path"] == str(text.resolve()) and len(files[0]["sha256"]) == 64
-    gptq = next(p for p in manifest["pipeline"] if p["name"] == "quant.gptq")
-    assert gptq["options"]["calib"] == str(text.resolve())
+    fitted = next(p for p in manifest["pipeline"] if p["name"] in ("quant.awq", "quant.gptq"))
+    assert fitted["options"]["calib"] == str(text.resolve())
     assert manifest["recipe"] == "int4-g32-xnnpack"
 
 
@@ -142,7 +142,8 @@ def test_fake_quant_tokens_matches_torchao():
 # slow: the pte-8da4w flow above runs the flagship recipe's passes in the default suite
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param(n)
-                                  for n in ("int8da-int4w-g32", "int8da-int8w", "int4-g32-xnnpack",
+                                  for n in ("int8da-int4w-g32", "int8da-int4w-g32-rtn", "int8da-int8w",
+                                            "int4-g32-xnnpack", "gptq-int4-g32-xnnpack",
                                             "awq-int4-g32-xnnpack", "int4-g32-coreml", "int8-coreml",
                                             "int4-g32-litert", "int8-litert")])
 def test_each_recipe_compiles_its_flow_and_validates(tiny_llama_dir, tmp_path, name):

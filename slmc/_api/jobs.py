@@ -10,7 +10,8 @@ from typing import Callable
 from ..compiler.ir import Model
 from ..errors import SlmcError, ValidationFailed
 from ..manifest import read_manifest, record_validation
-from .models import load, pass_registry, reference_model, resolve_model_path, run_passes, tokenizer_dir
+from .models import (load, parse_passes, pass_registry, reference_model, resolve_model_path, run_passes,
+                     tokenizer_dir, with_calibration)
 from .options import EvalOptions, InspectOptions, RunOptions, ValidateOptions
 
 
@@ -61,6 +62,9 @@ def evaluate(subject: str, opts: EvalOptions):
     if window < 2 or not 0 < stride <= window:
         raise SlmcError(f"need window >= 2 and 0 < stride <= window (got {window}, {stride})", "--window/--stride")
     p = Path(subject)
+    if opts.calib and not any(hasattr(q.options, "calib") for q in parse_passes(list(opts.passes))):
+        raise SlmcError("--calib feeds the data-aware passes (quant.gptq, quant.awq, ...) given with --pass; "
+                        "an artifact's calibration is fixed when it is compiled", "--calib")
     if (p / "manifest.json").is_file():
         from ..runtime_tests.sessions import open_session
 
@@ -72,7 +76,7 @@ def evaluate(subject: str, opts: EvalOptions):
         ref = load(reference or manifest["source"]["path"])
     else:
         src = resolve_model_path(subject)
-        subj, _ = run_passes(load(src), opts.passes)
+        subj, _ = run_passes(load(src), with_calibration(parse_passes(list(opts.passes)), opts.calib))
         tok_dir = tokenizer_dir(src) or (Path(subj.source.get("path", "")) if subj.source else None)
         ref = load(reference or src) if (opts.passes or reference) else None
     if tok_dir is None:
@@ -110,16 +114,18 @@ class Catalog:
     passes: tuple[str, ...]
     targets: dict  # name -> its backends
     recipes: tuple  # (name, flows, about)
+    recipe_quality: dict = None  # name -> what bench/results measured for it, or "not measured"
 
 
 def catalog() -> Catalog:
     """What this slmc knows: architectures, passes, targets with their backends, recipes."""
     from ..compiler.families import supported_architectures
-    from ..recipes import RECIPES
+    from ..recipes import RECIPES, measured_quality
     from ..targets import TARGETS, load_all
 
     passes = pass_registry()
     load_all()
     return Catalog(architectures=tuple(supported_architectures()), passes=tuple(sorted(passes)),
                    targets={name: tuple(t.backends) for name, t in sorted(TARGETS.items())},
-                   recipes=tuple((r.name, tuple(r.flows), r.about) for r in RECIPES.values()))
+                   recipes=tuple((r.name, tuple(r.flows), r.about) for r in RECIPES.values()),
+                   recipe_quality={r.name: measured_quality(r) for r in RECIPES.values()})

@@ -38,6 +38,7 @@ class EvalOptions:
     stride: int = 256
     max_tokens: int = 4096
     reference: str | Path | None = None  # fp32 reference; None: the source without passes
+    calib: tuple[str, ...] = ()  # calibration text for the data-aware passes (as compile's --calib)
 
 
 @dataclass(frozen=True)

@@ -86,8 +86,13 @@ def _float_view(model: Model, max_len: int) -> Model:
     return view
 
 
+FIRST = ("random", "bos")  # how a data-free sample's first token is chosen
+
+
 @torch.no_grad()
-def sample_ids(model: Model, n_seqs: int, seq_len: int, seed: int) -> torch.Tensor:
+def sample_ids(model: Model, n_seqs: int, seq_len: int, seed: int, temperature: float = 1.0,
+               first: str = "random") -> torch.Tensor:
+    """first="random": a seeded random vocabulary token; "bos": the model's BOS token."""
     from .lowering.module import LoweredLM
 
     lm = LoweredLM(_float_view(model, seq_len)).eval()
@@ -96,7 +101,9 @@ def sample_ids(model: Model, n_seqs: int, seq_len: int, seed: int) -> torch.Tens
                            in_dims=(0, 0, None))
     g = torch.Generator().manual_seed(seed)
     out = torch.empty(n_seqs, seq_len, dtype=torch.long)
-    out[:, 0] = torch.randint(0, model.vocab_size, (n_seqs,), generator=g)
+    if first == "bos" and model.bos_id is None:
+        raise SlmcError("first=bos: this model has no BOS token; use first=random", "calibration")
+    out[:, 0] = model.bos_id if first == "bos" else torch.randint(0, model.vocab_size, (n_seqs,), generator=g)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*batching rule.*")  # index_copy_ falls back to a loop
         for b0 in range(0, n_seqs, SAMPLE_BATCH):
@@ -104,21 +111,28 @@ def sample_ids(model: Model, n_seqs: int, seq_len: int, seed: int) -> torch.Tens
             c = {n: torch.zeros((len(rows), *t.shape), dtype=t.dtype) for n, t in caches.items()}
             for t in range(seq_len - 1):
                 logits = step(rows[:, t].view(-1, 1, 1), c, torch.tensor([t]))
-                probs = torch.softmax(logits.reshape(len(rows), -1).float(), dim=-1)
+                probs = torch.softmax(logits.reshape(len(rows), -1).float() / temperature, dim=-1)
                 rows[:, t + 1] = torch.multinomial(probs, 1, generator=g)[:, 0]
     return out
 
 
-def calibration_ids(model: Model, files: list[str], n_seqs: int, seq_len: int, seed: int) -> torch.Tensor:
-    """[n_seqs, seq_len] token ids: windows of the user's text, or data-free samples."""
+def calibration_ids(model: Model, files: list[str], n_seqs: int, seq_len: int, seed: int,
+                    temperature: float = 1.0, first: str = "random") -> torch.Tensor:
+    """[n_seqs, seq_len] token ids: windows of the user's text, or data-free samples
+    (temperature and first apply to those only)."""
     _check(model, n_seqs, seq_len, "calibration")
+    if not temperature > 0 or first not in FIRST:
+        raise SlmcError(f"need temperature > 0 and first in {'/'.join(FIRST)} (got {temperature}, {first!r})",
+                        "calibration")
     if files:
         return text_ids(model, files, n_seqs, seq_len, seed)
-    return sample_ids(model, n_seqs, seq_len, seed)
+    return sample_ids(model, n_seqs, seq_len, seed, temperature, first)
 
 
-def describe(files: list[str], n_seqs: int, seq_len: int, seed: int) -> str:
-    src = "text " + ";".join(files) if files else "data-free (sampled from the model)"
+def describe(files: list[str], n_seqs: int, seq_len: int, seed: int, temperature: float = 1.0,
+             first: str = "random") -> str:
+    src = ("text " + ";".join(files) if files else
+           f"data-free (sampled from the model, temperature {temperature:g}, first token {first})")
     return f"{src}, {n_seqs}x{seq_len} tokens, seed {seed}"
 
 

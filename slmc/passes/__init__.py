@@ -17,6 +17,7 @@ from . import (  # noqa: F401  (each module registers its pass)
     moe_offload,
     quant_awq,
     quant_gptq,
+    quant_mixed,
     quant_requant,
     quant_rotate,
     quant_rtn,

@@ -11,17 +11,17 @@ from ._options import QuantOptions
 
 def quantize_ends(ir: Model, opts: QuantOptions, algorithm: str) -> int:
     """Embedding and head at their own bit widths (a tied head gets its own node first)."""
-    n = 0
+    n, g = 0, opts.group_size if opts.ends_group_size < 0 else opts.ends_group_size
     if opts.head_bits:
         if ir.lm_head is None:
             ir.lm_head = Linear(ir.embed)
         if not isinstance(ir.lm_head.weight, QuantWeight):
-            s = QuantScheme(opts.head_bits, opts.group_size, opts.symmetric, opts.scale_dtype)
+            s = QuantScheme(opts.head_bits, g, opts.symmetric, opts.scale_dtype)
             s.check(ir.lm_head.in_features, "--pass quant:head_bits")
             ir.lm_head.weight = rtn(ir.lm_head.weight.float(), s, algorithm)
             n += 1
     if opts.embed_bits and not isinstance(ir.embed, QuantWeight):
-        s = QuantScheme(opts.embed_bits, opts.group_size, opts.symmetric, opts.scale_dtype)
+        s = QuantScheme(opts.embed_bits, g, opts.symmetric, opts.scale_dtype)
         s.check(ir.hidden_size, "--pass quant:embed_bits")
         ir.embed = rtn(ir.embed.float(), s, algorithm)
         n += 1

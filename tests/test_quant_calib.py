@@ -1,0 +1,95 @@
+"""Data-free calibration knobs (temperature, first token), the ends' own group size, `slmc eval
+--calib`, and the int4 recipes quantizing the embedding and the head."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import slmc.passes  # noqa: F401  (registers the passes)
+from slmc.cli import main
+from slmc.compiler.calib import calibration_ids
+from slmc.compiler.importers.hf import import_hf
+from slmc.compiler.ir import QuantWeight
+from slmc.compiler.pass_manager import PassManager, parse_pass
+from slmc.errors import SlmcError
+from slmc.recipes import RECIPES
+
+
+def test_first_token_and_temperature(tiny_llama_dir):
+    m = import_hf(tiny_llama_dir)
+    bos = calibration_ids(m, [], 4, 16, seed=0, first="bos")
+    assert (bos[:, 0] == m.bos_id).all()
+    rnd = calibration_ids(m, [], 4, 16, seed=0)
+    assert not (rnd[:, 0] == m.bos_id).all()  # control: random first tokens
+    # a low temperature concentrates the samples: fewer distinct tokens than at temperature 1
+    cold = calibration_ids(m, [], 4, 64, seed=0, temperature=0.05)
+    assert len(torch.unique(cold[:, 1:])) < len(torch.unique(calibration_ids(m, [], 4, 64, seed=0)[:, 1:]))
+    for kw, word in (({"temperature": 0.0}, "temperature"), ({"first": "eos"}, "first")):
+        with pytest.raises(SlmcError, match=word):
+            calibration_ids(m, [], 4, 16, seed=0, **kw)
+
+
+def test_ends_group_size(tiny_llama_dir):
+    m = import_hf(tiny_llama_dir)
+    p = parse_pass("quant.rtn:bits=4,group_size=32,embed_bits=8,head_bits=8,ends_group_size=0")
+    m, _ = PassManager([p]).run(m)
+    for w in (m.embed, m.lm_head.weight):
+        assert isinstance(w, QuantWeight) and w.bits == 8 and w.group_size == w.shape[1]  # one group per row
+    blocks = [lin.weight for b in m.blocks for lin in (b.attn.q, b.ffn.down)]
+    assert all(w.bits == 4 and w.group_size == 32 for w in blocks)
+    # control: -1 (the default) keeps the block linears' group size
+    m2, _ = PassManager([parse_pass("quant.rtn:bits=4,group_size=32,embed_bits=8")]).run(import_hf(tiny_llama_dir))
+    assert m2.embed.group_size == 32
+
+
+def test_eval_calib_feeds_the_data_aware_pass(tiny_llama_dir, tmp_path):
+    text = tmp_path / "cal.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 30)
+    ev = tmp_path / "ev.txt"
+    ev.write_text("a stitch in time saves nine, and many hands make light work " * 20)
+    base = ["eval", str(tiny_llama_dir), "--text", str(ev), "--window", "64", "--max-tokens", "300", "--json"]
+    gptq = "quant.gptq:bits=4,group_size=16,n_seqs=4,seq_len=32"
+
+    def ppl(*args):
+        r = CliRunner().invoke(main, base + list(args))
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)["perplexity"]
+
+    via_flag = ppl("--pass", gptq, "--calib", str(text))
+    assert via_flag == ppl("--pass", f"{gptq},calib={text}")  # the same as calib= in the pass
+    assert via_flag != ppl("--pass", gptq)  # control: data-free calibration gives other codes
+    r = CliRunner().invoke(main, base + ["--pass", "quant.rtn", "--calib", str(text)])
+    assert r.exit_code == 2 and "--calib" in r.output  # no data-aware pass to feed
+    r = CliRunner().invoke(main, base + ["--pass", gptq, "--calib", str(tmp_path / "missing.txt")])
+    assert r.exit_code == 2
+
+
+INT4 = [n for n, r in RECIPES.items() if any("bits=4" in p for p in r.passes)]
+
+
+@pytest.mark.parametrize("name", INT4)
+def test_every_int4_recipe_quantizes_embedding_and_head(name):
+    """Issue 17 item 3: no int4 recipe leaves the (tied) table in float."""
+    opts = [parse_pass(p).options for p in RECIPES[name].passes]
+    q = next(o for o in opts if getattr(o, "bits", 0) == 4 and hasattr(o, "embed_bits"))
+    assert q.embed_bits in (4, 8)
+    # the head: its own quantized table, or the quantized embedding shared (targets that allow it)
+    tied_ok = all(f.split(":")[0] in ("tflite", "coreml") for f in RECIPES[name].flows)
+    assert q.head_bits in (4, 8) or (tied_ok and q.head_bits == 0)
+    assert "bench/results/" in RECIPES[name].about  # the measurement it was chosen by
+
+
+def test_list_shows_measured_quality(tmp_path, monkeypatch):
+    import slmc.recipes as recipes
+
+    rows = [{"variant": "fp32", "perplexity": {"a": 10.0, "b": 20.0}, "weight_bytes": 2**20},
+            {"variant": "x", "kind": "data-free", "perplexity": {"a": 11.0, "b": 23.0}, "weight_bytes": 3 * 2**20}]
+    (tmp_path / "q.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    monkeypatch.setattr(recipes, "RESULTS", tmp_path)
+    r = recipes.Recipe("r", ("tflite",), ("tflite",), "about", "q.json:x")
+    text = recipes.measured_quality(r)
+    assert "+12.5 %" in text and "weights 3 MiB" in text and "mean of 2 unseen texts" in text  # (10 % + 15 %) / 2
+    for missing in ("q.json:y", "other.json:x", ""):  # controls: no such row, no such file, none named
+        assert recipes.measured_quality(recipes.Recipe("r", (), (), "", missing)) == "not measured"
