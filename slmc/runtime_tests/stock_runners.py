@@ -94,28 +94,33 @@ def litert_lm_generate(path: Path, manifest: dict, text: str, max_new_tokens: in
     import litert_lm
 
     max_len = int(manifest["kv_cache_spec"]["max_len"])
-    tok, ids = _prompt_ids(path.parent, text, max_len)
+    _, ids = _prompt_ids(path.parent, text, max_len)
     n = min(max_new_tokens, max_len - len(ids) - 1)
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
     try:
-        engine = litert_lm.Engine(str(path), backend=litert_lm.Backend.CPU(), max_num_tokens=max_len)
+        engine = litert_lm.Engine(str(path), backend=litert_lm.Backend.CPU(), max_num_tokens=max_len,
+                                  enable_benchmark=True)
     except Exception as e:
         raise SlmcError(f"LiteRT-LM could not load the bundle: {e}", str(path)) from None
     greedy = temperature <= 0
     sampler = litert_lm.SamplerConfig(top_k=1 if greedy else 0, top_p=1.0, temperature=0.0 if greedy else temperature,
                                       seed=0)
     session = engine.create_session(apply_prompt_template=False, sampler_config=sampler, max_output_tokens=n)
-    t0 = time.perf_counter()
-    session.run_prefill([text])
-    t1 = time.perf_counter()
-    got = session.run_decode().texts[0]
-    t2 = time.perf_counter()
+    try:
+        session.run_prefill([text])
+        got = session.run_decode().texts[0]
+        b = session.get_benchmark_info()  # the engine's own token counts and timings
+    finally:
+        session.close()
+        engine.close()
     on_text(got)
-    out = tok.encode(got, add_special_tokens=False).ids
-    session.close()
-    engine.close()
-    return _stats(len(ids), len(out), t0, t1, t2, f"LiteRT-LM engine (litert_lm {_version('litert-lm-api')})",
-                  out, got)
+    n_pre, n_dec = b.last_prefill_token_count, b.last_decode_token_count
+    pre_s = n_pre / max(b.last_prefill_tokens_per_second, 1e-9)
+    dec_s = n_dec / max(b.last_decode_tokens_per_second, 1e-9)
+    return {"prompt_tokens": n_pre, "generated_tokens": n_dec, "tokens": None,
+            "prefill_ms": pre_s * 1000, "decode_ms": dec_s * 1000,
+            "prefill_tok_s": b.last_prefill_tokens_per_second, "decode_tok_s": b.last_decode_tokens_per_second,
+            "runtime": f"LiteRT-LM engine (litert_lm {_version('litert-lm-api')})", "text": got}
 
 
 def _version(dist: str) -> str:
