@@ -368,3 +368,51 @@ def test_default_model_int4_recipe_validates_and_generates_in_genai(tmp_path):
     got = _genai_greedy(out, ids, 24)
     ref, _ = reference.greedy(m, ids, 24)
     assert got == ref[:len(got)] and (len(got) == 24 or got[-1] in man["model"]["eos_ids"])
+
+
+@pytest.mark.parametrize("bits,symmetric,group", [(4, True, 32), (4, False, 16), (8, True, 0), (8, False, 48)])
+def test_ops_dequantize_to_the_reference_floats_bit_for_bit(bits, symmetric, group):
+    """The claim behind the float bound: onnxruntime's MatMulNBits (accuracy_level=1) and
+    GatherBlockQuantized reproduce QuantWeight.float() exactly. MatMulNBits on A = identity
+    returns dequant(B)^T (each output one product with 1.0, plus zeros), compared bitwise; the
+    gather returns rows of the dequantized table. group 0: per channel (blocks of 64, scale
+    repeated); 48: blocks of 16, scales repeated 3x."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slmc.compiler.quant import QuantScheme, rtn
+    from slmc.targets.onnx.codes import images
+
+    n, k = 40, 192
+    w = rtn(torch.randn(n, k, generator=torch.Generator().manual_seed(bits + group)),
+            QuantScheme(bits, group or k, symmetric, "float32"), "rtn")
+    im = images(w)
+    ref = w.float().numpy()
+
+    def run(node, inits, x_name, x):
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info(x_name, TensorProto.FLOAT if
+                                                                          x.dtype == np.float32 else TensorProto.INT64,
+                                                                          list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(a, nm) for nm, a in inits])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+        m.ir_version = 10
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {x_name: x})[0]
+
+    zp = [] if im.zeros is None else [("z", im.zeros.reshape(-1))]
+    mm = helper.make_node("MatMulNBits", ["a", "b", "s"] + ["z"] * bool(zp), ["y"], domain="com.microsoft",
+                          K=k, N=n, bits=bits, block_size=im.block, accuracy_level=1)
+    got = run(mm, [("b", im.codes), ("s", im.scales), *zp], "a", np.eye(k, dtype=np.float32))
+    assert np.array_equal(got, ref.T)
+    zp = [] if im.zeros is None else [("z", im.zeros)]
+    gq = helper.make_node("GatherBlockQuantized", ["d", "i", "s"] + ["z"] * bool(zp), ["y"], domain="com.microsoft",
+                          bits=bits, block_size=im.block, gather_axis=0, quantize_axis=1)
+    idx = np.array([[0, 7, 39, 7]], dtype=np.int64)
+    got = run(gq, [("d", im.codes.reshape(n, -1)), ("s", im.scales), *zp], "i", idx)
+    assert np.array_equal(got, ref[idx])
+    # the control: one code off by one is seen
+    bad = im.codes.copy()
+    bad.reshape(-1)[3] ^= 1
+    got = run(mm, [("b", bad), ("s", im.scales), *([("z", im.zeros.reshape(-1))] if im.zeros is not None else [])],
+              "a", np.eye(k, dtype=np.float32))
+    assert not np.array_equal(got, ref.T)
