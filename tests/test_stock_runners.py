@@ -98,7 +98,7 @@ def _transformers_text(n=N):
 
     d = api.resolve_model_path("default")
     tok = AutoTokenizer.from_pretrained(str(d))
-    model = AutoModelForCausalLM.from_pretrained(str(d), torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
     ids = tok(SMOL_PROMPT, return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=model.config.eos_token_id)
