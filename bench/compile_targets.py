@@ -1,4 +1,4 @@
-"""Core ML and LiteRT compile benchmark: slmc beside each ecosystem's own converter.
+"""Core ML, LiteRT and ONNX compile benchmark: slmc beside each ecosystem's own converter.
 
     SLMC_CACHE=/tmp/slmc-cache python bench/compile_targets.py [--max-seq-len 512]
     python bench/compile_targets.py --quick          # tiny random Llama, smoke test
@@ -13,8 +13,14 @@ Paths, each in a fresh subprocess (wall time, CPU time and peak RSS are its own)
                 fp32 (quantization_recipe="none"), prefill 128, same cache length, no bundle; its exporter
                 imports tensorflow, which slmc's environment does not have: give it a venv
                 that does with --ref-python (torch 2.13.0, litert-torch 0.10.0, tensorflow)
+  slmc onnx     api.compile(target="onnx", backend="cpu"): fp32, and (onnx_int4) recipe int4-g32-onnx
+                (int4 g32 MatMulNBits at accuracy_level=1, int8 embedding)
+  ref onnx      onnxruntime-genai's model builder, `python -m onnxruntime_genai.models.builder -i DIR -o OUT
+                -p fp32|int4 -e cpu` on the same local HF folder (offline: HF_HUB_OFFLINE=1), its defaults
+                (int4: its own RTN int4 with accuracy_level=4, int8 activations)
 Then one subprocess times greedy decode of both .tflite files in ai_edge_litert's interpreter
-(caches fed back output -> input; median of repeats). A path that fails records its error:
+(caches fed back output -> input; median of repeats), and one the ONNX folders in
+onnxruntime-genai's generator (onnxruntime's CPU EP; the same runner for both converters). A path that fails records its error:
 the reference converters are measured as they are, not patched.
 Writes bench/results/compile_targets{,-quick}.{json,md} (`--render`: the .md again from the .json);
 the results file's `notes` hold the figures of bench/README.md's paragraph on this benchmark.
@@ -38,11 +44,30 @@ def worker_slmc(target: str, model: str, out: Path, L: int, ph: Phases) -> dict:
     from slmc import api
 
     ph("compile_model setup")
-    backend = {"coreml": "all", "tflite": "cpu"}[target]
-    path, _ = api.compile(api.CompileOptions(model, target, backend, out, max_seq_len=L), progress=ph)
+    backend = {"coreml": "all", "tflite": "cpu", "onnx": "cpu", "onnx_int4": "cpu"}[target]
+    recipe = "int4-g32-onnx" if target == "onnx_int4" else None
+    path, _ = api.compile(api.CompileOptions(model, target.partition("_")[0], backend, out, max_seq_len=L,
+                                             recipe=recipe), progress=ph)
     ph("done")
+    if target.startswith("onnx"):
+        return {"artifact": str(path)}  # the folder genai loads (model.onnx + .data + genai_config.json)
     art = path / ("model.mlpackage" if target == "coreml" else "model.tflite")
     return {"artifact": str(art)}
+
+
+def worker_ref_onnx(precision: str, model: str, out: Path, L: int, ph: Phases) -> dict:
+    import subprocess
+
+    ph("onnxruntime_genai.models.builder")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # the local folder only
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", model, "-o", str(out), "-p", precision,
+           "-e", "cpu", "-c", str(out.parent / f"{out.name}-cache")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    ph("done")
+    if r.returncode != 0 or not (out / "genai_config.json").is_file():
+        tail = [ln for ln in (r.stderr or r.stdout).splitlines() if ln.strip()][-1:] or [f"exit {r.returncode}"]
+        raise RuntimeError(f"builder -p {precision}: {tail[0]}")
+    return {"artifact": str(out), "builder_args": cmd[3:]}
 
 
 def worker_ref_coreml(model: str, out: Path, L: int, ph: Phases) -> dict:
@@ -114,14 +139,42 @@ def worker_decode(arts: dict, ids: list[int], steps: int, repeats: int) -> dict:
     return res
 
 
+def worker_decode_onnx(arts: dict, ids: list[int], steps: int, repeats: int) -> dict:
+    """Greedy decode steps in onnxruntime-genai's generator after a short prompt (each repeat a
+    fresh generator); the prompt's forward pass is not timed."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    res = {}
+    for name, folder in arts.items():
+        model = og.Model(folder)
+        tok_s = []
+        for r in range(repeats + 1):  # repeat 0: warm-up
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=len(ids) + steps, do_sample=False)
+            gen = og.Generator(model, params)
+            gen.append_tokens(np.array([ids], dtype=np.int32))
+            t0, n = time.perf_counter(), 0
+            while n < steps and not gen.is_done():
+                gen.generate_next_token()
+                n += 1
+            if r:
+                tok_s.append(n / (time.perf_counter() - t0))
+        res[name] = {"decode_tok_s": statistics.median(tok_s), "tok_s": tok_s}
+    return res
+
+
 def worker_main(a) -> None:
     ph = Phases()
     if a.worker == "decode":
         out = worker_decode(json.loads(a.arts), json.loads(a.prompt_ids), a.steps, a.repeats)
+    elif a.worker == "decode_onnx":
+        out = worker_decode_onnx(json.loads(a.arts), json.loads(a.prompt_ids), a.steps, a.repeats)
     else:
         target, who = a.worker.split("-")
         fn = (lambda *x: worker_slmc(target, *x)) if who == "slmc" else \
-            {"coreml": worker_ref_coreml, "tflite": worker_ref_tflite}[target]
+            {"coreml": worker_ref_coreml, "tflite": worker_ref_tflite,
+             "onnx": lambda *x: worker_ref_onnx("fp32", *x), "onnx_int4": lambda *x: worker_ref_onnx("int4", *x)}[target]
         try:
             out = fn(a.model, Path(a.out), a.max_seq_len, ph)
         except Exception as e:  # a converter that fails is a result, recorded with its error
@@ -149,7 +202,7 @@ def ratio(a, b, key):
 
 def markdown(r: dict) -> str:
     m = r["machine"]
-    lines = [f"# Core ML and LiteRT compile: slmc beside the reference converters ({r['model_name']})", "",
+    lines = [f"# Core ML, LiteRT and ONNX compile: slmc beside the reference converters ({r['model_name']})", "",
              f"{m['date']} · {m['cpu']} · {m['cores']} cores · torch {m['torch']} · max_seq_len {r['max_seq_len']} · "
              f"fp32 weights {r['fp32_weight_bytes'] / 2**20:.0f} MiB", "",
              "| path | compile wall (s) | CPU (s) | peak RSS (MiB) | artifact (MiB) | decode tok/s |",
@@ -164,9 +217,12 @@ def markdown(r: dict) -> str:
     lines += ["", "| goal | measured | target | result |", "|---|---:|---:|---|"]
     for k, (val, tgt, ok) in r["goals"].items():
         lines.append(f"| {k} | {'-' if val is None else f'{val:.2f}'} | {tgt} | "
-                     f"{'n/a (reference failed)' if ok is None else ('PASS' if ok else 'FAIL')} |")
+                     f"{'-' if tgt == 'measured' else 'n/a (reference failed)' if ok is None else ('PASS' if ok else 'FAIL')} |")
     lines += ["", f"Decode: median of {r['repeats']} repeats of {r['decode_steps']} greedy decode steps from an "
-              "empty cache, each .tflite in ai_edge_litert's interpreter (all cores), caches fed back.", ""]
+              "empty cache, each .tflite in ai_edge_litert's interpreter (all cores), caches fed back; each ONNX "
+              "folder in onnxruntime-genai's generator after a short prompt. onnx_int4: slmc's int4-g32-onnx "
+              "recipe (MatMulNBits accuracy_level=1, fp32 compute: exact) beside the builder's `-p int4` "
+              "(its defaults: accuracy_level=4, int8 activations).", ""]
     for name, x in r["paths"].items():
         lines += phase_table(name, x["phases"]) if "phases" in x else []
     return "\n".join(lines + others_seen(r["other_processes"]))
@@ -214,14 +270,17 @@ def main(a) -> None:
         prev = json.loads((RESULTS / f"{stem}.json").read_text())
         paths = {k: v for k, v in prev["paths"].items() if k not in a.only.split(",")}
         others |= set(prev["other_processes"])
-    for name in ("coreml-slmc", "coreml-ref", "tflite-slmc", "tflite-ref"):
+    measured = set()
+    for name in ("coreml-slmc", "coreml-ref", "tflite-slmc", "tflite-ref", *ONNX_PATHS):
         if name in paths:
             continue
+        measured.add(name)
         ref_py = a.ref_python if name == "tflite-ref" and a.ref_python else sys.executable
         paths[name] = run_path(name, common, work, ref_py)
         others |= set(busy_processes())
     cfg = json.loads((model_dir / "config.json").read_text())
-    arts = {k: paths[k]["artifact"] for k in ("tflite-slmc", "tflite-ref") if "artifact" in paths[k]}
+    # decode only what this run compiled (an --only run keeps the others' timings)
+    arts = {k: paths[k]["artifact"] for k in ("tflite-slmc", "tflite-ref") if k in measured and "artifact" in paths[k]}
     if arts:
         print("== decode timing ...", flush=True)
         dec = spawn(__file__, ["--worker", "decode", "--arts", json.dumps(arts), "--prompt-ids",
@@ -230,6 +289,14 @@ def main(a) -> None:
         for k in arts:
             v = dec[k]
             paths[k].update(decode_tok_s=v["decode_tok_s"], decode_tok_s_all=v["tok_s"], decode_inputs=v["decode_inputs"])
+    arts = {k: paths[k]["artifact"] for k in ONNX_PATHS if k in measured and "artifact" in paths[k]}
+    if arts:
+        print("== decode timing (onnxruntime-genai) ...", flush=True)
+        dec = spawn(__file__, ["--worker", "decode_onnx", "--arts", json.dumps(arts), "--prompt-ids",
+                               json.dumps(prompt_ids(model_dir, cfg["vocab_size"])), "--steps", str(a.steps),
+                               "--repeats", str(a.repeats)], work / "decode_onnx.json", rusage=False)
+        for k in arts:
+            paths[k].update(decode_tok_s=dec[k]["decode_tok_s"], decode_tok_s_all=dec[k]["tok_s"])
     fp32 = weight_count(model_dir) * 4
     goals = {}
     for t in ("coreml", "tflite"):
@@ -240,10 +307,18 @@ def main(a) -> None:
         goals[f"{t}: slmc peak RSS / fp32 weight bytes"] = (rss, "≤ 1.5", None if rss is None else rss <= 1.5)
     d = ratio(paths["tflite-slmc"], paths["tflite-ref"], "decode_tok_s")
     goals["tflite: slmc decode tok/s / reference"] = (d, "≥ 1.2", None if d is None else d >= 1.2)
+    for t in ("onnx", "onnx_int4"):  # issue 19: measured beside the builder, no goal set there
+        s, f = paths[f"{t}-slmc"], paths[f"{t}-ref"]
+        for key, what in (("wall_s", "wall"), ("decode_tok_s", "decode tok/s")):
+            v = ratio(s, f, key)
+            goals[f"{t}: slmc {what} / builder"] = (v, "measured", None)
     r = {"model_name": "tiny random llama (--quick)" if a.quick else cfg.get("_name_or_path") or model_dir.name,
          "max_seq_len": a.max_seq_len, "fp32_weight_bytes": fp32, "machine": machine(), "paths": paths,
          "goals": goals, "decode_steps": a.steps, "repeats": a.repeats, "other_processes": sorted(others)}
     write_results(stem, r)
+
+
+ONNX_PATHS = ("onnx-slmc", "onnx-ref", "onnx_int4-slmc", "onnx_int4-ref")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ FLOWS = {
     "coreml-cpu-fp32-4w": Flow("coreml", "cpu:precision=fp32,kv=io", (WEIGHT_ONLY,)),
     "coreml-cpu-fp16-4w": Flow("coreml", "cpu", (WEIGHT_ONLY_FP16,)),  # states, fp16 compute
     "onnx-cpu-fp32": Flow("onnx", "cpu", ()),
+    "onnx-cpu-4w": Flow("onnx", "cpu", (WEIGHT_ONLY,)),  # MatMulNBits / GatherBlockQuantized, exact dequant
 }
 
 
@@ -243,7 +244,7 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
 # the (cpu, quant) float bound (2e-3) to a |Δ| of ~0.012; under the act8 bound it would pass.
 CASES = [("executorch-xnnpack-8da4w", c) for c in ("scale", "head", "kv", "rope")] + \
         [("tflite-cpu-8da4w", c) for c in ("act", "scale", "head", "kv", "rope")] + \
-        [("tflite-cpu-4w", c) for c in ("scale", "head")] + \
+        [(f, c) for f in ("tflite-cpu-4w", "onnx-cpu-4w") for c in ("scale", "head")] + \
         [(f, c) for f in ("coreml-cpu-fp32-4w", "coreml-cpu-fp16-4w") for c in ("scale", "head", "kv", "rope")] + \
         [(f, c) for f in ("executorch-portable-fp32", "tflite-cpu-fp32", "onnx-cpu-fp32") for c in ("kv", "rope")]
 

@@ -1,6 +1,7 @@
 """The ONNX Runtime artifact: onnxruntime-genai's decoder names and fixed-size past/present
 caches, validation in onnxruntime, greedy text in onnxruntime-genai's generator, byte-identical
-recompiles, a perturbed initializer caught by `validate`, and refusals (exit code 2)."""
+recompiles, a perturbed initializer caught by `validate`, and refusals (exit code 2); slmc's
+int4/int8 codes as MatMulNBits/GatherBlockQuantized, validated and read back byte for byte."""
 
 import json
 import shutil
@@ -17,6 +18,7 @@ from slmc.compiler.families import FAMILIES
 from slmc.compiler.families import load_all as load_families
 from slmc.targets import get_target
 from slmc.targets.base import write_artifact
+from slmc.targets.bounds import FLOAT_EXACT
 
 MAX_LEN = 64
 PROMPT = [5, 7, 9, 11, 13, 17]
@@ -98,6 +100,21 @@ def test_genai_config(artifact, manifest):
     assert cfg["search"]["past_present_share_buffer"] and cfg["search"]["max_length"] == MAX_LEN
 
 
+@pytest.fixture(scope="module")
+def q_artifact(tiny_llama_dir, tmp_path_factory):
+    """The int4-g32-onnx recipe: int4 g32 linears, an int8 g32 table read by the tied head too."""
+    out = tmp_path_factory.mktemp("onnx-q") / "q"
+    _compile(tiny_llama_dir, out, "--recipe", "int4-g32-onnx")
+    return out
+
+
+def _quant_nodes(folder):
+    import onnx
+
+    proto = onnx.load(str(folder / "model.onnx"))
+    return proto, [n for n in proto.graph.node if n.domain == "com.microsoft"]
+
+
 def test_validate_cli_passes(artifact):
     res = CliRunner().invoke(main, ["validate", str(artifact), "--steps", "8", "--json"])
     assert res.exit_code == 0, res.output
@@ -125,10 +142,10 @@ def _genai_greedy(folder, prompt, n):
     return out
 
 
-@pytest.mark.parametrize("which", ["artifact", "gemma2_artifact"])
+@pytest.mark.parametrize("which", ["artifact", "gemma2_artifact", "q_artifact"])
 def test_genai_generator_matches_reference_greedy(which, request):
     """onnxruntime-genai loads the folder as written and its greedy tokens are the reference's
-    (it stops early only at an eos id)."""
+    (the quantized reference for q_artifact; it stops early only at an eos id)."""
     folder = request.getfixturevalue(which)
     man = json.loads((folder / "manifest.json").read_text())
     n = 30
@@ -190,7 +207,9 @@ def test_float_readback_checks_nothing(tiny_llama_dir, artifact):
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--pass", "quant.rtn:bits=4,group_size=16"], ["MatMulNBits", "not lowered"]),
+    (["--recipe", "int8da-int4w-g32"], ["recipe int8da-int4w-g32 is built for", "int4-g32-onnx"]),
+    (["--pass", "quant.rtn:bits=4,group_size=32,act_bits=8"], ["accuracy_level=4", "per-token", "act_bits=0"]),
+    (["--pass", "quant.rtn:bits=4,group_size=8"], ["group size 8", "multiple of 16"]),
     (["--pass", "kv.cache:dtype=int8"], ["int8 KV cache", "not lowered"]),
     (["--pass", "kv.cache:window=16"], ["ring-buffer KV cache", "not lowered"]),
     (["--pass", "kv.cache:layout=bshd"], ["bshd", "kv_heads, seq, head_dim"]),
@@ -235,7 +254,7 @@ def test_default_model_validates_and_generates_in_genai(tmp_path):
 
 
 def test_run_generates_the_reference_text(artifact, tiny_llama_dir):
-    """`slmc run` on an artifact without a stock runner here drives the target's session;
+    """`slmc run` on an ONNX folder drives onnxruntime-genai's generator (installed here);
     greedy text == the reference's, and the stats say which runtime ran."""
     from tokenizers import Tokenizer
 
@@ -245,4 +264,155 @@ def test_run_generates_the_reference_text(artifact, tiny_llama_dir):
     ids = tok.encode("Hello world", add_special_tokens=False).ids
     out, _ = reference.greedy(api.load(tiny_llama_dir, max_seq_len=MAX_LEN), ids, 16)
     assert len(out) == 16 and "decode: 16 tokens" in res.output
-    assert tok.decode(out) in res.output and "onnxruntime" in res.output and "tok/s" in res.output
+    assert tok.decode(out) in res.output and "onnxruntime-genai" in res.output and "tok/s" in res.output
+
+
+# --- quantized: slmc's codes in MatMulNBits / GatherBlockQuantized ---------------------------------
+
+def test_quantized_validates_at_the_float_bound(q_artifact):
+    """MatMulNBits/GatherBlockQuantized dequantize to the reference's exact fp32 weights, so the
+    float bound (FLOAT_EXACT: summation order only) is the one applied, and it passes."""
+    man = json.loads((q_artifact / "manifest.json").read_text())
+    assert get_target("onnx").tolerance(man) == FLOAT_EXACT
+    res = CliRunner().invoke(main, ["validate", str(q_artifact), "--steps", "16", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(_stdout(res)[_stdout(res).index("{"):])
+    assert report["passed"] and report["greedy_equal"] and report["prefill_max_abs"] < 1e-3
+
+
+def test_quantized_graph_holds_codes_not_floats(q_artifact):
+    from onnx import TensorProto
+
+    man = json.loads((q_artifact / "manifest.json").read_text())
+    m = api.reference_model(q_artifact, man)
+    proto, nodes = _quant_nodes(q_artifact)
+    ops = sorted(n.op_type for n in nodes)
+    # 7 linears per block, and the tied head reading the int8 table's codes
+    assert ops.count("MatMulNBits") == 7 * m.n_layers + 1 and ops.count("GatherBlockQuantized") == 1
+    attrs = {n.op_type: {a.name: a.i for a in n.attribute} for n in nodes}
+    assert attrs["MatMulNBits"]["accuracy_level"] == 1 and attrs["GatherBlockQuantized"]["bits"] == 8
+    big_floats = [t.name for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2
+                  and min(t.dims) >= 32]
+    assert not big_floats, big_floats
+    rb = get_target("onnx").readback(m, q_artifact / "model.onnx")
+    assert rb.exact and rb.checked == 7 * m.n_layers + 2, rb.missing
+
+
+def _edit_initializer(src, dst, name_part, edit):
+    """Copy the artifact with one initializer (the first whose name contains name_part) edited."""
+    import onnx
+    from onnx import numpy_helper
+
+    shutil.copytree(src, dst)
+    proto = onnx.load(str(dst / "model.onnx"))
+    init = next(t for t in proto.graph.initializer if name_part in t.name)
+    a = numpy_helper.to_array(init).copy()
+    edit(a)
+    init.CopyFrom(numpy_helper.from_array(a, init.name))
+    onnx.save(proto, str(dst / "model.onnx"))
+    return init.name
+
+
+def test_readback_catches_one_changed_code(q_artifact, tmp_path):
+    """The readback control: one nibble changed in one MatMulNBits B is reported, by name."""
+    man = json.loads((q_artifact / "manifest.json").read_text())
+    name = _edit_initializer(q_artifact, tmp_path / "b", "blocks.1.ffn.down.weight.qcodes",
+                             lambda a: a.reshape(-1).__setitem__(5, a.reshape(-1)[5] ^ 0x01))
+    rb = get_target("onnx").readback(api.reference_model(q_artifact, man), tmp_path / "b" / "model.onnx")
+    assert rb.missing == ["blocks.1.ffn.down.weight: codes/scales/zero points not stored unchanged in a MatMulNBits"]
+    assert name == "blocks.1.ffn.down.weight.qcodes"
+
+
+def test_changed_scales_fail_validation(q_artifact, tmp_path):
+    """The validation control on a quantized graph: one MatMulNBits' scales x1.25 fails `validate`."""
+    _edit_initializer(q_artifact, tmp_path / "b", "blocks.0.attn.o.weight.qscales", lambda a: a.__imul__(1.25))
+    res = CliRunner().invoke(main, ["validate", str(tmp_path / "b"), "--steps", "8"])
+    assert res.exit_code == 1, res.output
+    assert "validation failed" in res.output
+
+
+@pytest.mark.parametrize("quant", [
+    # int8 per channel, asymmetric (zero points), int4 asymmetric table: blocks of 64/128 with the
+    # channel's scale repeated
+    "quant.rtn:bits=8,group_size=0,symmetric=false,embed_bits=4",
+    # int4 g16 asymmetric linears, an untied int8 head
+    "quant.rtn:bits=4,group_size=16,symmetric=false,head_bits=8",
+])
+def test_other_schemes_validate_and_read_back(tiny_llama_dir, tmp_path, quant):
+    out = tmp_path / "q"
+    _compile(tiny_llama_dir, out, "--pass", quant)
+    man = json.loads((out / "manifest.json").read_text())
+    report = api.validate_artifact(out, steps=16)
+    assert report.passed and report.greedy_equal, report.to_json()
+    rb = get_target("onnx").readback(api.reference_model(out, man), out / "model.onnx")
+    assert rb.exact, rb.missing
+    _, nodes = _quant_nodes(out)
+    assert any(len(n.input) == 4 for n in nodes)  # asymmetric: zero points stored
+
+
+@pytest.mark.slow
+def test_default_model_int4_recipe_validates_and_generates_in_genai(tmp_path):
+    """SmolLM2-135M with int4-g32-onnx: validates at the float bound, reads back exactly, and
+    onnxruntime-genai's greedy tokens are the quantized reference's."""
+    from tokenizers import Tokenizer
+
+    out, man = api.compile_model("default", "onnx", "cpu", tmp_path / "smol-q", max_seq_len=256,
+                                 recipe="int4-g32-onnx")
+    report = api.validate_artifact(out, steps=32)
+    assert report.passed and report.greedy_equal, report.to_json()
+    m = api.reference_model(out, man)
+    rb = get_target("onnx").readback(m, out / "model.onnx")
+    assert rb.exact and rb.checked == 7 * m.n_layers + 2, rb.missing
+    ids = Tokenizer.from_file(str(out / "tokenizer.json")).encode(
+        "The history of the printing press begins", add_special_tokens=False).ids
+    got = _genai_greedy(out, ids, 24)
+    ref, _ = reference.greedy(m, ids, 24)
+    assert got == ref[:len(got)] and (len(got) == 24 or got[-1] in man["model"]["eos_ids"])
+
+
+@pytest.mark.parametrize("bits,symmetric,group", [(4, True, 32), (4, False, 16), (8, True, 0), (8, False, 48)])
+def test_ops_dequantize_to_the_reference_floats_bit_for_bit(bits, symmetric, group):
+    """The claim behind the float bound: onnxruntime's MatMulNBits (accuracy_level=1) and
+    GatherBlockQuantized reproduce QuantWeight.float() exactly. MatMulNBits on A = identity
+    returns dequant(B)^T (each output one product with 1.0, plus zeros), compared bitwise; the
+    gather returns rows of the dequantized table. group 0: per channel (blocks of 64, scale
+    repeated); 48: blocks of 16, scales repeated 3x."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slmc.compiler.quant import QuantScheme, rtn
+    from slmc.targets.onnx.codes import images
+
+    n, k = 40, 192
+    w = rtn(torch.randn(n, k, generator=torch.Generator().manual_seed(bits + group)),
+            QuantScheme(bits, group or k, symmetric, "float32"), "rtn")
+    im = images(w)
+    ref = w.float().numpy()
+
+    def run(node, inits, x_name, x):
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info(x_name, TensorProto.FLOAT if
+                                                                          x.dtype == np.float32 else TensorProto.INT64,
+                                                                          list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(a, nm) for nm, a in inits])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+        m.ir_version = 10
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {x_name: x})[0]
+
+    zp = [] if im.zeros is None else [("z", im.zeros.reshape(-1))]
+    mm = helper.make_node("MatMulNBits", ["a", "b", "s"] + ["z"] * bool(zp), ["y"], domain="com.microsoft",
+                          K=k, N=n, bits=bits, block_size=im.block, accuracy_level=1)
+    got = run(mm, [("b", im.codes), ("s", im.scales), *zp], "a", np.eye(k, dtype=np.float32))
+    assert np.array_equal(got, ref.T)
+    zp = [] if im.zeros is None else [("z", im.zeros)]
+    gq = helper.make_node("GatherBlockQuantized", ["d", "i", "s"] + ["z"] * bool(zp), ["y"], domain="com.microsoft",
+                          bits=bits, block_size=im.block, gather_axis=0, quantize_axis=1)
+    idx = np.array([[0, 7, 39, 7]], dtype=np.int64)
+    got = run(gq, [("d", im.codes.reshape(n, -1)), ("s", im.scales), *zp], "i", idx)
+    assert np.array_equal(got, ref[idx])
+    # the control: one code off by one is seen
+    bad = im.codes.copy()
+    bad.reshape(-1)[3] ^= 1
+    got = run(mm, [("b", bad), ("s", im.scales), *([("z", im.zeros.reshape(-1))] if im.zeros is not None else [])],
+              "a", np.eye(k, dtype=np.float32))
+    assert not np.array_equal(got, ref.T)

@@ -3,7 +3,10 @@
 // tokenizer libraries, so this is a minimal loop over the program's `forward(tokens,
 // input_pos) -> logits of the last position` (manifest.json "io"), on token ids:
 //   generate MODEL.pte N_NEW ID [ID ...]   prints the N_NEW generated ids, one line.
+// A float XNNPACK .pte keeps its tied embedding/head table in MODEL.ptd beside it (manifest
+// "data_file"): when that file exists it is loaded as the program's named data.
 #include <executorch/extension/data_loader/file_data_loader.h>
+#include <executorch/extension/flat_tensor/flat_tensor_data_map.h>
 #include <executorch/runtime/executor/method.h>
 #include <executorch/runtime/executor/program.h>
 #include <executorch/runtime/platform/runtime.h>
@@ -11,9 +14,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <optional>
+#include <string>
 #include <vector>
 
 using executorch::extension::FileDataLoader;
+using executorch::extension::FlatTensorDataMap;
 using executorch::runtime::Error;
 using executorch::runtime::EValue;
 using executorch::runtime::HierarchicalAllocator;
@@ -76,7 +82,22 @@ int main(int argc, char** argv) {
   static uint8_t pool[8 << 20];
   MemoryAllocator method_alloc(sizeof(pool), pool);
   MemoryManager memory(&method_alloc, &planned);
-  auto method = program->load_method("forward", &memory);
+  // MODEL.ptd beside MODEL.pte: the external data (tied table) the program refers to by name
+  std::string data_path(argv[1]);
+  if (data_path.size() > 4 && data_path.compare(data_path.size() - 4, 4, ".pte") == 0) data_path.back() = 'd';
+  std::optional<FileDataLoader> data_loader;
+  std::optional<FlatTensorDataMap> data_map;
+  std::FILE* probe = data_path != argv[1] ? std::fopen(data_path.c_str(), "rb") : nullptr;
+  if (probe != nullptr) {
+    std::fclose(probe);
+    auto dl = FileDataLoader::from(data_path.c_str());
+    if (!dl.ok()) return fail("opening the .ptd", dl.error());
+    data_loader.emplace(std::move(dl.get()));
+    auto dm = FlatTensorDataMap::load(&*data_loader);
+    if (!dm.ok()) return fail("loading the .ptd", dm.error());
+    data_map.emplace(std::move(dm.get()));
+  }
+  auto method = program->load_method("forward", &memory, nullptr, data_map ? &*data_map : nullptr);
   if (!method.ok()) return fail("loading method forward", method.error());
 
   int n_new = std::atoi(argv[2]);

@@ -1,9 +1,12 @@
 """Text generation with an artifact in its own app-side runtime.
 
-For `.pte` this is ExecuTorch's stock `TextLLMRunner`, unmodified: if it works
-here, it works in an app that embeds the same runner. Every other artifact kind
-(LiteRT, Core ML, ONNX, ExecuTorch expert offload) runs in its target's session, the
-same one `slmc validate` uses, and the stats say so.
+Each platform's stock runner, unmodified, where it is installed: if it works here, it works in
+an app that embeds the same runner.
+  .pte        ExecuTorch's `TextLLMRunner`
+  .litertlm   LiteRT-LM's engine (`litert_lm.Engine`, PyPI litert-lm-api), greedy as top-k 1
+  onnx        onnxruntime-genai's generator (`og.Model` on the folder's genai_config.json)
+Every other artifact kind (Core ML, ExecuTorch expert offload), or one whose runner is not
+installed, runs in its target's session, the same one `slmc validate` uses; the stats say which.
 """
 
 from __future__ import annotations
@@ -39,7 +42,17 @@ def generate(folder: Path, prompt: str, max_new_tokens: int = 64, temperature: f
     if not (folder / "tokenizer.json").is_file():
         raise SlmcError("artifact has no tokenizer.json; the runner needs one", str(folder))
     text = chat_prompt(folder, prompt) if chat else prompt
-    if manifest.get("format") != "pte":
+    fmt = manifest.get("format")
+    litertlm = (manifest.get("litertlm") or {}).get("file")
+    if fmt == "onnx" and _installed("onnxruntime_genai"):
+        from .stock_runners import genai_generate
+
+        return genai_generate(folder, manifest, text, max_new_tokens, temperature, on_text)
+    if fmt == "tflite" and litertlm and (folder / litertlm).is_file() and _installed("litert_lm"):
+        from .stock_runners import litert_lm_generate
+
+        return litert_lm_generate(folder / litertlm, manifest, text, max_new_tokens, temperature, on_text)
+    if fmt != "pte":
         return session_generate(folder, manifest, text, max_new_tokens, temperature, on_text)
     import executorch.kernels.quantized  # noqa: F401  registers quantized kernels
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
@@ -70,6 +83,12 @@ def generate(folder: Path, prompt: str, max_new_tokens: int = 64, temperature: f
     got["runtime"] = "executorch TextLLMRunner"
     got["text"] = "".join(pieces)
     return got
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def session_generate(folder: Path, manifest: dict, text: str, max_new_tokens: int, temperature: float,

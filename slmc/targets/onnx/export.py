@@ -31,6 +31,7 @@ from torch.export import Dim
 
 from ...compiler.ir import Model
 from ...compiler.lowering import LoweredLM, LoweringSpec, max_chunk
+from .codes import quantize_graph
 
 OPSET = 18
 SEQ = "sequence_length"
@@ -50,8 +51,9 @@ def cache_names(n_layers: int) -> tuple[list[str], list[str]]:
 
 
 def lowering_spec() -> LoweringSpec:
-    # caches as inputs/outputs, every token's position given, logits of every position
-    return LoweringSpec(kv="io", positions="tokens", full_logits=True)
+    # caches as inputs/outputs, every token's position given, logits of every position;
+    # QuantWeights as their exact dequantized floats, which codes.py swaps for slmc's codes
+    return LoweringSpec(kv="io", positions="tokens", full_logits=True, dequantize=True)
 
 
 class GenAIDecoder(nn.Module):
@@ -109,6 +111,7 @@ def export_onnx(model: Model) -> tuple[dict[str, bytes], dict]:
                                  verbose=False)
     proto = prog.model_proto
     del prog, ep
+    quantize_graph(proto, model)
     _name_dims(proto)
     proto.doc_string = ""  # nothing host-specific in the file
     weights = sum(t.ByteSize() for t in proto.graph.initializer)

@@ -2,8 +2,8 @@
 `genai_config.json`, a folder that onnxruntime-genai's generator loads as it is and that
 onnxruntime's InferenceSession runs (export.py: names, layouts and positions).
 
-Float weights only in this round (fp32): quantized IRs are refused until slmc's codes are
-lowered to MatMulNBits. Backends are onnxruntime execution providers (genai_config.py),
+Float weights (fp32), or slmc's own int4/int8 codes as MatMulNBits (linears, head) and
+GatherBlockQuantized (embedding) with float activations (rules.py, codes.py). Backends are onnxruntime execution providers (genai_config.py),
 recorded as provider options for the device's onnxruntime; `cpu` runs on this host.
 """
 
@@ -16,9 +16,10 @@ from ...compiler.ir import Model, QuantWeight, named_weights
 from ...errors import SlmcError
 from ..base import Artifact, Target, TargetSpec, kv_refusal
 from ..bounds import FLOAT_EXACT
-from ..readback import Readback
 from .export import DATA_FILE, OPSET, PAST, PRESENT, SEQ, export_onnx
 from .genai_config import PROVIDERS, genai_config, genai_type
+from .readback import readback
+from .rules import ONNX_RT, layout_refusal
 from .session import open_onnx
 
 
@@ -61,16 +62,20 @@ class ONNXTarget(Target):
     spec_class = ONNXSpec
     formats = ("onnx",)
     # every backend's graph is validated in onnxruntime's CPU EP here: fp32 kernels, which
-    # differ from the reference only by summation order
-    tolerances = {(b, "float"): FLOAT_EXACT for b in PROVIDERS}
+    # differ from the reference only by summation order. Quantized: MatMulNBits (accuracy_level=1)
+    # and GatherBlockQuantized dequantize to exactly the reference's fp32 weights, (c - z) * s
+    # with one rounding (an integer times an fp32 scale), then run the same fp32 GEMM: again
+    # only summation order differs, so the float bound holds (int8 activations are refused).
+    tolerances = {(b, kind): FLOAT_EXACT for b in PROVIDERS for kind in ("float", "quant")}
 
     def quant_rules(self, spec):
-        return None  # no quantized storage yet: MatMulNBits is not lowered
+        return ONNX_RT
 
     def supports(self, model: Model, spec: ONNXSpec) -> str | None:
         if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
-            return ("quantized weights are not lowered for ONNX yet (int4/int8 MatMulNBits and "
-                    "GatherBlockQuantized come next); compile without quant passes or recipes")
+            why = ONNX_RT.check(model) or layout_refusal(model)
+            if why:
+                return why
         why = kv_refusal(model, "onnxruntime-genai past/present I/O",
                          ring="genai's past/present buffers keep one row per position; use a max length",
                          arena="genai binds one past_key_values.{i}.key/value buffer per layer by name")
@@ -121,9 +126,8 @@ class ONNXTarget(Target):
         return open_onnx(folder, manifest)
 
     def readback(self, model, artifact):
-        # float artifacts hold no codes: nothing to read back (checked=0). Byte-exact readback of
-        # slmc's codes comes with their MatMulNBits lowering.
-        return Readback()
+        # `artifact`: model.onnx (its external data is read from beside it); float: checked=0
+        return readback(model, artifact)
 
     def hidden_states(self, model, manifest, ids):
         from .intermediates import hidden_states
