@@ -47,7 +47,8 @@ def compile_model(model: str | Path, target: str = "executorch", backend: str | 
 
 
 def validate_artifact(folder: str | Path, steps: int = 32, prompt: str | None = None,
-                      reference: str | Path | None = None, model: Model | None = None, record: bool = True):
+                      reference: str | Path | None = None, model: Model | None = None, record: bool = True,
+                      positions: int = 512, long: bool = False, text: str | Path | None = None):
     """validate() with the options as keywords."""
-    return validate(folder, ValidateOptions(steps=steps, prompt=prompt, reference=reference, record=record),
-                    model=model)
+    return validate(folder, ValidateOptions(steps=steps, prompt=prompt, reference=reference, record=record,
+                                            positions=positions, long=long, text=text), model=model)
