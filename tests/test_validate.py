@@ -169,3 +169,9 @@ def test_long_mode_runs_past_the_ring_wrap_to_the_end_of_the_cache(tiny_llama_di
     report = api.validate_artifact(out, steps=8, positions=30, text=text, record=False)
     assert report.verdict == "PASS" and str(text) in report.text_source
     assert report.window_len == 30 and report.positions == 30
+
+
+def test_changed_codes_fail_whatever_the_bound():
+    ok = agreement(MIN_POSITIONS)
+    verdict, reasons = v._judge(None, "t/b, quant", ok, None, True, 0.0, ["2 of 9 quantized weights are not stored"])
+    assert verdict == "FAIL" and reasons == ["2 of 9 quantized weights are not stored"]

@@ -9,6 +9,10 @@ Two runs of the artifact:
 2. free-running greedy from a prompt: the artifact's tokens (and text) against the
    reference's greedy continuation, logits compared while the two agree.
 
+For a quantized flow, the artifact's bytes must also hold the reference's codes and scales
+unchanged (each target's readback): the statistical bounds' argument ("the artifact runs the
+same codes as the reference") is checked, not assumed.
+
 The verdict applies the flow's fixed bound (targets/bounds.py): PASS, FAIL, or INCONCLUSIVE
 (no published bound for the flow; the reference's own sensitivity to a 1e-7 nudge already
 exceeds a statistical bound; fewer positions than a statistical bound needs). Only PASS passes.
@@ -128,7 +132,25 @@ def _text(folder: Path, model: Model, tok, seed_ids, text: Path | None, n: int, 
     return windows, f"{text} ({len(ids)} tokens)"
 
 
-def _judge(tol: Tolerance | None, flow: str, art, noise, greedy_equal: bool, max_abs: float) -> tuple[str, list[str]]:
+def codes_check(folder: Path, manifest: dict, model: Model) -> tuple[list[str], list[str]]:
+    """(fail reasons, notes): a quantized artifact must hold the reference's codes and scales."""
+    if weight_kind(manifest) == "float":
+        return [], []
+    if manifest.get("format") == "pte-moe":
+        return [], ["codes not read back: the offload format keeps each expert in its own program"]
+    rb = target_of(manifest).readback(model, Path(folder) / manifest["artifact"])
+    if rb.missing:
+        return [f"{len(rb.missing)} of {rb.checked} quantized weights are not stored as the reference's codes and "
+                f"scales (first: {rb.missing[0]})"], []
+    if not rb.checked:
+        return [], ["the reference has no quantized weight to read back"]
+    return [], [f"all {rb.checked} quantized weights hold the reference's codes and scales (read back)"]
+
+
+def _judge(tol: Tolerance | None, flow: str, art, noise, greedy_equal: bool, max_abs: float,
+           code_fails: list[str] = ()) -> tuple[str, list[str]]:
+    if code_fails:  # a wrong weight is a FAIL whatever the bound
+        return "FAIL", list(code_fails)
     if tol is None:
         return "INCONCLUSIVE", [f"no published acceptance bound for the flow {flow}: nothing to judge it by"]
     fails = []
@@ -192,7 +214,9 @@ def validate(folder: Path, manifest: dict, model: Model, steps: int = 32, prompt
     equal = out == ref_tokens
     prefill = max(art.max_abs, diffs[0] if diffs else 0.0)
     decode = max(diffs[1:], default=0.0)
-    verdict, reasons = _judge(tol, flow, art, noise, equal, max(prefill, decode))
+    code_fails, code_notes = codes_check(folder, manifest, model)
+    notes += code_notes
+    verdict, reasons = _judge(tol, flow, art, noise, equal, max(prefill, decode), code_fails)
     return Report(
         artifact=str(folder), runtime=getattr(session, "runtime", "?"), prompt_tokens=len(ids),
         decode_steps=steps, prefill_max_abs=prefill, decode_max_abs=decode, top1_agreement=art.top1,
