@@ -272,8 +272,7 @@ def test_broken_artifact_fails(flow_name, control, source, tmp_path_factory, tmp
     assert digest(folder) != _HONEST_DIGEST[flow][1], f"{control} left the {flow_name} artifact unchanged"
     report = api.validate_artifact(folder, steps=STEPS, model=honest_ir(source, flow), record=False)
     line = check(report, f"{flow_name} {control}")
-    assert not report.passed
-    if report.verdict != "FAIL":  # INCONCLUSIVE blocks the artifact but proves nothing about the bound
+    if report.verdict != "FAIL" or report.passed:  # INCONCLUSIVE blocks the artifact but proves nothing about the bound
         raise ControlPassed(f"validate did not FAIL the broken artifact: {line}\n{report.notes}")
 
 
