@@ -57,7 +57,8 @@ def compile_model(model: str | Path, target: str = "executorch", backend: str | 
 
 def validate_artifact(folder: str | Path, steps: int = 32, prompt: str | None = None,
                       reference: str | Path | None = None, model: Model | None = None, record: bool = True,
-                      on: str | None = None):
+                      on: str | None = None, positions: int = 512, long: bool = False,
+                      text: str | Path | None = None):
     """validate() with the options as keywords."""
-    return validate(folder, ValidateOptions(steps=steps, prompt=prompt, reference=reference, record=record, on=on),
-                    model=model)
+    return validate(folder, ValidateOptions(steps=steps, prompt=prompt, reference=reference, record=record, on=on,
+                                            positions=positions, long=long, text=text), model=model)

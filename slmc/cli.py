@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import SlmcError, ValidationFailed
+from .errors import SlmcError, ValidationFailed, ValidationInconclusive
 
 console = Console(stderr=True, highlight=False)
 
@@ -35,7 +35,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def friendly(fn):
-    """Turn SlmcError into one line + exit 2 (ValidationFailed: exit 1)."""
+    """Turn SlmcError into one line + exit 2 (ValidationFailed: exit 1, ValidationInconclusive: 3)."""
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
@@ -43,7 +43,10 @@ def friendly(fn):
             return fn(*a, **kw)
         except ValidationFailed as e:
             console.print(f"[red]slmc: validation failed:[/] {escape(str(e))}", soft_wrap=True)
-            sys.exit(1)
+            sys.exit(e.exit_code)
+        except ValidationInconclusive as e:
+            console.print(f"[yellow]slmc: validation inconclusive:[/] {escape(str(e))}", soft_wrap=True)
+            sys.exit(e.exit_code)
         except SlmcError as e:  # paths and names are text, never rich markup ("model[v2]")
             console.print(f"[red]slmc: error:[/] {escape(str(e))}", soft_wrap=True)
             sys.exit(2)
@@ -137,39 +140,63 @@ def _print_report(report, as_json: bool) -> None:
         return
     from rich.table import Table
 
-    t = Table(title=f"validation of {report.artifact} ({report.runtime})")
+    t = Table(title=f"validation of {report.artifact} ({report.runtime}; {report.flow})")
     t.add_column("check")
     t.add_column("value", justify="right")
-    t.add_column("tolerance", justify="right")
+    t.add_column("bound", justify="right")
     tol = report.tolerance
-    t.add_row("prefill max |Δ| logits", f"{report.prefill_max_abs:.3g}", f"≤ {tol['max_abs']:g}")
-    t.add_row(f"decode max |Δ| ({report.decode_steps} steps)", f"{report.decode_max_abs:.3g}",
-              f"≤ {tol['max_abs']:g}")
-    t.add_row("top-1 agreement", f"{report.top1_agreement:.1%}", f"≥ {tol['min_top1']:.0%}")
+    exact = tol.get("max_abs") is not None
+    t.add_row(f"positions compared ({report.windows} windows of ≤ {report.window_len})", str(report.positions),
+              f"≥ {tol['min_positions']}" if tol.get("min_positions") else "-")
+    t.add_row("max |Δ| logits, teacher-forced + prefill", f"{report.prefill_max_abs:.3g}",
+              f"≤ {tol['max_abs']:g}" if exact else "-")
+    t.add_row(f"max |Δ| logits, greedy decode ({report.decode_steps} steps)", f"{report.decode_max_abs:.3g}",
+              f"≤ {tol['max_abs']:g}" if exact else "-")
+    t.add_row("top-1 agreement", f"{report.top1_agreement:.1%}", f"≥ {tol['min_top1']:.1%}" if tol else "-")
+    t.add_row("mean KL(reference ‖ artifact), nats", f"{report.mean_kl:.3g}",
+              f"≤ {tol['max_kl']:g}" if tol.get("max_kl") is not None else "-")
+    t.add_row(f"Δ perplexity ({report.reference_ppl:.4g} → {report.artifact_ppl:.4g})", f"{report.delta_ppl:+.3%}",
+              f"≤ ±{tol['max_dppl']:.2%}" if tol.get("max_dppl") is not None else "-")
+    if report.noise_floor:
+        nf = report.noise_floor
+        t.add_row(f"noise floor (reference nudged {nf['nudge']:g}): KL / top-1 / Δppl",
+                  f"{nf['mean_kl']:.3g} / {nf['top1']:.1%} / {nf['delta_ppl']:+.3%}", "diagnostic")
     t.add_row("greedy text equal", "yes" if report.greedy_equal else
-              f"no (first diff at {report.first_divergence})", "required" if tol["greedy_equal"] else "-")
-    t.add_row("result", "[green]PASS[/]" if report.passed else "[red]FAIL[/]", "")
+              f"no (first diff at {report.first_divergence})", "required" if tol.get("greedy_equal") else "-")
+    colour = {"PASS": "green", "FAIL": "red"}.get(report.verdict, "yellow")
+    t.add_row("verdict", f"[{colour}]{report.verdict}[/]", "")
     Console().print(t)
-    Console().print(f"reference: {report.reference_text!r}\nartifact:  {report.artifact_text!r}",
-                    soft_wrap=True)
+    for line in report.reasons:
+        Console().print(f"{report.verdict.lower()}: {escape(line)}", soft_wrap=True)
+    for line in report.notes:
+        Console().print(f"note: {escape(line)}", soft_wrap=True)
+    Console().print(f"text: {report.text_source}\nreference: {report.reference_text!r}\n"
+                    f"artifact:  {report.artifact_text!r}", soft_wrap=True)
 
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--steps", default=32, show_default=True, help="Decode steps to compare.")
+@click.option("--steps", default=32, show_default=True, help="Free-running greedy decode steps to compare.")
 @click.option("--prompt", default=None, help="Prompt text (default: a fixed English sentence).")
 @click.option("--reference", default=None, help="Reference model (default: the manifest's source + passes).")
 @click.option("--on", "on", default=None, metavar="DEVICE",
               help="Run the artifact's check bundle (check/: its fixed prompt and steps; --steps/--prompt do not "
                    "apply) on a device (qemu-arm64, adb[:SERIAL]) and judge it here.")
+@click.option("--positions", default=512, show_default=True,
+              help="Teacher-forced positions to compare, at least (a statistical PASS needs 512).")
+@click.option("--long", "long_", is_flag=True, help="Windows as long as the KV cache: past every window and ring wrap.")
+@click.option("--text", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="UTF-8 text to teacher-force (default: text the reference samples, fixed seed).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--report", "html", type=click.Path(path_type=Path), default=None, help="Also write an HTML report.")
 @friendly
-def validate(artifact, steps, prompt, reference, on, as_json, html):
-    """Run ARTIFACT in its runtime and compare it with the reference executor."""
+def validate(artifact, steps, prompt, reference, on, positions, long_, text, as_json, html):
+    """Run ARTIFACT in its runtime and compare it with the reference executor.
+    Exit 0: PASS, 1: FAIL, 3: INCONCLUSIVE (see the README's acceptance rules)."""
     from . import api
 
-    report = api.validate(artifact, api.ValidateOptions(steps=steps, prompt=prompt, reference=reference, on=on))
+    report = api.validate(artifact, api.ValidateOptions(steps=steps, prompt=prompt, reference=reference, on=on,
+                                                        positions=positions, long=long_, text=text))
     if html:
         api.write_report(html, artifact=artifact, validation=report)
     _print_report(report, as_json)

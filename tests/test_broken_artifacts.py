@@ -8,8 +8,9 @@ Breaks in the IR that gets lowered (the reference is the honest IR, passed as `m
 Breaks in the lowering, patched during compile only (the reference executor is independent):
   kv    every KV-cache row written one position later than its token's position
   rope  one RoPE frequency x1.5 in the lowering's rope tables
-A control that validate still PASSES under today's bounds is a known gap: it is marked
+A control that validate does not FAIL under the published bounds would be a known gap: marked
 xfail(strict) with the numbers it passed with, so the suite flags the day the bounds catch it.
+Today there is none (KNOWN_GAPS below).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ FLOWS = {
 
 
 class ControlPassed(AssertionError):
-    """validate accepted a deliberately broken artifact."""
+    """validate did not FAIL a deliberately broken artifact (PASS or INCONCLUSIVE)."""
 
 
 # --- the breaks ------------------------------------------------------------------------------------
@@ -187,10 +188,13 @@ def build(source: Path, flow: Flow, out: Path, control: str | None, monkeypatch)
 
 def check(report, name: str) -> str:
     tol = report.tolerance
-    line = (f"{name}: {'PASS' if report.passed else 'FAIL'} prefill |Δ|={report.prefill_max_abs:.4g} "
-            f"decode |Δ|={report.decode_max_abs:.4g} top-1={report.top1_agreement:.4f} "
-            f"greedy={'equal' if report.greedy_equal else 'differs'} bound max|Δ|<={tol['max_abs']:.4g} "
-            f"top-1>={tol['min_top1']:.4f} greedy={'required' if tol['greedy_equal'] else 'not required'}")
+    line = (f"{name}: {report.verdict} over {report.positions} positions: max|Δ|={report.prefill_max_abs:.4g} "
+            f"(decode {report.decode_max_abs:.4g}) top-1={report.top1_agreement:.4f} KL={report.mean_kl:.3g} "
+            f"Δppl={report.delta_ppl:+.3%} greedy={'equal' if report.greedy_equal else 'differs'}; bound {tol}; "
+            f"reasons: {report.reasons}")
+    if report.noise_floor:
+        nf = report.noise_floor
+        line += f"; noise floor KL={nf['mean_kl']:.3g} top-1={nf['top1']:.4f} Δppl={nf['delta_ppl']:+.3%}"
     print(line)
     return line
 
@@ -211,37 +215,27 @@ def honest_artifact(source, flow, tmp_path_factory, monkeypatch) -> Path:
 # stay fast); every other case runs with `slow`.
 DEFAULT = {("executorch-xnnpack-8da4w", c) for c in ("scale", "head", "kv", "rope")}
 
-# Controls validate PASSES under today's bounds (see the module docstring): (flow, control) -> reason.
-_XNN_BOUND = "bound (xnnpack, quant-act8): max|Δ| <= 0.25, top-1 >= 0.99, greedy not required"
-_TFL_BOUND = "bound (cpu, quant-act8): max|Δ| <= 0.25, top-1 >= 0.99, greedy not required"
-_CML_BOUND = "bound (fp16, quant): max|Δ| <= 0.25, top-1 >= 0.9, greedy not required (a fixed bound, no noise floor)"
-_FIX = "issue 14 item 1 (statistical bounds) fixes it"
-_FIX_FIXED = "issue 14 item 1 (fixed bounds per flow kind, tightened until every control fails) fixes it"
-_GAP = "validate PASSES {what}: prefill max|Δ| {nums}; {bound}; {fix}"
-# (control: what it breaks, what validate measured); LiteRT's 8da4w runs the same XNNPACK qd8
-# kernels as ExecuTorch's, and measured the same numbers
-_MEASURED_8DA4W = {
-    "scale": ("one layer's scales x1.5", "0.232, decode 0.230, top-1 100 %, greedy equal"),
-    "kv": ("a KV-cache write shifted by one", "0.117, decode 0.112, top-1 100 %, greedy equal"),
-    "rope": ("one RoPE frequency x1.5", "0.030, decode 0.024, top-1 100 %, greedy equal"),
-}
-# Core ML fp16 (MIL interpreter): the loose fixed fp16 bound
-_MEASURED_CML_FP16 = {
-    "scale": ("one layer's scales x1.5", "0.184, decode 0.248, top-1 100 %, greedy equal"),
-    "rope": ("one RoPE frequency x1.5", "0.020, decode 0.023, top-1 100 %, greedy equal"),
-    "kv": ("a KV-cache write shifted by one", "0.108, decode 0.099, top-1 100 %, greedy DIFFERS (not required)"),
-}
+# Controls validate does not FAIL under the published bounds (targets/bounds.py): (flow, control)
+# -> the measured numbers and the cause (measured 2026-12-02, tiny llama, 517 teacher-forced
+# positions; pytest -s prints each case's numbers).
 KNOWN_GAPS: dict[tuple[str, str], str] = {
-    (flow, control): _GAP.format(what=what, nums=nums, bound=bound, fix=fix)
-    for flow, measured, bound, fix in (("executorch-xnnpack-8da4w", _MEASURED_8DA4W, _XNN_BOUND, _FIX),
-                                       ("tflite-cpu-8da4w", _MEASURED_8DA4W, _TFL_BOUND, _FIX),
-                                       ("coreml-cpu-fp16-4w", _MEASURED_CML_FP16, _CML_BOUND, _FIX_FIXED))
-    for control, (what, nums) in measured.items()
+    ("tflite-cpu-8da4w", "head"): (
+        "validate PASSES two flipped head codes: max|Δ| 0.372, top-1 100 %, mean KL 3.0e-5 (bound 1e-4), "
+        "Δppl -0.022 %, greedy equal. Cause: the flips move the logits of two vocabulary entries, which the "
+        "tiny random model gives ~1/256 of probability, so KL stays under the bound; and the codes check cannot "
+        "see it on LiteRT because the tied embedding table holds the honest head's exact bytes (LiteRT keeps it "
+        "as its own buffer), where the readback finds them. ExecuTorch's readback catches the same break."),
 }
 
-# (a) on ExecuTorch/XNNPACK: no artifact to validate, the target refuses it (test below). On LiteRT
-# it FAILs because the broken artifact's manifest declares weight-only storage, so validate applies
-# the (cpu, quant) float bound (2e-3) to a |Δ| of ~0.012; under the act8 bound it would pass.
+# How each break is caught (measured): scale and head by the codes check (the artifact's bytes do
+# not hold the reference's scales/codes; LiteRT's head excepted, above), and statistically too for
+# scale (8da4w: top-1 74 %, KL 1.8e-3); kv (8da4w: top-1 71 %, KL 6.6e-3) and rope (8da4w: top-1
+# 95.6 % < 99 %, though its KL 2.5e-5 is under 1e-4) statistically; float flows by max|Δ|.
+# (a) on ExecuTorch/XNNPACK: no artifact to validate, the target refuses it (test below). On
+# LiteRT it FAILs because the broken artifact's manifest declares weight-only storage, so the
+# exact rule applies (max|Δ| 0.020 > 2e-3, top-1 99.6 %); under the int8-activation bound it would
+# pass (KL 4.6e-6, top-1 99.6 %, Δppl +0.02 %): on a tiny random model dropping activation
+# quantization costs less than the bound allows.
 CASES = [("executorch-xnnpack-8da4w", c) for c in ("scale", "head", "kv", "rope")] + \
         [("tflite-cpu-8da4w", c) for c in ("act", "scale", "head", "kv", "rope")] + \
         [(f, c) for f in ("tflite-cpu-4w", "onnx-cpu-4w") for c in ("scale", "head")] + \
@@ -266,7 +260,7 @@ def test_honest_artifact_passes(flow_name, source, tmp_path_factory, monkeypatch
     folder = honest_artifact(source, flow, tmp_path_factory, monkeypatch)
     report = api.validate_artifact(folder, steps=STEPS, model=honest_ir(source, flow), record=False)
     check(report, f"{flow_name} honest")
-    assert report.passed, report.to_json()
+    assert report.verdict == "PASS" and report.passed, report.to_json()
 
 
 @pytest.mark.parametrize("flow_name,control", [pytest.param(f, c, id=f"{f}-{c}", marks=_marks((f, c)))
@@ -279,8 +273,8 @@ def test_broken_artifact_fails(flow_name, control, source, tmp_path_factory, tmp
     assert digest(folder) != _HONEST_DIGEST[flow][1], f"{control} left the {flow_name} artifact unchanged"
     report = api.validate_artifact(folder, steps=STEPS, model=honest_ir(source, flow), record=False)
     line = check(report, f"{flow_name} {control}")
-    if report.passed:
-        raise ControlPassed(f"validate accepted the broken artifact: {line}\n{report.notes}")
+    if report.verdict != "FAIL" or report.passed:  # INCONCLUSIVE blocks the artifact but proves nothing about the bound
+        raise ControlPassed(f"validate did not FAIL the broken artifact: {line}\n{report.notes}")
 
 
 def test_xnnpack_refuses_dropped_activation_quantization(source, tmp_path):

@@ -55,12 +55,16 @@ def test_validate_on_qemu_arm64(emulator, compiled, target, recipe):
     r = api.validate(compiled(target, recipe), api.ValidateOptions(on="qemu-arm64", record=False))
     print(json.dumps({"flow": f"{target}/{recipe or 'float'}", "passed": r.passed, "prefill_max_abs": r.prefill_max_abs,
                       "decode_max_abs": r.decode_max_abs, "top1": r.top1_agreement, "notes": r.notes}))
-    assert r.passed, r
+    exact = r.tolerance.get("rule") == "exact"
+    if exact:
+        assert r.passed, r
+    else:  # int8 activations: a statistical bound needs 512 positions, the bundle holds a few
+        assert r.verdict == "INCONCLUSIVE" and any("positions" in x for x in r.reasons), r
     assert "qemu-arm64" in r.runtime
     host_vs = next(n for n in r.notes if n.startswith("host vs qemu-arm64"))
     diff = float(re.search(r"max \|Δ\| logits (\S+),", host_vs).group(1))
-    assert diff <= r.tolerance["max_abs"], host_vs
-    if target == "executorch":
+    assert diff <= 2e-3, host_vs  # the same artifact on two CPUs: summation order only (FLOAT_EXACT)
+    if target == "executorch" and exact:
         assert any(re.search(r"BundledProgram verification .*: (\d+)/\1 test cases passed", n) for n in r.notes), r.notes
 
 
@@ -104,5 +108,6 @@ def test_smollm2_8da4w_on_qemu_arm64(emulator, tmp_path):
     print(json.dumps({"flow": "smollm2-135m executorch/xnnpack int8da-int4w-g32", "passed": r.passed,
                       "prefill_max_abs": r.prefill_max_abs, "decode_max_abs": r.decode_max_abs,
                       "top1": r.top1_agreement, "tolerance": r.tolerance, "notes": r.notes}))
-    assert r.passed, r
+    # a statistical bound needs 512 positions; the bundle's few steps can only be INCONCLUSIVE or FAIL
+    assert r.verdict == "INCONCLUSIVE", r
     assert any(n.startswith("host vs qemu-arm64") for n in r.notes)

@@ -54,7 +54,8 @@ def test_flow_validates(target, backend, family, family_dirs, tmp_path):
     # The reference is rebuilt from the manifest: source path + hash + pass pipeline.
     report = api.validate_artifact(out, steps=24)
     assert report.passed, report.to_json()
-    assert report.greedy_equal and report.top1_agreement == 1.0
-    assert report.decode_max_abs <= report.tolerance["max_abs"]
+    assert report.greedy_equal and report.top1_agreement >= report.tolerance["min_top1"]
+    if report.tolerance["max_abs"] is not None:  # the exact rule (fp16 flows are judged statistically)
+        assert report.decode_max_abs <= report.tolerance["max_abs"]
     recorded = json.loads((out / "manifest.json").read_text())["validation"]
     assert recorded["passed"] and recorded["decode_steps"] == 24

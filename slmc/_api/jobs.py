@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..compiler.ir import Model
-from ..errors import SlmcError, ValidationFailed
+from ..errors import SlmcError, ValidationFailed, ValidationInconclusive
 from ..manifest import read_manifest, record_validation
 from .models import (load, parse_passes, pass_registry, reference_model, resolve_model_path, run_passes,
                      tokenizer_dir, with_calibration)
@@ -25,23 +25,30 @@ def validate(folder: str | Path, opts: ValidateOptions = ValidateOptions(), mode
     if model is None:
         model = load(opts.reference, max_seq_len=manifest["kv_cache_spec"]["max_len"]) if opts.reference \
             else reference_model(folder, manifest)
+    if opts.positions < 1:
+        raise SlmcError(f"need at least 1 position (got {opts.positions})", "--positions")
     if opts.on:  # the artifact's check bundle on a device, judged here (slmc/device/validate.py)
         from ..device.validate import validate_on
 
         report = validate_on(folder, manifest, model, opts.on)
     else:
-        report = run_validation(folder, manifest, model, steps=opts.steps, prompt=opts.prompt)
+        report = run_validation(folder, manifest, model, steps=opts.steps, prompt=opts.prompt,
+                                positions=opts.positions, long=opts.long,
+                                text=Path(opts.text) if opts.text else None)
     if opts.record:
         record_validation(folder, json.loads(report.to_json()))
     return report
 
 
 def require_pass(report) -> None:
-    if not report.passed:
-        raise ValidationFailed(
-            f"artifact disagrees with the reference: prefill |Δ|={report.prefill_max_abs:.3g}, decode "
-            f"|Δ|={report.decode_max_abs:.3g}, top-1 {report.top1_agreement:.1%}, greedy "
-            f"{'equal' if report.greedy_equal else 'differs'} (tolerance {report.tolerance})", report.artifact)
+    """Raise unless the verdict is PASS: ValidationFailed (exit 1) on FAIL, ValidationInconclusive
+    (exit 3) on INCONCLUSIVE, each with the verdict's reasons."""
+    if report.verdict == "PASS":
+        return
+    why = "; ".join(report.reasons)
+    if report.verdict == "INCONCLUSIVE":
+        raise ValidationInconclusive(f"validation is inconclusive ({report.flow}): {why}", report.artifact)
+    raise ValidationFailed(f"artifact disagrees with the reference ({report.flow}): {why}", report.artifact)
 
 
 def evaluate_tokens(ids: list[int], subject, name: str, reference: Model | None, window: int = 512,

@@ -23,11 +23,14 @@ class CompileOptions:
 
 @dataclass(frozen=True)
 class ValidateOptions:
-    steps: int = 32  # decode steps compared
+    steps: int = 32  # free-running greedy decode steps compared
     prompt: str | None = None  # None: a fixed English sentence
     reference: str | Path | None = None  # None: the manifest's source model + its passes
     record: bool = True  # store the report in the artifact's manifest
     on: str | None = None  # run the artifact's check bundle on a device (slmc/device): qemu-arm64, adb[:SERIAL]
+    positions: int = 512  # teacher-forced positions compared, at least (bounds.MIN_POSITIONS)
+    long: bool = False  # windows as long as the KV cache: past every sliding window and ring wrap
+    text: str | Path | None = None  # UTF-8 text to teacher-force; None: text the reference samples
 
 
 @dataclass(frozen=True)

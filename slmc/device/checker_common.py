@@ -59,8 +59,8 @@ def main(open_session) -> int:
     report = judge(logits, exp["logits"], greedy, tokens, bounds)
     report.update(extra)
     if not all(extra.get("bundled_program_verified", [True])):
-        report["passed"] = False
+        report.update(passed=False, verdict="FAIL", reasons=["ExecuTorch's BundledProgram verification failed"])
     report["runtime"] = getattr(session, "runtime", "?")
     report["seconds"] = round(time.time() - t0, 2)
     print(json.dumps(report))
-    return 0 if report["passed"] else 1
+    return {"PASS": 0, "INCONCLUSIVE": 3}.get(report.get("verdict"), 1)

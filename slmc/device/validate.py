@@ -104,7 +104,9 @@ def validate_on(folder: Path, manifest: dict, model: Model, spec: str) -> Report
         notes.append(f"ExecuTorch BundledProgram verification (atol {bounds['max_abs']:.3g}): {sum(ok)}/{len(ok)} "
                      "test cases passed")
         if not all(ok):
-            verdict["passed"] = False
+            verdict.update(passed=False, verdict="FAIL",
+                           reasons=verdict["reasons"] * (verdict["verdict"] == "FAIL")
+                           + ["ExecuTorch's BundledProgram verification failed"])
     if device.name != "host":
         try:
             host = run_bundle(folder, get_device("host"))
@@ -124,4 +126,6 @@ def validate_on(folder: Path, manifest: dict, model: Model, spec: str) -> Report
         greedy_equal=verdict["greedy_equal"], reference_text=text(tokens), artifact_text=text(dev["greedy"]),
         tolerance=dict(bounds),
         passed=bool(verdict["passed"]), seconds=round(time.time() - t0, 2),
-        first_divergence=verdict["first_divergence"], notes=notes)
+        first_divergence=verdict["first_divergence"], notes=notes, verdict=verdict["verdict"],
+        reasons=list(verdict["reasons"]), flow=bounds.get("flow", ""), positions=verdict["steps"],
+        mean_kl=verdict.get("mean_kl", 0.0), delta_ppl=verdict.get("delta_ppl", 0.0))

@@ -1,15 +1,27 @@
 """Compare an artifact, run in its own runtime, with the reference executor.
 
 Two runs of the artifact:
-1. teacher-forced: prefill the prompt, then feed the reference's greedy tokens one
-   at a time; each step's logits are compared with the reference's (max |Δ|, top-1);
-2. free-running: the artifact generates greedily on its own; its tokens (and text)
-   must equal the reference's greedy continuation.
+1. teacher-forced windows (teacher.py): text the reference samples itself (or the user's
+   `--text`), windows of up to the cache's length from position 0; every logit row of every
+   window is compared (max |Δ|, top-1, KL(reference ‖ artifact), Δ perplexity). At least
+   `positions` rows in all; `long` makes every window as long as the cache (max_len − 1), so
+   the run passes every sliding window and ring-buffer wrap.
+2. free-running greedy from a prompt: the artifact's tokens (and text) against the
+   reference's greedy continuation, logits compared while the two agree.
+
+For a quantized flow, the artifact's bytes must also hold the reference's codes and scales
+unchanged (each target's readback): the statistical bounds' argument ("the artifact runs the
+same codes as the reference") is checked, not assumed.
+
+The verdict applies the flow's fixed bound (targets/bounds.py): PASS, FAIL, or INCONCLUSIVE
+(no published bound for the flow; the reference's own sensitivity to a 1e-7 nudge already
+exceeds a statistical bound; fewer positions than a statistical bound needs). Only PASS passes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,14 +30,17 @@ import torch
 
 from ..compiler import reference
 from ..compiler.ir import Model
+from ..errors import SlmcError
 from ..targets import target_of
-from ..targets.bounds import Tolerance
+from ..targets.bounds import MIN_POSITIONS, NUDGE, Tolerance, weight_kind
 from .sessions import open_session
+from .teacher import compare_windows, sample_windows, text_windows
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time,"
+SAMPLE_SEED = 0
 
 
-def tolerance_for(manifest: dict) -> Tolerance:
+def tolerance_for(manifest: dict) -> Tolerance | None:
     """The bound the target that wrote the artifact fixes for its flow (targets/bounds.py)."""
     return target_of(manifest).tolerance(manifest)
 
@@ -36,17 +51,29 @@ class Report:
     runtime: str
     prompt_tokens: int
     decode_steps: int
-    prefill_max_abs: float
-    decode_max_abs: float
-    top1_agreement: float
+    prefill_max_abs: float  # every teacher-forced row, and the greedy prompt's last row
+    decode_max_abs: float  # free-running decode steps while the artifact's tokens equal the reference's
+    top1_agreement: float  # over the teacher-forced rows (near ties counted agreeing under the exact rule)
     greedy_equal: bool
     reference_text: str
     artifact_text: str
     tolerance: dict
-    passed: bool
+    passed: bool  # verdict == "PASS"
     seconds: float
     first_divergence: int | None = None
     notes: list[str] = field(default_factory=list)
+    verdict: str = "FAIL"  # PASS, FAIL or INCONCLUSIVE
+    reasons: list[str] = field(default_factory=list)  # why the verdict is what it is
+    flow: str = ""  # target/backend, weight kind
+    positions: int = 0  # teacher-forced rows compared
+    windows: int = 0
+    window_len: int = 0
+    text_source: str = ""
+    mean_kl: float = 0.0  # nats per position, KL(reference ‖ artifact)
+    delta_ppl: float = 0.0  # artifact ppl / reference ppl − 1 on the same positions
+    reference_ppl: float = 0.0
+    artifact_ppl: float = 0.0
+    noise_floor: dict | None = None  # the nudged reference against the reference (diagnostic)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -74,10 +101,96 @@ def _decode(tok, ids: list[int]) -> str:
     return tok.decode(ids, skip_special_tokens=False) if tok is not None else " ".join(map(str, ids))
 
 
+def _greedy(model: Model, session, ids: list[int], steps: int):
+    """Free-running greedy; logits compared while the artifact's tokens equal the reference's."""
+    ref_tokens, ref_logits = reference.greedy(model, ids, steps)
+    session.reset()
+    out: list[int] = []
+    diffs = []
+    logits = session.step(ids, 0)
+    for i in range(steps):
+        if out == ref_tokens[:i]:  # the same context so far: the same logits are due
+            diffs.append(float((logits.float() - ref_logits[i]).abs().max()))
+        out.append(int(logits.argmax()))
+        if i + 1 < steps:
+            logits = session.step([out[-1]], len(ids) + i)
+    return ref_tokens, out, diffs
+
+
+def _text(folder: Path, model: Model, tok, seed_ids, text: Path | None, n: int, length: int):
+    if text is None:
+        return sample_windows(model, seed_ids, n, length, SAMPLE_SEED), \
+            f"sampled by the reference (temperature 1, seed {SAMPLE_SEED})"
+    if tok is None:
+        raise SlmcError("--text needs the artifact's tokenizer.json, and there is none", str(folder))
+    from ..compiler.textdata import read_text
+
+    ids = tok.encode(read_text(text), add_special_tokens=False).ids
+    windows = text_windows(ids, n, length)
+    if not windows:
+        raise SlmcError(f"the text has {len(ids)} tokens; validation needs at least 2", str(text))
+    return windows, f"{text} ({len(ids)} tokens)"
+
+
+def codes_check(folder: Path, manifest: dict, model: Model) -> tuple[list[str], list[str]]:
+    """(fail reasons, notes): a quantized artifact must hold the reference's codes and scales."""
+    if weight_kind(manifest) == "float":
+        return [], []
+    if manifest.get("format") == "pte-moe":
+        return [], ["codes not read back: the offload format keeps each expert in its own program"]
+    rb = target_of(manifest).readback(model, Path(folder) / manifest["artifact"])
+    if rb.missing:
+        return [f"{len(rb.missing)} of {rb.checked} quantized weights are not stored as the reference's codes and "
+                f"scales (first: {rb.missing[0]})"], []
+    if not rb.checked:
+        return [], ["the reference has no quantized weight to read back"]
+    return [], [f"all {rb.checked} quantized weights hold the reference's codes and scales (read back)"]
+
+
+def _judge(tol: Tolerance | None, flow: str, art, noise, greedy_equal: bool, max_abs: float,
+           code_fails: list[str] = ()) -> tuple[str, list[str]]:
+    if code_fails:  # a wrong weight is a FAIL whatever the bound
+        return "FAIL", list(code_fails)
+    if tol is None:
+        return "INCONCLUSIVE", [f"no published acceptance bound for the flow {flow}: nothing to judge it by"]
+    fails = []
+    if tol.max_abs is not None and max_abs > tol.max_abs:
+        fails.append(f"max |Δ| {max_abs:.3g} > {tol.max_abs:g}")
+    if art.top1 < tol.min_top1:
+        fails.append(f"top-1 {art.top1:.1%} < {tol.min_top1:.1%}")
+    if tol.max_kl is not None and art.mean_kl > tol.max_kl:
+        fails.append(f"mean KL {art.mean_kl:.3g} > {tol.max_kl:g} nats")
+    if tol.max_dppl is not None and abs(art.delta_ppl) > tol.max_dppl:
+        fails.append(f"|Δppl| {abs(art.delta_ppl):.3%} > {tol.max_dppl:.2%}")
+    if tol.greedy_equal and not greedy_equal:
+        fails.append("greedy tokens differ from the reference's")
+    if noise is not None:  # the reference's own sensitivity against the same bounds
+        noisy = []
+        if tol.max_kl is not None and noise.mean_kl > tol.max_kl:
+            noisy.append(f"mean KL {noise.mean_kl:.3g} > {tol.max_kl:g}")
+        if noise.top1 < tol.min_top1:
+            noisy.append(f"top-1 {noise.top1:.1%} < {tol.min_top1:.1%}")
+        if tol.max_dppl is not None and abs(noise.delta_ppl) > tol.max_dppl:
+            noisy.append(f"|Δppl| {abs(noise.delta_ppl):.3%} > {tol.max_dppl:.2%}")
+        if noisy:
+            return "INCONCLUSIVE", [
+                f"the reference's own noise floor exceeds the fixed bound: a {NUDGE:g} relative nudge of its "
+                f"embeddings gives {', '.join(noisy)}, so the bound cannot tell this artifact from rounding noise "
+                f"(artifact: {'; '.join(fails) if fails else 'within every bound'})"]
+    if fails:
+        return "FAIL", fails
+    if art.rows < tol.min_positions:
+        return "INCONCLUSIVE", [f"within every bound, but over {art.rows} positions; a statistical PASS needs "
+                                f"at least {tol.min_positions} (--positions)"]
+    return "PASS", ["within every bound"]
+
+
 def validate(folder: Path, manifest: dict, model: Model, steps: int = 32, prompt: str | None = None,
-             tolerance: Tolerance | None = None) -> Report:
+             tolerance: Tolerance | None = None, positions: int = MIN_POSITIONS, long: bool = False,
+             text: Path | None = None) -> Report:
     t0 = time.time()
     tol = tolerance or tolerance_for(manifest)
+    flow = f"{manifest.get('target')}/{manifest.get('backend')}, {weight_kind(manifest)}"
     ids, tok = prompt_ids(folder, model, prompt)
     notes = []
     room = model.kv.max_len - 1  # the exported length axis tops out at max_len - 1
@@ -87,62 +200,30 @@ def validate(folder: Path, manifest: dict, model: Model, steps: int = 32, prompt
     if steps > room - len(ids):
         notes.append(f"decode steps cut from {steps} to {room - len(ids)} to fit the KV cache")
         steps = room - len(ids)
-    ref_tokens, ref_logits = reference.greedy(model, ids, steps)
+    length = room if long else min(room, max(positions, 2))
+    n = math.ceil(max(positions, room if long else 0) / length)
+    windows, source = _text(folder, model, tok, ids, text, n, length)
     session = open_session(folder, manifest)
-
-    # 1. teacher-forced on the reference's tokens
-    diffs, agree, ties = [], 0, 0
-    for i in range(steps):
-        if i == 0:
-            got = session.step(ids, 0)
-        else:
-            got = session.step([ref_tokens[i - 1]], len(ids) + i - 1)
-        diffs.append(float((got.float() - ref_logits[i]).abs().max()))
-        a, b = int(got.argmax()), int(ref_logits[i].argmax())
-        if a == b:
-            agree += 1
-        elif diffs[-1] <= tol.max_abs and float(ref_logits[i][b] - ref_logits[i][a]) <= 2 * diffs[-1]:
-            # the reference ranks the two tokens closer than this step's logit error, and that
-            # error is within the flow's fixed tolerance: a near tie, not a wrong token
-            ties += 1
-
-    # 2. free-running greedy
-    session.reset()
-    out: list[int] = []
-    logits = session.step(ids, 0)
-    for i in range(steps):
-        out.append(int(logits.argmax()))
-        if i + 1 < steps:
-            logits = session.step([out[-1]], len(ids) + i)
-    div = next((i for i, (a, b) in enumerate(zip(out, ref_tokens)) if a != b), None)
-
-    prefill, decode = diffs[0], max(diffs[1:], default=0.0)
-    max_abs, min_top1 = tol.max_abs, tol.min_top1
-    if tol.noise_floor and steps:
-        seq = torch.tensor([ids + ref_tokens[:-1]])
-        at = slice(len(ids) - 1, len(ids) - 1 + steps)
-        a, b = reference.forward(model, seq)[0, at], reference.forward(model, seq, 1e-7)[0, at]
-        floor = float((a - b).abs().max())
-        self_top1 = float((a.argmax(-1) == b.argmax(-1)).float().mean())
-        if 2 * floor > max_abs:
-            max_abs = 2 * floor
-            notes.append(f"max |Δ| bound raised to {max_abs:.3g}: a 1e-7 relative nudge of the reference's own "
-                         f"embeddings moves its logits by {floor:.3g} (int8 activation codes flip)")
-        bound = 1 - 2 * (1 - self_top1)  # twice the nudge's disagreement, as for |Δ| above
-        if bound < min_top1:
-            min_top1 = bound
-            notes.append(f"top-1 bound lowered to {bound:.1%}: the nudged reference agrees with the reference "
-                         f"itself only {self_top1:.1%} of the time (twice that disagreement allowed)")
-    top1 = (agree + ties) / max(steps, 1)
-    if ties:
-        notes.append(f"{ties} of {steps} steps were near ties (the reference's top-2 gap was within twice the "
-                     "step's logit error); counted as agreeing")
+    statistical = tol is not None and tol.rule == "statistical"
+    art, noise = compare_windows(model, session, windows, tol.max_abs if tol and tol.rule == "exact" else None,
+                                 NUDGE if statistical else None)
+    if art.ties:
+        notes.append(f"{art.ties} of {art.rows} positions were near ties (the reference's top-2 gap within twice "
+                     "the row's logit error, itself within the bound); counted as agreeing")
+    ref_tokens, out, diffs = _greedy(model, session, ids, steps)
     equal = out == ref_tokens
-    passed = max(prefill, decode) <= max_abs and top1 >= min_top1 and (equal or not tol.greedy_equal)
+    prefill = max(art.max_abs, diffs[0] if diffs else 0.0)
+    decode = max(diffs[1:], default=0.0)
+    code_fails, code_notes = codes_check(folder, manifest, model)
+    notes += code_notes
+    verdict, reasons = _judge(tol, flow, art, noise, equal, max(prefill, decode), code_fails)
     return Report(
         artifact=str(folder), runtime=getattr(session, "runtime", "?"), prompt_tokens=len(ids),
-        decode_steps=steps, prefill_max_abs=prefill, decode_max_abs=decode, top1_agreement=top1,
+        decode_steps=steps, prefill_max_abs=prefill, decode_max_abs=decode, top1_agreement=art.top1,
         greedy_equal=equal, reference_text=_decode(tok, ref_tokens), artifact_text=_decode(tok, out),
-        tolerance={**asdict(tol), "max_abs": max_abs, "min_top1": min_top1}, passed=passed,
-        seconds=round(time.time() - t0, 2), first_divergence=div,
-        notes=notes)
+        tolerance=asdict(tol) if tol else {}, passed=verdict == "PASS", seconds=round(time.time() - t0, 2),
+        first_divergence=next((i for i, (a, b) in enumerate(zip(out, ref_tokens)) if a != b), None),
+        notes=notes, verdict=verdict, reasons=reasons, flow=flow, positions=art.rows, windows=len(windows),
+        window_len=max(map(len, windows)), text_source=source, mean_kl=art.mean_kl, delta_ppl=art.delta_ppl,
+        reference_ppl=art.ref_ppl, artifact_ppl=art.sub_ppl,
+        noise_floor={**noise.summary(), "nudge": NUDGE} if noise is not None else None)

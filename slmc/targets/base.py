@@ -24,7 +24,7 @@ from ..compiler.ir import Model
 from ..compiler.lowering.export import max_chunk
 from ..errors import SlmcError, UnsupportedError
 from ..manifest import read_manifest, write_manifest  # noqa: F401  read_manifest: re-exported
-from .bounds import DEFAULT_TOLERANCE, Tolerance, weight_kind
+from .bounds import Tolerance, weight_kind
 from .readback import Readback
 
 
@@ -57,11 +57,16 @@ class Intermediates:
 
 class Session(Protocol):
     """An artifact in its own runtime: `step(tokens, start_pos) -> logits of the last
-    position`, and `reset()` to an empty KV cache."""
+    position`, `step_all(tokens, start_pos) -> logits of every position [T, vocab]` (validate
+    compares every prefill row), and `reset()` to an empty KV cache. A program that returns only
+    its last row (ExecuTorch's runner convention, LiteRT's decode signature) serves step_all one
+    token per call; one that returns every row (Core ML, ONNX) in one call."""
 
     runtime: str
 
     def step(self, tokens: list[int], start_pos: int) -> torch.Tensor: ...
+
+    def step_all(self, tokens: list[int], start_pos: int) -> torch.Tensor: ...
 
     def reset(self) -> None: ...
 
@@ -72,7 +77,8 @@ class Target(ABC):
     spec_class: type[TargetSpec] = TargetSpec
     # The manifest "format" values this target writes (a session is found by them too).
     formats: tuple[str, ...] = ()
-    # (backend, weight kind) -> the acceptance bound (bounds.py); absent: DEFAULT_TOLERANCE
+    # (backend, weight kind) -> the acceptance bound (bounds.py); absent: no published bound
+    # (validate's verdict is then INCONCLUSIVE)
     tolerances: ClassVar[dict[tuple[str, str], Tolerance]] = {}
     # Backends whose artifacts this host can run (and so validate); the flow suite
     # compiles and validates each one. Others compile but are checked differently.
@@ -95,8 +101,8 @@ class Target(ABC):
         """What the tolerance table is keyed by besides the weight kind: the backend."""
         return str(manifest.get("backend")).partition(":")[0]
 
-    def tolerance(self, manifest: dict) -> Tolerance:
-        return self.tolerances.get((self.tolerance_key(manifest), weight_kind(manifest)), DEFAULT_TOLERANCE)
+    def tolerance(self, manifest: dict) -> Tolerance | None:
+        return self.tolerances.get((self.tolerance_key(manifest), weight_kind(manifest)))
 
     @abstractmethod
     def open_session(self, folder: Path, manifest: dict) -> Session:

@@ -69,6 +69,10 @@ class CoreMLSession:
         return "decode" if T == 1 and "decode" in self.io else self.default
 
     def step(self, tokens: list[int], start_pos: int) -> torch.Tensor:
+        return self.step_all(tokens, start_pos)[-1]
+
+    def step_all(self, tokens: list[int], start_pos: int) -> torch.Tensor:
+        """Logits of every position, [T, vocab]: the functions return every row."""
         T, E = len(tokens), start_pos + len(tokens)
         keys, rows = np.arange(E)[None, :], np.arange(start_pos, E)[:, None]
         mask = np.where(keys <= rows, 0.0, -np.inf).astype(self.mask_dtype)[None, None]
@@ -85,7 +89,7 @@ class CoreMLSession:
             self.caches = {"keyCache": np.asarray(out["presentKeys"]),
                            "valueCache": np.asarray(out["presentValues"])}
         logits = np.asarray(out["logits"], dtype=np.float32)
-        return torch.from_numpy(logits.reshape(-1, logits.shape[-1])[-1].copy())
+        return torch.from_numpy(logits.reshape(-1, logits.shape[-1]).copy())
 
 
 def open_coreml(folder: Path, manifest: dict) -> CoreMLSession:

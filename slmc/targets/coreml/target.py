@@ -31,7 +31,7 @@ import torch
 from ...compiler.ir import Model, QuantWeight, named_weights
 from ...errors import SlmcError
 from ..base import Artifact, Target, TargetSpec
-from ..bounds import FLOAT_EXACT, Tolerance
+from ..bounds import FLOAT_EXACT, FP16_STATISTICAL
 from .module import coreml_module
 from .readback import readback
 from .session import open_coreml
@@ -288,10 +288,10 @@ class CoreMLTarget(Target):
     # (tolerance_key), as fp16 compute rounds every op.
     tolerances = {
         ("fp32", "float"): FLOAT_EXACT,
-        ("fp16", "float"): Tolerance(0.25, 0.9, False),
+        ("fp16", "float"): FP16_STATISTICAL,  # fp16 compute: judged statistically (bounds.py)
         # codes dequantize exactly; what is left is the compute precision's own rounding
         ("fp32", "quant"): FLOAT_EXACT,
-        ("fp16", "quant"): Tolerance(0.25, 0.9, False),
+        ("fp16", "quant"): FP16_STATISTICAL,
     }
 
     def tolerance_key(self, manifest):

@@ -202,6 +202,10 @@ class MoEOffloadSession:
         logits = self.methods["head"].execute([x[:, -1].contiguous()])[0]
         return logits.reshape(-1).clone()
 
+    def step_all(self, tokens: list[int], start_pos: int) -> torch.Tensor:
+        """Logits of every position: the head method takes the last row, so one token per call."""
+        return torch.stack([self.step([t], start_pos + i) for i, t in enumerate(tokens)])
+
     def stats(self) -> dict:
         s = self.cache.stats
         return {**asdict(s), "hit_rate": s.hit_rate, "tokens": self.tokens, "cache_experts": self.cache.capacity,

@@ -55,3 +55,8 @@ class ExecuTorchSession:
             out = self.method.execute([torch.tensor([tokens[i:i + n]], dtype=torch.int64),
                                        torch.tensor([start_pos + i], dtype=torch.int64)])[0]
         return out.reshape(-1, out.shape[-1])[-1].clone()
+
+    def step_all(self, tokens: list[int], start_pos: int) -> torch.Tensor:
+        """Logits of every position: the runner's program returns its last row only, so one
+        token per call (the prefill path's cache writes are still read by every later row)."""
+        return torch.stack([self.step([t], start_pos + i) for i, t in enumerate(tokens)])

@@ -37,6 +37,10 @@ class ONNXSession:
         self.caches = {i.name: np.zeros(i.shape, _DTYPES[i.type]) for i in self.past}
 
     def step(self, tokens: list[int], start_pos: int) -> torch.Tensor:
+        return self.step_all(tokens, start_pos)[-1]
+
+    def step_all(self, tokens: list[int], start_pos: int) -> torch.Tensor:
+        """Logits of every position, [T, vocab]: the graph returns every row."""
         if not tokens:
             raise SlmcError("step() needs at least one token", str(self.path))
         end = start_pos + len(tokens)
@@ -46,7 +50,7 @@ class ONNXSession:
                  "position_ids": np.arange(start_pos, end, dtype=np.int64)[None], **self.caches}
         out = self.sess.run(["logits", *self.present], feeds)
         self.caches = {i.name: c for i, c in zip(self.past, out[1:])}
-        return torch.from_numpy(np.ascontiguousarray(out[0][0, -1]))
+        return torch.from_numpy(np.ascontiguousarray(out[0][0]))
 
 
 def open_onnx(folder: Path, manifest: dict) -> ONNXSession:

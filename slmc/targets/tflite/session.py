@@ -73,6 +73,11 @@ class TFLiteSession:
         logits = self._run(self.decode, [tokens[-1]], [pos])["logits"]
         return torch.from_numpy(np.array(logits).reshape(-1, logits.shape[-1])[-1].copy())
 
+    def step_all(self, tokens: list[int], start_pos: int) -> torch.Tensor:
+        """Logits of every position: only the decode signature returns logits, so one token
+        per call."""
+        return torch.stack([self.step([t], start_pos + i) for i, t in enumerate(tokens)])
+
 
 def open_tflite(folder: Path, manifest: dict) -> TFLiteSession:
     folder = Path(folder)

@@ -44,7 +44,7 @@ from ...compiler.lowering.layers import LNorm, rope_slices
 from ...compiler.textdata import find_tokenizer_dir
 from ...errors import SlmcError
 from ..base import Artifact, Target, TargetSpec, kv_refusal, ring_manifest
-from ..bounds import FLOAT_EXACT, Tolerance
+from ..bounds import ACT8_STATISTICAL, FLOAT_EXACT
 from .rules import LITERT
 from .codes import store_codes
 from .gpu import gpu_fallback
@@ -408,7 +408,7 @@ class TFLiteTarget(Target):
         # weight-only codes are dequantized to the reference's exact floats: float tolerance
         ("cpu", "quant"): FLOAT_EXACT,
         # int8-activation filters run in XNNPACK's qd8 GEMMs, as ExecuTorch's 8da4w does
-        ("cpu", "quant-act8"): Tolerance(0.25, 0.99, False, noise_floor=True),
+        ("cpu", "quant-act8"): ACT8_STATISTICAL,
     }
 
     def open_session(self, folder, manifest):
