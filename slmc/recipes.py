@@ -86,7 +86,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "int8 weights and embedding per channel (per-axis DEQUANTIZE, runs once at load)"),
     Recipe("int4-g32-onnx", ("quant.rtn:bits=4,group_size=32,symmetric=true,embed_bits=8",), ("onnx",),
            "onnxruntime-genai's int4: RTN int4 g32 weights as MatMulNBits (fp32 scales, float activations) and "
-           "an int8 g32 embedding (GatherBlockQuantized; the tied head reads the same codes through MatMulNBits)"),
+           "an int8 g32 embedding (GatherBlockQuantized; the tied head reads the same codes through MatMulNBits); "
+           "RTN as the model builder does: AWQ is not yet measured on this target (bench/results/compile_targets.md)"),
     Recipe("int8-coreml", (f"quant.rtn:bits=8,group_size=0,{_CML},{_ENDS8}",), ("coreml",),
            "int8 weights per channel, fp16 scales; head and embedding int8 rows"),
 )}

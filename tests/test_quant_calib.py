@@ -76,7 +76,7 @@ def test_every_int4_recipe_quantizes_embedding_and_head(name):
     q = next(o for o in opts if getattr(o, "bits", 0) == 4 and hasattr(o, "embed_bits"))
     assert q.embed_bits in (4, 8)
     # the head: its own quantized table, or the quantized embedding shared (targets that allow it)
-    tied_ok = all(f.split(":")[0] in ("tflite", "coreml") for f in RECIPES[name].flows)
+    tied_ok = all(f.split(":")[0] in ("tflite", "coreml", "onnx") for f in RECIPES[name].flows)
     assert q.head_bits in (4, 8) or (tied_ok and q.head_bits == 0)
     assert "bench/results/" in RECIPES[name].about  # the measurement it was chosen by
 
