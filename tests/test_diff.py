@@ -144,7 +144,7 @@ def test_cli_float_vs_quantized_table_json_and_report(source, tmp_path):
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)
     assert data["mode"] == "float-vs-quantized" and len(data["stages"]) == 5
-    assert "<svg" in page.read_text() and "quant.rtn" in page.read_text()
+    assert "<svg" in page.read_text() and "quant.awq" in page.read_text()  # the recipe's method
     # no passes: nothing to compare a model with (one line, exit 2)
     r = runner.invoke(main, ["diff", str(source)])
     assert r.exit_code == 2 and "needs --pass or --recipe" in r.output
