@@ -57,7 +57,7 @@ def main() -> None:
         reports = [p.pop("_report") for p in pairs]
         api.write_report(a.report, artifact=folders["executorch"], diffs=reports)
     manifest = api.read_manifest(folders["executorch"])
-    data = {"machine": machine(), "model": str(a.model), "recipe": manifest.get("recipe") or a.recipe,
+    data = {"machine": machine(), "model": "tiny random Llama (--quick)" if a.quick else str(a.model), "recipe": manifest.get("recipe") or a.recipe,
             "max_seq_len": manifest["kv_cache_spec"]["max_len"], "compile_s": compile_s, "pairs": pairs,
             "others_seen": sorted(busy)}
     write_results("diff-quick" if a.quick else "diff", data)
