@@ -97,6 +97,8 @@ def validate_on(folder: Path, manifest: dict, model: Model, spec: str) -> Report
     if "error" in dev:
         raise SlmcError(f"the check bundle refused to run on {device.describe()}: {dev['error']}", str(folder))
     verdict = judge(dev["logits"], expected, dev["greedy"], tokens, bounds)
+    if "error" in verdict:  # the device's outputs do not even have the reference's shape
+        raise SlmcError(f"the check bundle's outputs on {device.describe()}: {verdict['error']}", str(folder))
     notes.append(f"on {device.describe()}: checker ran in {dev['seconds_on_device']} s, its own verdict "
                  f"{'PASS' if dev['passed'] else 'FAIL'}")
     if "bundled_program_verified" in dev:
