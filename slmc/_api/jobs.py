@@ -30,7 +30,8 @@ def validate(folder: str | Path, opts: ValidateOptions = ValidateOptions(), mode
     if opts.on:  # the artifact's check bundle on a device, judged here (slmc/device/validate.py)
         from ..device.validate import validate_on
 
-        report = validate_on(folder, manifest, model, opts.on)
+        report = validate_on(folder, manifest, model, opts.on, steps=opts.steps, prompt=opts.prompt,
+                             positions=opts.positions, long=opts.long, text=Path(opts.text) if opts.text else None)
     else:
         report = run_validation(folder, manifest, model, steps=opts.steps, prompt=opts.prompt,
                                 positions=opts.positions, long=opts.long,

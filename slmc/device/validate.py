@@ -1,13 +1,20 @@
-"""`slmc validate OUT --on DEVICE`: the artifact's own check bundle (`check/`), run inside the
-device, judged on the host against the host's reference executor under the flow's bounds.
+"""`slmc validate OUT --on DEVICE`: the same validation as on the host, run inside the device,
+judged on the host against the host's reference under the flow's bounds.
 
-1. push the model files, manifest.json and check/ to the device; run `check/check.py`
-   there (it needs only the target's runtime and numpy) and pull its logits and tokens;
-2. recompute the reference's greedy tokens and logits for the bundle's prompt here, with
-   the bounds of the target's tolerance table (targets/bounds.py), and judge the device's
-   outputs with the same comparison `slmc validate` makes (device/judge.py);
-3. run the same bundle on this host too (the `host` device) and report the host-vs-device
-   difference of the logits and greedy tokens.
+1. choose what host validation runs, with its own code (runtime_tests/validate.py: `plan`):
+   the teacher-forced windows (sampled by the reference with its fixed seed, or `--text`;
+   `--positions`, `--long`) and the free-running greedy prompt and steps;
+2. push the model files, manifest.json, check/ and those choices (`run.npz`: token ids only)
+   to the device; run `check/check.py` there (it needs only the target's runtime and numpy):
+   the bundle's own steps and verdict, then every row of every window and the greedy steps;
+   pull every row's logits;
+3. judge them here exactly as host validation judges its own runtime's (teacher.compare_logits,
+   validate.conclude / verdict_of: one implementation of the verdict);
+4. run the same windows through this host's runtime (the `host` device, the same checker) and
+   report the host-vs-device difference.
+
+A phone without a host runs check/check.py alone: the bundle's few steps, judged on the phone
+by check/judge.py (a statistical flow is INCONCLUSIVE there, with its reason).
 """
 
 from __future__ import annotations
@@ -18,36 +25,49 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..compiler import reference
 from ..compiler.ir import Model
 from ..errors import SlmcError
-from ..runtime_tests.validate import Report, load_tokenizer
+from ..runtime_tests.teacher import compare_logits
+from ..runtime_tests.validate import Plan, Report, conclude, plan
 from ..targets import target_of
+from ..targets.bounds import MIN_POSITIONS, NUDGE
 from . import get_device
 from .base import Device
-from .bundle import CHECK_DIR, bounds_for
-from .judge import judge
+from .bundle import CHECK_DIR
 
 # target -> the runtime its checker needs on the device
 RUNTIMES = {"executorch": "executorch", "tflite": "ai_edge_litert", "onnx": "onnxruntime"}
 TIMEOUT_S = 3600
 
 
-def run_bundle(folder: Path, device: Device, timeout: float = TIMEOUT_S) -> dict:
-    """Run `folder`'s check bundle on `device`; returns its JSON report with `logits` and
-    `greedy` (what the device computed) and the wall seconds of the run."""
+def _run_file(p: Plan, path: Path) -> None:
+    """run.npz: the windows (padded to one length, with their lengths), the greedy prompt and steps."""
+    width = max(map(len, p.windows))
+    windows = np.zeros((len(p.windows), width), np.int64)
+    for i, w in enumerate(p.windows):
+        windows[i, :len(w)] = w
+    np.savez(path, windows=windows, lengths=np.array([len(w) for w in p.windows], np.int64),
+             prompt=np.array(p.ids, np.int64), steps=np.array(p.steps, np.int64))
+
+
+def run_bundle(folder: Path, device: Device, run: Path | None = None, timeout: float = TIMEOUT_S) -> dict:
+    """Run `folder`'s check bundle on `device` (with `run`: also run.npz's windows and greedy
+    steps); returns its JSON report with `logits` and `greedy` (the bundle's steps), with
+    `run`: `window_logits`, `run_greedy`, `run_greedy_logits`, and the wall seconds."""
     folder = Path(folder)
     bounds = json.loads((folder / CHECK_DIR / "bounds.json").read_text())
     remote = device.workdir()
     try:
         for name in ["manifest.json", CHECK_DIR, *bounds["sha256"]]:
             device.push(folder / name, f"{remote}/art/{name}")
-        # the result path is relative to the work folder: under `qemu -L` a new file's absolute
-        # path would not map into the root filesystem
-        r = device.run([device.python, f"{remote}/art/{CHECK_DIR}/check.py", "result.npz"], cwd=remote,
-                       timeout=timeout)
+        args = ["result.npz"]
+        if run is not None:
+            device.push(run, f"{remote}/run.npz")
+            args.append("run.npz")
+        # result and run paths are relative to the work folder: under `qemu -L` a new file's
+        # absolute path would not map into the root filesystem
+        r = device.run([device.python, f"{remote}/art/{CHECK_DIR}/check.py", *args], cwd=remote, timeout=timeout)
         lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
         if r.returncode not in (0, 1, 3) or not lines:  # PASS, FAIL, INCONCLUSIVE
             err = [l for l in (r.stderr or r.stdout).strip().splitlines() if l.strip()]
@@ -60,13 +80,31 @@ def run_bundle(folder: Path, device: Device, timeout: float = TIMEOUT_S) -> dict
             device.pull(f"{remote}/result.npz", Path(tmp) / "result.npz")
             with np.load(Path(tmp) / "result.npz") as res:
                 report["logits"], report["greedy"] = res["logits"].copy(), res["greedy"].tolist()
+                if run is not None:
+                    if "window_logits" not in res:
+                        raise SlmcError(f"the checker on {device.describe()} ran no windows: the artifact's "
+                                        f"check/ predates `validate --on`'s windows; recompile it", str(folder))
+                    report["window_logits"] = res["window_logits"].copy()
+                    report["run_greedy"] = res["run_greedy"].tolist()
+                    report["run_greedy_logits"] = res["run_greedy_logits"].copy()
+                    report["run_seconds"] = round(float(res["run_seconds"]), 2)
         report["seconds_on_device"] = r.seconds
         return report
     finally:
         device.cleanup(remote)
 
 
-def validate_on(folder: Path, manifest: dict, model: Model, spec: str) -> Report:
+def _split(rows: np.ndarray, windows: list[list[int]], where: str) -> list[np.ndarray]:
+    """The device's [sum of window lengths, vocab] rows, one array per window."""
+    n = sum(map(len, windows))
+    if rows.ndim != 2 or rows.shape[0] != n:
+        raise SlmcError(f"the check bundle's outputs on {where}: {list(rows.shape)} logit rows, expected {n} "
+                        f"(the windows' positions)", "--on")
+    return np.split(rows, np.cumsum([len(w) for w in windows])[:-1])
+
+
+def validate_on(folder: Path, manifest: dict, model: Model, spec: str, steps: int = 32, prompt: str | None = None,
+                positions: int = MIN_POSITIONS, long: bool = False, text: Path | None = None) -> Report:
     t0 = time.time()
     folder = Path(folder)
     target = target_of(manifest)
@@ -82,52 +120,39 @@ def validate_on(folder: Path, manifest: dict, model: Model, spec: str) -> Report
     if not (folder / CHECK_DIR / "check.py").is_file():
         raise SlmcError(f"the artifact has no on-device checker ({CHECK_DIR}/check.py): it was compiled by an "
                         f"slmc without check bundles, or its format ({manifest.get('format')}) has none", str(folder))
-    with np.load(folder / CHECK_DIR / "expected.npz") as exp:
-        prompt, bundled = exp["prompt"].tolist(), exp["logits"].copy()
-    # the host's reference on the bundle's prompt, the flow's bounds
-    with torch.no_grad():
-        tokens, logits = reference.greedy(model, prompt, len(bundled))
-    expected = torch.stack([l.float() for l in logits]).numpy()
-    bounds = bounds_for(model, target.tolerance(manifest), prompt, tokens)
-    notes = list(bounds.pop("notes"))
-    if bundled.shape != expected.shape or float(np.abs(bundled - expected).max()) > 1e-4:
-        notes.append("the bundle's expected outputs differ from this host's reference (judged against the host's)")
+    p = plan(folder, manifest, model, steps, prompt, None, positions, long, text)
+    notes, hard = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run.npz"
+        _run_file(p, run)
+        dev = run_bundle(folder, device, run)
+        if "error" in dev:
+            raise SlmcError(f"the check bundle refused to run on {device.describe()}: {dev['error']}", str(folder))
+        rows = _split(dev["window_logits"], p.windows, device.describe())
+        notes.append(f"on {device.describe()}: checker ran in {dev['seconds_on_device']} s ({dev['run_seconds']} s "
+                     f"for {len(p.windows)} windows, {sum(map(len, p.windows))} positions, and {p.steps} greedy "
+                     f"steps); the bundle's own {dev.get('steps')} steps: {dev.get('verdict')}")
+        if "bundled_program_verified" in dev:
+            ok = dev["bundled_program_verified"]
+            notes.append(f"ExecuTorch BundledProgram verification (atol {p.exact_max_abs or 0:.3g}): {sum(ok)}/{len(ok)} "
+                         "test cases passed")
+            if not all(ok):
+                hard.append("ExecuTorch's BundledProgram verification failed")
+        if device.name != "host":
+            notes.append(_host_vs(folder, run, dev, device.name))
+    art, noise = compare_logits(model, p.windows, rows, p.exact_max_abs, NUDGE if p.statistical else None)
+    return conclude(folder, manifest, model, p, f"{dev.get('runtime', runtime)} on {device.describe()}", art, noise,
+                    dev["run_greedy"], dev["run_greedy_logits"], t0, notes, hard)
 
-    dev = run_bundle(folder, device)
-    if "error" in dev:
-        raise SlmcError(f"the check bundle refused to run on {device.describe()}: {dev['error']}", str(folder))
-    verdict = judge(dev["logits"], expected, dev["greedy"], tokens, bounds)
-    if "error" in verdict:  # the device's outputs do not even have the reference's shape
-        raise SlmcError(f"the check bundle's outputs on {device.describe()}: {verdict['error']}", str(folder))
-    notes.append(f"on {device.describe()}: checker ran in {dev['seconds_on_device']} s, its own verdict "
-                 f"{'PASS' if dev['passed'] else 'FAIL'}")
-    if "bundled_program_verified" in dev:
-        ok = dev["bundled_program_verified"]
-        notes.append(f"ExecuTorch BundledProgram verification (atol {bounds['max_abs']:.3g}): {sum(ok)}/{len(ok)} "
-                     "test cases passed")
-        if not all(ok):
-            verdict.update(passed=False, verdict="FAIL",
-                           reasons=verdict["reasons"] * (verdict["verdict"] == "FAIL")
-                           + ["ExecuTorch's BundledProgram verification failed"])
-    if device.name != "host":
-        try:
-            host = run_bundle(folder, get_device("host"))
-        except SlmcError as e:
-            host = {}
-            notes.append(f"host vs {device.name}: not compared, the bundle does not run on this host ({e})")
-        if "logits" in host and np.shape(host["logits"]) == np.shape(dev["logits"]):
-            d = float(np.abs(np.asarray(host["logits"]) - np.asarray(dev["logits"])).max())
-            notes.append(f"host vs {device.name}: max |Δ| logits {d:.3g}, greedy tokens "
-                         f"{'equal' if host['greedy'] == dev['greedy'] else 'differ'}")
-    tok = load_tokenizer(folder)
-    text = (lambda ids: tok.decode(ids, skip_special_tokens=False)) if tok else (lambda ids: " ".join(map(str, ids)))
-    return Report(
-        artifact=str(folder), runtime=f"{dev.get('runtime', runtime)} on {device.describe()}",
-        prompt_tokens=len(prompt), decode_steps=len(tokens), prefill_max_abs=verdict["prefill_max_abs"],
-        decode_max_abs=verdict["decode_max_abs"], top1_agreement=verdict["top1_agreement"],
-        greedy_equal=verdict["greedy_equal"], reference_text=text(tokens), artifact_text=text(dev["greedy"]),
-        tolerance=dict(bounds),
-        passed=bool(verdict["passed"]), seconds=round(time.time() - t0, 2),
-        first_divergence=verdict["first_divergence"], notes=notes, verdict=verdict["verdict"],
-        reasons=list(verdict["reasons"]), flow=bounds.get("flow", ""), positions=verdict["steps"],
-        mean_kl=verdict.get("mean_kl", 0.0), delta_ppl=verdict.get("delta_ppl", 0.0))
+
+def _host_vs(folder: Path, run: Path, dev: dict, name: str) -> str:
+    """The same windows and greedy steps through this host's runtime (the same checker)."""
+    try:
+        host = run_bundle(folder, get_device("host"), run)
+    except SlmcError as e:
+        return f"host vs {name}: not compared, the bundle does not run on this host ({e})"
+    if "window_logits" not in host or np.shape(host["window_logits"]) != np.shape(dev["window_logits"]):
+        return f"host vs {name}: not compared ({host.get('error', 'the host returned other shapes')})"
+    d = float(np.abs(host["window_logits"] - dev["window_logits"]).max()) if dev["window_logits"].size else 0.0
+    return (f"host vs {name}: max |Δ| logits {d:.3g} over {len(dev['window_logits'])} teacher-forced positions, "
+            f"greedy tokens {'equal' if host['run_greedy'] == dev['run_greedy'] else 'differ'}")

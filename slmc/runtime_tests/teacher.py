@@ -109,14 +109,26 @@ class Agreement:
 
 def compare_windows(model: Model, session, windows: list[list[int]], exact_max_abs: float | None,
                     nudge: float | None) -> tuple[Agreement, Agreement | None]:
-    """The artifact against the reference on every row of every window; with `nudge`, also the
-    reference against itself with its embeddings nudged (its own sensitivity, a diagnostic)."""
+    """The artifact's session against the reference on every row of every window."""
+    def rows():
+        for ids in windows:
+            session.reset()
+            yield session.step_all(ids, 0).float()
+
+    return compare_logits(model, windows, rows(), exact_max_abs, nudge)
+
+
+def compare_logits(model: Model, windows: list[list[int]], logits, exact_max_abs: float | None,
+                   nudge: float | None) -> tuple[Agreement, Agreement | None]:
+    """The artifact's logits (one [len(window), vocab] array per window, in order, each window
+    run from position 0 with an empty cache; on this host or sent back by a device) against
+    the reference on every row; with `nudge`, also the reference against itself with its
+    embeddings nudged (its own sensitivity, a diagnostic)."""
     art = Agreement(exact_max_abs)
     noise = Agreement() if nudge else None
-    for ids in windows:
+    for ids, sub in zip(windows, logits, strict=True):
         ref = reference.forward(model, torch.tensor([ids]))[0]
-        session.reset()
-        art.add(ref, session.step_all(ids, 0).float(), ids)
+        art.add(ref, torch.as_tensor(sub).float(), ids)
         if noise is not None:
             noise.add(ref, reference.forward(model, torch.tensor([ids]), nudge)[0], ids)
     return art, noise

@@ -101,20 +101,28 @@ def _decode(tok, ids: list[int]) -> str:
     return tok.decode(ids, skip_special_tokens=False) if tok is not None else " ".join(map(str, ids))
 
 
-def _greedy(model: Model, session, ids: list[int], steps: int):
-    """Free-running greedy; logits compared while the artifact's tokens equal the reference's."""
-    ref_tokens, ref_logits = reference.greedy(model, ids, steps)
-    session.reset()
-    out: list[int] = []
+def greedy_diffs(ref_tokens: list[int], ref_logits, out: list[int], out_logits) -> list[float]:
+    """Max |Δ| of each free-running step's logits while the artifact's tokens equal the
+    reference's (the same context so far: the same logits are due)."""
     diffs = []
+    for i, (r, a) in enumerate(zip(ref_logits, out_logits)):
+        if list(out[:i]) != list(ref_tokens[:i]):
+            break
+        diffs.append(float((torch.as_tensor(a).float() - r.float()).abs().max()))
+    return diffs
+
+
+def _greedy(session, ids: list[int], steps: int) -> tuple[list[int], list]:
+    """The artifact's free-running greedy tokens and each step's logits."""
+    session.reset()
+    out, logits_seen = [], []
     logits = session.step(ids, 0)
     for i in range(steps):
-        if out == ref_tokens[:i]:  # the same context so far: the same logits are due
-            diffs.append(float((logits.float() - ref_logits[i]).abs().max()))
+        logits_seen.append(logits)
         out.append(int(logits.argmax()))
         if i + 1 < steps:
             logits = session.step([out[-1]], len(ids) + i)
-    return ref_tokens, out, diffs
+    return out, logits_seen
 
 
 def _text(folder: Path, model: Model, tok, seed_ids, text: Path | None, n: int, length: int):
@@ -147,10 +155,12 @@ def codes_check(folder: Path, manifest: dict, model: Model) -> tuple[list[str], 
     return [], [f"all {rb.checked} quantized weights hold the reference's codes and scales (read back)"]
 
 
-def _judge(tol: Tolerance | None, flow: str, art, noise, greedy_equal: bool, max_abs: float,
-           code_fails: list[str] = ()) -> tuple[str, list[str]]:
-    if code_fails:  # a wrong weight is a FAIL whatever the bound
-        return "FAIL", list(code_fails)
+def verdict_of(tol: Tolerance | None, flow: str, art, noise, greedy_equal: bool, max_abs: float,
+               hard_fails: list[str] = ()) -> tuple[str, list[str]]:
+    """The verdict under the flow's fixed bound: the one implementation, for this host's run and
+    for a device's (device/validate.py). hard_fails: a wrong weight, a runtime's own failed check."""
+    if hard_fails:  # a FAIL whatever the bound
+        return "FAIL", list(hard_fails)
     if tol is None:
         return "INCONCLUSIVE", [f"no published acceptance bound for the flow {flow}: nothing to judge it by"]
     fails = []
@@ -185,10 +195,34 @@ def _judge(tol: Tolerance | None, flow: str, art, noise, greedy_equal: bool, max
     return "PASS", ["within every bound"]
 
 
-def validate(folder: Path, manifest: dict, model: Model, steps: int = 32, prompt: str | None = None,
-             tolerance: Tolerance | None = None, positions: int = MIN_POSITIONS, long: bool = False,
-             text: Path | None = None) -> Report:
-    t0 = time.time()
+_judge = verdict_of  # the name tests/test_validate.py calls it by
+
+
+@dataclass
+class Plan:
+    """What a validation runs: the greedy prompt and steps, the teacher-forced windows."""
+    tol: Tolerance | None
+    flow: str
+    ids: list[int]  # the free-running greedy prompt
+    tok: object
+    steps: int
+    windows: list[list[int]]
+    source: str
+    notes: list[str]
+
+    @property
+    def statistical(self) -> bool:
+        return self.tol is not None and self.tol.rule == "statistical"
+
+    @property
+    def exact_max_abs(self) -> float | None:
+        return self.tol.max_abs if self.tol is not None and self.tol.rule == "exact" else None
+
+
+def plan(folder: Path, manifest: dict, model: Model, steps: int = 32, prompt: str | None = None,
+         tolerance: Tolerance | None = None, positions: int = MIN_POSITIONS, long: bool = False,
+         text: Path | None = None) -> Plan:
+    """The prompt, steps and windows `validate` runs, here or on a device (the same choice)."""
     tol = tolerance or tolerance_for(manifest)
     flow = f"{manifest.get('target')}/{manifest.get('backend')}, {weight_kind(manifest)}"
     ids, tok = prompt_ids(folder, model, prompt)
@@ -203,27 +237,45 @@ def validate(folder: Path, manifest: dict, model: Model, steps: int = 32, prompt
     length = room if long else min(room, max(positions, 2))
     n = math.ceil(max(positions, room if long else 0) / length)
     windows, source = _text(folder, model, tok, ids, text, n, length)
-    session = open_session(folder, manifest)
-    statistical = tol is not None and tol.rule == "statistical"
-    art, noise = compare_windows(model, session, windows, tol.max_abs if tol and tol.rule == "exact" else None,
-                                 NUDGE if statistical else None)
+    return Plan(tol, flow, ids, tok, steps, windows, source, notes)
+
+
+def conclude(folder: Path, manifest: dict, model: Model, p: Plan, runtime: str, art, noise, out: list[int],
+             out_logits, t0: float, notes: list[str] = (), hard_fails: list[str] = ()) -> Report:
+    """The report of a run of `p` (teacher-forced agreement `art`, the artifact's free-running
+    tokens `out` and their logits), judged by verdict_of against the reference."""
+    notes = list(p.notes) + list(notes)
     if art.ties:
         notes.append(f"{art.ties} of {art.rows} positions were near ties (the reference's top-2 gap within twice "
                      "the row's logit error, itself within the bound); counted as agreeing")
-    ref_tokens, out, diffs = _greedy(model, session, ids, steps)
-    equal = out == ref_tokens
+    ref_tokens, ref_logits = reference.greedy(model, p.ids, p.steps)
+    diffs = greedy_diffs(ref_tokens, ref_logits, out, out_logits)
+    equal = list(out) == list(ref_tokens)
     prefill = max(art.max_abs, diffs[0] if diffs else 0.0)
     decode = max(diffs[1:], default=0.0)
     code_fails, code_notes = codes_check(folder, manifest, model)
     notes += code_notes
-    verdict, reasons = _judge(tol, flow, art, noise, equal, max(prefill, decode), code_fails)
+    verdict, reasons = verdict_of(p.tol, p.flow, art, noise, equal, max(prefill, decode),
+                                  list(code_fails) + list(hard_fails))
+    tol = p.tol
     return Report(
-        artifact=str(folder), runtime=getattr(session, "runtime", "?"), prompt_tokens=len(ids),
-        decode_steps=steps, prefill_max_abs=prefill, decode_max_abs=decode, top1_agreement=art.top1,
-        greedy_equal=equal, reference_text=_decode(tok, ref_tokens), artifact_text=_decode(tok, out),
+        artifact=str(folder), runtime=runtime, prompt_tokens=len(p.ids),
+        decode_steps=p.steps, prefill_max_abs=prefill, decode_max_abs=decode, top1_agreement=art.top1,
+        greedy_equal=equal, reference_text=_decode(p.tok, ref_tokens), artifact_text=_decode(p.tok, out),
         tolerance=asdict(tol) if tol else {}, passed=verdict == "PASS", seconds=round(time.time() - t0, 2),
         first_divergence=next((i for i, (a, b) in enumerate(zip(out, ref_tokens)) if a != b), None),
-        notes=notes, verdict=verdict, reasons=reasons, flow=flow, positions=art.rows, windows=len(windows),
-        window_len=max(map(len, windows)), text_source=source, mean_kl=art.mean_kl, delta_ppl=art.delta_ppl,
+        notes=notes, verdict=verdict, reasons=reasons, flow=p.flow, positions=art.rows, windows=len(p.windows),
+        window_len=max(map(len, p.windows)), text_source=p.source, mean_kl=art.mean_kl, delta_ppl=art.delta_ppl,
         reference_ppl=art.ref_ppl, artifact_ppl=art.sub_ppl,
         noise_floor={**noise.summary(), "nudge": NUDGE} if noise is not None else None)
+
+
+def validate(folder: Path, manifest: dict, model: Model, steps: int = 32, prompt: str | None = None,
+             tolerance: Tolerance | None = None, positions: int = MIN_POSITIONS, long: bool = False,
+             text: Path | None = None) -> Report:
+    t0 = time.time()
+    p = plan(folder, manifest, model, steps, prompt, tolerance, positions, long, text)
+    session = open_session(folder, manifest)
+    art, noise = compare_windows(model, session, p.windows, p.exact_max_abs, NUDGE if p.statistical else None)
+    out, out_logits = _greedy(session, p.ids, p.steps)
+    return conclude(folder, manifest, model, p, getattr(session, "runtime", "?"), art, noise, out, out_logits, t0)

@@ -37,11 +37,15 @@ class Session:
         self.caches = {i.name: np.zeros(i.shape, _DTYPES[i.type]) for i in self.past}
 
     def step(self, tokens, start_pos):
+        return self.step_all(tokens, start_pos)[-1]
+
+    def step_all(self, tokens, start_pos):
+        """Every row's logits: the graph returns them all (one call per window)."""
         feeds = {"input_ids": np.array([tokens], np.int64),
                  "position_ids": np.arange(start_pos, start_pos + len(tokens), dtype=np.int64)[None], **self.caches}
         out = self.sess.run(["logits", *self.present], feeds)
         self.caches = {i.name: c for i, c in zip(self.past, out[1:])}
-        return np.asarray(out[0][0, -1], np.float32)
+        return np.asarray(out[0][0], np.float32)
 
 
 def open_session(root: Path, manifest: dict) -> Session:
