@@ -108,11 +108,12 @@ def main() -> None:
     flows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if a.smollm2:  # the tiny rows of the last run stay; SmolLM2's replaces its own
+        if a.smollm2:  # the tiny rows of the last run (read when this one ends) stay; SmolLM2's replaces its own
+            row = run_flow(api, api.DEFAULT_MODEL, "SmolLM2-135M", *SMOLLM2, work, 128)
             old = RESULTS / "device.json"
             flows = [f for f in json.loads(old.read_text())["flows"] if f["model"] != "SmolLM2-135M"] \
                 if old.is_file() else []
-            flows.append(run_flow(api, api.DEFAULT_MODEL, "SmolLM2-135M", *SMOLLM2, work, 128))
+            flows.append(row)
         else:
             tiny = tiny_model(work)
             for target, backend, recipe in TINY:
