@@ -1,6 +1,7 @@
 """Artifacts checked on the arm64 emulator: `slmc validate --on qemu-arm64` per flow.
 
     python bench/device.py                # tiny random Llama: ExecuTorch and LiteRT, float and 8da4w
+                                          #   (the int8da-int4w-g32 recipe: AWQ, and its -rtn twin)
     python bench/device.py --smollm2      # only SmolLM2-135M int8da-int4w-g32 on ExecuTorch/XNNPACK, its
                                           #   row merged into results/device.json (the tiny rows kept);
                                           #   hold /work/coord/heavy.lock or its equivalent
@@ -27,8 +28,9 @@ from pathlib import Path
 
 from _common import RESULTS, machine, tiny_model, write_results
 
-TINY = [("executorch", "xnnpack", None), ("executorch", "xnnpack", "int8da-int4w-g32"),
-        ("tflite", "cpu", None), ("tflite", "cpu", "int8da-int4w-g32")]
+TINY = [("executorch", "xnnpack", None), ("executorch", "xnnpack", "int8da-int4w-g32-rtn"),
+        ("executorch", "xnnpack", "int8da-int4w-g32"), ("tflite", "cpu", None),
+        ("tflite", "cpu", "int8da-int4w-g32-rtn"), ("tflite", "cpu", "int8da-int4w-g32")]
 SMOLLM2 = ("executorch", "xnnpack", "int8da-int4w-g32")
 
 
