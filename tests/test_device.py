@@ -79,6 +79,7 @@ def test_validate_on_qemu_arm64(emulator, compiled, target, recipe):
     assert "qemu-arm64" in r.runtime
     host_vs = next(n for n in r.notes if n.startswith("host vs qemu-arm64"))
     diff = float(re.search(r"max \|Δ\| logits (\S+) over (\d+)", host_vs).group(1))
+    assert r.host_vs_device["positions"] == r.positions and r.host_vs_device["max_abs"] == pytest.approx(diff, rel=1e-2)
     if exact:  # the same fp32 artifact on two CPUs: summation order only (FLOAT_EXACT)
         assert diff <= 2e-3, host_vs
     if target == "executorch" and exact and (compiled(target, recipe) / "check" / "model.bpte").is_file():

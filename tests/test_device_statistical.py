@@ -46,6 +46,11 @@ def test_statistical_device_path_passes_honest_and_fails_broken(honest_ir, tiny_
     assert (h.positions, h.windows, h.window_len) == (r.positions, r.windows, r.window_len)
     assert abs(h.mean_kl - r.mean_kl) <= 1e-6 and h.top1_agreement == r.top1_agreement and h.verdict == r.verdict
 
+    # --positions and --long reach the device: windows as long as the cache, as host validate makes them
+    lg = api.validate(honest, api.ValidateOptions(on="host", positions=100, long=True, record=False), model=honest_ir)
+    assert (lg.window_len, lg.windows, lg.positions) == (MAX_LEN - 1, 3, 3 * (MAX_LEN - 1))
+    assert lg.verdict == "INCONCLUSIVE" and any("positions" in x for x in lg.reasons), lg.reasons
+
     broken_ir = copy.deepcopy(honest_ir)
     scale_one_layer(broken_ir)
     broken = _compile(broken_ir, tiny_llama_dir, tmp_path / "broken")

@@ -138,21 +138,27 @@ def validate_on(folder: Path, manifest: dict, model: Model, spec: str, steps: in
                          "test cases passed")
             if not all(ok):
                 hard.append("ExecuTorch's BundledProgram verification failed")
+        versus = None
         if device.name != "host":
-            notes.append(_host_vs(folder, run, dev, device.name))
+            note, versus = _host_vs(folder, run, dev, device.name)
+            notes.append(note)
     art, noise = compare_logits(model, p.windows, rows, p.exact_max_abs, NUDGE if p.statistical else None)
     return conclude(folder, manifest, model, p, f"{dev.get('runtime', runtime)} on {device.describe()}", art, noise,
-                    dev["run_greedy"], dev["run_greedy_logits"], t0, notes, hard)
+                    dev["run_greedy"], dev["run_greedy_logits"], t0, notes, hard, versus)
 
 
-def _host_vs(folder: Path, run: Path, dev: dict, name: str) -> str:
-    """The same windows and greedy steps through this host's runtime (the same checker)."""
+def _host_vs(folder: Path, run: Path, dev: dict, name: str) -> tuple[str, dict | None]:
+    """The same windows and greedy steps through this host's runtime (the same checker): a note
+    and the report's `host_vs_device`."""
     try:
         host = run_bundle(folder, get_device("host"), run)
     except SlmcError as e:
-        return f"host vs {name}: not compared, the bundle does not run on this host ({e})"
+        return f"host vs {name}: not compared, the bundle does not run on this host ({e})", None
     if "window_logits" not in host or np.shape(host["window_logits"]) != np.shape(dev["window_logits"]):
-        return f"host vs {name}: not compared ({host.get('error', 'the host returned other shapes')})"
+        return f"host vs {name}: not compared ({host.get('error', 'the host returned other shapes')})", None
     d = float(np.abs(host["window_logits"] - dev["window_logits"]).max()) if dev["window_logits"].size else 0.0
+    equal = host["run_greedy"] == dev["run_greedy"]
     return (f"host vs {name}: max |Δ| logits {d:.3g} over {len(dev['window_logits'])} teacher-forced positions, "
-            f"greedy tokens {'equal' if host['run_greedy'] == dev['run_greedy'] else 'differ'}")
+            f"greedy tokens {'equal' if equal else 'differ'}"), \
+        {"device": name, "max_abs": d, "positions": len(dev["window_logits"]), "greedy_equal": equal,
+         "host_seconds": host.get("run_seconds")}

@@ -74,6 +74,7 @@ class Report:
     reference_ppl: float = 0.0
     artifact_ppl: float = 0.0
     noise_floor: dict | None = None  # the nudged reference against the reference (diagnostic)
+    host_vs_device: dict | None = None  # `--on DEVICE`: the same windows through this host's runtime
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -241,7 +242,8 @@ def plan(folder: Path, manifest: dict, model: Model, steps: int = 32, prompt: st
 
 
 def conclude(folder: Path, manifest: dict, model: Model, p: Plan, runtime: str, art, noise, out: list[int],
-             out_logits, t0: float, notes: list[str] = (), hard_fails: list[str] = ()) -> Report:
+             out_logits, t0: float, notes: list[str] = (), hard_fails: list[str] = (),
+             host_vs_device: dict | None = None) -> Report:
     """The report of a run of `p` (teacher-forced agreement `art`, the artifact's free-running
     tokens `out` and their logits), judged by verdict_of against the reference."""
     notes = list(p.notes) + list(notes)
@@ -267,7 +269,8 @@ def conclude(folder: Path, manifest: dict, model: Model, p: Plan, runtime: str, 
         notes=notes, verdict=verdict, reasons=reasons, flow=p.flow, positions=art.rows, windows=len(p.windows),
         window_len=max(map(len, p.windows)), text_source=p.source, mean_kl=art.mean_kl, delta_ppl=art.delta_ppl,
         reference_ppl=art.ref_ppl, artifact_ppl=art.sub_ppl,
-        noise_floor={**noise.summary(), "nudge": NUDGE} if noise is not None else None)
+        noise_floor={**noise.summary(), "nudge": NUDGE} if noise is not None else None,
+        host_vs_device=host_vs_device)
 
 
 def validate(folder: Path, manifest: dict, model: Model, steps: int = 32, prompt: str | None = None,
