@@ -134,8 +134,8 @@ def validate_on(folder: Path, manifest: dict, model: Model, spec: str, steps: in
                      f"steps); the bundle's own {dev.get('steps')} steps: {dev.get('verdict')}")
         if "bundled_program_verified" in dev:
             ok = dev["bundled_program_verified"]
-            notes.append(f"ExecuTorch BundledProgram verification (atol {p.exact_max_abs or 0:.3g}): {sum(ok)}/{len(ok)} "
-                         "test cases passed")
+            notes.append(f"ExecuTorch BundledProgram verification (atol {p.exact_max_abs or 0:.3g}): "
+                         f"{sum(ok)}/{len(ok)} test cases passed")
             if not all(ok):
                 hard.append("ExecuTorch's BundledProgram verification failed")
         versus = None

@@ -2,7 +2,8 @@
 """Check this .pte on the device with ExecuTorch's runtime pybindings and numpy only.
 
 Run from anywhere: `python3 check/check.py [RESULT.npz [RUN.npz]]` (RUN.npz: the host's
-teacher-forced windows and greedy prompt that `slmc validate --on` pushes; common.py runs them). With `check/model.bpte` (a
+teacher-forced windows and greedy prompt that `slmc validate --on` pushes; common.py runs
+them). With `check/model.bpte` (a
 BundledProgram holding this .pte's bytes and one test case per step), ExecuTorch itself
 first runs each case in order and checks it (`verify_result_with_bundled_expected_output`,
 atol = the flow's max |Δ| bound); then the artifact's own .pte runs the same steps

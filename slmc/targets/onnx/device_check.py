@@ -2,7 +2,8 @@
 """Check this model.onnx on the device with onnxruntime and numpy only.
 
 Run from anywhere: `python3 check/check.py [RESULT.npz [RUN.npz]]` (RUN.npz: the host's
-teacher-forced windows and greedy prompt that `slmc validate --on` pushes; common.py runs them). Each call feeds `input_ids`,
+teacher-forced windows and greedy prompt that `slmc validate --on` pushes; common.py runs
+them). Each call feeds `input_ids`,
 `position_ids` and the caches the previous call returned (`present.*` become the next
 `past_key_values.*`), as slmc's host session and onnxruntime-genai do; prints a JSON report
 and exits 0 when the logits are within the bounds.

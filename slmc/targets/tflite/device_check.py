@@ -2,7 +2,8 @@
 """Check this .tflite on the device with the LiteRT interpreter and numpy only.
 
 Run from anywhere: `python3 check/check.py [RESULT.npz [RUN.npz]]` (RUN.npz: the host's
-teacher-forced windows and greedy prompt that `slmc validate --on` pushes; common.py runs them). It feeds the bundle's prompt
+teacher-forced windows and greedy prompt that `slmc validate --on` pushes; common.py runs
+them). It feeds the bundle's prompt
 through the `prefill` signature (chunks of the manifest's prefill_len, padded as LiteRT-LM
 pads) and each next token through `decode`, carrying the KV cache tensors, as slmc's host
 session does; prints a JSON report and exits 0 when the logits are within the bounds.
