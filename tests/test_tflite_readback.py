@@ -29,8 +29,8 @@ def built(tiny_llama_dir, tmp_path_factory):
 
 def head_and_table(path):
     """(decode's logits matmul weight tensor, decode's tokens lookup table tensor), as indices."""
-    S, graphs, sigs = _load(path)
-    g, ins, outs = next(s for s in sigs if "logits" in s[2])
+    S, _, sigs = _load(path)
+    g, _, outs = next(s for s in sigs if "logits" in s[2])
     op = g.sg.operators[g.producer[outs["logits"]]]
     table = next(int(o.inputs[1]) for oi, o in enumerate(g.sg.operators)
                  if g.codes[oi] == S.BuiltinOperator.EMBEDDING_LOOKUP and int(o.inputs[1]) in g.uses)

@@ -169,7 +169,7 @@ class _Image:
     group: int
 
     @classmethod
-    def of(cls, S, w: QuantWeight) -> "_Image":
+    def of(cls, S, w: QuantWeight) -> _Image:
         codes = signed_codes(w).numpy().astype(np.int8).reshape(-1)
         if w.bits == 4:
             nib = codes.astype(np.uint8) & 0xF
