@@ -39,7 +39,7 @@ class _Use:
     typ: int
     codes: bytes
     meta: set = field(default_factory=set)  # ("axis", scales, zero points) / ("block", fp16 scales, g) / ("const", type, bytes)
-    table: bool = False  # the table of a lookup
+    table: bool = False  # the table of a lookup (a tied table may also be a matmul's weight)
     filter: bool = False  # itself a FULLY_CONNECTED filter: int8 dynamic activations
     readers: set = field(default_factory=set)  # (op, input) of the matmuls reading the weight
 
@@ -99,14 +99,14 @@ class _Graph:
         if q is not None and q.detailsType == S.QuantizationDetails.BlockwiseQuantization:
             u.meta.add(("block", self.data(int(q.details.scales)), int(q.details.blockSize)))
         chain = (S.BuiltinOperator.DEQUANTIZE, S.BuiltinOperator.SUB, S.BuiltinOperator.MUL, S.BuiltinOperator.RESHAPE)
-        frontier, seen = [ti], 0
+        frontier, seen = [(ti, False)], 0  # (tensor, reached through a lookup: rows, not the weight)
         while frontier and seen < _STEPS:
-            x = frontier.pop()
+            x, rows = frontier.pop()
             for oi, k in self.consumers.get(x, ()):
                 seen += 1
                 op, code = self.sg.operators[oi], self.codes[oi]
                 if code == S.BuiltinOperator.FULLY_CONNECTED and k == 1 or code == S.BuiltinOperator.BATCH_MATMUL:
-                    if not u.table:
+                    if not rows:
                         u.readers.add((oi, k))
                         u.filter |= x == ti and code == S.BuiltinOperator.FULLY_CONNECTED
                     continue
@@ -119,7 +119,7 @@ class _Graph:
                 for j, other in enumerate(op.inputs):
                     if j != k and other >= 0 and not lookup and (c := self.const(int(other))) is not None:
                         u.meta.add(("const",) + c)
-                frontier.append(int(op.outputs[0]))
+                frontier.append((int(op.outputs[0]), rows or lookup))
         return u
 
     def through(self, ti: int) -> tuple[int | None, int]:
@@ -210,11 +210,11 @@ def _mode(u: _Use, w: QuantWeight) -> str | None:
     return None
 
 
-def _judge(S, u: _Use, path: str, w: QuantWeight, im: _Image, what: str) -> str | None:
+def _judge(S, u: _Use, path: str, w: QuantWeight, im: _Image, what: str, matmul: bool) -> str | None:
     why = _mismatch(S, u, im)
     if why:
         return f"{path}: {what} reads {u.where}, whose {why} are not the reference's"
-    why = None if u.table else _mode(u, w)
+    why = _mode(u, w) if matmul else None
     return f"{path}: {what} reads {u.where}, {why}" if why else None
 
 
@@ -229,6 +229,14 @@ def readback(model: Model, artifact: Path) -> Readback:
     head_w = model.embed if model.lm_head is None else model.lm_head.weight
     head = ("lm_head(tied)" if model.lm_head is None else "lm_head.weight") if isinstance(head_w, QuantWeight) else None
     bad: dict[str, str] = {}  # path -> the first reason
+    named: set[tuple[int, bytes]] = set()  # the codes of tensors those reasons name
+
+    def judge(path: str, u: _Use, w: QuantWeight, what: str, matmul: bool) -> None:
+        why = _judge(S, u, path, w, images[id(w)], what, matmul)
+        if why and path not in bad:
+            bad[path] = why
+            named.add((u.typ, u.codes))
+
     if head is not None:
         logits = [(g, out["logits"]) for g, _, out in sigs if "logits" in out]
         if not logits:
@@ -239,38 +247,41 @@ def readback(model: Model, artifact: Path) -> Readback:
                 bad.setdefault(head, f"{head}: {g.name}'s logits do not come from a FULLY_CONNECTED / BATCH_MATMUL")
                 continue
             use = next((u for u in g.uses.values() if any(r[0] == oi for r in u.readers)), None)
-            why = f"{head}: {g.name}'s logits matmul reads no int codes" if use is None else \
-                _judge(S, use, head, head_w, images[id(head_w)], f"{g.name}'s logits matmul")
-            if why:
-                bad.setdefault(head, why)
+            if use is None:
+                bad.setdefault(head, f"{head}: {g.name}'s logits matmul reads no int codes (a float weight)")
+            else:
+                judge(head, use, head_w, f"{g.name}'s logits matmul", True)
     if embed is not None:
         tables = [(g, t) for g, ins, _ in sigs if "tokens" in ins for t in _token_tables(S, g, ins["tokens"])]
         if not tables:
             bad["embed"] = "embed: no lookup of the tokens reads int codes"
         for g, t in tables:
-            why = _judge(S, g.uses[t], "embed", embed, images[id(embed)], f"{g.name}'s lookup of the tokens")
-            if why:
-                bad.setdefault("embed", why)
+            judge("embed", g.uses[t], embed, f"{g.name}'s lookup of the tokens", False)
     uses = [u for g in graphs for u in g.uses.values()]
     by_codes: dict[tuple[int, bytes], list[_Use]] = defaultdict(list)
     for u in uses:
         by_codes[(u.typ, u.codes)].append(u)
     for p, w in quant:
         if w is embed or p in bad:
-            continue  # the embedding is judged in its lookups above (the head there too, and below)
+            continue  # the embedding is judged in its lookups above (the head there too, and here)
         im = images[id(w)]
-        held = [u for u in by_codes.get((im.typ, im.codes), ()) if not u.table and _mismatch(S, u, im) is None]
-        if not held:
-            bad[p] = f"{p}: codes and scales not stored unchanged in any int{w.bits} tensor read as a weight"
+        weights = [u for u in by_codes.get((im.typ, im.codes), ()) if u.readers or not u.table]
+        held = [u for u in weights if _mismatch(S, u, im) is None]
+        if not weights:
+            bad[p] = f"{p}: codes not stored unchanged in any int{w.bits} tensor read as a weight"
+        elif not held:
+            judge(p, weights[0], w, "a matmul", True)
         elif all(_mode(u, w) for u in held):
-            bad[p] = f"{p}: {held[0].where} holds it, {_mode(held[0], w)}"
+            judge(p, held[0], w, "a matmul", True)
     rb = Readback(checked=len(quant))
     rb.missing = [bad.pop(p) for p, _ in quant if p in bad] + list(bad.values())  # + lm_head(tied)
     by_image = defaultdict(list)
     for _, w in quant:
         by_image[(images[id(w)].typ, images[id(w)].codes)].append(images[id(w)])
-    for u in uses:  # every tensor of codes holds some weight's codes and scales
-        if not any(_mismatch(S, u, im) is None for im in by_image.get((u.typ, u.codes), ())):
+    for u in uses:  # every tensor of codes holds some weight's codes and scales (or a reason above names it)
+        if (u.typ, u.codes) not in named and not any(_mismatch(S, u, im) is None
+                                                     for im in by_image.get((u.typ, u.codes), ())):
+            named.add((u.typ, u.codes))
             rb.missing.append(f"{u.where}: int{4 if u.typ == S.TensorType.INT4 else 8} codes that are no quantized "
                               "weight of the reference (codes or scales differ)")
     return rb
