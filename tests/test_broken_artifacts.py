@@ -10,7 +10,9 @@ Breaks in the lowering, patched during compile only (the reference executor is i
   rope  one RoPE frequency x1.5 in the lowering's rope tables
 A control that validate does not FAIL under the published bounds would be a known gap: marked
 xfail(strict) with the numbers it passed with, so the suite flags the day the bounds catch it.
-Today there is none (KNOWN_GAPS below).
+Today there is none (KNOWN_GAPS below). Where the codes check must catch a break (BY_CODES), the
+FAIL must name it: the statistics alone may not (a tiny random model's two flipped head codes
+move the mean KL by less than the bound).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import slmc.compiler.lowering.attention as lowering_attention
 import slmc.compiler.lowering.math as lowering_math
 from slmc import api
-from slmc.compiler.families import FAMILIES, load_all
+from slmc.compiler.families import load_all
 from slmc.compiler.ir import QuantWeight, named_weights
 
 load_all()
@@ -145,17 +147,6 @@ LOWERING_BREAKS = {"kv": shifted_kv_writes, "rope": wrong_rope_frequency}
 
 # --- compile + validate ----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    from tiny import save_ascii_tokenizer, save_hf_model
-
-    d = tmp_path_factory.mktemp("llama")
-    cfg = FAMILIES["llama"].tiny_config()
-    save_hf_model(cfg, d)
-    save_ascii_tokenizer(d, cfg["vocab_size"])
-    return d
-
-
 _HONEST: dict = {}
 
 
@@ -216,26 +207,33 @@ def honest_artifact(source, flow, tmp_path_factory, monkeypatch) -> Path:
 DEFAULT = {("executorch-xnnpack-8da4w", c) for c in ("scale", "head", "kv", "rope")}
 
 # Controls validate does not FAIL under the published bounds (targets/bounds.py): (flow, control)
-# -> the measured numbers and the cause (measured 2026-12-02, tiny llama, 517 teacher-forced
-# positions; pytest -s prints each case's numbers).
-KNOWN_GAPS: dict[tuple[str, str], str] = {
-    ("tflite-cpu-8da4w", "head"): (
-        "validate PASSES two flipped head codes: max|Δ| 0.372, top-1 100 %, mean KL 3.0e-5 (bound 1e-4), "
-        "Δppl -0.022 %, greedy equal. Cause: the flips move the logits of two vocabulary entries, which the "
-        "tiny random model gives ~1/256 of probability, so KL stays under the bound; and the codes check cannot "
-        "see it on LiteRT because the tied embedding table holds the honest head's exact bytes (LiteRT keeps it "
-        "as its own buffer), where the readback finds them. ExecuTorch's readback catches the same break."),
-}
+# -> the measured numbers and the cause, marked xfail(strict) so the suite flags the day the
+# bounds catch it. None today: the last one, LiteRT's flipped head codes (mean KL 3.0e-5 under
+# 1e-4 on the tiny model), is caught by the codes check since the readback reads the head in the
+# logits matmul's own tensor, not anywhere in the file (the tied table held the honest bytes).
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
-# How each break is caught (measured): scale and head by the codes check (the artifact's bytes do
-# not hold the reference's scales/codes; LiteRT's head excepted, above), and statistically too for
-# scale (8da4w: top-1 74 %, KL 1.8e-3); kv (8da4w: top-1 71 %, KL 6.6e-3) and rope (8da4w: top-1
-# 95.6 % < 99 %, though its KL 2.5e-5 is under 1e-4) statistically; float flows by max|Δ|.
-# (a) on ExecuTorch/XNNPACK: no artifact to validate, the target refuses it (test below). On
-# LiteRT it FAILs because the broken artifact's manifest declares weight-only storage, so the
-# exact rule applies (max|Δ| 0.020 > 2e-3, top-1 99.6 %); under the int8-activation bound it would
-# pass (KL 4.6e-6, top-1 99.6 %, Δppl +0.02 %): on a tiny random model dropping activation
-# quantization costs less than the bound allows.
+# How each break is caught (measured 2026-12-02 on conftest's tiny_llama_dir: the same seed-0 model
+# this module's own fixture built, so no number moved; 517 teacher-forced positions; pytest -s
+# prints each case's numbers):
+# - scale, head (every quantized flow): the codes check: the artifact's tensors do not hold the
+#   reference's scales / codes (LiteRT reads the head in the logits matmul's own tensor). The
+#   statistics catch scale too (8da4w: top-1 74.3 %, KL 1.8e-3; weight-only: max|Δ| 0.43) and the
+#   weight-only head (max|Δ| 0.97 > 2e-3), not the 8da4w head: max|Δ| 0.37, top-1 100 %, KL 3.0e-5
+#   (bound 1e-4), Δppl -0.022 %: two flipped codes move two of a tiny random model's 256 logits.
+# - kv (8da4w: top-1 71.4 %, KL 6.6e-3; float: max|Δ| 1.6) and rope (8da4w: top-1 95.6 % < 99 %,
+#   though KL 2.5e-5 < 1e-4; Core ML fp16: top-1 95.9 %; float: max|Δ| 0.052) by the statistics.
+# - act: on ExecuTorch/XNNPACK there is no artifact, the target refuses it (test below). On LiteRT
+#   the codes check: the int8-activation weights are dequantized to float instead of being the
+#   FULLY_CONNECTED filters; the manifest's weight-only storage also puts it under the exact rule
+#   (max|Δ| 0.020 > 2e-3, top-1 99.6 %), while the int8-activation bound alone would pass it (KL
+#   4.6e-6, Δppl +0.02 %): on a tiny random model dropping activation quantization costs little.
+
+# Quantized flows whose controls the codes check must name (the artifact's bytes do not hold the
+# reference's codes/scales in the tensors it reads for them), whatever the statistics say.
+BY_CODES = {(f, c) for f in ("executorch-xnnpack-8da4w", "tflite-cpu-8da4w", "tflite-cpu-4w", "onnx-cpu-4w",
+                             "coreml-cpu-fp32-4w", "coreml-cpu-fp16-4w") for c in ("scale", "head")} | \
+    {("tflite-cpu-8da4w", "act")}
 CASES = [("executorch-xnnpack-8da4w", c) for c in ("scale", "head", "kv", "rope")] + \
         [("tflite-cpu-8da4w", c) for c in ("act", "scale", "head", "kv", "rope")] + \
         [(f, c) for f in ("tflite-cpu-4w", "onnx-cpu-4w") for c in ("scale", "head")] + \
@@ -255,35 +253,37 @@ HONEST_FLOWS = sorted({f for f, _ in CASES})
 
 @pytest.mark.parametrize("flow_name", [pytest.param(f, marks=() if f == "executorch-xnnpack-8da4w"
                                                     else pytest.mark.slow) for f in HONEST_FLOWS])
-def test_honest_artifact_passes(flow_name, source, tmp_path_factory, monkeypatch):
+def test_honest_artifact_passes(flow_name, tiny_llama_dir, tmp_path_factory, monkeypatch):
     flow = FLOWS[flow_name]
-    folder = honest_artifact(source, flow, tmp_path_factory, monkeypatch)
-    report = api.validate_artifact(folder, steps=STEPS, model=honest_ir(source, flow), record=False)
+    folder = honest_artifact(tiny_llama_dir, flow, tmp_path_factory, monkeypatch)
+    report = api.validate_artifact(folder, steps=STEPS, model=honest_ir(tiny_llama_dir, flow), record=False)
     check(report, f"{flow_name} honest")
     assert report.verdict == "PASS" and report.passed, report.to_json()
 
 
 @pytest.mark.parametrize("flow_name,control", [pytest.param(f, c, id=f"{f}-{c}", marks=_marks((f, c)))
                                                for f, c in CASES])
-def test_broken_artifact_fails(flow_name, control, source, tmp_path_factory, tmp_path, monkeypatch):
+def test_broken_artifact_fails(flow_name, control, tiny_llama_dir, tmp_path_factory, tmp_path, monkeypatch):
     flow = FLOWS[flow_name]
-    honest_artifact(source, flow, tmp_path_factory, monkeypatch)
-    folder = build(source, flow, tmp_path / "broken", control, monkeypatch)
+    honest_artifact(tiny_llama_dir, flow, tmp_path_factory, monkeypatch)
+    folder = build(tiny_llama_dir, flow, tmp_path / "broken", control, monkeypatch)
     # the break reached the artifact (else a PASS below would say nothing about the bounds)
     assert digest(folder) != _HONEST_DIGEST[flow][1], f"{control} left the {flow_name} artifact unchanged"
-    report = api.validate_artifact(folder, steps=STEPS, model=honest_ir(source, flow), record=False)
+    report = api.validate_artifact(folder, steps=STEPS, model=honest_ir(tiny_llama_dir, flow), record=False)
     line = check(report, f"{flow_name} {control}")
     if report.verdict != "FAIL" or report.passed:  # INCONCLUSIVE blocks the artifact but proves nothing about the bound
         raise ControlPassed(f"validate did not FAIL the broken artifact: {line}\n{report.notes}")
+    if (flow_name, control) in BY_CODES:
+        assert any("not stored as the reference's codes" in r for r in report.reasons), line
 
 
-def test_xnnpack_refuses_dropped_activation_quantization(source, tmp_path):
+def test_xnnpack_refuses_dropped_activation_quantization(tiny_llama_dir, tmp_path):
     """Control (a) cannot reach an ExecuTorch/XNNPACK artifact: its linears hold int4 codes only
     with int8 activations, so compile refuses the broken IR before anything is written."""
     from slmc.errors import UnsupportedError
 
-    ir = copy.deepcopy(honest_ir(source, FLOWS["executorch-xnnpack-8da4w"]))
+    ir = copy.deepcopy(honest_ir(tiny_llama_dir, FLOWS["executorch-xnnpack-8da4w"]))
     drop_act_quant(ir)
     with pytest.raises(UnsupportedError, match="needs act_bits=8"):
-        api.compile_ir(ir, "executorch", "xnnpack", tmp_path / "broken", tokenizer=source)
+        api.compile_ir(ir, "executorch", "xnnpack", tmp_path / "broken", tokenizer=tiny_llama_dir)
     assert not (tmp_path / "broken").exists()
