@@ -57,7 +57,7 @@ class Spill:
     """Blobs written to files in one scratch folder, as ExecuTorch FileBackedData."""
 
     def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="slmc-et-spill-", dir=os.environ.get("SLMC_SPILL_DIR"))
+        self.dir = tempfile.mkdtemp(prefix="slmc-et-spill-")  # TMPDIR picks the disk
         self.n = 0
 
     def __call__(self, data):
@@ -71,6 +71,19 @@ class Spill:
         with open(path, "wb") as f:
             f.write(data)
         return FileBackedData(path, cleanup=True, sha256=hashlib.sha256(data).digest())
+
+    def join(self, cord) -> bytes:
+        """A Cord (its spilled parts on disk) as one bytes object, built once: written to a
+        file, then read back (bytes(cord) would read each spilled part and copy it again)."""
+        path = os.path.join(self.dir, f"{self.n}.joined")
+        self.n += 1
+        with open(path, "wb") as f:
+            cord.write_to_file(f)
+        del cord
+        with open(path, "rb") as f:
+            data = f.read()
+        os.remove(path)
+        return data
 
     def close(self):
         shutil.rmtree(self.dir, ignore_errors=True)

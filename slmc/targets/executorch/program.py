@@ -168,4 +168,5 @@ def to_pte_and_data(programs, spec: ExecuTorchSpec, constant_methods: dict | Non
         pte, ptd = prog._pte_data, (prog._tensor_data or {}).get(PTD.removesuffix(".ptd"))
         del prog, edge
         gc.collect()
-        return bytes(pte), delegation, bytes(ptd) if ptd is not None else None
+        step("joining the .pte" + (" and model.ptd" if ptd is not None else ""))
+        return spill.join(pte), delegation, spill.join(ptd) if ptd is not None else None
