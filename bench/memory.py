@@ -70,11 +70,8 @@ def worker_compile(a) -> dict:
                                                     max_seq_len=a.max_seq_len), progress=ph)
     ph("done")
     m = manifest["model"]
-    # one decoder layer's fp32 bytes: the parameters outside the (tied) table, per layer
-    layer = (m["params"] - m["vocab_size"] * m["hidden_size"]) / max(m["layers"], 1) * 4
     out = {"artifact_bytes": sum(manifest["files"].values()), "params": m["params"],
-           "weight_mib": round(m["weight_bytes"] / 2**20, 1), "layer_fp32_mib": round(layer / 2**20, 1),
-           "slmc": api.__file__,
+           "weight_mib": round(m["weight_bytes"] / 2**20, 1), "slmc": api.__file__,
            "backend": manifest["backend"], "files": manifest["files"],
            "phases": [{**r, "rss_high_mib": round(sampler.high.get(r["phase"], 0.0), 1)} for r in ph.rows]}
     if prof is not None:
@@ -110,6 +107,7 @@ def main(a) -> None:
     rows = {row_key(r): r for r in prev.get("rows", [])}
     others = set(prev.get("other_processes", [])) | set(busy_processes())
     params = weight_count(model_dir)
+    layer_mib = round(layer_params(model_dir) * 4 / 2**20, 1)
     for t in a.targets:
         print(f"== {t} ...", flush=True)
         common = ["--model", str(model_dir), "--target", t, "--max-seq-len", str(a.max_seq_len)] + \
@@ -117,13 +115,27 @@ def main(a) -> None:
         floor = spawn(__file__, ["--worker", "floor", *common], work / f"{t}-floor.json", errors="record")
         r = spawn(__file__, ["--worker", "compile", *common, "--out", str(work / t)] +
                   (["--profile"] if a.profile else []), work / f"{t}.json", errors="record")
-        row = {"target": t, "recipe": a.recipe, "commit": a.commit, **floor, **r}
+        row = {"target": t, "recipe": a.recipe, "commit": a.commit, "layer_fp32_mib": layer_mib, **floor, **r}
         rows[row_key(row)] = row
         others |= set(busy_processes())
         print(f"   {r['error']}" if "error" in r else f"   {r['wall_s']} s, peak RSS {r['peak_rss_mib']} MiB", flush=True)
     write_results(stem, {"model_dir": str(model_dir), "params": params, "fp32_weight_mib": round(params * 4 / 2**20, 1),
                          "max_seq_len": a.max_seq_len, "machine": machine(), "rows": list(rows.values()),
                          "before": prev.get("before", a.before), "other_processes": sorted(others)}, echo=False)
+
+
+def layer_params(model_dir: Path) -> int:
+    """Parameters of decoder layer 0 in the checkpoint (`...layers.0.` tensors): one layer's fp32
+    is what the quantized goal allows beside the quantized weights."""
+    import math
+
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys() if ".layers.0." in k)
+    return n
 
 
 def row_key(r: dict) -> str:

@@ -260,7 +260,7 @@ def _dus_rows(cache, axis: int, start, rows):
 COMPONENTS = Components(norm=CompositeNorm, rope=rope_slices, attention=RowCacheAttention(write_rows=_dus_rows))
 
 
-def convert(model: Model, prefill_len: int) -> tuple[bytes, dict]:
+def convert(model: Model, prefill_len: int, step=lambda msg: None) -> tuple[bytes, dict]:
     """Both signatures through one litert_torch Converter: one flatbuffer, weights stored
     once; quantized weights are lowered as floats and their codes put back (codes.py).
     Returns the flatbuffer and {weight path: how its codes are stored}."""
@@ -290,6 +290,8 @@ def convert(model: Model, prefill_len: int) -> tuple[bytes, dict]:
         conv.convert(lightweight_conversion=True).export(f"{tmp}/model.tflite")
         del lm, prefill, decode, conv  # the exported programs and the MLIR module
         data = Path(f"{tmp}/model.tflite").read_bytes()
+    if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
+        step("litert: quantized codes into the flatbuffer")
     return store_codes(data, model)
 
 
@@ -370,7 +372,7 @@ class TFLiteTarget(Target):
         step = progress or (lambda msg: None)
         P = prefill_length(model, spec)
         step("litert_torch: prefill + decode signatures")
-        data, codes = convert(model, P)
+        data, codes = convert(model, P, step)
         rows = "max_len" if model.kv.window is None else f"window={model.kv.window}"
         manifest = {
             "format": "tflite",
