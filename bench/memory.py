@@ -1,24 +1,29 @@
 """Compile memory benchmark: where the peak RSS of `slmc compile` comes from, per target.
 
     SLMC_CACHE=/tmp/slmc-cache flock /work/coord/heavy.lock nice -n 10 \\
-        python bench/memory.py [--targets executorch tflite coreml onnx] [--append] [--profile]
+        python bench/memory.py [--targets executorch tflite coreml onnx] [--recipe R] [--append] [--profile]
     python bench/memory.py --quick       # tiny random Llama, smoke test
+    python bench/memory.py --model DIR --slmc-root /tmp/old-tree --commit OLD --append   # a before row
 
-For each target, one fresh process runs `api.compile(model, target)` (fp32, no recipe: the
-`slmc compile default --target T` command) and reports:
+For each target, one fresh process runs `api.compile(model, target, recipe)` (fp32 without
+--recipe: the `slmc compile default --target T` command) and reports:
 - whole-process peak RSS and wall/CPU time from os.wait4 (the figures /usr/bin/time -v prints);
 - per phase (slmc's progress steps): seconds, the highest RSS sampled during it (a thread reads
   VmRSS every 50 ms) and the RSS when it ends, so the step that sets the peak is named;
 - the floor: the RSS of a process that only imports what that target's compile imports (torch,
   the converter) before touching a weight;
 - with --profile, cProfile's top entries by cumulative time (where the wall time goes).
-Goal (issue 17): peak RSS ≤ 1.5 × fp32 weight bytes. Writes bench/results/memory{,-quick}.{json,md}.
+Goal (issue 17): peak RSS ≤ 1.5 × fp32 weight bytes (fp32 artifacts), ≤ 1.5 × (quantized weight
+bytes + one layer's fp32) with a recipe. Rows are keyed by target, recipe and --commit, so a
+run of an older tree (--slmc-root: the workers import slmc from there) sits beside the current
+one in the same table. Writes bench/results/memory{,-quick}.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -50,6 +55,8 @@ class Sampler:
 def worker_compile(a) -> dict:
     ph = Phases()
     sampler = Sampler(ph)
+    if a.slmc_root:  # measure another tree's slmc (a before row)
+        sys.path.insert(0, a.slmc_root)
     from slmc import api
 
     ph("compile setup")
@@ -59,10 +66,12 @@ def worker_compile(a) -> dict:
 
         prof = cProfile.Profile()
         prof.enable()
-    _, manifest = api.compile(api.CompileOptions(a.model, a.target, None, a.out,
+    _, manifest = api.compile(api.CompileOptions(a.model, a.target, None, a.out, recipe=a.recipe,
                                                     max_seq_len=a.max_seq_len), progress=ph)
     ph("done")
-    out = {"artifact_bytes": sum(manifest["files"].values()), "params": manifest["model"]["params"],
+    m = manifest["model"]
+    out = {"artifact_bytes": sum(manifest["files"].values()), "params": m["params"],
+           "weight_mib": round(m["weight_bytes"] / 2**20, 1), "slmc": api.__file__,
            "backend": manifest["backend"], "files": manifest["files"],
            "phases": [{**r, "rss_high_mib": round(sampler.high.get(r["phase"], 0.0), 1)} for r in ph.rows]}
     if prof is not None:
@@ -81,6 +90,8 @@ def worker_floor(a) -> dict:
 
     import torch  # noqa: F401
 
+    if a.slmc_root:
+        sys.path.insert(0, a.slmc_root)
     from slmc import api  # noqa: F401
 
     for m in IMPORTS[a.target]:
@@ -93,16 +104,19 @@ def main(a) -> None:
     stem = "memory-quick" if a.quick else "memory"
     prev = json.loads((RESULTS / f"{stem}.json").read_text()) if a.append and (RESULTS / f"{stem}.json").is_file() \
         else {}
-    rows = {r["target"]: r for r in prev.get("rows", [])}
+    rows = {row_key(r): r for r in prev.get("rows", [])}
     others = set(prev.get("other_processes", [])) | set(busy_processes())
     params = weight_count(model_dir)
+    layer_mib = round(layer_params(model_dir) * 4 / 2**20, 1)
     for t in a.targets:
         print(f"== {t} ...", flush=True)
-        common = ["--model", str(model_dir), "--target", t, "--max-seq-len", str(a.max_seq_len)]
+        common = ["--model", str(model_dir), "--target", t, "--max-seq-len", str(a.max_seq_len)] + \
+            (["--recipe", a.recipe] if a.recipe else []) + (["--slmc-root", a.slmc_root] if a.slmc_root else [])
         floor = spawn(__file__, ["--worker", "floor", *common], work / f"{t}-floor.json", errors="record")
         r = spawn(__file__, ["--worker", "compile", *common, "--out", str(work / t)] +
                   (["--profile"] if a.profile else []), work / f"{t}.json", errors="record")
-        rows[t] = {"target": t, "commit": a.commit, **floor, **r}
+        row = {"target": t, "recipe": a.recipe, "commit": a.commit, "layer_fp32_mib": layer_mib, **floor, **r}
+        rows[row_key(row)] = row
         others |= set(busy_processes())
         print(f"   {r['error']}" if "error" in r else f"   {r['wall_s']} s, peak RSS {r['peak_rss_mib']} MiB", flush=True)
     write_results(stem, {"model_dir": str(model_dir), "params": params, "fp32_weight_mib": round(params * 4 / 2**20, 1),
@@ -110,34 +124,64 @@ def main(a) -> None:
                          "before": prev.get("before", a.before), "other_processes": sorted(others)}, echo=False)
 
 
+def layer_params(model_dir: Path) -> int:
+    """Parameters of decoder layer 0 in the checkpoint (`...layers.0.` tensors): one layer's fp32
+    is what the quantized goal allows beside the quantized weights."""
+    import math
+
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys() if ".layers.0." in k)
+    return n
+
+
+def row_key(r: dict) -> str:
+    return f"{r['target']}|{r.get('recipe') or ''}|{r.get('commit', '')}"
+
+
+def goal_mib(x: dict, fp32_mib: float) -> tuple[float, str]:
+    """The issue's bound for this row and how it is made."""
+    if not x.get("recipe"):
+        return 1.5 * fp32_mib, "1.5 × fp32"
+    return 1.5 * (x["weight_mib"] + x["layer_fp32_mib"]), "1.5 × (quantized + 1 layer fp32)"
+
+
 def markdown(r: dict) -> str:
     m, w = r["machine"], r["fp32_weight_mib"]
-    lines = [f"# Compile memory: peak RSS of `slmc compile MODEL --target T` (fp32, {r['params']:,} params, "
+    lines = [f"# Compile memory: peak RSS of `slmc compile MODEL --target T [--recipe R]` ({r['params']:,} params, "
              f"fp32 weights {w:.0f} MiB)", "",
              f"{m['date']} · {m['cpu']} · {m['cores']} cores · {m['mem_gib']} GiB · torch {m['torch']} · "
              f"executorch {m['executorch']} · max_seq_len {r['max_seq_len']} · peak RSS from os.wait4 "
              "(as /usr/bin/time -v)", "",
-             "| target | commit | wall (s) | CPU (s) | peak RSS (MiB) | peak / fp32 weights | import floor (MiB) "
-             "| (peak − floor) / fp32 | artifact (MiB) | goal ≤ 1.5× |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for x in r["rows"]:
+             "| target | recipe | commit | wall (s) | CPU (s) | peak RSS (MiB) | peak / fp32 weights "
+             "| import floor (MiB) | (peak − floor) / fp32 | artifact (MiB) | goal (MiB) | peak ≤ goal "
+             "| peak − floor ≤ goal |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    for x in sorted(r["rows"], key=lambda x: (x["target"], x.get("recipe") or "", x.get("commit", ""))):
+        rec = x.get("recipe") or "fp32"
         if "error" in x:
-            lines.append(f"| {x['target']} | {x.get('commit', '')} | failed: {x['error']} | | | | | | | |")
+            lines.append(f"| {x['target']} | {rec} | {x.get('commit', '')} | failed: {x['error']} | | | | | | | | | |")
             continue
         p, f = x["peak_rss_mib"], x.get("floor_rss_mib", 0.0)
-        lines.append(f"| {x['target']} | {x.get('commit', '')} | {x['wall_s']:.0f} | {x['cpu_s']:.0f} | {p:.0f} | "
-                     f"{p / w:.2f} | {f:.0f} | {(p - f) / w:.2f} | {x['artifact_bytes'] / 2**20:.1f} | "
-                     f"{'PASS' if p <= 1.5 * w else 'FAIL'} |")
+        g, how = goal_mib(x, w) if x.get("recipe") is None or "weight_mib" in x else (None, "")
+        verdict = (lambda v: "PASS" if v <= g else "FAIL") if g else (lambda v: "")
+        lines.append(f"| {x['target']} | {rec} | {x.get('commit', '')} | {x['wall_s']:.0f} | {x['cpu_s']:.0f} | "
+                     f"{p:.0f} | {p / w:.2f} | {f:.0f} | {(p - f) / w:.2f} | {x['artifact_bytes'] / 2**20:.1f} | "
+                     f"{f'{g:.0f} ({how})' if g else ''} | {verdict(p)} | {verdict(p - f)} |")
     if r.get("before"):
-        lines += ["", "Before (measured with /usr/bin/time -v around the CLI, same model):", "",
+        lines += ["", "Earlier (measured with /usr/bin/time -v around the CLI, same model):", "",
                   "| target | commit | wall (s) | CPU (s) | peak RSS (MiB) | peak / fp32 | artifact (MiB) |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         for b in r["before"]:
             lines.append(f"| {b['target']} | {b['commit']} | {b['wall_s']:.0f} | {b['cpu_s']:.0f} | "
                          f"{b['peak_rss_mib']:.0f} | {b['peak_rss_mib'] / w:.2f} | {b['artifact_mib']:.1f} |")
-    for x in r["rows"]:
+    for x in sorted(r["rows"], key=lambda x: (x["target"], x.get("recipe") or "", x.get("commit", ""))):
         if "phases" not in x:
             continue
-        lines += ["", f"{x['target']} phases (highest sampled RSS in the phase; RSS peak so far at its end):", "",
+        lines += ["", f"{x['target']}, {x.get('recipe') or 'fp32'}, {x.get('commit', '')} phases (highest sampled "
+                  "RSS in the phase; RSS peak so far at its end):", "",
                   "| phase | s | RSS high in phase (MiB) | peak so far (MiB) |", "|---|---:|---:|---:|"]
         lines += [f"| {p['phase']} | {p['seconds']} | {p.get('rss_high_mib', 0):.0f} | {p['peak_rss_mib_after']:.0f} |"
                   for p in x["phases"]]
@@ -159,6 +203,8 @@ if __name__ == "__main__":
     ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
     ap.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default 512; 128 with --quick)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--recipe", default=None, help="a quantization recipe (e.g. int8da-int4w-g32); default fp32")
+    ap.add_argument("--slmc-root", default=None, help="import slmc from this tree (to measure an older commit)")
     ap.add_argument("--profile", action="store_true", help="cProfile the compile (slower)")
     ap.add_argument("--append", action="store_true", help="keep the rows of targets not run now")
     ap.add_argument("--commit", default="", help="the slmc commit measured (for the table)")

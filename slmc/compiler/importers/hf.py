@@ -78,13 +78,20 @@ def source_hash(files: list[Path]) -> str:
     return h.hexdigest()
 
 
+def all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """torch.isfinite(t).all() in chunks: on a whole table its temporaries (|t| and two masks)
+    weigh more than the table itself (measured: +150 MiB peak on a 141 MiB checkpoint)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 def check_finite(model: Model, strict: bool) -> None:
     """Stream every weight once; NaN/Inf warns, or fails with --strict."""
     bad = []
     for name, w in named_weights(model):
         if isinstance(w, Weight):
             was_loaded = w.loaded
-            if not bool(torch.isfinite(w.data).all()):
+            if not all_finite(w.data):
                 bad.append(name)
             if not was_loaded:
                 w.release()

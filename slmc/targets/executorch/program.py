@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 from dataclasses import dataclass
 
 from ...compiler.ir import Model
 from ...compiler.lowering import max_chunk
 from ..base import TargetSpec
 from .backends import BACKENDS
+from .lean import blob_sha256, lean_lowering
 
 DEFAULT_SOC = {"qnn": "SM8650", "mediatek": "mt6989"}
 
@@ -94,28 +94,31 @@ def tied_table(model: Model, backend: str) -> tuple[int, ...] | None:
 
 
 @contextlib.contextmanager
-def _delegate_data_beside_constants():
-    """While to_executorch serializes: a delegate blob whose bytes equal a constant kept in a
-    .ptd goes into that .ptd as well (under its own key), so the file holds the bytes once.
-    ExecuTorch serializes inside ExecutorchProgramManager's constructor, so this wraps the
-    serializer it calls there."""
+def _serializer_hook(spill, tied: bool):
+    """While to_executorch serializes (inside ExecutorchProgramManager's constructor, so this
+    wraps the serializer it calls there): the emitter's constants kept outside the .pte are
+    spilled to files (lean.py) before the .ptd is assembled; with a tied table (tied=True), a
+    delegate blob whose bytes equal such a constant goes into that .ptd as well (under its own
+    key), so the file holds the bytes once."""
     import executorch.exir.program._program as prog_mod
     from executorch.exir._serialize._named_data_store import NamedDataStoreOutput
 
     orig = prog_mod.serialize_for_executorch
 
     def serialize(emitter_output, config, data_serializer, named_data=None):
-        if named_data is not None and emitter_output.external_constant_map:
+        bufs = emitter_output.external_constant_buffer
+        for i, b in enumerate(bufs):
+            bufs[i] = spill(b)
+        if tied and named_data is not None and emitter_output.external_constant_map:
             tags = {}  # (length, sha256) of each constant kept outside -> its .ptd tag
             for tag, fqns in emitter_output.external_constant_map.items():
                 for i in fqns.values():
-                    b = bytes(emitter_output.external_constant_buffer[i])
-                    tags[(len(b), hashlib.sha256(b).digest())] = tag
+                    tags[(len(bufs[i]), blob_sha256(bufs[i]))] = tag
             lengths = {n for n, _ in tags}
             keep, external = {}, {t: dict(d) for t, d in named_data.external_data.items()}
             for key, entry in named_data.pte_data.items():
                 buf = named_data.buffers[entry.buffer_index]
-                tag = tags.get((len(buf), hashlib.sha256(bytes(buf)).digest())) if len(buf) in lengths else None
+                tag = tags.get((len(buf), blob_sha256(buf))) if len(buf) in lengths else None
                 (external.setdefault(tag, {}) if tag else keep)[key] = entry
             named_data = NamedDataStoreOutput(named_data.buffers, keep, external)
         return orig(emitter_output, config, data_serializer, named_data)
@@ -143,24 +146,27 @@ def to_pte_and_data(programs, spec: ExecuTorchSpec, constant_methods: dict | Non
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     step(f"to_edge + {spec.backend} partitioning")
-    edge = to_edge_transform_and_lower(
-        programs, partitioner=BACKENDS[spec.backend].partitioners(spec),
-        compile_config=EdgeCompileConfig(_check_ir_validity=False),
-        constant_methods=constant_methods)
-    delegation = {m: delegation_summary(edge, m) for m in (programs if isinstance(programs, dict) else ["forward"])}
-    step("to_executorch")
-    gc.collect()  # the partitioner's copies of each partition are garbage in reference cycles
-    external = None
-    if tied is not None:
-        def external(node):
-            spec_ = node.meta.get("spec")
-            return PTD.removesuffix(".ptd") if tuple(getattr(spec_, "shape", ())) == tied else None
+    with lean_lowering(spec.backend) as spill:
+        edge = to_edge_transform_and_lower(
+            programs, partitioner=BACKENDS[spec.backend].partitioners(spec),
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+            constant_methods=constant_methods)
+        delegation = {m: delegation_summary(edge, m) for m in (programs if isinstance(programs, dict) else ["forward"])}
+        step("to_executorch")
+        gc.collect()  # the partitioner's copies of each partition are garbage in reference cycles
+        external = None
+        if tied is not None:
+            def external(node):
+                spec_ = node.meta.get("spec")
+                return PTD.removesuffix(".ptd") if tuple(getattr(spec_, "shape", ())) == tied else None
 
-    with _delegate_data_beside_constants() if tied is not None else contextlib.nullcontext():
-        prog = edge.to_executorch(backend_config(shared_state, external))
-    # The serialized file is a Cord of references to the constant and delegate buffers; drop
-    # the programs (graphs, lowered modules) before joining it into one bytes object.
-    pte, ptd = prog._pte_data, (prog._tensor_data or {}).get(PTD.removesuffix(".ptd"))
-    del prog, edge
-    gc.collect()
-    return bytes(pte), delegation, bytes(ptd) if ptd is not None else None
+        with _serializer_hook(spill, tied is not None):
+            prog = edge.to_executorch(backend_config(shared_state, external))
+        # The serialized file is a Cord of references to the constant and delegate buffers
+        # (spilled ones are files); drop the programs (graphs, lowered modules) before joining
+        # it into one bytes object, inside lean_lowering (which deletes the spilled files).
+        pte, ptd = prog._pte_data, (prog._tensor_data or {}).get(PTD.removesuffix(".ptd"))
+        del prog, edge
+        gc.collect()
+        step("joining the .pte" + (" and model.ptd" if ptd is not None else ""))
+        return spill.join(pte), delegation, spill.join(ptd) if ptd is not None else None

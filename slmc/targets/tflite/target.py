@@ -260,7 +260,7 @@ def _dus_rows(cache, axis: int, start, rows):
 COMPONENTS = Components(norm=CompositeNorm, rope=rope_slices, attention=RowCacheAttention(write_rows=_dus_rows))
 
 
-def convert(model: Model, prefill_len: int) -> tuple[bytes, dict]:
+def convert(model: Model, prefill_len: int, step=lambda msg: None) -> tuple[bytes, dict]:
     """Both signatures through one litert_torch Converter: one flatbuffer, weights stored
     once; quantized weights are lowered as floats and their codes put back (codes.py).
     Returns the flatbuffer and {weight path: how its codes are stored}."""
@@ -277,12 +277,21 @@ def convert(model: Model, prefill_len: int) -> tuple[bytes, dict]:
         return {"tokens": torch.zeros(1, T, dtype=torch.int32),
                 "input_pos": torch.arange(T, dtype=torch.int32), "kv_cache": kv}
 
-    with _env("LITERT_TORCH_SHOW_PROGRESS", "n"), _quiet(), _drop_runtime_asserts(), torch.no_grad():
+    with _env("LITERT_TORCH_SHOW_PROGRESS", "n"), _quiet(), _drop_runtime_asserts(), torch.no_grad(), \
+            tempfile.TemporaryDirectory(prefix="slmc-tflite-") as tmp:
         prefill, decode = (_Signature(lm, model.n_layers, lg).eval() for lg in (False, True))
         conv = litert_torch.signature("prefill", prefill, sample_kwargs=sample(prefill_len))
         conv.signature("decode", decode, sample_kwargs=sample(1))
-        data = bytes(conv.convert().model_content())
-    del lm, prefill, decode, conv  # the exported programs, before the flatbuffer is rewritten
+        # Memory (bench/memory.py): lightweight_conversion keeps the weights as MLIR resources
+        # over the torch tensors instead of a dense copy of each (the constants it no longer
+        # folds are folded by the LiteRT runtime afterwards, litert_torch's default for it);
+        # the flatbuffer goes to a file, so the serializer's buffer and the bytes it would
+        # return never coexist with the MLIR module and the torch weights.
+        conv.convert(lightweight_conversion=True).export(f"{tmp}/model.tflite")
+        del lm, prefill, decode, conv  # the exported programs and the MLIR module
+        data = Path(f"{tmp}/model.tflite").read_bytes()
+    if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
+        step("litert: quantized codes into the flatbuffer")
     return store_codes(data, model)
 
 
@@ -363,7 +372,7 @@ class TFLiteTarget(Target):
         step = progress or (lambda msg: None)
         P = prefill_length(model, spec)
         step("litert_torch: prefill + decode signatures")
-        data, codes = convert(model, P)
+        data, codes = convert(model, P, step)
         rows = "max_len" if model.kv.window is None else f"window={model.kv.window}"
         manifest = {
             "format": "tflite",

@@ -1,0 +1,90 @@
+"""ExecuTorch lowering without its default weight copies (slmc/targets/executorch/lean.py)
+writes the same bytes as ExecuTorch's own pipeline.
+
+lean_lowering shares the constants ExecuTorch would clone (the tied table read by two
+partitions, each partition's weights before backend preprocess) and spills packed weights to
+files. A weight that a backend pass wrote in place, or a spilled blob read back wrong, would
+change the .pte or model.ptd; the comparison catches that, as the control shows (one weight
+changed by one ulp changes the bytes).
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+from slmc import api
+from slmc.compiler.importers import load_model
+from slmc.compiler.lowering import LoweringSpec, export_decoder
+
+VOCAB, HIDDEN = 1024, 64
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory):
+    from tiny import save_hf_model
+
+    d = tmp_path_factory.mktemp("lean") / "tied"
+    save_hf_model({**api.tiny_llama_config(), "vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": 1}, d)
+    return d
+
+
+class _Plain:
+    """ExecuTorch's own pipeline: nothing shared or spilled."""
+
+    def __call__(self, data):
+        return data
+
+    @staticmethod
+    def join(cord):
+        return bytes(cord)
+
+
+def lower(model_dir, lean: bool, monkeypatch, nudge: bool = False):
+    import slmc.targets.executorch.lean as lean_mod
+    import slmc.targets.executorch.program as program
+
+    ir = load_model(model_dir, max_seq_len=32)
+    if nudge:  # the control: one weight one ulp up
+        w = ir.blocks[0].attn.o.weight.data
+        w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
+    spilled = []
+    if lean:
+        monkeypatch.setattr(lean_mod, "SPILL_MIN_BYTES", 1024)  # tiny weights spill too
+        orig = lean_mod.Spill.__call__
+
+        def spill(self, data):
+            out = orig(self, data)
+            spilled.append(out is not data)
+            return out
+
+        monkeypatch.setattr(lean_mod.Spill, "__call__", spill)
+    else:
+        monkeypatch.setattr(program, "lean_lowering", lambda backend: contextlib.nullcontext(_Plain()))
+    ep = export_decoder(ir, LoweringSpec(), dynamic=True)
+    spec = program.ExecuTorchSpec()
+    pte, _, ptd = program.to_pte_and_data(ep, spec, program.runner_metadata(ir), tied=program.tied_table(ir, "xnnpack"))
+    monkeypatch.undo()
+    return pte, ptd, sum(spilled)
+
+
+@pytest.fixture(scope="module")
+def reference(tied_dir):
+    mp = pytest.MonkeyPatch()
+    try:
+        return lower(tied_dir, False, mp)[:2]
+    finally:
+        mp.undo()
+
+
+def test_lean_lowering_writes_executorchs_bytes(tied_dir, reference, monkeypatch):
+    pte, ptd, n = lower(tied_dir, True, monkeypatch)
+    assert n >= 3  # the tied table, and packed block weights, went through files
+    assert ptd is not None  # the tied table sits in model.ptd, once
+    assert (pte, ptd) == reference
+
+
+@pytest.mark.slow
+def test_control_one_ulp_changes_the_bytes(tied_dir, reference, monkeypatch):
+    nudged = lower(tied_dir, True, monkeypatch, nudge=True)
+    assert nudged[:2] != reference
