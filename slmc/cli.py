@@ -180,8 +180,8 @@ def _print_report(report, as_json: bool) -> None:
 @click.option("--prompt", default=None, help="Prompt text (default: a fixed English sentence).")
 @click.option("--reference", default=None, help="Reference model (default: the manifest's source + passes).")
 @click.option("--on", "on", default=None, metavar="DEVICE",
-              help="Run the artifact's check bundle (check/: its fixed prompt and steps; --steps/--prompt do not "
-                   "apply) on a device (qemu-arm64, adb[:SERIAL]) and judge it here.")
+              help="Run the same teacher-forced windows and greedy steps inside a device (qemu-arm64, "
+                   "adb[:SERIAL]) with the artifact's own checker (check/), and judge them here.")
 @click.option("--positions", default=512, show_default=True,
               help="Teacher-forced positions to compare, at least (a statistical PASS needs 512).")
 @click.option("--long", "long_", is_flag=True, help="Windows as long as the KV cache: past every window and ring wrap.")
