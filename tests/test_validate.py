@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from slmc import api, cli
 from slmc.errors import ValidationFailed, ValidationInconclusive
 from slmc.runtime_tests import validate as v
-from slmc.runtime_tests.teacher import Agreement, text_windows
+from slmc.runtime_tests.teacher import Agreement, sample_windows, text_windows
 from slmc.targets import TARGETS, load_all
 from slmc.targets.bounds import ACT8_STATISTICAL, FLOAT_EXACT, FP16_STATISTICAL, MIN_POSITIONS
 
@@ -63,6 +63,21 @@ def test_text_windows_split_the_users_text():
     assert text_windows(list(range(10)), 3, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert text_windows(list(range(10)), 1, 4) == [[0, 1, 2, 3]]
     assert text_windows([5], 3, 4) == []
+
+
+def test_sampled_windows_share_no_row(tiny_llama_dir):
+    """Only the first window starts with the prompt; the others start from distinct tokens
+    (none the first window's), so no row (its logits depend on the tokens up to it) repeats
+    and the bounds count distinct positions. Deterministic under the fixed seed."""
+    model = api.load(str(tiny_llama_dir), max_seq_len=48)
+    prompt = list(range(10, 22))
+    w = sample_windows(model, prompt, 11, 47, seed=0)
+    assert len(w) == 11 and all(len(x) == 47 for x in w)
+    assert w[0][:11] == prompt[:11]  # up to a quarter of the window
+    assert len({x[0] for x in w}) == 11  # distinct first tokens: no shared row 0, nor any later row
+    assert sample_windows(model, prompt, 11, 47, seed=0) == w
+    assert sample_windows(model, prompt, 11, 47, seed=1) != w
+    assert sample_windows(model, prompt, 1, 47, seed=0) == w[:1]  # the first window alone is the same
 
 
 def test_bounds_are_fixed_per_flow_kind():

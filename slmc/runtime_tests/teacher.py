@@ -25,11 +25,27 @@ SAMPLE_CONTEXT = 64
 
 
 def sample_windows(model: Model, seed_ids: list[int], n: int, length: int, seed: int = 0) -> list[list[int]]:
-    """n windows of `length` tokens: each starts with up to a quarter of seed_ids and continues
-    with tokens the reference samples from its own distribution (temperature 1)."""
+    """n windows of `length` tokens, continued with tokens the reference samples from its own
+    distribution (temperature 1, one fixed generator). Only the first window starts with the
+    prompt (up to a quarter of seed_ids); each other window starts from its own first token,
+    drawn without replacement from the reference's distribution after the prompt's first
+    token, and never the first window's. So no two windows share a row (a row's logits depend
+    only on the tokens up to it), and the positions the bounds count are distinct."""
     g = torch.Generator().manual_seed(seed)
     start = list(seed_ids[: max(1, min(len(seed_ids), length // 4))]) or [0]
-    ids = torch.tensor([start] * n)
+    windows = _continue(model, [start], length, g)
+    if n > 1:
+        p = torch.softmax(reference.forward(model, torch.tensor([start[:1]]))[0, -1].double(), -1)
+        p[start[0]] = 0.0
+        distinct = n - 1 <= int((p > 0).sum())  # else (a vocabulary smaller than n) some share a start
+        firsts = torch.multinomial(p, n - 1, replacement=not distinct, generator=g)[:, None].tolist()
+        windows += _continue(model, firsts, length, g)
+    return windows
+
+
+def _continue(model: Model, starts: list[list[int]], length: int, g: torch.Generator) -> list[list[int]]:
+    """Equal-length starts, each continued to `length` tokens by the reference's sampling."""
+    ids = torch.tensor(starts)
     while ids.shape[1] < length:
         logits = reference.forward(model, ids[:, -SAMPLE_CONTEXT:])[:, -1].double()
         nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
