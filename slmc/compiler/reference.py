@@ -191,10 +191,8 @@ def embed(model: Model, ids: torch.Tensor) -> torch.Tensor:
 
 def head(model: Model, x: torch.Tensor) -> torch.Tensor:
     x = rms_norm(x, model.final_norm)
-    w = model.lm_head.weight.float() if model.lm_head is not None else model.embed.float()
-    logits = F.linear(x, w)
-    if model.lm_head is not None and model.lm_head.bias is not None:
-        logits = logits + model.lm_head.bias.float()
+    # an own head node is an ordinary linear: its int8 activations (8da4w head) and bias apply
+    logits = linear(x, model.lm_head) if model.lm_head is not None else F.linear(x, model.embed.float())
     if model.final_logit_softcap is not None:
         c = model.final_logit_softcap
         logits = torch.tanh(logits / c) * c
