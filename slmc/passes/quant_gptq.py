@@ -12,7 +12,9 @@ lazy updates every block_size columns (rounded to whole groups), and per-group
 scales/zeros from QuantScheme computed from the error-updated weights as each group
 starts. act_order=true visits columns by decreasing H diagonal and uses static groups
 (scales from the original weight's contiguous groups), so the result is still the IR's
-plain groupwise QuantWeight. Memory stays one block deep: the calibration activations
+plain groupwise QuantWeight. clip=true picks each (row, group)'s scale among range shrinks
+(1, 0.95, ..., 0.55) by its rounding error weighted by the group's Hessian block (AWQ's clip
+search, on GPTQ's H): the full range spends int4's few codes on one outlier. Memory stays one block deep: the calibration activations
 at one depth plus that block's intermediate stages. A block used at several depths is
 quantized once, at its first depth. MoE experts see every calibration token (not only
 those routed to them), so each expert's H is well conditioned.
