@@ -104,26 +104,25 @@ def variants(calib: str, quick: bool, rows: list[dict] | None = None) -> list[tu
     best_spec, used = combined(rows or [])
     best = q(best_spec)
     what = "combination: " + (" + ".join(used) if used else "no factor has beaten the baseline yet")
-    out = [("fp32", "-", "reference", []),
-           ("gptq act-order", "data-free", "baseline (recipe before)", [f"{g},{base}"]),
-           ("awq", "data-free", "reference (recipes' method before)", [f"quant.awq:{Q},{old}"])]
-    out += [(n, "data-free", t, [f"{g},{_spec({**_opts(base), **_opts(o, quick)})}"]) for n, t, o in FACTORS[:5]]
-    out += [
+    factor = {n: (n, "data-free", t, [f"{g},{_spec({**_opts(base), **_opts(o, quick)})}"]) for n, t, o in FACTORS}
+    return [
+        ("fp32", "-", "reference", []),
+        ("gptq act-order", "data-free", "baseline (recipe before)", [f"{g},{base}"]),
+        factor["gptq clip"], factor["gptq damp 0.1"],  # the same samples as the baseline: no new sampling
+        ("awq", "data-free", "reference (recipes' method before)", [f"quant.awq:{Q},{old}"]),
         ("gptq combined", "data-free", what, [f"{g},{best}"]),
         ("awq-scales+gptq combined", "data-free", "AWQ scales under GPTQ (" + what + ")",
          [f"quant.awq:{Q},quantize=false,{old}", f"{g},{best}"]),
         ("gptq calibrated combined", "calibrated", what + ", calibrated", [f"{g},{best},calib={calib}"]),
+        factor["gptq T 0.8"], factor["gptq first bos"], factor["gptq 64x64"],
         ("awq-scales+gptq calibrated combined", "calibrated", "AWQ scales under GPTQ, calibrated",
          [f"quant.awq:{Q},quantize=false,{old},calib={calib}", f"{g},{best},calib={calib}"]),
         ("gptq calibrated", "calibrated", "reference", [f"{g},{base},calib={calib}"]),
-    ]
-    out += [(n, "data-free", t, [f"{g},{_spec({**_opts(base), **_opts(o, quick)})}"]) for n, t, o in FACTORS[5:]]
-    out += [
         ("awq calibrated", "calibrated", "reference", [f"quant.awq:{Q},{old},calib={calib}"]),
+        factor["gptq 64x256"], factor["gptq no act-order"],
         ("gptq combined + int8 ends", "data-free", "embedding and head int8 per row", [f"{g},{best},{ENDS}"]),
         ("rtn", "data-free", "reference", [f"quant.rtn:{Q}"]),
     ]
-    return out
 
 
 def worker(a, model=None, ids=None) -> dict:
