@@ -48,8 +48,9 @@ class GPTQOptions(CalibOptions, QuantOptions):
     act_order: bool = True
     block_size: int = 128  # columns per lazy batch update
     # true: each (row, group)'s scale from the range shrink (1, 0.95, ..., 0.55) whose rounding
-    # error e weighs least under the group's Hessian block (e H_gg e^T); false: the full range
-    clip: bool = False
+    # error e weighs least under the group's Hessian block (e H_gg e^T); false: the full range.
+    # On by default: bench/results/quant_calib.md, data-free int4 g32 +13.0 % vs +23.7 % without
+    clip: bool = True
 
 
 N_SHRINK = 10  # clipping ratios 1, 0.95, ..., 0.55 (as quant.awq's)
