@@ -11,7 +11,7 @@ import slmc.passes  # noqa: F401  (registers the passes)
 from slmc.cli import main
 from slmc.compiler.calib import calibration_ids
 from slmc.compiler.importers.hf import import_hf
-from slmc.compiler.ir import QuantWeight
+from slmc.compiler.ir import QuantWeight, Weight
 from slmc.compiler.pass_manager import PassManager, parse_pass
 from slmc.errors import SlmcError
 from slmc.recipes import RECIPES
@@ -73,7 +73,8 @@ INT4 = [n for n, r in RECIPES.items() if any("bits=4" in p for p in r.passes)]
 def test_every_int4_recipe_quantizes_embedding_and_head(name):
     """Issue 17 item 3: no int4 recipe leaves the (tied) table in float."""
     opts = [parse_pass(p).options for p in RECIPES[name].passes]
-    q = next(o for o in opts if getattr(o, "bits", 0) == 4 and hasattr(o, "embed_bits"))
+    # the pass that quantizes (quant.awq:quantize=false only folds scales for the GPTQ after it)
+    q = [o for o in opts if getattr(o, "bits", 0) == 4 and getattr(o, "quantize", True)][-1]
     assert q.embed_bits in (4, 8)
     # the head: its own quantized table, or the quantized embedding shared (targets that allow it)
     tied_ok = all(f.split(":")[0] in ("tflite", "coreml", "onnx") for f in RECIPES[name].flows)
@@ -93,3 +94,65 @@ def test_list_shows_measured_quality(tmp_path, monkeypatch):
     assert "+12.5 %" in text and "weights 3 MiB" in text and "mean of 2 unseen texts" in text  # (10 % + 15 %) / 2
     for missing in ("q.json:y", "other.json:x", ""):  # controls: no such row, no such file, none named
         assert recipes.measured_quality(recipes.Recipe("r", (), (), "", missing)) == "not measured"
+
+
+def test_data_free_samples_are_drawn_once_per_weights(tiny_llama_dir, monkeypatch):
+    import slmc.compiler.calib as calib
+
+    m = import_hf(tiny_llama_dir)
+    calib._SAMPLES.clear()
+    draws = []
+    real = calib._draw
+    monkeypatch.setattr(calib, "_draw", lambda *a: draws.append(a[1:]) or real(*a))
+    a = calibration_ids(m, [], 4, 16, seed=3)
+    b = calibration_ids(m, [], 4, 16, seed=3)
+    assert torch.equal(a, b) and len(draws) == 1  # the second ask is served from the cache
+    a[:] = 0
+    assert not torch.equal(a, calibration_ids(m, [], 4, 16, seed=3))  # callers get copies
+    calibration_ids(m, [], 4, 16, seed=3, temperature=0.5)
+    assert len(draws) == 2  # control: other settings draw anew
+    w = m.blocks[0].attn.q.weight
+    m.blocks[0].attn.q.weight = Weight(w.float() * 1.001)
+    calibration_ids(m, [], 4, 16, seed=3)
+    assert len(draws) == 3  # control: other weights draw anew
+    calib._SAMPLES.clear()
+    assert torch.equal(calibration_ids(import_hf(tiny_llama_dir), [], 4, 16, seed=3), b)  # a fresh draw: the same
+
+
+def test_gptq_clip_search_lowers_the_weighted_error():
+    from slmc.compiler.quant import QuantScheme, group_params
+    from slmc.passes.quant_gptq import clipped_params
+
+    g = torch.Generator().manual_seed(0)
+    s = QuantScheme(4, 16, True)
+    x = torch.randn(256, 64, generator=g)
+    H = x.T @ x / 256
+    Hb = torch.stack([H[k * 16:(k + 1) * 16, k * 16:(k + 1) * 16] for k in range(4)])
+    W = torch.randn(32, 64, generator=g)
+    W[:, ::16] *= 4  # one outlier per group: the full range wastes most codes on it
+
+    def err(sc):
+        deq = torch.clamp(torch.round(W / sc.repeat_interleave(16, 1)), -8, 7) * sc.repeat_interleave(16, 1)
+        E = (deq - W).view(32, 4, 16).transpose(0, 1)
+        return (torch.bmm(E, Hb) * E).sum(-1).T  # [rows, groups]
+
+    full, _ = group_params(W, s)
+    clipped, z = clipped_params(W, Hb, s)
+    assert z is None and bool((err(clipped) <= err(full) + 1e-6).all())
+    assert float(err(clipped).sum()) < 0.9 * float(err(full).sum())
+    assert bool((clipped < full - 1e-6).any())
+    # control: weights on the code grid already (every value a multiple of max / 7): nothing to gain
+    grid = torch.randint(-7, 8, (32, 64), generator=g).float()
+    grid[:, ::16] = 7.0
+    sc, _ = clipped_params(grid, Hb, s)
+    assert torch.allclose(sc, group_params(grid, s)[0])
+
+
+def test_gptq_clip_option_changes_the_codes(tiny_llama_dir):
+    spec = "quant.gptq:bits=4,group_size=16,n_seqs=4,seq_len=32,act_order=true"
+    q0, _ = PassManager([parse_pass(spec + ",clip=false")]).run(import_hf(tiny_llama_dir))
+    q1, logs = PassManager([parse_pass(spec + ",clip=true")]).run(import_hf(tiny_llama_dir))
+    w0, w1 = q0.blocks[0].ffn.down.weight, q1.blocks[0].ffn.down.weight
+    assert isinstance(w1, QuantWeight) and logs[0].info["quantized"] == 14
+    assert not torch.equal(w0.scales, w1.scales)
+    assert bool((w1.scales <= w0.scales + 1e-6).all())  # clipping only shrinks a static group's range
