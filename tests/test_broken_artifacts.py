@@ -78,15 +78,19 @@ def drop_act_quant(ir) -> None:
         w.act_bits = 0
 
 
+def scaled(scales: torch.Tensor, factor: float) -> torch.Tensor:
+    """scales x factor, still values of their storage dtype (XNNPACK bf16, Core ML fp16), or the
+    target refuses them."""
+    out = scales * factor
+    for dtype in (torch.bfloat16, torch.float16):
+        if torch.equal(scales, scales.to(dtype).to(scales.dtype)):
+            return out.to(dtype).to(scales.dtype)
+    return out
+
+
 def scale_one_layer(ir) -> None:
     _, w = next((n, w) for n, w in quant_weights(ir) if n.startswith("blocks."))  # layer 0's first
-    scales = w.scales * 1.5
-    for dtype in (torch.bfloat16, torch.float16):
-        if torch.equal(w.scales, w.scales.to(dtype).to(w.scales.dtype)):
-            # scales of a storage dtype (XNNPACK bf16, Core ML fp16) stay such values, or the target refuses them
-            scales = scales.to(dtype).to(w.scales.dtype)
-            break
-    w.scales = scales
+    w.scales = scaled(w.scales, 1.5)
 
 
 def flip_head_codes(ir) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
+from test_broken_artifacts import scaled
 
 from slmc import api
 from slmc.compiler.families import load_all
@@ -34,12 +34,7 @@ def scale_block(ir, depth: int = 1) -> None:
     """Block `depth`'s MLP down projection x1.5: its scales (kept in their storage dtype) or its floats."""
     name, w = next((n, w) for n, w in named_weights(ir) if n.startswith(f"blocks.{depth}.ffn.down"))
     if isinstance(w, QuantWeight):
-        scales = w.scales * 1.5
-        for dtype in (torch.bfloat16, torch.float16):
-            if torch.equal(w.scales, w.scales.to(dtype).to(w.scales.dtype)):
-                scales = scales.to(dtype).to(w.scales.dtype)
-                break
-        w.scales = scales
+        w.scales = scaled(w.scales, 1.5)
     else:
         setattr(_owner(ir, name), name.rsplit(".", 1)[1], Weight(w.data * 1.5))
 
