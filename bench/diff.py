@@ -68,7 +68,10 @@ def _pair_table(p: dict) -> list[str]:
              f"Bound: relative RMS ≤ {p['bound']:.3g} ({p['bound_why']}). "
              + (f"First stage past the bound: **{p['first_past']}**." if p["first_past"]
                 else "Every stage within the bound.")
-             + f" Verdict: {'PASS' if p['passed'] else 'FAIL'} ({p['wall_s']} s).", ""]
+             + f" Verdict: {p.get('verdict') or ('PASS' if p['passed'] else 'FAIL')} ({p['wall_s']} s).", ""]
+    if p.get("noise_floor"):  # the reference's own rel RMS under a rounding-size nudge, per stage
+        lines += ["Reference noise floor (1e-7 nudge), rel RMS per stage: "
+                  + ", ".join(f"{s['stage']} {f:.3g}" for s, f in zip(p["stages"], p["noise_floor"])), ""]
     for s in p["sides"]:
         c = s.get("artifact_check")
         if c:

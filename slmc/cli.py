@@ -246,6 +246,8 @@ def diff(a, b, prompt, passes, recipe, max_seq_len, as_json, html):
         click.echo(r.to_json())
     else:
         _print_diff(r)
+    if r.verdict == "INCONCLUSIVE":
+        sys.exit(3)
     if not r.passed:
         sys.exit(1)
 
@@ -278,6 +280,8 @@ def _print_diff(r) -> None:
     else:
         out.print(f"first stage past the bound: [red]{r.first_past}[/]" if r.first_past
                   else "[green]every stage within the bound[/]")
+        if r.verdict == "INCONCLUSIVE":
+            out.print("[yellow]INCONCLUSIVE[/]: the reference's own noise floor is past the bound there (note above)")
 
 
 @main.command()

@@ -96,7 +96,8 @@ def diff(a: str | Path, b: str | Path | None = None, opts: DiffOptions = DiffOpt
         if b is None or str(b) == "reference":
             ref, label = (ir_a, "reference (the artifact's IR)") if model_b is None else (model_b, "reference")
             _same_shape(ir_a, ref, "reference")
-            return d.diff_sides(side_a, d.reference_side(ref, ids, label), names, "artifact-vs-reference", t0)
+            base = d.reference_side(ref, ids, label)
+            return d.diff_sides(side_a, base, names, "artifact-vs-reference", t0, floor=d.noise_floor(ref, ids, base))
         if _is_artifact(b):
             fb = Path(b)
             mb = read_manifest(fb)
@@ -107,8 +108,8 @@ def diff(a: str | Path, b: str | Path | None = None, opts: DiffOptions = DiffOpt
         if opts.passes or opts.recipe:
             ir_b, _ = run_passes(copy.deepcopy(ir_b), _passes(opts))
         _same_shape(ir_a, ir_b, str(b))
-        return d.diff_sides(side_a, d.reference_side(ir_b, ids, f"reference ({b})"), names,
-                            "artifact-vs-reference", t0)
+        base = d.reference_side(ir_b, ids, f"reference ({b})")
+        return d.diff_sides(side_a, base, names, "artifact-vs-reference", t0, floor=d.noise_floor(ir_b, ids, base))
     if b is not None:
         raise SlmcError("the first argument must be an artifact folder when a second is given "
                         "(a model alone compares its float and quantized IR)", str(a))

@@ -217,11 +217,15 @@ def forward(model: Model, ids: torch.Tensor, perturb: float = 0.0) -> torch.Tens
 
 
 @torch.no_grad()
-def hidden_states(model: Model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def hidden_states(model: Model, ids: list[int], perturb: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual stream of a prompt at positions 0..T-1: ([depths + 2, T, hidden], logits
     [T, vocab]); rows are the embedding output, the state after every depth, the final norm's
-    output (before the head). What `slmc diff` compares each runtime's debug variant with."""
+    output (before the head). What `slmc diff` compares each runtime's debug variant with.
+    perturb: the embeddings' relative nudge of `forward` (the diff's noise floor)."""
     x = embed(model, torch.tensor([ids]))
+    if perturb:
+        g = torch.Generator().manual_seed(0)
+        x = x * (1 + perturb * torch.randn(x.shape, generator=g))
     positions = torch.arange(len(ids))
     states = [x[0]]
     for d in range(model.n_layers):

@@ -38,7 +38,7 @@ import torch
 from ..compiler import reference
 from ..compiler.ir import Model, QuantWeight, named_weights
 from ..targets import target_of
-from ..targets.bounds import weight_kind
+from ..targets.bounds import NUDGE, weight_kind
 from .sessions import open_session
 
 REL_FLOAT32, REL_FLOAT16, REL_ACT8 = 1e-4, 2e-2, 5e-2
@@ -74,6 +74,9 @@ class DiffReport:
     seconds: float
     notes: list[str] = field(default_factory=list)
     passes: list[str] = field(default_factory=list)  # float-vs-quantized: the passes applied
+    verdict: str = ""  # PASS, FAIL or INCONCLUSIVE (judged modes); "" for float-vs-quantized
+    # artifact-vs-reference: per stage, the rel RMS of the reference nudged by NUDGE vs itself
+    noise_floor: list[float] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -122,6 +125,15 @@ def artifact_side(folder: Path, manifest: dict, model: Model, ids: list[int]) ->
                 manifest, check)
 
 
+def noise_floor(model: Model, ids: list[int], base: Side) -> list[float]:
+    """Per stage, how far the reference moves under a rounding-size (NUDGE) nudge of its
+    embeddings: where that alone is past the bound, the bound cannot tell an artifact from
+    rounding noise (a chaotic scheme, e.g. int8 activations over massive activations). Measured
+    as a diagnostic; never used as a bound."""
+    states, logits = reference.hidden_states(model, ids, NUDGE)
+    return [compare(x, y)["rel_rms"] for x, y in zip(list(states) + [logits], list(base.states) + [base.logits])]
+
+
 def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
     a, b = a.double().flatten(), b.double().flatten()
     d = a - b
@@ -130,8 +142,9 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 
 def diff_sides(a: Side, b: Side, names: list[str], mode: str, t0: float, bound: float | None = None,
-               why: str | None = None, judged: bool = True) -> DiffReport:
-    """b is the baseline (relative RMS is relative to b)."""
+               why: str | None = None, judged: bool = True, floor: list[float] | None = None) -> DiffReport:
+    """b is the baseline (relative RMS is relative to b). floor: the reference's noise floor per
+    stage (noise_floor); a stage past the bound whose floor is past it too is INCONCLUSIVE."""
     if bound is None:  # both sides are bounded against the same IR: the sum bounds their difference
         bound = a.bound + b.bound
         why = a.why if b.kind == "reference" else f"{a.why}; plus {b.why}"
@@ -155,7 +168,15 @@ def diff_sides(a: Side, b: Side, names: list[str], mode: str, t0: float, bound: 
                          f"(relative RMS {s.artifact_check['rel_rms']:.3g} > {s.artifact_check['bound']:.3g}): "
                          "the artifact was not compiled from this IR, so its blocks cannot be located")
     passed = first is None and checks_ok if judged else checks_ok
+    verdict = ("PASS" if passed else "FAIL") if judged else ""
+    if judged and checks_ok and first is not None and floor is not None:
+        i = names.index(first)
+        if floor[i] > bound:
+            verdict = "INCONCLUSIVE"
+            notes.append(f"the reference's own noise floor at {first} (a {NUDGE:g} relative nudge of its "
+                         f"embeddings) is rel RMS {floor[i]:.3g}, past the bound {bound:.3g}: the bound cannot "
+                         "tell this artifact from rounding noise there")
     side_info = [{"label": s.label, "kind": s.kind, "how": s.how, "runtime": s.runtime, "bound": s.bound,
                   "why": s.why, "artifact_check": s.artifact_check} for s in (a, b)]
     return DiffReport(a.label, b.label, mode, side_info, int(a.states.shape[1]), bound, why, stages, first,
-                      passed, round(time.time() - t0, 2), notes)
+                      passed, round(time.time() - t0, 2), notes, verdict=verdict, noise_floor=floor)

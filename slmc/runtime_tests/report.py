@@ -138,7 +138,7 @@ def _pair(d) -> str:
 
 
 def diff_section(d) -> str:
-    word = ("PASS" if d.passed else "FAIL") if d.mode != "float-vs-quantized" else "INFO"
+    word = (d.verdict or ("PASS" if d.passed else "FAIL")) if d.mode != "float-vs-quantized" else "INFO"
     rows = "".join(
         f"<tr><td>{e(s['stage'])}</td><td class=n>{s['max_abs']:.3g}</td><td class=n>{s['rel_rms']:.3g}</td>"
         f"<td class=n>{s['cosine']:.6f}</td><td>{'yes' if s['within'] else '<span class=bad>no</span>'}</td></tr>"
