@@ -37,17 +37,25 @@ def head_and_table(path):
     return g, int(op.inputs[1]), table
 
 
+def head_codes(path):
+    """The .tflite's object model, its raw buffers, the head's subgraph and tensor index, and a
+    copy of the head's codes (what both rewrites below start from)."""
+    from ai_edge_litert import schema_py_generated as S
+
+    data = path.read_bytes()
+    mt = S.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    raw = _buffers_raw(mt, data)
+    g, head, _ = head_and_table(path)
+    sg = mt.subgraphs[[s.name for s in mt.subgraphs].index(g.sg.name)]
+    return mt, raw, sg, head, np.array(raw[sg.tensors[head].buffer], np.uint8)
+
+
 def own_head_buffer(src, dst, flip: bool = False) -> None:
     """Rewrite the .tflite with the head's codes in a buffer of their own (two codes flipped
     with `flip`), the embedding's table unchanged: the layout of a tied table stored twice."""
     from ai_edge_litert import schema_py_generated as S
 
-    data = src.read_bytes()
-    mt = S.ModelT.InitFromPackedBuf(bytearray(data), 0)
-    raw = _buffers_raw(mt, data)
-    g, head, _ = head_and_table(src)
-    sg = mt.subgraphs[[s.name for s in mt.subgraphs].index(g.sg.name)]
-    codes = np.array(raw[sg.tensors[head].buffer], np.uint8)
+    mt, raw, sg, head, codes = head_codes(src)
     if flip:
         codes[:2] ^= 0x0F  # c -> -1 - c in two int4 codes (low nibbles)
     mt.buffers.append(S.BufferT())
@@ -117,12 +125,7 @@ def test_a_tensor_of_codes_no_weight_accounts_for_is_named(built, tmp_path):
     from ai_edge_litert import schema_py_generated as S
 
     ir, path = built
-    data = path.read_bytes()
-    mt = S.ModelT.InitFromPackedBuf(bytearray(data), 0)
-    raw = _buffers_raw(mt, data)
-    g, head, _ = head_and_table(path)
-    sg = mt.subgraphs[[s.name for s in mt.subgraphs].index(g.sg.name)]
-    codes = np.array(raw[sg.tensors[head].buffer], np.uint8)
+    mt, raw, sg, head, codes = head_codes(path)
     codes[:2] ^= 0x0F
     mt.buffers.append(S.BufferT())
     raw.append(codes)

@@ -200,6 +200,14 @@ def head(model: Model, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _nudged(x: torch.Tensor, perturb: float) -> torch.Tensor:
+    """x with relative noise `perturb` (fixed seed): the noise floor's nudge of the embeddings."""
+    if not perturb:
+        return x
+    g = torch.Generator().manual_seed(0)
+    return x * (1 + perturb * torch.randn(x.shape, generator=g))
+
+
 def forward(model: Model, ids: torch.Tensor, perturb: float = 0.0) -> torch.Tensor:
     """ids: [B, T] int64 -> logits [B, T, vocab], positions 0..T-1.
     perturb: relative noise (fixed seed) on the embeddings, to measure how far float rounding
@@ -208,9 +216,7 @@ def forward(model: Model, ids: torch.Tensor, perturb: float = 0.0) -> torch.Tens
         ids = ids[None]
     positions = torch.arange(ids.shape[1])
     x = embed(model, ids)
-    if perturb:
-        g = torch.Generator().manual_seed(0)
-        x = x * (1 + perturb * torch.randn(x.shape, generator=g))
+    x = _nudged(x, perturb)
     for d in range(model.n_layers):
         x = block(model.block_at(d), x, positions, model.kv.dtype, model.kv.ring)
     return head(model, x)
@@ -223,9 +229,7 @@ def hidden_states(model: Model, ids: list[int], perturb: float = 0.0) -> tuple[t
     output (before the head). What `slmc diff` compares each runtime's debug variant with.
     perturb: the embeddings' relative nudge of `forward` (the diff's noise floor)."""
     x = embed(model, torch.tensor([ids]))
-    if perturb:
-        g = torch.Generator().manual_seed(0)
-        x = x * (1 + perturb * torch.randn(x.shape, generator=g))
+    x = _nudged(x, perturb)
     positions = torch.arange(len(ids))
     states = [x[0]]
     for d in range(model.n_layers):
