@@ -61,6 +61,11 @@ class Device:
     def threads(self) -> int:
         return sum(c.count for c in self.cpu)
 
+    @property
+    def clock_ghz(self) -> float:
+        """Mean clock of the runtime's cores (what a per-layer overhead in cycles runs at)."""
+        return sum(c.count * c.ghz for c in self.cpu) / self.threads
+
     def cpu_peak(self, kind: str) -> float:
         """Peak GOPS of the runtime's cores: kind 'fp32', 'fp16' or 'int8'."""
         return sum(c.count * c.ghz * PIPES[c.core] * PER_PIPE[kind] for c in self.cpu)
