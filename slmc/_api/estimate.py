@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SlmcError
-from ..estimate import (DEVICES, FLOWS, PUBLISHED, Point, device, estimate as roofline, fit, leave_one_out,
+from ..estimate import (DEVICES, FLOWS, FORMS, PUBLISHED, Point, device, estimate as roofline, fit, leave_one_out,
                         quant_of, runtime, shape_of, storage_of)
 from ..manifest import FILENAME, read_manifest
 
@@ -120,8 +120,8 @@ def fit_published(configs: str | Path, figures=PUBLISHED) -> dict:
     for rt in dict.fromkeys(p.runtime for p in pts):
         dec = [p for p in pts if p.runtime == rt and p.metric == "decode"]
         pre = [p for p in pts if p.runtime == rt and p.metric == "prefill"]
-        inv_bw, cycles = fit(dec, "A")
-        (inv_c,) = fit(pre, "prefill")
+        inv_bw, cycles = fit(dec, "A") if dec else (0.0, None)
+        (inv_c,) = fit(pre, "prefill") if pre else (0.0,)
         out[rt] = {"eff_bw": 1 / inv_bw if inv_bw else None, "overhead_cycles": cycles,
                    "eff_compute": 1 / inv_c if inv_c else None,
                    "decode_figures": [p.key for p in dec], "prefill_figures": [p.key for p in pre]}

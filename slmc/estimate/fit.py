@@ -74,13 +74,14 @@ def predict(theta: tuple[float, ...], point: Point, form: str) -> float:
     return float(sum(t * point.terms[n] for t, n in zip(theta, FORMS[form][1], strict=True)))
 
 
-def leave_one_out(points: list[Point], form: str, fitter=fit) -> list[dict]:
-    """Each point of the form's metric predicted from a fit on the same runtime's OTHER points
-    of that metric. `fitter` is `fit` (a parameter so a test can watch what it is given)."""
+def leave_one_out(points: list[Point], form: str, fitter=fit, only: tuple[str, ...] | None = None) -> list[dict]:
+    """Each point of the form's metric (or those whose key is in `only`) predicted from a fit on
+    the same runtime's OTHER points of that metric. `fitter` is `fit` (a parameter so a test can
+    watch what it is given)."""
     metric = FORMS[form][0]
     mine = [p for p in points if p.metric == metric]
     out = []
-    for held in mine:
+    for held in (p for p in mine if only is None or p.key in only):
         others = [p for p in mine if p.runtime == held.runtime and p.key != held.key]
         row = {"key": held.key, "runtime": held.runtime, "published_tok_s": 1 / held.seconds,
                "fitted_on": [p.key for p in others]}

@@ -37,6 +37,16 @@ class Runtime:
 NAMES = {"executorch:xnnpack": "ExecuTorch + XNNPACK", "tflite:cpu": "LiteRT (CPU, XNNPACK delegate)"}
 # target:backend -> (eff_bw, overhead_cycles, eff_compute, overhead_mib, decode figures, prefill figures)
 FITTED: dict[str, tuple[float, float, float, float, tuple[str, ...], tuple[str, ...]]] = {
+    "executorch:xnnpack": (0.591, 259600.0, 0.496, 46.9, (
+        "smollm2-135m/et-8da4w/galaxy-s22/decode", "qwen3-0.6b/et-8da4w/galaxy-s22/decode",
+        "llama-3.2-1b/et-8da4w/galaxy-s22/decode", "smollm2-135m/et-8da4w/iphone-15-pro/decode",
+        "qwen3-0.6b/et-8da4w/iphone-15-pro/decode", "llama-3.2-1b/et-8da4w/iphone-15-pro/decode",
+        "llama-3.2-1b/et-spinquant/oneplus-12/decode", "llama-3.2-3b/et-spinquant/oneplus-12/decode",
+        "llama-3-8b/et-8da4w-g128/galaxy-s22/decode", "llama-3-8b/et-8da4w-g128/oneplus-12/decode"), (
+        "llama-3.2-1b/et-spinquant/oneplus-12/prefill", "llama-3.2-3b/et-spinquant/oneplus-12/prefill")),
+    "tflite:cpu": (0.656, 2903600.0, 0.251, 0.0, (
+        "qwen2.5-0.5b/litert-int8/galaxy-s24-ultra/decode", "qwen2.5-1.5b/litert-int8/galaxy-s24-ultra/decode"), (
+        "qwen2.5-0.5b/litert-int8/galaxy-s24-ultra/prefill", "qwen2.5-1.5b/litert-int8/galaxy-s24-ultra/prefill")),
 }
 SOURCE = ("fitted to published phone figures (slmc/estimate/published.py) by bench/estimate.py; "
           "bench/results/estimate.md checks them figure by figure, leave-one-out")
