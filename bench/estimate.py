@@ -246,7 +246,8 @@ def per_device() -> list[dict]:
             out.append({"model": model, "flow": flow, "device": e["device"],
                         "decode_tok_s": round(e["decode"]["tok_s"], 1), "decode_bound": e["decode"]["bound"],
                         "decode_overhead_share": round(e["decode"]["overhead_ms"] / (1e3 / e["decode"]["tok_s"]), 2),
-                        "prefill_tok_s": round(e["prefill"]["tok_s"], 1), "peak_memory_mib": round(e["memory_mib"]["peak"])})
+                        "prefill_tok_s": round(e["prefill"]["tok_s"], 1),
+                        "peak_memory_mib": round(e["memory_mib"]["peak"])})
     return out
 
 
@@ -359,7 +360,7 @@ def main(a) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calibrate", action="store_true", help="measure the efficiency on this host (the 'this host' row)")
+    ap.add_argument("--calibrate", action="store_true", help="measure this host's efficiency (its own row)")
     ap.add_argument("--et", help="an int8da-int4w-g32 ExecuTorch artifact folder (--calibrate)")
     ap.add_argument("--litert", help="an int8da-int8w LiteRT artifact folder (--calibrate)")
     ap.add_argument("--render", action="store_true", help="only re-render results/estimate.md from the .json")

@@ -70,5 +70,6 @@ def estimate(shape: Shape, st: Storage, dev: Device, rt: Runtime, max_len: int, 
 
 
 __all__ = ["FORMS", "FLOWS", "PUBLISHED", "Figure", "NotEstimable", "Point", "fit", "leave_one_out", "predict",
-           "terms", "DEVICES", "RUNTIMES", "Device", "Runtime", "Scheme", "Shape", "Storage", "Quant", "device", "runtime",
+           "terms", "DEVICES", "RUNTIMES", "Device", "Runtime", "Scheme", "Shape", "Storage", "Quant", "device",
+           "runtime",
            "estimate", "shape_of", "storage_of", "quant_of", "decode_cost", "prefill_cost", "memory", "arithmetic"]
