@@ -23,6 +23,9 @@ from ._api.report import write_report
 from ._api.devices import device_setup
 from ._api.estimate import EstimateOptions, estimate
 from ._api.estimate import devices as estimate_devices
+from ._api.estimate import fit_published as estimate_fit, leave_one_out_published as estimate_leave_one_out
+from ._api.estimate import published_points as estimate_points
+from ._api.estimate import FLOWS as ESTIMATE_FLOWS, FORMS as ESTIMATE_FORMS, PUBLISHED as ESTIMATE_FIGURES
 from ._api.jobs import Catalog, catalog, evaluate, evaluate_tokens, inspect, require_pass, run, validate
 from ._api.models import (DEFAULT_MODEL, default_model, load, parse_passes, pass_registry, reference_model,
                           resolve_model_path, run_passes, tokenizer_dir)
@@ -38,7 +41,8 @@ __all__ = [
     "evaluate_tokens", "inspect", "run", "catalog", "default_model", "DEFAULT_MODEL", "load",
     "resolve_model_path", "tokenizer_dir", "reference_model", "read_manifest", "parse_passes", "pass_registry",
     "run_passes", "quant_summary", "diff", "DiffOptions", "write_report", "device_setup",
-    "EstimateOptions", "estimate", "estimate_devices",
+    "EstimateOptions", "estimate", "estimate_devices", "estimate_fit", "estimate_leave_one_out", "estimate_points",
+    "ESTIMATE_FLOWS", "ESTIMATE_FORMS", "ESTIMATE_FIGURES",
     # for benchmarks and scripts that build or measure IR themselves
     "Model", "MLP", "Linear", "MoE", "Weight", "QuantWeight", "named_weights", "param_count", "weight_bytes",
     "save_ir", "token_ids", "kv_bytes_per_token", "ffn_inputs", "tiny_llama_config", "expert_routes",

@@ -392,13 +392,14 @@ def build(config, platforms, jobs, cache, depfile, stamp, out, as_json):
 @click.option("--max-seq-len", type=int, default=None, help="KV-cache length (default: the artifact's).")
 @click.option("--prompt-len", default=64, show_default=True, help="Prefill length.")
 @click.option("--decode-tokens", default=128, show_default=True, help="Decode costed at mid-generation.")
-@click.option("--bare", is_flag=True, help="No runtime efficiency factor: the roofline itself.")
+@click.option("--bare", is_flag=True, help="No runtime parameters: the roofline itself.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
 def estimate(subject, devices, target, backend, recipe, passes, max_seq_len, prompt_len, decode_tokens, bare,
              as_json):
-    """Roofline estimate of prefill/decode tok/s and peak memory of SUBJECT (an artifact folder, or a
-    MODEL with --target/--recipe; a folder holding only config.json is enough) on named phones."""
+    """Estimate of prefill/decode tok/s and peak memory of SUBJECT (an artifact folder, or a MODEL with
+    --target/--recipe; a folder holding only config.json is enough) on named phones, with runtime
+    parameters fitted to published phone figures."""
     from . import api
 
     names = api.estimate_devices() if "all" in devices else list(devices)
@@ -411,17 +412,20 @@ def estimate(subject, devices, target, backend, recipe, passes, max_seq_len, pro
     r0 = rows[0]
     click.echo(f"{r0['subject']} on {r0['runtime_name']} ({r0['arithmetic']}; linear {r0['storage']['linear']}, "
                f"head {r0['storage']['head']}, embedding {r0['storage']['embedding']}, "
-               f"KV {r0['storage']['kv_bits']}-bit; "
-               f"eff_bw {r0['eff_bw']}, eff_compute {r0['eff_compute']})")
-    click.echo(f"{'device':<18}{'GB/s':>7}{'GOPS':>8}{'decode tok/s':>14}{'bound':>9}{'prefill tok/s':>15}"
-               f"{'bound':>9}{'peak MiB':>10}")
+               f"KV {r0['storage']['kv_bits']}-bit)")
+    click.echo(f"parameters: eff_bw {r0['eff_bw']}, overhead {r0['overhead_cycles']:.0f} cycles/layer, "
+               f"eff_compute {r0['eff_compute']}; " + (
+                   f"fitted on {len(r0['fitted_on'])} published phone figures: {', '.join(r0['fitted_on'])}"
+                   if r0["fitted_on"] else "none applied (--bare: the roofline itself)"))
+    click.echo(f"{'device':<18}{'GB/s':>7}{'GOPS':>8}{'GHz':>6}{'decode tok/s':>14}{'bound':>10}{'prefill tok/s':>15}"
+               f"{'peak MiB':>10}")
     for r in rows:
-        click.echo(f"{r['device']:<18}{r['bandwidth_gbs']:>7.1f}{r['peak_gops']:>8.0f}{r['decode']['tok_s']:>14.1f}"
-                   f"{r['decode']['bound']:>9}{r['prefill']['tok_s']:>15.1f}{r['prefill']['bound']:>9}"
+        click.echo(f"{r['device']:<18}{r['bandwidth_gbs']:>7.1f}{r['peak_gops']:>8.0f}{r['clock_ghz']:>6.2f}"
+                   f"{r['decode']['tok_s']:>14.1f}{r['decode']['bound']:>10}{r['prefill']['tok_s']:>15.1f}"
                    f"{r['memory_mib']['peak']:>10.0f}")
     click.echo(f"decode at position {r0['decode_position']}: {r0['decode']['bytes_per_token'] / 2**20:.1f} MiB and "
-               f"{r0['decode']['ops_per_token'] / 1e9:.2f} GOP per token; prefill {r0['prompt_len']} tokens; "
-               f"sources: `--json`")
+               f"{r0['decode']['ops_per_token'] / 1e9:.2f} GOP per token, {r0['layers']} layers; prefill "
+               f"{r0['prompt_len']} tokens; leave-one-out check: bench/results/estimate.md; sources: `--json`")
 
 
 @main.command("list")

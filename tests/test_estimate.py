@@ -1,6 +1,7 @@
 """slmc estimate: byte and operation counts checked against a hand computation on a tiny
-config, the roofline's arithmetic, the subjects it takes (a folder holding only config.json,
-an artifact folder's manifest) and its one-line errors."""
+config, the runtime model's arithmetic, the subjects it takes (a folder holding only
+config.json, an artifact folder's manifest), its one-line errors, the fit of the runtime
+parameters to the published figures and the leave-one-out check (tests/test_estimate_fit.py)."""
 
 import json
 import subprocess
@@ -56,17 +57,23 @@ def test_storage_changes_the_bytes():
     assert c["bytes"] != decode_cost(s, STORE, pos=10)["bytes"]
 
 
-def test_roofline_takes_the_slower_bound():
+def test_decode_is_memory_plus_layer_overhead():
     s = shape_of(TINY, "config.json")
-    dev = Device("test phone", "test", "soc", "LPDDR5", 1000, 64, "made up", (Cores(1, "Cortex-X2", 1.0),), "made up")
-    rt = Runtime("t:b", "test", "cpu", 0.5, 0.25, 10.0, "made up")
+    dev = Device("test phone", "test", "soc", "LPDDR5", 1000, 64, "made up", (Cores(1, "Cortex-X2", 2.0),), "made up")
+    rt = Runtime("t:b", "test", "cpu", 0.5, 1000.0, 0.25, 10.0, "made up")
     e = estimate(s, STORE, dev, rt, max_len=64, prompt_len=2, decode_tokens=16)
     assert e["decode_position"] == 10
     t_mem = 58148 / (8.0e9 * 0.5)  # 1000 MT/s x 64 bit = 8 GB/s
-    t_ops = 185856 / (1.0 * 4 * 32 * 1e9 * 0.25)  # 1 core, 1 GHz, 4 pipes x 32 int8 ops
-    assert e["decode"]["tok_s"] == pytest.approx(1 / max(t_mem, t_ops))
-    assert e["decode"]["bound"] == ("memory" if t_mem > t_ops else "compute")
+    t_over = 2 * 1000 / 2.0e9  # 2 layers x 1000 cycles at 2 GHz
+    assert e["decode"]["tok_s"] == pytest.approx(1 / (t_mem + t_over))
+    assert e["decode"]["bound"] == ("memory" if t_mem >= t_over else "overhead")
+    t_pre = prefill_cost(s, STORE, tokens=2)["ops"] / (2.0 * 4 * 32 * 1e9 * 0.25)  # 1 core, 2 GHz, 4 pipes x 32
+    assert e["prefill"]["tok_s"] == pytest.approx(2 / t_pre) and e["prefill"]["bound"] == "compute"
     assert e["memory_mib"]["peak"] == pytest.approx(sum(v for k, v in e["memory_mib"].items() if k != "peak"))
+    # control: the overhead term counts (a runtime with none is faster)
+    free = estimate(s, STORE, dev, Runtime("t:b", "test", "cpu", 0.5, 0.0, 0.25, 10.0, "made up"), max_len=64,
+                    prompt_len=2, decode_tokens=16)
+    assert free["decode"]["tok_s"] == pytest.approx(1 / t_mem) and free["decode"]["tok_s"] > e["decode"]["tok_s"]
 
 
 def test_config_only_folder(tmp_path):
@@ -79,7 +86,7 @@ def test_config_only_folder(tmp_path):
     plain = api.estimate(tmp_path, api.EstimateOptions("galaxy-s22", prompt_len=2, decode_tokens=16, max_seq_len=64,
                                                        bare=True))
     assert plain["arithmetic"] == "fp32" and plain["decode"]["bytes_per_token"] > 58148  # control: no recipe
-    with pytest.raises(SlmcError, match="no efficiency factor measured for coreml"):
+    with pytest.raises(SlmcError, match="no published phone figures to fit coreml"):
         api.estimate(tmp_path, api.EstimateOptions("iphone-15-pro", target="coreml"))
 
 
@@ -135,12 +142,15 @@ def test_device_table_has_sources():
         device("pixel-8").peak("gpu", "fp16")
 
 
-def test_efficiency_factors_are_the_measured_ones():
-    """runtimes.py carries the calibration bench/estimate.py measured (not figures fitted to phones)."""
-    results = ROOT / "bench" / "results" / "estimate.json"
-    cal = json.loads(results.read_text())["calibration"] if results.is_file() else {}
-    assert set(cal) == set(RUNTIMES)
-    for key, c in cal.items():
-        r = RUNTIMES[key]
-        assert (r.eff_bw, r.eff_compute, r.overhead_mib) == (c["eff_bw"], c["eff_compute"], c["overhead_mib"])
-        assert 0 < r.eff_bw <= 1 and 0 < r.eff_compute
+def test_cli_prints_every_phone_and_the_figures_fitted_on(tmp_path):
+    """`slmc estimate -d all` on a config-only folder: a row per named phone, with the fitted
+    parameters and the published figures they came from."""
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    r = subprocess.run([sys.executable, "-m", "slmc.cli", "estimate", str(tmp_path), "-d", "all",
+                        "--recipe", "int8da-int4w-g32"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    for name in ("Galaxy S22", "Galaxy S24 Ultra", "Pixel 8", "iPhone 15 Pro", "OnePlus 12"):
+        assert sum(line.startswith(name) for line in r.stdout.splitlines()) == 1, name
+    rt = RUNTIMES["executorch:xnnpack"]
+    assert f"fitted on {len(rt.figures)} published phone figures" in r.stdout
+    assert all(k in r.stdout for k in rt.figures)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SlmcError
-from ..estimate import DEVICES, device, estimate as roofline, quant_of, runtime, shape_of, storage_of
+from ..estimate import (DEVICES, FLOWS, FORMS, PUBLISHED, Point, device, estimate as roofline, fit, leave_one_out,
+                        quant_of, runtime, shape_of, storage_of)
 from ..manifest import FILENAME, read_manifest
 
 
@@ -97,3 +98,36 @@ def estimate(subject: str | Path, opts: EstimateOptions) -> dict:
 def devices() -> list[str]:
     """The keys `--device` takes."""
     return list(DEVICES)
+
+
+def published_points(configs: str | Path, figures=PUBLISHED) -> list[Point]:
+    """Each published figure as the fit sees it: the terms of its time per token, from the
+    model's public config in `configs`/<model>/ (no weights) and the phone's table entry."""
+    out = []
+    for f in figures:
+        target, backend, passes, _ = FLOWS[f.flow]
+        e = estimate(Path(configs) / f.model, EstimateOptions(f.device, target=target, backend=backend,
+                                                             passes=passes, prompt_len=f.prompt, bare=True))
+        out.append(Point(f.key, f.runtime, f.metric, e[f.metric]["terms"], 1 / f.tok_s))
+    return out
+
+
+def fit_published(configs: str | Path, figures=PUBLISHED) -> dict:
+    """Per runtime: form A's decode parameters and the prefill parameter fitted on ALL its
+    figures (what runtimes.py carries), with the figures each came from."""
+    pts = published_points(configs, figures)
+    out: dict[str, dict] = {}
+    for rt in dict.fromkeys(p.runtime for p in pts):
+        dec = [p for p in pts if p.runtime == rt and p.metric == "decode"]
+        pre = [p for p in pts if p.runtime == rt and p.metric == "prefill"]
+        inv_bw, cycles = fit(dec, "A") if dec else (0.0, None)
+        (inv_c,) = fit(pre, "prefill") if pre else (0.0,)
+        out[rt] = {"eff_bw": 1 / inv_bw if inv_bw else None, "overhead_cycles": cycles,
+                   "eff_compute": 1 / inv_c if inv_c else None,
+                   "decode_figures": [p.key for p in dec], "prefill_figures": [p.key for p in pre]}
+    return out
+
+
+def leave_one_out_published(configs: str | Path, form: str, figures=PUBLISHED) -> list[dict]:
+    """Each published figure of the form's metric predicted from the runtime's other figures."""
+    return leave_one_out(published_points(configs, figures), form)

@@ -5,11 +5,11 @@ Bandwidth is the DRAM interface's peak: data rate (MT/s) x bus width (bits) / 8.
 the cores an LLM runtime's thread pool runs on (the fastest four on Android, the two
 performance cores on iPhone: ExecuTorch and LiteRT both size their pools so), each core's
 clock x its 128-bit SIMD pipes x per-instruction work: 8 fp32 flops (4-lane FMA) or 32 int8
-ops (SDOT: 16 multiply-adds), the same 4:1 ratio AVX-512 VNNI has to fp32 FMA on the host the
-efficiency factors were measured on (runtimes.py). The i8mm extension (SMMLA) these cores also
-have would double the int8 peak; XNNPACK has kernels for it, and the README says what that
-would change. GPU and NPU figures are given only where the vendor publishes one; None where it
-does not.
+ops (SDOT: 16 multiply-adds), the same 4:1 ratio AVX-512 VNNI has to fp32 FMA on the host
+(bench/estimate.py's "this host" row). The i8mm extension (SMMLA) these cores also have would
+double the int8 peak; the fitted eff_compute (runtimes.py) absorbs whether a runtime uses it.
+The clock a per-layer overhead runs at is the mean of the pool's cores. GPU and NPU figures
+are given only where the vendor publishes one; None where it does not.
 """
 
 from __future__ import annotations
@@ -60,6 +60,11 @@ class Device:
     @property
     def threads(self) -> int:
         return sum(c.count for c in self.cpu)
+
+    @property
+    def clock_ghz(self) -> float:
+        """Mean clock of the runtime's cores (what a per-layer overhead in cycles runs at)."""
+        return sum(c.count * c.ghz for c in self.cpu) / self.threads
 
     def cpu_peak(self, kind: str) -> float:
         """Peak GOPS of the runtime's cores: kind 'fp32', 'fp16' or 'int8'."""
