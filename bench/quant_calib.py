@@ -8,9 +8,10 @@ calibration never saw.
 
     flock /work/coord/heavy.lock nice -n 10 python bench/quant_calib.py --inproc --threads 2 --append
 
-Every GPTQ factor changes one option against the baseline BASE (the recipe's GPTQ before this
-study: 16 samples x 256 tokens sampled from the model at temperature 1, each from a random
-vocabulary token, damping 0.01, act-order): Hessian damping, a Hessian-weighted clip search
+Every GPTQ factor changes one option against a baseline row: "gptq act-order" (BASE0, the
+recipe's GPTQ before this study: 16 samples x 256 tokens sampled from the model at temperature 1,
+each from a random vocabulary token, damping 0.01, act-order) for the clip search and damping,
+and "gptq clip" (BASE, the clip search on: quant.gptq's default since it won) for the rest: Hessian damping, a Hessian-weighted clip search
 for the group scales, temperature, the first token (random vs BOS), sample diversity (many
 short samples), act-order off, the number of tokens. "combined" then joins the factors whose
 measured rows beat the baseline, alone, under AWQ's scales (quant.awq:quantize=false, then
@@ -50,16 +51,20 @@ OLD = "n_seqs=16,seq_len=256"  # the defaults before this study, spelled out so 
 ENDS = "embed_bits=8,head_bits=8,ends_group_size=0"
 
 
-BASE = f"{OLD},act_order=true"  # recipe gptq-int4-g32-xnnpack before this study
-FACTORS = (  # (variant, what it tests, GPTQ options changed against BASE)
-    ("gptq damp 0.1", "Hessian damping", "damp=0.1"),
-    ("gptq clip", "scales by Hessian-weighted clip search", "clip=true"),
-    ("gptq T 0.8", "temperature", "temperature=0.8"),
-    ("gptq first bos", "first token", "first=bos"),
-    ("gptq 64x64", "diversity (same tokens)", "n_seqs=64,seq_len=64"),
-    ("gptq 64x256", "number of tokens (4x)", "n_seqs=64,seq_len=256"),
-    ("gptq no act-order", "act-order (off)", "act_order=false"),  # quant.md: off is 7 points worse
+# The clip search became quant.gptq's default (20022e5) while this study ran, so both baselines are
+# spelled out: BASE0 is the recipe before the study, BASE the default since (BASE0 + clip=true).
+BASE0 = f"{OLD},act_order=true,clip=false"
+BASE = f"{OLD},act_order=true,clip=true"
+FACTORS = (  # (variant, what it tests, GPTQ options changed, the row it changes them against)
+    ("gptq damp 0.1", "Hessian damping", "damp=0.1", "gptq act-order"),
+    ("gptq clip", "scales by Hessian-weighted clip search", "clip=true", "gptq act-order"),
+    ("gptq T 0.8", "temperature", "temperature=0.8", "gptq clip"),
+    ("gptq first bos", "first token", "first=bos", "gptq clip"),
+    ("gptq 64x64", "diversity (same tokens)", "n_seqs=64,seq_len=64", "gptq clip"),
+    ("gptq 64x256", "number of tokens (4x)", "n_seqs=64,seq_len=256", "gptq clip"),
+    ("gptq no act-order", "act-order (off)", "act_order=false", "gptq clip"),  # quant.md: off is 7 points worse
 )
+BASES = {"gptq act-order": BASE0, "gptq clip": BASE}
 
 
 def _opts(spec: str, quick: bool = False) -> dict[str, str]:
@@ -77,20 +82,20 @@ WIN = 0.5  # points of mean Δppl a factor must gain to join "combined" (less is
 
 
 def combined(rows: list[dict]) -> tuple[str, list[str]]:
-    """BASE with every single factor whose measured row beat BASE's ("gptq act-order") by WIN, the
-    better one first where two set the same option; and the names of those factors."""
+    """BASE with every single factor whose measured row beat the row it changes (its baseline) by
+    WIN, the better one first where two set the same option; and the names of those factors."""
     base = next((r["perplexity"] for r in rows if r.get("variant") == "fp32" and "perplexity" in r), None)
     score = {r["variant"]: _mean(_deltas(r, base)) for r in rows if base and _deltas(r, base)}
-    ref = score.get("gptq act-order")
-    won = sorted((score[n], n, o) for n, _, o in FACTORS if ref is not None and score.get(n, ref) < ref - WIN)
+    won = sorted((score[n], n, o) for n, _, o, against in FACTORS
+                 if n in score and against in score and score[n] < score[against] - WIN)
     d, used = _opts(BASE), []
     set_keys: set[str] = set()
     for _, name, o in won:
-        if not set_keys & _opts(o).keys():
+        if not set_keys & _opts(o).keys() and name != "gptq clip":  # BASE holds the clip search
             d.update(_opts(o))
             set_keys |= _opts(o).keys()
             used.append(name)
-    return _spec(d), used
+    return _spec(d), ["gptq clip"] + used
 
 
 def variants(calib: str, quick: bool, rows: list[dict] | None = None) -> list[tuple[str, str, str, list[str]]]:
@@ -104,10 +109,11 @@ def variants(calib: str, quick: bool, rows: list[dict] | None = None) -> list[tu
     best_spec, used = combined(rows or [])
     best = q(best_spec)
     what = "combination: " + (" + ".join(used) if used else "no factor has beaten the baseline yet")
-    factor = {n: (n, "data-free", t, [f"{g},{_spec({**_opts(base), **_opts(o, quick)})}"]) for n, t, o in FACTORS}
+    factor = {n: (n, "data-free", t, [f"{g},{_spec({**_opts(q(BASES[against])), **_opts(o, quick)})}"])
+              for n, t, o, against in FACTORS}
     return [
         ("fp32", "-", "reference", []),
-        ("gptq act-order", "data-free", "baseline (recipe before)", [f"{g},{base}"]),
+        ("gptq act-order", "data-free", "baseline (recipe before)", [f"{g},{q(BASE0)}"]),
         factor["gptq clip"], factor["gptq damp 0.1"],  # the same samples as the baseline: no new sampling
         ("awq", "data-free", "reference (recipes' method before)", [f"quant.awq:{Q},{old}"]),
         ("gptq combined", "data-free", what, [f"{g},{best}"]),
@@ -200,19 +206,20 @@ def best_of(rows: list[dict], base: dict | None, kinds: tuple[str, ...], full_en
 
 
 def factor_table(rows: list[dict], base: dict | None) -> list[str]:
-    """Each single factor's effect: its mean Δppl minus the baseline's, in points."""
+    """Each single factor's effect: its mean Δppl minus its own baseline row's, in points."""
     score = {r["variant"]: _mean(_deltas(r, base)) for r in rows if _deltas(r, base)}
-    ref = score.get("gptq act-order")
-    if ref is None:
+    if "gptq act-order" not in score:
         return []
-    out = ["", f"Single factors against the baseline (gptq act-order, {ref:+.1f} %); negative is better:", "",
-           "| factor | option | mean Δ | vs baseline (points) |", "|---|---|---|---|"]
-    for name, what, opt in FACTORS:
+    out = ["", "Single factors, each against the row it changes (gptq act-order: the recipe before this study; "
+           "gptq clip: the default since); negative is better:", "",
+           "| factor | option | against | mean Δ | vs that row (points) |", "|---|---|---|---|---|"]
+    for name, what, opt, against in FACTORS:
+        if name in score and against in score:
+            out.append(f"| {what} | `{opt}` | {against} | {score[name]:+.1f} % | {score[name] - score[against]:+.1f} |")
+    ref = score["gptq act-order"]
+    for name in ("awq", "gptq combined", "awq-scales+gptq clip", "awq-scales+gptq combined"):
         if name in score:
-            out.append(f"| {what} | `{opt}` | {score[name]:+.1f} % | {score[name] - ref:+.1f} |")
-    for name in ("awq", "gptq combined", "awq-scales+gptq combined"):
-        if name in score:
-            out.append(f"| ({name}) | | {score[name]:+.1f} % | {score[name] - ref:+.1f} |")
+            out.append(f"| ({name}) | | gptq act-order | {score[name]:+.1f} % | {score[name] - ref:+.1f} |")
     return out
 
 
@@ -224,6 +231,8 @@ def markdown(data: dict) -> str:
              f"Evaluation: {meta['evaluation']} (texts no calibration saw).", ""]
     if meta.get("reduced"):
         lines += [f"**Reduced configuration:** {meta['reduced']}", ""]
+    if meta.get("correction"):
+        lines += [f"**Correction:** {meta['correction']}", ""]
     head = " | ".join(f"ppl {t.removeprefix('austen_').removesuffix('.txt')} | Δ" for t in texts)
     lines += [f"| variant | calibration | tests | {head} | mean Δ | weights MiB | pass s |",
               "|---|---|---|" + "---|---|" * len(texts) + "---|---|---|"]

@@ -48,11 +48,11 @@ def marked(ir) -> list:
 
 @pytest.fixture(scope="module")
 def quantized(tiny_llama_dir):
-    """recipe -> its quantized tiny IR (AWQ with a short data-free calibration)."""
+    """recipe -> its quantized tiny IR (AWQ and GPTQ with a short data-free calibration)."""
     out = {}
     for recipe in ("int8da-int4w-g32", "int8da-int4w-g32-rtn"):
         passes = recipe_passes(recipe, "executorch", "xnnpack")
-        passes = [p + ",n_seqs=2,seq_len=64" if p.startswith("quant.awq") else p for p in passes]
+        passes = [p + ",n_seqs=2,seq_len=64" if p.startswith(("quant.awq", "quant.gptq")) else p for p in passes]
         ir, log = api.run_passes(api.load(str(tiny_llama_dir), max_seq_len=48), passes)
         out[recipe] = ir, log
     return out
@@ -118,7 +118,7 @@ def test_litert_runs_every_act8_linear_as_a_dynamically_quantized_gemm(tiny_llam
     """LiteRT: each act8 linear is a hybrid FULLY_CONNECTED (float input, int4 filter,
     asymmetric per-row input quantization), none a float GEMM over dequantized weights."""
     passes = recipe_passes(recipe, "tflite", "cpu")
-    passes = [p + ",n_seqs=2,seq_len=64" if p.startswith("quant.awq") else p for p in passes]
+    passes = [p + ",n_seqs=2,seq_len=64" if p.startswith(("quant.awq", "quant.gptq")) else p for p in passes]
     out, _ = api.compile_model(str(tiny_llama_dir), "tflite", None, tmp_path / "a", max_seq_len=48, passes=passes)
     fcs = fully_connected_inputs(next(out.glob("*.tflite")))
     assert fcs == [("FLOAT32", "INT4", True)] * 15
