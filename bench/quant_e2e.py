@@ -35,6 +35,10 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--max-seq-len", type=int, default=640)
     ap.add_argument("--calib", default=None, help="calibration text for the recipe (default: data-free)")
+    ap.add_argument("--artifact", action="append", default=[], metavar="TARGET=DIR",
+                    help="evaluate this already compiled artifact folder for TARGET instead of compiling one")
+    ap.add_argument("--no-ir", action="store_true",
+                    help="skip the reference executor's row (it reruns the passes: calibration again)")
     ap.add_argument("--append", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny random Llama, short texts")
     a = ap.parse_args()
@@ -49,32 +53,38 @@ def main() -> None:
         rows = [r for r in json.loads((RESULTS / f"{stem}.json").read_text())["rows"] if r["target"] not in a.targets]
     evals = dict(texts=(a.eval_text,), window=a.window, stride=a.window, max_tokens=a.eval_tokens)
     busy = set(busy_processes())
+    given = dict(x.split("=", 1) for x in a.artifact)
     for target in a.targets:
         t0 = time.perf_counter()
-        folder, _ = api.compile(api.CompileOptions(str(model), target=target, out=work / target, recipe=a.recipe,
-                                                   max_seq_len=a.max_seq_len,
-                                                   calib=(a.calib,) if a.calib else ()))
-        compile_s = round(time.perf_counter() - t0, 1)
+        if target in given:
+            folder, compile_s = Path(given[target]), None
+        else:
+            folder, _ = api.compile(api.CompileOptions(str(model), target=target, out=work / target, recipe=a.recipe,
+                                                       max_seq_len=a.max_seq_len,
+                                                       calib=(a.calib,) if a.calib else ()))
+            compile_s = round(time.perf_counter() - t0, 1)
         manifest = api.read_manifest(folder)
+        if manifest.get("recipe") != a.recipe:
+            raise SystemExit(f"{folder} was compiled with recipe {manifest.get('recipe')!r}, not {a.recipe!r}")
         passes = tuple(f"{p['name']}:" + ",".join(f"{k}={v}" for k, v in p["options"].items() if v != "")
                        for p in manifest["pipeline"])
         t0 = time.perf_counter()
         art = api.evaluate(str(folder), api.EvalOptions(**evals))
         art_s = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
-        ir = api.evaluate(str(model), api.EvalOptions(**evals, passes=passes,
-                                                      calib=(a.calib,) if a.calib else ()))
+        ir = None if a.no_ir else api.evaluate(str(model), api.EvalOptions(**evals, passes=passes,
+                                                                           calib=(a.calib,) if a.calib else ()))
         ir_s = round(time.perf_counter() - t0, 1)
         busy |= set(busy_processes())
         rows.append({"target": target, "format": manifest["format"], "recipe": a.recipe, "passes": list(passes),
                      "artifact_mib": round(dir_bytes(folder) / 2**20, 1), "compile_s": compile_s,
-                     "artifact": {**art.to_dict(), "seconds": art_s}, "ir": {**ir.to_dict(), "seconds": ir_s}})
-    data = {"machine": machine(), "model": "tiny random Llama (--quick)" if a.quick else
-            "SmolLM2-135M-Instruct" if a.model == "default" else str(a.model),
-            "eval_text": Path(a.eval_text).name, "eval_tokens": a.eval_tokens, "window": a.window,
-            "max_seq_len": a.max_seq_len, "calib": Path(a.calib).name if a.calib else "data-free",
-            "rows": rows, "others_seen": sorted(busy)}
-    write_results(stem, data)
+                     "artifact": {**art.to_dict(), "seconds": art_s}, "ir": None if ir is None else {**ir.to_dict(), "seconds": ir_s}})
+        data = {"machine": machine(), "model": "tiny random Llama (--quick)" if a.quick else
+                "SmolLM2-135M-Instruct" if a.model == "default" else str(a.model),
+                "eval_text": Path(a.eval_text).name, "eval_tokens": a.eval_tokens, "window": a.window,
+                "max_seq_len": manifest["kv_cache_spec"]["max_len"], "calib": Path(a.calib).name if a.calib else "data-free",
+                "rows": rows, "others_seen": sorted(busy)}
+        write_results(stem, data, echo=target == a.targets[-1])  # after every target: a stopped run keeps its rows
 
 
 def _d(r: dict) -> float:
@@ -92,6 +102,8 @@ def markdown(data: dict) -> str:
              "| compile s | eval s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
         for who, e in ((f"the .{r['format']} in its runtime", r["artifact"]), ("reference executor, same passes", r["ir"])):
+            if e is None:  # --no-ir
+                continue
             lines.append(f"| {r['recipe']} | {r['target']} | {who} | {e['perplexity']:.2f} | "
                          f"{e['reference_perplexity']:.2f} | {_d(e):+.1f} % | {e['kl_divergence']:.4f} | "
                          f"{e['top1_agreement']:.1%} | {r['artifact_mib'] if 'runtime' in who else '-'} | "
