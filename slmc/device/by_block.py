@@ -88,11 +88,11 @@ def by_block_on(folder: Path, manifest: dict, model: Model, ids: list[int], spec
     t0 = time.time()
     folder = Path(folder)
     target = target_of(manifest)
-    device = get_device(spec)
     if target.name != "executorch" or manifest.get("format") != "pte":
         raise SlmcError(f"validate --by-block --on runs ExecuTorch .pte artifacts only (this is {target.name}, "
                         f"{manifest.get('format')}): LiteRT's and the other targets' debug variants have no device "
                         "script yet; `slmc validate --by-block` without --on judges them on this host", str(folder))
+    device = get_device(spec)
     why = device.refusal("executorch")
     if why:
         raise SlmcError(f"executorch cannot run on {device.name}: {why}", str(folder))
