@@ -290,7 +290,8 @@ def _print_isolated(r, by_block: bool = False) -> None:
         out.print(f"[yellow]note:[/] {escape(n)}", soft_wrap=True)
     e = r.end_to_end
     if e is not None:
-        out.print(f"end-to-end verdict (recorded, {escape(str(e.get('flow')))}): {e.get('verdict')}"
+        out.print(f"end-to-end verdict (recorded; {escape(str(e.get('flow')))}, ran in {escape(str(e.get('runtime')))}): "
+                  f"{e.get('verdict')}"
                   + (f": {escape('; '.join(e.get('reasons') or []))}" if e.get("reasons") else ""), soft_wrap=True)
     elif by_block:
         out.print("end-to-end verdict: none recorded in the manifest (run `slmc validate` without --by-block)")

@@ -61,6 +61,7 @@ import torch
 
 from ..compiler import reference
 from ..compiler.ir import Model
+from ..errors import SlmcError
 from ..targets.bounds import NUDGE, weight_kind
 
 ISO_FLOAT32, ISO_FLOAT16, ISO_ACT8 = 1e-4, 2e-2, 1e-2
@@ -142,8 +143,8 @@ def judge(model: Model, ids: list[int], states: torch.Tensor, logits: torch.Tens
     L = model.n_layers
     states, logits = torch.as_tensor(states).float(), torch.as_tensor(logits).float()
     if states.shape[0] != L + 2 or states.shape[1] != len(ids) or logits.shape[0] != len(ids):
-        raise ValueError(f"the artifact's states {list(states.shape)} / logits {list(logits.shape)} do not fit "
-                         f"{L} blocks and {len(ids)} prompt tokens")
+        raise SlmcError(f"the artifact's states {list(states.shape)} / logits {list(logits.shape)} do not fit "
+                         f"{L} blocks and {len(ids)} prompt tokens", artifact or "isolated check")
     outs = list(states) + [logits]  # stage i's artifact output
     rows, first, fails, unsure = [], None, [], []
     for i, (name, src, f, skip) in enumerate(_stages(model, ids)):
