@@ -6,7 +6,7 @@
                                           #   row merged into results/device.json (the tiny rows kept);
                                           #   hold /work/coord/heavy.lock or its equivalent
     python bench/device.py --by-block     # the block-isolated check (`validate --by-block`) of the tiny
-                                          #   ExecuTorch flows on the host and inside the emulator; with
+                                          #   ExecuTorch and LiteRT flows, host and emulator; with
                                           #   --smollm2 SmolLM2's instead (--artifact OUT: an existing
                                           #   compile of it); rows merged into results/device.json
     python bench/device.py --render       # results/device.md again from results/device.json
@@ -43,7 +43,8 @@ TINY = [("executorch", "xnnpack", None), ("executorch", "xnnpack", "int8da-int4w
         ("executorch", "xnnpack", "int8da-int4w-g32"), ("tflite", "cpu", None),
         ("tflite", "cpu", "int8da-int4w-g32-rtn"), ("tflite", "cpu", "int8da-int4w-g32")]
 SMOLLM2 = ("executorch", "xnnpack", "int8da-int4w-g32")
-TINY_BY_BLOCK = [("executorch", "xnnpack", None), ("executorch", "xnnpack", "int8da-int4w-g32")]
+TINY_BY_BLOCK = [("executorch", "xnnpack", None), ("executorch", "xnnpack", "int8da-int4w-g32"),
+                 ("tflite", "cpu", None), ("tflite", "cpu", "int8da-int4w-g32")]
 
 
 def bound_text(tol: dict) -> str:

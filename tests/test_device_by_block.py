@@ -1,8 +1,8 @@
 """`slmc validate --by-block --on qemu-arm64`: the block-isolated check (runtime_tests/isolated.py)
 with the artifact's debug program run inside the arm64 emulator (device/by_block.py), judged on
-the host by the same function as host `--by-block`. Tiny ExecuTorch artifacts, float and 8da4w,
-PASS, with the host-vs-emulator difference of the states reported; a KV write shifted in the
-lowering (artifact and debug program alike) FAILs at block 0 on the device too.
+the host by the same function as host `--by-block`. Tiny ExecuTorch and LiteRT artifacts, float
+and 8da4w, PASS, with the host-vs-emulator difference of the states reported; a KV write shifted
+in the lowering (artifact and debug program alike) FAILs at block 0 on the device too.
 
 Marker `emulator`: needs `slmc device setup qemu-arm64` (cached; `make emulator`); without it
 these fail with setup's one-line reason, never skipped."""
@@ -30,13 +30,16 @@ def _show(r) -> None:
 
 
 @pytest.mark.emulator
-@pytest.mark.parametrize("recipe,bound", [(None, isolated.ISO_FLOAT32), ("int8da-int4w-g32", isolated.ISO_ACT8)])
-def test_by_block_on_emulator_passes(recipe, bound, emulator, tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("target,recipe,bound", [
+    ("executorch", None, isolated.ISO_FLOAT32), ("executorch", "int8da-int4w-g32", isolated.ISO_ACT8),
+    ("tflite", None, isolated.ISO_FLOAT32), ("tflite", "int8da-int4w-g32", isolated.ISO_ACT8)])
+def test_by_block_on_emulator_passes(target, recipe, bound, emulator, tiny_llama_dir, tmp_path):
     out = tmp_path / "a"
-    api.compile_model(str(tiny_llama_dir), "executorch", "xnnpack", out, max_seq_len=48, recipe=recipe)
+    api.compile_model(str(tiny_llama_dir), target, None, out, max_seq_len=48, recipe=recipe)
     r = api.validate_by_block(out, api.ValidateOptions(on=ON))
     _show(r)
-    assert r.runtime.startswith(f"executorch on {ON}") and r.bound == bound
+    runtime = {"executorch": "executorch", "tflite": "ai_edge_litert"}[target]
+    assert r.runtime.startswith(f"{runtime} on {ON}") and r.bound == bound
     assert r.artifact_check["matches"] and "both on qemu-arm64" in r.artifact_check["what"], r.to_json()
     assert r.verdict == "PASS" and r.passed, r.to_json()
     hv = r.host_vs_device
@@ -57,10 +60,10 @@ def test_by_block_on_emulator_fails_a_shifted_kv_write(emulator, tiny_llama_dir,
 
 
 def test_by_block_on_refuses_other_targets(tiny_llama_dir, tmp_path):
-    """LiteRT's debug variant has no device script: one line, before any device is touched."""
+    """ONNX's debug variant has no device script: one line, before any device is touched."""
     from slmc.errors import SlmcError
 
-    out = tmp_path / "tfl"
-    api.compile_model(str(tiny_llama_dir), "tflite", "cpu", out, max_seq_len=16)
-    with pytest.raises(SlmcError, match="ExecuTorch .pte artifacts only"):
+    out = tmp_path / "onnx"
+    api.compile_model(str(tiny_llama_dir), "onnx", None, out, max_seq_len=16)
+    with pytest.raises(SlmcError, match="LiteRT .tflite artifacts only"):
         api.validate_by_block(out, api.ValidateOptions(on=ON))
