@@ -199,6 +199,9 @@ def validate(artifact, steps, prompt, reference, on, positions, long_, text, by_
     from . import api
 
     if by_block:
+        if text or long_ or html:
+            raise SlmcError("--by-block judges blocks on the prompt (--prompt); --text, --long and --report are "
+                            "end-to-end validation's", "--by-block")
         r = api.validate_by_block(artifact, api.ValidateOptions(prompt=prompt, reference=reference, on=on))
         click.echo(r.to_json()) if as_json else _print_isolated(r, by_block=True)
         api.require_block_pass(r)
