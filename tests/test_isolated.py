@@ -24,9 +24,9 @@ import json
 import pytest
 from test_broken_artifacts import scale_one_layer, shifted_kv_writes
 
-import slmc.compiler.lowering.layers as layers
 from slmc import api
 from slmc.compiler.families import load_all
+from slmc.compiler.lowering import layers
 from slmc.runtime_tests import isolated
 from slmc.targets import target_of
 
