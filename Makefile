@@ -41,7 +41,7 @@ emulator: setup
 	$(BIN)/slmc device setup qemu-arm64
 
 test-emulator: emulator
-	$(BIN)/python -m pytest -q -m "emulator and not slow" tests/test_device.py
+	$(BIN)/python -m pytest -q -m "emulator and not slow" tests/test_device.py tests/test_device_by_block.py
 
 bench: setup
 	$(BIN)/python bench/compile.py

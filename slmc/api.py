@@ -7,6 +7,8 @@ Jobs (the CLI's commands), each taking a frozen options object:
     inspect(model, InspectOptions(...)) -> IR text;  run(folder, RunOptions(prompt=...)) -> stats
     catalog() -> what `slmc list` prints;  default_model() -> the built-in model's folder
     diff(a, b, DiffOptions(...)) -> per-block comparison;  write_report(path, ...) -> HTML report
+    diff_isolated(a), validate_by_block(folder, ValidateOptions(on=...)) -> every block judged on the
+        artifact's own input to it;  require_block_pass(report)
     build(BuildOptions(config="slmc.toml")) -> what `slmc build` did per artifact
 The manifest each artifact carries is `slmc.manifest.Manifest` (schema: manifest.schema.json).
 The implementation lives in slmc/_api/; this module only names what is public.
@@ -19,6 +21,7 @@ from pathlib import Path
 from ._api.build import build
 from ._api.compile import compile, compile_ir, quant_summary
 from ._api.diff import DiffOptions, diff
+from ._api.isolated import diff_isolated, require_block_pass, validate_by_block
 from ._api.report import write_report
 from ._api.devices import device_setup
 from ._api.estimate import EstimateOptions, estimate
@@ -41,6 +44,7 @@ __all__ = [
     "evaluate_tokens", "inspect", "run", "catalog", "default_model", "DEFAULT_MODEL", "load",
     "resolve_model_path", "tokenizer_dir", "reference_model", "read_manifest", "parse_passes", "pass_registry",
     "run_passes", "quant_summary", "diff", "DiffOptions", "write_report", "device_setup",
+    "diff_isolated", "validate_by_block", "require_block_pass",
     "EstimateOptions", "estimate", "estimate_devices", "estimate_fit", "estimate_leave_one_out", "estimate_points",
     "ESTIMATE_FLOWS", "ESTIMATE_FORMS", "ESTIMATE_FIGURES",
     # for benchmarks and scripts that build or measure IR themselves

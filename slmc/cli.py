@@ -187,14 +187,25 @@ def _print_report(report, as_json: bool) -> None:
 @click.option("--long", "long_", is_flag=True, help="Windows as long as the KV cache: past every window and ring wrap.")
 @click.option("--text", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="UTF-8 text to teacher-force (default: text the reference samples, fixed seed).")
+@click.option("--by-block", "by_block", is_flag=True,
+              help="The block-isolated check instead: every block fed the artifact's own input to it (with --on: "
+                   "its debug program run inside the device); the recorded end-to-end verdict is shown beside it.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--report", "html", type=click.Path(path_type=Path), default=None, help="Also write an HTML report.")
 @friendly
-def validate(artifact, steps, prompt, reference, on, positions, long_, text, as_json, html):
+def validate(artifact, steps, prompt, reference, on, positions, long_, text, by_block, as_json, html):
     """Run ARTIFACT in its runtime and compare it with the reference executor.
     Exit 0: PASS, 1: FAIL, 3: INCONCLUSIVE (see the README's acceptance rules)."""
     from . import api
 
+    if by_block:
+        if text or long_ or html:
+            raise SlmcError("--by-block judges blocks on the prompt (--prompt); --text, --long and --report are "
+                            "end-to-end validation's", "--by-block")
+        r = api.validate_by_block(artifact, api.ValidateOptions(prompt=prompt, reference=reference, on=on))
+        click.echo(r.to_json()) if as_json else _print_isolated(r, by_block=True)
+        api.require_block_pass(r)
+        return
     report = api.validate(artifact, api.ValidateOptions(steps=steps, prompt=prompt, reference=reference, on=on,
                                                         positions=positions, long=long_, text=text))
     if html:
@@ -231,14 +242,23 @@ def device_setup(name):
               help="A is a model: quantize with these passes and compare float vs quantized IR.")
 @click.option("--recipe", default=None, help="A is a model: quantize with this recipe's passes.")
 @click.option("--max-seq-len", type=int, default=None, help="A is a model: its KV-cache length.")
+@click.option("--isolated", is_flag=True, help="A artifact, B omitted: judge every block on the artifact's own "
+                                               "input to it (errors do not compound; a tighter bound).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--report", "html", type=click.Path(path_type=Path), default=None, help="Also write an HTML report.")
 @friendly
-def diff(a, b, prompt, passes, recipe, max_seq_len, as_json, html):
+def diff(a, b, prompt, passes, recipe, max_seq_len, isolated, as_json, html):
     """Compare hidden states block by block: artifact A vs its reference IR (B omitted or
     `reference`), vs artifact B, or vs model B; or model A's float vs quantized IR (--pass/--recipe)."""
     from . import api
 
+    if isolated:
+        if b is not None and b != "reference" or passes or recipe or html:
+            raise SlmcError("--isolated compares artifact A with its own reference IR (no B, --pass, --recipe, "
+                            "--report)", "--isolated")
+        r = api.diff_isolated(a, api.DiffOptions(prompt=prompt))
+        click.echo(r.to_json()) if as_json else _print_isolated(r)
+        sys.exit({"PASS": 0, "INCONCLUSIVE": 3}.get(r.verdict, 1))
     r = api.diff(a, b, api.DiffOptions(prompt=prompt, passes=tuple(passes), recipe=recipe, max_seq_len=max_seq_len))
     if html:
         api.write_report(html, artifact=a if r.mode != "float-vs-quantized" else None, diffs=[r])
@@ -250,6 +270,38 @@ def diff(a, b, prompt, passes, recipe, max_seq_len, as_json, html):
         sys.exit(3)
     if not r.passed:
         sys.exit(1)
+
+
+def _print_isolated(r, by_block: bool = False) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{r.artifact}: block-isolated check ({r.runtime}, {r.prompt_tokens} prompt tokens)")
+    for col in ("stage", "isolated rel", "max |Δ|", "cosine", "noise floor", f"rel ≤ {r.bound:.3g}"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for s in r.stages:
+        t.add_row(s["stage"], f"{s['rel']:.3g}", f"{s['max_abs']:.3g}", f"{s['cosine']:.6f}", f"{s['floor']:.3g}",
+                  "yes" if s["within"] else "[red]no[/]")
+    out = Console()
+    out.print(t)
+    out.print(f"{escape(r.how)}; rel: a block's ‖Δ out‖ / ‖reference update‖, else ‖Δ‖ / ‖reference‖", soft_wrap=True)
+    c = r.artifact_check
+    if c:
+        out.print(f"debug variant vs the artifact's own last logits: rel RMS {c['rel_rms']:.3g} "
+                  f"(≤ {c['bound']:.3g}: {'matches' if c['matches'] else 'DIFFERS'})")
+    out.print(f"bound: {escape(r.bound_why)}", soft_wrap=True)
+    for n in r.notes:
+        out.print(f"[yellow]note:[/] {escape(n)}", soft_wrap=True)
+    e = r.end_to_end
+    if e is not None:
+        out.print(f"end-to-end verdict (recorded; {escape(str(e.get('flow')))}, ran in {escape(str(e.get('runtime')))}): "
+                  f"{e.get('verdict')}"
+                  + (f": {escape('; '.join(e.get('reasons') or []))}" if e.get("reasons") else ""), soft_wrap=True)
+    elif by_block:
+        out.print("end-to-end verdict: none recorded in the manifest (run `slmc validate` without --by-block)")
+    colour = {"PASS": "green", "FAIL": "red"}.get(r.verdict, "yellow")
+    where = f"first stage past the bound: {r.first_past}" if r.first_past else "every stage within the bound"
+    out.print(f"{escape(r.what)}", soft_wrap=True)
+    out.print(f"block-isolated verdict: [{colour}]{r.verdict}[/] ({where})")
 
 
 def _print_diff(r) -> None:

@@ -25,7 +25,9 @@ from .moe import FORMAT, has_offload_plan
 from .program import ExecuTorchSpec, to_pte
 
 
-def hidden_states(model: Model, manifest: dict, ids: list[int]) -> Intermediates:
+def debug_program(model: Model, manifest: dict, ids: list[int]) -> tuple[bytes, str]:
+    """The debug .pte's bytes (static T = len(ids); outputs: logits of every row, then the hidden
+    states) and how it was made. `slmc validate --by-block --on` runs these bytes on a device."""
     if manifest.get("format") == FORMAT or has_offload_plan(model):
         raise UnsupportedError("slmc diff has no debug program for expert-offload .pte artifacts", "executorch")
     spec = ExecuTorchSpec(**manifest.get("spec", {"backend": manifest.get("backend", "xnnpack")}))
@@ -38,7 +40,12 @@ def hidden_states(model: Model, manifest: dict, ids: list[int]) -> Intermediates
     with torch.no_grad():
         ep = torch.export.export(Tapped(lm, lm).eval(), args, strict=False)  # static T = len(ids)
     data, _ = to_pte(ep, spec)
-    del ep, lm
+    return data, f"debug .pte ({spec.backend}) with the hidden states as an extra output"
+
+
+def hidden_states(model: Model, manifest: dict, ids: list[int]) -> Intermediates:
+    data, how = debug_program(model, manifest, ids)
+    args = (torch.tensor([ids], dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
     import executorch.kernels.quantized  # noqa: F401  registers quantized kernels
     from executorch.runtime import Runtime
 
@@ -48,5 +55,4 @@ def hidden_states(model: Model, manifest: dict, ids: list[int]) -> Intermediates
         out = Runtime.get().load_program(str(path)).load_method("forward").execute(list(args))
     logits, states = out[0], out[-1]
     return Intermediates(states=states.float().clone(), logits=logits.reshape(len(ids), -1).float().clone(),
-                         runtime="executorch",
-                         how=f"debug .pte ({spec.backend}) with the hidden states as an extra output")
+                         runtime="executorch", how=how)

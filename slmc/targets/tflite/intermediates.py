@@ -35,9 +35,14 @@ class _Debug(nn.Module):
         return {"logits": out[0]}
 
 
-def hidden_states(model: Model, ids: list[int], lm: LoweredLM, names: list[str], converting) -> Intermediates:
-    """lm: the target's LoweredLM (its components, kv="io", full logits); names: its cache names
-    in forward's order; converting(): the context the target converts in (target.py)."""
+HOW = "debug .tflite (one signature over the prompt) with the hidden states as an extra output"
+
+
+def debug_model(model: Model, ids: list[int], lm: LoweredLM, names: list[str], converting) -> bytes:
+    """The debug .tflite's bytes (signature `debug`, static T = len(ids), slmc's codes stored).
+    lm: the target's LoweredLM (its components, kv="io", full logits); names: its cache names
+    in forward's order; converting(): the context the target converts in (target.py).
+    `slmc validate --by-block --on` runs these bytes on a device."""
     import litert_torch
 
     T = len(ids)
@@ -49,6 +54,12 @@ def hidden_states(model: Model, ids: list[int], lm: LoweredLM, names: list[str],
         data = bytes(litert_torch.signature("debug", module, sample_kwargs=sample).convert().model_content())
     del lm, module
     data, _ = store_codes(data, model)
+    return data
+
+
+def hidden_states(model: Model, ids: list[int], lm: LoweredLM, names: list[str], converting) -> Intermediates:
+    data = debug_model(model, ids, lm, names, converting)
+    T = len(ids)
     try:
         runner = _interpreter_class()(model_content=data).get_signature_runner("debug")
     except Exception as e:  # the interpreter raises bare ValueErrors/RuntimeErrors
@@ -58,5 +69,4 @@ def hidden_states(model: Model, ids: list[int], lm: LoweredLM, names: list[str],
     out = runner(tokens=np.array([ids], dtype=np.int32), input_pos=np.arange(T, dtype=np.int32), **caches)
     logits = torch.from_numpy(np.array(out["logits"])).reshape(T, -1).float()
     states = torch.from_numpy(np.array(out["hidden_states"])).float()
-    return Intermediates(states=states, logits=logits, runtime="ai_edge_litert",
-                         how="debug .tflite (one signature over the prompt) with the hidden states as an extra output")
+    return Intermediates(states=states, logits=logits, runtime="ai_edge_litert", how=HOW)

@@ -340,9 +340,20 @@ class TFLiteTarget(Target):
     def hidden_states(self, model, manifest, ids):
         from .intermediates import hidden_states
 
-        lm = LoweredLM(model, LoweringSpec(kv="io", positions="start", full_logits=True, dequantize=True,
-                                           padded=model.kv.window is not None, components=COMPONENTS)).eval()
+        lm = self._debug_lm(model)
         return hidden_states(model, ids, lm, cache_names(lm, model.n_layers), _converting)
+
+    def debug_program(self, model, manifest, ids) -> tuple[bytes, str]:
+        """hidden_states' debug .tflite as bytes (run on a device by validate --by-block --on)."""
+        from .intermediates import HOW, debug_model
+
+        lm = self._debug_lm(model)
+        return debug_model(model, ids, lm, cache_names(lm, model.n_layers), _converting), HOW
+
+    @staticmethod
+    def _debug_lm(model):
+        return LoweredLM(model, LoweringSpec(kv="io", positions="start", full_logits=True, dequantize=True,
+                                             padded=model.kv.window is not None, components=COMPONENTS)).eval()
 
     def quant_rules(self, spec):
         return LITERT
