@@ -124,7 +124,7 @@ def main(a) -> None:
             (["--recipe", a.recipe] if a.recipe else []) + (["--slmc-root", a.slmc_root] if a.slmc_root else [])
         floor = spawn(__file__, ["--worker", "floor", *common], work / f"{t}-floor.json", errors="record")
         if a.cli:
-            r = cli_compile(a, model_dir if a.model != "default" else "default", t, work / t)
+            r = cli_compile(a, "default" if a.model == "default" and not a.quick else model_dir, t, work / t)
         else:
             r = spawn(__file__, ["--worker", "compile", *common, "--out", str(work / t)] +
                       (["--profile"] if a.profile else []), work / f"{t}.json", errors="record")

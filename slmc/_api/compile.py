@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import logging
 import platform
@@ -15,7 +16,7 @@ from ..compiler.ir import Model, QuantWeight, named_weights, param_count, weight
 from ..errors import SlmcError
 from ..manifest import Manifest
 from ..targets import get_target
-from ..targets.base import check_backend, check_output_path, check_supported, write_artifact
+from ..targets.base import check_backend, check_output_path, check_supported, page_out_weights, write_artifact
 from .models import DEFAULT_MODEL, load, parse_passes, resolve_model_path, run_passes, tokenizer_dir, with_calibration
 from .options import CompileOptions
 
@@ -108,7 +109,11 @@ def compile_ir(ir: Model, target: str, backend: str | None, out: str | Path, tok
 def _lower_and_write(ir, tgt, spec, out: Path, tok, step, logs, recipe, calib_files, extra=None):
     check_supported(tgt, ir, spec)
     t0 = time.time()
+    gc.collect()  # what the passes replaced (e.g. unfused projections) goes before lowering copies the rest
+    page_out_weights()  # the checkpoint pages the import and passes read (base.page_out_weights)
     art = tgt.lower(ir, spec, progress=step)
+    gc.collect()
+    page_out_weights()
     details = {**art.manifest, **(extra or {})}
     art.manifest = Manifest(
         format=details.pop("format"), artifact=details.pop("artifact"), target=tgt.name, backend=spec.backend,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..base import scratch_file
+from ..base import page_out_weights, scratch_file
 
 SPILL_MIN_BYTES = 1 << 20  # smaller blobs stay in RAM (one file per blob is not worth it)
 
@@ -73,6 +73,9 @@ class Spill:
         self.n += 1
         with open(path, "wb") as f:
             f.write(data)
+        # the checkpoint pages read to make this blob are let go as well, so the mapped
+        # checkpoint is not resident whole beside the copies made from it (base.page_out_weights)
+        page_out_weights()
         return FileBackedData(path, cleanup=True, sha256=hashlib.sha256(data).digest())
 
     def join(self, cord, name: str) -> Path:

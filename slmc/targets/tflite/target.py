@@ -40,7 +40,7 @@ from ...compiler.lowering import Components, LoweredLM, LoweringSpec, max_chunk
 from ...compiler.lowering.attention import RowCacheAttention
 from ...compiler.lowering.layers import LNorm, rope_slices
 from ...errors import SlmcError
-from ..base import Artifact, Target, TargetSpec, kv_refusal, ring_manifest, scratch_file
+from ..base import Artifact, Target, TargetSpec, kv_refusal, page_out_weights, ring_manifest, scratch_file
 from ..bounds import ACT8_STATISTICAL, FLOAT_EXACT
 from .rules import LITERT
 from .codes import store_codes
@@ -288,8 +288,10 @@ def convert(model: Model, prefill_len: int, step=lambda msg: None) -> tuple[byte
         # folds are folded by the LiteRT runtime afterwards, litert_torch's default for it);
         # the flatbuffer goes to a file, so the serializer's buffer and the bytes it would
         # return never coexist with the MLIR module and the torch weights.
-        conv.convert(lightweight_conversion=True).export(str(path))
-        del lm, prefill, decode, conv  # the exported programs and the MLIR module
+        edge = conv.convert(lightweight_conversion=True)
+        page_out_weights()  # the checkpoint pages read while converting (base.page_out_weights)
+        edge.export(str(path))
+        del edge, lm, prefill, decode, conv  # the exported programs and the MLIR module
     if not any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
         return path, {}
     step("litert: quantized codes into the flatbuffer")
