@@ -149,6 +149,7 @@ def cli_compile(a, model, target: str, out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": root, "COLUMNS": "240"}
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     phase, rows, high, t0, lines = ["startup+imports"], [], {}, [time.perf_counter()], []
+    file_at_high = {}  # RssFile (mapped files: the checkpoint, libraries) when the phase's high was sampled
 
     def sample():
         child = None
@@ -158,9 +159,10 @@ def cli_compile(a, model, target: str, out: Path) -> dict:
                     kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
                     child = kids[0] if kids else None
                 if child is not None:
-                    rss = next(int(ln.split()[1]) / 1024 for ln in Path(f"/proc/{child}/status").read_text()
-                               .splitlines() if ln.startswith("VmRSS:"))
-                    high[phase[0]] = max(high.get(phase[0], 0.0), rss)
+                    st = {ln.split(":")[0]: int(ln.split()[1]) / 1024 for ln in
+                          Path(f"/proc/{child}/status").read_text().splitlines() if ln.startswith(("VmRSS", "RssFile"))}
+                    if st["VmRSS"] > high.get(phase[0], 0.0):
+                        high[phase[0]], file_at_high[phase[0]] = st["VmRSS"], st.get("RssFile", 0.0)
             except (OSError, StopIteration):
                 pass
             time.sleep(0.05)
@@ -189,7 +191,8 @@ def cli_compile(a, model, target: str, out: Path) -> dict:
             "artifact_bytes": sum(manifest["files"].values()), "backend": manifest["backend"],
             "files": manifest["files"], "weight_mib": round(manifest["model"]["weight_bytes"] / 2**20, 1),
             "max_seq_len": manifest["kv_cache_spec"]["max_len"],
-            "phases": [{**r, "rss_high_mib": round(high.get(r["phase"], 0.0), 1)} for r in rows]}
+            "phases": [{**r, "rss_high_mib": round(high.get(r["phase"], 0.0), 1),
+                        "rss_file_at_high_mib": round(file_at_high.get(r["phase"], 0.0), 1)} for r in rows]}
 
 
 def layer_params(model_dir: Path) -> int:
@@ -272,10 +275,12 @@ def model_section(r: dict, model_dir: str, rows: list) -> list[str]:
         lines += ["", f"{x['target']}, {x.get('recipe') or 'fp32'}, {x.get('commit', '')}"
                   f"{', ' + x['how'] if x.get('how') else ''} phases (highest sampled RSS in the phase"
                   f"{'' if x.get('how') else '; RSS peak so far at its end'}):", "",
-                  "| phase | s | RSS high in phase (MiB) | peak so far (MiB) |", "|---|---:|---:|---:|"]
+                  "| phase | s | RSS high in phase (MiB) | peak so far (MiB) | of the high: mapped files (MiB) |",
+                  "|---|---:|---:|---:|---:|"]
         lines += [f"| {p['phase']} | {p['seconds']} | {p.get('rss_high_mib', 0):.0f} | "
-                  f"{p['peak_rss_mib_after']:.0f} |" if "peak_rss_mib_after" in p else
-                  f"| {p['phase']} | {p['seconds']} | {p.get('rss_high_mib', 0):.0f} | |" for p in x["phases"]]
+                  f"{p['peak_rss_mib_after']:.0f} | |" if "peak_rss_mib_after" in p else
+                  f"| {p['phase']} | {p['seconds']} | {p.get('rss_high_mib', 0):.0f} | | "
+                  f"{p.get('rss_file_at_high_mib', 0):.0f} |" for p in x["phases"]]
         if x.get("profile_top"):
             lines += ["", f"{x['target']}: cProfile, top entries by cumulative time:", "", "```"] + \
                 x["profile_top"] + ["```"]
