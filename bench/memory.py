@@ -163,7 +163,7 @@ def cli_compile(a, model, target: str, out: Path) -> dict:
                           Path(f"/proc/{child}/status").read_text().splitlines() if ln.startswith(("VmRSS", "RssFile"))}
                     if st["VmRSS"] > high.get(phase[0], 0.0):
                         high[phase[0]], file_at_high[phase[0]] = st["VmRSS"], st.get("RssFile", 0.0)
-            except (OSError, StopIteration):
+            except (OSError, KeyError, ValueError, IndexError):
                 pass
             time.sleep(0.05)
 
