@@ -108,6 +108,13 @@ def compile_ir(ir: Model, target: str, backend: str | None, out: str | Path, tok
 
 def _lower_and_write(ir, tgt, spec, out: Path, tok, step, logs, recipe, calib_files, extra=None):
     check_supported(tgt, ir, spec)
+    # The check bundle's reference run reads every weight: done now, while the import left them
+    # resident, rather than after lowering, where it would read them back in beside what the
+    # lowering leaves (bench/memory.py). Its bounds are set once the manifest names the flow.
+    step("reference outputs for the on-device check bundle")
+    from ..device.bundle import check_data
+
+    ref = check_data(ir, None, tok)
     t0 = time.time()
     gc.collect()  # what the passes replaced (e.g. unfused projections) goes before lowering copies the rest
     page_out_weights()  # the checkpoint pages the import and passes read (base.page_out_weights)
@@ -123,7 +130,7 @@ def _lower_and_write(ir, tgt, spec, out: Path, tok, step, logs, recipe, calib_fi
                    "info": l.info} for l in logs],
         versions=versions(), compile_seconds=round(time.time() - t0, 2), details=details)
     step("making the on-device check bundle")
-    art.files.update(check_bundle(ir, tgt, art, tok))
+    art.files.update(check_bundle(ir, tgt, art, ref))
     step("writing")
     path = write_artifact(art, out, tok)
     from ..manifest import read_manifest
@@ -131,13 +138,15 @@ def _lower_and_write(ir, tgt, spec, out: Path, tok, step, logs, recipe, calib_fi
     return path, read_manifest(path)
 
 
-def check_bundle(ir: Model, tgt, art, tok) -> dict[str, bytes]:
+def check_bundle(ir: Model, tgt, art, ref) -> dict[str, bytes]:
     """The artifact's `check/` folder (device/bundle.py): the reference's expected outputs for
-    a few steps, the flow's bounds and the target's own checker; the model files are unchanged."""
-    from ..device.bundle import check_data, check_files
+    a few steps (`ref`, device.bundle.check_data), the flow's bounds and the target's own
+    checker; the model files are unchanged."""
+    from ..device.bundle import bounds_for, check_files
 
     manifest = art.manifest.to_json()
-    return check_files(tgt, art, manifest, check_data(ir, tgt.tolerance(manifest), tok))
+    data = dataclasses.replace(ref, bounds=bounds_for(ir, tgt.tolerance(manifest), ref.prompt, ref.tokens))
+    return check_files(tgt, art, manifest, data)
 
 
 def fit_imported_codes(ir: Model, tgt, spec, logs: list, dump_ir, step) -> tuple[Model, list]:

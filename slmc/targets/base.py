@@ -90,6 +90,11 @@ def page_out_weights() -> None:
         if len(m) >= 6 and m[-1].endswith(WEIGHT_FILES):
             lo, hi = (int(x, 16) for x in m[0].split("-"))
             libc.madvise(lo, hi - lo, MADV_PAGEOUT)
+    # glibc keeps freed heap memory (the transient copies of weights a lowering makes) for
+    # reuse instead of returning it to the system; malloc_trim returns what is free
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def file_size(data: bytes | Path) -> int:
