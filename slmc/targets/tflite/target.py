@@ -260,11 +260,11 @@ def _dus_rows(cache, axis: int, start, rows):
 COMPONENTS = Components(norm=CompositeNorm, rope=rope_slices, attention=RowCacheAttention(write_rows=_dus_rows))
 
 
-def convert(model: Model, prefill_len: int, step=lambda msg: None) -> tuple[bytes | Path, dict]:
+def convert(model: Model, prefill_len: int, step=lambda msg: None) -> tuple[Path, dict]:
     """Both signatures through one litert_torch Converter: one flatbuffer, weights stored
     once; quantized weights are lowered as floats and their codes put back (codes.py).
-    Returns the flatbuffer (a float one as the file it was written to, base.scratch_file) and
-    {weight path: how its codes are stored}."""
+    Returns the flatbuffer, as a file (base.scratch_file), and {weight path: how its codes are
+    stored}."""
     import litert_torch
 
     # padded: a ring keeps its live slots under LiteRT-LM's prefill padding (input_pos 0 there)
@@ -295,9 +295,9 @@ def convert(model: Model, prefill_len: int, step=lambda msg: None) -> tuple[byte
     if not any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
         return path, {}
     step("litert: quantized codes into the flatbuffer")
-    data = path.read_bytes()
+    out = store_codes(path, model)
     path.unlink()
-    return store_codes(data, model)
+    return out
 
 
 def signature_io(data: bytes | Path) -> dict:
