@@ -4,6 +4,7 @@
         python bench/memory.py [--targets executorch tflite coreml onnx] [--recipe R] [--append] [--profile]
     python bench/memory.py --quick       # tiny random Llama, smoke test
     python bench/memory.py --model DIR --slmc-root /tmp/old-tree --commit OLD --append   # a before row
+    flock /work/coord/heavy.lock nice -n 10 python bench/memory.py --cli --targets executorch --append
 
 For each target, one fresh process runs `api.compile(model, target, recipe)` (fp32 without
 --recipe: the `slmc compile default --target T` command) and reports:
@@ -13,6 +14,10 @@ For each target, one fresh process runs `api.compile(model, target, recipe)` (fp
 - the floor: the RSS of a process that only imports what that target's compile imports (torch,
   the converter) before touching a weight;
 - with --profile, cProfile's top entries by cumulative time (where the wall time goes).
+With --cli, the command itself runs instead of a worker: `/usr/bin/time -v python -m slmc.cli -v
+compile MODEL --target T` with the CLI's own defaults (max_seq_len included), the way the issue
+measures it; the peak, wall and CPU are time's, each step's RSS high is sampled from the CLI
+process (its -v log names the steps). Rows of several models sit in one file, one table each.
 Goal (issue 17): peak RSS ≤ 1.5 × fp32 weight bytes (fp32 artifacts), ≤ 1.5 × (quantized weight
 bytes + one layer's fp32) with a recipe. Rows are keyed by target, recipe and --commit, so a
 run of an older tree (--slmc-root: the workers import slmc from there) sits beside the current
@@ -23,6 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import subprocess
 import sys
 import threading
 import time
@@ -104,24 +112,87 @@ def main(a) -> None:
     stem = "memory-quick" if a.quick else "memory"
     prev = json.loads((RESULTS / f"{stem}.json").read_text()) if a.append and (RESULTS / f"{stem}.json").is_file() \
         else {}
-    rows = {row_key(r): r for r in prev.get("rows", [])}
+    rows = {row_key(r, prev): r for r in prev.get("rows", [])}
     others = set(prev.get("other_processes", [])) | set(busy_processes())
     params = weight_count(model_dir)
     layer_mib = round(layer_params(model_dir) * 4 / 2**20, 1)
+    model = {"model": a.model if not a.quick else "tiny", "model_dir": str(model_dir), "params": params,
+             "fp32_weight_mib": round(params * 4 / 2**20, 1)}
     for t in a.targets:
         print(f"== {t} ...", flush=True)
         common = ["--model", str(model_dir), "--target", t, "--max-seq-len", str(a.max_seq_len)] + \
             (["--recipe", a.recipe] if a.recipe else []) + (["--slmc-root", a.slmc_root] if a.slmc_root else [])
         floor = spawn(__file__, ["--worker", "floor", *common], work / f"{t}-floor.json", errors="record")
-        r = spawn(__file__, ["--worker", "compile", *common, "--out", str(work / t)] +
-                  (["--profile"] if a.profile else []), work / f"{t}.json", errors="record")
-        row = {"target": t, "recipe": a.recipe, "commit": a.commit, "layer_fp32_mib": layer_mib, **floor, **r}
-        rows[row_key(row)] = row
+        if a.cli:
+            r = cli_compile(a, "default" if a.model == "default" and not a.quick else model_dir, t, work / t)
+        else:
+            r = spawn(__file__, ["--worker", "compile", *common, "--out", str(work / t)] +
+                      (["--profile"] if a.profile else []), work / f"{t}.json", errors="record")
+        row = {"target": t, "recipe": a.recipe, "commit": a.commit, "layer_fp32_mib": layer_mib, **model,
+               "max_seq_len": "CLI default" if a.cli else a.max_seq_len, **floor, **r}
+        rows[row_key(row, prev)] = row
         others |= set(busy_processes())
         print(f"   {r['error']}" if "error" in r else f"   {r['wall_s']} s, peak RSS {r['peak_rss_mib']} MiB", flush=True)
-    write_results(stem, {"model_dir": str(model_dir), "params": params, "fp32_weight_mib": round(params * 4 / 2**20, 1),
-                         "max_seq_len": a.max_seq_len, "machine": machine(), "rows": list(rows.values()),
+    first = {k: prev[k] for k in ("model_dir", "params", "fp32_weight_mib", "max_seq_len") if k in prev} or \
+        {**{k: model[k] for k in ("model_dir", "params", "fp32_weight_mib")}, "max_seq_len": a.max_seq_len}
+    write_results(stem, {**first, "machine": machine(), "rows": list(rows.values()),
                          "before": prev.get("before", a.before), "other_processes": sorted(others)}, echo=False)
+
+
+def cli_compile(a, model, target: str, out: Path) -> dict:
+    """`slmc -v compile MODEL --target T [--recipe R]` under /usr/bin/time -v: its peak RSS,
+    wall and CPU as time reports them, and per step (the CLI's -v log lines) the highest VmRSS
+    of the CLI process, sampled every 50 ms."""
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "slmc.cli", "-v", "compile", str(model), "--target", target,
+           "--out", str(out)] + (["--recipe", a.recipe] if a.recipe else [])
+    root = a.slmc_root or str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root, "COLUMNS": "240"}
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    phase, rows, high, t0, lines = ["startup+imports"], [], {}, [time.perf_counter()], []
+    file_at_high = {}  # RssFile (mapped files: the checkpoint, libraries) when the phase's high was sampled
+
+    def sample():
+        child = None
+        while p.poll() is None:
+            try:
+                if child is None:
+                    kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+                    child = kids[0] if kids else None
+                if child is not None:
+                    st = {ln.split(":")[0]: int(ln.split()[1]) / 1024 for ln in
+                          Path(f"/proc/{child}/status").read_text().splitlines() if ln.startswith(("VmRSS", "RssFile"))}
+                    if st["VmRSS"] > high.get(phase[0], 0.0):
+                        high[phase[0]], file_at_high[phase[0]] = st["VmRSS"], st.get("RssFile", 0.0)
+            except (OSError, KeyError, ValueError, IndexError):
+                pass
+            time.sleep(0.05)
+
+    threading.Thread(target=sample, daemon=True).start()
+    step = re.compile(r"^\[[0-9:]+\]\s+(.*?)\s+cli\.py:\d+\s*$")
+    for ln in p.stderr:
+        lines.append(ln.rstrip())
+        m = step.match(ln.strip())
+        if m:
+            now = time.perf_counter()
+            rows.append({"phase": phase[0], "seconds": round(now - t0[0], 2)})
+            phase[0], t0[0] = m.group(1), now
+    code = p.wait()
+    rows.append({"phase": phase[0], "seconds": round(time.perf_counter() - t0[0], 2)})
+    rep = {k.strip(): v.strip() for k, _, v in (ln.partition(": ") for ln in lines if ": " in ln)}
+    if code != 0 or "Maximum resident set size (kbytes)" not in rep:
+        return {"error": next((ln for ln in reversed(lines) if ln.strip() and "Command exited" not in ln
+                               and not ln.startswith("\t")), f"exit {code}")[:300]}
+    h, m_, s_ = ([0, 0] + rep["Elapsed (wall clock) time (h:mm:ss or m:ss)"].split(":"))[-3:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {"how": "/usr/bin/time -v slmc -v compile", "command": " ".join(cmd[2:]),
+            "peak_rss_mib": round(int(rep["Maximum resident set size (kbytes)"]) / 1024, 1),
+            "wall_s": round(int(h) * 3600 + int(m_) * 60 + float(s_), 2),
+            "cpu_s": round(float(rep["User time (seconds)"]) + float(rep["System time (seconds)"]), 2),
+            "artifact_bytes": sum(manifest["files"].values()), "backend": manifest["backend"],
+            "files": manifest["files"], "weight_mib": round(manifest["model"]["weight_bytes"] / 2**20, 1),
+            "max_seq_len": manifest["kv_cache_spec"]["max_len"],
+            "phases": [{**r, "rss_high_mib": round(high.get(r["phase"], 0.0), 1),
+                        "rss_file_at_high_mib": round(file_at_high.get(r["phase"], 0.0), 1)} for r in rows]}
 
 
 def layer_params(model_dir: Path) -> int:
@@ -138,8 +209,10 @@ def layer_params(model_dir: Path) -> int:
     return n
 
 
-def row_key(r: dict) -> str:
-    return f"{r['target']}|{r.get('recipe') or ''}|{r.get('commit', '')}"
+def row_key(r: dict, top: dict | None = None) -> str:
+    """model (the file's first model for rows without one), target, recipe, commit, how measured."""
+    model = r.get("model_dir") or (top or {}).get("model_dir", "")
+    return f"{model}|{r['target']}|{r.get('recipe') or ''}|{r.get('commit', '')}|{r.get('how', '')}"
 
 
 def goal_mib(x: dict, fp32_mib: float) -> tuple[float, str]:
@@ -150,46 +223,68 @@ def goal_mib(x: dict, fp32_mib: float) -> tuple[float, str]:
 
 
 def markdown(r: dict) -> str:
-    m, w = r["machine"], r["fp32_weight_mib"]
-    lines = [f"# Compile memory: peak RSS of `slmc compile MODEL --target T [--recipe R]` ({r['params']:,} params, "
-             f"fp32 weights {w:.0f} MiB)", "",
+    """One table (and its phase tables) per model measured; rows without a model of their
+    own are the file's first model's."""
+    m = r["machine"]
+    lines = ["# Compile memory: peak RSS of `slmc compile MODEL --target T [--recipe R]`", "",
              f"{m['date']} · {m['cpu']} · {m['cores']} cores · {m['mem_gib']} GiB · torch {m['torch']} · "
-             f"executorch {m['executorch']} · max_seq_len {r['max_seq_len']} · peak RSS from os.wait4 "
-             "(as /usr/bin/time -v)", "",
-             "| target | recipe | commit | wall (s) | CPU (s) | peak RSS (MiB) | peak / fp32 weights "
+             f"executorch {m['executorch']} · peak RSS from os.wait4 (a worker running api.compile, the "
+             "figure /usr/bin/time -v prints) or, how = cli, from /usr/bin/time -v around the CLI itself", ""]
+    groups: dict[str, list] = {}
+    for x in r["rows"]:
+        groups.setdefault(x.get("model_dir", r["model_dir"]), []).append(x)
+    for model_dir, rows in groups.items():
+        lines += model_section(r, model_dir, rows)
+    lines.append("")
+    return "\n".join(lines + others_seen(r["other_processes"]))
+
+
+def model_section(r: dict, model_dir: str, rows: list) -> list[str]:
+    x0 = rows[0]
+    w, params = x0.get("fp32_weight_mib", r["fp32_weight_mib"]), x0.get("params", r["params"])
+    name = x0.get("model", model_dir)
+    lines = [f"## {name} ({params:,} params, fp32 weights {w:.0f} MiB = {w * 2**20 / 1e6:.0f} MB)", "",
+             "| target | recipe | commit | how | max_seq_len | wall (s) | CPU (s) | peak RSS (MiB) | peak / fp32 weights "
              "| import floor (MiB) | (peak − floor) / fp32 | artifact (MiB) | goal (MiB) | peak ≤ goal "
-             "| peak − floor ≤ goal |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
-    for x in sorted(r["rows"], key=lambda x: (x["target"], x.get("recipe") or "", x.get("commit", ""))):
-        rec = x.get("recipe") or "fp32"
+             "| peak − floor ≤ goal |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    order = sorted(rows, key=lambda x: (x["target"], x.get("recipe") or "", x.get("commit", ""), x.get("how", "")))
+    for x in order:
+        rec, how_measured = x.get("recipe") or "fp32", "cli" if x.get("how") else "worker"
+        msl = x.get("max_seq_len", r["max_seq_len"])
         if "error" in x:
-            lines.append(f"| {x['target']} | {rec} | {x.get('commit', '')} | failed: {x['error']} | | | | | | | | | |")
+            lines.append(f"| {x['target']} | {rec} | {x.get('commit', '')} | {how_measured} | {msl} | "
+                         f"failed: {x['error']} | | | | | | | | | |")
             continue
         p, f = x["peak_rss_mib"], x.get("floor_rss_mib", 0.0)
         g, how = goal_mib(x, w) if x.get("recipe") is None or "weight_mib" in x else (None, "")
         verdict = (lambda v: "PASS" if v <= g else "FAIL") if g else (lambda v: "")
-        lines.append(f"| {x['target']} | {rec} | {x.get('commit', '')} | {x['wall_s']:.0f} | {x['cpu_s']:.0f} | "
-                     f"{p:.0f} | {p / w:.2f} | {f:.0f} | {(p - f) / w:.2f} | {x['artifact_bytes'] / 2**20:.1f} | "
-                     f"{f'{g:.0f} ({how})' if g else ''} | {verdict(p)} | {verdict(p - f)} |")
-    if r.get("before"):
+        lines.append(f"| {x['target']} | {rec} | {x.get('commit', '')} | {how_measured} | {msl} | {x['wall_s']:.0f} | "
+                     f"{x['cpu_s']:.0f} | {p:.0f} | {p / w:.2f} | {f:.0f} | {(p - f) / w:.2f} | "
+                     f"{x['artifact_bytes'] / 2**20:.1f} | {f'{g:.0f} ({how})' if g else ''} | {verdict(p)} | "
+                     f"{verdict(p - f)} |")
+    if r.get("before") and model_dir == r["model_dir"]:
         lines += ["", "Earlier (measured with /usr/bin/time -v around the CLI, same model):", "",
                   "| target | commit | wall (s) | CPU (s) | peak RSS (MiB) | peak / fp32 | artifact (MiB) |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         for b in r["before"]:
             lines.append(f"| {b['target']} | {b['commit']} | {b['wall_s']:.0f} | {b['cpu_s']:.0f} | "
                          f"{b['peak_rss_mib']:.0f} | {b['peak_rss_mib'] / w:.2f} | {b['artifact_mib']:.1f} |")
-    for x in sorted(r["rows"], key=lambda x: (x["target"], x.get("recipe") or "", x.get("commit", ""))):
+    for x in order:
         if "phases" not in x:
             continue
-        lines += ["", f"{x['target']}, {x.get('recipe') or 'fp32'}, {x.get('commit', '')} phases (highest sampled "
-                  "RSS in the phase; RSS peak so far at its end):", "",
-                  "| phase | s | RSS high in phase (MiB) | peak so far (MiB) |", "|---|---:|---:|---:|"]
-        lines += [f"| {p['phase']} | {p['seconds']} | {p.get('rss_high_mib', 0):.0f} | {p['peak_rss_mib_after']:.0f} |"
-                  for p in x["phases"]]
+        lines += ["", f"{x['target']}, {x.get('recipe') or 'fp32'}, {x.get('commit', '')}"
+                  f"{', ' + x['how'] if x.get('how') else ''} phases (highest sampled RSS in the phase"
+                  f"{'' if x.get('how') else '; RSS peak so far at its end'}):", "",
+                  "| phase | s | RSS high in phase (MiB) | peak so far (MiB) | of the high: mapped files (MiB) |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {p['phase']} | {p['seconds']} | {p.get('rss_high_mib', 0):.0f} | "
+                  f"{p['peak_rss_mib_after']:.0f} | |" if "peak_rss_mib_after" in p else
+                  f"| {p['phase']} | {p['seconds']} | {p.get('rss_high_mib', 0):.0f} | | "
+                  f"{p.get('rss_file_at_high_mib', 0):.0f} |" for p in x["phases"]]
         if x.get("profile_top"):
             lines += ["", f"{x['target']}: cProfile, top entries by cumulative time:", "", "```"] + \
                 x["profile_top"] + ["```"]
-    lines.append("")
-    return "\n".join(lines + others_seen(r["other_processes"]))
+    return lines + [""]
 
 
 def notes(r: dict) -> str | None:
@@ -211,6 +306,8 @@ if __name__ == "__main__":
     ap.add_argument("--before", type=json.loads, default=None,
                     help="JSON list of earlier /usr/bin/time -v measurements: target, commit, wall_s, cpu_s, "
                          "peak_rss_mib, artifact_mib")
+    ap.add_argument("--cli", action="store_true",
+                    help="measure the CLI command under /usr/bin/time -v (its own defaults) instead of a worker")
     ap.add_argument("--render", action="store_true")
     ap.add_argument("--worker", choices=("compile", "floor"), help=argparse.SUPPRESS)
     for k in ("--target", "--out", "--result"):

@@ -16,6 +16,7 @@ import torch
 from slmc import api
 from slmc.compiler.importers import load_model
 from slmc.compiler.lowering import LoweringSpec, export_decoder
+from slmc.targets.base import scratch_file
 
 VOCAB, HIDDEN = 1024, 64
 
@@ -36,8 +37,10 @@ class _Plain:
         return data
 
     @staticmethod
-    def join(cord):
-        return bytes(cord)
+    def join(cord, name):  # ExecuTorch's own bytes(cord), as a file like lean's
+        path = scratch_file(name)
+        path.write_bytes(bytes(cord))
+        return path
 
 
 def lower(model_dir, lean: bool, monkeypatch, nudge: bool = False):
@@ -65,7 +68,7 @@ def lower(model_dir, lean: bool, monkeypatch, nudge: bool = False):
     spec = program.ExecuTorchSpec()
     pte, _, ptd = program.to_pte_and_data(ep, spec, program.runner_metadata(ir), tied=program.tied_table(ir, "xnnpack"))
     monkeypatch.undo()
-    return pte, ptd, sum(spilled)
+    return pte.read_bytes(), ptd.read_bytes() if ptd is not None else None, sum(spilled)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import logging
 import platform
@@ -15,7 +16,7 @@ from ..compiler.ir import Model, QuantWeight, named_weights, param_count, weight
 from ..errors import SlmcError
 from ..manifest import Manifest
 from ..targets import get_target
-from ..targets.base import check_backend, check_output_path, check_supported, write_artifact
+from ..targets.base import check_backend, check_output_path, check_supported, page_out_weights, write_artifact
 from .models import DEFAULT_MODEL, load, parse_passes, resolve_model_path, run_passes, tokenizer_dir, with_calibration
 from .options import CompileOptions
 
@@ -107,8 +108,19 @@ def compile_ir(ir: Model, target: str, backend: str | None, out: str | Path, tok
 
 def _lower_and_write(ir, tgt, spec, out: Path, tok, step, logs, recipe, calib_files, extra=None):
     check_supported(tgt, ir, spec)
+    # The check bundle's reference run reads every weight: done now, while the import left them
+    # resident, rather than after lowering, where it would read them back in beside what the
+    # lowering leaves (bench/memory.py). Its bounds are set once the manifest names the flow.
+    step("reference outputs for the on-device check bundle")
+    from ..device.bundle import check_data
+
+    ref = check_data(ir, None, tok)
     t0 = time.time()
+    gc.collect()  # what the passes replaced (e.g. unfused projections) goes before lowering copies the rest
+    page_out_weights()  # the checkpoint pages the import and passes read (base.page_out_weights)
     art = tgt.lower(ir, spec, progress=step)
+    gc.collect()
+    page_out_weights()
     details = {**art.manifest, **(extra or {})}
     art.manifest = Manifest(
         format=details.pop("format"), artifact=details.pop("artifact"), target=tgt.name, backend=spec.backend,
@@ -118,7 +130,7 @@ def _lower_and_write(ir, tgt, spec, out: Path, tok, step, logs, recipe, calib_fi
                    "info": l.info} for l in logs],
         versions=versions(), compile_seconds=round(time.time() - t0, 2), details=details)
     step("making the on-device check bundle")
-    art.files.update(check_bundle(ir, tgt, art, tok))
+    art.files.update(check_bundle(ir, tgt, art, ref))
     step("writing")
     path = write_artifact(art, out, tok)
     from ..manifest import read_manifest
@@ -126,13 +138,15 @@ def _lower_and_write(ir, tgt, spec, out: Path, tok, step, logs, recipe, calib_fi
     return path, read_manifest(path)
 
 
-def check_bundle(ir: Model, tgt, art, tok) -> dict[str, bytes]:
+def check_bundle(ir: Model, tgt, art, ref) -> dict[str, bytes]:
     """The artifact's `check/` folder (device/bundle.py): the reference's expected outputs for
-    a few steps, the flow's bounds and the target's own checker; the model files are unchanged."""
-    from ..device.bundle import check_data, check_files
+    a few steps (`ref`, device.bundle.check_data), the flow's bounds and the target's own
+    checker; the model files are unchanged."""
+    from ..device.bundle import bounds_for, check_files
 
     manifest = art.manifest.to_json()
-    return check_files(tgt, art, manifest, check_data(ir, tgt.tolerance(manifest), tok))
+    data = dataclasses.replace(ref, bounds=bounds_for(ir, tgt.tolerance(manifest), ref.prompt, ref.tokens))
+    return check_files(tgt, art, manifest, data)
 
 
 def fit_imported_codes(ir: Model, tgt, spec, logs: list, dump_ir, step) -> tuple[Model, list]:

@@ -14,7 +14,6 @@ reference `slmc validate` uses; the artifact's model files are not touched.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import io
 import json
@@ -27,7 +26,7 @@ import torch
 
 from ..compiler import reference
 from ..compiler.ir import Model
-from ..targets.base import Artifact, Target
+from ..targets.base import Artifact, Target, file_sha256
 
 CHECK_DIR = "check"
 PROMPT = "The quick brown fox jumps over the lazy dog."
@@ -87,7 +86,7 @@ def _npz(**arrays) -> bytes:
 def check_files(target: Target, art: Artifact, manifest: dict, data: CheckData) -> dict[str, bytes]:
     """The `check/` files of this artifact: the common ones plus the target's own
     (`slmc.targets.<name>.check.check_bundle(art, manifest, data) -> {name: bytes}`)."""
-    models = {n: hashlib.sha256(b).hexdigest() for n, b in sorted(art.files.items())
+    models = {n: file_sha256(b) for n, b in sorted(art.files.items())
               if not n.startswith(CHECK_DIR + "/")}
     bounds = {**data.bounds, "steps": len(data.tokens), "prompt_tokens": len(data.prompt),
               "target": target.name, "artifact": manifest["artifact"], "sha256": models}

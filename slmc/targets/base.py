@@ -3,13 +3,17 @@
 `tolerances`, `open_session(folder, manifest)` (run by `run`, `validate`, `eval`) and
 `readback(ir, artifact)` (are slmc's codes in the artifact unchanged?).
 
-Targets are registered by name with a typed spec (registry.py). `lower` returns bytes in memory;
+Targets are registered by name with a typed spec (registry.py). `lower` returns each file as
+bytes in memory or, for the large ones, as a finished file in this process's scratch folder
+(`scratch_file`), so the artifact's weights are not held in RAM while the rest is built;
 `write_artifact` is the one place that touches the output folder, and it does so
 atomically (temp folder, then rename), so a failed compile leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import os
 import shutil
 import tempfile
@@ -41,9 +45,71 @@ class TargetSpec:
 @dataclass
 class Artifact:
     # name -> content, written at the boundary only; a name may be a relative path
-    # ("model.mlpackage/Data/...") for artifacts that are folders
-    files: dict[str, bytes]
+    # ("model.mlpackage/Data/...") for artifacts that are folders. A Path is a finished file in
+    # the scratch folder (scratch_file), moved into the artifact by write_artifact.
+    files: dict[str, bytes | Path]
     manifest: dict = field(default_factory=dict)
+
+
+_SCRATCH: list[Path] = []
+
+
+def scratch_file(name: str) -> Path:
+    """A fresh path for an artifact file written before the artifact is (TMPDIR picks the
+    disk); the folder is removed when the process exits, so a failed compile leaves nothing."""
+    if not _SCRATCH:
+        _SCRATCH.append(Path(tempfile.mkdtemp(prefix="slmc-artifact-")))
+        atexit.register(shutil.rmtree, _SCRATCH[0], True)
+    d = Path(tempfile.mkdtemp(dir=_SCRATCH[0]))
+    return d / Path(name).name
+
+
+WEIGHT_FILES = (".safetensors", ".gguf")
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; clean file pages are re-read on their next use
+
+
+def page_out_weights() -> None:
+    """Let go of the resident pages of the checkpoint's memory-mapped weight files. Reading a
+    mapped checkpoint (the import's NaN check, a pass, a lowering step) leaves every page it
+    touched counted in the process's RSS for as long as the file stays mapped, beside the copies
+    made from them. MADV_PAGEOUT drops clean pages (re-read from the file if used again) and
+    never loses a page written in place (it is swapped or kept); where the call is missing
+    (not Linux, older kernels) nothing happens."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        maps = [ln.split() for ln in Path("/proc/self/maps").read_text().splitlines()]
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for m in maps:
+        if len(m) >= 6 and m[-1].endswith(WEIGHT_FILES):
+            lo, hi = (int(x, 16) for x in m[0].split("-"))
+            libc.madvise(lo, hi - lo, MADV_PAGEOUT)
+    # glibc keeps freed heap memory (the transient copies of weights a lowering makes) for
+    # reuse instead of returning it to the system; malloc_trim returns what is free
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def file_size(data: bytes | Path) -> int:
+    return data.stat().st_size if isinstance(data, Path) else len(data)
+
+
+def file_sha256(data: bytes | Path) -> str:
+    """sha256 of an artifact file's content; a file is read in 1 MiB chunks."""
+    if not isinstance(data, Path):
+        return hashlib.sha256(data).hexdigest()
+    h = hashlib.sha256()
+    with open(data, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @dataclass
@@ -168,7 +234,10 @@ def write_artifact(art: Artifact, out: Path, tokenizer_dir: Path | None) -> Path
             if Path(name).is_absolute() or ".." in Path(name).parts:
                 raise ValueError(f"artifact file name {name!r} leaves the artifact folder")
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+            if isinstance(data, Path):  # a scratch file: moved (renamed where on the same disk)
+                shutil.move(data, path)
+            else:
+                path.write_bytes(data)
         copied = []
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:

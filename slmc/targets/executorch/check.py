@@ -17,7 +17,7 @@ import torch
 _HERE = Path(__file__).parent
 
 
-def bundled_program(pte: bytes, prompt: list[int], tokens: list[int], expected) -> bytes:
+def bundled_program(pte: bytes | Path, prompt: list[int], tokens: list[int], expected) -> bytes:
     """The .bpte: the .pte's bytes (unchanged, embedded) and one test case per step."""
     from executorch.devtools import BundledProgram
     from executorch.devtools.bundled_program.config import MethodTestCase, MethodTestSuite
@@ -30,8 +30,9 @@ def bundled_program(pte: bytes, prompt: list[int], tokens: list[int], expected) 
             inputs=[torch.tensor([ids], dtype=torch.int64), torch.tensor([pos], dtype=torch.int64)],
             expected_outputs=[torch.from_numpy(expected[i].copy()).reshape(1, -1)]))
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.pte"
-        path.write_bytes(pte)
+        path = pte if isinstance(pte, Path) else Path(tmp) / "model.pte"
+        if not isinstance(pte, Path):
+            path.write_bytes(pte)
         bp = BundledProgram(None, [MethodTestSuite(method_name="forward", test_cases=cases)],
                             pte_file_path=str(path))
         return serialize_from_bundled_program_to_flatbuffer(bp)

@@ -22,8 +22,11 @@ import hashlib
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import torch
+
+from ..base import page_out_weights, scratch_file
 
 SPILL_MIN_BYTES = 1 << 20  # smaller blobs stay in RAM (one file per blob is not worth it)
 
@@ -70,20 +73,18 @@ class Spill:
         self.n += 1
         with open(path, "wb") as f:
             f.write(data)
+        # the checkpoint pages read to make this blob are let go as well, so the mapped
+        # checkpoint is not resident whole beside the copies made from it (base.page_out_weights)
+        page_out_weights()
         return FileBackedData(path, cleanup=True, sha256=hashlib.sha256(data).digest())
 
-    def join(self, cord) -> bytes:
-        """A Cord (its spilled parts on disk) as one bytes object, built once: written to a
-        file, then read back (bytes(cord) would read each spilled part and copy it again)."""
-        path = os.path.join(self.dir, f"{self.n}.joined")
-        self.n += 1
+    def join(self, cord, name: str) -> Path:
+        """A Cord (its spilled parts on disk) written once, as the artifact file `name` in the
+        scratch folder (base.scratch_file): never joined into one bytes object in RAM."""
+        path = scratch_file(name)
         with open(path, "wb") as f:
             cord.write_to_file(f)
-        del cord
-        with open(path, "rb") as f:
-            data = f.read()
-        os.remove(path)
-        return data
+        return path
 
     def close(self):
         shutil.rmtree(self.dir, ignore_errors=True)

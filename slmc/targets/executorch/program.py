@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 from ...compiler.ir import Model
 from ...compiler.lowering import max_chunk
@@ -135,13 +137,16 @@ def to_pte(programs, spec: ExecuTorchSpec, constant_methods: dict | None = None,
     """One ExportedProgram (method "forward") or {method: ExportedProgram} -> (.pte bytes,
     delegation summary per method)."""
     pte, delegation, _ = to_pte_and_data(programs, spec, constant_methods, step, shared_state)
-    return pte, delegation
+    data = pte.read_bytes()
+    shutil.rmtree(pte.parent, ignore_errors=True)
+    return data, delegation
 
 
 def to_pte_and_data(programs, spec: ExecuTorchSpec, constant_methods: dict | None = None, step=lambda msg: None,
                     shared_state: bool = False, tied: tuple[int, ...] | None = None
-                    ) -> tuple[bytes, dict, bytes | None]:
-    """to_pte, and model.ptd's bytes (None when there is none). tied: the shape of a tied float
+                    ) -> tuple[Path, dict, Path | None]:
+    """The .pte and model.ptd (None when there is none) as files in the scratch folder
+    (base.scratch_file), and the delegation summary. tied: the shape of a tied float
     table (tied_table), then stored once, in model.ptd."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
@@ -163,10 +168,10 @@ def to_pte_and_data(programs, spec: ExecuTorchSpec, constant_methods: dict | Non
         with _serializer_hook(spill, tied is not None):
             prog = edge.to_executorch(backend_config(shared_state, external))
         # The serialized file is a Cord of references to the constant and delegate buffers
-        # (spilled ones are files); drop the programs (graphs, lowered modules) before joining
-        # it into one bytes object, inside lean_lowering (which deletes the spilled files).
+        # (spilled ones are files); drop the programs (graphs, lowered modules) before writing
+        # it out, inside lean_lowering (which deletes the spilled files).
         pte, ptd = prog._pte_data, (prog._tensor_data or {}).get(PTD.removesuffix(".ptd"))
         del prog, edge
         gc.collect()
-        step("joining the .pte" + (" and model.ptd" if ptd is not None else ""))
-        return spill.join(pte), delegation, spill.join(ptd) if ptd is not None else None
+        step("writing the .pte" + (" and model.ptd" if ptd is not None else ""))
+        return spill.join(pte, "model.pte"), delegation, spill.join(ptd, PTD) if ptd is not None else None

@@ -37,13 +37,18 @@ silent float fallback.
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import io
+import mmap
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ...compiler.ir import Model, QuantWeight, named_weights
 from ...errors import SlmcError
+from ..base import scratch_file
 
 _ALIGN = 16
 
@@ -291,15 +296,29 @@ def _as_filter(wr: _Writer, sg, ti: int, st: _Stored) -> None:
     t.quantization = q
 
 
-def store_codes(data: bytes, model: Model) -> tuple[bytes, dict]:
+def store_codes(data: bytes | Path, model: Model) -> tuple[bytes | Path, dict]:
     """Replace the float image of every QuantWeight in `data` by its codes; returns the new
-    flatbuffer and {path: how it is stored} for the manifest."""
-    from ai_edge_litert import schema_py_generated as S
-
+    flatbuffer and {path: how it is stored} for the manifest. A flatbuffer given as a file is
+    read through a read-only mapping (its float buffers are never copied into RAM) and the
+    new one is written to a file (base.scratch_file), returned as its Path."""
     quant = [(p, w) for p, w in named_weights(model) if isinstance(w, QuantWeight)]
     if not quant:
         return data, {}
-    mt = S.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    if not isinstance(data, Path):
+        buf = io.BytesIO()
+        layout = _store_codes(data, quant, buf)
+        return buf.getvalue(), layout
+    out = scratch_file(data.name)
+    with open(data, "rb") as src, mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as mm, open(out, "wb") as f:
+        layout = _store_codes(mm, quant, f)
+        gc.collect()  # numpy views of the mapping (in cycles) go before it is closed
+    return out, layout
+
+
+def _store_codes(data, quant: list, f) -> dict:
+    from ai_edge_litert import schema_py_generated as S
+
+    mt = S.ModelT.InitFromPackedBuf(data, 0)
     raw = _buffers_raw(mt, data)
     wanted: dict[bytes, list[tuple[str, QuantWeight]]] = {}
     for p, w in quant:
@@ -324,10 +343,9 @@ def store_codes(data: bytes, model: Model) -> tuple[bytes, dict]:
         _rewrite_subgraph(wr, mt, sg, stored)
     for bi in stored:
         mt.buffers[bi].data, raw[bi] = None, None
-    out = _pack(mt, raw + [np.asarray(b.data) if b.data is not None else None for b in mt.buffers[len(raw):]])
-    layout = {p: {"codes": f"int{st.w.bits}", "group_size": st.w.group_size, "stored_as": "; ".join(sorted(st.used))}
-              for st in by_digest.values() for p in st.paths}
-    return out, layout
+    _write_packed(mt, raw + [np.asarray(b.data) if b.data is not None else None for b in mt.buffers[len(raw):]], f)
+    return {p: {"codes": f"int{st.w.bits}", "group_size": st.w.group_size, "stored_as": "; ".join(sorted(st.used))}
+            for st in by_digest.values() for p in st.paths}
 
 
 def _buffers_raw(mt, data: bytes) -> list:
@@ -345,6 +363,13 @@ def _buffers_raw(mt, data: bytes) -> list:
 
 def _pack(mt, raw: list) -> bytes:
     """Serialize with every non-empty buffer appended after the table, 16-byte aligned."""
+    buf = io.BytesIO()
+    _write_packed(mt, raw, buf)
+    return buf.getvalue()
+
+
+def _write_packed(mt, raw: list, f) -> None:
+    """_pack's bytes, written to the file `f` one buffer at a time."""
     import flatbuffers
 
     for b, r in zip(mt.buffers, raw):
@@ -366,12 +391,13 @@ def _pack(mt, raw: list) -> bytes:
             pos = _aligned(pos + len(r))
     again = table()
     assert len(again) == len(head), "offsets changed the table's size"
-    head = again
-    out = bytearray(pos)
-    out[:len(head)] = head
-    for at, r in chunks:
-        out[at:at + len(r)] = memoryview(r).cast("B")
-    return bytes(out)
+    f.write(again)
+    at = len(again)
+    for start, r in chunks:
+        f.write(b"\0" * (start - at))
+        f.write(memoryview(r).cast("B"))
+        at = start + len(r)
+    f.write(b"\0" * (pos - at))
 
 
 def _aligned(n: int) -> int:

@@ -9,6 +9,9 @@ has no GPU to try the delegate on.
 
 from __future__ import annotations
 
+import mmap
+from pathlib import Path
+
 # Op cases accepted by TFLite's GPU delegate compatibility checker
 # (tensorflow/lite/tools/versioning/gpu_compatibility.cc, CheckGpuDelegateCompatibility).
 _GPU_OPS = set("""ADD ADD_N AVERAGE_POOL_2D BATCH_MATMUL CAST CONCATENATION CONV_2D CUMSUM DENSIFY
@@ -49,9 +52,12 @@ def _gpu_reason(name: str, ins: list, outs: list) -> str | None:
     return None
 
 
-def gpu_fallback(data: bytes) -> dict:
+def gpu_fallback(data: bytes | Path) -> dict:
     from ai_edge_litert import schema_py_generated as fb
 
+    if isinstance(data, Path):  # the flatbuffer's file, mapped: its tables are read in place
+        with open(data, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return gpu_fallback(mm)
     m = fb.Model.GetRootAs(data, 0)
     ops = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
     types = {v: k for k, v in vars(fb.TensorType).items() if not k.startswith("_")}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ...compiler.ir import Model
 from ...compiler.textdata import find_tokenizer_dir
+from ..base import scratch_file
 
 
 def _tokenizer_dir(model: Model) -> Path | None:
@@ -62,8 +63,10 @@ def _reproducible_metadata(lb, content_sha256: str):
         lb.populate_system_metadata = saved
 
 
-def litertlm_bundle(model: Model, tflite: bytes) -> tuple[bytes | None, dict]:
-    """Pack model + HF tokenizer + LLM metadata the way litert-torch's exporter does."""
+def litertlm_bundle(model: Model, tflite: bytes | Path) -> tuple[bytes | Path | None, dict]:
+    """Pack model + HF tokenizer + LLM metadata the way litert-torch's exporter does. A
+    flatbuffer given as a file is streamed (base.file_sha256, the builder copies it in
+    blocks) and the bundle returned as a file (base.scratch_file)."""
     tok_dir = _tokenizer_dir(model)
     if tok_dir is None:
         return None, {"file": None, "reason": "the source model has no tokenizer.json to pack"}
@@ -80,18 +83,30 @@ def litertlm_bundle(model: Model, tflite: bytes) -> tuple[bytes | None, dict]:
     template = _chat_template(tok_dir)
     if template:
         meta.jinja_prompt_template = template
+    out = scratch_file("model.litertlm")
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "model.tflite").write_bytes(tflite)
+        src = tflite if isinstance(tflite, Path) else Path(tmp) / "model.tflite"
+        if not isinstance(tflite, Path):
+            src.write_bytes(tflite)
         (Path(tmp) / "llm_metadata.pb").write_bytes(meta.SerializeToString())
         b = lb.LitertLmFileBuilder()
         b.add_system_metadata(lb.Metadata(key="Authors", value="slmc", dtype=lb.DType.STRING))
         b.add_llm_metadata(str(Path(tmp) / "llm_metadata.pb"))
         b.add_hf_tokenizer(str(tok_dir / "tokenizer.json"))
-        b.add_tflite_model(str(Path(tmp) / "model.tflite"), lb.TfLiteModelType.PREFILL_DECODE)
-        ident = hashlib.sha256(tflite + meta.SerializeToString() + (tok_dir / "tokenizer.json").read_bytes())
-        with open(Path(tmp) / "model.litertlm", "wb") as f, _reproducible_metadata(lb, ident.hexdigest()):
+        b.add_tflite_model(str(src), lb.TfLiteModelType.PREFILL_DECODE)
+        # the content's identity: sha256 of flatbuffer + metadata + tokenizer.json, streamed
+        ident = hashlib.sha256()
+        with open(src, "rb") as f:
+            while chunk := f.read(1 << 20):
+                ident.update(chunk)
+        ident.update(meta.SerializeToString() + (tok_dir / "tokenizer.json").read_bytes())
+        with open(out, "wb") as f, _reproducible_metadata(lb, ident.hexdigest()):
             b.build(f)
-        data = (Path(tmp) / "model.litertlm").read_bytes()
+    if isinstance(tflite, Path):
+        data = out
+    else:
+        data = out.read_bytes()
+        out.unlink()
     return data, {"file": "model.litertlm", "builder": "litert_lm_builder.LitertLmFileBuilder",
                   "sections": ["system metadata", "LlmMetadata", "HF tokenizer.json (zlib)",
                                "TFLite PREFILL_DECODE model (= model.tflite)"],

@@ -40,7 +40,7 @@ from ...compiler.lowering import Components, LoweredLM, LoweringSpec, max_chunk
 from ...compiler.lowering.attention import RowCacheAttention
 from ...compiler.lowering.layers import LNorm, rope_slices
 from ...errors import SlmcError
-from ..base import Artifact, Target, TargetSpec, kv_refusal, ring_manifest
+from ..base import Artifact, Target, TargetSpec, kv_refusal, page_out_weights, ring_manifest, scratch_file
 from ..bounds import ACT8_STATISTICAL, FLOAT_EXACT
 from .rules import LITERT
 from .codes import store_codes
@@ -260,10 +260,11 @@ def _dus_rows(cache, axis: int, start, rows):
 COMPONENTS = Components(norm=CompositeNorm, rope=rope_slices, attention=RowCacheAttention(write_rows=_dus_rows))
 
 
-def convert(model: Model, prefill_len: int, step=lambda msg: None) -> tuple[bytes, dict]:
+def convert(model: Model, prefill_len: int, step=lambda msg: None) -> tuple[Path, dict]:
     """Both signatures through one litert_torch Converter: one flatbuffer, weights stored
     once; quantized weights are lowered as floats and their codes put back (codes.py).
-    Returns the flatbuffer and {weight path: how its codes are stored}."""
+    Returns the flatbuffer, as a file (base.scratch_file), and {weight path: how its codes are
+    stored}."""
     import litert_torch
 
     # padded: a ring keeps its live slots under LiteRT-LM's prefill padding (input_pos 0 there)
@@ -277,8 +278,8 @@ def convert(model: Model, prefill_len: int, step=lambda msg: None) -> tuple[byte
         return {"tokens": torch.zeros(1, T, dtype=torch.int32),
                 "input_pos": torch.arange(T, dtype=torch.int32), "kv_cache": kv}
 
-    with _env("LITERT_TORCH_SHOW_PROGRESS", "n"), _quiet(), _drop_runtime_asserts(), torch.no_grad(), \
-            tempfile.TemporaryDirectory(prefix="slmc-tflite-") as tmp:
+    path = scratch_file("model.tflite")
+    with _env("LITERT_TORCH_SHOW_PROGRESS", "n"), _quiet(), _drop_runtime_asserts(), torch.no_grad():
         prefill, decode = (_Signature(lm, model.n_layers, lg).eval() for lg in (False, True))
         conv = litert_torch.signature("prefill", prefill, sample_kwargs=sample(prefill_len))
         conv.signature("decode", decode, sample_kwargs=sample(1))
@@ -287,15 +288,19 @@ def convert(model: Model, prefill_len: int, step=lambda msg: None) -> tuple[byte
         # folds are folded by the LiteRT runtime afterwards, litert_torch's default for it);
         # the flatbuffer goes to a file, so the serializer's buffer and the bytes it would
         # return never coexist with the MLIR module and the torch weights.
-        conv.convert(lightweight_conversion=True).export(f"{tmp}/model.tflite")
-        del lm, prefill, decode, conv  # the exported programs and the MLIR module
-        data = Path(f"{tmp}/model.tflite").read_bytes()
-    if any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
-        step("litert: quantized codes into the flatbuffer")
-    return store_codes(data, model)
+        edge = conv.convert(lightweight_conversion=True)
+        page_out_weights()  # the checkpoint pages read while converting (base.page_out_weights)
+        edge.export(str(path))
+        del edge, lm, prefill, decode, conv  # the exported programs and the MLIR module
+    if not any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
+        return path, {}
+    step("litert: quantized codes into the flatbuffer")
+    out = store_codes(path, model)
+    path.unlink()
+    return out
 
 
-def signature_io(data: bytes) -> dict:
+def signature_io(data: bytes | Path) -> dict:
     """Each signature's inputs/outputs as the interpreter sees them."""
     from ai_edge_litert.interpreter import Interpreter
 
@@ -305,7 +310,7 @@ def signature_io(data: bytes) -> dict:
             return (2, int(d), c)
         return ({"tokens": 0, "input_pos": 1, "logits": 0}.get(name, 3), 0, name)
 
-    it = Interpreter(model_content=data)
+    it = Interpreter(model_path=str(data)) if isinstance(data, Path) else Interpreter(model_content=data)
     io = {}
     for sig in it.get_signature_list():
         r = it.get_signature_runner(sig)
@@ -428,7 +433,7 @@ class TFLiteTarget(Target):
             manifest["litertlm"] = {"file": None, "reason": "bundle=False"}
         return Artifact(files=files, manifest=manifest)
 
-    def _aot(self, data: bytes, spec: TFLiteSpec) -> tuple[dict, dict]:
+    def _aot(self, data: bytes | Path, spec: TFLiteSpec) -> tuple[dict, dict]:
         from ai_edge_litert.aot import aot_compile
         from ai_edge_litert.aot.core import aot_types
         from ai_edge_litert.aot.vendors import import_vendor
@@ -440,7 +445,8 @@ class TFLiteTarget(Target):
         found, _ = npu_sdk_dir(spec.backend_name)  # apply_plugin passes LD_LIBRARY_PATH on to the plugin
         lib_path = os.pathsep.join(filter(None, [found and str(found), os.environ.get("LD_LIBRARY_PATH")]))
         with _env("LD_LIBRARY_PATH", lib_path):
-            res = aot_compile.aot_compile(aot_types.Model.create_from_bytes(data), target=target,
+            res = aot_compile.aot_compile(aot_types.Model.create_from_bytes(
+                data.read_bytes() if isinstance(data, Path) else data), target=target,
                                           keep_going=False)
         if not res.models_with_backend:
             raise SlmcError(f"NPU compile failed: {res.failed_backends}", f"tflite/{spec.backend_name}")
