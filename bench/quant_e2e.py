@@ -39,6 +39,7 @@ def main() -> None:
                     help="evaluate this already compiled artifact folder for TARGET instead of compiling one")
     ap.add_argument("--no-ir", action="store_true",
                     help="skip the reference executor's row (it reruns the passes: calibration again)")
+    ap.add_argument("--note", default="", help="say in the results what is unusual about this run")
     ap.add_argument("--append", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny random Llama, short texts")
     a = ap.parse_args()
@@ -83,7 +84,7 @@ def main() -> None:
                 "SmolLM2-135M-Instruct" if a.model == "default" else str(a.model),
                 "eval_text": Path(a.eval_text).name, "eval_tokens": a.eval_tokens, "window": a.window,
                 "max_seq_len": manifest["kv_cache_spec"]["max_len"], "calib": Path(a.calib).name if a.calib else "data-free",
-                "rows": rows, "others_seen": sorted(busy)}
+                "rows": rows, "note": a.note, "others_seen": sorted(busy)}
         write_results(stem, data, echo=target == a.targets[-1])  # after every target: a stopped run keeps its rows
 
 
@@ -98,7 +99,8 @@ def markdown(data: dict) -> str:
              f"Evaluation: {data['eval_text']} (text no calibration saw), first {data['eval_tokens']} tokens, "
              f"window {data['window']}, stride {data['window']}; KV cache {data['max_seq_len']}. "
              f"Calibration: {data['calib']}.", "",
-             "| recipe | target | computed by | ppl | fp32 ppl | Δppl | KL (nats) | top-1 vs fp32 | artifact MiB "
+             *([f"**Note:** {data['note']}", ""] if data.get("note") else []),
+             "| recipe | target | computed by | ppl | fp32 ppl | Δppl | KL (nats) | top-1 vs fp32 | folder MiB (check/ included) "
              "| compile s | eval s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
         for who, e in ((f"the .{r['format']} in its runtime", r["artifact"]), ("reference executor, same passes", r["ir"])):
@@ -107,7 +109,7 @@ def markdown(data: dict) -> str:
             lines.append(f"| {r['recipe']} | {r['target']} | {who} | {e['perplexity']:.2f} | "
                          f"{e['reference_perplexity']:.2f} | {_d(e):+.1f} % | {e['kl_divergence']:.4f} | "
                          f"{e['top1_agreement']:.1%} | {r['artifact_mib'] if 'runtime' in who else '-'} | "
-                         f"{r['compile_s'] if 'runtime' in who else '-'} | {e['seconds']} |")
+                         f"{(r['compile_s'] if r['compile_s'] is not None else 'given') if 'runtime' in who else '-'} | {e['seconds']} |")
     lines += ["", f"Goal (issue 18): int4 g32 + int8 activations end to end ≤ +{GOAL:g} % perplexity over fp32.", "",
               "| target | measured end to end | result |", "|---|---|---|"]
     lines += [f"| {r['target']} | {_d(r['artifact']):+.1f} % | {'met' if _d(r['artifact']) <= GOAL else 'not met'} |"
