@@ -272,6 +272,11 @@ def diff(a, b, prompt, passes, recipe, max_seq_len, isolated, as_json, html):
         sys.exit(1)
 
 
+def _debug_check_line(c: dict) -> str:
+    return (f"debug variant vs the artifact's own last logits: rel RMS {c['rel_rms']:.3g} "
+            f"(≤ {c['bound']:.3g}: {'matches' if c['matches'] else 'DIFFERS'})")
+
+
 def _print_isolated(r, by_block: bool = False) -> None:
     from rich.table import Table
 
@@ -284,10 +289,8 @@ def _print_isolated(r, by_block: bool = False) -> None:
     out = Console()
     out.print(t)
     out.print(f"{escape(r.how)}; rel: a block's ‖Δ out‖ / ‖reference update‖, else ‖Δ‖ / ‖reference‖", soft_wrap=True)
-    c = r.artifact_check
-    if c:
-        out.print(f"debug variant vs the artifact's own last logits: rel RMS {c['rel_rms']:.3g} "
-                  f"(≤ {c['bound']:.3g}: {'matches' if c['matches'] else 'DIFFERS'})")
+    if r.artifact_check:
+        out.print(_debug_check_line(r.artifact_check))
     out.print(f"bound: {escape(r.bound_why)}", soft_wrap=True)
     for n in r.notes:
         out.print(f"[yellow]note:[/] {escape(n)}", soft_wrap=True)
@@ -317,10 +320,8 @@ def _print_diff(r) -> None:
     out.print(t)
     for s in r.sides:
         out.print(f"{escape(s['label'])}: {escape(s['how'])}", soft_wrap=True)
-        c = s.get("artifact_check")
-        if c:
-            out.print(f"  debug variant vs the artifact's own last logits: rel RMS {c['rel_rms']:.3g} "
-                      f"(≤ {c['bound']:.3g}: {'matches' if c['matches'] else 'DIFFERS'})")
+        if s.get("artifact_check"):
+            out.print("  " + _debug_check_line(s["artifact_check"]))
     out.print(f"bound: {escape(r.bound_why)}", soft_wrap=True)
     for n in r.notes:
         out.print(f"[yellow]note:[/] {escape(n)}", soft_wrap=True)
