@@ -39,7 +39,9 @@ def main() -> None:
                     help="evaluate this already compiled artifact folder for TARGET instead of compiling one")
     ap.add_argument("--no-ir", action="store_true",
                     help="skip the reference executor's row (it reruns the passes: calibration again)")
-    ap.add_argument("--note", default="", help="say in the results what is unusual about this run")
+    ap.add_argument("--note", default="", help="say in the results what is unusual about this run's rows")
+    ap.add_argument("--label", default=None, help="the rows' name in the table (default: the recipe); --append "
+                    "replaces only rows of the same label and target")
     ap.add_argument("--append", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny random Llama, short texts")
     a = ap.parse_args()
@@ -51,7 +53,8 @@ def main() -> None:
     stem = "quant_e2e-quick" if a.quick else "quant_e2e"
     rows = []
     if a.append and (RESULTS / f"{stem}.json").is_file():
-        rows = [r for r in json.loads((RESULTS / f"{stem}.json").read_text())["rows"] if r["target"] not in a.targets]
+        rows = [r for r in json.loads((RESULTS / f"{stem}.json").read_text())["rows"]
+                if not (r["target"] in a.targets and r["label"] == (a.label or a.recipe))]
     evals = dict(texts=(a.eval_text,), window=a.window, stride=a.window, max_tokens=a.eval_tokens)
     busy = set(busy_processes())
     given = dict(x.split("=", 1) for x in a.artifact)
@@ -77,14 +80,15 @@ def main() -> None:
                                                                            calib=(a.calib,) if a.calib else ()))
         ir_s = round(time.perf_counter() - t0, 1)
         busy |= set(busy_processes())
-        rows.append({"target": target, "format": manifest["format"], "recipe": a.recipe, "passes": list(passes),
+        rows.append({"label": a.label or a.recipe, "target": target, "format": manifest["format"], "recipe": a.recipe,
+                     "passes": list(passes), "window": a.window, "max_seq_len": manifest["kv_cache_spec"]["max_len"],
+                     "note": a.note, "date": machine()["date"],
                      "artifact_mib": round(dir_bytes(folder) / 2**20, 1), "compile_s": compile_s,
                      "artifact": {**art.to_dict(), "seconds": art_s}, "ir": None if ir is None else {**ir.to_dict(), "seconds": ir_s}})
         data = {"machine": machine(), "model": "tiny random Llama (--quick)" if a.quick else
                 "SmolLM2-135M-Instruct" if a.model == "default" else str(a.model),
-                "eval_text": Path(a.eval_text).name, "eval_tokens": a.eval_tokens, "window": a.window,
-                "max_seq_len": manifest["kv_cache_spec"]["max_len"], "calib": Path(a.calib).name if a.calib else "data-free",
-                "rows": rows, "note": a.note, "others_seen": sorted(busy)}
+                "eval_text": Path(a.eval_text).name, "eval_tokens": a.eval_tokens,
+                "calib": Path(a.calib).name if a.calib else "data-free", "rows": rows, "others_seen": sorted(busy)}
         write_results(stem, data, echo=target == a.targets[-1])  # after every target: a stopped run keeps its rows
 
 
@@ -97,25 +101,26 @@ def markdown(data: dict) -> str:
     lines = [f"# Quantized quality end to end: {data['model']}", "",
              f"{m['date']}, {m['cores']} cores, {m['cpu']}; torch {m['torch']}, executorch {m['executorch']}. "
              f"Evaluation: {data['eval_text']} (text no calibration saw), first {data['eval_tokens']} tokens, "
-             f"window {data['window']}, stride {data['window']}; KV cache {data['max_seq_len']}. "
+             f"windows of the row's length, stride = window (every token scored once). "
              f"Calibration: {data['calib']}.", "",
-             *([f"**Note:** {data['note']}", ""] if data.get("note") else []),
-             "| recipe | target | computed by | ppl | fp32 ppl | Δppl | KL (nats) | top-1 vs fp32 | folder MiB (check/ included) "
-             "| compile s | eval s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| rows | target | computed by | window / KV | ppl | fp32 ppl | Δppl | KL (nats) | top-1 vs fp32 "
+             "| folder MiB (check/ included) | compile s | eval s |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
         for who, e in ((f"the .{r['format']} in its runtime", r["artifact"]), ("reference executor, same passes", r["ir"])):
             if e is None:  # --no-ir
                 continue
-            lines.append(f"| {r['recipe']} | {r['target']} | {who} | {e['perplexity']:.2f} | "
+            lines.append(f"| {r['label']} | {r['target']} | {who} | {r['window']} / {r['max_seq_len']} | {e['perplexity']:.2f} | "
                          f"{e['reference_perplexity']:.2f} | {_d(e):+.1f} % | {e['kl_divergence']:.4f} | "
                          f"{e['top1_agreement']:.1%} | {r['artifact_mib'] if 'runtime' in who else '-'} | "
                          f"{(r['compile_s'] if r['compile_s'] is not None else 'given') if 'runtime' in who else '-'} | {e['seconds']} |")
     lines += ["", f"Goal (issue 18): int4 g32 + int8 activations end to end ≤ +{GOAL:g} % perplexity over fp32.", "",
-              "| target | measured end to end | result |", "|---|---|---|"]
-    lines += [f"| {r['target']} | {_d(r['artifact']):+.1f} % | {'met' if _d(r['artifact']) <= GOAL else 'not met'} |"
-              for r in data["rows"]]
-    lines += ["", "Passes of each artifact (from its manifest):", ""]
-    lines += [f"- {r['target']}: `{' '.join(r['passes'])}`" for r in data["rows"]]
+              "| rows | target | measured end to end | result |", "|---|---|---|---|"]
+    lines += [f"| {r['label']} | {r['target']} | {_d(r['artifact']):+.1f} % | "
+              f"{'met' if _d(r['artifact']) <= GOAL else 'not met'} |" for r in data["rows"]]
+    lines += ["", "Each row (measured when; passes from the artifact's manifest):", ""]
+    lines += [f"- {r['label']}, {r['target']} ({r['date']}): `{' '.join(r['passes'])}`"
+              + (f". Note: {r['note']}" if r.get("note") else "") for r in data["rows"]]
     lines += [""] + others_seen(data.get("others_seen", []))
     return "\n".join(lines).rstrip("\n") + "\n"
 
