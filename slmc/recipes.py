@@ -38,22 +38,28 @@ _ENDS8 = "embed_bits=8,head_bits=8,ends_group_size=0"  # int8 rows: near float q
 _ENDS4 = "embed_bits=4,head_bits=4"  # int4 g32: half the bytes the decode reads for the head
 _SHARED8 = "embed_bits=8,ends_group_size=0"  # a tied table stays one table, int8 rows
 # The block linears' method, by measurement on text no calibration saw (SmolLM2-135M, int4 g32,
-# Northanger Abbey, bench/results/quant_calib.md): data-free, which is what a recipe does without
-# --calib, AWQ scales + GPTQ measured +10.0 %, GPTQ (clip search) +13.0 %, AWQ +13.6 %; calibrated
-# +6.9 / +7.6 / +12.7 %. The recipes stay on AWQ: GPTQ's ExecuTorch 8da4w artifacts (gptq-int4-g32-xnnpack,
-# and AWQ scales + GPTQ) fail `slmc validate`'s readback on the tiny model (14 of 16 quantized weights'
-# stored scales differ from the reference IR rebuilt from the manifest), a bug found as this method was
-# about to become the recipes' and not yet fixed. quant.rotate helps only GPTQ and makes AWQ worse.
-_METHOD = "quant.awq"
-_CITE = "AWQ data-free +13.6 % on bench/results/quant_calib.md (the recipes' method until GPTQ's artifacts validate)"
-_MEASURED = "quant_calib.json:awq"  # embedding and head float there
+# Northanger Abbey, bench/results/quant_calib.md): AWQ's scale search folded into the weights, then
+# GPTQ with its clip search quantizes. Data-free (what a recipe does without --calib) +10.0 %, against
+# GPTQ alone +13.0 % (first token BOS +11.6 %), AWQ alone +13.6 %, the GPTQ before +23.7 %; with
+# calibration text +6.9 % against GPTQ +7.6 % and AWQ +12.7 %. quant.rotate helps only GPTQ and makes
+# AWQ worse (bench/results/quant_rotate.md), so no recipe rotates.
+_CITE = ("method chosen by bench/results/quant_calib.md (data-free: AWQ scales + GPTQ +10.0 %, GPTQ +13.0 %, "
+         "AWQ +13.6 %)")
+_MEASURED = "quant_calib.json:awq-scales+gptq clip"  # embedding and head float there
+
+
+def _int4(scheme: str) -> tuple[str, str]:
+    """The recipes' int4 g32 method: AWQ's scales searched and folded (no quantizer), then GPTQ
+    (act-order, clip search) quantizes in the target's `scheme`."""
+    return ("quant.awq:bits=4,group_size=32,quantize=false", f"quant.gptq:bits=4,group_size=32,{scheme}")
+
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     # ExecuTorch's own Llama export (-qmode 8da4w -E 4,32) quantizes the output head and the
     # embedding too; left in float, the tied table alone is most of a small model's .pte
-    Recipe("int8da-int4w-g32", (f"{_METHOD}:bits=4,group_size=32,{_XNN},{_ENDS4}",),
+    Recipe("int8da-int4w-g32", _int4(f"{_XNN},{_ENDS4}"),
            ("executorch:xnnpack", "tflite"),
-           "XNNPACK 8da4w: AWQ int4 weights in groups of 32 (bf16 scales; data-free calibration unless "
+           "XNNPACK 8da4w: AWQ scales + GPTQ int4 weights in groups of 32 (bf16 scales; data-free calibration unless "
            "--calib), int8 dynamic activations; head 8da4w and embedding int4 g32 (ExecuTorch "
            f"embedding_4bit; LiteRT looks up the rows' codes); {_CITE}", _MEASURED),
     # the old int8da-int4w-g32 pass: the same artifact layout, compiled in seconds instead of
@@ -64,26 +70,25 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "perplexity weight-only (bench/results/quant_rotate.md)", "quant_rotate.json:rtn int4 g32"),
     Recipe("int8da-int8w", (f"quant.rtn:bits=8,group_size=0,{_XNN},{_ENDS8}",), ("executorch:xnnpack", "tflite"),
            "XNNPACK 8da8w: int8 weights per channel, int8 dynamic activations; head 8da8w, embedding int8 rows"),
-    Recipe("int4-g32-xnnpack", (f"{_METHOD}:bits=4,group_size=32,{_XNN},{_ENDS8}",),
+    Recipe("int4-g32-xnnpack", _int4(f"{_XNN},{_ENDS8}"),
            ("executorch:xnnpack", "tflite"),
-           "AWQ int4 g32 (data-free calibration unless --calib) for XNNPACK's 8da4w (ExecuTorch, or "
+           "AWQ scales + GPTQ int4 g32 (data-free calibration unless --calib) for XNNPACK's 8da4w (ExecuTorch, or "
            f"LiteRT's CPU); head 8da8w and embedding int8 rows (quality first); {_CITE}", _MEASURED),
     Recipe("gptq-int4-g32-xnnpack", (f"quant.gptq:bits=4,group_size=32,act_order=true,clip=true,{_XNN},{_ENDS8}",),
            ("executorch:xnnpack", "tflite"),
            "GPTQ int4 g32 (act-order, Hessian-weighted clip search) for XNNPACK's 8da4w, head 8da8w, embedding "
            "int8 rows: data-free +13.0 % (without the clip search +23.7 %), with your --calib text +7.6 % "
-           "(bench/results/quant_calib.md). Known bug: its ExecuTorch artifact fails `slmc validate`'s readback "
-           "(stored scales differ from the reference rebuilt from the manifest)",
+           "(bench/results/quant_calib.md)",
            "quant_calib.json:gptq clip"),
     Recipe("awq-int4-g32-xnnpack", (f"quant.awq:bits=4,group_size=32,{_XNN},{_ENDS8}",),
            ("executorch:xnnpack", "tflite"),
-           "AWQ int4 g32 for XNNPACK's 8da4w (ExecuTorch, or LiteRT's CPU); head 8da8w, embedding int8 rows "
-           f"(the same as int4-g32-xnnpack while the recipes use AWQ); {_CITE}", _MEASURED),
-    Recipe("int4-g32-coreml", (f"{_METHOD}:bits=4,group_size=32,{_CML},{_ENDS8}",), ("coreml",),
-           "AWQ int4 g32 with fp16 scales: constexpr_blockwise_shift_scale, exact in fp16 compute; "
+           "AWQ int4 g32 alone for XNNPACK's 8da4w (ExecuTorch, or LiteRT's CPU); head 8da8w, embedding int8 rows: "
+           "data-free +13.6 %, calibrated +12.7 % (bench/results/quant_calib.md)", "quant_calib.json:awq"),
+    Recipe("int4-g32-coreml", _int4(f"{_CML},{_ENDS8}"), ("coreml",),
+           "AWQ scales + GPTQ int4 g32 with fp16 scales: constexpr_blockwise_shift_scale, exact in fp16 compute; "
            f"head and embedding int8 rows; {_CITE}", _MEASURED),
-    Recipe("int4-g32-litert", (f"{_METHOD}:bits=4,group_size=32,symmetric=true,{_SHARED8}",), ("tflite",),
-           "AWQ int4 g32 with float32 scales and one int8 table for the embedding and the tied head, "
+    Recipe("int4-g32-litert", _int4(f"symmetric=true,{_SHARED8}"), ("tflite",),
+           "AWQ scales + GPTQ int4 g32 with float32 scales and one int8 table for the embedding and the tied head, "
            "float activations: exact, but grouped weights are dequantized on every call (decode slower "
            f"than fp32; int4-g32-xnnpack is the fast one); {_CITE}", _MEASURED),
     Recipe("int8-litert", ("quant.rtn:bits=8,group_size=0,symmetric=true,embed_bits=8",), ("tflite",),

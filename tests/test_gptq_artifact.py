@@ -1,28 +1,33 @@
-"""GPTQ's ExecuTorch 8da4w artifact against `slmc validate` (a known bug, kept visible).
+"""GPTQ's ExecuTorch 8da4w artifacts pass `slmc validate` (the bug that kept them out of the recipes).
 
-The artifact of `--recipe gptq-int4-g32-xnnpack` fails validate's readback on the tiny model:
-14 of 16 quantized weights' stored scales differ from the reference IR that validate rebuilds
-from the manifest (AWQ's artifact of the same flow passes). Found when AWQ scales + GPTQ, the
-method bench/results/quant_calib.md measured best, was about to become the recipes' method; the
-recipes stay on AWQ until this passes. Strict: the test fails once the bug is fixed, so the
-marker goes and the recipes can move."""
+The artifact of `--recipe gptq-int4-g32-xnnpack` used to fail validate's readback on the tiny
+model: 14 of 16 quantized weights' stored scales were the IR's scales transposed. quant.gptq's
+clip search returned its scales as a transposed view, and the lowering handed that view to
+XNNPACK's serializer, which stores memory order. Both are fixed (the pass returns contiguous
+scales; the lowering makes every constant contiguous, tests/test_layout_independent.py), and
+AWQ scales + GPTQ, the method bench/results/quant_calib.md measured best, is now the recipes'.
+AWQ alone stays as the control beside them."""
 
 import pytest
 
 from slmc import api
 
 
-@pytest.mark.xfail(strict=True, reason="GPTQ's stored scales differ from the replayed reference (issue 18 note)")
-def test_gptq_recipe_artifact_validates(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("recipe", ["gptq-int4-g32-xnnpack", "int4-g32-xnnpack", "awq-int4-g32-xnnpack"])
+def test_recipe_artifact_validates(recipe, tiny_llama_dir, tmp_path):
     out = tmp_path / "a"
-    api.compile_model(str(tiny_llama_dir), "executorch", None, out, max_seq_len=48, recipe="gptq-int4-g32-xnnpack")
+    api.compile_model(str(tiny_llama_dir), "executorch", None, out, max_seq_len=48, recipe=recipe)
     r = api.validate(out, api.ValidateOptions(record=False))
     assert r.verdict == "PASS", r.reasons
 
 
-def test_awq_recipe_artifact_validates(tiny_llama_dir, tmp_path):
-    """The control beside it: the same flow with AWQ (the recipes' method) passes."""
-    out = tmp_path / "a"
-    api.compile_model(str(tiny_llama_dir), "executorch", None, out, max_seq_len=48, recipe="awq-int4-g32-xnnpack")
-    r = api.validate(out, api.ValidateOptions(record=False))
-    assert r.verdict == "PASS", r.reasons
+def test_gptq_clip_scales_are_contiguous():
+    """The pass's own output: a transposed view here is what reached the artifact."""
+    import torch
+
+    from slmc.compiler.quant import QuantScheme
+    from slmc.passes.quant_gptq import clipped_params
+
+    W = torch.randn(8, 64)
+    sc, z = clipped_params(W, torch.eye(32).expand(2, 32, 32), QuantScheme(4, 32, True, "bfloat16"))
+    assert sc.shape == (8, 2) and sc.is_contiguous() and z is None

@@ -78,7 +78,8 @@ def clipped_params(W: torch.Tensor, Hb: torch.Tensor, s: QuantScheme) -> tuple[t
         best_sc = sc if best_sc is None else torch.where(better, sc, best_sc)
         if z is not None:
             best_z = z if best_z is None else torch.where(better, z, best_z)
-    return best_sc, best_z
+    # contiguous: `err` is a transposed view, and torch.where follows its strides
+    return best_sc.contiguous(), (best_z.contiguous() if best_z is not None else None)
 
 
 def _blocks(H: torch.Tensor, g: int) -> torch.Tensor:

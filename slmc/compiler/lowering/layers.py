@@ -32,7 +32,8 @@ class _Params:
             self.memo[id(w)] = intx_parameter(w, self.dtype)
         if id(w) not in self.memo:
             was_loaded = getattr(w, "loaded", True)
-            p = nn.Parameter(w.float().to(self.dtype), requires_grad=False)
+            # contiguous: serializers read a constant's storage in memory order (see quantized.py)
+            p = nn.Parameter(w.float().to(self.dtype).contiguous(), requires_grad=False)
             if not was_loaded and p.data_ptr() != w.data.data_ptr():
                 w.release()  # a converted copy exists now; don't also keep the checkpoint's bf16/fp16
             self.owner.register_parameter(f"w{len(self.memo)}", p)

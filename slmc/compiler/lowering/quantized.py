@@ -43,8 +43,12 @@ def intx_parameter(w: QuantWeight, dtype: torch.dtype) -> nn.Parameter:
     codes, zeros = signed_codes(w)
     if zeros.dtype != torch.int8:
         zeros = zeros.to(dtype)
+    # contiguous copies: XNNPACK's serializer (and others) read a constant's storage in memory
+    # order, so a transposed view of the scales (quant.gptq's clip search made one) was stored
+    # transposed, and the artifact ran with every group's scale in the wrong place
+    codes, zeros = codes.contiguous(), zeros.contiguous()
     act = IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN if w.act_bits == 8 else None
-    t = IntxUnpackedToInt8Tensor(codes, w.scales.to(dtype), zeros, getattr(torch, f"int{w.bits}"),
+    t = IntxUnpackedToInt8Tensor(codes, w.scales.to(dtype).contiguous(), zeros, getattr(torch, f"int{w.bits}"),
                                  (1, w.group_size), dtype, act)
     return nn.Parameter(t, requires_grad=False)
 
