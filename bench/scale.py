@@ -232,6 +232,9 @@ def main(a) -> None:
         params = weight_count(model_dir)
         for target in need:
             r = measure(name, target, model_dir, work, a)
+            # the checkpoint's count: the artifact's (r["params"], manifest) counts a tied head
+            # twice once quantization gives the head its own node
+            r["artifact_params"] = r.pop("params", None)
             rows[(name, target)] = {"model": name, "target": target, "params": params,
                                     "fp32_weight_mib": round(params * 4 / 2**20, 1), **r}
             others |= set(busy_processes())
@@ -244,7 +247,7 @@ def write(stem: str, rows: dict, others: set, a) -> None:
     grow = {}
     for t in TARGETS:
         rs = [{**r, "decode_tok_s": r.get("decode", {}).get("decode_tok_s")} for r in done if r["target"] == t]
-        grow[t] = {k: growth(rs, k) for k in ("wall_s", "peak_rss_mib", "artifact_bytes", "decode_tok_s")}
+        grow[t] = {k: growth(rs, k) for k in ("wall_s", "cpu_s", "peak_rss_mib", "artifact_bytes", "decode_tok_s")}
     write_results(stem, {"machine": machine(), "recipe": RECIPE, "max_seq_len": a.max_seq_len,
                          "decode_steps": a.steps, "repeats": a.repeats, "rss_limit_gib": a.rss_limit_gib,
                          "rows": sorted(rows.values(), key=lambda r: (r["params"], r["target"])),
@@ -266,6 +269,7 @@ def markdown(r: dict) -> str:
              f"{m['date']} · {m['cpu']} · {m['cores']} cores · {m['mem_gib']} GiB · torch {m['torch']} · "
              f"executorch {m['executorch']} · max_seq_len {r['max_seq_len']} · decode: median of {r['repeats']} × "
              f"{r['decode_steps']} greedy steps · watchdog {r['rss_limit_gib']} GiB", "",
+             *([f"Recipe passes: `{r['recipe_passes']}`", ""] if r.get("recipe_passes") else []),
              "| model | target | params | fp32 weights (MiB) | compile wall (s) | CPU (s) | peak RSS (MiB) "
              "| RSS / fp32 | artifact (MiB) | bytes / param | decode tok/s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -280,9 +284,9 @@ def markdown(r: dict) -> str:
                      f"{x['artifact_bytes'] / 2**20:.0f} | {x['artifact_bytes'] / x['params']:.3f} | "
                      f"{_f(x.get('decode', {}).get('decode_tok_s')) if 'error' not in x.get('decode', {}) else 'failed: ' + x['decode']['error']} |")
     lines += ["", "Growth with parameter count (log-log slope, smallest to largest model measured; 1.0 = linear):", "",
-              "| target | compile wall | peak RSS | artifact | decode tok/s |", "|---|---:|---:|---:|---:|"]
+              "| target | compile wall | compile CPU | peak RSS | artifact | decode tok/s |", "|---|---:|---:|---:|---:|---:|"]
     for t, g in r["growth"].items():
-        lines.append(f"| {t} | {_f(g['wall_s'], '{:.2f}')} | {_f(g['peak_rss_mib'], '{:.2f}')} | "
+        lines.append(f"| {t} | {_f(g['wall_s'], '{:.2f}')} | {_f(g.get('cpu_s'), '{:.2f}')} | {_f(g['peak_rss_mib'], '{:.2f}')} | "
                      f"{_f(g['artifact_bytes'], '{:.2f}')} | {_f(g['decode_tok_s'], '{:.2f}')} |")
     if r.get("not_run"):
         lines += ["", "Not run in this results file:", ""] + [f"- {n}" for n in r["not_run"]]
