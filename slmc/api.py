@@ -37,6 +37,7 @@ from ._api.toolkit import (MLP, ExpertCache, Linear, Model, MoE, QuantWeight, We
                            ffn_inputs, kv_bytes_per_token, moe_session, named_weights, param_count, save_ir,
                            serve_layer, tiny_llama_config, token_ids, weight_bytes)
 from .manifest import Manifest, read_manifest
+from .recipes import recipe_passes
 
 __all__ = [
     "BuildOptions", "build", "CompileOptions", "ValidateOptions", "EvalOptions", "InspectOptions", "RunOptions", "Catalog", "Manifest",
@@ -44,7 +45,7 @@ __all__ = [
     "evaluate_tokens", "inspect", "run", "catalog", "default_model", "DEFAULT_MODEL", "load",
     "resolve_model_path", "tokenizer_dir", "reference_model", "read_manifest", "parse_passes", "pass_registry",
     "run_passes", "quant_summary", "diff", "DiffOptions", "write_report", "device_setup",
-    "diff_isolated", "validate_by_block", "require_block_pass",
+    "diff_isolated", "validate_by_block", "require_block_pass", "recipe_passes",
     "EstimateOptions", "estimate", "estimate_devices", "estimate_fit", "estimate_leave_one_out", "estimate_points",
     "ESTIMATE_FLOWS", "ESTIMATE_FORMS", "ESTIMATE_FIGURES",
     # for benchmarks and scripts that build or measure IR themselves
