@@ -9,13 +9,22 @@ from ..errors import SlmcError
 from ._options import QuantOptions
 
 
-def quantize_ends(ir: Model, opts: QuantOptions, algorithm: str) -> int:
-    """Embedding and head at their own bit widths (a tied head gets its own node first)."""
+def head_scheme(ir: Model, opts: QuantOptions) -> QuantScheme:
+    g = opts.group_size if opts.ends_group_size < 0 else opts.ends_group_size
+    s = QuantScheme(opts.head_bits, g, opts.symmetric, opts.scale_dtype)
+    s.check(ir.lm_head.in_features if ir.lm_head is not None else ir.hidden_size, "--pass quant:head_bits")
+    return s
+
+
+def quantize_ends(ir: Model, opts: QuantOptions, algorithm: str, head: bool = True) -> int:
+    """Embedding and head at their own bit widths (a tied head gets its own node first, holding
+    the float table). head=False leaves the head float for the caller to quantize (GPTQ does,
+    on the final norm's output, after the blocks)."""
     n, g = 0, opts.group_size if opts.ends_group_size < 0 else opts.ends_group_size
     if opts.head_bits:
         if ir.lm_head is None:
             ir.lm_head = Linear(ir.embed)
-        if not isinstance(ir.lm_head.weight, QuantWeight):
+        if head and not isinstance(ir.lm_head.weight, QuantWeight):
             s = QuantScheme(opts.head_bits, g, opts.symmetric, opts.scale_dtype)
             s.check(ir.lm_head.in_features, "--pass quant:head_bits")
             ir.lm_head.weight = rtn(ir.lm_head.weight.float(), s, algorithm)

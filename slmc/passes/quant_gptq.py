@@ -17,12 +17,18 @@ plain groupwise QuantWeight. clip=true picks each (row, group)'s scale among ran
 search, on GPTQ's H): the full range spends int4's few codes on one outlier. Memory stays one block deep: the calibration activations
 at one depth plus that block's intermediate stages. A block used at several depths is
 quantized once, at its first depth. MoE experts see every calibration token (not only
-those routed to them), so each expert's H is well conditioned.
+those routed to them), so each expert's H is well conditioned. With embed_bits the embedding
+is rounded (RTN) before the blocks, which are calibrated on it; with head_bits the head is
+quantized last, by GPTQ on the final norm's output (RTN there was most of int8da-int4w-g32's
+loss: bench/results/quant_split.md), and a tied table at one scheme for both stays one table
+(share_tied: the embedding takes the head's codes).
 
 Before:                                  After (bits=4, group_size=32):
   q: f32[576,576]                          q: sint4g32[576,576](gptq)
   mlp(silu): gate f32[1536,576] ...        mlp(silu): gate sint4g32[1536,576](gptq) ...
   lm_head: tied to embed                   lm_head: tied to embed        (head_bits=0)
+  with embed_bits=4,head_bits=4:           embed: sint4g32[49152,576](gptq), the head's codes
+                                           lm_head: sint4g32[49152,576](gptq)
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from ..compiler.pass_manager import PassResult, register
 from ..compiler.quant import QuantScheme, group_params, quantize_codes
 from ..errors import SlmcError
 from ._options import CalibOptions, QuantOptions
-from ._quant import QuantPass, quantize_ends, set_act_bits
+from ._quant import QuantPass, head_scheme, quantize_ends, set_act_bits
 
 
 @dataclass(frozen=True)
@@ -51,9 +57,14 @@ class GPTQOptions(CalibOptions, QuantOptions):
     # error e weighs least under the group's Hessian block (e H_gg e^T); false: the full range.
     # On by default: bench/results/quant_calib.md, data-free int4 g32 +13.0 % vs +23.7 % without
     clip: bool = True
+    # a tied table quantized at one scheme for both ends stays one table (LiteRT stores it once):
+    # the embedding takes the head's GPTQ codes. Measured on SmolLM2-135M with int8da-int4w-g32:
+    # +17.9 % perplexity shared against +17.0 % with an RTN embedding of its own (head RTN: +29.9 %)
+    share_tied: bool = True
 
 
 N_SHRINK = 10  # clipping ratios 1, 0.95, ..., 0.55 (as quant.awq's)
+HEAD_ROWS = 8192  # head rows per GPTQ call
 
 
 def clipped_params(W: torch.Tensor, Hb: torch.Tensor, s: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -164,7 +175,11 @@ class QuantGPTQ(QuantPass):
             raise SlmcError(f"need damp >= 0 and block_size >= 1 (got {o.damp}, {o.block_size})", "--pass quant.gptq")
         s = self.scheme(ir)
         ids, t_calib = o.tokens(ir)
-        n = quantize_ends(ir, o, "gptq")  # first, so the blocks are calibrated on the quantized embedding
+        # the embedding first, so the blocks are calibrated on it; the head after them, by GPTQ on
+        # what it reads (RTN there cost int8da-int4w-g32 most of its loss: bench/results/quant_split.md)
+        share = (ir.lm_head is None and o.share_tied and o.head_bits == o.embed_bits > 0
+                 and not isinstance(ir.embed, QuantWeight))
+        n = quantize_ends(ir, o, "rtn", head=False)
         memo: dict[int, tuple] = {}
         x = reference.embed(ir, ids)
         done: set[int] = set()
@@ -173,12 +188,34 @@ class QuantGPTQ(QuantPass):
             hook = (lambda site: None) if bi in done else (lambda site: self._site(site, s, memo))
             x = run_block(ir.blocks[bi], x, hook)
             done.add(bi)
-        n += len(memo)
+        n += len(memo) + self._head(ir, x)
+        if share and isinstance(ir.lm_head.weight, QuantWeight):  # one table again: the head's codes
+            w = ir.lm_head.weight
+            ir.embed = QuantWeight(codes=w.codes.clone(), scales=w.scales.clone(), bits=w.bits,
+                                   zeros=w.zeros.clone() if w.zeros is not None else None,
+                                   group_size=w.group_size, symmetric=w.symmetric, algorithm="gptq")
         set_act_bits(ir, o, "--pass quant.gptq")
         return PassResult(ir, n > 0, {
             "quantized": n, "scheme": f"{'s' if o.symmetric else 'a'}int{o.bits}g{o.group_size}",
             "calibration": o.describe(),
             "calibration_seconds": round(t_calib, 2)})
+
+    def _head(self, ir: Model, x: torch.Tensor) -> int:
+        """GPTQ for a head still float at head_bits, against the final norm's output; in chunks of
+        rows (independent in GPTQ), so a 128k-row vocabulary never makes a whole-table temporary."""
+        o, lin = self.options, ir.lm_head
+        if not o.head_bits or lin is None or isinstance(lin.weight, QuantWeight):
+            return 0
+        s = head_scheme(ir, o)
+        H = 2 * gram(reference.rms_norm(x, ir.final_norm))
+        W = lin.weight.float()
+        parts = [gptq(W[r:r + HEAD_ROWS], H, s, o.damp, o.block_size, o.act_order, o.clip)
+                 for r in range(0, W.shape[0], HEAD_ROWS)]
+        codes, scales = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        zeros = torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None
+        lin.weight = QuantWeight(codes=codes, scales=scales.contiguous(), zeros=zeros, bits=s.bits,
+                                 group_size=s.at(W.shape[1]).group_size, symmetric=s.symmetric, algorithm="gptq")
+        return 1
 
     def _site(self, site: Site, s: QuantScheme, memo: dict[int, tuple]) -> None:
         todo = {}  # one weight object under several linears is quantized once
