@@ -70,12 +70,17 @@ def variants(calib: str) -> list[tuple[str, str, list[str]]]:
         ("linears + int8 ends", "embedding and head int8 per row, activations float", edit(q8, drop=XNN)),
         ("linears + int4 ends", "embedding and head int4 g32, activations float", edit(q4, drop=XNN)),
         (RECIPES[0], "recipe: int8 activations + int8 ends", ends8),
-        (RECIPES[1], "recipe: int8 activations + int4 ends", ends4),
+        (RECIPES[1], "recipe: int8 activations + int4 ends (one table: the embedding takes the head's codes, "
+         "as LiteRT stores it)", ends4),
+        (f"{RECIPES[1]} (ExecuTorch)", "as ExecuTorch compiles it: the embedding keeps its own RTN codes "
+         "(share_tied=false; its runtime stores the head apart anyway)", [*ends4[:-1], f"{ends4[-1]},share_tied=false"]),
         (f"{RECIPES[0]} --calib", f"recipe, calibrated on {Path(calib).name}", calibrated(ends8)),
         (f"{RECIPES[1]} --calib", f"recipe, calibrated on {Path(calib).name}", calibrated(ends4)),
         ("linears + quant.mixed 10 %", "the 10 % of extra bytes to the most sensitive linears at int8 per channel "
          "(quant.mixed, never measured before), float ends and activations",
          awq + ["quant.mixed:budget=0.1,bits=4,group_size=32", edit(q8, drop=XNN | ENDS)[-1]]),
+        (f"{RECIPES[0]} + quant.mixed 10 %", "the recipe with quant.mixed's 10 % before its quantizer "
+         "(the int8 linears run as 8da8w)", awq + ["quant.mixed:budget=0.1,bits=4,group_size=32"] + ends8[-1:]),
         ("int8da-int4w-g32-rtn", "round to nearest, same layout (the fast-compile recipe)",
          api.recipe_passes("int8da-int4w-g32-rtn", "executorch", "xnnpack")),
     ]
@@ -153,6 +158,12 @@ def markdown(data: dict) -> str:
               "| step | row | against | points |", "|---|---|---|---:|"]
     lines += [f"| {s} | {r} | {b} | {d[r] - d[b]:+.1f} |" for s, r, b in steps if r in d and b in d]
     lines += ["", "Passes of each row:", ""] + [f"- {r['row']}: `{' '.join(r['passes']) or '(none)'}`" for r in rows]
+    for prev in data.get("previous", []):  # an earlier run of this script, kept to show what a change did
+        pb = next(r["perplexity"] for r in prev["rows"] if r["row"] == "fp32")
+        lines += ["", f"Earlier run ({prev['label']}):", "", "| row | Δppl | KL (nats) | top-1 vs fp32 | now Δppl |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['row']} | {100 * (r['perplexity'] / pb - 1):+.1f} % | {r['kl']:.4f} | {100 * r['top1']:.1f}% | "
+                  + (f"{d[r['row']]:+.1f} % |" if r["row"] in d else "- |") for r in prev["rows"] if r["row"] != "fp32"]
     return "\n".join(lines) + "\n"
 
 
@@ -164,6 +175,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated rows (fp32 always runs)")
+    ap.add_argument("--append", action="store_true", help="keep the rows of the last results not run now")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--render", action="store_true", help="only re-render results/quant_split*.md")
     a = ap.parse_args()
@@ -184,7 +196,19 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores ({a.threads} torch threads)",
             "evaluation": f"{EVAL_TEXT}, first {a.eval_tokens} tokens, window {a.window}, stride {a.window}",
             "calibration": CALIB_TEXT}
-    write_results("quant_split-quick" if a.quick else "quant_split", {"meta": meta, "rows": measure(rows, a)})
+    stem = "quant_split-quick" if a.quick else "quant_split"
+    new = measure(rows, a)
+    if a.append and (RESULTS / f"{stem}.json").is_file():  # the rows not run now stay, in the table's order
+        prev = json.loads((RESULTS / f"{stem}.json").read_text())
+        done = {r["row"] for r in new}
+        order = [v[0] for v in variants(calib)]
+        new = sorted(new + [r for r in prev["rows"] if r["row"] not in done],
+                     key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
+        meta["appended_to"] = prev["meta"]["date"]
+    data = {"meta": meta, "rows": new}
+    if (RESULTS / f"{stem}.json").is_file():  # earlier runs kept for comparison stay (labelled, dated)
+        data["previous"] = json.loads((RESULTS / f"{stem}.json").read_text()).get("previous", [])
+    write_results(stem, data)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,9 @@ def measured_quality(r: Recipe) -> str:
     if not variant or not path.is_file():
         return "not measured"
     data = json.loads(path.read_text())
-    rows = {x["variant"]: x for x in data["rows"] if "perplexity" in x}
+    # quant_calib.json rows ("variant"): the block linears' method weight-only; quant_split.json
+    # rows ("row"): a recipe's own passes, int8 activations and quantized ends included
+    rows = {x.get("variant", x.get("row")): x for x in data["rows"] if "perplexity" in x}
     row, base = rows.get(variant), rows.get("fp32")
     if row is None or base is None:
         return "not measured"
@@ -121,12 +123,17 @@ def measured_quality(r: Recipe) -> str:
     d = [100 * (ppl[t] / ref[t] - 1) for t in ref if t in ppl]  # the texts the row was evaluated on
     if not d:
         return "not measured"
-    return (f"measured {sum(d) / len(d):+.1f} % perplexity ({row.get('kind', '')}, weight-only, mean of "
+    how = "weight-only" if "variant" in row else "the recipe's passes in slmc's reference executor"
+    kind = row.get("kind") or ("calibrated" if "--calib" in variant else "data-free")
+    return (f"measured {sum(d) / len(d):+.1f} % perplexity ({kind}, {how}, mean of "
             f"{len(d)} unseen text{'s' if len(d) > 1 else ''}; weights {row['weight_bytes'] / 2**20:.0f} MiB in that row) "
             f"(bench/results/{stem.replace('.json', '.md')}: {variant})")
 
 
-def recipe_passes(name: str, target: str, backend: str) -> list[str]:
+def recipe_passes(name: str, target: str, backend: str, rules=None) -> list[str]:
+    """The recipe's passes for a flow. `rules` (the target's QuantRules): a runtime that keeps a
+    quantized head apart from the embedding anyway (ExecuTorch) gets share_tied=false, so the
+    embedding keeps its own RTN codes instead of the head's GPTQ ones (bench/results/quant_split.md)."""
     if name not in RECIPES:
         raise SlmcError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}", "--recipe")
     r = RECIPES[name]
@@ -135,4 +142,6 @@ def recipe_passes(name: str, target: str, backend: str) -> list[str]:
         raise SlmcError(f"recipe {name} is built for {', '.join(r.flows)}, not {target}:{backend}; "
                         f"recipes for this flow: {', '.join(fits) or 'none'}",
                         "--recipe")
-    return list(r.passes)
+    if rules is None or rules.tied_quantized_head:
+        return list(r.passes)
+    return [f"{p},share_tied=false" if p.startswith("quant.gptq:") and "head_bits" in p else p for p in r.passes]

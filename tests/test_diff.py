@@ -119,8 +119,10 @@ def test_float_vs_quantized(tiny_llama_dir):
     q = api.diff(tiny_llama_dir, opts=api.DiffOptions(recipe="int8da-int4w-g32", max_seq_len=MAX_LEN))
     show(q)
     # int4 weights move the stream by more than float rounding, and by more as blocks add up
+    # (compared block to block: the final norm rescales the stream, so it is not a later block)
     assert q.mode == "float-vs-quantized" and q.stages[1]["rel_rms"] > 1e-3
-    assert q.stages[-2]["rel_rms"] >= q.stages[1]["rel_rms"]
+    blocks = [s["rel_rms"] for s in q.stages if s["stage"].startswith("block")]
+    assert len(blocks) >= 2 and blocks[-1] >= blocks[0]
 
 
 def test_cli_float_vs_quantized_table_json_and_report(tiny_llama_dir, tmp_path):

@@ -76,3 +76,21 @@ def test_head_rows_in_chunks_match_one_call(tiny_llama_dir, tmp_path, monkeypatc
     monkeypatch.setattr(qg, "HEAD_ROWS", 37)  # not a divisor of the 256 rows: a short last chunk
     chunked = _gptq(fp32, tmp_path, ",head_bits=4").lm_head.weight
     assert torch.equal(whole.codes, chunked.codes) and torch.equal(whole.scales, chunked.scales)
+
+
+def test_a_runtime_that_splits_the_table_keeps_the_embeddings_own_codes():
+    """ExecuTorch stores a quantized head apart from the embedding anyway: its recipes ask GPTQ
+    for share_tied=false; a runtime that shares the table (LiteRT) keeps the default."""
+    from slmc.recipes import recipe_passes
+    from slmc.targets.executorch.rules import XNNPACK
+    from slmc.targets.quant_rules import QuantRules
+
+    et = recipe_passes("int8da-int4w-g32", "executorch", "xnnpack", XNNPACK)
+    assert et[-1].startswith("quant.gptq:") and et[-1].endswith(",share_tied=false")
+    opts = parse_pass(et[-1]).options
+    assert opts.share_tied is False and opts.head_bits == 4
+    # controls: rules that allow a tied quantized head, and no rules, leave the recipe as written
+    shared = QuantRules("shared", linear=XNNPACK.linear, embedding=XNNPACK.embedding)
+    for rules in (shared, None):
+        assert "share_tied" not in " ".join(recipe_passes("int8da-int4w-g32", "tflite", "cpu", rules))
+    assert "share_tied" not in " ".join(recipe_passes("int8da-int4w-g32-rtn", "executorch", "xnnpack", XNNPACK))

@@ -92,6 +92,12 @@ def test_list_shows_measured_quality(tmp_path, monkeypatch):
     r = recipes.Recipe("r", ("tflite",), ("tflite",), "about", "q.json:x")
     text = recipes.measured_quality(r)
     assert "+12.5 %" in text and "weights 3 MiB" in text and "mean of 2 unseen texts" in text  # (10 % + 15 %) / 2
+    # bench/quant_split.py's rows: a recipe's own passes (int8 activations, quantized ends), one text
+    split = [{"row": "fp32", "perplexity": 10.0, "weight_bytes": 2**20},
+             {"row": "r --calib", "perplexity": 13.0, "weight_bytes": 2**20}]
+    (tmp_path / "s.json").write_text(json.dumps({"meta": {}, "rows": split}))
+    text = recipes.measured_quality(recipes.Recipe("r", (), (), "", "s.json:r --calib"))
+    assert "+30.0 %" in text and "recipe's passes" in text and "calibrated" in text and "weight-only" not in text
     for missing in ("q.json:y", "other.json:x", ""):  # controls: no such row, no such file, none named
         assert recipes.measured_quality(recipes.Recipe("r", (), (), "", missing)) == "not measured"
 

@@ -83,7 +83,7 @@ def compile(opts: CompileOptions, progress=None) -> tuple[Path, dict]:
     if opts.recipe:
         from ..recipes import recipe_passes
 
-        passes = recipe_passes(opts.recipe, tgt.name, spec.backend) + passes
+        passes = recipe_passes(opts.recipe, tgt.name, spec.backend, tgt.quant_rules(spec)) + passes
     pipeline = with_calibration(parse_passes(passes + list(getattr(tgt, "default_passes", ()))), opts.calib)
     step("importing")
     src_path = resolve_model_path(str(opts.model), opts.keep_codes)
