@@ -13,12 +13,20 @@ import pytest
 from slmc import api
 
 
-@pytest.mark.parametrize("recipe", ["gptq-int4-g32-xnnpack", "int4-g32-xnnpack", "awq-int4-g32-xnnpack"])
-def test_recipe_artifact_validates(recipe, tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("target,recipe", [
+    ("executorch", "gptq-int4-g32-xnnpack"), ("executorch", "int4-g32-xnnpack"), ("executorch", "awq-int4-g32-xnnpack"),
+    # GPTQ's int4 head (8da4w) and, on ExecuTorch, the embedding's own RTN codes (share_tied=false)
+    ("executorch", "int8da-int4w-g32"),
+    # quant.mixed's int8 per-channel linears (8da8w) among the int4 ones, on both runtimes
+    ("executorch", "int4-g32-xnnpack-mixed"), ("tflite", "int4-g32-xnnpack-mixed")])
+def test_recipe_artifact_validates(target, recipe, tiny_llama_dir, tmp_path):
     out = tmp_path / "a"
-    api.compile_model(str(tiny_llama_dir), "executorch", None, out, max_seq_len=48, recipe=recipe)
+    api.compile_model(str(tiny_llama_dir), target, None, out, max_seq_len=48, recipe=recipe)
     r = api.validate(out, api.ValidateOptions(record=False))
     assert r.verdict == "PASS", r.reasons
+    if recipe.endswith("-mixed"):  # int8 linears beside the int8 head, or nothing of quant.mixed was tested
+        schemes = api.read_manifest(out)["quantization"]["schemes"]
+        assert sum(n for k, n in schemes.items() if k.startswith("sint8") and k.endswith("+act_int8")) >= 2, schemes
 
 
 def test_gptq_clip_scales_are_contiguous():
