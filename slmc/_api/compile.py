@@ -112,13 +112,17 @@ def _lower_and_write(ir, tgt, spec, out: Path, tok, step, logs, recipe, calib_fi
     # resident, rather than after lowering, where it would read them back in beside what the
     # lowering leaves (bench/memory.py). Its bounds are set once the manifest names the flow.
     step("reference outputs for the on-device check bundle")
+    from ..compiler.ir import dequant_cache, drop_dequant_caches
     from ..device.bundle import check_data
 
-    ref = check_data(ir, None, tok)
+    with dequant_cache(False):  # no fp32 copy of every quantized weight held into the lowering
+        ref = check_data(ir, None, tok)
+    drop_dequant_caches(ir)  # any a caller's own reference runs left (e.g. compile_ir after an eval)
     t0 = time.time()
     gc.collect()  # what the passes replaced (e.g. unfused projections) goes before lowering copies the rest
     page_out_weights()  # the checkpoint pages the import and passes read (base.page_out_weights)
-    art = tgt.lower(ir, spec, progress=step)
+    with dequant_cache(False):
+        art = tgt.lower(ir, spec, progress=step)
     gc.collect()
     page_out_weights()
     details = {**art.manifest, **(extra or {})}
@@ -130,7 +134,8 @@ def _lower_and_write(ir, tgt, spec, out: Path, tok, step, logs, recipe, calib_fi
                    "info": l.info} for l in logs],
         versions=versions(), compile_seconds=round(time.time() - t0, 2), details=details)
     step("making the on-device check bundle")
-    art.files.update(check_bundle(ir, tgt, art, ref))
+    with dequant_cache(False):
+        art.files.update(check_bundle(ir, tgt, art, ref))
     step("writing")
     path = write_artifact(art, out, tok)
     from ..manifest import read_manifest

@@ -14,6 +14,7 @@ KV-cache slot even when two depths share one block.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Union
 
@@ -116,7 +117,8 @@ class QuantWeight:
         return self.codes.numel() * self.bits // 8 + extra
 
     def float(self) -> torch.Tensor:
-        """The exact dequantized weight (cached: the reference executor asks every forward)."""
+        """The exact dequantized weight (cached: the reference executor asks every forward;
+        not under `dequant_cache(False)`, where one forward is all there is)."""
         cached = self.__dict__.get("_dequant")
         if cached is not None and cached[0] is self.codes and cached[1] is self.scales:
             return cached[2]
@@ -124,8 +126,32 @@ class QuantWeight:
         codes = self.codes.float()
         z = self.zeros.float().repeat_interleave(g, dim=1) if self.zeros is not None else 0.0
         w = (codes - z) * self.scales.float().repeat_interleave(g, dim=1)
-        self.__dict__["_dequant"] = (self.codes, self.scales, w)
+        if _DEQUANT_CACHE[0]:
+            self.__dict__["_dequant"] = (self.codes, self.scales, w)
         return w
+
+
+# The cache holds an fp32 copy of every quantized weight the reference executor has read: right
+# for perplexity (thousands of forwards), but a compile reads each weight a few times, and the
+# cache then made its peak the fp32 model again on top of the codes (bench/results/scale.md:
+# +4.4 GB at Llama-3.2-1B in the check bundle's reference run alone).
+_DEQUANT_CACHE = [True]
+
+
+@contextmanager
+def dequant_cache(on: bool):
+    """Within: QuantWeight.float() caches its result only if `on`."""
+    prev, _DEQUANT_CACHE[0] = _DEQUANT_CACHE[0], on
+    try:
+        yield
+    finally:
+        _DEQUANT_CACHE[0] = prev
+
+
+def drop_dequant_caches(model) -> None:
+    for _, w in named_weights(model):
+        if isinstance(w, QuantWeight):
+            w.__dict__.pop("_dequant", None)
 
 
 AnyWeight = Union[Weight, QuantWeight]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import SlmcError
-from .ir import Model
+from .ir import Model, dequant_cache
 from .properties import first_violation, unknown
 from .verify import verify
 
@@ -146,7 +146,8 @@ class PassManager:
                 fix = "; " + prop.fix.replace("{pass}", p.name) if prop.fix else ""
                 raise SlmcError(f"requires {prop.about} ({prop.name}), but {why}{fix}", f"--pass {p.name}")
             t0 = time.perf_counter()
-            res = p.run(ir)
+            with dequant_cache(False):  # a pass reads each quantized weight a few times at most
+                res = p.run(ir)
             dt = time.perf_counter() - t0
             verify(res.ir, f"IR after pass {p.name}")
             broken = first_violation(res.ir, p.ensures)
