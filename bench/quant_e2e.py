@@ -82,7 +82,7 @@ def main() -> None:
         busy |= set(busy_processes())
         rows.append({"label": a.label or a.recipe, "target": target, "format": manifest["format"], "recipe": a.recipe,
                      "passes": list(passes), "window": a.window, "max_seq_len": manifest["kv_cache_spec"]["max_len"],
-                     "note": a.note, "date": machine()["date"],
+                     "note": a.note, "date": machine()["date"], "calib": Path(a.calib).name if a.calib else "data-free",
                      "artifact_mib": round(dir_bytes(folder) / 2**20, 1), "compile_s": compile_s,
                      "artifact": {**art.to_dict(), "seconds": art_s}, "ir": None if ir is None else {**ir.to_dict(), "seconds": ir_s}})
         data = {"machine": machine(), "model": "tiny random Llama (--quick)" if a.quick else
@@ -102,15 +102,15 @@ def markdown(data: dict) -> str:
              f"{m['date']}, {m['cores']} cores, {m['cpu']}; torch {m['torch']}, executorch {m['executorch']}. "
              f"Evaluation: {data['eval_text']} (text no calibration saw), first {data['eval_tokens']} tokens, "
              f"windows of the row's length, stride = window (every token scored once). "
-             f"Calibration: {data['calib']}.", "",
-             "| rows | target | computed by | window / KV | ppl | fp32 ppl | Δppl | KL (nats) | top-1 vs fp32 "
+             "Calibration: each row's (column).", "",
+             "| rows | target | calibration | computed by | window / KV | ppl | fp32 ppl | Δppl | KL (nats) | top-1 vs fp32 "
              "| folder MiB (check/ included) | compile s | eval s |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
         for who, e in ((f"the .{r['format']} in its runtime", r["artifact"]), ("reference executor, same passes", r["ir"])):
             if e is None:  # --no-ir
                 continue
-            lines.append(f"| {r['label']} | {r['target']} | {who} | {r['window']} / {r['max_seq_len']} | {e['perplexity']:.2f} | "
+            lines.append(f"| {r['label']} | {r['target']} | {r.get('calib', data['calib'])} | {who} | {r['window']} / {r['max_seq_len']} | {e['perplexity']:.2f} | "
                          f"{e['reference_perplexity']:.2f} | {_d(e):+.1f} % | {e['kl_divergence']:.4f} | "
                          f"{e['top1_agreement']:.1%} | {r['artifact_mib'] if 'runtime' in who else '-'} | "
                          f"{(r['compile_s'] if r['compile_s'] is not None else 'given') if 'runtime' in who else '-'} | {e['seconds']} |")
