@@ -84,7 +84,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "int4-g32-xnnpack with quant.mixed: the block linears whose rounding costs most (by a Fisher estimate on "
            "the calibration tokens) take 10 % more bytes at int8 per channel (8da8w), the rest AWQ scales + GPTQ int4 "
            "g32; head 8da8w, embedding int8 rows. The most accurate 8da recipe measured: data-free +8.0 % against "
-           "int4-g32-xnnpack's +11.8 % (bench/results/quant_split.md)", "quant_split.json:int4-g32-xnnpack + quant.mixed 10 %"),
+           "int4-g32-xnnpack's +11.8 %, with --calib +4.7 % (bench/results/quant_split.md); end to end with --calib, "
+           ".pte +4.7 % and .tflite +4.4 % (bench/results/quant_e2e.md)", "quant_split.json:int4-g32-xnnpack + quant.mixed 10 %"),
     Recipe("gptq-int4-g32-xnnpack", (f"quant.gptq:bits=4,group_size=32,act_order=true,clip=true,{_XNN},{_ENDS8}",),
            ("executorch:xnnpack", "tflite"),
            "GPTQ int4 g32 (act-order, Hessian-weighted clip search) for XNNPACK's 8da4w, head 8da8w, embedding "
