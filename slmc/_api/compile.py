@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .. import __version__
-from ..compiler.ir import Model, QuantWeight, named_weights, param_count, weight_bytes
+from ..compiler.ir import Model, QuantWeight, dequant_cache, drop_dequant_caches, named_weights, param_count, weight_bytes
 from ..errors import SlmcError
 from ..manifest import Manifest
 from ..targets import get_target
@@ -106,23 +106,21 @@ def compile_ir(ir: Model, target: str, backend: str | None, out: str | Path, tok
                             extra or {})
 
 
+@dequant_cache(False)  # no fp32 copy of every quantized weight held into the lowering (issue 17)
 def _lower_and_write(ir, tgt, spec, out: Path, tok, step, logs, recipe, calib_files, extra=None):
     check_supported(tgt, ir, spec)
     # The check bundle's reference run reads every weight: done now, while the import left them
     # resident, rather than after lowering, where it would read them back in beside what the
     # lowering leaves (bench/memory.py). Its bounds are set once the manifest names the flow.
     step("reference outputs for the on-device check bundle")
-    from ..compiler.ir import dequant_cache, drop_dequant_caches
     from ..device.bundle import check_data
 
-    with dequant_cache(False):  # no fp32 copy of every quantized weight held into the lowering
-        ref = check_data(ir, None, tok)
     drop_dequant_caches(ir)  # any a caller's own reference runs left (e.g. compile_ir after an eval)
+    ref = check_data(ir, None, tok)
     t0 = time.time()
     gc.collect()  # what the passes replaced (e.g. unfused projections) goes before lowering copies the rest
     page_out_weights()  # the checkpoint pages the import and passes read (base.page_out_weights)
-    with dequant_cache(False):
-        art = tgt.lower(ir, spec, progress=step)
+    art = tgt.lower(ir, spec, progress=step)
     gc.collect()
     page_out_weights()
     details = {**art.manifest, **(extra or {})}
@@ -134,8 +132,7 @@ def _lower_and_write(ir, tgt, spec, out: Path, tok, step, logs, recipe, calib_fi
                    "info": l.info} for l in logs],
         versions=versions(), compile_seconds=round(time.time() - t0, 2), details=details)
     step("making the on-device check bundle")
-    with dequant_cache(False):
-        art.files.update(check_bundle(ir, tgt, art, ref))
+    art.files.update(check_bundle(ir, tgt, art, ref))
     step("writing")
     path = write_artifact(art, out, tok)
     from ..manifest import read_manifest

@@ -10,9 +10,10 @@ from ._options import QuantOptions
 
 
 def head_scheme(ir: Model, opts: QuantOptions) -> QuantScheme:
+    """The head's scheme (its own group size: ends_group_size), checked against its width."""
     g = opts.group_size if opts.ends_group_size < 0 else opts.ends_group_size
     s = QuantScheme(opts.head_bits, g, opts.symmetric, opts.scale_dtype)
-    s.check(ir.lm_head.in_features if ir.lm_head is not None else ir.hidden_size, "--pass quant:head_bits")
+    s.check(ir.lm_head.in_features, "--pass quant:head_bits")
     return s
 
 
@@ -24,11 +25,11 @@ def quantize_ends(ir: Model, opts: QuantOptions, algorithm: str, head: bool = Tr
     if opts.head_bits:
         if ir.lm_head is None:
             ir.lm_head = Linear(ir.embed)
-        if head and not isinstance(ir.lm_head.weight, QuantWeight):
-            s = QuantScheme(opts.head_bits, g, opts.symmetric, opts.scale_dtype)
-            s.check(ir.lm_head.in_features, "--pass quant:head_bits")
-            ir.lm_head.weight = rtn(ir.lm_head.weight.float(), s, algorithm)
-            n += 1
+        if not isinstance(ir.lm_head.weight, QuantWeight):
+            s = head_scheme(ir, opts)  # checked now, before any calibration, also when quantized later
+            if head:
+                ir.lm_head.weight = rtn(ir.lm_head.weight.float(), s, algorithm)
+                n += 1
     if opts.embed_bits and not isinstance(ir.embed, QuantWeight):
         s = QuantScheme(opts.embed_bits, g, opts.symmetric, opts.scale_dtype)
         s.check(ir.hidden_size, "--pass quant:embed_bits")

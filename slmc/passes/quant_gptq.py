@@ -213,7 +213,7 @@ class QuantGPTQ(QuantPass):
                  for r in range(0, W.shape[0], HEAD_ROWS)]
         codes, scales = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         zeros = torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None
-        lin.weight = QuantWeight(codes=codes, scales=scales.contiguous(), zeros=zeros, bits=s.bits,
+        lin.weight = QuantWeight(codes=codes, scales=scales, zeros=zeros, bits=s.bits,
                                  group_size=s.at(W.shape[1]).group_size, symmetric=s.symmetric, algorithm="gptq")
         return 1
 
