@@ -94,3 +94,17 @@ def test_a_runtime_that_splits_the_table_keeps_the_embeddings_own_codes():
     for rules in (shared, None):
         assert "share_tied" not in " ".join(recipe_passes("int8da-int4w-g32", "tflite", "cpu", rules))
     assert "share_tied" not in " ".join(recipe_passes("int8da-int4w-g32-rtn", "executorch", "xnnpack", XNNPACK))
+
+
+def test_a_head_scheme_that_cannot_fit_is_refused_before_calibration(tiny_llama_dir, monkeypatch):
+    """The head is quantized after the blocks now; its group size is still checked first."""
+    from slmc.errors import SlmcError
+    from slmc.passes._options import CalibOptions
+
+    def no_calibration(self, ir):
+        raise AssertionError("calibration ran before the head's scheme was checked")
+
+    monkeypatch.setattr(CalibOptions, "tokens", no_calibration)
+    with pytest.raises(SlmcError, match="head_bits.*group size 48"):
+        PassManager([parse_pass("quant.gptq:bits=4,group_size=32,head_bits=4,ends_group_size=48")]).run(
+            import_hf(tiny_llama_dir))

@@ -58,7 +58,8 @@ def quant_ensures(opts: QuantOptions) -> tuple[str, ...]:
 
 class QuantPass(Pass):
     """What RTN, GPTQ and AWQ share: the block linears' scheme from QuantOptions, its group
-    size checked on every float linear before any (minutes-long) calibration, and the
+    size checked on every float linear (and the ends' on the hidden size) before any
+    (minutes-long) calibration, and the
     properties the options promise."""
 
     @property
@@ -71,4 +72,8 @@ class QuantPass(Pass):
         for path, lin in block_linears(ir):
             if not isinstance(lin.weight, QuantWeight):
                 s.check(lin.in_features, f"--pass {self.name} ({path})")
+        g = o.group_size if o.ends_group_size < 0 else o.ends_group_size
+        for bits, what in ((o.head_bits, "head_bits"), (o.embed_bits, "embed_bits")):  # both hidden_size wide
+            if bits:
+                QuantScheme(bits, g, o.symmetric, o.scale_dtype).check(ir.hidden_size, f"--pass {self.name}:{what}")
         return s
