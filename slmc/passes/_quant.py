@@ -9,10 +9,14 @@ from ..errors import SlmcError
 from ._options import QuantOptions
 
 
-def head_scheme(ir: Model, opts: QuantOptions) -> QuantScheme:
-    """The head's scheme (its own group size: ends_group_size), checked against its width."""
+def ends_scheme(opts: QuantOptions, bits: int) -> QuantScheme:
+    """The embedding's or head's scheme: their own group size (ends_group_size; -1 the linears')."""
     g = opts.group_size if opts.ends_group_size < 0 else opts.ends_group_size
-    s = QuantScheme(opts.head_bits, g, opts.symmetric, opts.scale_dtype)
+    return QuantScheme(bits, g, opts.symmetric, opts.scale_dtype)
+
+
+def head_scheme(ir: Model, opts: QuantOptions) -> QuantScheme:
+    s = ends_scheme(opts, opts.head_bits)
     s.check(ir.lm_head.in_features, "--pass quant:head_bits")
     return s
 
@@ -21,17 +25,15 @@ def quantize_ends(ir: Model, opts: QuantOptions, algorithm: str, head: bool = Tr
     """Embedding and head at their own bit widths (a tied head gets its own node first, holding
     the float table). head=False leaves the head float for the caller to quantize (GPTQ does,
     on the final norm's output, after the blocks)."""
-    n, g = 0, opts.group_size if opts.ends_group_size < 0 else opts.ends_group_size
+    n = 0
     if opts.head_bits:
         if ir.lm_head is None:
             ir.lm_head = Linear(ir.embed)
-        if not isinstance(ir.lm_head.weight, QuantWeight):
-            s = head_scheme(ir, opts)  # checked now, before any calibration, also when quantized later
-            if head:
-                ir.lm_head.weight = rtn(ir.lm_head.weight.float(), s, algorithm)
-                n += 1
+        if head and not isinstance(ir.lm_head.weight, QuantWeight):
+            ir.lm_head.weight = rtn(ir.lm_head.weight.float(), head_scheme(ir, opts), algorithm)
+            n += 1
     if opts.embed_bits and not isinstance(ir.embed, QuantWeight):
-        s = QuantScheme(opts.embed_bits, g, opts.symmetric, opts.scale_dtype)
+        s = ends_scheme(opts, opts.embed_bits)
         s.check(ir.hidden_size, "--pass quant:embed_bits")
         ir.embed = rtn(ir.embed.float(), s, algorithm)
         n += 1
@@ -72,8 +74,7 @@ class QuantPass(Pass):
         for path, lin in block_linears(ir):
             if not isinstance(lin.weight, QuantWeight):
                 s.check(lin.in_features, f"--pass {self.name} ({path})")
-        g = o.group_size if o.ends_group_size < 0 else o.ends_group_size
         for bits, what in ((o.head_bits, "head_bits"), (o.embed_bits, "embed_bits")):  # both hidden_size wide
             if bits:
-                QuantScheme(bits, g, o.symmetric, o.scale_dtype).check(ir.hidden_size, f"--pass {self.name}:{what}")
+                ends_scheme(o, bits).check(ir.hidden_size, f"--pass {self.name}:{what}")
         return s
