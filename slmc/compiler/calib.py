@@ -37,7 +37,8 @@ from typing import Callable
 import torch
 
 from ..errors import SlmcError
-from .ir import MLP, Attention, KVCacheSpec, Linear, Model, MoE, Norm, QuantWeight, Weight, named_weights
+from .ir import (MLP, Attention, KVCacheSpec, Linear, Model, MoE, Norm, QuantWeight, Weight, named_weights,
+                 transient_reads)
 from .reference import activation, attention, gate_up, linear, moe, rms_norm
 from .textdata import find_tokenizer_dir
 
@@ -111,11 +112,12 @@ def sample_ids(model: Model, n_seqs: int, seq_len: int, seed: int, temperature: 
     """Data-free samples, drawn once per process for the same weights and settings: sampling is
     a large share of a data-free pass's cost, and several passes or bench variants on one model
     ask again (a pass that changed the weights, even to an equivalent function, draws anew)."""
-    key = (fingerprint(model), n_seqs, seq_len, seed, float(temperature), first)
-    if key not in _SAMPLES:
-        if len(_SAMPLES) >= _SAMPLES_KEPT:
-            _SAMPLES.pop(next(iter(_SAMPLES)))
-        _SAMPLES[key] = _draw(model, n_seqs, seq_len, seed, temperature, first)
+    with transient_reads(model):
+        key = (fingerprint(model), n_seqs, seq_len, seed, float(temperature), first)
+        if key not in _SAMPLES:
+            if len(_SAMPLES) >= _SAMPLES_KEPT:
+                _SAMPLES.pop(next(iter(_SAMPLES)))
+            _SAMPLES[key] = _draw(model, n_seqs, seq_len, seed, temperature, first)
     return _SAMPLES[key].clone()
 
 

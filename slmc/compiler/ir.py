@@ -81,6 +81,9 @@ class Weight:
         return f"Weight({self.dtype}{list(self.shape)})"
 
 
+DEQUANT_CHUNK = 1 << 22  # elements dequantized at a time (16 MiB of fp32 per temporary)
+
+
 @dataclass(eq=False)
 class QuantWeight:
     """A groupwise-quantized 2-D weight [out, in].
@@ -122,13 +125,21 @@ class QuantWeight:
         cached = self.__dict__.get("_dequant")
         if cached is not None and cached[0] is self.codes and cached[1] is self.scales:
             return cached[2]
-        g = self.group_size
-        codes = self.codes.float()
-        z = self.zeros.float().repeat_interleave(g, dim=1) if self.zeros is not None else 0.0
-        w = (codes - z) * self.scales.float().repeat_interleave(g, dim=1)
+        rows, cols = self.codes.shape
+        w = torch.empty(rows, cols)
+        step = max(1, DEQUANT_CHUNK // max(1, cols))
+        for r in range(0, rows, step):  # in row chunks: the temporaries stay small beside w (issue 17)
+            w[r:r + step] = self.rows(slice(r, r + step))
         if _DEQUANT_CACHE[0]:
             self.__dict__["_dequant"] = (self.codes, self.scales, w)
         return w
+
+    def rows(self, idx) -> torch.Tensor:
+        """The dequantized rows `idx` (a slice or index tensor) only: e.g. an embedding lookup's."""
+        g = self.group_size
+        codes = self.codes[idx].float()
+        z = self.zeros[idx].float().repeat_interleave(g, dim=1) if self.zeros is not None else 0.0
+        return (codes - z) * self.scales[idx].float().repeat_interleave(g, dim=1)
 
 
 # The cache holds an fp32 copy of every quantized weight the reference executor has read: right
@@ -146,6 +157,19 @@ def dequant_cache(on: bool):
         yield
     finally:
         _DEQUANT_CACHE[0] = prev
+
+
+@contextmanager
+def transient_reads(model):
+    """Within: the lazily loaded weights read (a data-free sample, a fingerprint: each reads the
+    whole model) are dropped again at the end, so the model stays as lazy as it was found and a
+    block-by-block pass after it holds one block, not every weight (issue 17)."""
+    lazy = [w for _, w in named_weights(model) if isinstance(w, Weight) and w._loader is not None and not w.loaded]
+    try:
+        yield
+    finally:
+        for w in lazy:
+            w.release()
 
 
 def drop_dequant_caches(model) -> None:

@@ -83,10 +83,20 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
         torch.int8 if s.symmetric else torch.uint8)
 
 
+RTN_CHUNK = 1 << 22  # elements per row chunk of a big table
+
+
 def rtn(w: torch.Tensor, s: QuantScheme, algorithm: str = "rtn",
         scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> QuantWeight:
-    """Round-to-nearest with the range-derived (or given) scales."""
+    """Round-to-nearest with the range-derived (or given) scales. A big table (a 128k-row
+    embedding) goes in row chunks, rows being independent: its fp32 temporaries stay small."""
     s = s.at(w.shape[1])
+    step = max(1, RTN_CHUNK // w.shape[1])
+    if scale is None and w.shape[0] > step:
+        parts = [rtn(w[r:r + step], s, algorithm) for r in range(0, w.shape[0], step)]
+        return QuantWeight(codes=torch.cat([p.codes for p in parts]), scales=torch.cat([p.scales for p in parts]),
+                           zeros=torch.cat([p.zeros for p in parts]) if parts[0].zeros is not None else None,
+                           group_size=s.group_size, bits=s.bits, symmetric=s.symmetric, algorithm=algorithm)
     if scale is None:
         scale, zero = group_params(w, s)
     codes = quantize_codes(w, scale, zero, s)

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .ir import MLP, Attention, Block, Linear, Model, MoE, Norm, RoPE
+from .ir import MLP, Attention, Block, Linear, Model, MoE, Norm, QuantWeight, RoPE
 from .quant import fake_quant_tokens
 
 
@@ -61,9 +61,22 @@ def rms_norm(x: torch.Tensor, n: Norm) -> torch.Tensor:
 
 def linear(x: torch.Tensor, lin: Linear) -> torch.Tensor:
     b = lin.bias.float() if lin.bias is not None else None
-    if getattr(lin.weight, "act_bits", 0):
+    w = lin.weight
+    if getattr(w, "act_bits", 0):
         x = fake_quant_tokens(x)
-    return F.linear(x, lin.weight.float(), b)
+    return _rows_linear(x, w, b) if isinstance(w, QuantWeight) and w.numel() > BIG else F.linear(x, w.float(), b)
+
+
+BIG = 1 << 26  # a quantized weight this large (a 128k-vocabulary head) is dequantized in row chunks
+
+
+def _rows_linear(x: torch.Tensor, w: QuantWeight, b: torch.Tensor | None) -> torch.Tensor:
+    """F.linear over chunks of output rows, so no fp32 copy of the whole weight is ever made."""
+    out = x.new_empty(*x.shape[:-1], w.shape[0])
+    step = max(1, BIG // 16 // w.shape[1])
+    for r in range(0, w.shape[0], step):
+        out[..., r:r + step] = F.linear(x, w.rows(slice(r, r + step)), b[r:r + step] if b is not None else None)
+    return out
 
 
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -186,13 +199,18 @@ def block(b: Block, x: torch.Tensor, positions: torch.Tensor, kv_dtype: str = "f
 
 
 def embed(model: Model, ids: torch.Tensor) -> torch.Tensor:
-    return F.embedding(ids, model.embed.float()) * model.embed_scale
+    if isinstance(model.embed, QuantWeight):  # only the rows looked up are dequantized
+        used, where = torch.unique(ids, return_inverse=True)
+        return F.embedding(where, model.embed.rows(used)) * model.embed_scale
+    return F.embedding(ids, model.embed.data).float() * model.embed_scale  # no fp32 copy of a bf16 table
 
 
 def head(model: Model, x: torch.Tensor) -> torch.Tensor:
     x = rms_norm(x, model.final_norm)
     # an own head node is an ordinary linear: its int8 activations (8da4w head) and bias apply
-    logits = linear(x, model.lm_head) if model.lm_head is not None else F.linear(x, model.embed.float())
+    w = model.embed  # a tied head reads the table with float activations
+    logits = linear(x, model.lm_head) if model.lm_head is not None else (
+        _rows_linear(x, w, None) if isinstance(w, QuantWeight) and w.numel() > BIG else F.linear(x, w.float()))
     if model.final_logit_softcap is not None:
         c = model.final_logit_softcap
         logits = torch.tanh(logits / c) * c

@@ -30,12 +30,12 @@ def quantize_ends(ir: Model, opts: QuantOptions, algorithm: str, head: bool = Tr
         if ir.lm_head is None:
             ir.lm_head = Linear(ir.embed)
         if head and not isinstance(ir.lm_head.weight, QuantWeight):
-            ir.lm_head.weight = rtn(ir.lm_head.weight.float(), head_scheme(ir, opts), algorithm)
+            ir.lm_head.weight = rtn(ir.lm_head.weight.data, head_scheme(ir, opts), algorithm)
             n += 1
     if opts.embed_bits and not isinstance(ir.embed, QuantWeight):
         s = ends_scheme(opts, opts.embed_bits)
         s.check(ir.hidden_size, "--pass quant:embed_bits")
-        ir.embed = rtn(ir.embed.float(), s, algorithm)
+        ir.embed = rtn(ir.embed.data, s, algorithm)  # .data: no whole fp32 copy of a bf16 table
         n += 1
     return n
 

@@ -45,6 +45,7 @@ from ..compiler.calib import Site, gram, run_block
 from ..compiler.ir import Linear, Model, QuantWeight, Weight
 from ..compiler.pass_manager import PassResult, register
 from ..compiler.quant import QuantScheme, group_params, quantize_codes, rtn
+from ..compiler.spill import Spill, spill_tree
 from ..errors import SlmcError
 from ._options import CalibOptions, QuantOptions
 from ._quant import QuantPass, quant_ensures, quantize_ends, set_act_bits
@@ -197,6 +198,9 @@ class QuantAWQ(QuantPass):
         ids, t_calib = o.tokens(ir)
         x = reference.embed(ir, ids)
         done: set[int] = set()
+        # the folded floats of blocks already done go to scratch space (compiler/spill.py), so the
+        # next pass reads them back one block at a time instead of finding the model resident
+        spill = None if quantize else Spill("--pass quant.awq")
         stats = {"quantized": 0, "scaled_groups": 0, "loss_rtn": 0.0, "loss_awq": 0.0}
         for d in range(ir.n_layers):
             bi = ir.layers[d]
@@ -204,6 +208,8 @@ class QuantAWQ(QuantPass):
             x_next = run_block(ir.blocks[bi], x, (lambda site: None) if bi in done else sites.append)
             if sites:
                 self._block(sites, s, quantize, stats)
+                if spill is not None:
+                    spill_tree(ir.blocks[bi], spill)
             done.add(bi)
             x = x_next
         if quantize:
@@ -213,6 +219,8 @@ class QuantAWQ(QuantPass):
                 "scheme": f"{'s' if o.symmetric else 'a'}int{o.bits}g{o.group_size}",
                 "calibration": o.describe(),
                 "calibration_seconds": round(t_calib, 2)}
+        if spill is not None and spill.nbytes:
+            info["spilled_mib"] = round(spill.nbytes / 2**20, 1)
         if stats["loss_rtn"] > 0:  # the searched scales' share of plain RTN's output error
             info["scale_search_loss_vs_rtn"] = round(stats["loss_awq"] / stats["loss_rtn"], 4)
         return PassResult(ir, stats["quantized"] + stats["scaled_groups"] > 0, info)

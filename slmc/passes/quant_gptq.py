@@ -208,7 +208,7 @@ class QuantGPTQ(QuantPass):
             return 0
         s = head_scheme(ir, o)
         H = 2 * gram(reference.rms_norm(x, ir.final_norm))
-        W = lin.weight.float()
+        W = lin.weight.data  # each chunk is made fp32 in gptq(), not the whole table at once
         parts = [gptq(W[r:r + HEAD_ROWS], H, s, o.damp, o.block_size, o.act_order, o.clip)
                  for r in range(0, W.shape[0], HEAD_ROWS)]
         codes, scales = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -1,0 +1,112 @@
+"""Scratch storage for float weights a pass rewrote (issue 17: compile at phone-model scale).
+
+A checkpoint's weights are read lazily and released after use (`Weight.release`), so a pass
+that walks the model block by block holds one block's floats at a time. A pass that rewrites
+floats (quant.awq:quantize=false folding its scales, quant.rotate) makes new tensors with
+no file behind them, and by the last block the whole rewritten model is resident: at 1B
+parameters that was 4.7 GB held through the next pass. `Spill` writes such tensors to an
+unlinked temporary file (gone when the process ends, even if killed) and hands back Weights
+that read them again on first use, so they are released like the checkpoint's own.
+
+The file is under TMPDIR (tempfile's choice); a full disk is reported as such.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+from ..errors import SlmcError
+from .ir import DTYPE_NAMES, DTYPES, Weight
+
+MIN_BYTES = 1 << 20  # smaller tensors (norm weights, biases) stay in memory
+
+
+class Spill:
+    """An append-only scratch file of tensors; each `put` returns a Weight reading it back."""
+
+    def __init__(self, where: str):
+        self.where = where  # the pass, for error messages
+        self._file = None
+        self._end = 0
+
+    def put(self, t: torch.Tensor) -> Weight:
+        t = t.detach().contiguous()
+        if t.dtype not in DTYPE_NAMES:
+            raise ValueError(f"cannot spill dtype {t.dtype}")
+        raw = t.view(torch.uint8) if t.dtype == torch.bfloat16 else t  # numpy has no bfloat16
+        buf = memoryview(raw.numpy()).cast("B")
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(prefix="slmc-spill-")
+        off, n = self._end, len(buf)
+        try:
+            done = 0
+            while done < n:  # pwrite may write less than asked
+                done += os.pwrite(self._file.fileno(), buf[done:], off + done)
+        except OSError as e:
+            raise SlmcError(f"cannot write rewritten weights to scratch space in {tempfile.gettempdir()} "
+                            f"({e.strerror}); free space there or set TMPDIR to a larger disk", self.where) from None
+        self._end += n
+        shape, dtype = tuple(t.shape), DTYPE_NAMES[t.dtype]
+        # a plain closure (not a bound method), so copy.deepcopy of a model shares it
+        return Weight(shape=shape, dtype=dtype, loader=lambda: self._read(off, n, shape, dtype))
+
+    def _read(self, off: int, n: int, shape: tuple, dtype: str) -> torch.Tensor:
+        buf = bytearray(n)
+        got = 0
+        while got < n:
+            k = os.preadv(self._file.fileno(), [memoryview(buf)[got:]], off + got)
+            if k <= 0:
+                raise SlmcError("scratch weight file is truncated", self.where)
+            got += k
+        t = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8))
+        return t.view(DTYPES[dtype]).view(shape)
+
+    def weight(self, w: Weight) -> Weight:
+        """A spilled copy of a rewritten float; else `w` itself, its data dropped if it can be
+        re-read (the checkpoint's weights a pass only read) and kept if small."""
+        if w._loader is not None:
+            w.release()
+        elif w.loaded and w.nbytes() >= MIN_BYTES:
+            return self.put(w.data)
+        return w
+
+    @property
+    def nbytes(self) -> int:
+        return self._end
+
+
+def spill_tree(obj, spill: Spill) -> int:
+    """Leave nothing of `obj` (a block a pass is done with) resident that can live on disk: every
+    rewritten float Weight is replaced by its spilled copy (a Weight met twice, shared, is
+    spilled once) and checkpoint weights the pass read are released. Returns the bytes written."""
+    import dataclasses
+
+    memo: dict[int, tuple[Weight, Weight]] = {}  # keeps the old Weight alive: ids stay unique
+    before = spill.nbytes
+
+    def new(x: Weight) -> Weight:
+        if id(x) not in memo:
+            memo[id(x)] = (x, spill.weight(x))
+        return memo[id(x)][1]
+
+    def walk(o):
+        if isinstance(o, list):
+            for i, x in enumerate(o):
+                if isinstance(x, Weight):
+                    o[i] = new(x)
+                else:
+                    walk(x)
+        elif dataclasses.is_dataclass(o) and not isinstance(o, type):
+            for f in dataclasses.fields(o):
+                x = getattr(o, f.name)
+                if isinstance(x, Weight):
+                    setattr(o, f.name, new(x))
+                else:
+                    walk(x)
+
+    walk(obj)
+    return spill.nbytes - before
