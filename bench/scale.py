@@ -205,6 +205,25 @@ def measure(name: str, target: str, model_dir: Path, work: Path, a) -> dict:
     return r
 
 
+def head_commit() -> str:
+    """The slmc commit measured (rows of different commits share the table: say which is which)."""
+    import subprocess
+
+    git = ["git", "-C", str(HERE.parent)]
+    c = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "slmc"], capture_output=True, text=True).stdout
+    return c + ("+changes" if dirty.strip() else "") if c else "unknown"
+
+
+def passes_of(target: str) -> list[str]:
+    from slmc.recipes import recipe_passes
+    from slmc.targets.registry import get_target
+
+    tgt = get_target(target)
+    spec = tgt.spec_class(backend=TARGETS[target])
+    return recipe_passes(RECIPE, target, TARGETS[target], tgt.quant_rules(spec))
+
+
 def growth(rows: list[dict], key: str) -> float | None:
     """log-log slope of `key` against params between the smallest and largest model measured."""
     ok = sorted((r["params"], r[key]) for r in rows if r.get(key))
@@ -236,7 +255,8 @@ def main(a) -> None:
             # twice once quantization gives the head its own node
             r["artifact_params"] = r.pop("params", None)
             rows[(name, target)] = {"model": name, "target": target, "params": params,
-                                    "fp32_weight_mib": round(params * 4 / 2**20, 1), **r}
+                                    "fp32_weight_mib": round(params * 4 / 2**20, 1), "commit": head_commit(),
+                                    "recipe_passes": " ".join(passes_of(target)), **r}
             others |= set(busy_processes())
             write(stem, rows, others, a)
     write(stem, rows, others, a)
@@ -252,6 +272,7 @@ def write(stem: str, rows: dict, others: set, a) -> None:
                          "decode_steps": a.steps, "repeats": a.repeats, "rss_limit_gib": a.rss_limit_gib,
                          "rows": sorted(rows.values(), key=lambda r: (r["params"], r["target"])),
                          "growth": grow, "not_run": a.not_run, "other_processes": sorted(others)}, echo=False)
+    # growth slopes mix commits when the rows do: markdown() says so
 
 
 def notes(r: dict) -> str | None:
@@ -269,18 +290,17 @@ def markdown(r: dict) -> str:
              f"{m['date']} · {m['cpu']} · {m['cores']} cores · {m['mem_gib']} GiB · torch {m['torch']} · "
              f"executorch {m['executorch']} · max_seq_len {r['max_seq_len']} · decode: median of {r['repeats']} × "
              f"{r['decode_steps']} greedy steps · watchdog {r['rss_limit_gib']} GiB", "",
-             *([f"Recipe passes: `{r['recipe_passes']}`", ""] if r.get("recipe_passes") else []),
-             "| model | target | params | fp32 weights (MiB) | compile wall (s) | CPU (s) | peak RSS (MiB) "
+             "| model | target | commit | params | fp32 weights (MiB) | compile wall (s) | CPU (s) | peak RSS (MiB) "
              "| RSS / fp32 | artifact (MiB) | bytes / param | decode tok/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in r["rows"]:
         if "error" in x:
-            lines.append(f"| {x['model']} | {x['target']} | {x['params']:,} | {x['fp32_weight_mib']:.0f} | "
-                         f"failed: {x['error']} | | | | | | |")
+            lines.append(f"| {x['model']} | {x['target']} | {x.get('commit', '?')} | {x['params']:,} | "
+                         f"{x['fp32_weight_mib']:.0f} | failed: {x['error']} | | | | | | |")
             continue
         rss = x["peak_rss_mib"]
-        lines.append(f"| {x['model']} | {x['target']} | {x['params']:,} | {x['fp32_weight_mib']:.0f} | "
-                     f"{x['wall_s']:.0f} | {x['cpu_s']:.0f} | {rss:.0f} | {rss / x['fp32_weight_mib']:.2f} | "
+        lines.append(f"| {x['model']} | {x['target']} | {x.get('commit', '?')} | {x['params']:,} | "
+                     f"{x['fp32_weight_mib']:.0f} | {x['wall_s']:.0f} | {x['cpu_s']:.0f} | {rss:.0f} | {rss / x['fp32_weight_mib']:.2f} | "
                      f"{x['artifact_bytes'] / 2**20:.0f} | {x['artifact_bytes'] / x['params']:.3f} | "
                      f"{_f(x.get('decode', {}).get('decode_tok_s')) if 'error' not in x.get('decode', {}) else 'failed: ' + x['decode']['error']} |")
     lines += ["", "Growth with parameter count (log-log slope, smallest to largest model measured; 1.0 = linear):", "",
@@ -288,6 +308,13 @@ def markdown(r: dict) -> str:
     for t, g in r["growth"].items():
         lines.append(f"| {t} | {_f(g['wall_s'], '{:.2f}')} | {_f(g.get('cpu_s'), '{:.2f}')} | {_f(g['peak_rss_mib'], '{:.2f}')} | "
                      f"{_f(g['artifact_bytes'], '{:.2f}')} | {_f(g['decode_tok_s'], '{:.2f}')} |")
+    commits = {x.get("commit") for x in r["rows"] if "error" not in x}
+    if len(commits) > 1:
+        lines += ["", f"The rows come from {len(commits)} commits ({', '.join(sorted(map(str, commits)))}): the slopes "
+                  "mix them, so read each row's peak against its own commit's recipe passes (below)."]
+    if any(x.get("recipe_passes") for x in r["rows"]):
+        lines += ["", "Recipe passes per commit:", ""] + sorted(
+            {f"- {x.get('commit', '?')}: `{x.get('recipe_passes')}`" for x in r["rows"] if x.get("recipe_passes")})
     if r.get("not_run"):
         lines += ["", "Not run in this results file:", ""] + [f"- {n}" for n in r["not_run"]]
     lines.append("")
