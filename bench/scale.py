@@ -242,6 +242,7 @@ def main(a) -> None:
     rows = {(r["model"], r["target"]): r for r in prev.get("rows", [])}
     others = set(prev.get("other_processes", [])) | set(busy_processes())
     models = ["tiny"] if a.quick else a.models
+    commit = head_commit()  # now: the workers import slmc as it is at the start
     for name in models:
         need = [t for t in a.targets if "error" in rows.get((name, t), {"error": ""})
                 or "error" in rows[(name, t)].get("decode", {})]
@@ -255,7 +256,7 @@ def main(a) -> None:
             # twice once quantization gives the head its own node
             r["artifact_params"] = r.pop("params", None)
             rows[(name, target)] = {"model": name, "target": target, "params": params,
-                                    "fp32_weight_mib": round(params * 4 / 2**20, 1), "commit": head_commit(),
+                                    "fp32_weight_mib": round(params * 4 / 2**20, 1), "commit": commit,
                                     "recipe_passes": " ".join(passes_of(target)), **r}
             others |= set(busy_processes())
             write(stem, rows, others, a)
