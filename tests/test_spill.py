@@ -109,3 +109,20 @@ def test_data_free_sampling_leaves_the_model_lazy(tiny_llama_dir):
     ids = sample_ids(m, 2, 8, seed=12345)
     assert ids.shape == (2, 8)
     assert not any(w.loaded for w in lazy)
+
+
+def test_rotation_leaves_its_rewritten_model_on_disk(tiny_llama_dir, monkeypatch):
+    """quant.rotate rewrites every linear, the embedding and the (untied) head: they go to
+    scratch space, and the logits are unchanged."""
+    from slmc.compiler.ir import named_weights
+
+    monkeypatch.setattr(spill_mod, "MIN_BYTES", 4096)
+    m = import_hf(tiny_llama_dir)
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
+    before = reference.forward(m, ids)
+    out, logs = PassManager([parse_pass("quant.rotate:untie=true")]).run(m)
+    assert logs[0].info["spilled_mib"] > 0
+    big = [w for _, w in named_weights(out) if isinstance(w, Weight) and w.nbytes() >= 4096]
+    assert big and all(not w.loaded for w in big)
+    assert out.lm_head is not None and out.lm_head.weight in big and out.embed in big
+    torch.testing.assert_close(reference.forward(out, ids), before, rtol=1e-4, atol=1e-4)

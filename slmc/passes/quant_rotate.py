@@ -57,6 +57,7 @@ import torch
 from ..compiler.hadamard import rotation
 from ..compiler.ir import MLP, Attention, Block, Linear, Model, MoE, Norm, Weight
 from ..compiler.pass_manager import Pass, PassResult, register
+from ..compiler.spill import Spill, spill_tree
 from ..errors import SlmcError
 
 KINDS = ("hadamard", "random")
@@ -223,6 +224,13 @@ def rotate_heads(ir: Model, r2s: dict[int, torch.Tensor]) -> int:
     return n
 
 
+def _spilled(ir: Model) -> dict:
+    """The rewritten floats to scratch space (compiler/spill.py): the quantizer after this pass
+    reads them back block by block instead of finding the whole model resident."""
+    n = spill_tree(ir, Spill(WHERE))
+    return {"spilled_mib": round(n / 2**20, 1)} if n else {}
+
+
 @register
 class QuantRotate(Pass):
     name = "quant.rotate"
@@ -238,7 +246,7 @@ class QuantRotate(Pass):
         if not o.rotate:
             folded = fold_norms(ir)
             return PassResult(ir, True, {"norms_folded_into": folded,
-                                         "untied_head": was_tied and ir.lm_head is not None})
+                                         "untied_head": was_tied and ir.lm_head is not None, **_spilled(ir)})
         gen = torch.Generator().manual_seed(o.seed)
         r1, how1 = rotation(ir.hidden_size, o.kind, gen)
         folded = fold_norms(ir)
@@ -252,4 +260,4 @@ class QuantRotate(Pass):
                 info[f"r2_{d}"] = f"{how2} ({d})"
             info["attentions_rotated"] = rotate_heads(ir, r2s)
         info["linears_rotated"] = n
-        return PassResult(ir, True, info)
+        return PassResult(ir, True, {**info, **_spilled(ir)})
