@@ -216,12 +216,9 @@ def head_commit() -> str:
 
 
 def passes_of(target: str) -> list[str]:
-    from slmc.recipes import recipe_passes
-    from slmc.targets.registry import get_target
+    from slmc import api
 
-    tgt = get_target(target)
-    spec = tgt.spec_class(backend=TARGETS[target])
-    return recipe_passes(RECIPE, target, TARGETS[target], tgt.quant_rules(spec))
+    return api.compile_passes(RECIPE, target, TARGETS[target])
 
 
 def growth(rows: list[dict], key: str) -> float | None:

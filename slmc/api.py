@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._api.build import build
-from ._api.compile import compile, compile_ir, quant_summary
+from ._api.compile import compile, compile_ir, compile_passes, quant_summary
 from ._api.diff import DiffOptions, diff
 from ._api.isolated import diff_isolated, require_block_pass, validate_by_block
 from ._api.report import write_report
@@ -45,7 +45,7 @@ __all__ = [
     "evaluate_tokens", "inspect", "run", "catalog", "default_model", "DEFAULT_MODEL", "load",
     "resolve_model_path", "tokenizer_dir", "reference_model", "read_manifest", "parse_passes", "pass_registry",
     "run_passes", "quant_summary", "diff", "DiffOptions", "write_report", "device_setup",
-    "diff_isolated", "validate_by_block", "require_block_pass", "recipe_passes",
+    "diff_isolated", "validate_by_block", "require_block_pass", "recipe_passes", "compile_passes",
     "EstimateOptions", "estimate", "estimate_devices", "estimate_fit", "estimate_leave_one_out", "estimate_points",
     "ESTIMATE_FLOWS", "ESTIMATE_FORMS", "ESTIMATE_FIGURES",
     # for benchmarks and scripts that build or measure IR themselves

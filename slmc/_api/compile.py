@@ -70,6 +70,17 @@ def _target_and_spec(target: str, backend: str | None):
     return tgt, spec
 
 
+def _recipe_passes(recipe: str, tgt, spec) -> list[str]:
+    from ..recipes import recipe_passes
+
+    return recipe_passes(recipe, tgt.name, spec.backend, tgt.quant_rules(spec))
+
+
+def compile_passes(recipe: str, target: str, backend: str | None = None) -> list[str]:
+    """A recipe's passes as `compile` runs them for this target (its quant rules applied)."""
+    return _recipe_passes(recipe, *_target_and_spec(target, backend))
+
+
 def compile(opts: CompileOptions, progress=None) -> tuple[Path, dict]:
     """Import, run the recipe's, your and the target's passes, lower, write `opts.out`.
     Returns the artifact folder and its manifest (the JSON object written)."""
@@ -79,11 +90,7 @@ def compile(opts: CompileOptions, progress=None) -> tuple[Path, dict]:
     if dump_ir is not None and dump_ir.exists() and not dump_ir.is_dir():
         raise SlmcError(f"{opts.dump_ir} exists and is a file, not a folder", "--dump-ir")
     tgt, spec = _target_and_spec(opts.target, opts.backend)
-    passes = list(opts.passes)
-    if opts.recipe:
-        from ..recipes import recipe_passes
-
-        passes = recipe_passes(opts.recipe, tgt.name, spec.backend, tgt.quant_rules(spec)) + passes
+    passes = (_recipe_passes(opts.recipe, tgt, spec) if opts.recipe else []) + list(opts.passes)
     pipeline = with_calibration(parse_passes(passes + list(getattr(tgt, "default_passes", ()))), opts.calib)
     step("importing")
     src_path = resolve_model_path(str(opts.model), opts.keep_codes)

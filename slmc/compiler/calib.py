@@ -125,8 +125,10 @@ def sample_ids(model: Model, n_seqs: int, seq_len: int, seed: int, temperature: 
 def _draw(model: Model, n_seqs: int, seq_len: int, seed: int, temperature: float, first: str) -> torch.Tensor:
     """first="random": a seeded random vocabulary token; "bos": the model's BOS token."""
     from .lowering.module import LoweredLM
+    from .spill import page_out_weights
 
     lm = LoweredLM(_float_view(model, seq_len)).eval()
+    page_out_weights()  # the module holds its own copies; the checkpoint's pages can go
     caches = {n: b for n, b in lm.named_buffers() if "_cache_" in n}
     step = torch.func.vmap(lambda tok, c, pos: torch.func.functional_call(lm, c, (tok, pos)),
                            in_dims=(0, 0, None))

@@ -45,7 +45,7 @@ from ..compiler.calib import Site, gram, run_block
 from ..compiler.ir import Linear, Model, QuantWeight, Weight
 from ..compiler.pass_manager import PassResult, register
 from ..compiler.quant import QuantScheme, group_params, quantize_codes, rtn
-from ..compiler.spill import Spill, spill_tree
+from ..compiler.spill import Spill, page_out_weights, spill_tree
 from ..errors import SlmcError
 from ._options import CalibOptions, QuantOptions
 from ._quant import QuantPass, quant_ensures, quantize_ends, set_act_bits
@@ -210,6 +210,7 @@ class QuantAWQ(QuantPass):
                 self._block(sites, s, quantize, stats)
                 if spill is not None:
                     spill_tree(ir.blocks[bi], spill)
+            page_out_weights()  # the block's checkpoint pages: copied, folded or quantized by now
             done.add(bi)
             x = x_next
         if quantize:

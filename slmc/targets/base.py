@@ -25,6 +25,7 @@ from typing import ClassVar, Protocol
 import torch
 
 from ..compiler.ir import Model
+from ..compiler.spill import page_out_weights  # noqa: F401  re-exported for the targets
 from ..compiler.lowering.export import max_chunk
 from ..errors import SlmcError, UnsupportedError
 from ..manifest import read_manifest, write_manifest  # noqa: F401  read_manifest: re-exported
@@ -64,37 +65,6 @@ def scratch_file(name: str) -> Path:
     return d / Path(name).name
 
 
-WEIGHT_FILES = (".safetensors", ".gguf")
-MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; clean file pages are re-read on their next use
-
-
-def page_out_weights() -> None:
-    """Let go of the resident pages of the checkpoint's memory-mapped weight files. Reading a
-    mapped checkpoint (the import's NaN check, a pass, a lowering step) leaves every page it
-    touched counted in the process's RSS for as long as the file stays mapped, beside the copies
-    made from them. MADV_PAGEOUT drops clean pages (re-read from the file if used again) and
-    never loses a page written in place (it is swapped or kept); where the call is missing
-    (not Linux, older kernels) nothing happens."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        maps = [ln.split() for ln in Path("/proc/self/maps").read_text().splitlines()]
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    for m in maps:
-        if len(m) >= 6 and m[-1].endswith(WEIGHT_FILES):
-            lo, hi = (int(x, 16) for x in m[0].split("-"))
-            libc.madvise(lo, hi - lo, MADV_PAGEOUT)
-    # glibc keeps freed heap memory (the transient copies of weights a lowering makes) for
-    # reuse instead of returning it to the system; malloc_trim returns what is free
-    trim = getattr(libc, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
 
 
 def file_size(data: bytes | Path) -> int:
