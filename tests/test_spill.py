@@ -126,3 +126,25 @@ def test_rotation_leaves_its_rewritten_model_on_disk(tiny_llama_dir, monkeypatch
     assert big and all(not w.loaded for w in big)
     assert out.lm_head is not None and out.lm_head.weight in big and out.embed in big
     torch.testing.assert_close(reference.forward(out, ids), before, rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_reads_are_exact_and_unmapped(tmp_path):
+    """Weights are read from the file, not mapped: equal to safetensors' own reading, for every
+    dtype, and the file never appears in the process's mappings (mapped pages count in RSS)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from slmc.compiler.importers.safetensors_source import SafetensorsSource
+
+    ts = {"f32": torch.randn(33, 7), "bf16": torch.randn(5, 64).bfloat16(), "f16": torch.randn(9).half(),
+          "i8": torch.randint(-128, 127, (4, 4), dtype=torch.int8), "empty": torch.zeros(0, 3)}
+    p = tmp_path / "w.safetensors"
+    save_file(ts, str(p))
+    src = SafetensorsSource([p])
+    got = {n: src.weight(n).data for n in ts}
+    assert str(p) not in Path("/proc/self/maps").read_text()
+    with safe_open(str(p), framework="pt") as h:
+        for n in ts:
+            assert torch.equal(got[n], h.get_tensor(n)) and got[n].dtype == ts[n].dtype
