@@ -148,3 +148,16 @@ def test_checkpoint_reads_are_exact_and_unmapped(tmp_path):
     with safe_open(str(p), framework="pt") as h:
         for n in ts:
             assert torch.equal(got[n], h.get_tensor(n)) and got[n].dtype == ts[n].dtype
+
+
+def test_fingerprint_reads_leave_the_model_lazy(tiny_llama_dir):
+    """The samples' cache key reads every weight; each is dropped right after (else the
+    sampling module's fp32 copies sat beside the whole bf16 checkpoint: OOM at 3B)."""
+    from slmc.compiler.calib import fingerprint
+    from slmc.compiler.ir import named_weights
+
+    m = import_hf(tiny_llama_dir)
+    lazy = [w for _, w in named_weights(m) if isinstance(w, Weight) and w._loader is not None and not w.loaded]
+    a = fingerprint(m)
+    assert lazy and not any(w.loaded for w in lazy)
+    assert fingerprint(m) == a

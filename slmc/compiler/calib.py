@@ -98,12 +98,17 @@ def fingerprint(model: Model) -> str:
     the same fingerprint compute the same function, so they draw the same samples."""
     h = hashlib.sha1()
     for name, w in named_weights(model):
+        lazy = isinstance(w, Weight) and not w.loaded  # read for the digest only: dropped after it
         parts = [w.codes, w.scales] if isinstance(w, QuantWeight) else [w.data]
         for t in parts:
-            flat = t.reshape(-1).float()
+            flat = t.reshape(-1)
             h.update(name.encode())
-            h.update(flat[::max(1, flat.numel() // 4096)].numpy().tobytes())
-            h.update(repr(float(flat.double().sum())).encode())
+            h.update(flat[::max(1, flat.numel() // 4096)].float().numpy().tobytes())
+            # summed in chunks: a float64 copy of a 128k-row table would be 2 GB (issue 17)
+            total = sum(float(flat[i:i + (1 << 22)].double().sum()) for i in range(0, flat.numel(), 1 << 22))
+            h.update(repr(total).encode())
+        if lazy:
+            w.release()
     return h.hexdigest()
 
 
