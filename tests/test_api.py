@@ -14,8 +14,9 @@ from slmc.cli import main
 from slmc.errors import SlmcError
 
 
-def test_cli_imports_only_the_api_and_errors():
-    src = Path(api.__file__).with_name("cli.py").read_text()
+@pytest.mark.parametrize("module", ["cli.py", "cli_print.py"])
+def test_cli_imports_only_the_api_and_errors(module):
+    src = Path(api.__file__).with_name(module).read_text()
     for node in ast.walk(ast.parse(src)):
         if isinstance(node, ast.ImportFrom) and node.level == 1:  # from . import x / from .x import y
             mods = [f"slmc.{a.name}" for a in node.names] if node.module is None else [f"slmc.{node.module}"]
@@ -26,7 +27,7 @@ def test_cli_imports_only_the_api_and_errors():
         else:
             continue
         # slmc.build: `slmc build`'s no-op check must not import torch (tests/test_layering.py)
-        assert set(mods) <= {"slmc.api", "slmc.errors", "slmc.build"}, mods
+        assert set(mods) <= {"slmc.api", "slmc.errors", "slmc.build", "slmc.cli_print"}, mods
 
 
 def test_list_prints_the_catalog():
