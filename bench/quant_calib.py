@@ -16,6 +16,8 @@ for the group scales, temperature, the first token (random vs BOS), sample diver
 short samples), act-order off, the number of tokens. "combined" then joins the factors whose
 measured rows beat the baseline, alone, under AWQ's scales (quant.awq:quantize=false, then
 quant.gptq) and calibrated on Emma. References: fp32, RTN, AWQ data-free and calibrated.
+The amount rows (AMOUNTS, SEEDS) then vary n_seqs x seq_len, and the seed, under the recipes'
+method (AWQ scales + GPTQ clip, both passes on the same calibration), data-free and on Emma.
 Evaluation: perplexity on the first --eval-tokens tokens of each evaluation text (Northanger
 Abbey, the least famous corpus novel; more with --eval-text), non-overlapping --window
 windows (stride = window: half the cost of bench/quant_rotate.py's stride window/2, so
@@ -65,6 +67,11 @@ FACTORS = (  # (variant, what it tests, GPTQ options changed, the row it changes
     ("gptq no act-order", "act-order (off)", "act_order=false", "gptq clip"),  # quant.md: off is 7 points worse
 )
 BASES = {"gptq act-order": BASE0, "gptq clip": BASE}
+# The amount of calibration under the recipes' method (AWQ scales, then GPTQ with the clip search),
+# both passes given the same n_seqs x seq_len; 16x256 (4096 tokens) is the passes' default.
+AMOUNTS = (("data-free", ("64x256", "128x256")), ("calibrated", ("16x256", "64x256", "128x512", "256x512")))
+# the same rows at another seed (other windows of the text, other samples): how far two seeds differ
+SEEDS = (("calibrated", "16x256"), ("calibrated", "64x256"), ("calibrated", "128x512"), ("data-free", "64x256"))
 
 
 def _opts(spec: str, quick: bool = False) -> dict[str, str]:
@@ -128,7 +135,51 @@ def variants(calib: str, quick: bool, rows: list[dict] | None = None) -> list[tu
         factor["gptq 64x256"], factor["gptq no act-order"],
         ("gptq combined + int8 ends", "data-free", "embedding and head int8 per row", [f"{g},{best},{ENDS}"]),
         ("rtn", "data-free", "reference", [f"quant.rtn:{Q}"]),
-    ]
+        ("awq-scales+gptq clip", "data-free", "AWQ scales under GPTQ (clip)", awq_gptq(OLD, "", quick)),
+        # measured with the interrupted run's combination; first=bos and temperature do not act on text
+        ("awq-scales+gptq calibrated 64x64", "calibrated", "AWQ scales under GPTQ (clip), calibrated in 64 "
+         "windows of 64 tokens (the interrupted run's combination; first=bos and temperature do not act on "
+         "calibration text)", [f"quant.awq:{Q},quantize=false,{old},calib={calib}",
+                               f"{g},{q('n_seqs=64,seq_len=64')},act_order=true,first=bos,clip=true,"
+                               f"temperature=0.8,calib={calib}"]),
+    ] + amount_variants(calib, quick)
+
+
+def awq_gptq(amount: str, calib: str, quick: bool) -> list[str]:
+    """The recipes' int4 method: AWQ scales (quantize=false), then GPTQ with the clip search, both
+    on the same calibration (calib: a text file, or empty for data-free samples)."""
+    a = _spec(_opts(amount, quick)) + (f",calib={calib}" if calib else "")
+    return [f"quant.awq:{Q},quantize=false,{a}", f"quant.gptq:{Q},{a},act_order=true,clip=true"]
+
+
+def _tokens(size: str) -> str:
+    n, L = map(int, size.split("x"))
+    return f"{n * L // 1024}k" if n * L >= 8192 else str(n * L)
+
+
+def amount_name(kind: str, size: str, seed: int = 0) -> str:
+    name = f"awq-scales+gptq {'calibrated' if kind == 'calibrated' else 'clip'} {size}"
+    return name + (f" seed {seed}" if seed else "")
+
+
+def amount_variants(calib: str, quick: bool) -> list[tuple[str, str, str, list[str]]]:
+    """One factor: the amount of calibration under AWQ scales + GPTQ clip (both passes alike);
+    then a few of those rows again at seed 1."""
+    out = []
+    for kind, size, seed in ([(k, z, 0) for k, sizes in AMOUNTS for z in sizes] + [(k, z, 1) for k, z in SEEDS]):
+        n, L = size.split("x")
+        name = amount_name(kind, size, seed)
+        against = "awq-scales+gptq clip" if kind == "data-free" else amount_name(kind, "16x256")
+        what = (f"calibration amount: {n} x {L} = {_tokens(size)} tokens in both passes"
+                + (" (like-for-like baseline: the passes' default amount)" if name == against
+                   else f", against {against}"))
+        if seed:
+            against = amount_name(kind, size)
+            what = f"calibration seed (other {'windows of the text' if kind == 'calibrated' else 'samples'}): " \
+                   f"seed {seed}, against {against} (seed 0)"
+        spec = f"n_seqs={n},seq_len={L}" + (f",seed={seed}" if seed else "")
+        out.append((name, kind, what, awq_gptq(spec, calib if kind == "calibrated" else "", quick)))
+    return out
 
 
 def worker(a, model=None, ids=None) -> dict:
@@ -141,7 +192,8 @@ def worker(a, model=None, ids=None) -> dict:
     from slmc import api
 
     torch.set_num_threads(a.threads)
-    model = copy.deepcopy(model) if model is not None else api.load(a.model)
+    inproc = model is not None
+    model = copy.deepcopy(model) if inproc else api.load(a.model)
     t0 = time.time()
     model, logs = api.run_passes(model, a.passes)
     seconds = time.time() - t0
@@ -150,9 +202,11 @@ def worker(a, model=None, ids=None) -> dict:
     for text, t in ids.items():
         ppl[text] = api.evaluate_tokens(t, model, a.name, None, window=a.window, stride=a.window).perplexity
     calib = [l.info.get("calibration") for l in logs if l.info.get("calibration")]
+    calib_s = [l.info["calibration_seconds"] for l in logs if "calibration_seconds" in l.info]
     return {"variant": a.name, "passes": a.passes, "pass_seconds": round(seconds, 1),
             "weight_bytes": api.weight_bytes(model), "perplexity": ppl, "calibration": calib,
-            "wall_s": round(time.time() - t0, 1)}
+            "calibration_seconds": calib_s,
+            "wall_s": round(time.time() - t0, 1), "threads": a.threads, "inproc": inproc}
 
 
 def eval_ids(a, model) -> dict[str, list[int]]:
@@ -223,12 +277,39 @@ def factor_table(rows: list[dict], base: dict | None) -> list[str]:
     return out
 
 
+def amount_table(rows: list[dict], base: dict | None) -> list[str]:
+    """The amount of calibration under AWQ scales + GPTQ clip: tokens, mean Δ, cost."""
+    score = {r["variant"]: (r, _mean(_deltas(r, base))) for r in rows if _deltas(r, base)}
+    names = [("awq-scales+gptq clip", "data-free", "16x256", 0)]
+    names += [(amount_name(k, z), k, z, 0) for k, sizes in AMOUNTS for z in sizes]
+    names += [(amount_name(k, z, 1), k, z, 1) for k, z in SEEDS]
+    names.sort(key=lambda x: (x[1] != "calibrated", [int(v) for v in x[2].split("x")], x[3]))
+    have = [x for x in names if x[0] in score]
+    if not have:
+        return []
+    out = ["", "Amount of calibration under AWQ scales + GPTQ clip (both passes alike; goals: calibrated "
+           f"≤ +{dict(GOALS)['calibrated']:.0f} %, data-free ≤ +{dict(GOALS)['data-free']:.0f} %):", "",
+           "| calibration | n_seqs x seq_len | seed | tokens | mean Δ | pass s | calibration s (awq, gptq) |",
+           "|---|---|---|---|---|---|---|"]
+    notes = ["", "Pass s without a thread count: a run of all variants in one process, where data-free "
+             "samples drawn by an earlier row were reused (their sampling is not in that row's time)."]
+    for n, k, z, seed in have:
+        r, d = score[n]
+        thr = f" ({r['threads']} thr)" if "threads" in r else ""
+        cs = ", ".join(f"{x:g}" for x in r.get("calibration_seconds", [])) or "-"
+        out.append(f"| {k} | {z} | {seed} | {_tokens(z)} | {d:+.1f} % | {r['pass_seconds']}{thr} | {cs} |")
+    return out + (notes if any("threads" not in score[x[0]][0] for x in have) else [])
+
+
 def markdown(data: dict) -> str:
     rows, meta = data["rows"], data["meta"]
     texts = meta["eval_texts"]
     lines = [f"# Data-free calibration for int4 g32 GPTQ ({meta['model']})", "",
              f"{meta['date']}, {meta['machine']}. Calibrated rows: {meta['calibration']}. "
              f"Evaluation: {meta['evaluation']} (texts no calibration saw).", ""]
+    if meta.get("machine_later"):
+        lines += [f"Rows whose 'pass s' names a thread count ran later: {meta['machine_later']}; "
+                  "the others on the machine above (times are not comparable across the two).", ""]
     if meta.get("reduced"):
         lines += [f"**Reduced configuration:** {meta['reduced']}", ""]
     if meta.get("correction"):
@@ -244,11 +325,13 @@ def markdown(data: dict) -> str:
         d = _deltas(r, base) or {}
         cells = " | ".join(f"{r['perplexity'][t]:.2f} | " + (f"{d[t]:+.1f} %" if t in d else "-") for t in texts)
         mean = f"{_mean(d):+.1f} %" if d else "-"
+        thr = f" ({r['threads']} thr)" if "threads" in r else ""
         lines.append(f"| {r['variant']} | {r.get('kind', '')} | {r.get('tests', '')} | {cells} | {mean} | "
-                     f"{r['weight_bytes'] / 2**20:.1f} | {r['pass_seconds']} |")
+                     f"{r['weight_bytes'] / 2**20:.1f} | {r['pass_seconds']}{thr} |")
     lines += ["", "Passes of each row:", ""]
     lines += [f"- {r['variant']}: `{' '.join(r.get('passes', [])) or '(none)'}`" for r in rows]
     lines += factor_table(rows, base)
+    lines += amount_table(rows, base)
     lines += ["", "Goals (issue 18, int4 g32 symmetric weight-only, mean Δppl over the evaluation texts; "
               "rows that also quantize the embedding/head are not counted): ≤ +5 % with the user's "
               "calibration text (calibrated rows), ≤ +8 % data-free.", "",
@@ -299,7 +382,7 @@ def main() -> None:
         a.eval_tokens, a.window, suffix = 600, 128, "-quick"
     meta = {"model": a.model if not a.quick else "tiny random Llama", "date": datetime.date.today().isoformat(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores ({a.threads} torch threads, shared)"
-                       + (", variants in one process" if a.inproc else ""),
+                       + (", variants in one process" if a.inproc else ", each variant in its own process"),
             "calibration": f"{CALIB_TEXT} (the data-free rows sample from the model; sizes in the passes)",
             "eval_texts": [Path(t).name for t in a.eval_texts],
             "evaluation": f"{', '.join(Path(t).name for t in a.eval_texts)}: first {a.eval_tokens} tokens each, "
@@ -316,6 +399,14 @@ def main() -> None:
         prev = json.loads((RESULTS / f"{stem}.json").read_text())
         old = {r["variant"]: r for r in prev["rows"] if "error" not in r}
         meta["appended_to"] = prev["meta"].get("date")
+        pm, here = prev["meta"], f"{meta['date']}, {meta['machine']}"
+        later = pm.get("machine_later", "")
+        if pm.get("machine", meta["machine"]) != meta["machine"]:  # earlier rows keep their date and machine
+            meta["date"], meta["machine"] = pm["date"], pm["machine"]
+            if here not in later.split("; then "):
+                later = f"{later}; then {here}" if later else here
+        if later:
+            meta["machine_later"] = later
     work = Path(tempfile.mkdtemp(prefix="slmc-bench-quant-calib-"))
     rows = [r for r in old.values() if r["variant"] not in {t[0] for t in todo}]
     model = ids = None
