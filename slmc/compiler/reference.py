@@ -64,6 +64,10 @@ def linear(x: torch.Tensor, lin: Linear) -> torch.Tensor:
     w = lin.weight
     if getattr(w, "act_bits", 0):
         x = fake_quant_tokens(x)
+    return _matmul(x, w, b)
+
+
+def _matmul(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     return _rows_linear(x, w, b) if isinstance(w, QuantWeight) and w.numel() > BIG else F.linear(x, w.float(), b)
 
 
@@ -208,9 +212,8 @@ def embed(model: Model, ids: torch.Tensor) -> torch.Tensor:
 def head(model: Model, x: torch.Tensor) -> torch.Tensor:
     x = rms_norm(x, model.final_norm)
     # an own head node is an ordinary linear: its int8 activations (8da4w head) and bias apply
-    w = model.embed  # a tied head reads the table with float activations
-    logits = linear(x, model.lm_head) if model.lm_head is not None else (
-        _rows_linear(x, w, None) if isinstance(w, QuantWeight) and w.numel() > BIG else F.linear(x, w.float()))
+    # a tied head reads the table with float activations
+    logits = linear(x, model.lm_head) if model.lm_head is not None else _matmul(x, model.embed)
     if model.final_logit_softcap is not None:
         c = model.final_logit_softcap
         logits = torch.tanh(logits / c) * c
