@@ -18,6 +18,8 @@ measured rows beat the baseline, alone, under AWQ's scales (quant.awq:quantize=f
 quant.gptq) and calibrated on Emma. References: fp32, RTN, AWQ data-free and calibrated.
 The amount rows (AMOUNTS, SEEDS) then vary n_seqs x seq_len, and the seed, under the recipes'
 method (AWQ scales + GPTQ clip, both passes on the same calibration), data-free and on Emma.
+The method rows (bench/quant_calib_rows.py: METHODS) each change the method against a measured
+row at its amount: GPTQ alone, quant.rotate before GPTQ, quant.gptq's options.
 Evaluation: perplexity on the first --eval-tokens tokens of each evaluation text (Northanger
 Abbey, the least famous corpus novel; more with --eval-text), non-overlapping --window
 windows (stride = window: half the cost of bench/quant_rotate.py's stride window/2, so
@@ -42,6 +44,7 @@ import time
 from pathlib import Path
 
 from _common import CORPUS, RESULTS, render, tiny_model, write_results
+from quant_calib_rows import method_table, method_variants
 
 # the least famous corpus novel (fp32 perplexity 38.5, twice Pride and Prejudice's); one text keeps
 # the study inside the machine's shared time (more with --eval-text)
@@ -142,7 +145,7 @@ def variants(calib: str, quick: bool, rows: list[dict] | None = None) -> list[tu
          "calibration text)", [f"quant.awq:{Q},quantize=false,{old},calib={calib}",
                                f"{g},{q('n_seqs=64,seq_len=64')},act_order=true,first=bos,clip=true,"
                                f"temperature=0.8,calib={calib}"]),
-    ] + amount_variants(calib, quick)
+    ] + amount_variants(calib, quick) + method_variants(calib, q)
 
 
 def awq_gptq(amount: str, calib: str, quick: bool) -> list[str]:
@@ -332,6 +335,7 @@ def markdown(data: dict) -> str:
     lines += [f"- {r['variant']}: `{' '.join(r.get('passes', [])) or '(none)'}`" for r in rows]
     lines += factor_table(rows, base)
     lines += amount_table(rows, base)
+    lines += method_table({r["variant"]: (r, _mean(_deltas(r, base))) for r in rows if _deltas(r, base)})
     lines += ["", "Goals (issue 18, int4 g32 symmetric weight-only, mean Δppl over the evaluation texts; "
               "rows that also quantize the embedding/head are not counted): ≤ +5 % with the user's "
               "calibration text (calibrated rows), ≤ +8 % data-free.", "",

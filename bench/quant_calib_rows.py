@@ -1,0 +1,74 @@
+"""bench/quant_calib.py's method rows (issue 18's remaining gaps): each changes the method against
+a measured row, at a calibration amount that row used. GPTQ alone at 128x512 on Emma (AWQ's scales
+beat it at 16x256 only by losing: +8.4 vs +7.6 %), quant.rotate (QuaRot/SpinQuant R1+R2, fused into
+the weights) before GPTQ, calibrated and data-free, and GPTQ's own options. quant.rotate unties
+SmolLM2's head (untie=true: the final norm's scale is not uniform), so the rotated rows carry a
+float head table of their own in 'weights MiB'; the block linears are int4 g32 as in every row.
+"""
+
+from __future__ import annotations
+
+Q = "bits=4,group_size=32"
+ROTATE = "quant.rotate:untie=true"
+GPTQ = "act_order=true,clip=true"
+AWQ = "awq-scales"  # quant.awq:quantize=false at the row's amount and calibration (the recipes' method)
+
+# (name, calibration kind, n_seqs x seq_len, passes before GPTQ, GPTQ options added, against, what it tests)
+METHODS = (
+    ("gptq calibrated 128x512", "calibrated", "128x512", (), "", "awq-scales+gptq calibrated 128x512",
+     "GPTQ (clip) alone, without AWQ's scales"),
+    ("rotate+gptq calibrated 128x512", "calibrated", "128x512", (ROTATE,), "", "gptq calibrated 128x512",
+     "quant.rotate (R1+R2, head untied) before GPTQ (clip)"),
+    ("rotate+gptq clip", "data-free", "16x256", (ROTATE,), "", "gptq clip",
+     "quant.rotate (R1+R2, head untied) before GPTQ (clip)"),
+    ("rotate+gptq calibrated", "calibrated", "16x256", (ROTATE,), "", "gptq calibrated",
+     "quant.rotate (R1+R2, head untied) before GPTQ (clip)"),
+    ("rotate+awq-scales+gptq clip", "data-free", "16x256", (ROTATE, AWQ), "", "rotate+gptq clip",
+     "AWQ's scales (quantize=false) between quant.rotate and GPTQ (clip)"),
+    ("rotate+gptq clip 64x256", "data-free", "64x256", (ROTATE,), "", "awq-scales+gptq clip 64x256",
+     "quant.rotate (R1+R2, head untied) before GPTQ (clip), instead of AWQ's scales"),
+    # quant.gptq's options, screened first at the passes' default amount (16x256)
+    ("gptq calibrated refine 2", "calibrated", "16x256", (), "refine=2", "gptq calibrated",
+     "refine=2: least-squares group scales for GPTQ's codes, then GPTQ again with them (2 rounds)"),
+    ("gptq calibrated float-target", "calibrated", "16x256", (), "float_target=true", "gptq calibrated",
+     "float_target=true: GPTAQ's asymmetric calibration (the float model's output as each linear's target)"),
+    ("awq-scales+gptq clip steps 20", "data-free", "16x256", (AWQ,), "clip_steps=20", "awq-scales+gptq clip",
+     "clip_steps=20: the clip search's ratios at half the step (1, 0.975, ..., 0.525)"),
+    ("awq-scales+gptq calibrated clip steps 20", "calibrated", "16x256", (AWQ,), "clip_steps=20",
+     "awq-scales+gptq calibrated 16x256",
+     "clip_steps=20: the clip search's ratios at half the step (1, 0.975, ..., 0.525)"),
+    ("gptq clip refine 2", "data-free", "16x256", (), "refine=2", "gptq clip",
+     "refine=2: least-squares group scales for GPTQ's codes, then GPTQ again with them (2 rounds)"),
+    ("gptq clip float-target", "data-free", "16x256", (), "float_target=true", "gptq clip",
+     "float_target=true: GPTAQ's asymmetric calibration (the float model's output as each linear's target)"),
+)
+
+
+def method_variants(calib: str, q) -> list[tuple[str, str, str, list[str]]]:
+    """(name, kind, what it tests, passes); q shrinks a spec's amount in the quick run."""
+    out = []
+    for name, kind, size, before, extra, against, what in METHODS:
+        n, L = size.split("x")
+        spec = q(f"n_seqs={n},seq_len={L}") + f",{GPTQ}" + (f",{extra}" if extra else "") \
+            + (f",calib={calib}" if kind == "calibrated" else "")
+        amount = spec.split(f",{GPTQ}")[0] + (f",calib={calib}" if kind == "calibrated" else "")
+        before = [f"quant.awq:{Q},quantize=false,{amount}" if b == AWQ else b for b in before]
+        out.append((name, kind, f"{what}, against {against}", [*before, f"quant.gptq:{Q},{spec}"]))
+    return out
+
+
+def method_table(score: dict[str, tuple[dict, float]]) -> list[str]:
+    """Each measured method row against the row it changes: mean Δ, points, pass time."""
+    have = [m for m in METHODS if m[0] in score]
+    if not have:
+        return []
+    out = ["", "Method rows, each against the row it changes (same calibration amount; negative is better; "
+           "rotated rows carry an untied float head in 'weights MiB'):", "",
+           "| variant | calibration | n_seqs x seq_len | against | mean Δ | vs that row (points) | pass s |",
+           "|---|---|---|---|---|---|---|"]
+    for name, kind, size, _, _, against, _ in have:
+        r, d = score[name]
+        vs = f"{d - score[against][1]:+.1f}" if against in score else "-"
+        thr = f" ({r['threads']} thr)" if "threads" in r else ""
+        out.append(f"| {name} | {kind} | {size} | {against} | {d:+.1f} % | {vs} | {r['pass_seconds']}{thr} |")
+    return out
