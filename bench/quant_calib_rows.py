@@ -11,6 +11,7 @@ from __future__ import annotations
 Q = "bits=4,group_size=32"
 ROTATE = "quant.rotate:untie=true"
 GPTQ = "act_order=true,clip=true"
+OPTIONS_GONE, OPTIONS_AT = ("refine", "float_target"), "26b4d17"
 AWQ = "awq-scales"  # quant.awq:quantize=false at the row's amount and calibration (the recipes' method)
 
 # (name, calibration kind, n_seqs x seq_len, passes before GPTQ, GPTQ options added, against, what it tests)
@@ -37,6 +38,11 @@ METHODS = (
     ("awq-scales+gptq calibrated clip steps 20", "calibrated", "16x256", (AWQ,), "clip_steps=20",
      "awq-scales+gptq calibrated 16x256",
      "clip_steps=20: the clip search's ratios at half the step (1, 0.975, ..., 0.525)"),
+    ("awq-scales+gptq calibrated clip steps 20 seed 1", "calibrated", "16x256 seed 1", (AWQ,), "clip_steps=20",
+     "awq-scales+gptq calibrated 16x256 seed 1",
+     "clip_steps=20 at calibration seed 1 (other windows of the text): is seed 0's gain more than the seed spread"),
+    ("awq-scales+gptq calibrated 64x256 clip steps 20", "calibrated", "64x256", (AWQ,), "clip_steps=20",
+     "awq-scales+gptq calibrated 64x256", "clip_steps=20 at 16k calibration tokens"),
     ("gptq clip refine 2", "data-free", "16x256", (), "refine=2", "gptq clip",
      "refine=2: least-squares group scales for GPTQ's codes, then GPTQ again with them (2 rounds)"),
     ("gptq clip float-target", "data-free", "16x256", (), "float_target=true", "gptq clip",
@@ -48,8 +54,8 @@ def method_variants(calib: str, q) -> list[tuple[str, str, str, list[str]]]:
     """(name, kind, what it tests, passes); q shrinks a spec's amount in the quick run."""
     out = []
     for name, kind, size, before, extra, against, what in METHODS:
-        n, L = size.split("x")
-        spec = q(f"n_seqs={n},seq_len={L}") + f",{GPTQ}" + (f",{extra}" if extra else "") \
+        n, L = size.split()[0].split("x")  # "16x256" or "16x256 seed 1"
+        spec = q(f"n_seqs={n},seq_len={L}") + (f",seed={size.split()[-1]}" if "seed" in size else "") + f",{GPTQ}" + (f",{extra}" if extra else "") \
             + (f",calib={calib}" if kind == "calibrated" else "")
         amount = spec.split(f",{GPTQ}")[0] + (f",calib={calib}" if kind == "calibrated" else "")
         before = [f"quant.awq:{Q},quantize=false,{amount}" if b == AWQ else b for b in before]
@@ -71,4 +77,7 @@ def method_table(score: dict[str, tuple[dict, float]]) -> list[str]:
         vs = f"{d - score[against][1]:+.1f}" if against in score else "-"
         thr = f" ({r['threads']} thr)" if "threads" in r else ""
         out.append(f"| {name} | {kind} | {size} | {against} | {d:+.1f} % | {vs} | {r['pass_seconds']}{thr} |")
+    if any(o in " ".join(score[m[0]][0].get("passes", [])) for m in have for o in OPTIONS_GONE):
+        out += ["", f"quant.gptq's {', '.join(OPTIONS_GONE)} were options at commit {OPTIONS_AT} only (these rows "
+                "ran there): neither gained over the row it changes, so they were removed after it."]
     return out

@@ -15,18 +15,14 @@ starts. act_order=true visits columns by decreasing H diagonal and uses static g
 plain groupwise QuantWeight. clip=true picks each (row, group)'s scale among range shrinks
 (1, 0.95, ..., 0.55) by its rounding error weighted by the group's Hessian block (AWQ's clip
 search, on GPTQ's H): the full range spends int4's few codes on one outlier; clip_steps sets
-its ratios 1 - i / (2 clip_steps). Options measured in bench/results/quant_calib.md's method rows,
-off by default: refine=N (least-squares group scales for the codes under H, then GPTQ again
-with them held, N rounds; each row keeps its least-error step) and float_target (GPTAQ's
-asymmetric calibration: the float model runs alongside and each linear's target is W' =
-argmin |X_f W^T - X_q W'^T|, so GPTQ on W' against X_q's H fits the float outputs; it holds
-the float block's stage inputs too). Memory stays one block deep: the calibration activations
-at one depth plus that block's intermediate stages. A block used at several depths is
-quantized once, at its first depth. MoE experts see every calibration token (not only
-those routed to them), so each expert's H is well conditioned. With embed_bits the embedding
-is rounded (RTN) before the blocks, which are calibrated on it; with head_bits the head is
-quantized last, by GPTQ on the final norm's output (RTN there was most of int8da-int4w-g32's
-loss: bench/results/quant_split.md), and a tied table at one scheme for both stays one table
+its ratios 1 - i / (2 clip_steps) (bench/results/quant_calib.md's method rows). Memory stays
+one block deep: the calibration activations at one depth plus that block's intermediate
+stages. A block used at several depths is quantized once, at its first depth. MoE experts see
+every calibration token (not only those routed to them), so each expert's H is well
+conditioned. With embed_bits the embedding is rounded (RTN) before the blocks, which are
+calibrated on it; with head_bits the head is quantized last, by GPTQ on the final norm's
+output (RTN there was most of int8da-int4w-g32's loss: bench/results/quant_split.md), and a
+tied table at one scheme for both stays one table
 (share_tied: the embedding takes the head's codes).
 
 Before:                                  After (bits=4, group_size=32):
@@ -47,7 +43,7 @@ from ..compiler import reference
 from ..compiler.calib import Site, gram, run_block
 from ..compiler.ir import Model, QuantWeight
 from ..compiler.pass_manager import PassResult, register
-from ..compiler.quant import QuantScheme, _round_scale, group_params, quantize_codes
+from ..compiler.quant import QuantScheme, group_params, quantize_codes
 from ..compiler.spill import page_out_weights
 from ..errors import SlmcError
 from ._options import CalibOptions, QuantOptions
@@ -69,12 +65,6 @@ class GPTQOptions(CalibOptions, QuantOptions):
     # the embedding takes the head's GPTQ codes. Measured on SmolLM2-135M with int8da-int4w-g32:
     # +17.9 % perplexity shared against +17.0 % with an RTN embedding of its own (head RTN: +29.9 %)
     share_tied: bool = True
-    # rounds of least-squares group scales for GPTQ's codes, then GPTQ again with them held fixed
-    # (each row keeps the step whose Hessian-weighted error is least); 0: off
-    refine: int = 0
-    # GPTAQ's asymmetric calibration: each linear's target is the float model's output on the
-    # float model's inputs (carried alongside), not its own output on the quantized model's
-    float_target: bool = False
 
 
 N_SHRINK = 10  # clipping ratios 1, 0.95, ..., 0.55 (as quant.awq's)
@@ -128,11 +118,9 @@ def _hinv_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, block_size: int = 128,
-         act_order: bool = False, clip: bool = False, refine: int = 0,
+         act_order: bool = False, clip: bool = False,
          clip_steps: int = N_SHRINK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Quantize W [rows, cols] against H [cols, cols]; returns codes, scales, zeros (or None).
-    refine > 0: that many rounds of least-squares scales for the codes, then GPTQ again with
-    those scales (static groups); each row keeps whichever step's result weighs least under H."""
+    """Quantize W [rows, cols] against H [cols, cols]; returns codes, scales, zeros (or None)."""
     W, H = W.float().clone(), H.float().clone()
     rows, cols = W.shape
     s = s.at(cols)
@@ -140,47 +128,17 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, b
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    perm = static = None
-    Hp = H
+    perm = None
     if act_order:
         # static groups: the original contiguous groups
-        static = clipped_params(W, _blocks(H, g), s, clip_steps) if clip else group_params(W, s)
+        scales, zeros = clipped_params(W, _blocks(H, g), s, clip_steps) if clip else group_params(W, s)
         perm = torch.argsort(H.diagonal(), descending=True)
-        Hp = H[perm][:, perm]
-    U = _hinv_upper(Hp, damp)
-    clip = clip_steps if clip else 0
-    codes, scales, zeros = _sweep(W, Hp, U, s, perm, static, clip, block_size)
-    if refine:
-        err = _hess_err(W, H, codes, scales, zeros, g)
-        for k in range(refine + 1):
-            sc = _ls_scales(W, H, codes, scales, zeros, s)
-            cand = [(codes, sc)]
-            if k < refine:  # GPTQ again with the refined scales held fixed
-                cand.append((_sweep(W, Hp, U, s, perm, (sc, zeros), clip, block_size)[0], sc))
-            for c2, sc2 in cand:
-                e2 = _hess_err(W, H, c2, sc2, zeros, g)
-                better = e2 < err
-                codes = torch.where(better[:, None], c2, codes)
-                scales = torch.where(better[:, None], sc2, scales)
-                err = torch.where(better, e2, err)
-    return codes.to(torch.int8 if s.symmetric else torch.uint8), scales, zeros
-
-
-def _sweep(W: torch.Tensor, H: torch.Tensor, U: torch.Tensor, s: QuantScheme, perm: torch.Tensor | None,
-           static: tuple | None, clip: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """GPTQ's column sweep over W (columns in `perm` order) with H (permuted alike) and U, the
-    upper Cholesky factor of its damped inverse. static: fixed (scales, zeros) per contiguous
-    group, else each group's scales from its error-updated weights as it starts (clip: the clip
-    search's step count, 0 none). Float codes."""
-    rows, cols = W.shape
-    g = s.group_size
-    W = W[:, perm] if perm is not None else W.clone()
-    if static is not None:
-        scales, zeros = static
-        group_of = (perm // g).tolist() if perm is not None else [c // g for c in range(cols)]
+        W, H = W[:, perm], H[perm][:, perm]
+        group_of = (perm // g).tolist()
     else:
         scales = torch.zeros(rows, cols // g)
         zeros = None if s.symmetric else torch.zeros(rows, cols // g)
+    U = _hinv_upper(H, damp)
     codes = torch.zeros(rows, cols)
     bs = max(g, block_size // g * g)  # whole groups per lazy block
     sc = z = None
@@ -190,12 +148,13 @@ def _sweep(W: torch.Tensor, H: torch.Tensor, U: torch.Tensor, s: QuantScheme, pe
         Err = torch.zeros(rows, i2 - i1)
         for i in range(i2 - i1):
             c = i1 + i
-            if static is not None:
+            if act_order:
                 k = group_of[c]
                 sc, z = scales[:, k], (zeros[:, k] if zeros is not None else 0.0)
             elif c % g == 0:  # the group's range after the error feedback so far
                 Wc = W1[:, i:i + g]
-                gs, gz = clipped_params(Wc, H[c:c + g, c:c + g][None], s, clip) if clip else group_params(Wc, s)
+                gs, gz = clipped_params(Wc, H[c:c + g, c:c + g][None], s, clip_steps) if clip else \
+                    group_params(Wc, s)
                 scales[:, c // g] = gs[:, 0]
                 if zeros is not None:
                     zeros[:, c // g] = gz[:, 0]
@@ -209,61 +168,7 @@ def _sweep(W: torch.Tensor, H: torch.Tensor, U: torch.Tensor, s: QuantScheme, pe
         W[:, i2:] -= Err @ U[i1:i2, i2:]
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    return codes, scales, zeros
-
-
-def _levels(codes: torch.Tensor, zeros: torch.Tensor | None, g: int) -> torch.Tensor:
-    return codes.float() - (zeros.repeat_interleave(g, 1) if zeros is not None else 0.0)
-
-
-def _hess_err(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-              zeros: torch.Tensor | None, g: int) -> torch.Tensor:
-    """Per row: (W - dequant) H (W - dequant)^T, the error GPTQ minimizes."""
-    D = _levels(codes, zeros, g) * scales.repeat_interleave(g, 1) - W
-    return ((D @ H) * D).sum(-1)
-
-
-def _ls_scales(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-               zeros: torch.Tensor | None, s: QuantScheme) -> torch.Tensor:
-    """For fixed codes, each row's group scales minimizing its error under H: the rows' [ng, ng]
-    normal equations. A group with all codes at its zero keeps its scale (so does a row whose
-    solution is not finite and positive)."""
-    rows, cols = W.shape
-    g = s.group_size
-    ng = cols // g
-    Qg = _levels(codes, zeros, g).view(rows, ng, g)
-    b = ((W @ H).view(rows, ng, g) * Qg).sum(-1)
-    A = torch.empty(rows, ng, ng)
-    for k in range(ng):
-        A[:, k, :] = ((Qg[:, k, :] @ H[k * g:(k + 1) * g]).view(rows, ng, g) * Qg).sum(-1)
-    d = A.diagonal(dim1=1, dim2=2)
-    empty = d <= 0
-    A = A + torch.diag_embed(torch.where(empty, torch.ones_like(d), 1e-7 * d))
-    b = torch.where(empty, scales, b)
-    sol, info = torch.linalg.solve_ex(A.double(), b.double())
-    sol = sol.float()
-    ok = (info == 0)[:, None] & torch.isfinite(sol).all(-1, keepdim=True) & (sol > 0).all(-1, keepdim=True)
-    return _round_scale(torch.where(ok, sol, scales), s)
-
-
-def float_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float) -> torch.Tensor:
-    """GPTAQ's asymmetric calibration (Li et al. 2025): the weight W' whose output on the quantized
-    model's inputs X_q best matches W's on the float model's inputs X_f, pulled toward W by the
-    damping: W' = W (C^T + lam I) (H + lam I)^-1, H = X_q^T X_q, C = X_q^T X_f (both / n alike),
-    lam = damp * mean diag H. GPTQ on W' against H then minimizes |X_f W^T - X_q Q^T|^2 (up to lam)."""
-    lam = damp * float(H.diagonal().mean())
-    eye = torch.eye(H.shape[0], dtype=torch.float64)
-    rhs = (C.double() + lam * eye) @ W.double().T  # (C + lam I) W^T
-    return torch.linalg.solve(H.double() + lam * eye, rhs).T.float()
-
-
-def cross(xq: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
-    """X_q^T X_f / n of two stage inputs [tokens, in] (fp32 chunks summed in fp64, as gram)."""
-    xq, xf = xq.reshape(-1, xq.shape[-1]).float(), xf.reshape(-1, xf.shape[-1]).float()
-    c = torch.zeros(xq.shape[1], xf.shape[1], dtype=torch.float64)
-    for i in range(0, xq.shape[0], 4096):
-        c += (xq[i:i + 4096].T @ xf[i:i + 4096]).double()
-    return (c / max(1, xq.shape[0])).float()
+    return codes.to(torch.int8 if s.symmetric else torch.uint8), scales, zeros
 
 
 @register
@@ -273,9 +178,9 @@ class QuantGPTQ(QuantPass):
 
     def run(self, ir: Model) -> PassResult:
         o = self.options
-        if not o.damp >= 0 or o.block_size < 1 or o.refine < 0 or o.clip_steps < 1:
-            raise SlmcError(f"need damp >= 0, block_size >= 1, refine >= 0 and clip_steps >= 1 (got {o.damp}, "
-                            f"{o.block_size}, {o.refine}, {o.clip_steps})", "--pass quant.gptq")
+        if not o.damp >= 0 or o.block_size < 1 or o.clip_steps < 1:
+            raise SlmcError(f"need damp >= 0, block_size >= 1, clip_steps >= 1 (got {o.damp}, {o.block_size}, "
+                            f"{o.clip_steps})", "--pass quant.gptq")
         s = self.scheme(ir)
         ids, t_calib = o.tokens(ir)
         # the embedding first, so the blocks are calibrated on it; the head after them, by GPTQ on
@@ -285,16 +190,10 @@ class QuantGPTQ(QuantPass):
         n = quantize_ends(ir, o, "rtn", head=False)
         memo: dict[int, tuple] = {}
         x = reference.embed(ir, ids)
-        xf = x.clone() if o.float_target else None  # the float model's stream (float_target)
         done: set[int] = set()
         for d in range(ir.n_layers):
             bi = ir.layers[d]
-            fx: list[torch.Tensor] = []  # the float block's stage inputs, in the order the hook sees them
-            if xf is not None:  # a block quantized at an earlier depth runs quantized here (no float left)
-                xf = run_block(ir.blocks[bi], xf, (lambda site: None) if bi in done else
-                               (lambda site: fx.append(site.x)))
-            hook = (lambda site: None) if bi in done else \
-                (lambda site: self._site(site, s, memo, fx.pop(0) if fx else None))
+            hook = (lambda site: None) if bi in done else (lambda site: self._site(site, s, memo))
             x = run_block(ir.blocks[bi], x, hook)
             done.add(bi)
             page_out_weights()  # the block's checkpoint pages: its weights are codes now
@@ -319,15 +218,15 @@ class QuantGPTQ(QuantPass):
         s = head_scheme(ir, o)
         H = 2 * gram(reference.rms_norm(x, ir.final_norm))
         W = lin.weight.data  # each chunk is made fp32 in gptq(), not the whole table at once
-        parts = [gptq(W[r:r + HEAD_ROWS], H, s, o.damp, o.block_size, o.act_order, o.clip, o.refine,
-                      o.clip_steps) for r in range(0, W.shape[0], HEAD_ROWS)]
+        parts = [gptq(W[r:r + HEAD_ROWS], H, s, o.damp, o.block_size, o.act_order, o.clip, o.clip_steps)
+                 for r in range(0, W.shape[0], HEAD_ROWS)]
         codes, scales = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         zeros = torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None
         lin.weight = QuantWeight(codes=codes, scales=scales, zeros=zeros, bits=s.bits,
                                  group_size=s.at(W.shape[1]).group_size, symmetric=s.symmetric, algorithm="gptq")
         return 1
 
-    def _site(self, site: Site, s: QuantScheme, memo: dict[int, tuple], xf: torch.Tensor | None = None) -> None:
+    def _site(self, site: Site, s: QuantScheme, memo: dict[int, tuple]) -> None:
         todo = {}  # one weight object under several linears is quantized once
         for lin in site.linears:
             if not isinstance(lin.weight, QuantWeight) and id(lin.weight) not in memo:
@@ -335,11 +234,8 @@ class QuantGPTQ(QuantPass):
         if todo:
             o = self.options
             H = 2 * gram(site.x)
-            W = torch.cat([w.float() for w in todo.values()])
-            if xf is not None:  # GPTAQ: the float model's output on its own inputs is the target
-                W = float_target(W, H, 2 * cross(site.x, xf), o.damp)
-            codes, scales, zeros = gptq(W, H, s, o.damp, o.block_size, o.act_order, o.clip, o.refine,
-                                        o.clip_steps)
+            codes, scales, zeros = gptq(torch.cat([w.float() for w in todo.values()]), H, s, o.damp,
+                                        o.block_size, o.act_order, o.clip, o.clip_steps)
             r = 0
             for key, w in todo.items():
                 k = w.shape[0]
