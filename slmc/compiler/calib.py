@@ -116,7 +116,8 @@ def sample_ids(model: Model, n_seqs: int, seq_len: int, seed: int, temperature: 
                first: str = "random") -> torch.Tensor:
     """Data-free samples, drawn once per process for the same weights and settings: sampling is
     a large share of a data-free pass's cost, and several passes or bench variants on one model
-    ask again (a pass that changed the weights, even to an equivalent function, draws anew)."""
+    ask again (a pass that changed the weights draws anew, unless it kept the function and said
+    so with `carry_samples`)."""
     with transient_reads(model):
         key = (fingerprint(model), n_seqs, seq_len, seed, float(temperature), first)
         if key not in _SAMPLES:
@@ -124,6 +125,21 @@ def sample_ids(model: Model, n_seqs: int, seq_len: int, seed: int, temperature: 
                 _SAMPLES.pop(next(iter(_SAMPLES)))
             _SAMPLES[key] = _draw(model, n_seqs, seq_len, seed, temperature, first)
     return _SAMPLES[key].clone()
+
+
+def carry_samples(before: str, model: Model) -> int:
+    """After a pass that rewrote weights but kept the float function (quant.awq's scale fold with
+    quantize=false), the samples drawn from the model as it was (`before`: its fingerprint) are
+    samples of the model as it is: file them under its new weights too, so the next pass does not
+    draw them again (Qwen2.5-3B: 1362 s for quant.gptq's second draw, bench/results/scale.json).
+    Returns how many sample sets were carried."""
+    got = [(k, v) for k, v in _SAMPLES.items() if k[0] == before]
+    if got:
+        with transient_reads(model):
+            after = fingerprint(model)
+        for k, v in got:
+            _SAMPLES[(after, *k[1:])] = v
+    return len(got)
 
 
 @torch.no_grad()
