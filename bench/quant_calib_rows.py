@@ -11,7 +11,7 @@ from __future__ import annotations
 Q = "bits=4,group_size=32"
 ROTATE = "quant.rotate:untie=true"
 GPTQ = "act_order=true,clip=true"
-OPTIONS_GONE, OPTIONS_AT = ("refine", "float_target"), "26b4d17"
+OPTIONS_GONE, OPTIONS_AT = ("refine", "float_target", "clip_steps"), "26b4d17"
 AWQ = "awq-scales"  # quant.awq:quantize=false at the row's amount and calibration (the recipes' method)
 
 # (name, calibration kind, n_seqs x seq_len, passes before GPTQ, GPTQ options added, against, what it tests)
@@ -43,6 +43,8 @@ METHODS = (
      "clip_steps=20 at calibration seed 1 (other windows of the text): is seed 0's gain more than the seed spread"),
     ("awq-scales+gptq calibrated 64x256 clip steps 20", "calibrated", "64x256", (AWQ,), "clip_steps=20",
      "awq-scales+gptq calibrated 64x256", "clip_steps=20 at 16k calibration tokens"),
+    ("awq-scales+gptq calibrated 128x512 clip steps 20", "calibrated", "128x512", (AWQ,), "clip_steps=20",
+     "awq-scales+gptq calibrated 128x512", "clip_steps=20 at 64k calibration tokens"),
     ("gptq clip refine 2", "data-free", "16x256", (), "refine=2", "gptq clip",
      "refine=2: least-squares group scales for GPTQ's codes, then GPTQ again with them (2 rounds)"),
     ("gptq clip float-target", "data-free", "16x256", (), "float_target=true", "gptq clip",
@@ -78,6 +80,6 @@ def method_table(score: dict[str, tuple[dict, float]]) -> list[str]:
         thr = f" ({r['threads']} thr)" if "threads" in r else ""
         out.append(f"| {name} | {kind} | {size} | {against} | {d:+.1f} % | {vs} | {r['pass_seconds']}{thr} |")
     if any(o in " ".join(score[m[0]][0].get("passes", [])) for m in have for o in OPTIONS_GONE):
-        out += ["", f"quant.gptq's {', '.join(OPTIONS_GONE)} were options at commit {OPTIONS_AT} only (these rows "
-                "ran there): neither gained over the row it changes, so they were removed after it."]
+        out += ["", f"quant.gptq's {', '.join(OPTIONS_GONE)} were options from commit {OPTIONS_AT} (these rows "
+                "ran there or in ac85bec): none gained clearly over the row it changes, so they were removed."]
     return out

@@ -14,15 +14,13 @@ starts. act_order=true visits columns by decreasing H diagonal and uses static g
 (scales from the original weight's contiguous groups), so the result is still the IR's
 plain groupwise QuantWeight. clip=true picks each (row, group)'s scale among range shrinks
 (1, 0.95, ..., 0.55) by its rounding error weighted by the group's Hessian block (AWQ's clip
-search, on GPTQ's H): the full range spends int4's few codes on one outlier; clip_steps sets
-its ratios 1 - i / (2 clip_steps) (bench/results/quant_calib.md's method rows). Memory stays
-one block deep: the calibration activations at one depth plus that block's intermediate
-stages. A block used at several depths is quantized once, at its first depth. MoE experts see
-every calibration token (not only those routed to them), so each expert's H is well
-conditioned. With embed_bits the embedding is rounded (RTN) before the blocks, which are
-calibrated on it; with head_bits the head is quantized last, by GPTQ on the final norm's
-output (RTN there was most of int8da-int4w-g32's loss: bench/results/quant_split.md), and a
-tied table at one scheme for both stays one table
+search, on GPTQ's H): the full range spends int4's few codes on one outlier. Memory stays one block deep: the calibration activations
+at one depth plus that block's intermediate stages. A block used at several depths is
+quantized once, at its first depth. MoE experts see every calibration token (not only
+those routed to them), so each expert's H is well conditioned. With embed_bits the embedding
+is rounded (RTN) before the blocks, which are calibrated on it; with head_bits the head is
+quantized last, by GPTQ on the final norm's output (RTN there was most of int8da-int4w-g32's
+loss: bench/results/quant_split.md), and a tied table at one scheme for both stays one table
 (share_tied: the embedding takes the head's codes).
 
 Before:                                  After (bits=4, group_size=32):
@@ -60,7 +58,6 @@ class GPTQOptions(CalibOptions, QuantOptions):
     # error e weighs least under the group's Hessian block (e H_gg e^T); false: the full range.
     # On by default: bench/results/quant_calib.md, data-free int4 g32 +13.0 % vs +23.7 % without
     clip: bool = True
-    clip_steps: int = 10  # the clip search's ratios 1 - i / (2 clip_steps), i < clip_steps (finer, same span)
     # a tied table quantized at one scheme for both ends stays one table (LiteRT stores it once):
     # the embedding takes the head's GPTQ codes. Measured on SmolLM2-135M with int8da-int4w-g32:
     # +17.9 % perplexity shared against +17.0 % with an RTN embedding of its own (head RTN: +29.9 %)
@@ -71,8 +68,7 @@ N_SHRINK = 10  # clipping ratios 1, 0.95, ..., 0.55 (as quant.awq's)
 HEAD_ROWS = 8192  # head rows per GPTQ call
 
 
-def clipped_params(W: torch.Tensor, Hb: torch.Tensor, s: QuantScheme,
-                   steps: int = N_SHRINK) -> tuple[torch.Tensor, torch.Tensor | None]:
+def clipped_params(W: torch.Tensor, Hb: torch.Tensor, s: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scales (and zeros) per [rows, cols // g] group: the shrunken range whose RTN error of W
     is smallest under Hb [cols // g, g, g] (the diagonal blocks of H)."""
     rows, cols = W.shape
@@ -82,8 +78,8 @@ def clipped_params(W: torch.Tensor, Hb: torch.Tensor, s: QuantScheme,
     lo = -hi if s.symmetric else Wg.amin(-1, keepdim=True)
     best_err = torch.full((rows, cols // g), float("inf"))
     best_sc = best_z = None
-    for i in range(steps):  # ratios 1 - i / (2 steps): 1 down to about 0.55 at any step count
-        r = 1 - i / (2 * steps)
+    for i in range(N_SHRINK):
+        r = 1 - i / 20
         sc, z = group_params(torch.clamp(Wg, lo * r, hi * r).reshape(rows, cols), s)
         zz = z.repeat_interleave(g, 1) if z is not None else 0.0
         deq = (quantize_codes(W, sc, z, s).float() - zz) * sc.repeat_interleave(g, 1)
@@ -118,8 +114,7 @@ def _hinv_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, block_size: int = 128,
-         act_order: bool = False, clip: bool = False,
-         clip_steps: int = N_SHRINK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+         act_order: bool = False, clip: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize W [rows, cols] against H [cols, cols]; returns codes, scales, zeros (or None)."""
     W, H = W.float().clone(), H.float().clone()
     rows, cols = W.shape
@@ -131,7 +126,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, b
     perm = None
     if act_order:
         # static groups: the original contiguous groups
-        scales, zeros = clipped_params(W, _blocks(H, g), s, clip_steps) if clip else group_params(W, s)
+        scales, zeros = clipped_params(W, _blocks(H, g), s) if clip else group_params(W, s)
         perm = torch.argsort(H.diagonal(), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
         group_of = (perm // g).tolist()
@@ -153,8 +148,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, b
                 sc, z = scales[:, k], (zeros[:, k] if zeros is not None else 0.0)
             elif c % g == 0:  # the group's range after the error feedback so far
                 Wc = W1[:, i:i + g]
-                gs, gz = clipped_params(Wc, H[c:c + g, c:c + g][None], s, clip_steps) if clip else \
-                    group_params(Wc, s)
+                gs, gz = clipped_params(Wc, H[c:c + g, c:c + g][None], s) if clip else group_params(Wc, s)
                 scales[:, c // g] = gs[:, 0]
                 if zeros is not None:
                     zeros[:, c // g] = gz[:, 0]
@@ -178,9 +172,8 @@ class QuantGPTQ(QuantPass):
 
     def run(self, ir: Model) -> PassResult:
         o = self.options
-        if not o.damp >= 0 or o.block_size < 1 or o.clip_steps < 1:
-            raise SlmcError(f"need damp >= 0, block_size >= 1, clip_steps >= 1 (got {o.damp}, {o.block_size}, "
-                            f"{o.clip_steps})", "--pass quant.gptq")
+        if not o.damp >= 0 or o.block_size < 1:
+            raise SlmcError(f"need damp >= 0 and block_size >= 1 (got {o.damp}, {o.block_size})", "--pass quant.gptq")
         s = self.scheme(ir)
         ids, t_calib = o.tokens(ir)
         # the embedding first, so the blocks are calibrated on it; the head after them, by GPTQ on
@@ -218,7 +211,7 @@ class QuantGPTQ(QuantPass):
         s = head_scheme(ir, o)
         H = 2 * gram(reference.rms_norm(x, ir.final_norm))
         W = lin.weight.data  # each chunk is made fp32 in gptq(), not the whole table at once
-        parts = [gptq(W[r:r + HEAD_ROWS], H, s, o.damp, o.block_size, o.act_order, o.clip, o.clip_steps)
+        parts = [gptq(W[r:r + HEAD_ROWS], H, s, o.damp, o.block_size, o.act_order, o.clip)
                  for r in range(0, W.shape[0], HEAD_ROWS)]
         codes, scales = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         zeros = torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None
@@ -235,7 +228,7 @@ class QuantGPTQ(QuantPass):
             o = self.options
             H = 2 * gram(site.x)
             codes, scales, zeros = gptq(torch.cat([w.float() for w in todo.values()]), H, s, o.damp,
-                                        o.block_size, o.act_order, o.clip, o.clip_steps)
+                                        o.block_size, o.act_order, o.clip)
             r = 0
             for key, w in todo.items():
                 k = w.shape[0]
