@@ -49,6 +49,10 @@ METHODS = (
      "refine=2: least-squares group scales for GPTQ's codes, then GPTQ again with them (2 rounds)"),
     ("gptq clip float-target", "data-free", "16x256", (), "float_target=true", "gptq clip",
      "float_target=true: GPTAQ's asymmetric calibration (the float model's output as each linear's target)"),
+    # the same passes as the row it is against; since 1a6e25b quant.gptq takes quant.awq's samples
+    # (carried across the fold, which keeps the float function) instead of drawing its own
+    ("awq-scales+gptq clip samples carried", "data-free", "16x256", (AWQ,), "", "awq-scales+gptq clip",
+     "the recipes' method since 1a6e25b: GPTQ calibrates on AWQ's data-free samples instead of a second draw"),
 )
 
 
