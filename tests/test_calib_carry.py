@@ -46,7 +46,7 @@ def test_control_other_settings_draw_again(tiny_llama_dir, draws):
 
 def test_control_without_the_carry_the_fold_draws_again(tiny_llama_dir, draws, monkeypatch):
     """The carry is what saves the draw: the folded weights have a fingerprint of their own."""
-    monkeypatch.setattr("slmc.passes.quant_awq.carry_samples", lambda before, model: 0)
+    monkeypatch.setattr("slmc.passes.quant_awq.carry_samples", lambda ids, model: 0)
     m = import_hf(tiny_llama_dir)
     _run(m, AWQ, "quant.gptq:bits=4,group_size=32,n_seqs=2,seq_len=16")
     assert len(draws) == 2

@@ -127,13 +127,13 @@ def sample_ids(model: Model, n_seqs: int, seq_len: int, seed: int, temperature: 
     return _SAMPLES[key].clone()
 
 
-def carry_samples(before: str, model: Model) -> int:
+def carry_samples(ids: torch.Tensor, model: Model) -> int:
     """After a pass that rewrote weights but kept the float function (quant.awq's scale fold with
-    quantize=false), the samples drawn from the model as it was (`before`: its fingerprint) are
-    samples of the model as it is: file them under its new weights too, so the next pass does not
-    draw them again (Qwen2.5-3B: 1362 s for quant.gptq's second draw, bench/results/scale.json).
-    Returns how many sample sets were carried."""
-    got = [(k, v) for k, v in _SAMPLES.items() if k[0] == before]
+    quantize=false), the samples `ids` it drew from the model as it was are samples of the model as
+    it is: file them under its new weights too, so the next pass does not draw them again
+    (Qwen2.5-3B: 1362 s for quant.gptq's second draw, bench/results/scale.json). Found by value,
+    so the weights as they were need no second digest. Returns how many sample sets were carried."""
+    got = [(k, v) for k, v in _SAMPLES.items() if torch.equal(v, ids)]
     if got:
         with transient_reads(model):
             after = fingerprint(model)

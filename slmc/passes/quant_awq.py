@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compiler import reference
-from ..compiler.calib import Site, carry_samples, fingerprint, gram, run_block
+from ..compiler.calib import Site, carry_samples, gram, run_block
 from ..compiler.ir import Linear, Model, QuantWeight, Weight
 from ..compiler.pass_manager import PassResult, register
 from ..compiler.quant import QuantScheme, group_params, quantize_codes, rtn
@@ -195,8 +195,6 @@ class QuantAWQ(QuantPass):
         if o.n_grid < 1:
             raise SlmcError(f"n_grid must be >= 1 (got {o.n_grid})", "--pass quant.awq")
         s = self.scheme(ir)
-        # folding keeps the float function, so the next pass may use these samples again
-        before = fingerprint(ir) if not quantize and not o.calib else None
         ids, t_calib = o.tokens(ir)
         x = reference.embed(ir, ids)
         done: set[int] = set()
@@ -222,8 +220,8 @@ class QuantAWQ(QuantPass):
                 "scheme": f"{'s' if o.symmetric else 'a'}int{o.bits}g{o.group_size}",
                 "calibration": o.describe(),
                 "calibration_seconds": round(t_calib, 2)}
-        if before is not None:
-            info["samples_carried"] = carry_samples(before, ir)
+        if not quantize and not o.calib:  # the fold kept the float function: the next pass may reuse its samples
+            info["samples_carried"] = carry_samples(ids, ir)
         if spill is not None and spill.nbytes:
             info["spilled_mib"] = round(spill.nbytes / 2**20, 1)
         if stats["loss_rtn"] > 0:  # the searched scales' share of plain RTN's output error
