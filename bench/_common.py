@@ -123,6 +123,15 @@ def machine() -> dict:
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
+def head_commit() -> str:
+    """The slmc commit measured (rows of different commits share a table: say which is which);
+    "+changes" when slmc/ has uncommitted edits."""
+    git = ["git", "-C", str(ROOT)]
+    c = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "slmc"], capture_output=True, text=True).stdout
+    return c + ("+changes" if dirty.strip() else "") if c else "unknown"
+
+
 # ------------------------------------------------------------------ models and settings
 
 

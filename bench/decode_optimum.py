@@ -38,8 +38,8 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (RESULTS, bench_setup, busy_processes, dir_bytes, machine, others_seen, render, spawn,
-                     write_results)
+from _common import (RESULTS, bench_setup, busy_processes, dir_bytes, head_commit, machine, others_seen, render,
+                     spawn, write_results)
 
 OPT_VERSION = "1.1.0"
 OPT_FLAGS = {"recipe": "xnnpack", "qlinear": "8da4w", "qlinear_group_size": 32, "qembedding": "8w"}
@@ -208,18 +208,13 @@ def main(a) -> None:
                    "roofline_tok_s": round(bw * 1e9 / cost["bytes_per_token"], 1),
                    "of_roofline": round(tok * cost["bytes_per_token"] / (bw * 1e9), 3)}
     write_results(stem, {
-        "machine": machine(), "slmc_commit": _commit(),
+        "machine": machine(), "slmc_commit": head_commit(),
         "model": str(a.model if not a.quick else "tiny random Llama"), "max_seq_len": a.max_seq_len,
         "new_tokens": a.new_tokens, "repeats": a.repeats, "prompt": PROMPT, "recipe": RECIPE,
         "optimum_flags": OPT_FLAGS, "optimum_storage_for_cost_model": OPT_STORAGE, "optimum_venv": venv_versions(py),
         "host_bandwidth": d["host_bandwidth"], "rows": rows,
         "lead": round(rows["slmc"]["decode_tok_s"] / rows["optimum-executorch"]["decode_tok_s"], 3),
         "other_processes": sorted(others)})
-
-
-def _commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    return r.stdout.strip() or "?"
 
 
 def notes(r: dict) -> str | None:

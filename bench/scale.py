@@ -31,8 +31,8 @@ import threading
 import time
 from pathlib import Path
 
-from _common import (HERE, RESULTS, Phases, busy_processes, dir_bytes, machine, others_seen, phase_table, render,
-                     spawn, status_mib, weight_count, write_results)
+from _common import (HERE, RESULTS, Phases, busy_processes, dir_bytes, head_commit, machine, others_seen, phase_table,
+                     render, spawn, status_mib, weight_count, write_results)
 
 MODELS = ("llama-3.2-1b", "qwen2.5-1.5b", "qwen2.5-3b")
 TARGETS = {"executorch": "xnnpack", "tflite": "cpu"}
@@ -203,16 +203,6 @@ def measure(name: str, target: str, model_dir: Path, work: Path, a) -> dict:
 
         shutil.rmtree(out, ignore_errors=True)
     return r
-
-
-def head_commit() -> str:
-    """The slmc commit measured (rows of different commits share the table: say which is which)."""
-    import subprocess
-
-    git = ["git", "-C", str(HERE.parent)]
-    c = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--", "slmc"], capture_output=True, text=True).stdout
-    return c + ("+changes" if dirty.strip() else "") if c else "unknown"
 
 
 def passes_of(target: str) -> list[str]:
