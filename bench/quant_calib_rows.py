@@ -4,6 +4,8 @@ beat it at 16x256 only by losing: +8.4 vs +7.6 %), quant.rotate (QuaRot/SpinQuan
 the weights) before GPTQ, calibrated and data-free, and GPTQ's own options. quant.rotate unties
 SmolLM2's head (untie=true: the final norm's scale is not uniform), so the rotated rows carry a
 float head table of their own in 'weights MiB'; the block linears are int4 g32 as in every row.
+Rows whose options start with "autoround:" end in quant.autoround (block-wise learned rounding,
+AutoRound) with those options instead of quant.gptq.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ Q = "bits=4,group_size=32"
 ROTATE = "quant.rotate:untie=true"
 GPTQ = "act_order=true,clip=true"
 OPTIONS_GONE, OPTIONS_AT = ("refine", "float_target", "clip_steps"), "26b4d17"
+AR = "autoround:"  # options that replace quant.gptq by quant.autoround with the rest as its options
+AR_STEPS = "iters=100,batch=4"  # 100 signed-gradient steps of 4x256 tokens per block: ~25 min on 1 thread
 AWQ = "awq-scales"  # quant.awq:quantize=false at the row's amount and calibration (the recipes' method)
 
 # (name, calibration kind, n_seqs x seq_len, passes before GPTQ, GPTQ options added, against, what it tests)
@@ -53,6 +57,13 @@ METHODS = (
     # (carried across the fold, which keeps the float function) instead of drawing its own
     ("awq-scales+gptq clip samples carried", "data-free", "16x256", (AWQ,), "", "awq-scales+gptq clip",
      "the recipes' method since 1a6e25b: GPTQ calibrates on AWQ's data-free samples instead of a second draw"),
+    # block-wise output reconstruction with learned rounding instead of GPTQ
+    ("autoround calibrated 16x256", "calibrated", "16x256", (), AR + AR_STEPS, "awq-scales+gptq calibrated 16x256",
+     "quant.autoround (RTN start, rounding and group ranges learned per block) instead of AWQ scales + GPTQ"),
+    ("autoround 16x256", "data-free", "16x256", (), AR + AR_STEPS, "awq-scales+gptq clip",
+     "quant.autoround (RTN start, rounding and group ranges learned per block) instead of AWQ scales + GPTQ"),
+    ("awq-scales+autoround calibrated 16x256", "calibrated", "16x256", (AWQ,), AR + AR_STEPS,
+     "autoround calibrated 16x256", "AWQ's scales (quantize=false) before quant.autoround"),
 )
 
 
@@ -61,11 +72,12 @@ def method_variants(calib: str, q) -> list[tuple[str, str, str, list[str]]]:
     out = []
     for name, kind, size, before, extra, against, what in METHODS:
         n, L = size.split()[0].split("x")  # "16x256" or "16x256 seed 1"
-        spec = q(f"n_seqs={n},seq_len={L}") + (f",seed={size.split()[-1]}" if "seed" in size else "") + f",{GPTQ}" + (f",{extra}" if extra else "") \
-            + (f",calib={calib}" if kind == "calibrated" else "")
-        amount = spec.split(f",{GPTQ}")[0] + (f",calib={calib}" if kind == "calibrated" else "")
+        last, opts = ("quant.autoround", extra[len(AR):]) if extra.startswith(AR) else ("quant.gptq", GPTQ + (f",{extra}" if extra else ""))
+        amount = q(f"n_seqs={n},seq_len={L}") + (f",seed={size.split()[-1]}" if "seed" in size else "")
+        spec = f"{amount},{opts}" + (f",calib={calib}" if kind == "calibrated" else "")
+        amount += f",calib={calib}" if kind == "calibrated" else ""
         before = [f"quant.awq:{Q},quantize=false,{amount}" if b == AWQ else b for b in before]
-        out.append((name, kind, f"{what}, against {against}", [*before, f"quant.gptq:{Q},{spec}"]))
+        out.append((name, kind, f"{what}, against {against}", [*before, f"{last}:{Q},{spec}"]))
     return out
 
 

@@ -15,6 +15,7 @@ from . import (  # noqa: F401  (each module registers its pass)
     canon_untie_embeddings,
     kv_cache,
     moe_offload,
+    quant_autoround,
     quant_awq,
     quant_gptq,
     quant_mixed,
