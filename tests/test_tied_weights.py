@@ -8,11 +8,11 @@ Judged from the artifact's files, not its manifest: on a model whose table domin
 weights (vocab 32768 x hidden 64, one small layer),
 - size: the model files' bytes, less a fixed allowance for everything else (every other
   parameter at 4 bytes, plus OVERHEAD for program and metadata), must stay under 1.5 copies
-  of the table as the target stores it (fp32, fp16, or int4 codes);
+  of the table as the target stores it (fp32, fp16, or int8/int4 codes);
 - float tables: one row of the table, in the stored dtype, occurs exactly once in the files.
 Controls: an untied model of the same shape measures about two copies by size, and a
-duplicated row is counted twice. ExecuTorch 8da4w stores its int4 table twice today: a strict
-xfail (it fails the day the table is shared, and is then removed).
+duplicated row is counted twice; an ExecuTorch int4 table looked up without the pair swap
+that makes its bytes XNNPACK's is stored twice.
 """
 
 from __future__ import annotations
@@ -33,19 +33,19 @@ BOUND = 1.5  # tied: ~1 copy; a second copy of the table makes it >= ~2
 # The 8da4w flows use the RTN recipe: the same artifact layout as int8da-int4w-g32 (AWQ), without
 # its calibration minutes.
 Q4 = "int8da-int4w-g32-rtn"
-# Measured (this file's check, vocab 32768 x 64): 1.82 copies. The .pte holds the int4 table twice:
-# the portable embedding_4bit's constant ([32768, 32] uint8 codes + [32768, 2] fp32 scales) and
-# XNNPACK's named data for the head (the same codes with the two nibbles of each byte swapped,
-# bf16 scales), so the bytes differ and model.ptd's sharing by equal bytes cannot join them.
-ET_Q4_TWICE = pytest.mark.xfail(strict=True, reason="ExecuTorch 8da4w stores the tied int4 table twice "
-                                "(embedding_4bit and XNNPACK pack its nibbles in opposite orders)")
+# ExecuTorch keeps a shared quantized table in model.ptd: embedding_byte's int8 codes are XNNPACK's
+# bytes as they are; embedding_4bit packs nibbles high first and XNNPACK low first, so the lowering
+# looks the int4 table up with its column pairs swapped (PairSwappedEmbedding), which makes the
+# two byte images one. (Before that: 1.82 copies by this check, the int4 table stored twice.)
+Q8 = "int8da-int8w"
 # target, backend, recipe, the model files of one deployable artifact, table storage
 FLOWS = [
-    pytest.param("executorch", None, Q4, ("model.pte", "model.ptd"), "int4", marks=ET_Q4_TWICE),
+    ("executorch", None, Q4, ("model.pte", "model.ptd"), "int4"),
+    ("executorch", None, Q8, ("model.pte", "model.ptd"), "int8"),
     ("tflite", None, Q4, ("model.tflite",), "int4"),
     ("coreml", None, None, ("model.mlpackage",), "float16"),
 ]
-IDS = ["executorch-8da4w", "tflite-8da4w", "coreml-fp16"]
+IDS = ["executorch-8da4w", "executorch-8da8w", "tflite-8da4w", "coreml-fp16"]
 ONNX = ("model.onnx", "model.onnx.data")
 
 
@@ -79,13 +79,13 @@ def _model_bytes(out: Path, names) -> list[Path]:
 
 
 def table_copies(out: Path, names, storage: str, table: torch.Tensor, others: int) -> tuple[float, int | None]:
-    """(copies of the table by size, occurrences of row ROW in its stored dtype or None for int4)."""
+    """(copies of the table by size, occurrences of row ROW in its stored dtype or None for codes)."""
     files = _model_bytes(out, names)
     total = sum(f.stat().st_size for f in files)
     n = table.numel()
-    once = {"float32": 4 * n, "float16": 2 * n, "int4": n // 2}[storage]  # the codes alone: the least a copy takes
+    once = {"float32": 4 * n, "float16": 2 * n, "int8": n, "int4": n // 2}[storage]  # the codes alone: the least a copy takes
     copies = (total - 4 * others - OVERHEAD) / once
-    if storage == "int4":
+    if storage in ("int4", "int8"):
         return copies, None
     row = table[ROW].numpy().astype(np.float32 if storage == "float32" else np.float16).tobytes()
     return copies, sum(f.read_bytes().count(row) for f in files)
@@ -125,3 +125,33 @@ def test_control_a_duplicated_row_is_counted(models, tmp_path):
         f.write(table.numpy().astype(np.float32).tobytes())
     copies, rows = table_copies(out, ONNX, "float32", table, others)
     assert rows == 2 and copies >= BOUND, (copies, rows)
+
+
+def test_control_an_int4_table_without_the_pair_swap_is_stored_twice(models, tmp_path, monkeypatch):
+    """The sharing comes from the swap: looked up in its own nibble order (a plain lookup),
+    embedding_4bit's bytes are not XNNPACK's, and the table is stored twice."""
+    import slmc.targets.executorch.target as et
+    from slmc.compiler.lowering.layers import LEmbedding
+
+    monkeypatch.setattr(et, "PairSwappedEmbedding", LEmbedding)
+    src, table, others = models[True]
+    out = _compile(src, tmp_path / "a", "executorch", None, Q4)
+    copies, _ = table_copies(out, ("model.pte", "model.ptd"), "int4", table, others)
+    assert copies >= BOUND, f"without the swap the int4 table measured only {copies:.2f} copies"
+
+
+def test_the_pair_swapped_lookup_gives_the_tables_rows():
+    """PairSwappedEmbedding stores the codes with columns 2i, 2i+1 exchanged and swaps them back:
+    the same rows as a plain lookup, bit for bit (control: the stored table differs)."""
+    from slmc.compiler.ir import QuantWeight
+    from slmc.compiler.lowering.layers import LEmbedding, PairSwappedEmbedding, _Params
+    from slmc.compiler.lowering.quantized import unwrap
+
+    g = torch.Generator().manual_seed(0)
+    w = QuantWeight(codes=torch.randint(-8, 8, (50, 64), generator=g, dtype=torch.int8),
+                    scales=torch.rand(50, 2, generator=g) + 0.1, zeros=None, group_size=32, bits=4, symmetric=True)
+    owner = torch.nn.Module()
+    plain, swapped = (unwrap(cls(w, _Params(owner, torch.float32))) for cls in (LEmbedding, PairSwappedEmbedding))
+    tokens = torch.tensor([[3, 49, 0, 17]])
+    assert torch.equal(swapped(tokens), plain(tokens))
+    assert not torch.equal(torch.nn.functional.embedding(tokens, swapped.weight), plain(tokens))

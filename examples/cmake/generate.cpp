@@ -3,8 +3,9 @@
 // tokenizer libraries, so this is a minimal loop over the program's `forward(tokens,
 // input_pos) -> logits of the last position` (manifest.json "io"), on token ids:
 //   generate MODEL.pte N_NEW ID [ID ...]   prints the N_NEW generated ids, one line.
-// A float XNNPACK .pte keeps its tied embedding/head table in MODEL.ptd beside it (manifest
-// "data_file"): when that file exists it is loaded as the program's named data.
+// An XNNPACK .pte keeps a tied embedding/head table (float, or quantized codes both read) in
+// MODEL.ptd beside it (manifest "data_file"): when that file exists it is loaded as the
+// program's named data.
 #include <executorch/extension/data_loader/file_data_loader.h>
 #include <executorch/extension/flat_tensor/flat_tensor_data_map.h>
 #include <executorch/runtime/executor/method.h>

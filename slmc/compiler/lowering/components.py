@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .attention import RowCacheAttention
-from .layers import LLinear, LNorm, rope_matmul
+from .layers import LEmbedding, LLinear, LNorm, rope_matmul
 from .math import activation
 
 
@@ -28,6 +28,10 @@ class Components:
     activation: Callable = activation
     # the attention core with its cache writer (attention.py)
     attention: object = field(default_factory=RowCacheAttention)
+    # embedding(table, params) -> tokens [1, T] to [1, T, C]: LEmbedding (a lookup), or
+    # PairSwappedEmbedding (ExecuTorch: an int4 table in the byte order of XNNPACK's head).
+    # The channels-first layout looks rows up itself (module.py).
+    embedding: type = LEmbedding
 
     @property
     def channels_first(self) -> bool:

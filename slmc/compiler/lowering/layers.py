@@ -7,6 +7,8 @@ Core ML Neural Engine layout), picked by the projection component (`Conv1x1.chan
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -69,6 +71,48 @@ def head_projection(model: Model, P: _Params, projection: type = LLinear) -> LLi
     """The output head as a child module, also when tied: a quantized table that the top
     module read twice would be parametrized twice by unwrap_tensor_subclass (two export inputs)."""
     return projection(model.lm_head if model.lm_head is not None else Linear(model.embed), P)
+
+
+# --- embedding -----------------------------------------------------------------------------------
+
+class LEmbedding(nn.Module):
+    """The table's rows for tokens [1, T] -> [1, T, C] (the tokens layout)."""
+
+    def __init__(self, table, P: _Params):
+        super().__init__()
+        self.weight = P(table)
+
+    def forward(self, tokens):
+        return F.embedding(tokens, self.weight)
+
+
+def pairs_swappable(w) -> bool:
+    """An int4 table whose columns can swap in pairs inside each group (scales unchanged)."""
+    return isinstance(w, QuantWeight) and w.bits == 4 and w.shape[1] % 2 == 0 and w.group_size % 2 == 0
+
+
+def pairs_swapped(w: QuantWeight) -> QuantWeight:
+    """w with columns 2i and 2i+1 exchanged: the same groups, so the same scales and zeros."""
+    rows, cols = w.shape
+    codes = w.codes.reshape(rows, cols // 2, 2).flip(-1).reshape(rows, cols)
+    return dataclasses.replace(w, codes=codes)
+
+
+class PairSwappedEmbedding(LEmbedding):
+    """An int4 table stored with each pair of columns swapped, swapped back after the lookup
+    (one flip of [1, T, C/2, 2], a few hundred floats per token). Why: ExecuTorch's
+    embedding_4bit packs a byte's two codes high nibble first and XNNPACK packs a linear's low
+    nibble first, so a tied table's codes make two byte images; swapped, embedding_4bit's bytes
+    are the XNNPACK head's, and model.ptd keeps one copy (targets/executorch/program.py)."""
+
+    def __init__(self, table, P: _Params):
+        nn.Module.__init__(self)
+        self.swapped = pairs_swappable(table)
+        self.weight = P(pairs_swapped(table) if self.swapped else table)
+
+    def forward(self, tokens):
+        x = F.embedding(tokens, self.weight)
+        return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) if self.swapped else x
 
 
 # --- norms ---------------------------------------------------------------------------------------

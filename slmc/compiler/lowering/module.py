@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ...errors import UnsupportedError
 from ..ir import MLP, Block, Model
@@ -117,7 +116,9 @@ class LoweredLM(nn.Module):
         self.cache_dtype = {"float16": torch.float16, "int8": torch.int8}.get(kv.dtype, spec.dtype)
         self.int8 = kv.dtype == "int8"  # each cache is (codes, scales per token and head)
         P = _Params(self, spec.dtype, spec.dequantize)
-        self.embed = P(model.embed)
+        self.embedding = C.embedding(model.embed, P)
+        if C.channels_first and getattr(self.embedding, "swapped", False):
+            raise ValueError("a pair-swapped embedding table is for the tokens layout; channels-first looks rows up itself")
         self.embed_scale = model.embed_scale
         self.blocks = nn.ModuleList(LBlock(b, P, C, bshd) for b in model.blocks)
         self.layers = list(model.layers)
@@ -277,9 +278,10 @@ class LoweredLM(nn.Module):
     def _embed(self, tokens):
         if self.channels_first:
             # rows of the conv-shaped table: a tied lm_head (a 1x1 conv) then stores it once
-            x = torch.index_select(self.embed[:, :, None, None], 0, tokens[0]).permute(2, 1, 3, 0)  # [1, C, 1, T]
+            table = self.embedding.weight[:, :, None, None]
+            x = torch.index_select(table, 0, tokens[0]).permute(2, 1, 3, 0)  # [1, C, 1, T]
         else:
-            x = F.embedding(tokens, self.embed)
+            x = self.embedding(tokens)
         return x * self.embed_scale if self.embed_scale != 1.0 else x
 
     def _layers(self, x, context_at, caches_at):

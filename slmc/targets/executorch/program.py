@@ -9,6 +9,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ...compiler.ir import Model
 from ...compiler.lowering import max_chunk
 from ..base import TargetSpec
@@ -83,13 +85,38 @@ def backend_config(shared_state: bool = False, external=None):
 PTD = "model.ptd"
 
 
+def shared_quant_table(model: Model, backend: str) -> int | None:
+    """The bit width (4 or 8) of a table that embedding and XNNPACK head both read as the same
+    codes (quant.gptq's share_tied, or a tied table quantized once), the head an 8da4w/8da8w
+    linear (what XNNPACK delegates); else None. Such a table is stored once (tied_table): int8
+    codes are the same bytes in embedding_byte and XNNPACK; int4 ones are looked up with their
+    column pairs swapped (PairSwappedEmbedding), so embedding_4bit's bytes equal XNNPACK's."""
+    from ...compiler.ir import QuantWeight
+    from ...compiler.lowering.layers import pairs_swappable
+
+    e = model.embed
+    h = model.lm_head.weight if model.lm_head is not None else e
+    if backend != "xnnpack" or not isinstance(e, QuantWeight) or not isinstance(h, QuantWeight):
+        return None
+    if e.bits not in (4, 8) or e.bits == 4 and not pairs_swappable(e):
+        return None
+    same = h.bits == e.bits and h.shape == e.shape and h.symmetric and e.symmetric
+    return e.bits if same and h.act_bits == 8 and (h is e or bool(torch.equal(h.codes, e.codes))) else None
+
+
 def tied_table(model: Model, backend: str) -> tuple[int, ...] | None:
-    """The shape of a float table that both the embedding (a portable op: a program constant)
-    and the delegated head (XNNPACK: the delegate's named data) read, or None. A .pte keeps those
-    two stores apart, so such a table would be stored twice; it goes to model.ptd instead, where
-    both keys name one buffer (ExecuTorch's NamedDataStore keeps one copy of equal bytes)."""
+    """The shape of the constant that both the embedding (a portable op: a program constant)
+    and the delegated head (XNNPACK: the delegate's named data) hold, or None: a float table
+    [V, C], or a shared quantized table's codes (shared_quant_table), [V, C] int8 or [V, C/2]
+    packed int4. A .pte keeps those two stores apart, so such a table would be stored twice;
+    it goes to model.ptd instead, where both keys name one buffer (ExecuTorch's NamedDataStore
+    keeps one copy of equal bytes)."""
     from ...compiler.ir import Weight
 
+    bits = shared_quant_table(model, backend)
+    if bits is not None:
+        v, c = model.embed.shape
+        return (v, c * bits // 8)
     if backend != "xnnpack" or model.lm_head is not None or not isinstance(model.embed, Weight):
         return None
     return tuple(model.embed.shape)

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from ...compiler.ir import Model, QuantWeight, named_weights
 from ...compiler.lowering import LoweringSpec, export_decoder, io_spec
+from ...compiler.lowering.components import Components
+from ...compiler.lowering.layers import LEmbedding, PairSwappedEmbedding
 from ..base import Artifact, Target, kv_refusal, ring_manifest
 from ..bounds import ACT8_STATISTICAL, FLOAT_EXACT
 from .backends import BACKENDS
 from .moe import FORMAT, has_offload_plan, lower_offload, offload_supports
 from .moe_runner import open_moe
-from .program import PTD, ExecuTorchSpec, runner_metadata, tied_table, to_pte_and_data
+from .program import PTD, ExecuTorchSpec, runner_metadata, shared_quant_table, tied_table, to_pte_and_data
 from .readback import readback
 from .session import ExecuTorchSession
 
@@ -85,7 +87,9 @@ class ExecuTorchTarget(Target):
         if has_offload_plan(model):
             return lower_offload(model, spec, step)
         backend = BACKENDS[spec.backend]
-        lspec = LoweringSpec(full_logits=spec.full_logits)
+        # a shared int4 table: the embedding reads it in the byte order of XNNPACK's head
+        embedding = PairSwappedEmbedding if shared_quant_table(model, spec.backend) == 4 else LEmbedding
+        lspec = LoweringSpec(full_logits=spec.full_logits, components=Components(embedding=embedding))
         step("torch.export")
         ep = export_decoder(model, lspec, dynamic=backend.dynamic)
         meta = runner_metadata(model, backend.dynamic)
