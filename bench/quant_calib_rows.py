@@ -64,6 +64,8 @@ METHODS = (
      "quant.autoround (RTN start, rounding and group ranges learned per block) instead of AWQ scales + GPTQ"),
     ("awq-scales+autoround calibrated 16x256", "calibrated", "16x256", (AWQ,), AR + AR_STEPS,
      "autoround calibrated 16x256", "AWQ's scales (quantize=false) before quant.autoround"),
+    ("awq-scales+autoround 16x256", "data-free", "16x256", (AWQ,), AR + AR_STEPS, "awq-scales+gptq clip samples carried",
+     "quant.autoround instead of GPTQ after AWQ's scales (both on AWQ's data-free samples)"),
 )
 
 
