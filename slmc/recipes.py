@@ -32,8 +32,9 @@ _XNN = "scale_dtype=bfloat16,act_bits=8,symmetric=true"
 _CML = "scale_dtype=float16,symmetric=true"
 # Every int4 recipe quantizes the embedding and the head too (issue 17): left in float, the
 # tied 49152 x 576 table alone is most of SmolLM2's artifact. XNNPACK holds 8-bit weights per
-# channel only and ExecuTorch cannot use one quantized table as both embedding and head, so
-# the head gets its own table; LiteRT shares the tied table (one int8 copy serves both).
+# channel only, so the head is quantized as a linear (GPTQ, 8da) and the embedding takes its
+# codes (quant.gptq share_tied): one table, stored once by LiteRT (one tensor) and ExecuTorch
+# (model.ptd, which embedding_byte/embedding_4bit and the XNNPACK head both read).
 _ENDS8 = "embed_bits=8,head_bits=8,ends_group_size=0"  # int8 rows: near float quality
 _ENDS4 = "embed_bits=4,head_bits=4"  # int4 g32: half the bytes the decode reads for the head
 _SHARED8 = "embed_bits=8,ends_group_size=0"  # a tied table stays one table, int8 rows
@@ -144,10 +145,9 @@ def measured_quality(r: Recipe) -> str:
             f"(bench/results/{stem.replace('.json', '.md')}: {variant})")
 
 
-def recipe_passes(name: str, target: str, backend: str, rules=None) -> list[str]:
-    """The recipe's passes for a flow. `rules` (the target's QuantRules): a runtime that keeps a
-    quantized head apart from the embedding anyway (ExecuTorch) gets share_tied=false, so the
-    embedding keeps its own RTN codes instead of the head's GPTQ ones (bench/results/quant_split.md)."""
+def recipe_passes(name: str, target: str, backend: str) -> list[str]:
+    """The recipe's passes for a flow. Every runtime stores a tied table quantized at one scheme
+    once (LiteRT: one tensor; ExecuTorch: model.ptd), so GPTQ's share_tied stays on everywhere."""
     if name not in RECIPES:
         raise SlmcError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}", "--recipe")
     r = RECIPES[name]
@@ -156,6 +156,4 @@ def recipe_passes(name: str, target: str, backend: str, rules=None) -> list[str]
         raise SlmcError(f"recipe {name} is built for {', '.join(r.flows)}, not {target}:{backend}; "
                         f"recipes for this flow: {', '.join(fits) or 'none'}",
                         "--recipe")
-    if rules is None or rules.tied_quantized_head:
-        return list(r.passes)
-    return [f"{p},share_tied=false" if p.startswith("quant.gptq:") and "head_bits" in p else p for p in r.passes]
+    return list(r.passes)

@@ -15,7 +15,7 @@ from slmc import api
 
 @pytest.mark.parametrize("target,recipe", [
     ("executorch", "gptq-int4-g32-xnnpack"), ("executorch", "int4-g32-xnnpack"), ("executorch", "awq-int4-g32-xnnpack"),
-    # GPTQ's int4 head (8da4w) and, on ExecuTorch, the embedding's own RTN codes (share_tied=false)
+    # GPTQ's int4 head (8da4w), whose codes the embedding looks up too: one table, in model.ptd
     ("executorch", "int8da-int4w-g32"),
     # quant.mixed's int8 per-channel linears (8da8w) among the int4 ones, on both runtimes
     ("executorch", "int4-g32-xnnpack-mixed"), ("tflite", "int4-g32-xnnpack-mixed")])
@@ -24,6 +24,8 @@ def test_recipe_artifact_validates(target, recipe, tiny_llama_dir, tmp_path):
     api.compile_model(str(tiny_llama_dir), target, None, out, max_seq_len=48, recipe=recipe)
     r = api.validate(out, api.ValidateOptions(record=False))
     assert r.verdict == "PASS", r.reasons
+    if recipe in ("int8da-int4w-g32", "int4-g32-xnnpack"):  # the tiny model's table is tied: stored once
+        assert api.read_manifest(out).get("data_file") == "model.ptd" and (out / "model.ptd").is_file()
     if recipe.endswith("-mixed"):  # int8 linears beside the int8 head, or nothing of quant.mixed was tested
         schemes = api.read_manifest(out)["quantization"]["schemes"]
         assert sum(n for k, n in schemes.items() if k.startswith("sint8") and k.endswith("+act_int8")) >= 2, schemes

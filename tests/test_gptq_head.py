@@ -78,22 +78,16 @@ def test_head_rows_in_chunks_match_one_call(tiny_llama_dir, tmp_path, monkeypatc
     assert torch.equal(whole.codes, chunked.codes) and torch.equal(whole.scales, chunked.scales)
 
 
-def test_a_runtime_that_splits_the_table_keeps_the_embeddings_own_codes():
-    """ExecuTorch stores a quantized head apart from the embedding anyway: its recipes ask GPTQ
-    for share_tied=false; a runtime that shares the table (LiteRT) keeps the default."""
-    from slmc.recipes import recipe_passes
-    from slmc.targets.executorch.rules import XNNPACK
-    from slmc.targets.quant_rules import QuantRules
+def test_every_runtime_keeps_one_table_for_embedding_and_head():
+    """ExecuTorch stores a shared quantized table once now (model.ptd; tests/test_tied_weights.py),
+    as LiteRT does: no recipe asks GPTQ for share_tied=false on either runtime."""
+    from slmc.api import compile_passes
 
-    et = recipe_passes("int8da-int4w-g32", "executorch", "xnnpack", XNNPACK)
-    assert et[-1].startswith("quant.gptq:") and et[-1].endswith(",share_tied=false")
-    opts = parse_pass(et[-1]).options
-    assert opts.share_tied is False and opts.head_bits == 4
-    # controls: rules that allow a tied quantized head, and no rules, leave the recipe as written
-    shared = QuantRules("shared", linear=XNNPACK.linear, embedding=XNNPACK.embedding)
-    for rules in (shared, None):
-        assert "share_tied" not in " ".join(recipe_passes("int8da-int4w-g32", "tflite", "cpu", rules))
-    assert "share_tied" not in " ".join(recipe_passes("int8da-int4w-g32-rtn", "executorch", "xnnpack", XNNPACK))
+    for target in ("executorch", "tflite"):
+        passes = compile_passes("int8da-int4w-g32", target)
+        assert passes[-1].startswith("quant.gptq:") and "share_tied" not in " ".join(passes), passes
+        opts = parse_pass(passes[-1]).options
+        assert opts.share_tied is True and opts.head_bits == opts.embed_bits == 4
 
 
 def test_a_head_scheme_that_cannot_fit_is_refused_before_calibration(tiny_llama_dir, monkeypatch):

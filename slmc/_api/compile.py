@@ -73,11 +73,11 @@ def _target_and_spec(target: str, backend: str | None):
 def _recipe_passes(recipe: str, tgt, spec) -> list[str]:
     from ..recipes import recipe_passes
 
-    return recipe_passes(recipe, tgt.name, spec.backend, tgt.quant_rules(spec))
+    return recipe_passes(recipe, tgt.name, spec.backend)
 
 
 def compile_passes(recipe: str, target: str, backend: str | None = None) -> list[str]:
-    """A recipe's passes as `compile` runs them for this target (its quant rules applied)."""
+    """A recipe's passes as `compile` runs them for this target (its default backend if none)."""
     return _recipe_passes(recipe, *_target_and_spec(target, backend))
 
 
