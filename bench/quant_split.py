@@ -27,7 +27,7 @@ import platform
 import time
 from pathlib import Path
 
-from _common import CORPUS, RESULTS, render, tiny_model, write_results
+from _common import CORPUS, RESULTS, head_commit, render, tiny_model, write_results
 
 EVAL_TEXT = "austen_northangerabbey.txt"
 CALIB_TEXT = "austen_emma.txt"
@@ -71,9 +71,11 @@ def variants(calib: str) -> list[tuple[str, str, list[str]]]:
         ("linears + int4 ends", "embedding and head int4 g32, activations float", edit(q4, drop=XNN)),
         (RECIPES[0], "recipe: int8 activations + int8 ends", ends8),
         (RECIPES[1], "recipe: int8 activations + int4 ends (one table: the embedding takes the head's codes, "
-         "as LiteRT stores it)", ends4),
-        (f"{RECIPES[1]} (ExecuTorch)", "as ExecuTorch compiles it: the embedding keeps its own RTN codes "
-         "(share_tied=false; its runtime stores the head apart anyway)", [*ends4[:-1], f"{ends4[-1]},share_tied=false"]),
+         "as LiteRT and ExecuTorch store it)", ends4),
+        (f"{RECIPES[0]} own embedding codes", "the embedding keeps its own RTN codes (share_tied=false: what "
+         "ExecuTorch compiled until it stored a shared quantized table once)", [*ends8[:-1], f"{ends8[-1]},share_tied=false"]),
+        (f"{RECIPES[1]} own embedding codes", "the embedding keeps its own RTN codes (share_tied=false: what "
+         "ExecuTorch compiled until it stored a shared quantized table once)", [*ends4[:-1], f"{ends4[-1]},share_tied=false"]),
         (f"{RECIPES[0]} --calib", f"recipe, calibrated on {Path(calib).name}", calibrated(ends8)),
         (f"{RECIPES[1]} --calib", f"recipe, calibrated on {Path(calib).name}", calibrated(ends4)),
         ("linears + quant.mixed 10 %", "the 10 % of extra bytes to the most sensitive linears at int8 per channel "
@@ -116,6 +118,7 @@ def measure(rows: list, a) -> list[dict]:
     tok = api.tokenizer_dir(fp32.source.get("path")) / "tokenizer.json"
     ids = api.token_ids([a.eval_text], tok, min_tokens=a.window)[:a.eval_tokens]
     folded: dict[tuple, tuple] = {}  # the AWQ fold (no quantizer) is shared by rows with equal passes
+    commit = head_commit()
     out = []
     for name, what, passes in rows:
         head, last = tuple(passes[:-1]), passes[-1:]
@@ -127,7 +130,9 @@ def measure(rows: list, a) -> list[dict]:
         out.append({"row": name, "changes": what, "passes": passes, "perplexity": rep.perplexity,
                     "kl": rep.kl_divergence if passes else 0.0, "top1": rep.top1_agreement if passes else 1.0,
                     "weight_bytes": api.weight_bytes(model), "pass_s": round(pass_s, 1),
-                    "eval_s": round(time.time() - t1 - (pass_s - fold_s), 1)})
+                    "eval_s": round(time.time() - t1 - (pass_s - fold_s), 1),
+                    # data-free samples depend on the thread count (float sums pick other tokens)
+                    "commit": commit, "threads": a.threads})
         print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -148,8 +153,7 @@ def markdown(data: dict) -> str:
               "(here in the IR; the artifacts' own figures are quant_e2e.md's).", "",
               "| recipe | calibration | Δppl | result |", "|---|---|---:|---|"]
     goal_rows = [(r, name, kind) for r in RECIPES for name, kind in ((r, "data-free"), (f"{r} --calib", "calibrated"))]
-    goal_rows += [(f"{RECIPES[1]} (ExecuTorch)", f"{RECIPES[1]} (ExecuTorch)", "data-free"),
-                  ("int4-g32-xnnpack-mixed", f"{RECIPES[0]} + quant.mixed 10 %", "data-free"),
+    goal_rows += [("int4-g32-xnnpack-mixed", f"{RECIPES[0]} + quant.mixed 10 %", "data-free"),
                   ("int4-g32-xnnpack-mixed", f"{RECIPES[0]} + quant.mixed 10 % --calib", "calibrated")]
     for r, name, kind in goal_rows:
         if name in d:
@@ -161,7 +165,16 @@ def markdown(data: dict) -> str:
              ("int4 ends (int8 activations)", RECIPES[1], "+ int8 activations")]
     lines += ["", "Each step's cost, in points of Δppl against the row it extends:", "",
               "| step | row | against | points |", "|---|---|---|---:|"]
-    lines += [f"| {s} | {r} | {b} | {d[r] - d[b]:+.1f} |" for s, r, b in steps if r in d and b in d]
+    run = {r["row"]: (r.get("commit"), r.get("threads")) for r in rows}
+    lines += [f"| {s} | {r} | {b} | {d[r] - d[b]:+.1f}{' (rows of two runs)' if run[r] != run[b] else ''} |"
+              for s, r, b in steps if r in d and b in d]
+    runs: dict[tuple, list[str]] = {}
+    for r in rows:
+        runs.setdefault((r.get("commit", "?"), r.get("threads", "?")), []).append(r["row"])
+    if len(runs) > 1:  # appended rows: say which run measured which
+        lines += ["", "Runs in this table (data-free samples, and so the rows, differ with the torch thread count):", ""]
+        lines += [f"- commit {c}, {t} torch thread{'s' if t != 1 else ''}: {', '.join(names)}"
+                  for (c, t), names in runs.items()]
     lines += ["", "Passes of each row:", ""] + [f"- {r['row']}: `{' '.join(r['passes']) or '(none)'}`" for r in rows]
     for prev in data.get("previous", []):  # an earlier run of this script, kept to show what a change did
         pb = next(r["perplexity"] for r in prev["rows"] if r["row"] == "fp32")
@@ -198,7 +211,7 @@ def main() -> None:
     if a.quick:
         rows = [(n, w, shrink(p)) for n, w, p in rows]
     meta = {"model": "tiny random Llama" if a.quick else a.model, "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores ({a.threads} torch threads)",
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "evaluation": f"{EVAL_TEXT}, first {a.eval_tokens} tokens, window {a.window}, stride {a.window}",
             "calibration": CALIB_TEXT}
     stem = "quant_split-quick" if a.quick else "quant_split"
