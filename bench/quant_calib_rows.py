@@ -18,7 +18,8 @@ AR = "autoround:"  # options that replace quant.gptq by quant.autoround with the
 AR_STEPS = "iters=100,batch=4"  # 100 signed-gradient steps of 4x256 tokens per block: ~25 min on 1 thread
 AWQ = "awq-scales"  # quant.awq:quantize=false at the row's amount and calibration (the recipes' method)
 
-# (name, calibration kind, n_seqs x seq_len, passes before GPTQ, GPTQ options added, against, what it tests)
+# (name, calibration kind, n_seqs x seq_len, passes before GPTQ, GPTQ options added (or AR + quant.autoround's
+# options, which then replaces GPTQ), against, what it tests)
 METHODS = (
     ("gptq calibrated 128x512", "calibrated", "128x512", (), "", "awq-scales+gptq calibrated 128x512",
      "GPTQ (clip) alone, without AWQ's scales"),
@@ -74,7 +75,8 @@ def method_variants(calib: str, q) -> list[tuple[str, str, str, list[str]]]:
     out = []
     for name, kind, size, before, extra, against, what in METHODS:
         n, L = size.split()[0].split("x")  # "16x256" or "16x256 seed 1"
-        last, opts = ("quant.autoround", extra[len(AR):]) if extra.startswith(AR) else ("quant.gptq", GPTQ + (f",{extra}" if extra else ""))
+        last, opts = (("quant.autoround", extra[len(AR):]) if extra.startswith(AR)
+                      else ("quant.gptq", GPTQ + (f",{extra}" if extra else "")))
         amount = q(f"n_seqs={n},seq_len={L}") + (f",seed={size.split()[-1]}" if "seed" in size else "")
         spec = f"{amount},{opts}" + (f",calib={calib}" if kind == "calibrated" else "")
         amount += f",calib={calib}" if kind == "calibrated" else ""
