@@ -19,6 +19,17 @@ def tiny_llama_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls on a busy 2-core machine: a second OpenMP thread only spins."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_configure(config):
     # Under pytest-xdist each worker gets one core: two workers with two torch threads each
     # would fight over this 2-core machine's cores.

@@ -20,13 +20,7 @@ from slmc.passes.quant_gptq import gptq
 CAL = "n_seqs=8,seq_len=64,seed=0"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a busy 2-core machine: a second OpenMP thread only spins."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _tiny(tmp_path_factory, family: str, **overrides):

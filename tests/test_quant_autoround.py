@@ -20,12 +20,7 @@ from slmc.passes.quant_autoround import Learned
 CAL = "n_seqs=8,seq_len=64,seed=0"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _run(model, spec):
