@@ -67,6 +67,8 @@ METHODS = (
      "autoround calibrated 16x256", "AWQ's scales (quantize=false) before quant.autoround"),
     ("awq-scales+autoround 16x256", "data-free", "16x256", (AWQ,), AR + AR_STEPS, "awq-scales+gptq clip samples carried",
      "quant.autoround instead of GPTQ after AWQ's scales (both on AWQ's data-free samples)"),
+    ("awq-scales+autoround calibrated 64x256", "calibrated", "64x256", (AWQ,), AR + AR_STEPS,
+     "awq-scales+gptq calibrated 64x256", "AWQ's scales + quant.autoround at 16k calibration tokens (same steps)"),
 )
 
 
