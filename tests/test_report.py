@@ -30,7 +30,8 @@ def artifact(tmp_path_factory):
     cfg = FAMILIES["llama"].tiny_config()
     save_hf_model(cfg, d)
     save_ascii_tokenizer(d, cfg["vocab_size"])
-    folder, _ = api.compile_model(d, "executorch", "xnnpack", tmp_path_factory.mktemp("a") / "pte", max_seq_len=32,
+    # LiteRT: the page is target-agnostic, and its compile is a third of ExecuTorch 8da's on the CI machine
+    folder, _ = api.compile_model(d, "tflite", "cpu", tmp_path_factory.mktemp("a") / "tfl", max_seq_len=32,
                                   passes=["quant.rtn:bits=8,group_size=0,scale_dtype=bfloat16,act_bits=8,symmetric=true"])
     return folder, api.reference_model(folder, api.read_manifest(folder))
 
@@ -53,7 +54,7 @@ def test_page_is_self_contained(pages):
     assert not re.search(r"<script|<link|<img|<iframe|\bsrc=|\bhref=|url\(|@import", page, re.I)
     assert page.count("<svg") >= 2 and "<polyline" in page
     assert f">{verdict_word(report)}</span>" in page and diff.passed and ">PASS</span>" in page
-    assert "Pass pipeline" in page and "quant.rtn" in page and "canon.fuse_projections" in page
+    assert "Pass pipeline" in page and "quant.rtn" in page
     for s in diff.stages:
         assert f">{s['stage']}<" in page
     assert "attention" in page and "int8" in page  # size by tensor kind and scheme

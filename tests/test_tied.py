@@ -44,7 +44,9 @@ def copies(folder, man, table: bytes) -> int:
     return sum(f.read_bytes().count(table) for f in model_files(folder, man))
 
 
-@pytest.mark.parametrize("target,backend", FLOWS, ids=[f[0] for f in FLOWS])
+# ExecuTorch's count runs in the default suite inside the test below (the same compile)
+@pytest.mark.parametrize("target,backend", [pytest.param(*f, marks=pytest.mark.slow if f[0] == "executorch" else ())
+                                            for f in FLOWS], ids=[f[0] for f in FLOWS])
 def test_tied_table_stored_once(tied_dir, tmp_path, target, backend):
     table = table_bytes(tied_dir)
     assert len(table) == VOCAB * HIDDEN * 4
@@ -60,6 +62,9 @@ def test_executorch_tied_artifact_runs_and_control_stores_twice(tied_dir, tmp_pa
     table = table_bytes(tied_dir)
     out, man = api.compile_model(tied_dir, "executorch", "xnnpack", tmp_path / "et", max_seq_len=32)
     assert man["data_file"] == "model.ptd" and (out / "model.ptd").is_file()
+    assert copies(out, man, table) == 1
+    size = sum(f.stat().st_size for f in model_files(out, man))
+    assert size < man["model"]["weight_bytes"] + len(table) // 2, (size, man["model"]["weight_bytes"])
     assert api.validate_artifact(out, steps=4, record=False).passed
     import slmc.targets.executorch.target as et
 
