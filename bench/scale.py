@@ -9,8 +9,9 @@ Models: the public config.json of each (bench/configs/<name>/config.json, values
 on the Hugging Face Hub), instantiated with random weights (nothing is downloaded): the tensor
 names and shapes come from transformers' model built on the meta device, and the bf16
 safetensors file is written one tensor at a time, so making a 3B model never holds it in RAM.
-Each (model, target) compile runs in its own fresh process (`recipe int8da-int4w-g32`, the
-8-bit-dynamic-activation / 4-bit-weight flow both targets run): wall, CPU and whole-process
+Each (model, target) compile runs in its own fresh process (--recipe, default int8da-int4w-g32, the
+8-bit-dynamic-activation / 4-bit-weight flow both targets run; int8da-int4w-g32-rtn is the same
+layout without calibration, so its rows measure the lowering's scale apart from the quantizer's): wall, CPU and whole-process
 peak RSS (os.wait4, what /usr/bin/time -v reports), per-phase time and peak RSS, artifact size.
 A watchdog in the worker ends a compile whose RSS passes --rss-limit-gib (the machine is shared;
 an out-of-memory kill would hit other processes), recording the phase it was in.
@@ -121,7 +122,7 @@ def worker_compile(a) -> dict:
     from slmc import api
 
     ph("compile setup")
-    path, manifest = api.compile(api.CompileOptions(a.model, a.target, TARGETS[a.target], a.out, recipe=RECIPE,
+    path, manifest = api.compile(api.CompileOptions(a.model, a.target, TARGETS[a.target], a.out, recipe=a.recipe,
                                                     max_seq_len=a.max_seq_len), progress=ph)
     ph("done")
     return {"artifact": str(path / ARTIFACT[a.target]), "params": manifest["model"]["params"],
@@ -179,8 +180,9 @@ def worker_decode(a) -> dict:
 
 def measure(name: str, target: str, model_dir: Path, work: Path, a) -> dict:
     out = work / f"{name}-{target}"
-    common = ["--model", str(model_dir), "--target", target, "--max-seq-len", str(a.max_seq_len)]
-    print(f"== {name} -> {target} ({RECIPE}) ...", flush=True)
+    common = ["--model", str(model_dir), "--target", target, "--max-seq-len", str(a.max_seq_len),
+              "--recipe", a.recipe]
+    print(f"== {name} -> {target} ({a.recipe}) ...", flush=True)
     (work / f"{name}-{target}.json").unlink(missing_ok=True)
     r = spawn(__file__, ["--worker", "compile", *common, "--out", str(out), "--rss-limit-gib",
                          str(a.rss_limit_gib)], work / f"{name}-{target}.json", errors="record")
@@ -205,10 +207,15 @@ def measure(name: str, target: str, model_dir: Path, work: Path, a) -> dict:
     return r
 
 
-def passes_of(target: str) -> list[str]:
+def passes_of(recipe: str, target: str) -> list[str]:
     from slmc import api
 
-    return api.compile_passes(RECIPE, target, TARGETS[target])
+    return api.compile_passes(recipe, target, TARGETS[target])
+
+
+def key(r: dict) -> tuple[str, str, str]:
+    """A row is one model through one target with one recipe (rows before --recipe: RECIPE)."""
+    return r["model"], r["target"], r.get("recipe", RECIPE)
 
 
 def growth(rows: list[dict], key: str) -> float | None:
@@ -226,13 +233,13 @@ def main(a) -> None:
     work.mkdir(parents=True, exist_ok=True)
     prev = json.loads((RESULTS / f"{stem}.json").read_text()) if a.append and (RESULTS / f"{stem}.json").is_file() \
         else {}
-    rows = {(r["model"], r["target"]): r for r in prev.get("rows", [])}
+    rows = {key(r): r for r in prev.get("rows", [])}
     others = set(prev.get("other_processes", [])) | set(busy_processes())
     models = ["tiny"] if a.quick else a.models
     commit = head_commit()  # now: the workers import slmc as it is at the start
     for name in models:
-        need = [t for t in a.targets if "error" in rows.get((name, t), {"error": ""})
-                or "error" in rows[(name, t)].get("decode", {})]
+        need = [t for t in a.targets if "error" in rows.get((name, t, a.recipe), {"error": ""})
+                or "error" in rows[(name, t, a.recipe)].get("decode", {})]
         if not need:
             continue
         model_dir = model_folder(name, work, a.quick)
@@ -242,9 +249,10 @@ def main(a) -> None:
             # the checkpoint's count: the artifact's (r["params"], manifest) counts a tied head
             # twice once quantization gives the head its own node
             r["artifact_params"] = r.pop("params", None)
-            rows[(name, target)] = {"model": name, "target": target, "params": params,
-                                    "fp32_weight_mib": round(params * 4 / 2**20, 1), "commit": commit,
-                                    "recipe_passes": " ".join(passes_of(target)), **r}
+            rows[(name, target, a.recipe)] = {
+                "model": name, "target": target, "recipe": a.recipe, "params": params,
+                "fp32_weight_mib": round(params * 4 / 2**20, 1), "commit": commit,
+                "recipe_passes": " ".join(passes_of(a.recipe, target)), **r}
             others |= set(busy_processes())
             write(stem, rows, others, a)
     write(stem, rows, others, a)
@@ -252,10 +260,11 @@ def main(a) -> None:
 
 def write(stem: str, rows: dict, others: set, a) -> None:
     done = [r for r in rows.values() if "error" not in r]
-    grow = {}
-    for t in TARGETS:
-        rs = [{**r, "decode_tok_s": r.get("decode", {}).get("decode_tok_s")} for r in done if r["target"] == t]
-        grow[t] = {k: growth(rs, k) for k in ("wall_s", "cpu_s", "peak_rss_mib", "artifact_bytes", "decode_tok_s")}
+    grow = {}  # slopes within one target and one recipe: a recipe's passes set most of the cost
+    for t, rec in sorted({key(r)[1:] for r in done}):
+        rs = [{**r, "decode_tok_s": r.get("decode", {}).get("decode_tok_s")} for r in done if key(r)[1:] == (t, rec)]
+        grow[f"{t} {rec}"] = {k: growth(rs, k) for k in ("wall_s", "cpu_s", "peak_rss_mib", "artifact_bytes",
+                                                        "decode_tok_s")}
     write_results(stem, {"machine": machine(), "recipe": RECIPE, "max_seq_len": a.max_seq_len,
                          "decode_steps": a.steps, "repeats": a.repeats, "rss_limit_gib": a.rss_limit_gib,
                          "rows": sorted(rows.values(), key=lambda r: (r["params"], r["target"])),
@@ -274,25 +283,26 @@ def _f(x, fmt="{:.1f}"):
 
 def markdown(r: dict) -> str:
     m = r["machine"]
-    lines = [f"# Scale benchmark: 1B-3B configs, random weights, {r['recipe']} (ExecuTorch XNNPACK, LiteRT CPU)", "",
+    lines = ["# Scale benchmark: 1B-3B configs, random weights, 8da4w (ExecuTorch XNNPACK, LiteRT CPU)", "",
+             f"Recipe {r['recipe']} unless a row names another: each row's passes are listed below.", "",
              f"{m['date']} · {m['cpu']} · {m['cores']} cores · {m['mem_gib']} GiB · torch {m['torch']} · "
              f"executorch {m['executorch']} · max_seq_len {r['max_seq_len']} · decode: median of {r['repeats']} × "
              f"{r['decode_steps']} greedy steps · watchdog {r['rss_limit_gib']} GiB", "",
-             "| model | target | commit | params | fp32 weights (MiB) | compile wall (s) | CPU (s) | peak RSS (MiB) "
+             "| model | target | recipe | commit | params | fp32 weights (MiB) | compile wall (s) | CPU (s) | peak RSS (MiB) "
              "| RSS / fp32 | artifact (MiB) | bytes / param | decode tok/s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in r["rows"]:
         if "error" in x:
-            lines.append(f"| {x['model']} | {x['target']} | {x.get('commit', '?')} | {x['params']:,} | "
+            lines.append(f"| {x['model']} | {x['target']} | {key(x)[2]} | {x.get('commit', '?')} | {x['params']:,} | "
                          f"{x['fp32_weight_mib']:.0f} | failed: {x['error']} | | | | | | |")
             continue
         rss = x["peak_rss_mib"]
-        lines.append(f"| {x['model']} | {x['target']} | {x.get('commit', '?')} | {x['params']:,} | "
+        lines.append(f"| {x['model']} | {x['target']} | {key(x)[2]} | {x.get('commit', '?')} | {x['params']:,} | "
                      f"{x['fp32_weight_mib']:.0f} | {x['wall_s']:.0f} | {x['cpu_s']:.0f} | {rss:.0f} | {rss / x['fp32_weight_mib']:.2f} | "
                      f"{x['artifact_bytes'] / 2**20:.0f} | {x['artifact_bytes'] / x['params']:.3f} | "
                      f"{_f(x.get('decode', {}).get('decode_tok_s')) if 'error' not in x.get('decode', {}) else 'failed: ' + x['decode']['error']} |")
     lines += ["", "Growth with parameter count (log-log slope, smallest to largest model measured; 1.0 = linear):", "",
-              "| target | compile wall | compile CPU | peak RSS | artifact | decode tok/s |", "|---|---:|---:|---:|---:|---:|"]
+              "| target, recipe | compile wall | compile CPU | peak RSS | artifact | decode tok/s |", "|---|---:|---:|---:|---:|---:|"]
     for t, g in r["growth"].items():
         lines.append(f"| {t} | {_f(g['wall_s'], '{:.2f}')} | {_f(g.get('cpu_s'), '{:.2f}')} | {_f(g['peak_rss_mib'], '{:.2f}')} | "
                      f"{_f(g['artifact_bytes'], '{:.2f}')} | {_f(g['decode_tok_s'], '{:.2f}')} |")
@@ -301,8 +311,9 @@ def markdown(r: dict) -> str:
         lines += ["", f"The rows come from {len(commits)} commits ({', '.join(sorted(map(str, commits)))}): the slopes "
                   "mix them, so read each row's peak against its own commit's recipe passes (below)."]
     if any(x.get("recipe_passes") for x in r["rows"]):
-        lines += ["", "Recipe passes per commit:", ""] + sorted(
-            {f"- {x.get('commit', '?')}: `{x.get('recipe_passes')}`" for x in r["rows"] if x.get("recipe_passes")})
+        lines += ["", "Recipe passes per commit and recipe:", ""] + sorted(
+            {f"- {x.get('commit', '?')} {key(x)[2]}: `{x.get('recipe_passes')}`" for x in r["rows"]
+             if x.get("recipe_passes")})
     if r.get("not_run"):
         lines += ["", "Not run in this results file:", ""] + [f"- {n}" for n in r["not_run"]]
     lines.append("")
@@ -316,6 +327,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=tuple(TARGETS))
+    ap.add_argument("--recipe", default=RECIPE, help=f"the recipe compiled (default {RECIPE}; a row per recipe)")
     ap.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default 512; 128 with --quick)")
     ap.add_argument("--steps", type=int, default=16, help="decode steps per repeat")
     ap.add_argument("--repeats", type=int, default=3)
