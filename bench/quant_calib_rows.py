@@ -69,6 +69,8 @@ METHODS = (
      "quant.autoround instead of GPTQ after AWQ's scales (both on AWQ's data-free samples)"),
     ("awq-scales+autoround calibrated 64x256", "calibrated", "64x256", (AWQ,), AR + AR_STEPS,
      "awq-scales+gptq calibrated 64x256", "AWQ's scales + quant.autoround at 16k calibration tokens (same steps)"),
+    ("awq-scales+autoround calibrated 64x256 iters 200", "calibrated", "64x256", (AWQ,), AR + "iters=200,batch=4",
+     "awq-scales+autoround calibrated 64x256", "200 steps per block (AutoRound's default) instead of 100"),
 )
 
 
