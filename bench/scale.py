@@ -9,10 +9,11 @@ Models: the public config.json of each (bench/configs/<name>/config.json, values
 on the Hugging Face Hub), instantiated with random weights (nothing is downloaded): the tensor
 names and shapes come from transformers' model built on the meta device, and the bf16
 safetensors file is written one tensor at a time, so making a 3B model never holds it in RAM.
-Each (model, target) compile runs in its own fresh process (--recipe, default int8da-int4w-g32, the
-8-bit-dynamic-activation / 4-bit-weight flow both targets run; int8da-int4w-g32-rtn is the same
-layout without calibration, so its rows measure the lowering's scale apart from the quantizer's): wall, CPU and whole-process
-peak RSS (os.wait4, what /usr/bin/time -v reports), per-phase time and peak RSS, artifact size.
+Each (model, target, recipe) compile runs in its own fresh process (--recipe, default
+int8da-int4w-g32, the 8-bit-dynamic-activation / 4-bit-weight flow both targets run;
+int8da-int4w-g32-rtn is the same layout without calibration, so its rows measure the lowering's
+scale apart from the quantizer's): wall, CPU and whole-process peak RSS (os.wait4, what
+/usr/bin/time -v reports), per-phase time and peak RSS, artifact size.
 A watchdog in the worker ends a compile whose RSS passes --rss-limit-gib (the machine is shared;
 an out-of-memory kill would hit other processes), recording the phase it was in.
 Then one process per artifact times greedy decode (median of repeats after a warm-up).
