@@ -47,7 +47,7 @@ def pages(artifact, tmp_path_factory):
     return full, bare, report, diff
 
 
-def test_page_is_self_contained(pages):
+def test_page_is_self_contained(pages, artifact):
     full, _, report, diff = pages
     page = full.read_text()
     # nothing to fetch: no scripts, links, sources, CSS urls or imports
@@ -55,6 +55,8 @@ def test_page_is_self_contained(pages):
     assert page.count("<svg") >= 2 and "<polyline" in page
     assert f">{verdict_word(report)}</span>" in page and diff.passed and ">PASS</span>" in page
     assert "Pass pipeline" in page and "quant.rtn" in page
+    for p in api.read_manifest(artifact[0])["pipeline"]:  # every pass the artifact's manifest lists
+        assert p["name"] in page, p["name"]
     for s in diff.stages:
         assert f">{s['stage']}<" in page
     assert "attention" in page and "int8" in page  # size by tensor kind and scheme

@@ -39,6 +39,14 @@ def model_files(folder, man) -> list:
     return [f for p in paths for f in (sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p])]
 
 
+def assert_stored_once(folder, man, table: bytes) -> None:
+    """The table's byte image occurs once, and the model's files are one table plus the blocks:
+    the weights' bytes, plus less than half a table."""
+    assert copies(folder, man, table) == 1
+    size = sum(f.stat().st_size for f in model_files(folder, man))
+    assert size < man["model"]["weight_bytes"] + len(table) // 2, (size, man["model"]["weight_bytes"])
+
+
 def copies(folder, man, table: bytes) -> int:
     """How many times the table's byte image occurs in the model's files."""
     return sum(f.read_bytes().count(table) for f in model_files(folder, man))
@@ -51,10 +59,7 @@ def test_tied_table_stored_once(tied_dir, tmp_path, target, backend):
     table = table_bytes(tied_dir)
     assert len(table) == VOCAB * HIDDEN * 4
     out, man = api.compile_model(tied_dir, target, backend, tmp_path / target, max_seq_len=32)
-    assert copies(out, man, table) == 1
-    # and the model's files are one table plus the blocks: the weights' bytes, plus less than half a table
-    size = sum(f.stat().st_size for f in model_files(out, man))
-    assert size < man["model"]["weight_bytes"] + len(table) // 2, (size, man["model"]["weight_bytes"])
+    assert_stored_once(out, man, table)
 
 
 def test_executorch_tied_artifact_runs_and_control_stores_twice(tied_dir, tmp_path, monkeypatch):
@@ -62,9 +67,7 @@ def test_executorch_tied_artifact_runs_and_control_stores_twice(tied_dir, tmp_pa
     table = table_bytes(tied_dir)
     out, man = api.compile_model(tied_dir, "executorch", "xnnpack", tmp_path / "et", max_seq_len=32)
     assert man["data_file"] == "model.ptd" and (out / "model.ptd").is_file()
-    assert copies(out, man, table) == 1
-    size = sum(f.stat().st_size for f in model_files(out, man))
-    assert size < man["model"]["weight_bytes"] + len(table) // 2, (size, man["model"]["weight_bytes"])
+    assert_stored_once(out, man, table)
     assert api.validate_artifact(out, steps=4, record=False).passed
     import slmc.targets.executorch.target as et
 
