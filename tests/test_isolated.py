@@ -47,10 +47,11 @@ def drop_act_quant_in_lowering(monkeypatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def honest(tiny_llama_dir, tmp_path_factory):
-    """The int8da-int4w-g32-rtn recipe (its passes in the manifest, so the CLI rebuilds the same IR)."""
-    folder, manifest = api.compile_model(str(tiny_llama_dir), "executorch", "xnnpack",
-                                         tmp_path_factory.mktemp("et") / "a", max_seq_len=MAX_LEN, recipe=RECIPE)
+def honest(tiny_et_8da4w, tmp_path_factory):
+    """The int8da-int4w-g32-rtn recipe (its passes in the manifest, so the CLI rebuilds the same IR):
+    conftest's shared tiny ExecuTorch artifact, this module's own copy."""
+    folder, manifest = tiny_et_8da4w(tmp_path_factory.mktemp("et") / "a")
+    assert (manifest["recipe"], manifest["kv_cache_spec"]["max_len"]) == (RECIPE, MAX_LEN), "the numbers above are for these"
     return folder, manifest, api.reference_model(folder, manifest)
 
 

@@ -7,28 +7,28 @@ from importlib import resources
 
 import pytest
 
-from slmc import api, manifest
+from slmc import manifest
 from slmc.errors import SlmcError
 from slmc.manifest import Manifest, schema, schema_errors
 
 
 @pytest.fixture(scope="module")
-def compiled(tiny_llama_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("man") / "art"
-    path, m = api.compile(api.CompileOptions(tiny_llama_dir, "executorch", "xnnpack", out, max_seq_len=32,
-                                             recipe="int8da-int8w"))
-    return path, m
+def compiled(tiny_et_8da4w, tmp_path_factory):
+    """conftest's shared tiny ExecuTorch 8da4w artifact (this module's copy) and the manifest
+    that api.compile returned for it."""
+    path, _ = tiny_et_8da4w(tmp_path_factory.mktemp("man") / "art")
+    return path, tiny_et_8da4w.returned
 
 
 def test_written_manifest_validates_against_the_shipped_schema(compiled):
     path, m = compiled
     on_disk = json.loads((path / "manifest.json").read_text())
-    assert on_disk == m
+    assert on_disk == m  # what compile returned is what it wrote
     assert schema_errors(on_disk) == []
     # the fields every runtime reads stay at the top level, beside the target's own
     assert on_disk["slmc_manifest"] == manifest.VERSION and on_disk["format"] == "pte"
     assert {"io", "kv_cache", "runner", "files", "model", "kv_cache_spec", "quantization"} <= set(on_disk)
-    assert on_disk["recipe"] == "int8da-int8w" and on_disk["quantization"]["schemes"]
+    assert on_disk["recipe"] == "int8da-int4w-g32-rtn" and on_disk["quantization"]["schemes"]
     assert on_disk["files"]["model.pte"] == (path / "model.pte").stat().st_size
 
 
