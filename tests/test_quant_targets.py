@@ -121,7 +121,9 @@ def test_calib_flag_checks_files_and_records_them(tiny_llama_dir, tmp_path):
     assert r.exit_code == 2 and "empty" in r.output
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    out, manifest = compile_model(tiny_llama_dir, "executorch", "xnnpack", tmp_path / "o2", max_seq_len=64,
+    # LiteRT, the recipe's faster flow: --calib and its record belong to the pass pipeline, ahead of any
+    # lowering (the recipe's ExecuTorch lowering is test_gptq_artifact's)
+    out, manifest = compile_model(tiny_llama_dir, "tflite", "cpu", tmp_path / "o2", max_seq_len=64,
                                   recipe="int4-g32-xnnpack", calib=[str(text)],
                                   passes=[])
     files = manifest["calibration_files"]
