@@ -22,6 +22,7 @@ class Recipe:
     flows: tuple[str, ...]  # "target" or "target:backend" it is built for
     about: str
     measured: str = ""  # "FILE.json:row" in bench/results measuring its method (`slmc list` shows it)
+    calib_only: str = ""  # why the recipe refuses to run without --calib ("" : data-free is allowed)
 
     def legal_for(self, target: str, backend: str) -> bool:
         return target in self.flows or f"{target}:{backend.split(':')[0]}" in self.flows
@@ -49,6 +50,10 @@ _SHARED8 = "embed_bits=8,ends_group_size=0"  # a tied table stays one table, int
 _CITE = ("method chosen by bench/results/quant_calib.md (data-free: AWQ scales + GPTQ +10.0 %, +10.7 % with one "
          "sample draw for both passes as run now; GPTQ +13.0 %, AWQ +13.6 %)")
 _MEASURED = "quant_calib.json:awq-scales+gptq clip samples carried"  # embedding and head float there
+
+
+_AR_AMOUNT = "n_seqs=64,seq_len=256"  # 16k calibration tokens for both passes, as the row measured
+_AR_STEPS = "iters=100,batch=4"
 
 
 def _int4(scheme: str) -> tuple[str, str]:
@@ -90,6 +95,21 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "int4-g32-xnnpack's +11.8 % in the same run (+14.3 % re-measured at one thread), with --calib +4.7 % "
            "(bench/results/quant_split.md); end to end with --calib, "
            ".pte +4.7 % and .tflite +4.4 % (bench/results/quant_e2e.md)", "quant_split.json:int4-g32-xnnpack + quant.mixed 10 %"),
+    # AutoRound (signed-gradient rounding per block) after AWQ's scales: the best calibrated method measured,
+    # +5.2 % at 100 steps against AWQ scales + GPTQ's +7.4 % on the same 16k tokens; data-free it gains
+    # nothing (+10.9 % against +10.7 %) for ~12x the compile time, so it needs --calib
+    Recipe("int4-g32-xnnpack-autoround",
+           (f"quant.awq:bits=4,group_size=32,quantize=false,{_AR_AMOUNT}",
+            f"quant.autoround:bits=4,group_size=32,{_AR_AMOUNT},{_AR_STEPS},{_XNN},{_ENDS8}"),
+           ("executorch:xnnpack", "tflite"),
+           "int4-g32-xnnpack's layout (8da4w block linears, head 8da8w, embedding int8 rows) with AutoRound's "
+           "learned rounding after AWQ's scales, on 64 x 256 tokens of your --calib text: the most accurate int4 "
+           "g32 method measured, +5.2 % weight-only against +7.4 % for AWQ scales + GPTQ on the same tokens "
+           "(bench/results/quant_calib.md); slow: 29 min for SmolLM2-135M on one thread, ~12x GPTQ's",
+           "quant_calib.json:awq-scales+autoround calibrated 64x256",
+           calib_only="AutoRound gains nothing over AWQ scales + GPTQ without calibration text (data-free +10.9 % "
+                      "against +10.7 %, bench/results/quant_calib.md) and takes ~12x as long: pass --calib FILE, "
+                      "or use int4-g32-xnnpack"),
     Recipe("gptq-int4-g32-xnnpack", (f"quant.gptq:bits=4,group_size=32,act_order=true,clip=true,{_XNN},{_ENDS8}",),
            ("executorch:xnnpack", "tflite"),
            "GPTQ int4 g32 (act-order, Hessian-weighted clip search) for XNNPACK's 8da4w, head 8da8w, embedding "
@@ -158,3 +178,10 @@ def recipe_passes(name: str, target: str, backend: str) -> list[str]:
                         f"recipes for this flow: {', '.join(fits) or 'none'}",
                         "--recipe")
     return list(r.passes)
+
+
+def check_calibration(name: str, calib) -> None:
+    """A calib_only recipe without --calib: refused before any pass runs."""
+    r = RECIPES.get(name)
+    if r is not None and r.calib_only and not calib:
+        raise SlmcError(f"recipe {name} needs --calib: {r.calib_only}", "--recipe")

@@ -48,3 +48,32 @@ def test_gptq_clip_scales_are_contiguous():
     W = torch.randn(8, 64)
     sc, z = clipped_params(W, torch.eye(32).expand(2, 32, 32), QuantScheme(4, 32, True, "bfloat16"))
     assert sc.shape == (8, 2) and sc.is_contiguous() and z is None
+
+
+def test_autoround_recipe_with_calib_validates_on_litert(tiny_llama_dir, tmp_path):
+    """int4-g32-xnnpack-autoround: AWQ's scales, then quant.autoround on the --calib text, in the 8da4w
+    layout; LiteRT (the recipe's faster flow: its ExecuTorch layout is int4-g32-xnnpack's, above)."""
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog, and then it sleeps. " * 40)
+    out = tmp_path / "a"
+    _, m = api.compile_model(str(tiny_llama_dir), "tflite", None, out, max_seq_len=48,
+                             recipe="int4-g32-xnnpack-autoround", calib=[str(text)])
+    names = [p["name"] for p in m["pipeline"]]
+    assert names[:2] == ["quant.awq", "quant.autoround"], names
+    ar = m["pipeline"][1]
+    assert ar["options"]["calib"] == str(text.resolve()) and ar["info"]["quantized"] > 0
+    assert "+act_int8" in "".join(m["quantization"]["schemes"])
+    r = api.validate(out, api.ValidateOptions(record=False))
+    assert r.verdict == "PASS", r.reasons
+
+
+def test_autoround_recipe_refuses_to_run_data_free(tiny_llama_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from slmc.cli import main
+
+    out = tmp_path / "a"
+    r = CliRunner().invoke(main, ["compile", str(tiny_llama_dir), "-t", "tflite", "-o", str(out),
+                                  "--recipe", "int4-g32-xnnpack-autoround"])
+    assert r.exit_code == 2 and "needs --calib" in r.output and "int4-g32-xnnpack" in r.output, r.output
+    assert not out.exists()

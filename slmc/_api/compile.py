@@ -91,6 +91,10 @@ def compile(opts: CompileOptions, progress=None) -> tuple[Path, dict]:
         raise SlmcError(f"{opts.dump_ir} exists and is a file, not a folder", "--dump-ir")
     tgt, spec = _target_and_spec(opts.target, opts.backend)
     passes = (_recipe_passes(opts.recipe, tgt, spec) if opts.recipe else []) + list(opts.passes)
+    if opts.recipe:
+        from ..recipes import check_calibration
+
+        check_calibration(opts.recipe, opts.calib)
     pipeline = with_calibration(parse_passes(passes + list(getattr(tgt, "default_passes", ()))), opts.calib)
     step("importing")
     src_path = resolve_model_path(str(opts.model), opts.keep_codes)
