@@ -71,6 +71,9 @@ METHODS = (
      "awq-scales+gptq calibrated 64x256", "AWQ's scales + quant.autoround at 16k calibration tokens (same steps)"),
     ("awq-scales+autoround calibrated 64x256 iters 200", "calibrated", "64x256", (AWQ,), AR + "iters=200,batch=4",
      "awq-scales+autoround calibrated 64x256", "200 steps per block (AutoRound's default) instead of 100"),
+    ("awq-scales+autoround 64x256 iters 200", "data-free", "64x256", (AWQ,), AR + "iters=200,batch=4",
+     "awq-scales+gptq clip 64x256", "the calibrated +3.6 % row's method data-free: AWQ's scales + quant.autoround, "
+     "200 steps, on 16k sampled tokens"),
 )
 
 
