@@ -36,8 +36,8 @@ def tiny_et_8da4w(tiny_llama_dir, tmp_path_factory):
     from slmc import api
 
     pristine, returned = api.compile_model(str(tiny_llama_dir), "executorch", "xnnpack",
-                                    tmp_path_factory.mktemp("tiny-et-8da4w") / "a",
-                                    max_seq_len=TINY_ET_MAX_LEN, recipe=TINY_ET_RECIPE)
+                                           tmp_path_factory.mktemp("tiny-et-8da4w") / "a",
+                                           max_seq_len=TINY_ET_MAX_LEN, recipe=TINY_ET_RECIPE)
 
     def copy_to(dest):
         shutil.copytree(pristine, dest)

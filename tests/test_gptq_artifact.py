@@ -75,5 +75,5 @@ def test_autoround_recipe_refuses_to_run_data_free(tiny_llama_dir, tmp_path):
     out = tmp_path / "a"
     r = CliRunner().invoke(main, ["compile", str(tiny_llama_dir), "-t", "tflite", "-o", str(out),
                                   "--recipe", "int4-g32-xnnpack-autoround"])
-    assert r.exit_code == 2 and "needs --calib" in r.output and "int4-g32-xnnpack" in r.output, r.output
+    assert r.exit_code == 2 and "needs --calib" in r.output and "use int4-g32-xnnpack" in r.output, r.output
     assert not out.exists()

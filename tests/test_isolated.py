@@ -51,7 +51,8 @@ def honest(tiny_et_8da4w, tmp_path_factory):
     """The int8da-int4w-g32-rtn recipe (its passes in the manifest, so the CLI rebuilds the same IR):
     conftest's shared tiny ExecuTorch artifact, this module's own copy."""
     folder, manifest = tiny_et_8da4w(tmp_path_factory.mktemp("et") / "a")
-    assert (manifest["recipe"], manifest["kv_cache_spec"]["max_len"]) == (RECIPE, MAX_LEN), "the numbers above are for these"
+    # the numbers in the docstring are for this recipe and cache length
+    assert (manifest["recipe"], manifest["kv_cache_spec"]["max_len"]) == (RECIPE, MAX_LEN)
     return folder, manifest, api.reference_model(folder, manifest)
 
 
