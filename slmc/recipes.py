@@ -97,8 +97,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            ".pte +4.7 % and .tflite +4.4 % (bench/results/quant_e2e.md)", "quant_split.json:int4-g32-xnnpack + quant.mixed 10 %"),
     # AutoRound (signed-gradient rounding per block) after AWQ's scales: the best calibrated method measured,
     # +3.6 % at 200 steps per block (+5.2 % at 100) against AWQ scales + GPTQ's +7.4 % on the same 16k tokens;
-    # data-free it gains nothing (+10.9 % against +10.7 %, at 100 steps) for ~20x the compile time, so it
-    # needs --calib
+    # data-free it loses (+10.2 % against +9.1 %, 200 steps on 64x256 sampled tokens) for ~20x the compile
+    # time, so it needs --calib
     Recipe("int4-g32-xnnpack-autoround",
            (f"quant.awq:bits=4,group_size=32,quantize=false,{_AR_AMOUNT}",
             f"quant.autoround:bits=4,group_size=32,{_AR_AMOUNT},{_AR_STEPS},{_XNN},{_ENDS8}"),
@@ -106,10 +106,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "int4-g32-xnnpack's layout (8da4w block linears, head 8da8w, embedding int8 rows) with AutoRound's "
            "learned rounding after AWQ's scales, on 64 x 256 tokens of your --calib text: the most accurate int4 "
            "g32 method measured, +3.6 % weight-only against +7.4 % for AWQ scales + GPTQ on the same tokens "
-           "(bench/results/quant_calib.md); slow: 52 min for SmolLM2-135M on one thread, ~20x GPTQ's",
+           "(bench/results/quant_calib.md), end to end in the .tflite with int8 activations +5.1 % "
+           "(bench/results/quant_e2e.md); slow: 52 min for SmolLM2-135M on one thread, ~20x GPTQ's",
            "quant_calib.json:awq-scales+autoround calibrated 64x256 iters 200",
-           calib_only="AutoRound gains nothing over AWQ scales + GPTQ without calibration text (data-free +10.9 % "
-                      "against +10.7 %, bench/results/quant_calib.md) and takes ~20x as long: pass --calib FILE, "
+           calib_only="without calibration text AutoRound is worse than AWQ scales + GPTQ (data-free +10.2 % "
+                      "against +9.1 %, bench/results/quant_calib.md) and takes ~20x as long: pass --calib FILE, "
                       "or use int4-g32-xnnpack"),
     Recipe("gptq-int4-g32-xnnpack", (f"quant.gptq:bits=4,group_size=32,act_order=true,clip=true,{_XNN},{_ENDS8}",),
            ("executorch:xnnpack", "tflite"),
