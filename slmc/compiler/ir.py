@@ -65,6 +65,13 @@ class Weight:
         if self._loader is not None:
             self._data = None
 
+    def rebind(self, t: torch.Tensor) -> None:
+        """Hold `t`, a tensor with the same values (e.g. a file-mapped copy), instead of the
+        current data, so the old copy can be freed."""
+        if tuple(t.shape) != self.shape or t.dtype != DTYPES[self.dtype]:
+            raise ValueError(f"rebind: {t.dtype}{list(t.shape)} for {self!r}")
+        self._data = t
+
     def numel(self) -> int:
         n = 1
         for s in self.shape:

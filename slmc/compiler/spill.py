@@ -15,6 +15,7 @@ copied (a pass's block, the sampling module, a lowering step).
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 from pathlib import Path
@@ -30,6 +31,9 @@ MIN_BYTES = 1 << 20  # smaller tensors (norm weights, biases) stay in memory
 
 WEIGHT_FILES = (".safetensors", ".gguf")
 MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; clean file pages are re-read on their next use
+# the spill files' "dev inode" as /proc/self/maps prints them: their mappings are let go like
+# the checkpoint's (an unlinked file's mapped name is not its own, so names can't tell)
+_SPILL_FILES: set[tuple[str, str]] = set()
 
 
 def page_out_weights() -> None:
@@ -51,7 +55,7 @@ def page_out_weights() -> None:
         return
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     for m in maps:
-        if len(m) >= 6 and m[-1].endswith(WEIGHT_FILES):
+        if len(m) >= 6 and m[-1].endswith(WEIGHT_FILES) or len(m) >= 5 and (m[3], m[4]) in _SPILL_FILES:
             lo, hi = (int(x, 16) for x in m[0].split("-"))
             libc.madvise(lo, hi - lo, MADV_PAGEOUT)
     # glibc keeps freed heap memory (the transient copies of weights a lowering makes) for
@@ -59,6 +63,23 @@ def page_out_weights() -> None:
     trim = getattr(libc, "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def file_backed(t: torch.Tensor) -> bool:
+    """Whether `t`'s memory is a mapped file (a checkpoint, a spill) rather than heap; False
+    where /proc/self/maps is missing."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return False
+    lo, hi = t.data_ptr(), t.data_ptr() + t.nbytes
+    for ln in maps:
+        m = ln.split()
+        if len(m) >= 6 and m[4] != "0":
+            a, b = (int(x, 16) for x in m[0].split("-"))
+            if a <= lo and hi <= b:
+                return True
+    return False
 
 
 class Spill:
@@ -77,6 +98,8 @@ class Spill:
         buf = memoryview(raw.numpy()).cast("B")
         if self._file is None:
             self._file = tempfile.TemporaryFile(prefix="slmc-spill-")
+            st = os.fstat(self._file.fileno())
+            _SPILL_FILES.add((f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", str(st.st_ino)))
         off, n = self._end, len(buf)
         try:
             done = 0
@@ -91,15 +114,21 @@ class Spill:
         return Weight(shape=shape, dtype=dtype, loader=lambda: self._read(off, n, shape, dtype))
 
     def _read(self, off: int, n: int, shape: tuple, dtype: str) -> torch.Tensor:
-        buf = bytearray(n)
-        got = 0
-        while got < n:
-            k = os.preadv(self._file.fileno(), [memoryview(buf)[got:]], off + got)
-            if k <= 0:
-                raise SlmcError("scratch weight file is truncated", self.where)
-            got += k
-        t = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8))
+        """The tensor as a private (copy-on-write) mapping of the file: its pages are file
+        pages, which page_out_weights lets go of and the kernel may reclaim, not heap; a write
+        to the tensor stays in this process."""
+        if n == 0:
+            return torch.empty(shape, dtype=DTYPES[dtype])
+        if self._end < off + n:
+            raise SlmcError("scratch weight file is truncated", self.where)
+        start = off - off % mmap.ALLOCATIONGRANULARITY
+        m = mmap.mmap(self._file.fileno(), off + n - start, offset=start, access=mmap.ACCESS_COPY)
+        t = torch.from_numpy(np.frombuffer(m, dtype=np.uint8, count=n, offset=off - start))
         return t.view(DTYPES[dtype]).view(shape)
+
+    def mapped(self, t: torch.Tensor) -> torch.Tensor:
+        """`t`'s values as a tensor mapped from this file (see _read); `t` can then be freed."""
+        return self.put(t).data
 
     def weight(self, w: Weight) -> Weight:
         """A spilled copy of a rewritten float; else `w` itself, its data dropped if it can be

@@ -6,6 +6,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from ..ir import Model
+from ..spill import page_out_weights
 from .module import LoweredLM, LoweringSpec
 
 
@@ -25,6 +26,7 @@ def example_inputs(model: Model, T: int = 2) -> tuple[torch.Tensor, torch.Tensor
 def export_decoder(model: Model, spec: LoweringSpec = LoweringSpec(), dynamic: bool = True) -> ExportedProgram:
     """Export forward(tokens[1, T], input_pos[1]); T is dynamic in 1..max_chunk(model)."""
     module = LoweredLM(model, spec).eval()
+    page_out_weights()  # the heap copies the module's mapped weights replaced go back to the system
     if dynamic:
         # max_len - 1: a Dim whose max equals a static size it is compared against
         # gets specialised by export (ExecuTorch's own LLM export does the same).

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ir import MLP, Linear, Model, MoE, Norm, QuantWeight
+from .. import spill as _spill
+from ..ir import MLP, Linear, Model, MoE, Norm, QuantWeight, Weight
 from .quantized import intx_parameter
 
 
@@ -23,6 +24,17 @@ class _Params:
     def __init__(self, owner: nn.Module, dtype: torch.dtype, dequantize: bool = False):
         self.owner, self.dtype, self.memo, self.quantized = owner, dtype, {}, False
         self.dequantize = dequantize
+        self.spill = None  # made on first use; its file lives as long as a tensor maps it
+
+    def _file_backed(self, t: torch.Tensor) -> torch.Tensor:
+        """`t`, or its copy mapped from a scratch file when `t` is heap memory: an exporter
+        then reads each weight's pages as it goes, and page_out_weights lets them go again,
+        instead of the whole model staying resident through the lowering (issue 17)."""
+        if t.nbytes < _spill.MIN_BYTES or _spill.file_backed(t):
+            return t
+        if self.spill is None:
+            self.spill = _spill.Spill("lowering")
+        return self.spill.mapped(t)
 
     def __call__(self, w) -> nn.Parameter:
         if w is None:
@@ -33,11 +45,15 @@ class _Params:
             self.quantized = True
             self.memo[id(w)] = intx_parameter(w, self.dtype)
         if id(w) not in self.memo:
-            was_loaded = getattr(w, "loaded", True)
             # contiguous: serializers read a constant's storage in memory order (see quantized.py)
-            p = nn.Parameter(w.float().to(self.dtype).contiguous(), requires_grad=False)
-            if not was_loaded and p.data_ptr() != w.data.data_ptr():
-                w.release()  # a converted copy exists now; don't also keep the checkpoint's bf16/fp16
+            p = nn.Parameter(self._file_backed(w.float().to(self.dtype).contiguous()), requires_grad=False)
+            if isinstance(w, Weight) and w.loaded and p.data_ptr() != w.data.data_ptr():
+                # the Parameter is a copy (converted, or mapped from a scratch file): the IR's
+                # own copy goes if it can be read again, else the IR shares the mapped one
+                if w._loader is not None:
+                    w.release()
+                elif p.dtype == w.data.dtype:
+                    w.rebind(p.data)
             self.owner.register_parameter(f"w{len(self.memo)}", p)
             self.memo[id(w)] = p
         return self.memo[id(w)]
