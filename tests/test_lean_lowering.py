@@ -91,3 +91,26 @@ def test_lean_lowering_writes_executorchs_bytes(tied_dir, reference, monkeypatch
 def test_control_one_ulp_changes_the_bytes(tied_dir, reference, monkeypatch):
     nudged = lower(tied_dir, True, monkeypatch, nudge=True)
     assert nudged[:2] != reference
+
+
+def test_bitset_dependency_viewer_answers_like_executorchs(tied_dir):
+    """The partitioner's dependency viewer (lean.py) gives every node of an edge graph the
+    same transitive downstream and upstream nodes as ExecuTorch's own set-based one."""
+    from executorch.exir import EdgeCompileConfig, to_edge
+    from executorch.exir.backend.canonical_partitioners.group_partitioner import _DependencyViewer
+
+    from slmc.targets.executorch.lean import _BitsetDependencyViewer
+
+    ir = load_model(tied_dir, max_seq_len=32)
+    gm = to_edge(export_decoder(ir, LoweringSpec(), dynamic=True),
+                 compile_config=EdgeCompileConfig(_check_ir_validity=False)).exported_program().graph_module
+    theirs, ours = _DependencyViewer(gm), _BitsetDependencyViewer(gm)
+    nodes = list(gm.graph.nodes)
+    assert len(nodes) > 50
+    for n in nodes:
+        down = ours.downstreams_of(n)
+        assert set(down) == theirs.downstreams_of(n) and len(down) == len(theirs.downstreams_of(n))
+        assert set(ours.upstreams_of(n)) == theirs.upstreams_of(n)
+    first, last = nodes[0], nodes[-1]
+    assert last not in ours.downstreams_of(last)
+    assert (last in ours.downstreams_of(first)) == (last in theirs.downstreams_of(first))

@@ -188,3 +188,19 @@ def test_lowered_weights_are_file_backed_and_exact(tiny_llama_dir, monkeypatch):
     spill_mod.page_out_weights()  # pages dropped: read again from the scratch file
     with torch.no_grad():
         assert torch.equal(mod(ids, pos), plain)
+
+
+def test_read_through_keeps_no_weight(tiny_llama_dir):
+    """Inside read_through() a lazy weight is read at each use and never kept: the reference
+    run of the check bundle holds one weight at a time; its logits are the cached run's."""
+    from slmc.compiler.ir import named_weights, read_through
+
+    m = import_hf(tiny_llama_dir)
+    lazy = [w for _, w in named_weights(m) if isinstance(w, Weight) and w._loader is not None]
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with read_through():
+        through = reference.forward(m, ids)
+    assert lazy and not any(w.loaded for w in lazy)
+    cached = reference.forward(m, ids)
+    assert all(w.loaded for w in lazy)
+    assert torch.equal(through, cached)

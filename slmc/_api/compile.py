@@ -12,7 +12,8 @@ from importlib import metadata
 from pathlib import Path
 
 from .. import __version__
-from ..compiler.ir import Model, QuantWeight, dequant_cache, drop_dequant_caches, named_weights, param_count, weight_bytes
+from ..compiler.ir import (Model, QuantWeight, dequant_cache, drop_dequant_caches, named_weights, param_count,
+                           read_through, weight_bytes)
 from ..errors import SlmcError
 from ..manifest import Manifest
 from ..targets import get_target
@@ -120,14 +121,15 @@ def compile_ir(ir: Model, target: str, backend: str | None, out: str | Path, tok
 @dequant_cache(False)  # no fp32 copy of every quantized weight held into the lowering (issue 17)
 def _lower_and_write(ir, tgt, spec, out: Path, tok, step, logs, recipe, calib_files, extra=None):
     check_supported(tgt, ir, spec)
-    # The check bundle's reference run reads every weight: done now, while the import left them
-    # resident, rather than after lowering, where it would read them back in beside what the
-    # lowering leaves (bench/memory.py). Its bounds are set once the manifest names the flow.
+    # The check bundle's reference run reads every weight: done before lowering, not beside what
+    # the lowering holds, and reading each from its file at each use (read_through), so it never
+    # holds the whole model (bench/memory.py). Its bounds are set once the manifest names the flow.
     step("reference outputs for the on-device check bundle")
     from ..device.bundle import check_data
 
     drop_dequant_caches(ir)  # any a caller's own reference runs left (e.g. compile_ir after an eval)
-    ref = check_data(ir, None, tok)
+    with read_through():
+        ref = check_data(ir, None, tok)
     t0 = time.time()
     gc.collect()  # what the passes replaced (e.g. unfused projections) goes before lowering copies the rest
     page_out_weights()  # the checkpoint pages the import and passes read (base.page_out_weights)

@@ -53,6 +53,8 @@ class Weight:
             t = self._loader()
             if tuple(t.shape) != self.shape:
                 raise ValueError(f"loaded shape {tuple(t.shape)} != declared {self.shape}")
+            if not _KEEP_READS[0]:
+                return t  # read_through(): this use only
             self._data = t
         return self._data
 
@@ -177,6 +179,21 @@ def transient_reads(model):
     finally:
         for w in lazy:
             w.release()
+
+
+_KEEP_READS = [True]
+
+
+@contextmanager
+def read_through():
+    """Within: a weight not yet loaded is read from its file at each use and not kept, so a
+    whole-model run (the check bundle's reference outputs) holds one weight at a time, not
+    the model (issue 17); re-reading costs a copy per use."""
+    prev, _KEEP_READS[0] = _KEEP_READS[0], False
+    try:
+        yield
+    finally:
+        _KEEP_READS[0] = prev
 
 
 def drop_dequant_caches(model) -> None:

@@ -12,6 +12,12 @@ Measured on a 49.6M-parameter SmolLM2-shaped model (bench/results/memory.md), Ex
 writes a weight in place) and spills the last two to files in a scratch folder as soon as
 they are made (ExecuTorch's `FileBackedData`, which its serializers stream from), so RAM
 holds one packed weight at a time instead of all of them.
+
+Beside the weights: XNNPACK's partitioner (GroupBasedPartitioner) builds every node's
+transitive downstream and upstream sets as Python sets, O(nodes^2) entries: 310 MiB at
+once on SmolLM2-135M's 30 layers, the compile's peak (bench/results/memory.md). It only
+ever asks for downstreams; `_BitsetDependencyViewer` keeps them as one integer bitmask per
+node (nodes^2 / 8 bytes: 3 MB there) and answers with the same nodes.
 """
 
 from __future__ import annotations
@@ -54,6 +60,64 @@ def _copy_sharing_weights(cls, edge_program, compile_specs):
         if isinstance(t, torch.Tensor):
             memo[id(t)] = t
     return copy.deepcopy(edge_program, memo)
+
+
+class _NodeBits:
+    """The nodes whose bits are set in `mask` (indices into `nodes`): iterable, like a set."""
+
+    __slots__ = ("mask", "nodes", "index")
+
+    def __init__(self, mask: int, nodes: list, index: dict):
+        self.mask, self.nodes, self.index = mask, nodes, index
+
+    def __contains__(self, node) -> bool:
+        i = self.index.get(node)
+        return i is not None and bool(self.mask >> i & 1)
+
+    def __len__(self) -> int:
+        return self.mask.bit_count()
+
+    def __iter__(self):
+        import numpy as np
+
+        if not self.mask:
+            return iter(())
+        raw = np.frombuffer(self.mask.to_bytes((self.mask.bit_length() + 7) // 8, "little"), np.uint8)
+        return (self.nodes[i] for i in np.flatnonzero(np.unpackbits(raw, bitorder="little")))
+
+
+class _BitsetDependencyViewer:
+    """ExecuTorch's group_partitioner._DependencyViewer (same answers) with each node's
+    transitive downstream set as an int bitmask; upstream sets, unused there, are made only
+    if asked for."""
+
+    def __init__(self, graph_module):
+        self.nodes = list(graph_module.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.down = [0] * len(self.nodes)
+        for i in range(len(self.nodes) - 1, -1, -1):
+            m = 0
+            for user in self.nodes[i].users:
+                j = self.index[user]
+                m |= (1 << j) | self.down[j]
+            self.down[i] = m
+        self.up = None
+
+    def downstreams_of(self, node) -> _NodeBits:
+        i = self.index.get(node)
+        return _NodeBits(self.down[i] if i is not None else 0, self.nodes, self.index)
+
+    def upstreams_of(self, node) -> _NodeBits:
+        if self.up is None:
+            self.up = [0] * len(self.nodes)
+            for i, n in enumerate(self.nodes):
+                m = 0
+                for inp in n.all_input_nodes:
+                    j = self.index[inp]
+                    m |= (1 << j) | self.up[j]
+                self.up[i] = m
+        i = self.index.get(node)
+        return _NodeBits(self.up[i] if i is not None else 0, self.nodes, self.index)
 
 
 class Spill:
@@ -104,6 +168,7 @@ def lean_lowering(backend: str):
     constants are spilled by the caller's serializer hook, see program.py)."""
     import executorch.backends.xnnpack.xnnpack_preprocess as xnn
     import executorch.exir.backend.canonical_partitioners.duplicate_constant_node_pass as dup
+    import executorch.exir.backend.canonical_partitioners.group_partitioner as group
     from executorch.exir._serialize._named_data_store import NamedDataStore
 
     spill = Spill()
@@ -116,12 +181,15 @@ def lean_lowering(backend: str):
     if backend == "xnnpack":  # its preprocess only reads the weights (checked by the tests' outputs)
         patched.append((xnn.XnnpackBackend, xnn.XnnpackBackend.__dict__.get("copy_exported_program_for_preprocess")))
         xnn.XnnpackBackend.copy_exported_program_for_preprocess = classmethod(_copy_sharing_weights)
+    orig_viewer = group._DependencyViewer
     NamedDataStore.add_named_data = add_named_data
     dup.copy = _ShareTensors
+    group._DependencyViewer = _BitsetDependencyViewer
     try:
         yield spill
     finally:
         NamedDataStore.add_named_data, dup.copy = orig_add, orig_copy
+        group._DependencyViewer = orig_viewer
         for cls, orig in patched:
             if orig is None:
                 del cls.copy_exported_program_for_preprocess
