@@ -204,3 +204,21 @@ def test_read_through_keeps_no_weight(tiny_llama_dir):
     cached = reference.forward(m, ids)
     assert all(w.loaded for w in lazy)
     assert torch.equal(through, cached)
+
+
+def test_fused_projections_go_to_scratch_space(tiny_llama_dir, monkeypatch):
+    """canon.fuse_projections' new q/k/v and gate/up weights are spilled as they are made:
+    the model stays lazy, and the logits are the unfused model's."""
+    from slmc.compiler.ir import named_weights, read_through
+
+    monkeypatch.setattr(spill_mod, "MIN_BYTES", 4096)
+    m = import_hf(tiny_llama_dir)
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
+    with read_through():  # leaves the checkpoint's weights unread
+        before = reference.forward(m, ids)
+    out, logs = PassManager([parse_pass("canon.fuse_projections")]).run(m)
+    assert logs[0].info["spilled_mib"] > 0
+    fused = [b.attn.qkv.weight for b in out.blocks] + [b.ffn.gate_up.weight for b in out.blocks]
+    assert all(w._loader is not None and not w.loaded for w in fused)
+    assert not any(w.loaded for _, w in named_weights(out) if isinstance(w, Weight) and w.nbytes() >= 4096)
+    torch.testing.assert_close(reference.forward(out, ids), before, rtol=1e-5, atol=1e-5)

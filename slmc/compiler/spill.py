@@ -15,6 +15,7 @@ copied (a pass's block, the sampling module, a lowering step).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import tempfile
@@ -37,8 +38,8 @@ _SPILL_FILES: set[tuple[str, str]] = set()
 
 
 def page_out_weights() -> None:
-    """Let go of the resident pages of the checkpoint's memory-mapped weight files. Reading a
-    mapped checkpoint (the import's NaN check, a pass, a lowering step) leaves every page it
+    """Let go of the resident pages of the checkpoint's memory-mapped weight files and of the
+    spill files (the lowering's Parameters are mapped from one). Reading a mapped file (the import's NaN check, a pass, a lowering step) leaves every page it
     touched counted in the process's RSS for as long as the file stays mapped, beside the copies
     made from them. MADV_PAGEOUT drops clean pages (re-read from the file if used again) and
     never loses a page written in place (it is swapped or kept); where the call is missing
@@ -59,10 +60,43 @@ def page_out_weights() -> None:
             lo, hi = (int(x, 16) for x in m[0].split("-"))
             libc.madvise(lo, hi - lo, MADV_PAGEOUT)
     # glibc keeps freed heap memory (the transient copies of weights a lowering makes) for
-    # reuse instead of returning it to the system; malloc_trim returns what is free
-    trim = getattr(libc, "malloc_trim", None)
+    # reuse instead of returning it to the system
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Return the heap memory glibc keeps after frees to the system (malloc_trim); a no-op
+    where there is no glibc."""
+    import ctypes
+
+    try:
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return
     if trim is not None:
         trim(0)
+
+
+@contextlib.contextmanager
+def trimming(every_s: float = 1.0):
+    """Within: trim_heap() every `every_s` seconds from a helper thread. A lowering that
+    allocates and frees graph copies for minutes (ExecuTorch's to_edge) otherwise holds its
+    garbage until its end, and that garbage sets the compile's peak RSS (bench/memory.py)."""
+    import threading
+
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(every_s):
+            trim_heap()
+
+    t = threading.Thread(target=loop, name="slmc-trim", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
 
 
 def file_backed(t: torch.Tensor) -> bool:

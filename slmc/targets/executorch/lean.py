@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ...compiler.spill import trimming
 from ..base import page_out_weights, scratch_file
 
 SPILL_MIN_BYTES = 1 << 20  # smaller blobs stay in RAM (one file per blob is not worth it)
@@ -186,7 +187,8 @@ def lean_lowering(backend: str):
     dup.copy = _ShareTensors
     group._DependencyViewer = _BitsetDependencyViewer
     try:
-        yield spill
+        with trimming():
+            yield spill
     finally:
         NamedDataStore.add_named_data, dup.copy = orig_add, orig_copy
         group._DependencyViewer = orig_viewer
