@@ -51,7 +51,7 @@ def lower(model_dir, lean: bool, monkeypatch, nudge: bool = False):
     if nudge:  # the control: one weight one ulp up
         w = ir.blocks[0].attn.o.weight.data
         w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
-    spilled = []
+    spilled, viewed = [], []
     if lean:
         monkeypatch.setattr(lean_mod, "SPILL_MIN_BYTES", 1024)  # tiny weights spill too
         orig = lean_mod.Spill.__call__
@@ -62,13 +62,21 @@ def lower(model_dir, lean: bool, monkeypatch, nudge: bool = False):
             return out
 
         monkeypatch.setattr(lean_mod.Spill, "__call__", spill)
+        orig_bytes = lean_mod.Spill.bytes_of
+
+        def bytes_of(self, x=b"", *rest):
+            out = orig_bytes(self, x, *rest)
+            viewed.append(isinstance(out, memoryview))  # a weight's memory went through a file
+            return out
+
+        monkeypatch.setattr(lean_mod.Spill, "bytes_of", bytes_of)
     else:
         monkeypatch.setattr(program, "lean_lowering", lambda backend: contextlib.nullcontext(_Plain()))
     ep = export_decoder(ir, LoweringSpec(), dynamic=True)
     spec = program.ExecuTorchSpec()
     pte, _, ptd = program.to_pte_and_data(ep, spec, program.runner_metadata(ir), tied=program.tied_table(ir, "xnnpack"))
     monkeypatch.undo()
-    return pte.read_bytes(), ptd.read_bytes() if ptd is not None else None, sum(spilled)
+    return pte.read_bytes(), ptd.read_bytes() if ptd is not None else None, sum(spilled), sum(viewed)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +89,9 @@ def reference(tied_dir):
 
 
 def test_lean_lowering_writes_executorchs_bytes(tied_dir, reference, monkeypatch):
-    pte, ptd, n = lower(tied_dir, True, monkeypatch)
+    pte, ptd, n, viewed = lower(tied_dir, True, monkeypatch)
     assert n >= 3  # the tied table, and packed block weights, went through files
+    assert viewed >= 3  # and were never copied into bytes (Spill.bytes_of)
     assert ptd is not None  # the tied table sits in model.ptd, once
     assert (pte, ptd) == reference
 

@@ -37,6 +37,12 @@ MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; clean file pages are r
 _SPILL_FILES: set[tuple[str, str]] = set()
 
 
+def register_spill_file(fd: int) -> None:
+    """page_out_weights lets go of this open file's mappings too."""
+    st = os.fstat(fd)
+    _SPILL_FILES.add((f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", str(st.st_ino)))
+
+
 def page_out_weights() -> None:
     """Let go of the resident pages of the checkpoint's memory-mapped weight files and of the
     spill files (the lowering's Parameters are mapped from one). Reading a mapped file (the import's NaN check, a pass, a lowering step) leaves every page it
@@ -132,8 +138,7 @@ class Spill:
         buf = memoryview(raw.numpy()).cast("B")
         if self._file is None:
             self._file = tempfile.TemporaryFile(prefix="slmc-spill-")
-            st = os.fstat(self._file.fileno())
-            _SPILL_FILES.add((f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", str(st.st_ino)))
+            register_spill_file(self._file.fileno())
         off, n = self._end, len(buf)
         try:
             done = 0

@@ -18,13 +18,21 @@ transitive downstream and upstream sets as Python sets, O(nodes^2) entries: 310 
 once on SmolLM2-135M's 30 layers, the compile's peak (bench/results/memory.md). It only
 ever asks for downstreams; `_BitsetDependencyViewer` keeps them as one integer bitmask per
 node (nodes^2 / 8 bytes: 3 MB there) and answers with the same nodes.
+
+And where XNNPACK's serializer and the emitter copy a weight's memory into `bytes` (to hash
+it, then to store it), `Spill.bytes_of` stands in for `bytes`: a big weight is written to a
+scratch file and handed on as a read-only mapping of it, so the copy never sits in RAM beside
+the weight (2 x 113 MiB at once for SmolLM2-135M's tied table).
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import copy
+import ctypes
 import hashlib
+import mmap
 import os
 import shutil
 import tempfile
@@ -32,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from ...compiler.spill import trimming
+from ...compiler.spill import register_spill_file, trimming
 from ..base import page_out_weights, scratch_file
 
 SPILL_MIN_BYTES = 1 << 20  # smaller blobs stay in RAM (one file per blob is not worth it)
@@ -127,21 +135,46 @@ class Spill:
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="slmc-et-spill-")  # TMPDIR picks the disk
         self.n = 0
+        self.mapped = {}  # id(view) -> (view, its file): what bytes_of handed out
 
-    def __call__(self, data):
-        """bytes of SPILL_MIN_BYTES or more -> FileBackedData (deleted when dropped); else as is."""
-        from executorch.exir._serialize._cord import FileBackedData
-
-        if not isinstance(data, (bytes, bytearray)) or len(data) < SPILL_MIN_BYTES:
-            return data
+    def _write(self, data) -> str:
         path = os.path.join(self.dir, f"{self.n}.bin")
         self.n += 1
         with open(path, "wb") as f:
             f.write(data)
+        return path
+
+    def __call__(self, data):
+        """bytes of SPILL_MIN_BYTES or more, or a view bytes_of made -> FileBackedData; else
+        as is."""
+        from executorch.exir._serialize._cord import FileBackedData
+
+        own = self.mapped.get(id(data)) if isinstance(data, memoryview) else None
+        if own is not None and own[0] is data:  # already in a file: no second copy
+            digest = hashlib.sha256(data).digest()
+            page_out_weights()
+            return FileBackedData(own[1], cleanup=False, sha256=digest)
+        if not isinstance(data, (bytes, bytearray)) or len(data) < SPILL_MIN_BYTES:
+            return data
+        path = self._write(data)
         # the checkpoint pages read to make this blob are let go as well, so the mapped
         # checkpoint is not resident whole beside the copies made from it (base.page_out_weights)
         page_out_weights()
         return FileBackedData(path, cleanup=True, sha256=hashlib.sha256(data).digest())
+
+    def bytes_of(self, x=b"", *rest):
+        """`bytes`, except for a big ctypes array (a tensor's memory): written to a file and
+        returned as a read-only mapping of it (bytes-like, file pages that page_out_weights
+        lets go of)."""
+        if rest or not isinstance(x, ctypes.Array) or ctypes.sizeof(x) < SPILL_MIN_BYTES:
+            return builtins.bytes(x, *rest)
+        path = self._write(memoryview(x).cast("B"))
+        with open(path, "rb") as f:
+            register_spill_file(f.fileno())
+            view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        self.mapped[id(view)] = (view, path)
+        page_out_weights()  # the weight's pages just read
+        return view
 
     def join(self, cord, name: str) -> Path:
         """A Cord (its spilled parts on disk) written once, as the artifact file `name` in the
@@ -167,8 +200,10 @@ def lean_lowering(backend: str):
     """While ExecuTorch lowers and serializes: shared constant copies, and packed/emitted
     weights spilled to a scratch folder (removed on exit). Yields the Spill (the emitter's
     constants are spilled by the caller's serializer hook, see program.py)."""
+    import executorch.backends.xnnpack.operators.node_visitor as xnn_visitor
     import executorch.backends.xnnpack.xnnpack_preprocess as xnn
     import executorch.exir.backend.canonical_partitioners.duplicate_constant_node_pass as dup
+    import executorch.exir.emit._emitter as emitter
     import executorch.exir.backend.canonical_partitioners.group_partitioner as group
     from executorch.exir._serialize._named_data_store import NamedDataStore
 
@@ -186,12 +221,16 @@ def lean_lowering(backend: str):
     NamedDataStore.add_named_data = add_named_data
     dup.copy = _ShareTensors
     group._DependencyViewer = _BitsetDependencyViewer
+    for mod in (xnn_visitor, emitter):  # their only uses of bytes() copy a tensor's memory
+        mod.bytes = spill.bytes_of
     try:
         with trimming():
             yield spill
     finally:
         NamedDataStore.add_named_data, dup.copy = orig_add, orig_copy
         group._DependencyViewer = orig_viewer
+        for mod in (xnn_visitor, emitter):
+            del mod.bytes
         for cls, orig in patched:
             if orig is None:
                 del cls.copy_exported_program_for_preprocess

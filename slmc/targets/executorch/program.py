@@ -135,6 +135,11 @@ def _serializer_hook(spill, tied: bool):
     orig = prog_mod.serialize_for_executorch
 
     def serialize(emitter_output, config, data_serializer, named_data=None):
+        # constants kept in the .pte are bytes to its serializer (lean.py's bytes_of made
+        # some file mappings); the ones outside it are spilled
+        for buf in emitter_output.program.constant_buffer + (emitter_output.mutable_data or []):
+            if isinstance(buf.storage, memoryview):
+                buf.storage = bytes(buf.storage)
         bufs = emitter_output.external_constant_buffer
         for i, b in enumerate(bufs):
             bufs[i] = spill(b)
