@@ -25,7 +25,7 @@ from ..ir import MLP, Block, Model
 from .attention import AttnContext, LAttention
 from .cache import scale_shape
 from .components import Components
-from .layers import LMLP, LMoE, _Params, head_projection
+from .layers import LMLP, LMoE, _Params, head_projection, zeros_untouched
 from .math import rope_tables, softcap
 from .quantized import unwrap
 from .ring import ring_masks, ring_slots
@@ -157,7 +157,7 @@ class LoweredLM(nn.Module):
         if self.spec.kv == "buffers":
             for d, shape in enumerate(self.cache_shapes):
                 for kv_name in ("k", "v"):
-                    self.register_buffer(f"{kv_name}_cache_{d}", torch.zeros(shape, dtype=self.cache_dtype))
+                    self.register_buffer(f"{kv_name}_cache_{d}", zeros_untouched(shape, self.cache_dtype))
                     if self.int8:
                         self.register_buffer(f"{kv_name}_cache_scale_{d}", torch.zeros(scale_shape(shape),
                                                                                      dtype=self.spec.dtype))
@@ -168,8 +168,8 @@ class LoweredLM(nn.Module):
         row = (kv.max_len, a.n_kv_heads) if bshd else (a.n_kv_heads, kv.max_len)
         self.cache_shape = (model.n_layers, *row, a.head_dim)
         if self.spec.kv == "buffers":  # fp32 here; Core ML declares its states fp16 (it has no other)
-            self.register_buffer("keyCache", torch.zeros(self.cache_shape))
-            self.register_buffer("valueCache", torch.zeros(self.cache_shape))
+            self.register_buffer("keyCache", zeros_untouched(self.cache_shape, torch.float32))
+            self.register_buffer("valueCache", zeros_untouched(self.cache_shape, torch.float32))
 
     def empty_caches(self) -> list[torch.Tensor]:
         """Zero K and V tensors per depth, in forward's argument order (kv="io"); an int8

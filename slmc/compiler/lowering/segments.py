@@ -25,7 +25,7 @@ from torch.export import Dim, ExportedProgram
 from ...errors import UnsupportedError
 from ..ir import MLP, Model, MoE
 from .attention import AttnContext, LAttention
-from .layers import LMLP, _Params
+from .layers import LMLP, _Params, zeros_untouched
 from .math import rope_tables, softcap
 from .module import LBlock, LoweringSpec
 from .quantized import unwrap
@@ -84,8 +84,8 @@ class LayerSegment(LBlock):
         self.register_buffer("rope_sin", sin.to(spec.dtype), persistent=False)
         shape = (1, kv.max_len, a.n_kv_heads, a.head_dim) if bshd else (1, a.n_kv_heads, kv.max_len, a.head_dim)
         cache_dtype = torch.float16 if kv.dtype == "float16" else spec.dtype  # LAttention rounds into it
-        self.register_buffer(f"k_cache_{depth}", torch.zeros(shape, dtype=cache_dtype))
-        self.register_buffer(f"v_cache_{depth}", torch.zeros(shape, dtype=cache_dtype))
+        self.register_buffer(f"k_cache_{depth}", zeros_untouched(shape, cache_dtype))
+        self.register_buffer(f"v_cache_{depth}", zeros_untouched(shape, cache_dtype))
         f = b.ffn
         self.moe = isinstance(f, MoE)
         if self.moe:
