@@ -22,7 +22,6 @@ dynamic_shapes for the variadic cache arguments.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,6 +30,8 @@ from torch.export import Dim
 
 from ...compiler.ir import Model
 from ...compiler.lowering import LoweredLM, LoweringSpec, max_chunk
+from ...compiler.spill import page_out_weights
+from ..base import scratch_file
 from .codes import quantize_graph
 
 OPSET = 18
@@ -98,9 +99,9 @@ def graph_io(proto) -> dict:
     return {"inputs": [desc(v) for v in proto.graph.input], "outputs": [desc(v) for v in proto.graph.output]}
 
 
-def export_onnx(model: Model) -> tuple[dict[str, bytes], dict]:
-    """({"model.onnx": ..., and "model.onnx.data" when the weights are large}, graph_io);
-    the same bytes for the same IR."""
+def export_onnx(model: Model) -> tuple[dict[str, Path], dict]:
+    """({"model.onnx": ..., and "model.onnx.data" when the weights are large} as files in the
+    scratch folder (base.scratch_file), graph_io); the same bytes for the same IR."""
     import onnx
 
     ep, args = _exported_program(model)
@@ -110,14 +111,14 @@ def export_onnx(model: Model) -> tuple[dict[str, bytes], dict]:
                                  output_names=["logits", *present], opset_version=OPSET, optimize=True,
                                  verbose=False)
     proto = prog.model_proto
-    del prog, ep
+    del prog, ep, args
+    # the proto holds its own copy of every weight now: the lowering's (file-mapped) pages go
+    page_out_weights()
     quantize_graph(proto, model)
     _name_dims(proto)
     proto.doc_string = ""  # nothing host-specific in the file
     weights = sum(t.ByteSize() for t in proto.graph.initializer)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        external = weights > EXTERNAL_DATA_BYTES
-        onnx.save_model(proto, os.fspath(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
-        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir())}, graph_io(proto)
+    path = scratch_file("model.onnx")  # files, not bytes: no second copy of the weights in RAM
+    onnx.save_model(proto, os.fspath(path), save_as_external_data=weights > EXTERNAL_DATA_BYTES,
+                    all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+    return {p.name: p for p in sorted(path.parent.iterdir())}, graph_io(proto)
