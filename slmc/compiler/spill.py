@@ -37,6 +37,15 @@ MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; clean file pages are r
 _SPILL_FILES: set[tuple[str, str]] = set()
 
 
+def _mappings() -> list[list[str]]:
+    """/proc/self/maps, each line split (address range, perms, offset, dev, inode, path...);
+    empty where there is none (not Linux)."""
+    try:
+        return [ln.split() for ln in Path("/proc/self/maps").read_text().splitlines()]
+    except OSError:
+        return []
+
+
 def register_spill_file(fd: int) -> None:
     """page_out_weights lets go of this open file's mappings too."""
     st = os.fstat(fd)
@@ -45,9 +54,9 @@ def register_spill_file(fd: int) -> None:
 
 def page_out_weights() -> None:
     """Let go of the resident pages of the checkpoint's memory-mapped weight files and of the
-    spill files (the lowering's Parameters are mapped from one). Reading a mapped file (the import's NaN check, a pass, a lowering step) leaves every page it
-    touched counted in the process's RSS for as long as the file stays mapped, beside the copies
-    made from them. MADV_PAGEOUT drops clean pages (re-read from the file if used again) and
+    spill files (the lowering's Parameters are mapped from one). Reading a mapped file (the
+    import's NaN check, a pass, a lowering step) leaves every page it touched counted in the
+    process's RSS for as long as the file stays mapped, beside the copies made from them. MADV_PAGEOUT drops clean pages (re-read from the file if used again) and
     never loses a page written in place (it is swapped or kept); where the call is missing
     (not Linux, older kernels) nothing happens."""
     import ctypes
@@ -55,8 +64,8 @@ def page_out_weights() -> None:
 
     if not sys.platform.startswith("linux"):
         return
+    maps = _mappings()
     try:
-        maps = [ln.split() for ln in Path("/proc/self/maps").read_text().splitlines()]
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return
@@ -108,13 +117,8 @@ def trimming(every_s: float = 1.0):
 def file_backed(t: torch.Tensor) -> bool:
     """Whether `t`'s memory is a mapped file (a checkpoint, a spill) rather than heap; False
     where /proc/self/maps is missing."""
-    try:
-        maps = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return False
     lo, hi = t.data_ptr(), t.data_ptr() + t.nbytes
-    for ln in maps:
-        m = ln.split()
+    for m in _mappings():
         if len(m) >= 6 and m[4] != "0":
             a, b = (int(x, 16) for x in m[0].split("-"))
             if a <= lo and hi <= b:
