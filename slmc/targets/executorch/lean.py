@@ -103,14 +103,20 @@ class _BitsetDependencyViewer:
     def __init__(self, graph_module):
         self.nodes = list(graph_module.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
-        self.down = [0] * len(self.nodes)
-        for i in range(len(self.nodes) - 1, -1, -1):
-            m = 0
-            for user in self.nodes[i].users:
-                j = self.index[user]
-                m |= (1 << j) | self.down[j]
-            self.down[i] = m
+        self.down = self._closure(reversed(range(len(self.nodes))), lambda n: n.users)
         self.up = None
+
+    def _closure(self, order, edges) -> list[int]:
+        """Each node's transitive set along `edges`, visiting nodes in `order` (as
+        ExecuTorch's viewer does, so a node's neighbours are done before it)."""
+        sets = [0] * len(self.nodes)
+        for i in order:
+            m = 0
+            for other in edges(self.nodes[i]):
+                j = self.index[other]
+                m |= (1 << j) | sets[j]
+            sets[i] = m
+        return sets
 
     def downstreams_of(self, node) -> _NodeBits:
         i = self.index.get(node)
@@ -118,13 +124,7 @@ class _BitsetDependencyViewer:
 
     def upstreams_of(self, node) -> _NodeBits:
         if self.up is None:
-            self.up = [0] * len(self.nodes)
-            for i, n in enumerate(self.nodes):
-                m = 0
-                for inp in n.all_input_nodes:
-                    j = self.index[inp]
-                    m |= (1 << j) | self.up[j]
-                self.up[i] = m
+            self.up = self._closure(range(len(self.nodes)), lambda n: n.all_input_nodes)
         i = self.index.get(node)
         return _NodeBits(self.up[i] if i is not None else 0, self.nodes, self.index)
 
@@ -135,7 +135,7 @@ class Spill:
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="slmc-et-spill-")  # TMPDIR picks the disk
         self.n = 0
-        self.mapped = {}  # id(view) -> (view, its file): what bytes_of handed out
+        self.mapped = {}  # id(view) -> (view, its file, its sha256): what bytes_of handed out
 
     def _write(self, data) -> str:
         path = os.path.join(self.dir, f"{self.n}.bin")
@@ -151,9 +151,7 @@ class Spill:
 
         own = self.mapped.get(id(data)) if isinstance(data, memoryview) else None
         if own is not None and own[0] is data:  # already in a file: no second copy
-            digest = hashlib.sha256(data).digest()
-            page_out_weights()
-            return FileBackedData(own[1], cleanup=False, sha256=digest)
+            return FileBackedData(own[1], cleanup=False, sha256=own[2])
         if not isinstance(data, (bytes, bytearray)) or len(data) < SPILL_MIN_BYTES:
             return data
         path = self._write(data)
@@ -168,11 +166,12 @@ class Spill:
         lets go of)."""
         if rest or not isinstance(x, ctypes.Array) or ctypes.sizeof(x) < SPILL_MIN_BYTES:
             return builtins.bytes(x, *rest)
-        path = self._write(memoryview(x).cast("B"))
+        raw = memoryview(x).cast("B")
+        path, digest = self._write(raw), hashlib.sha256(raw).digest()
         with open(path, "rb") as f:
             register_spill_file(f.fileno())
             view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-        self.mapped[id(view)] = (view, path)
+        self.mapped[id(view)] = (view, path, digest)
         page_out_weights()  # the weight's pages just read
         return view
 
