@@ -51,9 +51,25 @@ def lower(model_dir, lean: bool, monkeypatch, nudge: bool = False):
     if nudge:  # the control: one weight one ulp up
         w = ir.blocks[0].attn.o.weight.data
         w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
-    spilled, viewed = [], []
+    spilled, viewed, written, known = [], [], [], []
     if lean:
         monkeypatch.setattr(lean_mod, "SPILL_MIN_BYTES", 1024)  # tiny weights spill too
+        monkeypatch.setattr(lean_mod, "CHUNK_BYTES", 4096)  # and are read in several chunks
+        orig_write = lean_mod.Spill._write_paged
+
+        def write_paged(self, raw):
+            written.append(len(raw))
+            return orig_write(self, raw)
+
+        monkeypatch.setattr(lean_mod.Spill, "_write_paged", write_paged)
+        orig_sha = lean_mod.Spill.sha256
+
+        def sha256(self, data=b"", **kw):
+            out = orig_sha(self, data, **kw)
+            known.append(isinstance(out, lean_mod._Digest))  # not read back to be hashed
+            return out
+
+        monkeypatch.setattr(lean_mod.Spill, "sha256", sha256)
         orig = lean_mod.Spill.__call__
 
         def spill(self, data):
@@ -76,7 +92,8 @@ def lower(model_dir, lean: bool, monkeypatch, nudge: bool = False):
     spec = program.ExecuTorchSpec()
     pte, _, ptd = program.to_pte_and_data(ep, spec, program.runner_metadata(ir), tied=program.tied_table(ir, "xnnpack"))
     monkeypatch.undo()
-    return pte.read_bytes(), ptd.read_bytes() if ptd is not None else None, sum(spilled), sum(viewed)
+    return (pte.read_bytes(), ptd.read_bytes() if ptd is not None else None, sum(spilled), sum(viewed),
+            sum(n > 4096 for n in written), len(written), sum(known))
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +106,12 @@ def reference(tied_dir):
 
 
 def test_lean_lowering_writes_executorchs_bytes(tied_dir, reference, monkeypatch):
-    pte, ptd, n, viewed = lower(tied_dir, True, monkeypatch)
+    pte, ptd, n, viewed, chunked, written, known = lower(tied_dir, True, monkeypatch)
     assert n >= 3  # the tied table, and packed block weights, went through files
     assert viewed >= 3  # and were never copied into bytes (Spill.bytes_of)
+    assert chunked >= 1  # some were read in several chunks
+    assert written < viewed  # XNNPACK's second ask for a weight maps the file already written
+    assert known >= 3  # and its hash of the mapping is the digest taken while writing
     assert ptd is not None  # the tied table sits in model.ptd, once
     assert (pte, ptd) == reference
 

@@ -21,8 +21,14 @@ node (nodes^2 / 8 bytes: 3 MB there) and answers with the same nodes.
 
 And where XNNPACK's serializer and the emitter copy a weight's memory into `bytes` (to hash
 it, then to store it), `Spill.bytes_of` stands in for `bytes`: a big weight is written to a
-scratch file and handed on as a read-only mapping of it, so the copy never sits in RAM beside
-the weight (2 x 113 MiB at once for SmolLM2-135M's tied table).
+scratch file, a chunk at a time, and handed on as a read-only mapping of it, so the copy never
+sits in RAM beside the weight (2 x 113 MiB at once for SmolLM2-135M's tied table). Their
+`hashlib.sha256` of such a mapping answers with the digest taken while writing, so hashing
+does not read the file back into RAM either.
+
+The partitioner is given the edge program itself, not ExecuTorch's fake copy of its graph
+(`_partition_in_place`), and torch's CapabilityBasedPartitioner, which GroupBasedPartitioner
+builds first, gets the bitset viewer too.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from ...compiler.spill import register_spill_file, trimming
 from ..base import page_out_weights, scratch_file
 
 SPILL_MIN_BYTES = 1 << 20  # smaller blobs stay in RAM (one file per blob is not worth it)
+CHUNK_BYTES = 16 << 20  # bytes_of reads a weight this much at a time
 
 
 class _ShareTensors:
@@ -69,6 +76,14 @@ def _copy_sharing_weights(cls, edge_program, compile_specs):
         if isinstance(t, torch.Tensor):
             memo[id(t)] = t
     return copy.deepcopy(edge_program, memo)
+
+
+def _partition_in_place(edge_program):
+    """Stands in for ExecuTorch's get_fake_program, which gives the partitioner a deep copy
+    of the edge graph (every node and its metadata) with fake weights, so the program it
+    was given stays untagged. Nothing reads that program afterwards (to_backend replaces
+    it with the tagged one), so the partitioner tags it in place: no second graph."""
+    return edge_program
 
 
 class _NodeBits:
@@ -136,6 +151,7 @@ class Spill:
         self.dir = tempfile.mkdtemp(prefix="slmc-et-spill-")  # TMPDIR picks the disk
         self.n = 0
         self.mapped = {}  # id(view) -> (view, its file, its sha256): what bytes_of handed out
+        self._last = None  # (ctypes array, its file, its sha256): bytes_of's last new file
 
     def _write(self, data) -> str:
         path = os.path.join(self.dir, f"{self.n}.bin")
@@ -163,17 +179,44 @@ class Spill:
     def bytes_of(self, x=b"", *rest):
         """`bytes`, except for a big ctypes array (a tensor's memory): written to a file and
         returned as a read-only mapping of it (bytes-like, file pages that page_out_weights
-        lets go of)."""
+        lets go of). XNNPACK asks twice for each weight (to hash it, then to store it): the
+        second time maps the same file again rather than reading the weight again."""
         if rest or not isinstance(x, ctypes.Array) or ctypes.sizeof(x) < SPILL_MIN_BYTES:
             return builtins.bytes(x, *rest)
-        raw = memoryview(x).cast("B")
-        path, digest = self._write(raw), hashlib.sha256(raw).digest()
+        page_out_weights()  # the caller hashed the last view: its pages are resident
+        if self._last is not None and self._last[0] is x:
+            path, digest = self._last[1:]
+        else:
+            path, digest = self._write_paged(memoryview(x).cast("B"))
+            self._last = (x, path, digest)
         with open(path, "rb") as f:
             register_spill_file(f.fileno())
             view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
         self.mapped[id(view)] = (view, path, digest)
-        page_out_weights()  # the weight's pages just read
         return view
+
+    def _write_paged(self, raw: memoryview) -> tuple[str, bytes]:
+        """raw written to a new file in chunks, its sha256 computed on the way; the weight's
+        file pages read for each chunk are let go before the next (page_out_weights), so a
+        big table is never resident whole beside its copy."""
+        path = os.path.join(self.dir, f"{self.n}.bin")
+        self.n += 1
+        h = hashlib.sha256()
+        with open(path, "wb") as f:
+            for i in range(0, len(raw), CHUNK_BYTES):
+                part = raw[i:i + CHUNK_BYTES]
+                f.write(part)
+                h.update(part)
+                page_out_weights()
+        return path, h.digest()
+
+    def sha256(self, data=b"", **kw):
+        """hashlib.sha256, except for a view bytes_of made: the digest computed while writing
+        it, so hashing does not bring its file pages into RAM."""
+        own = self.mapped.get(id(data)) if isinstance(data, memoryview) else None
+        if own is not None and own[0] is data:
+            return _Digest(own[2])
+        return hashlib.sha256(data, **kw)
 
     def join(self, cord, name: str) -> Path:
         """A Cord (its spilled parts on disk) written once, as the artifact file `name` in the
@@ -185,6 +228,29 @@ class Spill:
 
     def close(self):
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _Digest:
+    """A finished sha256, as hashlib's object answers for it."""
+
+    def __init__(self, digest: bytes):
+        self._d = digest
+
+    def digest(self) -> bytes:
+        return self._d
+
+    def hexdigest(self) -> str:
+        return self._d.hex()
+
+
+class _Hashlib:
+    """The `hashlib` module to ExecuTorch's serializers, its sha256 answered by Spill.sha256."""
+
+    def __init__(self, spill: Spill):
+        self.sha256 = spill.sha256
+
+    def __getattr__(self, name):
+        return getattr(hashlib, name)
 
 
 def blob_sha256(buf) -> bytes:
@@ -201,9 +267,11 @@ def lean_lowering(backend: str):
     constants are spilled by the caller's serializer hook, see program.py)."""
     import executorch.backends.xnnpack.operators.node_visitor as xnn_visitor
     import executorch.backends.xnnpack.xnnpack_preprocess as xnn
+    import executorch.exir.backend.backend_api as backend_api
     import executorch.exir.backend.canonical_partitioners.duplicate_constant_node_pass as dup
     import executorch.exir.emit._emitter as emitter
     import executorch.exir.backend.canonical_partitioners.group_partitioner as group
+    import torch.fx.passes.infra.partitioner as fx_partitioner
     from executorch.exir._serialize._named_data_store import NamedDataStore
 
     spill = Spill()
@@ -216,20 +284,27 @@ def lean_lowering(backend: str):
     if backend == "xnnpack":  # its preprocess only reads the weights (checked by the tests' outputs)
         patched.append((xnn.XnnpackBackend, xnn.XnnpackBackend.__dict__.get("copy_exported_program_for_preprocess")))
         xnn.XnnpackBackend.copy_exported_program_for_preprocess = classmethod(_copy_sharing_weights)
-    orig_viewer = group._DependencyViewer
+    # GroupBasedPartitioner builds torch's CapabilityBasedPartitioner's viewer, then its own
+    viewers = [(m, m._DependencyViewer) for m in (group, fx_partitioner)]
+    orig_fake = backend_api.get_fake_program
+    backend_api.get_fake_program = _partition_in_place
     NamedDataStore.add_named_data = add_named_data
     dup.copy = _ShareTensors
-    group._DependencyViewer = _BitsetDependencyViewer
+    for m, _ in viewers:
+        m._DependencyViewer = _BitsetDependencyViewer
     for mod in (xnn_visitor, emitter):  # their only uses of bytes() copy a tensor's memory
-        mod.bytes = spill.bytes_of
+        mod.bytes, mod.hashlib = spill.bytes_of, _Hashlib(spill)
     try:
         with trimming():
             yield spill
     finally:
         NamedDataStore.add_named_data, dup.copy = orig_add, orig_copy
-        group._DependencyViewer = orig_viewer
+        backend_api.get_fake_program = orig_fake
+        for m, viewer in viewers:
+            m._DependencyViewer = viewer
         for mod in (xnn_visitor, emitter):
             del mod.bytes
+            mod.hashlib = hashlib
         for cls, orig in patched:
             if orig is None:
                 del cls.copy_exported_program_for_preprocess
