@@ -5,12 +5,14 @@ int4/int8 codes as MatMulNBits/GatherBlockQuantized, validated and read back byt
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
+import slmc
 from slmc import api
 from slmc.cli import main
 from slmc.compiler import reference
@@ -160,6 +162,9 @@ def test_compile_is_deterministic(artifact, tiny_llama_dir, tmp_path):
     _compile(tiny_llama_dir, out)
     for name in ("model.onnx", "genai_config.json"):
         assert (out / name).read_bytes() == (artifact / name).read_bytes(), name
+    graph = (artifact / "model.onnx").read_bytes()
+    # nothing of this host: the exporter's per-node stack traces name slmc's source paths
+    assert b"stack_trace" not in graph and str(Path(slmc.__file__).parent).encode() not in graph
 
 
 def test_perturbed_initializer_fails_validation(artifact, tmp_path):
@@ -192,6 +197,15 @@ def test_external_data_file(tiny_llama_dir, tmp_path, monkeypatch):
     assert set(art.files) == {"model.onnx", "model.onnx.data", "genai_config.json"}
     assert art.manifest["external_data"] == "model.onnx.data"
     assert art.files["model.onnx"].stat().st_size < art.files["model.onnx.data"].stat().st_size
+    import onnx
+
+    # the data file is the external initializers packed in order, nothing else (staged ones
+    # the graph no longer reads are not copied)
+    proto = onnx.load(str(art.files["model.onnx"]), load_external_data=False)
+    spans = [(int(e["offset"]), int(e["length"])) for e in
+             ({x.key: x.value for x in t.external_data} for t in proto.graph.initializer) if e]
+    assert spans and [o for o, _ in spans] == list(np.cumsum([0] + [n for _, n in spans[:-1]]))
+    assert sum(n for _, n in spans) == art.files["model.onnx.data"].stat().st_size
     out = write_artifact(art, tmp_path / "ext", None)
     s = tgt.open_session(out, json.loads((out / "manifest.json").read_text()))
     got = s.step(PROMPT, 0)

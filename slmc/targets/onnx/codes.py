@@ -61,14 +61,26 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def _initializer_digests(graph) -> dict[str, str]:
-    """sha1 of each 2-D float initializer's values -> its name."""
+def _initializer_digests(graph, base_dir: str) -> dict[str, str]:
+    """sha1 of each 2-D float initializer's values -> its name; one read at a time (an
+    external one from its file in base_dir, leaving the proto as it is)."""
+    import os
+
     from onnx import TensorProto, numpy_helper
+    from onnx.external_data_helper import uses_external_data
 
     out = {}
     for t in graph.initializer:
-        if t.data_type == TensorProto.FLOAT and len(t.dims) == 2:
-            out.setdefault(_digest(numpy_helper.to_array(t)), t.name)
+        if t.data_type != TensorProto.FLOAT or len(t.dims) != 2:
+            continue
+        if uses_external_data(t):
+            ext = {e.key: e.value for e in t.external_data}
+            with open(os.path.join(base_dir, ext["location"]), "rb") as f:
+                raw = os.pread(f.fileno(), int(ext["length"]), int(ext.get("offset", 0)))
+            a = np.frombuffer(raw, dtype=np.float32).reshape(tuple(t.dims))
+        else:
+            a = numpy_helper.to_array(t)
+        out.setdefault(_digest(a), t.name)
     return out
 
 
@@ -89,13 +101,14 @@ def _weights(model: Model) -> list[tuple[str, QuantWeight, bool]]:
     return out
 
 
-def quantize_graph(proto, model: Model) -> int:
+def quantize_graph(proto, model: Model, base_dir: str = "") -> int:
     """Replace the float MatMul/Gather of every QuantWeight by MatMulNBits/GatherBlockQuantized
-    in place; returns how many nodes were replaced."""
+    in place; returns how many nodes were replaced. base_dir: where external initializers'
+    files are."""
     from onnx import helper
 
     g = proto.graph
-    digests = _initializer_digests(g)
+    digests = _initializer_digests(g, base_dir) if _weights(model) else {}
     producer = {o: n for n in g.node for o in n.output}
     replaced, stored = 0, {}
     for path, w, is_table in _weights(model):

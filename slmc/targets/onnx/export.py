@@ -42,6 +42,9 @@ PAST, PRESENT = "past_key_values.%%d.%s", "present.%%d.%s"
 # Above this many bytes of weights, they go to model.onnx.data (protobuf caps a file at 2 GiB;
 # the builder always splits, small test models stay one file).
 EXTERNAL_DATA_BYTES = 64 << 20
+INLINE_BYTES = 1024 - 33  # onnx.save_model's size_threshold, which counts sys.getsizeof(bytes)
+STAGE_FILE = "staged.data"  # the weights while the graph is rewritten (a temporary folder)
+COPY_CHUNK = 16 << 20
 
 
 def cache_names(n_layers: int) -> tuple[list[str], list[str]]:
@@ -101,8 +104,16 @@ def graph_io(proto) -> dict:
 
 def export_onnx(model: Model) -> tuple[dict[str, Path], dict]:
     """({"model.onnx": ..., and "model.onnx.data" when the weights are large} as files in the
-    scratch folder (base.scratch_file), graph_io); the same bytes for the same IR."""
+    scratch folder (base.scratch_file), graph_io); the same bytes for the same IR.
+
+    The exporter's graph holds the lowering's weights; each is written to a staging file as
+    it is read (its pages let go after), and the graph refers to it there, so the proto is
+    made, rewritten (codes.py) and saved without a copy of the weights in RAM; the data file
+    is assembled from the staging file, tensor by tensor, in initializer order."""
+    import tempfile
+
     import onnx
+    from onnx_ir import external_data
 
     ep, args = _exported_program(model)
     past, present = cache_names(model.n_layers)
@@ -110,15 +121,84 @@ def export_onnx(model: Model) -> tuple[dict[str, Path], dict]:
         prog = torch.onnx.export(ep, args, dynamo=True, input_names=["input_ids", "position_ids", *past],
                                  output_names=["logits", *present], opset_version=OPSET, optimize=True,
                                  verbose=False)
-    proto = prog.model_proto
-    del prog, ep, args
-    # the proto holds its own copy of every weight now: the lowering's (file-mapped) pages go
-    page_out_weights()
-    quantize_graph(proto, model)
-    _name_dims(proto)
-    proto.doc_string = ""  # nothing host-specific in the file
-    weights = sum(t.ByteSize() for t in proto.graph.initializer)
-    path = scratch_file("model.onnx")  # files, not bytes: no second copy of the weights in RAM
-    onnx.save_model(proto, os.fspath(path), save_as_external_data=weights > EXTERNAL_DATA_BYTES,
-                    all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+    del ep, args
+    with tempfile.TemporaryDirectory(prefix="slmc-onnx-") as stage:
+        external_data.unload_from_model(prog.model, stage, STAGE_FILE, callback=lambda t, info: page_out_weights())
+        proto = prog.model_proto
+        del prog
+        page_out_weights()
+        quantize_graph(proto, model, stage)
+        _name_dims(proto)
+        _strip_host_paths(proto)
+        path = scratch_file("model.onnx")  # files, not bytes: no second copy of the weights in RAM
+        _place_tensors(proto, stage, path.parent)
+        onnx.save_model(proto, os.fspath(path))
     return {p.name: p for p in sorted(path.parent.iterdir())}, graph_io(proto)
+
+
+def _strip_host_paths(proto) -> None:
+    """Nothing host-specific in the file: no doc string, and no node's Python stack trace
+    (the exporter records each node's source lines, with this machine's paths)."""
+    proto.doc_string = ""
+    for node in proto.graph.node:
+        keep = [p for p in node.metadata_props if not p.key.endswith("stack_trace")]
+        if len(keep) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
+
+
+def _place_tensors(proto, stage: str, out_dir: Path) -> None:
+    """Each staged initializer back into the graph, or, when the weights are over
+    EXTERNAL_DATA_BYTES, those of INLINE_BYTES or more into DATA_FILE in out_dir, packed in
+    initializer order (as onnx.save_model's save_as_external_data lays them out)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    inits = list(proto.graph.initializer)
+    size = sum(int(_external(t)["length"]) if uses_external_data(t) else len(t.raw_data) for t in inits)
+    data = open(out_dir / DATA_FILE, "wb") if size > EXTERNAL_DATA_BYTES else None
+    try:
+        for t in inits:
+            ext = _external(t) if uses_external_data(t) else None
+            n = int(ext["length"]) if ext else len(t.raw_data)
+            if data is None or n < INLINE_BYTES:
+                if ext:
+                    raw = _read(stage, ext)
+                    del t.external_data[:]
+                    t.ClearField("data_location")
+                    t.raw_data = raw
+                continue
+            offset = data.tell()
+            if ext:
+                _copy(stage, ext, data)
+            else:
+                data.write(t.raw_data)
+                t.ClearField("raw_data")
+            del t.external_data[:]  # as onnx's set_external_data writes them
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", DATA_FILE), ("offset", offset), ("length", n)):
+                t.external_data.add(key=k, value=str(v))
+    finally:
+        if data is not None:
+            data.close()
+
+
+def _external(t) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _read(stage: str, ext: dict) -> bytes:
+    with open(os.path.join(stage, ext["location"]), "rb") as f:
+        return os.pread(f.fileno(), int(ext["length"]), int(ext.get("offset", 0)))
+
+
+def _copy(stage: str, ext: dict, out) -> None:
+    """A staged tensor's bytes appended to `out`, a chunk at a time."""
+    left, off = int(ext["length"]), int(ext.get("offset", 0))
+    with open(os.path.join(stage, ext["location"]), "rb") as f:
+        while left:
+            chunk = os.pread(f.fileno(), min(left, COPY_CHUNK), off)
+            if not chunk:
+                raise OSError(f"staged ONNX weights end early at {off}")
+            out.write(chunk)
+            left, off = left - len(chunk), off + len(chunk)
