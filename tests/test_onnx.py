@@ -190,10 +190,28 @@ def test_external_data_file(tiny_llama_dir, tmp_path, monkeypatch):
     from slmc.targets.onnx import export
 
     monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
+    # big weights are written a chunk at a time, each chunk's pages let go (_write_in_chunks):
+    # chunks small enough here that the test model's weights take that path
+    monkeypatch.setattr(export, "COPY_CHUNK", 4096)
+    mapped, chunked, written = [], [], []
+
+    def spy(ir_model, write=export._write_in_chunks):
+        # the weights the graph still reads from the lowering's storage (the rest the
+        # exporter's optimizer has folded into arrays of its own): the tied table among them
+        mapped.extend(v.name for v in ir_model.graph.initializers.values()
+                      if isinstance(getattr(v.const_value, "raw", None), torch.Tensor) and v.const_value.nbytes > 4096)
+        write(ir_model)
+        for v in ir_model.graph.initializers.values():
+            if "tofile" in vars(v.const_value):  # given the chunked writer
+                chunked.append(v.name)
+                v.const_value.tofile = lambda f, w=v.const_value.tofile, n=v.name: (written.append(n), w(f))
+
+    monkeypatch.setattr(export, "_write_in_chunks", spy)
     m = api.load(tiny_llama_dir, max_seq_len=MAX_LEN)
     tgt = get_target("onnx")
     spec = tgt.spec_class()
     art = tgt.lower(m, spec)
+    assert mapped and chunked == mapped and sorted(written) == sorted(chunked)
     assert set(art.files) == {"model.onnx", "model.onnx.data", "genai_config.json"}
     assert art.manifest["external_data"] == "model.onnx.data"
     assert art.files["model.onnx"].stat().st_size < art.files["model.onnx.data"].stat().st_size

@@ -22,6 +22,7 @@ dynamic_shapes for the variadic cache arguments.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ EXTERNAL_DATA_BYTES = 64 << 20
 INLINE_BYTES = 1024 - 33  # onnx.save_model's size_threshold, which counts sys.getsizeof(bytes)
 STAGE_FILE = "staged.data"  # the weights while the graph is rewritten (a temporary folder)
 COPY_CHUNK = 16 << 20
+_NUMPY_DTYPES = (torch.float32, torch.float16, torch.int8, torch.uint8, torch.int32, torch.int64)
 
 
 def cache_names(n_layers: int) -> tuple[list[str], list[str]]:
@@ -122,6 +124,7 @@ def export_onnx(model: Model) -> tuple[dict[str, Path], dict]:
                                  output_names=["logits", *present], opset_version=OPSET, optimize=True,
                                  verbose=False)
     del ep, args
+    _write_in_chunks(prog.model)
     with tempfile.TemporaryDirectory(prefix="slmc-onnx-") as stage:
         external_data.unload_from_model(prog.model, stage, STAGE_FILE, callback=lambda t, info: page_out_weights())
         proto = prog.model_proto
@@ -134,6 +137,28 @@ def export_onnx(model: Model) -> tuple[dict[str, Path], dict]:
         _place_tensors(proto, stage, path.parent)
         onnx.save_model(proto, os.fspath(path))
     return {p.name: p for p in sorted(path.parent.iterdir())}, graph_io(proto)
+
+
+def _write_in_chunks(ir_model) -> None:
+    """The exporter writes a weight with one write() of its whole (file-mapped) storage, so a
+    big one, like the 113 MiB tied table of SmolLM2, is resident at once on top of the graph;
+    written COPY_CHUNK at a time, each chunk's pages go before the next is read."""
+    import numpy as np
+
+    for value in ir_model.graph.initializers.values():
+        t = value.const_value
+        raw = getattr(t, "raw", None)
+        if not isinstance(raw, torch.Tensor) or raw.nbytes <= COPY_CHUNK or raw.dtype not in _NUMPY_DTYPES \
+                or sys.byteorder != "little":  # the exporter's own tofile handles the rest
+            continue
+
+        def tofile(file, raw=raw):
+            flat = memoryview(np.ascontiguousarray(raw.detach().numpy()).reshape(-1).view(np.uint8))
+            for a in range(0, len(flat), COPY_CHUNK):
+                file.write(flat[a:a + COPY_CHUNK])
+                page_out_weights()
+
+        t.tofile = tofile  # this tensor only (an instance attribute over TorchTensor.tofile)
 
 
 def _strip_host_paths(proto) -> None:
