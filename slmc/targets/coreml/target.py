@@ -29,9 +29,11 @@ from pathlib import Path
 import torch
 
 from ...compiler.ir import Model, QuantWeight, named_weights
+from ...compiler.spill import page_out_weights, trimming
 from ...errors import SlmcError
 from ..base import Artifact, Target, TargetSpec
 from ..bounds import FLOAT_EXACT, FP16_STATISTICAL
+from .lean import lean_fp16_check
 from .module import coreml_module
 from .readback import readback
 from .session import open_coreml
@@ -223,7 +225,7 @@ def convert_function(model: Model, spec: CoreMLSpec, fn: str, out: Path, module=
     outputs = [ct.TensorType(name=o["name"], dtype=np_dt[o["dtype"]]) for o in io["outputs"]]
     states = [ct.StateType(ct.TensorType(shape=tuple(s["shape"]), dtype=np.float16), name=s["name"])
               for s in io.get("states", [])]
-    with _deterministic_broadcast():
+    with _deterministic_broadcast(), lean_fp16_check():
         ml = _quiet(ct.convert, ep, inputs=inputs, outputs=outputs, states=states or None,
                     convert_to="mlprogram", skip_model_load=True,
                     minimum_deployment_target=getattr(ct.target, "iOS" + spec.deployment_target[3:]),
@@ -324,9 +326,11 @@ class CoreMLTarget(Target):
         with tempfile.TemporaryDirectory(prefix="slmc-coreml-") as tmp:
             tmp, ios = Path(tmp), {}
             module = coreml_module(model, spec.stateful, spec.precision == "fp16", spec.ane_layout)
-            for fn in fns:
-                step(f"torch.export + coremltools: {fn}")
-                ios[fn] = convert_function(model, spec, fn, tmp / f"{fn}.mlpackage", module)
+            with trimming():  # coremltools frees its per-pass copies; return them as it goes
+                for fn in fns:
+                    step(f"torch.export + coremltools: {fn}")
+                    ios[fn] = convert_function(model, spec, fn, tmp / f"{fn}.mlpackage", module)
+                    page_out_weights()  # the fp32 pages the conversion read (saved as fp16/fp32 now)
             del module
             pkg = tmp / PACKAGE
             if multi:
