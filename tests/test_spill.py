@@ -222,3 +222,20 @@ def test_fused_projections_go_to_scratch_space(tiny_llama_dir, monkeypatch):
     assert all(w._loader is not None and not w.loaded for w in fused)
     assert not any(w.loaded for _, w in named_weights(out) if isinstance(w, Weight) and w.nbytes() >= 4096)
     torch.testing.assert_close(reference.forward(out, ids), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights", [False, True])
+def test_trimming_returns_heap_or_weight_pages_while_it_runs(monkeypatch, weights):
+    """trimming(): the helper thread trims the heap, or (weights=True, for a converter that reads
+    each weight once, coremltools) lets the weight files' pages go, until the block ends."""
+    import time
+
+    calls = {"trim": 0, "page_out": 0}
+    monkeypatch.setattr(spill_mod, "trim_heap", lambda: calls.__setitem__("trim", calls["trim"] + 1))
+    monkeypatch.setattr(spill_mod, "page_out_weights", lambda: calls.__setitem__("page_out", calls["page_out"] + 1))
+    with spill_mod.trimming(every_s=0.01, weights=weights):
+        time.sleep(0.2)
+    done = dict(calls)
+    time.sleep(0.05)
+    assert calls == done  # stopped with the block
+    assert (done["page_out"] > 0, done["trim"] > 0) == (weights, not weights)

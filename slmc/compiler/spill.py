@@ -93,17 +93,19 @@ def trim_heap() -> None:
 
 
 @contextlib.contextmanager
-def trimming(every_s: float = 1.0):
+def trimming(every_s: float = 1.0, weights: bool = False):
     """Within: trim_heap() every `every_s` seconds from a helper thread. A lowering that
     allocates and frees graph copies for minutes (ExecuTorch's to_edge) otherwise holds its
-    garbage until its end, and that garbage sets the compile's peak RSS (bench/memory.py)."""
+    garbage until its end, and that garbage sets the compile's peak RSS (bench/memory.py).
+    weights: page_out_weights() instead, for a converter that reads every weight once to
+    make its own copy (coremltools' fp16 casts) and so leaves them all resident."""
     import threading
 
     stop = threading.Event()
 
     def loop():
         while not stop.wait(every_s):
-            trim_heap()
+            page_out_weights() if weights else trim_heap()
 
     t = threading.Thread(target=loop, name="slmc-trim", daemon=True)
     t.start()

@@ -326,7 +326,7 @@ class CoreMLTarget(Target):
         with tempfile.TemporaryDirectory(prefix="slmc-coreml-") as tmp:
             tmp, ios = Path(tmp), {}
             module = coreml_module(model, spec.stateful, spec.precision == "fp16", spec.ane_layout)
-            with trimming():  # coremltools frees its per-pass copies; return them as it goes
+            with trimming(weights=True):  # coremltools frees per-pass copies and reads each weight once
                 for fn in fns:
                     step(f"torch.export + coremltools: {fn}")
                     ios[fn] = convert_function(model, spec, fn, tmp / f"{fn}.mlpackage", module)
