@@ -222,6 +222,13 @@ def goal_mib(x: dict, fp32_mib: float) -> tuple[float, str]:
     return 1.5 * (x["weight_mib"] + x["layer_fp32_mib"]), "1.5 × (quantized + 1 layer fp32)"
 
 
+def judged_peak(x: dict) -> float:
+    """The higher of the kernel's figure (/usr/bin/time, os.wait4) and the highest VmRSS sampled:
+    the kernel's high-water mark can miss a peak (default-model ONNX row 4741931: 657 MiB from
+    /usr/bin/time, 726 sampled), so a goal is judged on the higher one."""
+    return max([x["peak_rss_mib"]] + [p.get("rss_high_mib", 0.0) for p in x.get("phases", [])])
+
+
 def markdown(r: dict) -> str:
     """One table (and its phase tables) per model measured; rows without a model of their
     own are the file's first model's."""
@@ -229,7 +236,9 @@ def markdown(r: dict) -> str:
     lines = ["# Compile memory: peak RSS of `slmc compile MODEL --target T [--recipe R]`", "",
              f"{m['date']} · {m['cpu']} · {m['cores']} cores · {m['mem_gib']} GiB · torch {m['torch']} · "
              f"executorch {m['executorch']} · peak RSS from os.wait4 (a worker running api.compile, the "
-             "figure /usr/bin/time -v prints) or, how = cli, from /usr/bin/time -v around the CLI itself", ""]
+             "figure /usr/bin/time -v prints) or, how = cli, from /usr/bin/time -v around the CLI itself; "
+             "* where the highest VmRSS sampled every 50 ms was higher by 1 MiB or more (the kernel's high-water mark "
+             "missed it), the sampled figure, on which the goal is then judged", ""]
     groups: dict[str, list] = {}
     for x in r["rows"]:
         groups.setdefault(x.get("model_dir", r["model_dir"]), []).append(x)
@@ -255,11 +264,11 @@ def model_section(r: dict, model_dir: str, rows: list) -> list[str]:
             lines.append(f"| {x['target']} | {rec} | {x.get('commit', '')} | {how_measured} | {msl} | "
                          f"failed: {x['error']} | | | | | | | | | |")
             continue
-        p, f = x["peak_rss_mib"], x.get("floor_rss_mib", 0.0)
+        p, f = judged_peak(x), x.get("floor_rss_mib", 0.0)
         g, how = goal_mib(x, w) if x.get("recipe") is None or "weight_mib" in x else (None, "")
         verdict = (lambda v: "PASS" if v <= g else "FAIL") if g else (lambda v: "")
         lines.append(f"| {x['target']} | {rec} | {x.get('commit', '')} | {how_measured} | {msl} | {x['wall_s']:.0f} | "
-                     f"{x['cpu_s']:.0f} | {p:.0f} | {p / w:.2f} | {f:.0f} | {(p - f) / w:.2f} | "
+                     f"{x['cpu_s']:.0f} | {p:.0f}{'*' if p - x['peak_rss_mib'] >= 1 else ''} | {p / w:.2f} | {f:.0f} | {(p - f) / w:.2f} | "
                      f"{x['artifact_bytes'] / 2**20:.1f} | {f'{g:.0f} ({how})' if g else ''} | {verdict(p)} | "
                      f"{verdict(p - f)} |")
     if r.get("before") and model_dir == r["model_dir"]:
