@@ -153,9 +153,13 @@ class Spill:
         self.mapped = {}  # id(view) -> (view, its file, its sha256): what bytes_of handed out
         self._last = None  # (ctypes array, its file, its sha256): bytes_of's last new file
 
-    def _write(self, data) -> str:
+    def _new_path(self) -> str:
         path = os.path.join(self.dir, f"{self.n}.bin")
         self.n += 1
+        return path
+
+    def _write(self, data) -> str:
+        path = self._new_path()
         with open(path, "wb") as f:
             f.write(data)
         return path
@@ -199,8 +203,7 @@ class Spill:
         """raw written to a new file in chunks, its sha256 computed on the way; the weight's
         file pages read for each chunk are let go before the next (page_out_weights), so a
         big table is never resident whole beside its copy."""
-        path = os.path.join(self.dir, f"{self.n}.bin")
-        self.n += 1
+        path = self._new_path()
         h = hashlib.sha256()
         with open(path, "wb") as f:
             for i in range(0, len(raw), CHUNK_BYTES):

@@ -61,11 +61,22 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
+def external_info(t) -> dict[str, str]:
+    """An initializer's external_data entries (location, offset, length); empty when inline."""
+    return {e.key: e.value for e in t.external_data}
+
+
+def read_external(base_dir: str, ext: dict[str, str]) -> bytes:
+    """The bytes an external_data entry points at, in base_dir."""
+    import os
+
+    with open(os.path.join(base_dir, ext["location"]), "rb") as f:
+        return os.pread(f.fileno(), int(ext["length"]), int(ext.get("offset", 0)))
+
+
 def _initializer_digests(graph, base_dir: str) -> dict[str, str]:
     """sha1 of each 2-D float initializer's values -> its name; one read at a time (an
     external one from its file in base_dir, leaving the proto as it is)."""
-    import os
-
     from onnx import TensorProto, numpy_helper
     from onnx.external_data_helper import uses_external_data
 
@@ -74,9 +85,7 @@ def _initializer_digests(graph, base_dir: str) -> dict[str, str]:
         if t.data_type != TensorProto.FLOAT or len(t.dims) != 2:
             continue
         if uses_external_data(t):
-            ext = {e.key: e.value for e in t.external_data}
-            with open(os.path.join(base_dir, ext["location"]), "rb") as f:
-                raw = os.pread(f.fileno(), int(ext["length"]), int(ext.get("offset", 0)))
+            raw = read_external(base_dir, external_info(t))
             a = np.frombuffer(raw, dtype=np.float32).reshape(tuple(t.dims))
         else:
             a = numpy_helper.to_array(t)

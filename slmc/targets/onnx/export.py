@@ -33,7 +33,7 @@ from ...compiler.ir import Model
 from ...compiler.lowering import LoweredLM, LoweringSpec, max_chunk
 from ...compiler.spill import page_out_weights
 from ..base import scratch_file
-from .codes import quantize_graph
+from .codes import external_info, quantize_graph, read_external
 
 OPSET = 18
 SEQ = "sequence_length"
@@ -180,15 +180,15 @@ def _place_tensors(proto, stage: str, out_dir: Path) -> None:
     from onnx.external_data_helper import uses_external_data
 
     inits = list(proto.graph.initializer)
-    size = sum(int(_external(t)["length"]) if uses_external_data(t) else len(t.raw_data) for t in inits)
+    size = sum(int(external_info(t)["length"]) if uses_external_data(t) else len(t.raw_data) for t in inits)
     data = open(out_dir / DATA_FILE, "wb") if size > EXTERNAL_DATA_BYTES else None
     try:
         for t in inits:
-            ext = _external(t) if uses_external_data(t) else None
+            ext = external_info(t) if uses_external_data(t) else None
             n = int(ext["length"]) if ext else len(t.raw_data)
             if data is None or n < INLINE_BYTES:
                 if ext:
-                    raw = _read(stage, ext)
+                    raw = read_external(stage, ext)
                     del t.external_data[:]
                     t.ClearField("data_location")
                     t.raw_data = raw
@@ -206,15 +206,6 @@ def _place_tensors(proto, stage: str, out_dir: Path) -> None:
     finally:
         if data is not None:
             data.close()
-
-
-def _external(t) -> dict[str, str]:
-    return {e.key: e.value for e in t.external_data}
-
-
-def _read(stage: str, ext: dict) -> bytes:
-    with open(os.path.join(stage, ext["location"]), "rb") as f:
-        return os.pread(f.fileno(), int(ext["length"]), int(ext.get("offset", 0)))
 
 
 def _copy(stage: str, ext: dict, out) -> None:
