@@ -168,12 +168,13 @@ def markdown(r: dict) -> str:
 
 
 def notes(r: dict) -> str | None:
-    """bench/README.md's paragraph on an earlier full run (kept in the results file's notes)."""
-    e = (r.get("notes") or {}).get("earlier_run")
+    """bench/README.md's paragraph: the results file's notes text (what the run found), then an
+    earlier full run kept there."""
+    text, e = (r.get("notes") or {}).get("text", ""), (r.get("notes") or {}).get("earlier_run")
     if not e:
-        return None
+        return text or None
     s, f = e["slmc"], e["reference"]
-    return (f"Earlier full run (finished {e['date']}, less contention during the slmc compile, heavy during "
+    return (f"{text} " if text else "") + (f"Earlier full run (finished {e['date']}, less contention during the slmc compile, heavy during "
             f"the reference): slmc {s['wall_s']:.1f} s wall / {s['peak_rss_mib']:.0f} MiB peak RSS; reference "
             f"{f['wall_s']:.1f} s / {f['peak_rss_mib']:.0f} MiB; decode {s['decode_tok_s']:.1f} vs "
             f"{f['decode_tok_s']:.1f} tok/s (noisy); greedy tokens {'agreed' if e['greedy_agree'] else 'differed'}.")
