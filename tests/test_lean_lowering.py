@@ -143,3 +143,31 @@ def test_bitset_dependency_viewer_answers_like_executorchs(tied_dir):
     first, last = nodes[0], nodes[-1]
     assert last not in ours.downstreams_of(last)
     assert (last in ours.downstreams_of(first)) == (last in theirs.downstreams_of(first))
+
+
+def test_merge_check_answers_like_executorchs(tied_dir):
+    """GroupBasedPartitioner's cycle check before merging two partitions (lean.py's
+    _can_merge_partitions, one AND per outside user) answers as ExecuTorch's own does, for
+    pairs of partitions of an edge graph that can and cannot merge."""
+    from types import SimpleNamespace
+
+    from executorch.exir import EdgeCompileConfig, to_edge
+    from executorch.exir.backend.canonical_partitioners.group_partitioner import (
+        GroupBasedPartitioner, _DependencyViewer)
+
+    from slmc.targets.executorch.lean import _BitsetDependencyViewer, _can_merge_partitions
+
+    ir = load_model(tied_dir, max_seq_len=32)
+    gm = to_edge(export_decoder(ir, LoweringSpec(), dynamic=True),
+                 compile_config=EdgeCompileConfig(_check_ir_validity=False)).exported_program().graph_module
+    ops = [n for n in gm.graph.nodes if n.op == "call_function"]
+    parts = {i: SimpleNamespace(nodes=dict.fromkeys(ops[i * 3:i * 3 + 3])) for i in range(len(ops) // 3)}
+    theirs = SimpleNamespace(dependency_viewer=_DependencyViewer(gm))
+    ours = SimpleNamespace(dependency_viewer=_BitsetDependencyViewer(gm))
+    answers = []
+    for a in range(0, len(parts), 3):
+        for b in range(a + 1, min(a + 12, len(parts))):
+            want = GroupBasedPartitioner._can_merge_partitions(theirs, a, b, parts)
+            assert _can_merge_partitions(ours, a, b, parts) == want, (a, b)
+            answers.append(want)
+    assert True in answers and False in answers  # both kinds of pair were asked
