@@ -22,6 +22,7 @@ ios17,precision=fp16,kv=io,layout=ane`; `ane` selects the Neural Engine layout (
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,10 @@ import torch
 from ...compiler.ir import Model, QuantWeight, named_weights
 from ...compiler.spill import page_out_weights, trimming
 from ...errors import SlmcError
-from ..base import Artifact, Target, TargetSpec
+from ..base import Artifact, Target, TargetSpec, scratch_file
 from ..bounds import FLOAT_EXACT, FP16_STATISTICAL
 from .lean import lean_fp16_check
+from .merge import merge_functions
 from .module import coreml_module
 from .readback import readback
 from .session import open_coreml
@@ -318,8 +320,6 @@ class CoreMLTarget(Target):
         return refusal(model, spec)
 
     def lower(self, model: Model, spec: CoreMLSpec, progress=None) -> Artifact:
-        import coremltools as ct
-
         step = progress or (lambda msg: None)
         multi = spec.deployment_target >= "ios18"  # multifunction packages need iOS 18 too
         fns = ("prefill", "decode") if multi else ("main",)
@@ -335,12 +335,7 @@ class CoreMLTarget(Target):
             pkg = tmp / PACKAGE
             if multi:
                 step("merging prefill and decode (shared weights)")
-                desc = ct.utils.MultiFunctionDescriptor()
-                for fn in fns:
-                    desc.add_function(str(tmp / f"{fn}.mlpackage"), src_function_name="main",
-                                      target_function_name=fn)
-                desc.default_function_name = "prefill"
-                _quiet(ct.utils.save_multifunction, desc, str(pkg))
+                merge_functions({fn: tmp / f"{fn}.mlpackage" for fn in fns}, "prefill", pkg)
             else:
                 (tmp / "main.mlpackage").rename(pkg)
             name = Path(str(model.source.get("path", "model"))).name or "model"
@@ -349,8 +344,11 @@ class CoreMLTarget(Target):
                     "slmc.precision": spec.precision}
             _set_metadata(pkg, meta, f"{model.architecture} compiled by slmc ({spec.precision})")
             _stable_package_ids(pkg)
-            files = {f"{PACKAGE}/{p.relative_to(pkg).as_posix()}": p.read_bytes()
-                     for p in sorted(pkg.rglob("*")) if p.is_file()}
+            files = {}  # scratch files, not bytes: the weights stay out of RAM
+            for p in sorted(pkg.rglob("*")):
+                if p.is_file():
+                    files[f"{PACKAGE}/{p.relative_to(pkg).as_posix()}"] = moved = scratch_file(p.name)
+                    shutil.move(p, moved)
         manifest = {
             "format": "mlpackage",
             "artifact": PACKAGE,
