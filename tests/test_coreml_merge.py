@@ -11,7 +11,7 @@ from unittest import mock
 import pytest
 
 from slmc.errors import SlmcError
-from slmc.targets.coreml import merge, target
+from slmc.targets.coreml import merge
 
 pytest.importorskip("coremltools")
 FNS = ("prefill", "decode")
@@ -31,7 +31,7 @@ def sources(tiny_llama_dir, tmp_path_factory):
             shutil.copytree(path, keep / f"{fn}.mlpackage")
         return real(srcs, default, out)
 
-    with mock.patch.object(target, "merge_functions", keeping):
+    with mock.patch.object(merge, "merge_functions", keeping):
         res = CliRunner().invoke(main, ["compile", str(tiny_llama_dir), "-o", str(keep / "out"),
                                         "--target", "coreml", "--max-seq-len", "32"])
     assert res.exit_code == 0, res.output

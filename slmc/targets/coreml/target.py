@@ -35,7 +35,7 @@ from ...errors import SlmcError
 from ..base import Artifact, Target, TargetSpec, scratch_file
 from ..bounds import FLOAT_EXACT, FP16_STATISTICAL
 from .lean import lean_fp16_check
-from .merge import merge_functions
+from . import merge
 from .module import coreml_module
 from .readback import readback
 from .session import open_coreml
@@ -233,7 +233,11 @@ def convert_function(model: Model, spec: CoreMLSpec, fn: str, out: Path, module=
                     minimum_deployment_target=getattr(ct.target, "iOS" + spec.deployment_target[3:]),
                     compute_precision=ct.precision.FLOAT16 if spec.precision == "fp16" else ct.precision.FLOAT32,
                     compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[spec.units]))
-    ml.save(str(out))
+    # ct.convert wrote the package to a temporary folder that stays until the interpreter exits
+    # (2 x the fp16 weights on disk per compile, left behind by a killed one); ml.save would copy
+    # it: moved instead, and the spec (coremltools edits it after writing) saved as ml.save does
+    shutil.move(ml.package_path, out)
+    ct.utils.save_spec(ml.get_spec(), str(merge.package_files(out)[0]))
     return io
 
 
@@ -335,7 +339,7 @@ class CoreMLTarget(Target):
             pkg = tmp / PACKAGE
             if multi:
                 step("merging prefill and decode (shared weights)")
-                merge_functions({fn: tmp / f"{fn}.mlpackage" for fn in fns}, "prefill", pkg)
+                merge.merge_functions({fn: tmp / f"{fn}.mlpackage" for fn in fns}, "prefill", pkg)
             else:
                 (tmp / "main.mlpackage").rename(pkg)
             name = Path(str(model.source.get("path", "model"))).name or "model"
