@@ -36,7 +36,7 @@ def test_manifest_describes_the_artifact(artifact, tiny_llama_dir):
     assert m["versions"]["executorch"] == "1.5.1" and "slmc" in m["versions"]
     assert "tokenizer.json" in m["tokenizer"]["files"] and (artifact / "tokenizer.json").is_file()
     assert set(m["runner"]["metadata_methods"]) == META
-    assert [p["name"] for p in m["pipeline"]] == ["canon.fuse_projections"]
+    assert [p["name"] for p in m["pipeline"]] == ["canon.split_projections"]
 
 
 def test_pte_has_runner_metadata_methods(artifact):

@@ -16,6 +16,7 @@ from ...compiler.lowering import max_chunk
 from ..base import TargetSpec
 from .backends import BACKENDS
 from .lean import blob_sha256, lean_lowering
+from .views import infer_view_dims
 
 DEFAULT_SOC = {"qnn": "SM8650", "mediatek": "mt6989"}
 
@@ -42,7 +43,7 @@ def delegation_summary(edge, method: str = "forward") -> dict:
         if "executorch_call_delegate" in name:
             calls += 1
         elif not name.startswith(("getitem", "sym_size")) and name not in ("mul", "add", "sub"):
-            key = name.split(".")[0]
+            key = name.rsplit(".", 1)[0] if "." in name else name  # aten.view_copy, not its overload
             left[key] = left.get(key, 0) + 1
     return {"delegate_calls": calls, "portable_ops": dict(sorted(left.items()))}
 
@@ -185,7 +186,7 @@ def to_pte_and_data(programs, spec: ExecuTorchSpec, constant_methods: dict | Non
     step(f"to_edge + {spec.backend} partitioning")
     with lean_lowering(spec.backend) as spill:
         edge = to_edge_transform_and_lower(
-            programs, partitioner=BACKENDS[spec.backend].partitioners(spec),
+            programs, transform_passes=[infer_view_dims], partitioner=BACKENDS[spec.backend].partitioners(spec),
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
             constant_methods=constant_methods)
         delegation = {m: delegation_summary(edge, m) for m in (programs if isinstance(programs, dict) else ["forward"])}

@@ -32,8 +32,10 @@ class ExecuTorchTarget(Target):
     backends = tuple(BACKENDS)
     host_backends = tuple(n for n, b in BACKENDS.items() if b.host_runnable)
     spec_class = ExecuTorchSpec
-    # One GEMM for q/k/v and one for gate/up: fewer, larger delegate calls per token.
-    default_passes = ("canon.fuse_projections",)
+    # q/k/v and gate/up as separate GEMMs: XNNPACK takes no split (nor slice) of a tensor with
+    # a dynamic length, so a fused projection's split ran in the portable kernels and cut each
+    # layer into more delegate calls (SmolLM2-135M fp32: 153 fused, 61 split; bench/README).
+    default_passes = ("canon.split_projections",)
     formats = ("pte", "pte-moe")  # pte-moe: expert offload (moe.py), the same kernels
     tolerances = {
         ("xnnpack", "float"): FLOAT_EXACT,
