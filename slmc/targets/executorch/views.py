@@ -20,12 +20,14 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 def _drop_unused_sizes(graph: torch.fx.Graph, nodes: list) -> None:
     """Erase size computations (SymInt values, e.g. sym_size, s0 * 2) nothing uses any more."""
+    nodes, erased = list(nodes), set()
     while nodes:
         n = nodes.pop()
-        if (isinstance(n, torch.fx.Node) and n.op == "call_function" and not n.users
-                and isinstance(n.meta.get("val"), torch.SymInt)):
+        if (isinstance(n, torch.fx.Node) and n not in erased and n.op == "call_function"
+                and not n.users and isinstance(n.meta.get("val"), torch.SymInt)):
             nodes.extend(n.all_input_nodes)
             graph.erase_node(n)
+            erased.add(n)
 
 
 def infer_view_dims(gm: torch.fx.GraphModule) -> PassResult:
