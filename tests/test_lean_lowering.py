@@ -51,7 +51,7 @@ def lower(model_dir, lean: bool, monkeypatch, nudge: bool = False):
     if nudge:  # the control: one weight one ulp up
         w = ir.blocks[0].attn.o.weight.data
         w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
-    spilled, viewed, written, known = [], [], [], []
+    spilled, viewed, written, known, retraces = [], [], [], [], []
     if lean:
         monkeypatch.setattr(lean_mod, "SPILL_MIN_BYTES", 1024)  # tiny weights spill too
         monkeypatch.setattr(lean_mod, "CHUNK_BYTES", 4096)  # and are read in several chunks
@@ -86,6 +86,19 @@ def lower(model_dir, lean: bool, monkeypatch, nudge: bool = False):
             return out
 
         monkeypatch.setattr(lean_mod.Spill, "bytes_of", bytes_of)
+        from executorch.exir.pass_base import ExportPass
+
+        import slmc.targets.executorch.idle_passes as idle
+
+        retrace, unchanged = ExportPass.call, idle._unchanged
+
+        def checked(pass_, before, gm):  # each skipped re-trace, against the real one
+            same = unchanged(pass_, before, gm)
+            if same:
+                retraces.append(retrace(pass_, gm).graph_module.code == gm.code)
+            return same
+
+        monkeypatch.setattr(idle, "_unchanged", checked)
     else:
         monkeypatch.setattr(program, "lean_lowering", lambda backend: contextlib.nullcontext(_Plain()))
     ep = export_decoder(ir, LoweringSpec(), dynamic=True)
@@ -93,7 +106,7 @@ def lower(model_dir, lean: bool, monkeypatch, nudge: bool = False):
     pte, _, ptd = program.to_pte_and_data(ep, spec, program.runner_metadata(ir), tied=program.tied_table(ir, "xnnpack"))
     monkeypatch.undo()
     return (pte.read_bytes(), ptd.read_bytes() if ptd is not None else None, sum(spilled), sum(viewed),
-            sum(n > 4096 for n in written), len(written), sum(known))
+            sum(n > 4096 for n in written), len(written), sum(known), retraces)
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +119,16 @@ def reference(tied_dir):
 
 
 def test_lean_lowering_writes_executorchs_bytes(tied_dir, reference, monkeypatch):
-    pte, ptd, n, viewed, chunked, written, known = lower(tied_dir, True, monkeypatch)
+    pte, ptd, n, viewed, chunked, written, known, retraces = lower(tied_dir, True, monkeypatch)
     assert n >= 3  # the tied table, and packed block weights, went through files
     assert viewed >= 3  # and were never copied into bytes (Spill.bytes_of)
     assert chunked >= 1  # some were read in several chunks
     assert written < viewed  # XNNPACK's second ask for a weight maps the file already written
     assert known >= 3  # and its hash of the mapping is the digest taken while writing
     assert ptd is not None  # the tied table sits in model.ptd, once
+    # XNNPACK passes that changed nothing skipped their re-trace (idle_passes.py), each
+    # checked here: the real re-trace gives the same graph
+    assert len(retraces) >= 13 and all(retraces), retraces
     assert (pte, ptd) == reference
 
 

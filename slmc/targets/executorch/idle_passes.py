@@ -1,0 +1,87 @@
+"""XNNPACK's preprocess without the re-traces of passes that changed nothing.
+
+XNNPACK's preprocess runs 17 passes over each partition it is given (XNNPACKPassManager).
+Thirteen of them edit the graph in their `call` and end with `super().call(graph_module)`:
+ExportPass's re-trace of the whole partition with fake tensors, to refresh every node's
+metadata after the edits. They run whether or not the pass edited anything, and on a
+SmolLM2-135M compile (fp32, max_seq_len 512) those re-traces were most of XNNPACK's
+preprocess (168 of 177 s under cProfile), while only two of the 17 passes changed a
+partition (the dim-order and clone removals, which are not among the thirteen).
+
+`idle_retraces_skipped()` lets each of those thirteen passes run as written, and answers
+its final `super().call()` with the graph as it is when the pass left every node as it
+found it (same nodes, targets, arguments): a re-trace of an unchanged graph only recomputes
+what the previous pass's re-trace computed. Any edit (a node added, removed or re-wired)
+re-traces as before. A pass that only writes node metadata (PropagateCustomMetaPass, the
+activation tags) keeps what it wrote, as the re-trace would have carried it over. The .pte
+is byte-identical to ExecuTorch's own pipeline (tests/test_lean_lowering.py), and each skipped
+re-trace is checked against the real one on a real lowering (tests/test_idle_passes.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+# passes whose own call() edits and then re-traces through ExportPass.call (XNNPACKPassManager's
+# list, ExecuTorch 1.5.1); the others re-trace to do their work (call_operator) or never do
+RETRACING_PASSES = (
+    "ConvertToUpsampleBilinear2d", "ConvertToLinearPass", "PropagateCustomMetaPass", "ConvertToSDPAPass",
+    "FuseBatchNormPass", "DecomposeBatchNorm", "FuseActivationPass", "DecomposeConcatenate",
+    "RemoveGetItemPass", "Conv1dUnsqueezePass", "PReLUReshapePass", "ChannelsLastTaggedReshapePass",
+    "RemoveRedundantCopyPass",
+)
+SKIPPED: list[str] = []  # the passes whose re-trace was skipped, in order (for the tests)
+
+
+def graph_shape(gm) -> tuple:
+    """What a pass's edits change: each node (by identity), its kind, target and arguments."""
+    return tuple((n, n.op, n.target, n.args, n.kwargs) for n in gm.graph.nodes)
+
+
+def _unchanged(pass_, before: tuple, gm) -> bool:
+    try:
+        return graph_shape(gm) == before
+    except Exception:  # an argument that cannot be compared: re-trace, as ExecuTorch does
+        return False
+
+
+@contextlib.contextmanager
+def idle_retraces_skipped():
+    from executorch.backends.xnnpack._passes import XNNPACKPassManager
+    from executorch.exir.pass_base import ExportPass
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    passes = {p.__name__: p for p in XNNPACKPassManager(None).passes}
+    missing = [name for name in RETRACING_PASSES if name not in passes]
+    if missing:  # another ExecuTorch: its passes are not the ones read here; change nothing
+        yield
+        return
+    retrace, calls, idle = ExportPass.call, {}, []
+
+    def export_call(self, graph_module):
+        if idle and idle[-1] is not None and idle[-1][0] is graph_module and _unchanged(self, idle[-1][1], graph_module):
+            SKIPPED.append(type(self).__name__)
+            return PassResult(graph_module, False)
+        return retrace(self, graph_module)
+
+    def wrap(cls):
+        own = cls.__dict__["call"]
+
+        def call(self, graph_module):
+            idle.append((graph_module, graph_shape(graph_module)) if type(self) is cls else None)
+            try:
+                return own(self, graph_module)
+            finally:
+                idle.pop()
+        calls[cls] = own
+        cls.call = call
+
+    for name in RETRACING_PASSES:
+        wrap(passes[name])
+    ExportPass.call = export_call
+    try:
+        yield
+    finally:
+        ExportPass.call = retrace
+        for cls, own in calls.items():
+            cls.call = own
