@@ -183,12 +183,24 @@ def to_pte_and_data(programs, spec: ExecuTorchSpec, constant_methods: dict | Non
     table (tied_table), then stored once, in model.ptd."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
+    def lower(passes):
+        return to_edge_transform_and_lower(
+            programs, transform_passes=passes, partitioner=BACKENDS[spec.backend].partitioners(spec),
+            compile_config=EdgeCompileConfig(_check_ir_validity=False), constant_methods=constant_methods)
+
     step(f"to_edge + {spec.backend} partitioning")
     with lean_lowering(spec.backend) as spill:
-        edge = to_edge_transform_and_lower(
-            programs, transform_passes=[infer_view_dims], partitioner=BACKENDS[spec.backend].partitioners(spec),
-            compile_config=EdgeCompileConfig(_check_ir_validity=False),
-            constant_methods=constant_methods)
+        try:
+            edge = lower([infer_view_dims])
+        except AssertionError as e:
+            # ExecuTorch's partitioner checks cycles between nodes, not between partitions once
+            # fused: with the views delegated it can group two nodes that another partition links
+            # (a graph with an int8 KV cache did). Lowered again as exported, views undelegated.
+            if "dependency cycles" not in str(e):
+                raise
+            step(f"{spec.backend} partitioning made a cycle with the views delegated; lowering again without")
+            gc.collect()
+            edge = lower(None)
         delegation = {m: delegation_summary(edge, m) for m in (programs if isinstance(programs, dict) else ["forward"])}
         step("to_executorch")
         gc.collect()  # the partitioner's copies of each partition are garbage in reference cycles
