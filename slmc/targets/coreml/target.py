@@ -245,7 +245,7 @@ def _set_metadata(package: Path, meta: dict, description: str) -> None:
     """Write user metadata into the package's spec (after multifunction merging, which drops it)."""
     from coremltools.proto import Model_pb2
 
-    path = next(package.rglob("model.mlmodel"))
+    path = merge.package_files(package)[0]
     spec = Model_pb2.Model()
     spec.ParseFromString(path.read_bytes())
     spec.description.metadata.userDefined.update({k: str(v) for k, v in meta.items()})
