@@ -127,8 +127,10 @@ def merge_functions(sources: dict[str, Path], default: str, out: Path) -> None:
     `sources`, with `default` as its default function. The sources are consumed."""
     from coremltools.proto import Model_pb2
 
-    merged = Model_pb2.Model()
     names = list(sources)
+    if default not in names:
+        raise SlmcError(f"default function {default!r} is not one of {names}", str(out))
+    merged = Model_pb2.Model()
     first_spec, first_weights = package_files(sources[names[0]])
     weights = _WeightFile(first_weights.with_name("merged.bin"))
     try:
@@ -144,20 +146,19 @@ def merge_functions(sources: dict[str, Path], default: str, out: Path) -> None:
                                               IOS18_SPEC)
             fn = spec.mlProgram.functions["main"]
             refs = list(blob_values(fn))
+            other = next((r.fileName for r in refs if r.fileName != WEIGHTS), None)
+            if other is not None:
+                raise SlmcError(f"weight in {other!r}, expected {WEIGHTS}", str(sources[name]))
             moved: dict[int, int] = {}
             with open(weight_path, "rb") as src:
                 for offset in sorted({r.offset for r in refs}):  # file order: one sequential read
                     moved[offset] = weights.add(src, offset, str(weight_path))
             for r in refs:
-                if r.fileName != WEIGHTS:
-                    raise SlmcError(f"weight in {r.fileName!r}, expected {WEIGHTS}", str(sources[name]))
                 r.offset = moved[r.offset]
             merged.mlProgram.functions[name].CopyFrom(fn)
             merged.description.functions.append(_function_description(spec, name))
     finally:
         weights.close()
-    if default not in names:
-        raise SlmcError(f"default function {default!r} is not one of {names}", str(out))
     merged.description.defaultFunctionName = default
     # the first package becomes the merged one: same layout, its spec and weights replaced
     first_weights.with_name("merged.bin").replace(first_weights)

@@ -39,6 +39,7 @@ def graph_shape(gm) -> tuple:
 
 
 def _unchanged(pass_, before: tuple, gm) -> bool:
+    """pass_ is unused here: tests/test_lean_lowering.py wraps this to re-trace with it."""
     try:
         return graph_shape(gm) == before
     except Exception:  # an argument that cannot be compared: re-trace, as ExecuTorch does
