@@ -368,13 +368,14 @@ def _pack(mt, raw: list) -> bytes:
     return buf.getvalue()
 
 
-def _write_packed(mt, raw: list, f) -> None:
-    """_pack's bytes, written to the file `f` one buffer at a time."""
+def _write_packed(mt, raw: list, f, write=None) -> None:
+    """_pack's bytes, written to the file `f` one buffer at a time; write(f, r) writes one
+    (default: its bytes at once). A buffer is anything with .nbytes: an array, a tensor."""
     import flatbuffers
 
     for b, r in zip(mt.buffers, raw):
         b.data = None
-        b.offset, b.size = (1, len(r)) if r is not None else (0, 0)  # 1: placeholder, rewritten below
+        b.offset, b.size = (1, r.nbytes) if r is not None else (0, 0)  # 1: placeholder, rewritten below
 
     def table() -> bytes:
         fb = flatbuffers.Builder(1 << 20)
@@ -388,15 +389,15 @@ def _write_packed(mt, raw: list, f) -> None:
         if r is not None:
             b.offset = pos
             chunks.append((pos, r))
-            pos = _aligned(pos + len(r))
+            pos = _aligned(pos + r.nbytes)
     again = table()
     assert len(again) == len(head), "offsets changed the table's size"
     f.write(again)
     at = len(again)
     for start, r in chunks:
         f.write(b"\0" * (start - at))
-        f.write(memoryview(r).cast("B"))
-        at = start + len(r)
+        write(f, r) if write else f.write(memoryview(r).cast("B"))
+        at = start + r.nbytes
     f.write(b"\0" * (pos - at))
 
 

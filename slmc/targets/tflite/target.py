@@ -48,6 +48,7 @@ from .gpu import gpu_fallback
 from .litertlm import litertlm_bundle
 from .readback import readback
 from .session import open_tflite
+from .weights import PREFIX, Lifted, lifted_weights, sample_weights, splice
 
 DEFAULT_PREFILL = 128
 
@@ -260,11 +261,13 @@ def _dus_rows(cache, axis: int, start, rows):
 COMPONENTS = Components(norm=CompositeNorm, rope=rope_slices, attention=RowCacheAttention(write_rows=_dus_rows))
 
 
-def convert(model: Model, prefill_len: int, step=lambda msg: None) -> tuple[Path, dict]:
+def convert(model: Model, prefill_len: int, step=lambda msg: None, lift: bool = True) -> tuple[Path, dict]:
     """Both signatures through one litert_torch Converter: one flatbuffer, weights stored
     once; quantized weights are lowered as floats and their codes put back (codes.py).
-    Returns the flatbuffer, as a file (base.scratch_file), and {weight path: how its codes are
-    stored}."""
+    lift: the weight matrices go around the converter as signature inputs and are spliced
+    back as shared constants (weights.py); False converts them as constants (the comparison
+    in tests/test_tflite_weights.py). Returns the flatbuffer, as a file (base.scratch_file),
+    and {weight path: how its codes are stored}."""
     import litert_torch
 
     # padded: a ring keeps its live slots under LiteRT-LM's prefill padding (input_pos 0 there)
@@ -273,25 +276,37 @@ def convert(model: Model, prefill_len: int, step=lambda msg: None) -> tuple[Path
                                        components=COMPONENTS)).eval()
     caches = lm.empty_caches()
     kv = dict(zip(cache_names(lm, model.n_layers), caches))
+    lifted = lifted_weights(lm) if lift else []
+    names = ["lm." + n for n, _ in lifted]
 
     def sample(T):
-        return {"tokens": torch.zeros(1, T, dtype=torch.int32),
-                "input_pos": torch.arange(T, dtype=torch.int32), "kv_cache": kv}
+        kw = {"tokens": torch.zeros(1, T, dtype=torch.int32),
+              "input_pos": torch.arange(T, dtype=torch.int32), "kv_cache": kv}
+        return kw | ({PREFIX: sample_weights(lifted)} if lift else {})
+
+    def signature(logits: bool):
+        sig = _Signature(lm, model.n_layers, logits).eval()
+        return Lifted(sig, names).eval() if lift else sig
 
     path = scratch_file("model.tflite")
     with _env("LITERT_TORCH_SHOW_PROGRESS", "n"), _quiet(), _drop_runtime_asserts(), torch.no_grad():
-        prefill, decode = (_Signature(lm, model.n_layers, lg).eval() for lg in (False, True))
+        prefill, decode = signature(False), signature(True)
         conv = litert_torch.signature("prefill", prefill, sample_kwargs=sample(prefill_len))
         conv.signature("decode", decode, sample_kwargs=sample(1))
-        # Memory (bench/memory.py): lightweight_conversion keeps the weights as MLIR resources
-        # over the torch tensors instead of a dense copy of each (the constants it no longer
-        # folds are folded by the LiteRT runtime afterwards, litert_torch's default for it);
-        # the flatbuffer goes to a file, so the serializer's buffer and the bytes it would
-        # return never coexist with the MLIR module and the torch weights.
+        # Memory (bench/memory.py): lightweight_conversion keeps the weights the converter
+        # still sees as MLIR resources over the torch tensors instead of a dense copy of each
+        # (the constants it no longer folds are folded by the LiteRT runtime afterwards,
+        # litert_torch's default for it); the flatbuffer goes to a file.
         edge = conv.convert(lightweight_conversion=True)
         page_out_weights()  # the checkpoint pages read while converting (base.page_out_weights)
         edge.export(str(path))
-        del edge, lm, prefill, decode, conv  # the exported programs and the MLIR module
+        del edge, prefill, decode, conv  # the exported programs and the MLIR module
+    if lift:
+        step("litert: weights into the flatbuffer")
+        spliced = splice(path, lifted)
+        path.unlink()
+        path = spliced
+    del lm, lifted
     if not any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
         return path, {}
     step("litert: quantized codes into the flatbuffer")
