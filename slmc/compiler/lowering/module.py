@@ -171,17 +171,19 @@ class LoweredLM(nn.Module):
             self.register_buffer("keyCache", zeros_untouched(self.cache_shape, torch.float32))
             self.register_buffer("valueCache", zeros_untouched(self.cache_shape, torch.float32))
 
-    def empty_caches(self) -> list[torch.Tensor]:
+    def empty_caches(self, zero: bool = True) -> list[torch.Tensor]:
         """Zero K and V tensors per depth, in forward's argument order (kv="io"); an int8
-        cache is two tensors (codes, then scales)."""
+        cache is two tensors (codes, then scales). zero=False: uninitialized, for tracing
+        samples no one reads (their untouched pages take no memory)."""
+        new = torch.zeros if zero else torch.empty
         if self.swift:
-            return [torch.zeros(self.cache_shape), torch.zeros(self.cache_shape)]
+            return [new(self.cache_shape), new(self.cache_shape)]
         out = []
         for s in self.cache_shapes:
             for _ in (0, 1):
-                out.append(torch.zeros(s, dtype=self.cache_dtype))
+                out.append(new(s, dtype=self.cache_dtype))
                 if self.int8:
-                    out.append(torch.zeros(scale_shape(s), dtype=self.spec.dtype))
+                    out.append(new(scale_shape(s), dtype=self.spec.dtype))
         return out
 
     def _cache(self, caches, d: int, i: int):
