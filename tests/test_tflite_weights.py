@@ -1,8 +1,9 @@
 """LiteRT weights around the converter (slmc/targets/tflite/weights.py): lifting the matrices
 to signature inputs and splicing them back as shared constants gives the same model as
 converting them as constants: the same ops on the same shapes, the same signatures, the same
-outputs bit for bit. Controls: two swapped weights change the outputs; a converted input that
-does not match its weight is refused."""
+outputs bit for bit; with quantized weights, whose codes go in without their float images
+being written, also the same codes layout. Controls: two swapped weights change the outputs;
+a converted input that does not match its weight is refused."""
 
 import numpy as np
 import pytest
@@ -47,6 +48,19 @@ def _graph(path):
             for sg in mt.subgraphs]
 
 
+def _buffers(path):
+    """The sorted digests of every non-empty buffer's bytes."""
+    import hashlib
+
+    from ai_edge_litert import schema_py_generated as S
+
+    data = path.read_bytes()
+    mt = S.ModelT.InitFromPackedBuf(data, 0)
+    raw = [data[b.offset:b.offset + b.size] if b.offset > 1 else bytes(b.data if b.data is not None else b"")
+           for b in mt.buffers]
+    return sorted(hashlib.sha256(r).hexdigest() for r in raw if r)
+
+
 def _run(path, seed=0):
     """Both signatures on one prompt: prefill's caches, then decode's logits from them."""
     from ai_edge_litert.interpreter import Interpreter
@@ -74,10 +88,28 @@ def test_same_graph_and_signatures(both):
 
 
 def test_same_outputs_bit_for_bit(both):
+    assert _buffers(both[0]) == _buffers(both[1])
     (pa, da), (pb, db) = _run(both[0]), _run(both[1])
     for k in pb:
         np.testing.assert_array_equal(pa[k], pb[k])
     np.testing.assert_array_equal(da["logits"], db["logits"])
+
+
+QUANT = {  # weight-only codes (DEQUANTIZE chains, a hybrid lookup) and int8-activation filters
+    "int4-g32": ["quant.rtn:bits=4,group_size=32,symmetric=false,head_bits=4,embed_bits=8"],
+    "8da4w": ["quant.rtn:bits=4,group_size=32,act_bits=8,scale_dtype=bfloat16,head_bits=4,embed_bits=4"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(QUANT))
+def test_quantized_same_graph_outputs_and_layout(tiny_llama_dir, name):
+    m, _ = api.run_passes(api.load(str(tiny_llama_dir)), QUANT[name])
+    (lifted, la), (plain, lb) = convert(m, P), convert(m, P, lift=False)
+    assert la == lb and la  # every QuantWeight, stored the same way
+    assert _graph(lifted) == _graph(plain)
+    (pa, da), (pb, db) = _run(lifted), _run(plain)
+    np.testing.assert_array_equal(da["logits"], db["logits"])
+    assert _buffers(lifted) == _buffers(plain)  # the same bytes stored (tensor names differ)
 
 
 def test_weights_stored_once_and_tied_table_once(model, both):
@@ -109,10 +141,10 @@ def test_swapped_weights_change_outputs(model, both):
     i, j = next((i, j) for i in range(len(ws)) for j in range(i + 1, len(ws)) if ws[i][1].shape == ws[j][1].shape)
     orig = T.splice
     try:
-        def swapped(path, weights):
+        def swapped(path, weights, quant):
             w = list(weights)
             w[i], w[j] = (w[i][0], w[j][1]), (w[j][0], w[i][1])
-            return orig(path, w)
+            return orig(path, w, quant)
         T.splice = swapped
         bad, _ = convert(model, P)
     finally:
@@ -127,10 +159,10 @@ def test_a_mismatched_weight_is_refused(model, tmp_path):
 
     orig, seen, kept = T.splice, {}, tmp_path / "kept.tflite"
 
-    def keep(path, weights):  # the converter's output, before the splice
+    def keep(path, weights, quant):  # the converter's output, before the splice
         shutil.copy(path, kept)
         seen["w"] = weights
-        return orig(path, weights)
+        return orig(path, weights, quant)
     T.splice = keep
     try:
         convert(model, P)

@@ -116,6 +116,7 @@ class LoweredLM(nn.Module):
         self.cache_dtype = {"float16": torch.float16, "int8": torch.int8}.get(kv.dtype, spec.dtype)
         self.int8 = kv.dtype == "int8"  # each cache is (codes, scales per token and head)
         P = _Params(self, spec.dtype, spec.dequantize)
+        self.ir_params = P.memo  # id(IR weight) -> its Parameter, for targets that place weights themselves
         self.embedding = C.embedding(model.embed, P)
         if C.channels_first and getattr(self.embedding, "swapped", False):
             raise ValueError("a pair-swapped embedding table is for the tokens layout; channels-first looks rows up itself")

@@ -324,28 +324,39 @@ def _store_codes(data, quant: list, f) -> dict:
     for p, w in quant:
         wanted.setdefault(_digest(_float_image(w)), []).append((p, w))
     sizes = {w.numel() * 4 for _, w in quant}
-    wr = _Writer(mt)
-    stored: dict[int, _Stored] = {}  # old float buffer -> codes
-    by_digest: dict[bytes, _Stored] = {}
+    groups: dict[int, list] = {}  # float buffer -> the weights whose image it is
     for bi, r in list(enumerate(raw)):
-        if r is None or len(r) not in sizes:
-            continue
-        key = _digest(r)
-        if key in wanted:
-            if key not in by_digest:
-                by_digest[key] = _Stored(wr, wanted[key])
-            stored[bi] = by_digest[key]
-    lost = [e[0][0] for k, e in wanted.items() if k not in by_digest]
+        if r is not None and len(r) in sizes and (key := _digest(r)) in wanted:
+            groups[bi] = wanted[key]
+    found = {id(e) for e in groups.values()}
+    lost = [e[0][0] for e in wanted.values() if id(e) not in found]
     if lost:
         raise SlmcError(f"litert_torch did not store {len(lost)} quantized weight(s) as plain float constants "
                         f"(first: {lost[0]}); slmc cannot put their codes in the flatbuffer", "tflite")
+    layout = put_codes(mt, raw, groups)
+    _write_packed(mt, raw, f)
+    return layout
+
+
+def put_codes(mt, raw: list, groups: dict[int, list[tuple[str, QuantWeight]]]) -> dict:
+    """In the model `mt` (buffers' bytes in `raw`, extended here with the new ones): every
+    tensor of a float buffer in `groups` becomes its weights' codes (buffers given the same
+    list share one set of codes); the float buffers are emptied. Returns {path: how stored}."""
+    wr = _Writer(mt)
+    shared: dict[int, _Stored] = {}  # id(list) -> its codes
+    stored: dict[int, _Stored] = {}  # float buffer -> codes
+    for bi, e in groups.items():
+        if id(e) not in shared:
+            shared[id(e)] = _Stored(wr, e)
+        stored[bi] = shared[id(e)]
     for sg in mt.subgraphs:
         _rewrite_subgraph(wr, mt, sg, stored)
+    n = len(raw)
     for bi in stored:
         mt.buffers[bi].data, raw[bi] = None, None
-    _write_packed(mt, raw + [np.asarray(b.data) if b.data is not None else None for b in mt.buffers[len(raw):]], f)
+    raw += [np.asarray(b.data) if b.data is not None else None for b in mt.buffers[n:]]
     return {p: {"codes": f"int{st.w.bits}", "group_size": st.w.group_size, "stored_as": "; ".join(sorted(st.used))}
-            for st in by_digest.values() for p in st.paths}
+            for st in shared.values() for p in st.paths}
 
 
 def _buffers_raw(mt, data: bytes) -> list:

@@ -48,7 +48,7 @@ from .gpu import gpu_fallback
 from .litertlm import litertlm_bundle
 from .readback import readback
 from .session import open_tflite
-from .weights import PREFIX, Lifted, lifted_weights, sample_weights, splice
+from .weights import PREFIX, Lifted, lifted_weights, quant_groups, sample_weights, splice
 
 DEFAULT_PREFILL = 128
 
@@ -263,7 +263,7 @@ COMPONENTS = Components(norm=CompositeNorm, rope=rope_slices, attention=RowCache
 
 def convert(model: Model, prefill_len: int, step=lambda msg: None, lift: bool = True) -> tuple[Path, dict]:
     """Both signatures through one litert_torch Converter: one flatbuffer, weights stored
-    once; quantized weights are lowered as floats and their codes put back (codes.py).
+    once; quantized weights are lowered as floats and their codes put in their place (codes.py).
     lift: the weight matrices go around the converter as signature inputs and are spliced
     back as shared constants (weights.py); False converts them as constants (the comparison
     in tests/test_tflite_weights.py). Returns the flatbuffer, as a file (base.scratch_file),
@@ -304,10 +304,10 @@ def convert(model: Model, prefill_len: int, step=lambda msg: None, lift: bool = 
         del edge, prefill, decode, conv  # the exported programs and the MLIR module
     if lift:
         step("litert: weights into the flatbuffer")
-        spliced = splice(path, lifted)
+        spliced, layout = splice(path, lifted, quant_groups(model, lm, lifted))
         path.unlink()
-        path = spliced
-    del lm, lifted
+        return spliced, layout
+    del lm
     if not any(isinstance(w, QuantWeight) for _, w in named_weights(model)):
         return path, {}
     step("litert: quantized codes into the flatbuffer")

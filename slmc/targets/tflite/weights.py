@@ -22,6 +22,7 @@ litert_torch clamps an infinite weight to the dtype's largest finite value; so d
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ...compiler.ir import Model, QuantWeight, named_weights
 from ...compiler.spill import page_out_weights
 from ...errors import SlmcError
 from ..base import scratch_file
@@ -78,13 +80,42 @@ def sample_weights(weights: list[tuple[str, torch.Tensor]]) -> dict:
     return {str(i): w for i, (_, w) in enumerate(weights)}
 
 
-def splice(path: Path, weights: list[tuple[str, torch.Tensor]]) -> Path:
+def quant_groups(model: Model, lm: nn.Module, weights: list[tuple[str, torch.Tensor]]) -> dict[int, list]:
+    """{index in `weights`: [(IR path, QuantWeight), ...]} for each lifted float image of a
+    QuantWeight (the lowering's dequantized Parameter, lm.ir_params). Weights with equal codes
+    get the same list, so their codes are stored once (codes.put_codes)."""
+    names = {id(p): n for n, p in lm.named_parameters()}
+    at = {n: i for i, (n, _) in enumerate(weights)}
+    alike: dict[tuple, list] = {}
+    out: dict[int, list] = {}
+    for path, w in named_weights(model):
+        if not isinstance(w, QuantWeight):
+            continue
+        i = at.get(names.get(id(lm.ir_params.get(id(w)))))
+        if i is None:
+            raise SlmcError(f"{path}: its float image is not one of the weights lifted around the converter", "tflite")
+        key = (w.bits, w.group_size, w.symmetric, tuple(w.shape),
+               *(None if t is None else _digest(t) for t in (w.codes, w.scales.float(), w.zeros)))
+        out[i] = alike.setdefault(key, [])
+        out[i].append((path, w))
+    return out
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    return hashlib.blake2b(t.contiguous().numpy().tobytes(), digest_size=20).digest() + str(t.dtype).encode()
+
+
+def splice(path: Path, weights: list[tuple[str, torch.Tensor]], quant: dict[int, list] | None = None) -> tuple[Path, dict]:
     """The converted flatbuffer at `path` with each `slmc_weight_i` input of every signature
     made a constant of weights[i] (one buffer for all signatures); written to a new scratch
-    file a chunk of each weight at a time."""
+    file a chunk of each weight at a time. quant (quant_groups): those weights' codes go in
+    instead of their float images (codes.py), which are never written. Returns the file and
+    {IR path: how its codes are stored}."""
     from ai_edge_litert import schema_py_generated as S
 
-    from .codes import _buffers_raw, _write_packed
+    from .codes import _buffers_raw, _write_packed, put_codes
+
+    quant = quant or {}
 
     out = scratch_file(path.name)
     data = path.read_bytes()  # the graph and its small constants: the matrices are not in it
@@ -113,7 +144,7 @@ def splice(path: Path, weights: list[tuple[str, torch.Tensor]]) -> Path:
             if i not in buffers:
                 mt.buffers.append(S.BufferT())
                 buffers[i] = len(mt.buffers) - 1
-                raw.append(w)
+                raw.append(None if i in quant else w)
             t.buffer = buffers[i]
             sg.inputs = np.array([x for x in sg.inputs if x != tm.tensorIndex], np.int32)
         sd.inputs = keep
@@ -122,10 +153,11 @@ def splice(path: Path, weights: list[tuple[str, torch.Tensor]]) -> Path:
         if left:
             raise SlmcError(f"litert_torch kept {len(left)} weight input(s) outside the signatures "
                             f"(first {left[0]!r}); slmc cannot put them back", "tflite")
+    layout = put_codes(mt, raw, {buffers[i]: e for i, e in quant.items() if i in buffers}) if quant else {}
     with open(out, "wb") as f:
         _write_packed(mt, raw, f, write=_write_weight)
     page_out_weights()
-    return out
+    return out, layout
 
 
 def _write_weight(f, r) -> None:
