@@ -49,8 +49,10 @@ class LoweringSpec:
     padded: bool = False
     dtype: torch.dtype = torch.float32
     # True: each QuantWeight becomes its exact dequantized float (a plain constant) for a
-    # target that puts the codes back itself (LiteRT: targets/tflite/codes.py).
-    dequantize: bool = False
+    # target that puts the codes back itself (LiteRT: targets/tflite/codes.py). "shape": an
+    # uninitialized float tensor of its shape instead, for a target that converts its weights
+    # as inputs and puts the codes in without reading it (LiteRT: targets/tflite/weights.py).
+    dequantize: bool | str = False
     # the decoder's components (components.py)
     components: Components = field(default_factory=Components)
 

@@ -272,8 +272,8 @@ def convert(model: Model, prefill_len: int, step=lambda msg: None, lift: bool = 
 
     # padded: a ring keeps its live slots under LiteRT-LM's prefill padding (input_pos 0 there)
     lm = LoweredLM(model, LoweringSpec(kv="io", positions="start", mask_input=False,
-                                       padded=model.kv.window is not None, dequantize=True,
-                                       components=COMPONENTS)).eval()
+                                       padded=model.kv.window is not None,
+                                       dequantize="shape" if lift else True, components=COMPONENTS)).eval()
     # the caches are tracing samples only: never read, so left unwritten (94 MiB at 2048 on
     # SmolLM2-135M, none of it resident)
     kv = dict(zip(cache_names(lm, model.n_layers), lm.empty_caches(zero=False)))
