@@ -61,13 +61,29 @@ def _float_image(w: QuantWeight) -> bytes:
     return w.float().contiguous().numpy().astype(np.float32, copy=False).tobytes()
 
 
-def _signed(w: QuantWeight) -> tuple[np.ndarray, np.ndarray | None]:
-    """Codes in the signed int4/int8 range and zeros shifted alike: (c - z) unchanged."""
+def _signed_codes(w: QuantWeight) -> np.ndarray:
+    """Codes in the signed int4/int8 range, and (_signed_zeros) zeros shifted alike: (c - z) unchanged."""
     c = w.codes.numpy().astype(np.int16)
-    if w.symmetric:
-        return c.astype(np.int8), None
-    half = 2 ** (w.bits - 1)
-    return (c - half).astype(np.int8), w.zeros.float().numpy() - half
+    return c.astype(np.int8) if w.symmetric else (c - 2 ** (w.bits - 1)).astype(np.int8)
+
+
+def _signed_zeros(w: QuantWeight) -> np.ndarray | None:
+    return None if w.symmetric else w.zeros.float().numpy() - 2 ** (w.bits - 1)
+
+
+class Deferred:
+    """A buffer's bytes made only when the file is written (make()), so that a model's codes
+    are packed one weight at a time instead of all before the first is written."""
+
+    def __init__(self, nbytes: int, make):
+        self.nbytes, self.make = nbytes, make
+
+
+def _stored_codes(w: QuantWeight) -> Deferred:
+    n = w.codes.numel()
+    if w.bits == 4:
+        return Deferred((n + 1) // 2, lambda: pack_int4(_signed_codes(w)))
+    return Deferred(n, lambda: _signed_codes(w).view(np.uint8))
 
 
 def pack_int4(codes: np.ndarray) -> np.ndarray:
@@ -85,10 +101,14 @@ class _Writer:
         from ai_edge_litert import schema_py_generated as S
 
         self.S, self.mt = S, mt
+        self.deferred: dict[int, Deferred] = {}  # buffer index -> its bytes, made when written
 
-    def buffer(self, arr: np.ndarray) -> int:
+    def buffer(self, arr: np.ndarray | Deferred) -> int:
         b = self.S.BufferT()
-        b.data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        if isinstance(arr, Deferred):
+            self.deferred[len(self.mt.buffers)] = arr
+        else:
+            b.data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
         self.mt.buffers.append(b)
         return len(self.mt.buffers) - 1
 
@@ -141,12 +161,12 @@ class _Stored:
             raise SlmcError(f"{path}: one constant is read by matmuls with int8 and with float activations; "
                             "quantize them with the same act_bits", "tflite")
         self.paths = [p for p, _ in entries]
-        codes, zeros = _signed(w)
+        zeros = _signed_zeros(w)
         out, inp = w.shape
         g = w.group_size
         self.rows, self.groups = out * inp // g, inp // g
         self.per_channel = g == inp
-        self.codes = wr.buffer(pack_int4(codes) if w.bits == 4 else codes.view(np.uint8))
+        self.codes = wr.buffer(_stored_codes(w))
         self.scale = w.scales.float().numpy().reshape(-1).astype(np.float32)
         self.zero = None if zeros is None else zeros.reshape(-1).astype(np.float32)
         if self.per_channel and self.zero is not None and not np.array_equal(self.zero, np.round(self.zero)):
@@ -354,7 +374,8 @@ def put_codes(mt, raw: list, groups: dict[int, list[tuple[str, QuantWeight]]]) -
     n = len(raw)
     for bi in stored:
         mt.buffers[bi].data, raw[bi] = None, None
-    raw += [np.asarray(b.data) if b.data is not None else None for b in mt.buffers[n:]]
+    raw += [wr.deferred.get(i) or (np.asarray(b.data) if b.data is not None else None)
+            for i, b in enumerate(mt.buffers[n:], n)]
     return {p: {"codes": f"int{st.w.bits}", "group_size": st.w.group_size, "stored_as": "; ".join(sorted(st.used))}
             for st in shared.values() for p in st.paths}
 
@@ -407,7 +428,13 @@ def _write_packed(mt, raw: list, f, write=None) -> None:
     at = len(again)
     for start, r in chunks:
         f.write(b"\0" * (start - at))
-        write(f, r) if write else f.write(memoryview(r).cast("B"))
+        if isinstance(r, Deferred):
+            made = r.make()
+            assert made.nbytes == r.nbytes, "a deferred buffer's size changed"
+            f.write(memoryview(made).cast("B"))
+            del made
+        else:
+            write(f, r) if write else f.write(memoryview(r).cast("B"))
         at = start + r.nbytes
     f.write(b"\0" * (pos - at))
 
