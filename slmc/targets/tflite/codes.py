@@ -61,9 +61,10 @@ def _float_image(w: QuantWeight) -> bytes:
     return w.float().contiguous().numpy().astype(np.float32, copy=False).tobytes()
 
 
-def _signed_codes(w: QuantWeight) -> np.ndarray:
-    """Codes in the signed int4/int8 range, and (_signed_zeros) zeros shifted alike: (c - z) unchanged."""
-    c = w.codes.numpy().astype(np.int16)
+def _signed_codes(w: QuantWeight, codes: torch.Tensor | None = None) -> np.ndarray:
+    """Codes (all of w's, or the part given) in the signed int4/int8 range, and
+    (_signed_zeros) zeros shifted alike: (c - z) unchanged."""
+    c = (w.codes if codes is None else codes).numpy().astype(np.int16)
     return c.astype(np.int8) if w.symmetric else (c - 2 ** (w.bits - 1)).astype(np.int8)
 
 
@@ -72,18 +73,26 @@ def _signed_zeros(w: QuantWeight) -> np.ndarray | None:
 
 
 class Deferred:
-    """A buffer's bytes made only when the file is written (make()), so that a model's codes
-    are packed one weight at a time instead of all before the first is written."""
+    """A buffer's bytes made only when the file is written, a part at a time (parts() yields
+    arrays), so that no weight's codes are converted or packed whole (a 1B model's int4 table:
+    0.9 GB of int16/int8/packed transients at once) and none before its turn."""
 
-    def __init__(self, nbytes: int, make):
-        self.nbytes, self.make = nbytes, make
+    def __init__(self, nbytes: int, parts):
+        self.nbytes, self.parts = nbytes, parts
+
+
+_PART = 1 << 23  # codes converted and packed at a time (even: int4 pairs never straddle parts)
 
 
 def _stored_codes(w: QuantWeight) -> Deferred:
-    n = w.codes.numel()
-    if w.bits == 4:
-        return Deferred((n + 1) // 2, lambda: pack_int4(_signed_codes(w)))
-    return Deferred(n, lambda: _signed_codes(w).view(np.uint8))
+    flat, n = w.codes.reshape(-1), w.codes.numel()
+
+    def parts():
+        for lo in range(0, n, _PART):
+            c = _signed_codes(w, flat[lo:lo + _PART])
+            yield pack_int4(c) if w.bits == 4 else c.view(np.uint8)
+
+    return Deferred((n + 1) // 2 if w.bits == 4 else n, parts)
 
 
 def pack_int4(codes: np.ndarray) -> np.ndarray:
@@ -429,10 +438,11 @@ def _write_packed(mt, raw: list, f, write=None) -> None:
     for start, r in chunks:
         f.write(b"\0" * (start - at))
         if isinstance(r, Deferred):
-            made = r.make()
-            assert made.nbytes == r.nbytes, "a deferred buffer's size changed"
-            f.write(memoryview(made).cast("B"))
-            del made
+            n = 0
+            for part in r.parts():
+                f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
+                n += part.nbytes
+            assert n == r.nbytes, "a deferred buffer's size changed"
         else:
             write(f, r) if write else f.write(memoryview(r).cast("B"))
         at = start + r.nbytes
