@@ -61,10 +61,10 @@ def _float_image(w: QuantWeight) -> bytes:
     return w.float().contiguous().numpy().astype(np.float32, copy=False).tobytes()
 
 
-def _signed_codes(w: QuantWeight, codes: torch.Tensor | None = None) -> np.ndarray:
-    """Codes (all of w's, or the part given) in the signed int4/int8 range, and
-    (_signed_zeros) zeros shifted alike: (c - z) unchanged."""
-    c = (w.codes if codes is None else codes).numpy().astype(np.int16)
+def _signed_codes(w: QuantWeight, codes: torch.Tensor) -> np.ndarray:
+    """Codes (a part of w's) in the signed int4/int8 range, and (_signed_zeros) zeros shifted
+    alike: (c - z) unchanged."""
+    c = codes.numpy().astype(np.int16)
     return c.astype(np.int8) if w.symmetric else (c - 2 ** (w.bits - 1)).astype(np.int8)
 
 

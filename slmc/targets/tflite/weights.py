@@ -22,7 +22,6 @@ litert_torch clamps an infinite weight to the dtype's largest finite value; so d
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from ...compiler.ir import Model, QuantWeight, named_weights
 from ...compiler.spill import page_out_weights
 from ...errors import SlmcError
 from ..base import scratch_file
+from .codes import _digest
 
 PREFIX = "slmc_weight"  # litert_torch names a dict kwarg's entries {kwarg}_{key}
 _NAME = re.compile(rf"^{PREFIX}_(\d+)$")
@@ -95,14 +95,11 @@ def quant_groups(model: Model, lm: nn.Module, weights: list[tuple[str, torch.Ten
         if i is None:
             raise SlmcError(f"{path}: its float image is not one of the weights lifted around the converter", "tflite")
         key = (w.bits, w.group_size, w.symmetric, tuple(w.shape),
-               *(None if t is None else _digest(t) for t in (w.codes, w.scales.float(), w.zeros)))
+               *(None if t is None else (_digest(t.contiguous().numpy()), str(t.dtype))
+                 for t in (w.codes, w.scales.float(), None if w.zeros is None else w.zeros.float())))
         out[i] = alike.setdefault(key, [])
         out[i].append((path, w))
     return out
-
-
-def _digest(t: torch.Tensor) -> bytes:
-    return hashlib.blake2b(t.contiguous().numpy().tobytes(), digest_size=20).digest() + str(t.dtype).encode()
 
 
 def splice(path: Path, weights: list[tuple[str, torch.Tensor]], quant: dict[int, list] | None = None) -> tuple[Path, dict]:
