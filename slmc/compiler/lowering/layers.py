@@ -56,13 +56,13 @@ class _Params:
             # same tensor twice in one module, which export then counts as two inputs
             self.quantized = True
             self.memo[id(w)] = intx_parameter(w, self.dtype)
-        if id(w) not in self.memo and isinstance(w, QuantWeight) and self.dequantize == "shape":
-            # never read (its pages are never touched, so they take no memory)
-            self.memo[id(w)] = nn.Parameter(torch.empty(tuple(w.shape), dtype=self.dtype), requires_grad=False)
-            self.owner.register_parameter(f"w{len(self.memo) - 1}", self.memo[id(w)])
         if id(w) not in self.memo:
-            # contiguous: serializers read a constant's storage in memory order (see quantized.py)
-            p = nn.Parameter(self._file_backed(w.float().to(self.dtype).contiguous()), requires_grad=False)
+            if isinstance(w, QuantWeight) and self.dequantize == "shape":
+                # never read (its pages are never touched, so they take no memory)
+                p = nn.Parameter(torch.empty(tuple(w.shape), dtype=self.dtype), requires_grad=False)
+            else:
+                # contiguous: serializers read a constant's storage in memory order (see quantized.py)
+                p = nn.Parameter(self._file_backed(w.float().to(self.dtype).contiguous()), requires_grad=False)
             if isinstance(w, Weight) and w.loaded and p.data_ptr() != w.data.data_ptr():
                 # the Parameter is a copy (converted, or mapped from a scratch file): the IR's
                 # own copy goes if it can be read again, else the IR shares the mapped one
