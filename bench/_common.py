@@ -36,8 +36,15 @@ if str(ROOT) not in sys.path:  # this checkout's slmc, not another installed one
 
 
 def peak_rss_mib() -> float:
-    """This process's peak RSS so far (ru_maxrss; Linux counts KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak RSS so far: VmHWM, the high-water mark of the memory it has had
+    since its exec. Not ru_maxrss: Linux carries the parent's RSS at fork into a child's
+    ru_maxrss (and so into wait4's figure), so a worker started by a parent holding 2.4 GB
+    reported 2.4 GB before it had read a weight (bench/results/scale.md before 2026-12-04T21).
+    Where /proc is missing, ru_maxrss (Linux counts KiB)."""
+    try:
+        return status_mib("VmHWM")
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def status_mib(field: str) -> float:
@@ -90,8 +97,13 @@ def spawn(script: str | Path, args: list[str], result: Path, python: str = sys.e
         return {"error": last[0][:300]}
     out = json.loads(Path(result).read_text())
     if rusage:
+        # a worker that reports its own peak (own_peak_rss_mib: its VmHWM or a higher sampled
+        # VmRSS) is judged on that: wait4's ru_maxrss includes this parent's RSS at the fork
+        # (see peak_rss_mib), which is what /usr/bin/time -v avoids by forking from itself
+        own = out.get("own_peak_rss_mib")
         out.update(wall_s=round(wall, 2), cpu_s=round(ru.ru_utime + ru.ru_stime, 2),
-                   peak_rss_mib=round(ru.ru_maxrss / 1024, 1))
+                   wait4_peak_rss_mib=round(ru.ru_maxrss / 1024, 1),
+                   peak_rss_mib=own if own is not None else round(ru.ru_maxrss / 1024, 1))
     return out
 
 

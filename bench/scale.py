@@ -12,8 +12,9 @@ safetensors file is written one tensor at a time, so making a 3B model never hol
 Each (model, target, recipe) compile runs in its own fresh process (--recipe, default
 int8da-int4w-g32, the 8-bit-dynamic-activation / 4-bit-weight flow both targets run;
 int8da-int4w-g32-rtn is the same layout without calibration, so its rows measure the lowering's
-scale apart from the quantizer's): wall, CPU and whole-process peak RSS (os.wait4, what
-/usr/bin/time -v reports), per-phase time and peak RSS, artifact size.
+scale apart from the quantizer's): wall, CPU and the worker's own peak RSS (its VmHWM, or the
+highest VmRSS its watchdog sampled if higher; not os.wait4's, which counts this parent's RSS at the
+fork), per-phase time and peak RSS, artifact size.
 A watchdog in the worker ends a compile whose RSS passes --rss-limit-gib (the machine is shared;
 an out-of-memory kill would hit other processes), recording the phase it was in.
 Then one process per artifact times greedy decode (median of repeats after a warm-up).
@@ -33,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import (HERE, RESULTS, Phases, busy_processes, dir_bytes, head_commit, machine, others_seen, phase_table,
+from _common import (HERE, RESULTS, Phases, peak_rss_mib, busy_processes, dir_bytes, head_commit, machine, others_seen, phase_table,
                      render, spawn, status_mib, weight_count, write_results)
 
 MODELS = ("llama-3.2-1b", "qwen2.5-1.5b", "qwen2.5-3b")
@@ -103,11 +104,15 @@ def model_folder(name: str, work: Path, quick: bool) -> Path:
 # ------------------------------------------------------------------ workers
 
 
+SAMPLED = [0.0]  # the highest VmRSS the watchdog saw: the kernel's VmHWM can miss a short peak
+
+
 def watchdog(limit_mib: float, ph: Phases, result: Path) -> None:
     """End this process (exit 3) when its RSS passes limit_mib, leaving a result that says where."""
     def loop():
         while True:
             rss = status_mib("VmRSS")
+            SAMPLED[0] = max(SAMPLED[0], rss)
             if rss > limit_mib:
                 result.write_text(json.dumps({"error": f"RSS {rss:.0f} MiB passed the {limit_mib:.0f} MiB "
                                               f"limit during '{ph.name}'", "phases": ph.rows}))
@@ -127,7 +132,7 @@ def worker_compile(a) -> dict:
                                                     max_seq_len=a.max_seq_len), progress=ph)
     ph("done")
     return {"artifact": str(path / ARTIFACT[a.target]), "params": manifest["model"]["params"],
-            "phases": ph.rows}
+            "phases": ph.rows, "own_peak_rss_mib": round(max(peak_rss_mib(), SAMPLED[0]), 1)}
 
 
 def worker_decode(a) -> dict:
