@@ -23,7 +23,7 @@ from ..errors import SlmcError
 from .ir import Model, dequant_cache
 from .properties import first_violation, unknown
 from .verify import verify
-from .spill import trim_heap, trimming
+from .spill import Spill, spill_codes, trim_heap, trimming
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class PassManager:
         from .printer import print_model
 
         verify(ir, "imported IR")
-        logs = []
+        logs, codes_file = [], Spill("quantized weights")
         if self.dump_dir:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             (self.dump_dir / "00-input.txt").write_text(print_model(ir))
@@ -152,6 +152,9 @@ class PassManager:
             # otherwise, beside the codes it keeps (430 MiB after quant.rtn on SmolLM2-135M)
             with dequant_cache(False), trimming(0.25):
                 res = p.run(ir)
+            # quantized tables a pass left on the heap go to scratch space (spill.Spill.quant):
+            # kept resident, a 1B model's int4 codes are 1.2 GB through every later step
+            spill_codes(res.ir, codes_file)
             trim_heap()
             dt = time.perf_counter() - t0
             verify(res.ir, f"IR after pass {p.name}")

@@ -19,15 +19,19 @@ import contextlib
 import mmap
 import os
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import SlmcError
-from .ir import DTYPE_NAMES, DTYPES, Weight
+from .ir import DTYPE_NAMES, DTYPES, QuantWeight, Weight, named_weights
 
 MIN_BYTES = 1 << 20  # smaller tensors (norm weights, biases) stay in memory
+# tensors Spill.quant made (id -> weak reference): a code table already in a file is not
+# written again (ids are reused once a tensor dies, so the reference must still be it)
+_MAPPED: dict[int, weakref.ref] = {}
 
 
 WEIGHT_FILES = (".safetensors", ".gguf")
@@ -184,9 +188,40 @@ class Spill:
             return self.put(w.data)
         return w
 
+    def quant(self, q: QuantWeight) -> int:
+        """Move `q`'s codes (and its scales and zeros, when big) into this file, in place: each
+        becomes a mapped tensor of the same values (see _read), whose pages page_out_weights
+        lets go, so a model's codes are not all resident at once (Llama-3.2-1B int4: 1.2 GB of
+        one-code-per-byte tables held from quant.rtn to the artifact's writing). Sharing is
+        kept: every node holding `q` sees the move. Returns the bytes written."""
+        n = 0
+        for f in ("codes", "scales", "zeros"):
+            t = getattr(q, f)
+            if t is None or t.nbytes < MIN_BYTES or _is_mapped(t):
+                continue
+            m = self.mapped(t)
+            _MAPPED[id(m)] = weakref.ref(m, lambda _, k=id(m): _MAPPED.pop(k, None))
+            setattr(q, f, m)
+            n += t.nbytes
+        return n
+
     @property
     def nbytes(self) -> int:
         return self._end
+
+
+def _is_mapped(t: torch.Tensor) -> bool:
+    r = _MAPPED.get(id(t))
+    return r is not None and r() is t
+
+
+def spill_codes(model, spill: Spill) -> int:
+    """Spill.quant for every quantized weight of `model` whose tables are still on the heap (a
+    pass that made codes without spilling them, an imported GPTQ/GGUF checkpoint; `model` may
+    be one block); then every weight file's pages are let go. Returns the bytes written."""
+    n = sum(spill.quant(w) for _, w in named_weights(model) if isinstance(w, QuantWeight))
+    page_out_weights()
+    return n
 
 
 def spill_tree(obj, spill: Spill) -> int:

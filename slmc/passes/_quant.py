@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..compiler.ir import Linear, Model, QuantWeight, block_linears
 from ..compiler.pass_manager import Pass
 from ..compiler.quant import QuantScheme, rtn
+from ..compiler.spill import Spill, page_out_weights
 from ..errors import SlmcError
 from ._options import QuantOptions
 
@@ -21,23 +22,31 @@ def head_scheme(ir: Model, opts: QuantOptions) -> QuantScheme:
     return s
 
 
-def quantize_ends(ir: Model, opts: QuantOptions, algorithm: str, head: bool = True) -> int:
+def quantize_ends(ir: Model, opts: QuantOptions, algorithm: str, head: bool = True, spill: Spill | None = None) -> int:
     """Embedding and head at their own bit widths (a tied head gets its own node first, holding
     the float table). head=False leaves the head float for the caller to quantize (GPTQ does,
-    on the final norm's output, after the blocks)."""
+    on the final norm's output, after the blocks). spill: each table's codes go there as made."""
     n = 0
     if opts.head_bits:
         if ir.lm_head is None:
             ir.lm_head = Linear(ir.embed)
         if head and not isinstance(ir.lm_head.weight, QuantWeight):
             ir.lm_head.weight = rtn(ir.lm_head.weight.data, head_scheme(ir, opts), algorithm)
-            n += 1
+            n += _spilled(ir.lm_head.weight, spill)
     if opts.embed_bits and not isinstance(ir.embed, QuantWeight):
         s = ends_scheme(opts, opts.embed_bits)
         s.check(ir.hidden_size, "--pass quant:embed_bits")
         ir.embed = rtn(ir.embed.data, s, algorithm)  # .data: no whole fp32 copy of a bf16 table
-        n += 1
+        n += _spilled(ir.embed, spill)
     return n
+
+
+def _spilled(q: QuantWeight, spill: Spill | None) -> int:
+    """1, after moving q's tables to `spill` (if any) and letting the float table's pages go."""
+    if spill is not None:
+        spill.quant(q)
+        page_out_weights()
+    return 1
 
 
 def set_act_bits(ir: Model, opts: QuantOptions, where: str) -> None:

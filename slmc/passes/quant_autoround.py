@@ -52,7 +52,7 @@ from ..compiler.calib import Site, run_block
 from ..compiler.ir import Block, Linear, Model, QuantWeight
 from ..compiler.pass_manager import PassResult, register
 from ..compiler.quant import QuantScheme, group_params
-from ..compiler.spill import page_out_weights
+from ..compiler.spill import Spill, spill_codes
 from ..errors import SlmcError
 from ._options import CalibOptions, QuantOptions
 from ._quant import QuantPass, quantize_ends, set_act_bits
@@ -196,6 +196,7 @@ class QuantAutoRound(QuantPass):
         stats = {"loss_rtn": 0.0, "loss": 0.0, "kept_rtn": 0}
         t0 = time.perf_counter()
         done: set[int] = set()
+        codes_file = Spill(f"--pass {self.name}")  # each finished block's codes (issue 17)
         for d in range(ir.n_layers):
             bi, b = ir.layers[d], ir.blocks[ir.layers[d]]
             if bi in done:  # learned at an earlier depth
@@ -213,7 +214,8 @@ class QuantAutoRound(QuantPass):
             x_q = block_out(b, x_q)
             x_f = y if x_f is not None else None
             done.add(bi)
-            page_out_weights()  # the block's checkpoint pages: its weights are codes now
+            # the block's codes to scratch space, its checkpoint pages let go: it is done
+            spill_codes(b, codes_file)
         set_act_bits(ir, o, "--pass quant.autoround")
         info = {"quantized": n, "scheme": f"{'s' if o.symmetric else 'a'}int{o.bits}g{o.group_size}",
                 "calibration": o.describe(), "calibration_seconds": round(t_calib, 2),

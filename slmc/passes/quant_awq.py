@@ -45,7 +45,7 @@ from ..compiler.calib import Site, carry_samples, gram, run_block
 from ..compiler.ir import Linear, Model, QuantWeight, Weight
 from ..compiler.pass_manager import PassResult, register
 from ..compiler.quant import QuantScheme, group_params, quantize_codes, rtn
-from ..compiler.spill import Spill, page_out_weights, spill_tree
+from ..compiler.spill import Spill, spill_codes, spill_tree
 from ..errors import SlmcError
 from ._options import CalibOptions, QuantOptions
 from ._quant import QuantPass, quant_ensures, quantize_ends, set_act_bits
@@ -198,6 +198,7 @@ class QuantAWQ(QuantPass):
         ids, t_calib = o.tokens(ir)
         x = reference.embed(ir, ids)
         done: set[int] = set()
+        codes_file = Spill(f"--pass {self.name}")  # each finished block's codes (issue 17)
         # the folded floats of blocks already done go to scratch space (compiler/spill.py), so the
         # next pass reads them back one block at a time instead of finding the model resident
         spill = None if quantize else Spill("--pass quant.awq")
@@ -210,7 +211,8 @@ class QuantAWQ(QuantPass):
                 self._block(sites, s, quantize, stats)
                 if spill is not None:
                     spill_tree(ir.blocks[bi], spill)
-            page_out_weights()  # the block's checkpoint pages: copied, folded or quantized by now
+            # the block's codes to scratch space, its checkpoint pages let go: it is done
+            spill_codes(ir.blocks[bi], codes_file)
             done.add(bi)
             x = x_next
         if quantize:

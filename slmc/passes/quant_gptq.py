@@ -42,7 +42,7 @@ from ..compiler.calib import Site, gram, run_block
 from ..compiler.ir import Model, QuantWeight
 from ..compiler.pass_manager import PassResult, register
 from ..compiler.quant import QuantScheme, group_params, quantize_codes
-from ..compiler.spill import page_out_weights
+from ..compiler.spill import Spill, spill_codes
 from ..errors import SlmcError
 from ._options import CalibOptions, QuantOptions
 from ._quant import QuantPass, head_scheme, quantize_ends, set_act_bits
@@ -182,6 +182,7 @@ class QuantGPTQ(QuantPass):
                  and not isinstance(ir.embed, QuantWeight))
         n = quantize_ends(ir, o, "rtn", head=False)
         memo: dict[int, tuple] = {}
+        codes_file = Spill(f"--pass {self.name}")  # each finished block's codes (issue 17)
         x = reference.embed(ir, ids)
         done: set[int] = set()
         for d in range(ir.n_layers):
@@ -189,7 +190,8 @@ class QuantGPTQ(QuantPass):
             hook = (lambda site: None) if bi in done else (lambda site: self._site(site, s, memo))
             x = run_block(ir.blocks[bi], x, hook)
             done.add(bi)
-            page_out_weights()  # the block's checkpoint pages: its weights are codes now
+            # the block's codes to scratch space, its checkpoint pages let go: it is done
+            spill_codes(ir.blocks[bi], codes_file)
         n += len(memo) + self._head(ir, x)
         if share and isinstance(ir.lm_head.weight, QuantWeight):  # one table again: the head's codes
             w = ir.lm_head.weight

@@ -16,6 +16,7 @@ from __future__ import annotations
 from ..compiler.ir import Model, QuantWeight, block_linears
 from ..compiler.pass_manager import PassResult, register
 from ..compiler.quant import rtn
+from ..compiler.spill import Spill, page_out_weights
 from ._options import QuantOptions
 from ._quant import QuantPass, quantize_ends, set_act_bits
 
@@ -28,13 +29,18 @@ class QuantRTN(QuantPass):
     def run(self, ir: Model) -> PassResult:
         o, s = self.options, self.scheme(ir)
         done: dict[int, QuantWeight] = {}
+        # each weight's codes go to scratch space as they are made and its float pages are let
+        # go: at 1B the one-code-per-byte tables alone are 1.2 GB (issue 17)
+        codes_file = Spill(f"--pass {self.name}")
         for path, lin in block_linears(ir):
             if isinstance(lin.weight, QuantWeight):
                 continue
             key = id(lin.weight)
             if key not in done:  # a weight shared by several depths is quantized once
                 done[key] = rtn(lin.weight.float(), s)
+                codes_file.quant(done[key])
+                page_out_weights()
             lin.weight = done[key]
-        n = len(done) + quantize_ends(ir, o, "rtn")
+        n = len(done) + quantize_ends(ir, o, "rtn", spill=codes_file)
         set_act_bits(ir, o, "--pass quant.rtn")
         return PassResult(ir, n > 0, {"quantized": n, "scheme": f"{'s' if o.symmetric else 'a'}int{o.bits}g{o.group_size}"})
