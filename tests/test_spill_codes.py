@@ -96,3 +96,20 @@ def test_artifact_bytes_do_not_depend_on_where_the_codes_live(tiny_llama_dir, tm
     ma, mb = (stable_manifest(json.loads((o / "manifest.json").read_text())) for o in outs)
     assert ma == mb
     assert not sorted(k for k in da if da[k] != db[k] and not k.startswith("manifest")), "files differ"
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_of_a_big_table_in_row_chunks_is_exact(monkeypatch, symmetric):
+    """A table wider than RTN_CHUNK's rows goes in row chunks written into one table: the same
+    codes, scales and zeros as in one piece (rows are independent), for a chunk that does not
+    divide the rows too."""
+    from slmc.compiler import quant
+
+    w = torch.randn(203, 64, dtype=torch.bfloat16) * 3
+    s = quant.QuantScheme(bits=4, group_size=32, symmetric=symmetric)
+    whole = quant.rtn(w, s)
+    monkeypatch.setattr(quant, "RTN_CHUNK", 64 * 10)  # 10 rows at a time, the last chunk 3 rows
+    chunked = quant.rtn(w, s)
+    for f in TABLES:
+        a, b = getattr(whole, f), getattr(chunked, f)
+        assert (a is None) == (b is None) and (a is None or (a.dtype == b.dtype and torch.equal(a, b))), f

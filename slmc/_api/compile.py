@@ -14,6 +14,7 @@ from pathlib import Path
 from .. import __version__
 from ..compiler.ir import (Model, QuantWeight, dequant_cache, drop_dequant_caches, named_weights, param_count,
                            read_through, weight_bytes)
+from ..compiler.spill import trimming
 from ..errors import SlmcError
 from ..manifest import Manifest
 from ..targets import get_target
@@ -128,7 +129,10 @@ def _lower_and_write(ir, tgt, spec, out: Path, tok, step, logs, recipe, calib_fi
     from ..device.bundle import check_data
 
     drop_dequant_caches(ir)  # any a caller's own reference runs left (e.g. compile_ir after an eval)
-    with read_through():
+    # trimming(weights=True): the file pages it reads (checkpoint floats, quantized tables in
+    # scratch space) are let go as it goes; each forward reads the whole model (issue 17: 1.4 GB
+    # of a 1B model's codes were resident by this step's end)
+    with read_through(), trimming(0.25, weights=True):
         ref = check_data(ir, None, tok)
     t0 = time.time()
     gc.collect()  # what the passes replaced (e.g. unfused projections) goes before lowering copies the rest

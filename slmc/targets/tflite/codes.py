@@ -48,7 +48,7 @@ import torch
 
 from ...compiler.ir import Model, QuantWeight, named_weights
 from ...errors import SlmcError
-from ..base import scratch_file
+from ..base import page_out_weights, scratch_file
 
 _ALIGN = 16
 
@@ -443,6 +443,7 @@ def _write_packed(mt, raw: list, f, write=None) -> None:
                 f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
                 n += part.nbytes
             assert n == r.nbytes, "a deferred buffer's size changed"
+            page_out_weights()  # the codes' pages read to make it (they may be a mapped scratch file)
         else:
             write(f, r) if write else f.write(memoryview(r).cast("B"))
         at = start + r.nbytes

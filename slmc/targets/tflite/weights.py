@@ -99,6 +99,7 @@ def quant_groups(model: Model, lm: nn.Module, weights: list[tuple[str, torch.Ten
                  for t in (w.codes, w.scales.float(), None if w.zeros is None else w.zeros.float())))
         out[i] = alike.setdefault(key, [])
         out[i].append((path, w))
+        page_out_weights()  # the digest read every code: a model's tables are not all resident at once
     return out
 
 
