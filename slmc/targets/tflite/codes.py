@@ -150,6 +150,19 @@ class _Writer:
         return o
 
 
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch.equal a part at a time, each part's pages let go (two 128k-row code tables in a
+    scratch file would otherwise both be resident: +0.5 GB at Llama-3.2-1B)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    for lo in range(0, fa.numel(), _PART):
+        if not torch.equal(fa[lo:lo + _PART], fb[lo:lo + _PART]):
+            return False
+        page_out_weights()
+    return True
+
+
 class _Stored:
     """One QuantWeight's model-level buffers (shared by every subgraph that reads it), each
     made on first use."""
@@ -159,7 +172,7 @@ class _Stored:
         self.wr, self.path, self.w = wr, path, w
         for p, o in entries[1:]:  # e.g. an embedding and a head quantized alike from one tied table
             same = (o.bits, o.group_size, o.symmetric) == (w.bits, w.group_size, w.symmetric) and \
-                torch.equal(o.codes, w.codes) and torch.equal(o.scales.float(), w.scales.float()) and \
+                _equal(o.codes, w.codes) and torch.equal(o.scales.float(), w.scales.float()) and \
                 (o.zeros is None) == (w.zeros is None) and (o.zeros is None or torch.equal(o.zeros, w.zeros))
             if not same:
                 raise SlmcError(f"{p} and {path} have one float image but different codes; "
@@ -377,6 +390,7 @@ def put_codes(mt, raw: list, groups: dict[int, list[tuple[str, QuantWeight]]]) -
     for bi, e in groups.items():
         if id(e) not in shared:
             shared[id(e)] = _Stored(wr, e)
+            page_out_weights()  # the tables it read (scales; a tied pair's codes, compared)
         stored[bi] = shared[id(e)]
     for sg in mt.subgraphs:
         _rewrite_subgraph(wr, mt, sg, stored)
