@@ -55,7 +55,8 @@ def write_random_checkpoint(config: dict, folder: Path, seed: int = 0, fp32: boo
     import transformers
 
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = dict(config)
+    cfg = json.loads(json.dumps(config))  # a deep copy: transformers adds rope_theta into rope_scaling in place,
+    # and the config.json written below must equal the published one for model_folder to reuse it
     conf = transformers.AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items()
                                                                         if k != "architectures"})
     with torch.device("meta"):
