@@ -127,7 +127,11 @@ def pairs_swapped(w: QuantWeight) -> QuantWeight:
     """w with columns 2i and 2i+1 exchanged: the same groups, so the same scales and zeros."""
     rows, cols = w.shape
     codes = w.codes.reshape(rows, cols // 2, 2).flip(-1).reshape(rows, cols)
-    return dataclasses.replace(w, codes=codes)
+    out = dataclasses.replace(w, codes=codes)
+    # a new table (a 128k-row vocabulary's: 262 MiB) held through the whole lowering: it goes
+    # to scratch space like the pass-made codes (spill.Spill.quant), not the heap
+    _spill.Spill("lowering: swapped embedding codes").quant(out)
+    return out
 
 
 class PairSwappedEmbedding(LEmbedding):
