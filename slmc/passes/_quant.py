@@ -32,16 +32,16 @@ def quantize_ends(ir: Model, opts: QuantOptions, algorithm: str, head: bool = Tr
             ir.lm_head = Linear(ir.embed)
         if head and not isinstance(ir.lm_head.weight, QuantWeight):
             ir.lm_head.weight = rtn(ir.lm_head.weight.data, head_scheme(ir, opts), algorithm)
-            n += _spilled(ir.lm_head.weight, spill)
+            n += spilled(ir.lm_head.weight, spill)
     if opts.embed_bits and not isinstance(ir.embed, QuantWeight):
         s = ends_scheme(opts, opts.embed_bits)
         s.check(ir.hidden_size, "--pass quant:embed_bits")
         ir.embed = rtn(ir.embed.data, s, algorithm)  # .data: no whole fp32 copy of a bf16 table
-        n += _spilled(ir.embed, spill)
+        n += spilled(ir.embed, spill)
     return n
 
 
-def _spilled(q: QuantWeight, spill: Spill | None) -> int:
+def spilled(q: QuantWeight, spill: Spill | None) -> int:
     """1, after moving q's tables to `spill` (if any) and letting the float table's pages go."""
     if spill is not None:
         spill.quant(q)

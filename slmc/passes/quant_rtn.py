@@ -16,9 +16,9 @@ from __future__ import annotations
 from ..compiler.ir import Model, QuantWeight, block_linears
 from ..compiler.pass_manager import PassResult, register
 from ..compiler.quant import rtn
-from ..compiler.spill import Spill, page_out_weights
+from ..compiler.spill import Spill
 from ._options import QuantOptions
-from ._quant import QuantPass, quantize_ends, set_act_bits
+from ._quant import QuantPass, quantize_ends, set_act_bits, spilled
 
 
 @register
@@ -38,8 +38,7 @@ class QuantRTN(QuantPass):
             key = id(lin.weight)
             if key not in done:  # a weight shared by several depths is quantized once
                 done[key] = rtn(lin.weight.float(), s)
-                codes_file.quant(done[key])
-                page_out_weights()
+                spilled(done[key], codes_file)
             lin.weight = done[key]
         n = len(done) + quantize_ends(ir, o, "rtn", spill=codes_file)
         set_act_bits(ir, o, "--pass quant.rtn")
