@@ -146,10 +146,17 @@ def carry_samples(ids: torch.Tensor, model: Model) -> int:
 def _draw(model: Model, n_seqs: int, seq_len: int, seed: int, temperature: float, first: str) -> torch.Tensor:
     """first="random": a seeded random vocabulary token; "bos": the model's BOS token."""
     from .lowering.module import LoweredLM
-    from .spill import page_out_weights
+    from .spill import page_out_weights, streaming_pages
 
     lm = LoweredLM(_float_view(model, seq_len)).eval()
     page_out_weights()  # the module holds its own copies; the checkpoint's pages can go
+    # each block's and the head's fp32 pages go again once it has run (its Parameters are mapped
+    # from a scratch file, layers.py): a step holds one block and the head, not the whole model
+    with streaming_pages([*lm.blocks, lm.head]):
+        return _sample(lm, model, n_seqs, seq_len, seed, temperature, first)
+
+
+def _sample(lm, model: Model, n_seqs: int, seq_len: int, seed: int, temperature: float, first: str) -> torch.Tensor:
     caches = {n: b for n, b in lm.named_buffers() if "_cache_" in n}
     step = torch.func.vmap(lambda tok, c, pos: torch.func.functional_call(lm, c, (tok, pos)),
                            in_dims=(0, 0, None))
