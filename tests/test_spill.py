@@ -239,3 +239,41 @@ def test_trimming_returns_heap_or_weight_pages_while_it_runs(monkeypatch, weight
     time.sleep(0.05)
     assert calls == done  # stopped with the block
     assert (done["page_out"] > 0, done["trim"] > 0) == (weights, not weights)
+
+
+@pytest.mark.parametrize("src,dst", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
+                                     (torch.float16, torch.float32)])
+def test_converted_goes_to_the_file_in_pieces_and_is_exact(src, dst, monkeypatch):
+    """Spill.converted writes t.float().to(dtype) a chunk at a time (here 7 elements, not a
+    divisor of the size) and maps it back: the same values as the one-piece conversion."""
+    t = (torch.randn(37, 53) * 3).to(src)
+    sp = Spill("test")
+    out = sp.converted(t, dst, chunk=7)
+    assert out.dtype == dst and out.shape == t.shape and spill_mod.file_backed(out)
+    assert torch.equal(out, t.float().to(dst))
+    assert sp.nbytes == t.numel() * out.element_size()
+    t2 = t.clone()
+    t2.view(-1)[-1] += 1  # control: a change in the last piece shows
+    assert not torch.equal(sp.converted(t2, dst, chunk=7), out)
+
+
+def test_lowering_converts_a_bf16_checkpoint_into_scratch_space(tiny_llama_dir, monkeypatch):
+    """A bf16 weight's fp32 Parameter is converted into the scratch file in pieces (Llama-3.2-1B:
+    the tied table's fp32 copy was 1 GB of heap beside its bf16 source) and equals w.float()."""
+    from slmc.compiler.ir import named_weights
+    from slmc.compiler.lowering.module import LoweredLM
+
+    monkeypatch.setattr(spill_mod, "MIN_BYTES", 4096)
+    m = import_hf(tiny_llama_dir)
+    bf = [w for _, w in named_weights(m) if isinstance(w, Weight) and w.nbytes() >= 4096]
+    for w in bf:  # the checkpoint as published: bf16
+        w._data, w._loader, w.dtype = w.data.to(torch.bfloat16), None, "bfloat16"
+    seen = []
+    real = Spill.converted
+    monkeypatch.setattr(Spill, "converted", lambda self, t, dtype, chunk=1 << 22: seen.append(t.dtype) or
+                        real(self, t, dtype, chunk=64))
+    mod = LoweredLM(m).eval()
+    assert seen and set(seen) == {torch.bfloat16}
+    for w in bf:
+        p = mod.ir_params[id(w)]
+        assert spill_mod.file_backed(p) and p.dtype == torch.float32 and torch.equal(p, w.float())

@@ -48,6 +48,19 @@ class _Params:
             self.spill = _spill.Spill("lowering")
         return self.spill.mapped(t)
 
+    def _float(self, w) -> torch.Tensor:
+        """`w` in the module's float dtype, contiguous (serializers read a constant's storage in
+        memory order, see quantized.py) and, when big, mapped from a scratch file. A checkpoint
+        tensor in another dtype is converted into the file in pieces, never whole on the heap."""
+        if isinstance(w, Weight):
+            t = w.data
+            big = t.numel() * torch.empty((), dtype=self.dtype).element_size() >= _spill.MIN_BYTES
+            if t.dtype != self.dtype and big:
+                if self.spill is None:
+                    self.spill = _spill.Spill("lowering")
+                return self.spill.converted(t, self.dtype)
+        return self._file_backed(w.float().to(self.dtype).contiguous())
+
     def __call__(self, w) -> nn.Parameter:
         if w is None:
             return None
@@ -61,8 +74,7 @@ class _Params:
                 # never read (its pages are never touched, so they take no memory)
                 p = nn.Parameter(torch.empty(tuple(w.shape), dtype=self.dtype), requires_grad=False)
             else:
-                # contiguous: serializers read a constant's storage in memory order (see quantized.py)
-                p = nn.Parameter(self._file_backed(w.float().to(self.dtype).contiguous()), requires_grad=False)
+                p = nn.Parameter(self._float(w), requires_grad=False)
             if isinstance(w, Weight) and w.loaded and p.data_ptr() != w.data.data_ptr():
                 # the Parameter is a copy (converted, or mapped from a scratch file): the IR's
                 # own copy goes if it can be read again, else the IR shares the mapped one
