@@ -31,13 +31,20 @@ def quantize_ends(ir: Model, opts: QuantOptions, algorithm: str, head: bool = Tr
         if ir.lm_head is None:
             ir.lm_head = Linear(ir.embed)
         if head and not isinstance(ir.lm_head.weight, QuantWeight):
-            ir.lm_head.weight = rtn(ir.lm_head.weight.data, head_scheme(ir, opts), algorithm)
+            old = ir.lm_head.weight
+            ir.lm_head.weight = rtn(old.data, head_scheme(ir, opts), algorithm)
             n += spilled(ir.lm_head.weight, spill)
+            if ir.embed is not old:  # a tied table is read once more, for the embedding, below
+                old.release()
     if opts.embed_bits and not isinstance(ir.embed, QuantWeight):
         s = ends_scheme(opts, opts.embed_bits)
         s.check(ir.hidden_size, "--pass quant:embed_bits")
-        ir.embed = rtn(ir.embed.data, s, algorithm)  # .data: no whole fp32 copy of a bf16 table
+        old = ir.embed
+        ir.embed = rtn(old.data, s, algorithm)  # .data: no whole fp32 copy of a bf16 table
         n += spilled(ir.embed, spill)
+        # a float head still holding this table (GPTQ quantizes it after the blocks) reads it again
+        # then: a 128k-row bf16 table is 0.5 GB, otherwise resident through every block
+        old.release()
     return n
 
 

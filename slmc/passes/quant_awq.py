@@ -42,7 +42,7 @@ import torch
 
 from ..compiler import reference
 from ..compiler.calib import Site, carry_samples, gram, run_block
-from ..compiler.ir import Linear, Model, QuantWeight, Weight
+from ..compiler.ir import Linear, Model, QuantWeight, Weight, read_through
 from ..compiler.pass_manager import PassResult, register
 from ..compiler.quant import QuantScheme, group_params, quantize_codes, rtn
 from ..compiler.spill import Spill, spill_codes, spill_tree
@@ -196,7 +196,8 @@ class QuantAWQ(QuantPass):
             raise SlmcError(f"n_grid must be >= 1 (got {o.n_grid})", "--pass quant.awq")
         s = self.scheme(ir)
         ids, t_calib = o.tokens(ir)
-        x = reference.embed(ir, ids)
+        with read_through():  # a float table's rows, not the table kept
+            x = reference.embed(ir, ids)
         done: set[int] = set()
         codes_file = Spill(f"--pass {self.name}")  # each finished block's codes (issue 17)
         # the folded floats of blocks already done go to scratch space (compiler/spill.py), so the

@@ -39,13 +39,14 @@ import torch
 
 from ..compiler import reference
 from ..compiler.calib import Site, gram, run_block
-from ..compiler.ir import Model, QuantWeight
+from ..compiler.ir import Model, QuantWeight, read_through
 from ..compiler.pass_manager import PassResult, register
 from ..compiler.quant import QuantScheme, group_params, quantize_codes
+from ..compiler import spill as _spill
 from ..compiler.spill import Spill, spill_codes
 from ..errors import SlmcError
 from ._options import CalibOptions, QuantOptions
-from ._quant import QuantPass, head_scheme, quantize_ends, set_act_bits
+from ._quant import QuantPass, head_scheme, quantize_ends, set_act_bits, spilled
 
 
 @dataclass(frozen=True)
@@ -101,28 +102,43 @@ def _blocks(H: torch.Tensor, g: int) -> torch.Tensor:
 
 def _hinv_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; more damping if needed."""
-    eye = torch.eye(H.shape[0])
     mean = float(H.diagonal().mean())
     for k in range(6):  # damp, then 10x more each time the factorization fails
         d = damp * 10**k if damp > 0 else (1e-6 * 10 ** (k - 1) if k else 0.0)
-        L, info = torch.linalg.cholesky_ex(H + eye * (mean * d))
+        # the damping added to the diagonal of one copy: no identity matrix and no H + eye * c
+        # temporaries (an 8192-wide down projection's H is 256 MiB; each of those was another)
+        Hd = H.clone()
+        Hd.diagonal().add_(mean * d)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inv = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if int(info) == 0:
                 return U
     raise SlmcError("the calibration Hessian is not positive definite even with heavy damping", "quant.gptq")
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, block_size: int = 128,
-         act_order: bool = False, clip: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Quantize W [rows, cols] against H [cols, cols]; returns codes, scales, zeros (or None)."""
-    W, H = W.float().clone(), H.float().clone()
+         act_order: bool = False, clip: bool = False,
+         overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Quantize W [rows, cols] against H [cols, cols]; returns codes, scales, zeros (or None).
+    overwrite: W and H are the caller's temporaries, used as the work arrays (no copies)."""
+    W0, H0 = W, H
+    W, H = W.float(), H.float()
+    if W.data_ptr() == W0.data_ptr() and not overwrite:
+        W = W.clone()
     rows, cols = W.shape
     s = s.at(cols)
     g = s.group_size
     dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    if bool(dead.any()):
+        if H.data_ptr() == H0.data_ptr() and not overwrite:
+            H = H.clone()
+        H[dead, dead] = 1.0
+        W[:, dead] = 0.0
     perm = None
     if act_order:
         # static groups: the original contiguous groups
@@ -134,7 +150,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, b
         scales = torch.zeros(rows, cols // g)
         zeros = None if s.symmetric else torch.zeros(rows, cols // g)
     U = _hinv_upper(H, damp)
-    codes = torch.zeros(rows, cols)
+    # the codes in their own dtype from the start (an fp32 table would be as big as W)
+    codes = torch.zeros(rows, cols, dtype=torch.int8 if s.symmetric else torch.uint8)
     bs = max(g, block_size // g * g)  # whole groups per lazy block
     sc = z = None
     for i1 in range(0, cols, bs):
@@ -162,7 +179,12 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, b
         W[:, i2:] -= Err @ U[i1:i2, i2:]
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    return codes.to(torch.int8 if s.symmetric else torch.uint8), scales, zeros
+    return codes, scales, zeros
+
+
+def _own_copy(t: torch.Tensor, spill: Spill) -> torch.Tensor:
+    """A copy of `t`, in scratch space when big (as Spill.quant would move it)."""
+    return spill.mapped(t) if t.nbytes >= _spill.MIN_BYTES else t.clone()
 
 
 @register
@@ -180,10 +202,11 @@ class QuantGPTQ(QuantPass):
         # what it reads (RTN there cost int8da-int4w-g32 most of its loss: bench/results/quant_split.md)
         share = (ir.lm_head is None and o.share_tied and o.head_bits == o.embed_bits > 0
                  and not isinstance(ir.embed, QuantWeight))
-        n = quantize_ends(ir, o, "rtn", head=False)
-        memo: dict[int, tuple] = {}
         codes_file = Spill(f"--pass {self.name}")  # each finished block's codes (issue 17)
-        x = reference.embed(ir, ids)
+        n = quantize_ends(ir, o, "rtn", head=False, spill=codes_file)
+        memo: dict[int, tuple] = {}
+        with read_through():  # a float table's rows, not the table kept
+            x = reference.embed(ir, ids)
         done: set[int] = set()
         for d in range(ir.n_layers):
             bi = ir.layers[d]
@@ -192,10 +215,11 @@ class QuantGPTQ(QuantPass):
             done.add(bi)
             # the block's codes to scratch space, its checkpoint pages let go: it is done
             spill_codes(ir.blocks[bi], codes_file)
-        n += len(memo) + self._head(ir, x)
+        n += len(memo) + self._head(ir, x, codes_file)
         if share and isinstance(ir.lm_head.weight, QuantWeight):  # one table again: the head's codes
             w = ir.lm_head.weight
-            ir.embed = QuantWeight(codes=w.codes.clone(), scales=w.scales.clone(), bits=w.bits,
+            # a copy of its own in scratch space (not a heap clone: 262 MiB at a 128k vocabulary)
+            ir.embed = QuantWeight(codes=_own_copy(w.codes, codes_file), scales=w.scales.clone(), bits=w.bits,
                                    zeros=w.zeros.clone() if w.zeros is not None else None,
                                    group_size=w.group_size, symmetric=w.symmetric, algorithm="gptq")
         set_act_bits(ir, o, "--pass quant.gptq")
@@ -204,22 +228,32 @@ class QuantGPTQ(QuantPass):
             "calibration": o.describe(),
             "calibration_seconds": round(t_calib, 2)})
 
-    def _head(self, ir: Model, x: torch.Tensor) -> int:
+    def _head(self, ir: Model, x: torch.Tensor, codes_file: Spill) -> int:
         """GPTQ for a head still float at head_bits, against the final norm's output; in chunks of
-        rows (independent in GPTQ), so a 128k-row vocabulary never makes a whole-table temporary."""
+        rows (independent in GPTQ), each written into one table (no list of parts plus their cat:
+        a 128k-row vocabulary's codes are 262 MiB), which then goes to scratch space."""
         o, lin = self.options, ir.lm_head
         if not o.head_bits or lin is None or isinstance(lin.weight, QuantWeight):
             return 0
         s = head_scheme(ir, o)
         H = 2 * gram(reference.rms_norm(x, ir.final_norm))
-        W = lin.weight.data  # each chunk is made fp32 in gptq(), not the whole table at once
-        parts = [gptq(W[r:r + HEAD_ROWS], H, s, o.damp, o.block_size, o.act_order, o.clip)
-                 for r in range(0, W.shape[0], HEAD_ROWS)]
-        codes, scales = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        zeros = torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None
+        old = lin.weight
+        W = old.data  # each chunk is made fp32 in gptq(), not the whole table at once
+        rows, cols = W.shape
+        g = s.at(cols).group_size
+        codes = torch.empty(rows, cols, dtype=torch.int8 if s.symmetric else torch.uint8)
+        scales = torch.empty(rows, cols // g)
+        zeros = None if s.symmetric else torch.empty(rows, cols // g)
+        for r in range(0, rows, HEAD_ROWS):
+            c, sc, z = gptq(W[r:r + HEAD_ROWS], H, s, o.damp, o.block_size, o.act_order, o.clip)
+            codes[r:r + len(c)], scales[r:r + len(c)] = c, sc
+            if zeros is not None:
+                zeros[r:r + len(c)] = z
+        del W
+        old.release()  # the float table, if it can be read again
         lin.weight = QuantWeight(codes=codes, scales=scales, zeros=zeros, bits=s.bits,
-                                 group_size=s.at(W.shape[1]).group_size, symmetric=s.symmetric, algorithm="gptq")
-        return 1
+                                 group_size=g, symmetric=s.symmetric, algorithm="gptq")
+        return spilled(lin.weight, codes_file)
 
     def _site(self, site: Site, s: QuantScheme, memo: dict[int, tuple]) -> None:
         todo = {}  # one weight object under several linears is quantized once
@@ -230,7 +264,7 @@ class QuantGPTQ(QuantPass):
             o = self.options
             H = 2 * gram(site.x)
             codes, scales, zeros = gptq(torch.cat([w.float() for w in todo.values()]), H, s, o.damp,
-                                        o.block_size, o.act_order, o.clip)
+                                        o.block_size, o.act_order, o.clip, overwrite=True)
             r = 0
             for key, w in todo.items():
                 k = w.shape[0]
