@@ -278,5 +278,5 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
     for i in range(0, x.shape[0], 4096):
         xc = x[i:i + 4096]
-        h += (xc.T @ xc).double()
-    return (h / max(1, x.shape[0])).float()
+        h.add_(xc.T @ xc)  # promoted element by element: no fp64 temporary of the whole product
+    return h.div_(max(1, x.shape[0])).float()

@@ -236,7 +236,7 @@ class QuantGPTQ(QuantPass):
         if not o.head_bits or lin is None or isinstance(lin.weight, QuantWeight):
             return 0
         s = head_scheme(ir, o)
-        H = 2 * gram(reference.rms_norm(x, ir.final_norm))
+        H = gram(reference.rms_norm(x, ir.final_norm)).mul_(2)  # in place: no second copy
         old = lin.weight
         W = old.data  # each chunk is made fp32 in gptq(), not the whole table at once
         rows, cols = W.shape
@@ -262,7 +262,7 @@ class QuantGPTQ(QuantPass):
                 todo.setdefault(id(lin.weight), lin.weight)
         if todo:
             o = self.options
-            H = 2 * gram(site.x)
+            H = gram(site.x).mul_(2)
             codes, scales, zeros = gptq(torch.cat([w.float() for w in todo.values()]), H, s, o.damp,
                                         o.block_size, o.act_order, o.clip, overwrite=True)
             r = 0
