@@ -2,6 +2,7 @@
 block's file-mapped pages go once it has run, so the step holds one block, not the model
 (issue 17: Llama-3.2-1B's calibrated compile held 4.7 GB of fp32 while it sampled)."""
 
+import contextlib
 import sys
 
 import pytest
@@ -48,6 +49,7 @@ def test_heap_tensors_are_never_let_go():
 
 def test_streaming_sampling_draws_the_same_tokens_and_lets_pages_go(tiny_llama_dir, monkeypatch):
     monkeypatch.setattr(spill_mod, "MIN_BYTES", 4096)  # the tiny model's matrices are mapped and streamed
+    monkeypatch.setattr(calib, "HEAD_ROWS", 100)  # the head in several row blocks, the last one short
     m = import_hf(tiny_llama_dir)
     calls = []
 
@@ -57,10 +59,12 @@ def test_streaming_sampling_draws_the_same_tokens_and_lets_pages_go(tiny_llama_d
 
     monkeypatch.setattr(spill_mod, "let_go", counting)
     streamed = calib._draw(m, 3, 12, seed=5, temperature=1.0, first="random")
-    n_steps = 11
-    assert len(calls) == n_steps * (m.n_layers + 1)  # every block and the head, every step
+    n_steps, head_blocks = 11, -(-m.vocab_size // 100)
+    assert head_blocks > 1 and m.vocab_size % 100
+    # every block and the head after they ran, and the head's row blocks as it runs, every step
+    assert len(calls) == n_steps * (m.n_layers + 1 + head_blocks)
     assert min(calls) > 0  # each let go of some pages
-    monkeypatch.setattr(spill_mod, "streaming_pages", lambda mods: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(calib, "_streamed", lambda lm: contextlib.nullcontext())
     calls.clear()
     plain = calib._draw(m, 3, 12, seed=5, temperature=1.0, first="random")
     assert not calls

@@ -26,6 +26,7 @@ there, so later stages see the quantized earlier ones; AWQ records them).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -146,14 +147,58 @@ def carry_samples(ids: torch.Tensor, model: Model) -> int:
 def _draw(model: Model, n_seqs: int, seq_len: int, seed: int, temperature: float, first: str) -> torch.Tensor:
     """first="random": a seeded random vocabulary token; "bos": the model's BOS token."""
     from .lowering.module import LoweredLM
-    from .spill import page_out_weights, streaming_pages
+    from .spill import page_out_weights
 
     lm = LoweredLM(_float_view(model, seq_len)).eval()
     page_out_weights()  # the module holds its own copies; the checkpoint's pages can go
-    # each block's and the head's fp32 pages go again once it has run (its Parameters are mapped
-    # from a scratch file, layers.py): a step holds one block and the head, not the whole model
-    with streaming_pages([*lm.blocks, lm.head]):
+    with _streamed(lm):
         return _sample(lm, model, n_seqs, seq_len, seed, temperature, first)
+
+
+HEAD_ROWS = 8192  # output rows of the head per matmul while sampling
+
+
+class _RowsStreamedHead(torch.nn.Module):
+    """The head's matmul HEAD_ROWS output rows at a time, each block's file pages let go after
+    it (spill.let_go): Llama-3.2-1B's fp32 128k-row table is 1 GB, resident whole for one
+    F.linear. Each logit is the same dot product; bit-equal samples are tested."""
+
+    def __init__(self, head, rows: int):
+        super().__init__()
+        from . import spill
+
+        self.head = head
+        W = head.weight
+        self.parts = [(r, min(r + rows, W.shape[0]), spill.file_ranges([W[r:r + rows]]))
+                      for r in range(0, W.shape[0], rows)]
+
+    def forward(self, x):
+        from . import spill
+
+        W, b = self.head.weight, self.head.bias
+        out = []
+        for r0, r1, ranges in self.parts:
+            out.append(torch.nn.functional.linear(x, W[r0:r1], None if b is None else b[r0:r1]))
+            spill.let_go(ranges)
+        return torch.cat(out, -1)
+
+
+@contextlib.contextmanager
+def _streamed(lm):
+    """Within: sampling reads `lm`'s weights a piece at a time. Each block's fp32 pages go once
+    it has run (its Parameters are mapped from a scratch file, lowering/layers.py), and the head
+    (when it is a plain linear) a block of rows at a time: a step holds one block, not the model."""
+    from .lowering.layers import LLinear
+    from .spill import streaming_pages
+
+    head = lm.head
+    if type(head) is LLinear:
+        lm.head = _RowsStreamedHead(head, HEAD_ROWS)
+    try:
+        with streaming_pages([*lm.blocks, lm.head]):
+            yield
+    finally:
+        lm.head = head
 
 
 def _sample(lm, model: Model, n_seqs: int, seq_len: int, seed: int, temperature: float, first: str) -> torch.Tensor:
