@@ -307,6 +307,7 @@ def run_block(b, x: torch.Tensor, hook: Callable[[Site], None], chunk_tokens: in
     for m in mlps:  # MoE experts see every token here, not only the ones routed to them
         g, u = gate_up(m, n2)
         d_in = activation(m.act, g) * u
+        del g, u  # two [tokens, intermediate] tensors not held while the hook works (GPTQ's Hessian)
         hook(Site("down", [m.down], _flat(d_in), rows=_up_rows(m)))
         if isinstance(f, MLP):
             h = linear(d_in, m.down)
@@ -323,5 +324,8 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
     for i in range(0, x.shape[0], 4096):
         xc = x[i:i + 4096]
-        h.add_(xc.T @ xc)  # promoted element by element: no fp64 temporary of the whole product
+        p = xc.T @ xc
+        for r in range(0, len(p), 512):  # promoted a block of rows at a time: add_ makes an fp64
+            h[r:r + 512].add_(p[r:r + 512])  # temporary of its fp32 operand (512 MiB at 8192 wide)
+        del p
     return h.div_(max(1, x.shape[0])).float()
