@@ -277,3 +277,35 @@ def test_lowering_converts_a_bf16_checkpoint_into_scratch_space(tiny_llama_dir, 
     for w in bf:
         p = mod.ir_params[id(w)]
         assert spill_mod.file_backed(p) and p.dtype == torch.float32 and torch.equal(p, w.float())
+
+
+def test_gptq_lets_an_inline_hessian_go_before_factoring_it(monkeypatch):
+    """gptq(..., overwrite=True) with H passed inline: after act-order's permuted copy the
+    caller's H is gone (an 8192-wide H is 256 MiB), so the factorization never holds both."""
+    import gc
+    import weakref
+
+    from slmc.passes import quant_gptq as q
+
+    refs, alive = [], []
+    real = q._hinv_upper
+
+    def spy(H, damp):
+        gc.collect()
+        alive.append(refs[-1]() is not None)
+        return real(H, damp)
+
+    monkeypatch.setattr(q, "_hinv_upper", spy)
+
+    def hessian():
+        x = torch.randn(300, 128)
+        h = x.T @ x / 300
+        refs.append(weakref.ref(h))
+        return h
+
+    s = QuantScheme(bits=4, group_size=32, symmetric=True)
+    W = torch.randn(64, 128)
+    q.gptq(W.clone(), hessian(), s, act_order=True, overwrite=True)
+    held = hessian()  # control: a caller that keeps its H keeps it alive
+    q.gptq(W.clone(), held, s, act_order=True, overwrite=True)
+    assert alive == [False, True]

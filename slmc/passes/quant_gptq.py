@@ -137,17 +137,19 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, b
          act_order: bool = False, clip: bool = False,
          overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize W [rows, cols] against H [cols, cols]; returns codes, scales, zeros (or None).
-    overwrite: W and H are the caller's temporaries, used as the work arrays (no copies)."""
-    W0, H0 = W, H
+    overwrite: W and H are the caller's temporaries, used as the work arrays (no copies); pass
+    them inline, holding no reference, and H's permuted copy replaces it (an 8192-wide H is
+    256 MiB: the caller's, the permuted one, the damped one and a factor were 1 GiB at once)."""
+    own_w, own_h = overwrite or W.dtype != torch.float32, overwrite or H.dtype != torch.float32
     W, H = W.float(), H.float()
-    if W.data_ptr() == W0.data_ptr() and not overwrite:
+    if not own_w:
         W = W.clone()
     rows, cols = W.shape
     s = s.at(cols)
     g = s.group_size
     dead = H.diagonal() == 0
     if bool(dead.any()):
-        if H.data_ptr() == H0.data_ptr() and not overwrite:
+        if not own_h:
             H = H.clone()
         H[dead, dead] = 1.0
         W[:, dead] = 0.0
@@ -156,7 +158,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, b
         # static groups: the original contiguous groups
         scales, zeros = clipped_params(W, _blocks(H, g), s) if clip else group_params(W, s)
         perm = torch.argsort(H.diagonal(), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W = W[:, perm]
+        H = H[perm]  # in two steps, each rebinding H: the copy before it goes if no one else holds it
+        H = H[:, perm]
         group_of = (perm // g).tolist()
     else:
         scales = torch.zeros(rows, cols // g)
@@ -274,9 +278,9 @@ class QuantGPTQ(QuantPass):
                 todo.setdefault(id(lin.weight), lin.weight)
         if todo:
             o = self.options
-            H = gram(site.x).mul_(2)
-            codes, scales, zeros = gptq(torch.cat([w.float() for w in todo.values()]), H, s, o.damp,
-                                        o.block_size, o.act_order, o.clip, overwrite=True)
+            # W and H inline, no name holding them: gptq's work arrays, freed as it replaces them
+            codes, scales, zeros = gptq(torch.cat([w.float() for w in todo.values()]), gram(site.x).mul_(2), s,
+                                        o.damp, o.block_size, o.act_order, o.clip, overwrite=True)
             r = 0
             for key, w in todo.items():
                 k = w.shape[0]
