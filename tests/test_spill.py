@@ -309,3 +309,18 @@ def test_gptq_lets_an_inline_hessian_go_before_factoring_it(monkeypatch):
     held = hessian()  # control: a caller that keeps its H keeps it alive
     q.gptq(W.clone(), held, s, act_order=True, overwrite=True)
     assert alive == [False, True]
+
+
+def test_gram_of_one_chunk_needs_no_fp64_matrix_and_is_the_same():
+    """calib.gram below GRAM_TOKENS builds the result 512 rows at a time: the same fp64 sum,
+    division and rounding per element as the chunked path, signs of zero included."""
+    from slmc.compiler import calib
+
+    x = torch.randn(300, 1100)
+    x[:150, 7] = -0.0
+    p = x.T @ x
+    want = (torch.zeros(p.shape, dtype=torch.float64) + p.double()).div(300).float()
+    got = calib.gram(x)
+    assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))
+    x[0, 0] += 1  # control
+    assert not torch.equal(calib.gram(x), want)

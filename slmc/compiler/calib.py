@@ -318,12 +318,28 @@ def run_block(b, x: torch.Tensor, hook: Callable[[Site], None], chunk_tokens: in
     return x + h
 
 
+GRAM_TOKENS = 4096  # tokens per fp32 product in gram()
+
+
+def _gram_one_chunk(x: torch.Tensor) -> torch.Tensor:
+    """gram() of at most GRAM_TOKENS tokens, the same operations on each element (0 + p in fp64,
+    / n, to fp32) 512 rows at a time: an 8192-wide fp64 sum would be 512 MiB."""
+    p = x.T @ x
+    out = torch.empty_like(p)
+    for r in range(0, len(p), 512):
+        blk = torch.zeros(p[r:r + 512].shape, dtype=torch.float64)
+        out[r:r + 512] = blk.add_(p[r:r + 512]).div_(max(1, x.shape[0])).float()
+    return out
+
+
 def gram(x: torch.Tensor) -> torch.Tensor:
     """X^T X / n of a stage input [tokens, in] (fp32 chunks summed in fp64, fp32 result)."""
     x = x.reshape(-1, x.shape[-1]).float()
+    if x.shape[0] <= GRAM_TOKENS:  # one chunk (the default 16 x 256 tokens): no fp64 matrix at all
+        return _gram_one_chunk(x)
     h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-    for i in range(0, x.shape[0], 4096):
-        xc = x[i:i + 4096]
+    for i in range(0, x.shape[0], GRAM_TOKENS):
+        xc = x[i:i + GRAM_TOKENS]
         p = xc.T @ xc
         for r in range(0, len(p), 512):  # promoted a block of rows at a time: add_ makes an fp64
             h[r:r + 512].add_(p[r:r + 512])  # temporary of its fp32 operand (512 MiB at 8192 wide)
