@@ -56,6 +56,23 @@ def register_spill_file(fd: int) -> None:
     _SPILL_FILES.add((f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", str(st.st_ino)))
 
 
+def _madvise():
+    """libc's madvise(addr, length, advice), or None where there is no libc to load."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
+
+
+def _file_spans() -> list[tuple[int, int]]:
+    """(start, end) of every mapping of a file (inode not 0) in this process."""
+    return [tuple(int(x, 16) for x in m[0].split("-")) for m in _mappings() if len(m) >= 6 and m[4] != "0"]
+
+
 def page_out_weights() -> None:
     """Let go of the resident pages of the checkpoint's memory-mapped weight files and of the
     spill files (the lowering's Parameters are mapped from one). Reading a mapped file (the
@@ -63,21 +80,18 @@ def page_out_weights() -> None:
     process's RSS for as long as the file stays mapped, beside the copies made from them. MADV_PAGEOUT drops clean pages (re-read from the file if used again) and
     never loses a page written in place (it is swapped or kept); where the call is missing
     (not Linux, older kernels) nothing happens."""
-    import ctypes
     import sys
 
     if not sys.platform.startswith("linux"):
         return
     maps = _mappings()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
+    madvise = _madvise()
+    if madvise is None:
         return
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     for m in maps:
         if len(m) >= 6 and m[-1].endswith(WEIGHT_FILES) or len(m) >= 5 and (m[3], m[4]) in _SPILL_FILES:
             lo, hi = (int(x, 16) for x in m[0].split("-"))
-            libc.madvise(lo, hi - lo, MADV_PAGEOUT)
+            madvise(lo, hi - lo, MADV_PAGEOUT)
     # glibc keeps freed heap memory (the transient copies of weights a lowering makes) for
     # reuse instead of returning it to the system
     trim_heap()
@@ -89,11 +103,7 @@ MADV_DONTNEED = 4  # drop these pages from this process; a file page stays in th
 def file_ranges(tensors) -> list[tuple[int, int]]:
     """The whole pages inside each tensor of `tensors` that is a mapped file (a checkpoint, a
     spill); heap tensors are left out, so `let_go` can never drop data that lives nowhere else."""
-    spans = []
-    for m in _mappings():
-        if len(m) >= 6 and m[4] != "0":
-            spans.append(tuple(int(x, 16) for x in m[0].split("-")))
-    page, out = mmap.PAGESIZE, []
+    spans, page, out = _file_spans(), mmap.PAGESIZE, []
     for t in tensors:
         lo, hi = t.data_ptr(), t.data_ptr() + t.nbytes
         if t.nbytes >= MIN_BYTES and any(a <= lo and hi <= b for a, b in spans):
@@ -107,14 +117,9 @@ def let_go(ranges: list[tuple[int, int]]) -> None:
     """Unmap the pages of `ranges` (file_ranges) from this process's RSS. Unlike
     page_out_weights' MADV_PAGEOUT, the page cache keeps them, so reading them again is a
     minor fault, not a disk read: for a loop that reads every weight on every step."""
-    import ctypes
-
-    if not ranges:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    for lo, n in ranges:
-        libc.madvise(lo, n, MADV_DONTNEED)
+    madvise = _madvise() if ranges else None
+    for lo, n in ranges if madvise is not None else ():
+        madvise(lo, n, MADV_DONTNEED)
 
 
 @contextlib.contextmanager
@@ -180,12 +185,7 @@ def file_backed(t: torch.Tensor) -> bool:
     """Whether `t`'s memory is a mapped file (a checkpoint, a spill) rather than heap; False
     where /proc/self/maps is missing."""
     lo, hi = t.data_ptr(), t.data_ptr() + t.nbytes
-    for m in _mappings():
-        if len(m) >= 6 and m[4] != "0":
-            a, b = (int(x, 16) for x in m[0].split("-"))
-            if a <= lo and hi <= b:
-                return True
-    return False
+    return any(a <= lo and hi <= b for a, b in _file_spans())
 
 
 class Spill:
