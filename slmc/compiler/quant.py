@@ -51,6 +51,11 @@ class QuantScheme:
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
+    @property
+    def code_dtype(self) -> torch.dtype:
+        """int8 storage for symmetric codes, uint8 for asymmetric ones (8-bit asym reaches 255)."""
+        return torch.int8 if self.symmetric else torch.uint8
+
 
 def _round_scale(scale: torch.Tensor, s: QuantScheme) -> torch.Tensor:
     if s.scale_dtype in ("bfloat16", "float16"):
@@ -78,9 +83,7 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     s = s.at(w.shape[1])
     sc = scale.repeat_interleave(s.group_size, dim=1)
     z = zero.repeat_interleave(s.group_size, dim=1) if zero is not None else 0.0
-    # int8 storage for symmetric codes, uint8 for asymmetric ones (8-bit asym reaches 255)
-    return torch.clamp(torch.round(w.float() / sc + z), s.qmin, s.qmax).to(
-        torch.int8 if s.symmetric else torch.uint8)
+    return torch.clamp(torch.round(w.float() / sc + z), s.qmin, s.qmax).to(s.code_dtype)
 
 
 RTN_CHUNK = 1 << 22  # elements per row chunk of a big table

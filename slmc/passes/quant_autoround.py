@@ -156,7 +156,7 @@ class Learned:
     def quant_weight(self) -> QuantWeight:
         q, sc, z = self._codes()
         s = self.s
-        return QuantWeight(codes=q.to(torch.int8 if s.symmetric else torch.uint8), scales=sc.float().contiguous(),
+        return QuantWeight(codes=q.to(s.code_dtype), scales=sc.float().contiguous(),
                            zeros=z.float().contiguous() if z is not None else None, group_size=s.group_size,
                            bits=s.bits, symmetric=s.symmetric, algorithm="autoround")
 

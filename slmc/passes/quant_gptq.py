@@ -167,7 +167,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, b
         zeros = None if s.symmetric else torch.zeros(rows, cols // g)
     U = _hinv_upper(H, damp)
     # the codes in their own dtype from the start (an fp32 table would be as big as W)
-    codes = torch.zeros(rows, cols, dtype=torch.int8 if s.symmetric else torch.uint8)
+    codes = torch.zeros(rows, cols, dtype=s.code_dtype)
     bs = max(g, block_size // g * g)  # whole groups per lazy block
     sc = z = None
     for i1 in range(0, cols, bs):
@@ -257,7 +257,7 @@ class QuantGPTQ(QuantPass):
         W = old.data  # each chunk is made fp32 in gptq(), not the whole table at once
         rows, cols = W.shape
         g = s.at(cols).group_size
-        codes = torch.empty(rows, cols, dtype=torch.int8 if s.symmetric else torch.uint8)
+        codes = torch.empty(rows, cols, dtype=s.code_dtype)
         scales = torch.empty(rows, cols // g)
         zeros = None if s.symmetric else torch.empty(rows, cols // g)
         for r in range(0, rows, HEAD_ROWS):
