@@ -290,10 +290,10 @@ def test_gptq_lets_an_inline_hessian_go_before_factoring_it(monkeypatch):
     refs, alive = [], []
     real = q._hinv_upper
 
-    def spy(H, damp):
+    def spy(work, damp):
         gc.collect()
         alive.append(refs[-1]() is not None)
-        return real(H, damp)
+        return real(work, damp)
 
     monkeypatch.setattr(q, "_hinv_upper", spy)
 

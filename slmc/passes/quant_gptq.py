@@ -112,25 +112,58 @@ def _blocks(H: torch.Tensor, g: int) -> torch.Tensor:
     return torch.stack([H[k * g:(k + 1) * g, k * g:(k + 1) * g] for k in range(n)])
 
 
-def _hinv_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; more damping if needed."""
-    mean = float(H.diagonal().mean())
-    for k in range(6):  # damp, then 10x more each time the factorization fails
-        d = damp * 10**k if damp > 0 else (1e-6 * 10 ** (k - 1) if k else 0.0)
-        # the damping added to the diagonal of one copy: no identity matrix and no H + eye * c
-        # temporaries (an 8192-wide down projection's H is 256 MiB; each of those was another)
-        Hd = H.clone()
-        Hd.diagonal().add_(mean * d)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        del Hd
-        if int(info) == 0:
+def _hinv_upper(work: list[torch.Tensor], damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; more damping if needed.
+    work: [H], taken (popped): H is damped in place and freed once factored, so pass a list
+    holding the only reference (a clone if you keep H). An 8192-wide H is 256 MiB, and H, its
+    damped copy and a factor were held together; now H and one factor, then two factors. H's
+    bytes wait in an unlinked file for the rare retry after the second factorization fails."""
+    H = work.pop()
+    mean = float(H.diagonal().mean())  # of the strided view, as before (a copy's sum may round otherwise)
+    diag = H.diagonal().clone()  # undamped: each try damps it afresh
+    stash = None
+    try:
+        for k in range(6):  # damp, then 10x more each time the factorization fails
+            d = damp * 10**k if damp > 0 else (1e-6 * 10 ** (k - 1) if k else 0.0)
+            if H is None:  # freed after a first factorization whose inverse then failed
+                H = _unstash(stash, diag.numel())
+            H.diagonal().copy_(diag).add_(mean * d)
+            L, info = torch.linalg.cholesky_ex(H)
+            if int(info) != 0:
+                continue
+            if stash is None:
+                stash = _stash(H)
+            H = None
             inv = torch.cholesky_inverse(L)
             del L
             U, info = torch.linalg.cholesky_ex(inv, upper=True)
             del inv
             if int(info) == 0:
                 return U
+    finally:
+        if stash is not None:
+            stash.close()
     raise SlmcError("the calibration Hessian is not positive definite even with heavy damping", "quant.gptq")
+
+
+def _stash(H: torch.Tensor):
+    """H's bytes in an unlinked temporary file (page cache, not this process's memory)."""
+    import tempfile
+
+    try:
+        f = tempfile.TemporaryFile(prefix="slmc-gptq-")
+        H.contiguous().numpy().tofile(f)
+    except OSError as e:
+        raise SlmcError(f"cannot write a Hessian to scratch space in {tempfile.gettempdir()} ({e.strerror}); "
+                        "free space there or set TMPDIR to a larger disk", "quant.gptq") from None
+    return f
+
+
+def _unstash(f, n: int) -> torch.Tensor:
+    import numpy as np
+
+    f.seek(0)
+    return torch.from_numpy(np.fromfile(f, dtype=np.float32, count=n * n).reshape(n, n))
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, block_size: int = 128,
@@ -150,7 +183,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, b
     dead = H.diagonal() == 0
     if bool(dead.any()):
         if not own_h:
-            H = H.clone()
+            H, own_h = H.clone(), True
         H[dead, dead] = 1.0
         W[:, dead] = 0.0
     perm = None
@@ -165,7 +198,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, b
     else:
         scales = torch.zeros(rows, cols // g)
         zeros = None if s.symmetric else torch.zeros(rows, cols // g)
-    U = _hinv_upper(H, damp)
+    Hb = _blocks(H, g) if clip and not act_order else None  # the loop's group blocks: H goes below
+    work = [H if own_h else H.clone()]
+    del H  # the factorization takes it: nothing else may hold it
+    U = _hinv_upper(work, damp)
     # the codes in their own dtype from the start (an fp32 table would be as big as W)
     codes = torch.zeros(rows, cols, dtype=s.code_dtype)
     bs = max(g, block_size // g * g)  # whole groups per lazy block
@@ -181,7 +217,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, b
                 sc, z = scales[:, k], (zeros[:, k] if zeros is not None else 0.0)
             elif c % g == 0:  # the group's range after the error feedback so far
                 Wc = W1[:, i:i + g]
-                gs, gz = clipped_params(Wc, H[c:c + g, c:c + g][None], s) if clip else group_params(Wc, s)
+                gs, gz = clipped_params(Wc, Hb[c // g][None], s) if clip else group_params(Wc, s)
                 scales[:, c // g] = gs[:, 0]
                 if zeros is not None:
                     zeros[:, c // g] = gz[:, 0]
