@@ -69,3 +69,22 @@ def test_streaming_sampling_draws_the_same_tokens_and_lets_pages_go(tiny_llama_d
     plain = calib._draw(m, 3, 12, seed=5, temperature=1.0, first="random")
     assert not calls
     assert torch.equal(streamed, plain)
+
+
+def test_the_calibration_lookup_leaves_no_embedding_pages_resident(tiny_llama_dir):
+    """passes/_quant.embedded: looking up scattered rows maps nearly every page of a table in a
+    file (each row, and the cached pages the kernel maps around each fault); those pages go
+    right after, not at the end of the first block (Llama-3.2-1B: 250 MiB of codes)."""
+    from slmc.compiler import reference
+    from slmc.compiler.ir import QuantWeight
+    from slmc.passes._quant import embedded
+
+    ir = import_hf(tiny_llama_dir)
+    codes = torch.randint(-8, 8, (8192, 512), dtype=torch.int8)  # 4 MiB
+    ir.embed = QuantWeight(codes=Spill("test").mapped(codes), scales=torch.rand(8192, 16), zeros=None,
+                           group_size=32, bits=4, symmetric=True)
+    ids = torch.arange(0, 8192, 4).view(8, -1)  # a row every 2 KiB: every page
+    want = reference.embed(ir, ids)
+    assert _resident_kib(ir.embed.codes) >= 3500  # control: a plain lookup leaves them resident
+    got = embedded(ir, ids)
+    assert _resident_kib(ir.embed.codes) <= 8 and torch.equal(got, want)

@@ -55,7 +55,7 @@ from ..compiler.quant import QuantScheme, group_params
 from ..compiler.spill import Spill, spill_codes
 from ..errors import SlmcError
 from ._options import CalibOptions, QuantOptions
-from ._quant import QuantPass, quantize_ends, set_act_bits
+from ._quant import QuantPass, embedded, quantize_ends, set_act_bits
 
 EVAL_SEQS = 8  # sequences per no-grad forward when a whole calibration set runs through a block
 
@@ -190,7 +190,7 @@ class QuantAutoRound(QuantPass):
         ids, t_calib = o.tokens(ir)
         n = quantize_ends(ir, o, "rtn")
         gen = torch.Generator().manual_seed(o.seed)
-        x_q = reference.embed(ir, ids)  # the quantized model's activations
+        x_q = embedded(ir, ids)  # the quantized model's activations
         x_f = x_q if o.float_input else None  # the float model's (float_input)
         floats: dict[int, list[tuple[Linear, object]]] = {}  # float weights of blocks used again later
         stats = {"loss_rtn": 0.0, "loss": 0.0, "kept_rtn": 0}

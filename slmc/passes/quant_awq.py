@@ -42,13 +42,13 @@ import torch
 
 from ..compiler import reference
 from ..compiler.calib import Site, carry_samples, gram, run_block
-from ..compiler.ir import Linear, Model, QuantWeight, Weight, read_through
+from ..compiler.ir import Linear, Model, QuantWeight, Weight
 from ..compiler.pass_manager import PassResult, register
 from ..compiler.quant import QuantScheme, group_params, quantize_codes, rtn
 from ..compiler.spill import Spill, spill_codes, spill_tree
 from ..errors import SlmcError
 from ._options import CalibOptions, QuantOptions
-from ._quant import QuantPass, quant_ensures, quantize_ends, set_act_bits
+from ._quant import QuantPass, embedded, quant_ensures, quantize_ends, set_act_bits
 
 N_SHRINK = 10  # clipping ratios 1, 0.95, ..., 0.55 (the reference code's max_shrink=0.5)
 EXACT_COLS = 1024  # scale-search error: exact (Gram matrix) up to this input width ...
@@ -196,8 +196,7 @@ class QuantAWQ(QuantPass):
             raise SlmcError(f"n_grid must be >= 1 (got {o.n_grid})", "--pass quant.awq")
         s = self.scheme(ir)
         ids, t_calib = o.tokens(ir)
-        with read_through():  # a float table's rows, not the table kept
-            x = reference.embed(ir, ids)
+        x = embedded(ir, ids)  # the table's pages let go after the lookup
         done: set[int] = set()
         codes_file = Spill(f"--pass {self.name}")  # each finished block's codes (issue 17)
         # the folded floats of blocks already done go to scratch space (compiler/spill.py), so the

@@ -39,14 +39,14 @@ import torch
 
 from ..compiler import reference
 from ..compiler.calib import Site, gram, run_block
-from ..compiler.ir import Model, QuantWeight, read_through
+from ..compiler.ir import Model, QuantWeight
 from ..compiler.pass_manager import PassResult, register
 from ..compiler.quant import QuantScheme, group_params, quantize_codes
 from ..compiler import spill as _spill
 from ..compiler.spill import Spill, spill_codes
 from ..errors import SlmcError
 from ._options import CalibOptions, QuantOptions
-from ._quant import QuantPass, head_scheme, quantize_ends, set_act_bits, spilled
+from ._quant import QuantPass, embedded, head_scheme, quantize_ends, set_act_bits, spilled
 
 
 @dataclass(frozen=True)
@@ -257,8 +257,7 @@ class QuantGPTQ(QuantPass):
         codes_file = Spill(f"--pass {self.name}")  # each finished block's codes (issue 17)
         n = quantize_ends(ir, o, "rtn", head=False, spill=codes_file)
         memo: dict[int, tuple] = {}
-        with read_through():  # a float table's rows, not the table kept
-            x = reference.embed(ir, ids)
+        x = embedded(ir, ids)  # the table's pages let go after the lookup
         done: set[int] = set()
         for d in range(ir.n_layers):
             bi = ir.layers[d]
