@@ -102,3 +102,23 @@ def test_a_head_scheme_that_cannot_fit_is_refused_before_calibration(tiny_llama_
     with pytest.raises(SlmcError, match="head_bits.*group size 48"):
         PassManager([parse_pass("quant.gptq:bits=4,group_size=32,head_bits=4,ends_group_size=48")]).run(
             import_hf(tiny_llama_dir))
+
+
+def test_a_head_read_from_the_checkpoint_is_quantized_from_scratch_space(tiny_llama_dir, tmp_path, monkeypatch):
+    """A head table not yet loaded is read once into a scratch file and its chunks come from
+    there (each chunk's pages let go after it), not held on the heap through the head's GPTQ
+    (0.5 GB of bf16 at Llama-3.2-1B); the codes are the same as from a table already loaded."""
+    from slmc.compiler import spill
+
+    seen, real = [], qg.gptq
+    monkeypatch.setattr(qg, "gptq", lambda W, *a, **k: seen.append(spill.file_backed(W)) or real(W, *a, **k))
+    monkeypatch.setattr(qg, "HEAD_ROWS", 100)
+    fp32 = import_hf(tiny_llama_dir)
+    from_file = _gptq(fp32, tmp_path, ",head_bits=4").lm_head.weight
+    assert seen[-3:] == [True, True, True]  # 256 rows: three chunks, all mapped
+    seen.clear()
+    loaded = copy.deepcopy(fp32)
+    assert loaded.embed.data is not None and loaded.embed.loaded  # control: a table already on the heap
+    from_heap = _gptq(loaded, tmp_path, ",head_bits=4").lm_head.weight
+    assert seen[-3:] == [False, False, False]
+    assert torch.equal(from_file.codes, from_heap.codes) and torch.equal(from_file.scales, from_heap.scales)

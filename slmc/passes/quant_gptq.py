@@ -39,7 +39,7 @@ import torch
 
 from ..compiler import reference
 from ..compiler.calib import Site, gram, run_block
-from ..compiler.ir import Model, QuantWeight
+from ..compiler.ir import Model, QuantWeight, read_through
 from ..compiler.pass_manager import PassResult, register
 from ..compiler.quant import QuantScheme, group_params, quantize_codes
 from ..compiler import spill as _spill
@@ -289,7 +289,11 @@ class QuantGPTQ(QuantPass):
         s = head_scheme(ir, o)
         H = gram(reference.rms_norm(x, ir.final_norm)).mul_(2)  # in place: no second copy
         old = lin.weight
-        W = old.data  # each chunk is made fp32 in gptq(), not the whole table at once
+        if old.loaded:  # each chunk is made fp32 in gptq(), not the whole table at once
+            W = old.data
+        else:  # read once into scratch space, a chunk's pages let go after it: a checkpoint's
+            with read_through():  # table read whole is heap (0.5 GB of bf16 at 1B) until the end
+                W = codes_file.mapped(old.data)
         rows, cols = W.shape
         g = s.at(cols).group_size
         codes = torch.empty(rows, cols, dtype=s.code_dtype)
@@ -297,6 +301,7 @@ class QuantGPTQ(QuantPass):
         zeros = None if s.symmetric else torch.empty(rows, cols // g)
         for r in range(0, rows, HEAD_ROWS):
             c, sc, z = gptq(W[r:r + HEAD_ROWS], H, s, o.damp, o.block_size, o.act_order, o.clip)
+            _spill.let_go(_spill.file_ranges([W[r:r + HEAD_ROWS]]))  # a heap table is never let go
             codes[r:r + len(c)], scales[r:r + len(c)] = c, sc
             if zeros is not None:
                 zeros[r:r + len(c)] = z
