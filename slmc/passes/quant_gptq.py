@@ -69,16 +69,19 @@ N_SHRINK = 10  # clipping ratios 1, 0.95, ..., 0.55 (as quant.awq's)
 HEAD_ROWS = 8192  # head rows per GPTQ call
 
 
-CLIP_ROWS = 2048  # rows searched together: the search's temporaries are ~6 copies of them in fp32
+# elements searched together (2048 rows of 2048): the search's temporaries are ~6 fp32 copies of
+# them, so a 2048 x 8192 down projection goes 512 rows at a time (400 MiB at once otherwise)
+CLIP_ELEMS = 2048 * 2048
 
 
 def clipped_params(W: torch.Tensor, Hb: torch.Tensor, s: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scales (and zeros) per [rows, cols // g] group: the shrunken range whose RTN error of W
     is smallest under Hb [cols // g, g, g] (the diagonal blocks of H). Rows are independent:
-    searched CLIP_ROWS at a time (a 16384-row gate+up was ~0.7 GB of temporaries at once)."""
-    if len(W) <= CLIP_ROWS:
+    searched CLIP_ELEMS at a time (a 16384-row gate+up was ~0.7 GB of temporaries at once)."""
+    step = max(1, CLIP_ELEMS // max(1, W.shape[1]))
+    if len(W) <= step:
         return _clipped_params(W, Hb, s)
-    parts = [_clipped_params(W[r:r + CLIP_ROWS], Hb, s) for r in range(0, len(W), CLIP_ROWS)]
+    parts = [_clipped_params(W[r:r + step], Hb, s) for r in range(0, len(W), step)]
     return (torch.cat([p[0] for p in parts]),
             torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None)
 
