@@ -295,9 +295,11 @@ def run_block(b, x: torch.Tensor, hook: Callable[[Site], None], chunk_tokens: in
     v_rows = (a.qkv, slice(nq + nkv, nq + 2 * nkv)) if a.fused else (a.v, slice(0, nkv))
     hook(Site("o", [a.o], _flat(core), rows=v_rows, attn=a))
     h = linear(core, a.o)
+    del n1, core  # not held through the FFN's hooks (GPTQ's 8192-wide Hessian work comes there)
     if b.post_attn_norm is not None:
         h = rms_norm(h, b.post_attn_norm)
     x = x + h
+    del h
     n2 = rms_norm(x, b.ffn_norm)
     f = b.ffn
     mlps = [f] if isinstance(f, MLP) else f.experts + ([f.shared] if f.shared is not None else [])
