@@ -367,3 +367,14 @@ def test_paging_out_loads_the_c_library_once():
         spill_mod.page_out_weights()
         spill_mod.let_go([])
     assert sum(isinstance(o, ctypes.CDLL) for o in gc.get_objects()) == before
+
+
+def test_a_spill_copy_is_mapped_when_big_and_a_clone_when_small():
+    big, small = torch.randint(-8, 8, (1024, 1024), dtype=torch.int8), torch.randn(16, 16)
+    sp = Spill("test")
+    cb, cs = sp.copy(big), sp.copy(small)
+    assert spill_mod.file_backed(cb) and not spill_mod.file_backed(cs)
+    assert torch.equal(cb, big) and torch.equal(cs, small)
+    cb[0, 0] += 1  # each is a copy of its own (control: the original does not follow)
+    cs[0, 0] += 1
+    assert not torch.equal(cb, big) and not torch.equal(cs, small)

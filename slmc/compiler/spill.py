@@ -260,6 +260,11 @@ class Spill:
         """`t`'s values as a tensor mapped from this file (see _read); `t` can then be freed."""
         return self.put(t).data
 
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy of `t` of its own: mapped from this file when it is as big as `quant` would
+        move (a second table of a 128k vocabulary's codes is 262 MiB), else a heap clone."""
+        return self.mapped(t) if t.nbytes >= MIN_BYTES else t.clone()
+
     def weight(self, w: Weight) -> Weight:
         """A spilled copy of a rewritten float; else `w` itself, its data dropped if it can be
         re-read (the checkpoint's weights a pass only read) and kept if small."""

@@ -237,11 +237,6 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, b
     return codes, scales, zeros
 
 
-def _own_copy(t: torch.Tensor, spill: Spill) -> torch.Tensor:
-    """A copy of `t`, in scratch space when big (as Spill.quant would move it)."""
-    return spill.mapped(t) if t.nbytes >= _spill.MIN_BYTES else t.clone()
-
-
 @register
 class QuantGPTQ(QuantPass):
     name = "quant.gptq"
@@ -273,7 +268,7 @@ class QuantGPTQ(QuantPass):
         if share and isinstance(ir.lm_head.weight, QuantWeight):  # one table again: the head's codes
             w = ir.lm_head.weight
             # a copy of its own in scratch space (not a heap clone: 262 MiB at a 128k vocabulary)
-            ir.embed = QuantWeight(codes=_own_copy(w.codes, codes_file), scales=w.scales.clone(), bits=w.bits,
+            ir.embed = QuantWeight(codes=codes_file.copy(w.codes), scales=w.scales.clone(), bits=w.bits,
                                    zeros=w.zeros.clone() if w.zeros is not None else None,
                                    group_size=w.group_size, symmetric=w.symmetric, algorithm="gptq")
         set_act_bits(ir, o, "--pass quant.gptq")
