@@ -169,6 +169,16 @@ def _function_io(model: Model, spec: CoreMLSpec, module, fn: str) -> dict:
     return io
 
 
+def fresh_op_names() -> None:
+    """Unnamed MIL ops are named from a process-wide counter (Builder.name_count) that
+    coremltools clears after each conversion but that reading a program back (milproto's load:
+    slmc's readback and check interpreter) advances; cleared before converting, so the same
+    model gives the same package bytes whatever ran before in the process."""
+    from coremltools.converters.mil.mil import Builder
+
+    Builder.name_count.clear()
+
+
 @contextlib.contextmanager
 def _deterministic_broadcast():
     """coremltools broadcasts symbolic dims with `list(set_of_symbols)[0]` (frontend/_utils.py
@@ -192,6 +202,7 @@ def _deterministic_broadcast():
         return out
 
     _utils.pymil_broadcast_shapes = stable
+    fresh_op_names()
     try:
         yield
     finally:

@@ -1,0 +1,34 @@
+"""The same model gives the same Core ML package bytes whatever ran before in the process:
+coremltools names unnamed ops from a process-wide counter that reading a program back (slmc's
+readback and check interpreter) advances (a full-suite run once saw coreml_update_state_6
+against _2 in two otherwise equal packages)."""
+
+import hashlib
+
+import pytest
+
+from slmc import api
+from slmc.targets.coreml import target as coreml_target
+
+pytest.importorskip("coremltools")
+
+
+def _mlmodel_digest(out):
+    return hashlib.sha256((out / "model.mlpackage/Data/com.apple.CoreML/model.mlmodel").read_bytes()).hexdigest()
+
+
+def test_op_names_do_not_depend_on_earlier_program_loads(tiny_llama_dir, tmp_path, monkeypatch):
+    from coremltools.converters.mil.mil import Builder
+
+    def compile_to(name):
+        out = tmp_path / name
+        api.compile(api.CompileOptions(str(tiny_llama_dir), "coreml", "all", str(out), recipe="int8-coreml",
+                                       max_seq_len=32))
+        return _mlmodel_digest(out)
+
+    clean = compile_to("clean")
+    Builder.name_count["coreml_update_state"] += 7  # what loading a stateful program back leaves
+    assert compile_to("after-loads") == clean
+    monkeypatch.setattr(coreml_target, "fresh_op_names", lambda: None)  # control: without the reset
+    Builder.name_count["coreml_update_state"] += 7
+    assert compile_to("control") != clean
