@@ -8,7 +8,7 @@ import hashlib
 import pytest
 
 from slmc import api
-from slmc.targets.coreml import target as coreml_target
+from slmc.targets.coreml import target as coreml_target  # the converter calls its fresh_op_names
 
 pytest.importorskip("coremltools")
 

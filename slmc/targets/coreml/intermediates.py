@@ -21,6 +21,7 @@ from ...compiler.lowering.taps import Tapped
 from ..base import Intermediates
 from .mil_interp import MILProgram
 from .module import coreml_module
+from .names import fresh_op_names
 
 
 def hidden_states(model: Model, manifest: dict, ids: list[int], spec, units: str, quiet) -> Intermediates:
@@ -45,8 +46,6 @@ def hidden_states(model: Model, manifest: dict, ids: list[int], spec, units: str
               for n in ("keyCache", "valueCache")] if spec.stateful else None
     with torch.no_grad():
         ep = torch.export.export(Tapped(module, module).eval(), tuple(args), strict=False).run_decompositions({})
-    from .target import fresh_op_names
-
     fresh_op_names()
     ml = quiet(ct.convert, ep, inputs=inputs, outputs=[ct.TensorType(name=n) for n in names], states=states,
                 convert_to="mlprogram", skip_model_load=True,

@@ -35,6 +35,7 @@ from ...errors import SlmcError
 from ..base import Artifact, Target, TargetSpec, scratch_file
 from ..bounds import FLOAT_EXACT, FP16_STATISTICAL
 from .lean import lean_fp16_check
+from .names import fresh_op_names
 from . import merge
 from .module import coreml_module
 from .readback import readback
@@ -167,16 +168,6 @@ def _function_io(model: Model, spec: CoreMLSpec, module, fn: str) -> dict:
         io["inputs"] += [{"name": n, **cache} for n in ("keyCache", "valueCache")]
         io["outputs"] += [{"name": n, **cache} for n in ("presentKeys", "presentValues")]
     return io
-
-
-def fresh_op_names() -> None:
-    """Unnamed MIL ops are named from a process-wide counter (Builder.name_count) that
-    coremltools clears after each conversion but that reading a program back (milproto's load:
-    slmc's readback and check interpreter) advances; cleared before converting, so the same
-    model gives the same package bytes whatever ran before in the process."""
-    from coremltools.converters.mil.mil import Builder
-
-    Builder.name_count.clear()
 
 
 @contextlib.contextmanager
