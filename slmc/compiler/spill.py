@@ -219,16 +219,16 @@ class Spill:
         """Write contiguous `t`'s bytes at the end of the file."""
         raw = t.view(torch.uint8) if t.dtype == torch.bfloat16 else t  # numpy has no bfloat16
         buf = memoryview(raw.numpy()).cast("B")
-        if self._file is None:
-            self._file = tempfile.TemporaryFile(prefix="slmc-spill-")
-            register_spill_file(self._file.fileno())
         off, n = self._end, len(buf)
         try:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(prefix="slmc-spill-")
+                register_spill_file(self._file.fileno())
             done = 0
             while done < n:  # pwrite may write less than asked
                 done += os.pwrite(self._file.fileno(), buf[done:], off + done)
         except OSError as e:
-            raise SlmcError(f"cannot write rewritten weights to scratch space in {tempfile.gettempdir()} "
+            raise SlmcError(f"cannot write to scratch space in {tempfile.gettempdir()} "
                             f"({e.strerror}); free space there or set TMPDIR to a larger disk", self.where) from None
         self._end += n
 

@@ -120,53 +120,29 @@ def _hinv_upper(work: list[torch.Tensor], damp: float) -> torch.Tensor:
     work: [H], taken (popped): H is damped in place and freed once factored, so pass a list
     holding the only reference (a clone if you keep H). An 8192-wide H is 256 MiB, and H, its
     damped copy and a factor were held together; now H and one factor, then two factors. H's
-    bytes wait in an unlinked file for the rare retry after the second factorization fails."""
+    bytes wait in scratch space (spill.py) for the rare retry after the second factorization fails."""
     H = work.pop()
     mean = float(H.diagonal().mean())  # of the strided view, as before (a copy's sum may round otherwise)
     diag = H.diagonal().clone()  # undamped: each try damps it afresh
-    stash = None
-    try:
-        for k in range(6):  # damp, then 10x more each time the factorization fails
-            d = damp * 10**k if damp > 0 else (1e-6 * 10 ** (k - 1) if k else 0.0)
-            if H is None:  # freed after a first factorization whose inverse then failed
-                H = _unstash(stash, diag.numel())
-            H.diagonal().copy_(diag).add_(mean * d)
-            L, info = torch.linalg.cholesky_ex(H)
-            if int(info) != 0:
-                continue
-            if stash is None:
-                stash = _stash(H)
-            H = None
-            inv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(inv, upper=True)
-            del inv
-            if int(info) == 0:
-                return U
-    finally:
-        if stash is not None:
-            stash.close()
+    stash = None  # H's bytes in scratch space (page cache, not this process's memory)
+    for k in range(6):  # damp, then 10x more each time the factorization fails
+        d = damp * 10**k if damp > 0 else (1e-6 * 10 ** (k - 1) if k else 0.0)
+        if H is None:  # freed after a first factorization whose inverse then failed
+            H = stash.data.clone()
+        H.diagonal().copy_(diag).add_(mean * d)
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) != 0:
+            continue
+        if stash is None:
+            stash = Spill("--pass quant.gptq").put(H)
+        H = None
+        inv = torch.cholesky_inverse(L)
+        del L
+        U, info = torch.linalg.cholesky_ex(inv, upper=True)
+        del inv
+        if int(info) == 0:
+            return U
     raise SlmcError("the calibration Hessian is not positive definite even with heavy damping", "quant.gptq")
-
-
-def _stash(H: torch.Tensor):
-    """H's bytes in an unlinked temporary file (page cache, not this process's memory)."""
-    import tempfile
-
-    try:
-        f = tempfile.TemporaryFile(prefix="slmc-gptq-")
-        H.contiguous().numpy().tofile(f)
-    except OSError as e:
-        raise SlmcError(f"cannot write a Hessian to scratch space in {tempfile.gettempdir()} ({e.strerror}); "
-                        "free space there or set TMPDIR to a larger disk", "quant.gptq") from None
-    return f
-
-
-def _unstash(f, n: int) -> torch.Tensor:
-    import numpy as np
-
-    f.seek(0)
-    return torch.from_numpy(np.fromfile(f, dtype=np.float32, count=n * n).reshape(n, n))
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, block_size: int = 128,
