@@ -378,3 +378,16 @@ def test_a_spill_copy_is_mapped_when_big_and_a_clone_when_small():
     cb[0, 0] += 1  # each is a copy of its own (control: the original does not follow)
     cs[0, 0] += 1
     assert not torch.equal(cb, big) and not torch.equal(cs, small)
+
+
+def test_gram_over_several_chunks_is_the_fp64_sum_of_their_products(monkeypatch):
+    """Above GRAM_TOKENS, gram sums each chunk's X^T X in fp64, built 512 rows at a time."""
+    from slmc.compiler import calib
+
+    monkeypatch.setattr(calib, "GRAM_TOKENS", 128)  # 300 tokens: chunks of 128, 128, 44
+    x = torch.randn(300, 1100)
+    want = sum((x[i:i + 128].T @ x[i:i + 128]).double() for i in range(0, 300, 128)).div(300).float()
+    got = calib.gram(x)
+    assert torch.allclose(got, want, rtol=0, atol=1e-6 * float(want.abs().max()))
+    x[299, 0] += 1  # control: the last, short chunk counts
+    assert not torch.allclose(calib.gram(x), want, rtol=0, atol=1e-6 * float(want.abs().max()))

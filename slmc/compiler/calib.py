@@ -342,8 +342,8 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
     for i in range(0, x.shape[0], GRAM_TOKENS):
         xc = x[i:i + GRAM_TOKENS]
-        p = xc.T @ xc
-        for r in range(0, len(p), 512):  # promoted a block of rows at a time: add_ makes an fp64
-            h[r:r + 512].add_(p[r:r + 512])  # temporary of its fp32 operand (512 MiB at 8192 wide)
-        del p
+        # 512 rows of the product at a time, as _gram_one_chunk (no whole fp32 product), each
+        # promoted on its own: add_ makes an fp64 temporary of its fp32 operand
+        for r in range(0, len(h), 512):
+            h[r:r + 512].add_(xc[:, r:r + 512].T @ xc)
     return h.div_(max(1, x.shape[0])).float()
