@@ -279,36 +279,30 @@ def test_lowering_converts_a_bf16_checkpoint_into_scratch_space(tiny_llama_dir, 
         assert spill_mod.file_backed(p) and p.dtype == torch.float32 and torch.equal(p, w.float())
 
 
-def test_gptq_lets_an_inline_hessian_go_before_factoring_it(monkeypatch):
-    """gptq(..., overwrite=True) with H passed inline: after act-order's permuted copy the
-    caller's H is gone (an 8192-wide H is 256 MiB), so the factorization never holds both."""
-    import gc
-    import weakref
-
+def test_gptq_factors_an_inline_hessian_in_its_own_buffer(monkeypatch):
+    """gptq(..., overwrite=True): act-order's permutation, both factorizations and the inverse
+    run in the caller's H buffer (an 8192-wide H is 256 MiB), never a copy of it; a caller who
+    keeps H (overwrite=False) has its H left alone and the work done on a copy."""
     from slmc.passes import quant_gptq as q
 
-    refs, alive = [], []
+    ptrs = []
     real = q._hinv_upper
 
-    def spy(work, damp):
-        gc.collect()
-        alive.append(refs[-1]() is not None)
-        return real(work, damp)
+    def spy(A, damp, scratch):
+        ptrs.append(A.data_ptr())
+        return real(A, damp, scratch)
 
     monkeypatch.setattr(q, "_hinv_upper", spy)
-
-    def hessian():
-        x = torch.randn(300, 128)
-        h = x.T @ x / 300
-        refs.append(weakref.ref(h))
-        return h
-
+    x = torch.randn(300, 128)
     s = QuantScheme(bits=4, group_size=32, symmetric=True)
     W = torch.randn(64, 128)
-    q.gptq(W.clone(), hessian(), s, act_order=True, overwrite=True)
-    held = hessian()  # control: a caller that keeps its H keeps it alive
-    q.gptq(W.clone(), held, s, act_order=True, overwrite=True)
-    assert alive == [False, True]
+    for act_order in (True, False):
+        h = x.T @ x / 300
+        h0 = h.clone()
+        q.gptq(W.clone(), h, s, act_order=act_order, overwrite=True)
+        assert ptrs[-1] == h.data_ptr() and not torch.equal(h, h0)
+        q.gptq(W.clone(), h0, s, act_order=act_order)  # control: the caller keeps its H
+        assert ptrs[-1] != h0.data_ptr() and torch.equal(h0, x.T @ x / 300)
 
 
 def test_gram_of_one_chunk_needs_no_fp64_matrix_and_is_the_same():

@@ -115,33 +115,66 @@ def _blocks(H: torch.Tensor, g: int) -> torch.Tensor:
     return torch.stack([H[k * g:(k + 1) * g, k * g:(k + 1) * g] for k in range(n)])
 
 
-def _hinv_upper(work: list[torch.Tensor], damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; more damping if needed.
-    work: [H], taken (popped): H is damped in place and freed once factored, so pass a list
-    holding the only reference (a clone if you keep H). An 8192-wide H is 256 MiB, and H, its
-    damped copy and a factor were held together; now H and one factor, then two factors. H's
-    bytes wait in scratch space (spill.py) for the rare retry after the second factorization fails."""
-    H = work.pop()
-    mean = float(H.diagonal().mean())  # of the strided view, as before (a copy's sum may round otherwise)
-    diag = H.diagonal().clone()  # undamped: each try damps it afresh
-    stash = None  # H's bytes in scratch space (page cache, not this process's memory)
-    for k in range(6):  # damp, then 10x more each time the factorization fails
+# elements per block of the in-place permutation (16 MiB of fp32 rows at a time)
+BLOCK_ELEMS = 1 << 22
+TILE = 512  # the in-place transpose's square tiles (1 MiB of fp32)
+
+
+def _transpose_(H: torch.Tensor) -> None:
+    """Square row-major H transposed in place, a pair of tiles at a time (exact: copies only)."""
+    n = len(H)
+    for i in range(0, n, TILE):
+        d = H[i:i + TILE, i:i + TILE]
+        d.copy_(d.T.clone())
+        for j in range(i + TILE, n, TILE):
+            a, c = H[i:i + TILE, j:j + TILE], H[j:j + TILE, i:i + TILE]
+            t = a.clone()
+            a.copy_(c.T)
+            c.copy_(t.T)
+
+
+def _permute_columns_(H: torch.Tensor, perm: torch.Tensor) -> None:
+    step = max(1, BLOCK_ELEMS // H.shape[1])
+    for r in range(0, len(H), step):
+        H[r:r + step] = H[r:r + step][:, perm]
+
+
+def _column_major_(H: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """H (with perm: H[perm][:, perm]) written column by column into H's own buffer, returned as
+    that column-major view. LAPACK factors a column-major matrix where it lies; torch copies a
+    row-major one first, and H[perm][:, perm] was two more copies (each 256 MiB at 8192 wide).
+    Exact (copies only), and H need not be symmetric to the bit (calib.gram's row blocks)."""
+    if perm is not None:
+        _permute_columns_(H, perm)  # H[:, perm]
+    _transpose_(H)  # (H[:, perm])^T = H^T[perm]
+    if perm is not None:
+        _permute_columns_(H, perm)  # H^T[perm][:, perm]: the permuted H, column by column
+    return H.mT
+
+
+def _hinv_upper(A: torch.Tensor, damp: float, scratch: Spill) -> torch.Tensor:
+    """Upper Cholesky factor of (A + damp * mean(diag A) * I)^-1; more damping if needed.
+    A: column-major (_column_major_), overwritten: both factorizations and the inverse run in
+    its buffer, and the factor returned is A. An 8192-wide H is 256 MiB, and H with one factor,
+    then two factors, were held at once (before that also a damped copy). A's bytes wait in
+    `scratch` (a file, spill.py) for the rare retry after a factorization fails."""
+    mean = float(A.diagonal().mean())
+    diag = A.diagonal().clone()  # undamped: each try damps it afresh
+    saved = scratch.mapped(A.mT)  # A.mT: the buffer as it lies (row-major)
+    info = torch.zeros((), dtype=torch.int32)
+    for k in range(6):  # damp, then 10x more each time a factorization fails
         d = damp * 10**k if damp > 0 else (1e-6 * 10 ** (k - 1) if k else 0.0)
-        if H is None:  # freed after a first factorization whose inverse then failed
-            H = stash.data.clone()
-        H.diagonal().copy_(diag).add_(mean * d)
-        L, info = torch.linalg.cholesky_ex(H)
-        if int(info) != 0:
+        if k:  # the failed try overwrote A
+            A.mT.copy_(saved)
+            _spill.let_go(_spill.file_ranges([saved]))
+        A.diagonal().copy_(diag).add_(mean * d)
+        _, bad = torch.linalg.cholesky_ex(A, out=(A, info))
+        if int(bad) != 0:
             continue
-        if stash is None:
-            stash = Spill("--pass quant.gptq").put(H)
-        H = None
-        inv = torch.cholesky_inverse(L)
-        del L
-        U, info = torch.linalg.cholesky_ex(inv, upper=True)
-        del inv
-        if int(info) == 0:
-            return U
+        torch.cholesky_inverse(A, out=A)
+        _, bad = torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
+        if int(bad) == 0:
+            return A
     raise SlmcError("the calibration Hessian is not positive definite even with heavy damping", "quant.gptq")
 
 
@@ -150,8 +183,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, b
          overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize W [rows, cols] against H [cols, cols]; returns codes, scales, zeros (or None).
     overwrite: W and H are the caller's temporaries, used as the work arrays (no copies); pass
-    them inline, holding no reference, and H's permuted copy replaces it (an 8192-wide H is
-    256 MiB: the caller's, the permuted one, the damped one and a factor were 1 GiB at once)."""
+    them inline, holding no reference. H is permuted, factored and inverted in its own buffer,
+    and the factor then waits in scratch space (an 8192-wide H is 256 MiB: the caller's, a
+    permuted copy, a damped one and a factor were 1 GiB at once)."""
     own_w, own_h = overwrite or W.dtype != torch.float32, overwrite or H.dtype != torch.float32
     W, H = W.float(), H.float()
     if not own_w:
@@ -171,16 +205,18 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, b
         scales, zeros = clipped_params(W, _blocks(H, g), s) if clip else group_params(W, s)
         perm = torch.argsort(H.diagonal(), descending=True)
         W = W[:, perm]
-        H = H[perm]  # in two steps, each rebinding H: the copy before it goes if no one else holds it
-        H = H[:, perm]
         group_of = (perm // g).tolist()
     else:
         scales = torch.zeros(rows, cols // g)
         zeros = None if s.symmetric else torch.zeros(rows, cols // g)
     Hb = _blocks(H, g) if clip and not act_order else None  # the loop's group blocks: H goes below
-    work = [H if own_h else H.clone()]
-    del H  # the factorization takes it: nothing else may hold it
-    U = _hinv_upper(work, damp)
+    scratch = Spill("--pass quant.gptq")
+    U = _hinv_upper(_column_major_(H if own_h else H.clone(), perm), damp, scratch)
+    del H
+    # U to scratch space, its buffer freed: the loop reads one block's rows at a time, and each
+    # block's pages are let go after it (a 256 MiB factor held through the loop otherwise)
+    U = scratch.mapped(U.mT).mT
+    u_pages = _spill.file_ranges([U])
     # the codes in their own dtype from the start (an fp32 table would be as big as W)
     codes = torch.zeros(rows, cols, dtype=s.code_dtype)
     bs = max(g, block_size // g * g)  # whole groups per lazy block
@@ -208,6 +244,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: QuantScheme, damp: float = 0.01, b
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
             Err[:, i] = err
         W[:, i2:] -= Err @ U[i1:i2, i2:]
+        _spill.let_go(u_pages)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return codes, scales, zeros
