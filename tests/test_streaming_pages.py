@@ -88,3 +88,18 @@ def test_the_calibration_lookup_leaves_no_embedding_pages_resident(tiny_llama_di
     assert _resident_kib(ir.embed.codes) >= 3500  # control: a plain lookup leaves them resident
     got = embedded(ir, ids)
     assert _resident_kib(ir.embed.codes) <= 8 and torch.equal(got, want)
+
+
+def test_rtn_of_a_mapped_table_leaves_none_of_its_pages_resident():
+    """quant.rtn and the ends' RTN read a big table once, a chunk of rows at a time: a mapped
+    table's pages go as each chunk is done (Llama-3.2-1B's bf16 embedding is 0.5 GB)."""
+    from slmc.compiler.quant import QuantScheme, rtn
+    from slmc.compiler.spill import Spill
+
+    w = torch.randn(8192, 1024).to(torch.bfloat16)  # 16 MiB: two chunks of RTN_CHUNK
+    want = rtn(w, QuantScheme(bits=4, group_size=32, symmetric=True))
+    m = Spill("test").mapped(w)
+    got = rtn(m, QuantScheme(bits=4, group_size=32, symmetric=True))
+    assert _resident_kib(m) <= 8 and torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+    m.float().sum()  # control: reading it whole leaves its pages resident
+    assert _resident_kib(m) >= 15000

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import SlmcError
 from .ir import QuantWeight
+from .spill import file_ranges, let_go
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,9 @@ def rtn(w: torch.Tensor, s: QuantScheme, algorithm: str = "rtn",
         out = None
         for r in range(0, w.shape[0], step):
             p = rtn(w[r:r + step], s, algorithm)
+            # a mapped table's pages are read once: let go as we go (a 128k-row bf16 table is
+            # 0.5 GB, resident whole by the end otherwise); a heap table is left alone
+            let_go(file_ranges([w[r:r + step]]))
             if out is None:
                 out = QuantWeight(codes=torch.empty(w.shape, dtype=p.codes.dtype),
                                   scales=torch.empty(w.shape[0], p.scales.shape[1], dtype=p.scales.dtype),
