@@ -36,14 +36,16 @@ class Weight:
     """A dense tensor. Data may come from a loader that reads it on first use,
     so importing a checkpoint never holds two copies of it in RAM."""
 
-    __slots__ = ("shape", "dtype", "_data", "_loader")
+    __slots__ = ("shape", "dtype", "_data", "_loader", "_part")
 
     def __init__(self, data: torch.Tensor | None = None, *, shape=None, dtype: str | None = None,
-                 loader: Callable[[], torch.Tensor] | None = None):
+                 loader: Callable[[], torch.Tensor] | None = None,
+                 part: Callable[[int, int], torch.Tensor] | None = None):
         if data is None and loader is None:
             raise ValueError("Weight needs data or a loader")
         self._data = data
         self._loader = loader
+        self._part = part  # (r0, r1) -> rows r0:r1 read alone, where the source can
         self.shape = tuple(data.shape) if data is not None else tuple(shape)
         self.dtype = DTYPE_NAMES[data.dtype] if data is not None else dtype
 
@@ -61,6 +63,34 @@ class Weight:
     @property
     def loaded(self) -> bool:
         return self._data is not None
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 (first dimension). Not in memory and from a source that reads parts (a
+        safetensors file): those rows alone, not cached, so a check or RTN over a 128k-row
+        table holds a chunk of it, not the whole 0.5 GB (issue 17)."""
+        if self._data is None and self._part is not None:
+            r0, r1 = max(0, r0), min(r1, self.shape[0])
+            t = self._part(r0, r1) if r1 > r0 else torch.empty((0, *self.shape[1:]), dtype=DTYPES[self.dtype])
+            if tuple(t.shape) != (r1 - r0, *self.shape[1:]):
+                raise ValueError(f"read rows {r0}:{r1} as shape {tuple(t.shape)} of {self!r}")
+            return t
+        return self.data[r0:r1]
+
+    def row_chunks(self, elems: int = 1 << 22):
+        """(r0, rows) over the whole tensor, about `elems` elements at a time (see rows); a
+        weight not in memory whose source reads only whole tensors is read once, not kept."""
+        n = self.shape[0] if self.shape else 1
+        step = max(1, elems // max(1, self.numel() // max(1, n)))
+        if not self.shape:
+            yield 0, self.data
+            return
+        whole = None
+        if self._data is None and self._part is None:  # read once for this walk, not kept
+            whole = self._loader()
+            if tuple(whole.shape) != self.shape:
+                raise ValueError(f"loaded shape {tuple(whole.shape)} != declared {self.shape}")
+        for r in range(0, n, step):
+            yield r, (whole[r:r + step] if whole is not None else self.rows(r, r + step))
 
     def release(self) -> None:
         """Drop the cached data if it can be re-read (keeps peak RSS one layer deep)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SlmcError
-from .ir import QuantWeight
+from .ir import QuantWeight, Weight
 from .spill import file_ranges, let_go
 
 
@@ -90,31 +90,36 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
 RTN_CHUNK = 1 << 22  # elements per row chunk of a big table
 
 
-def rtn(w: torch.Tensor, s: QuantScheme, algorithm: str = "rtn",
+def rtn(w: torch.Tensor | Weight, s: QuantScheme, algorithm: str = "rtn",
         scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> QuantWeight:
     """Round-to-nearest with the range-derived (or given) scales. A big table (a 128k-row
-    embedding) goes in row chunks, rows being independent: its fp32 temporaries stay small."""
+    embedding) goes in row chunks, rows being independent: its fp32 temporaries stay small,
+    and a Weight not in memory is read a chunk at a time (Weight.rows)."""
     s = s.at(w.shape[1])
     step = max(1, RTN_CHUNK // w.shape[1])
     if scale is None and w.shape[0] > step:
         # each chunk's tables go straight into the whole ones: a list of parts and their cat
         # held a 128k-row table's codes twice (+250 MiB at Llama-3.2-1B)
         out = None
-        for r in range(0, w.shape[0], step):
-            p = rtn(w[r:r + step], s, algorithm)
+        parts = w.row_chunks(step * w.shape[1]) if isinstance(w, Weight) else \
+            ((r, w[r:r + step]) for r in range(0, w.shape[0], step))
+        for r, part in parts:
+            p = rtn(part, s, algorithm)
             # a mapped table's pages are read once: let go as we go (a 128k-row bf16 table is
             # 0.5 GB, resident whole by the end otherwise); a heap table is left alone
-            let_go(file_ranges([w[r:r + step]]))
+            let_go(file_ranges([part]))
             if out is None:
                 out = QuantWeight(codes=torch.empty(w.shape, dtype=p.codes.dtype),
                                   scales=torch.empty(w.shape[0], p.scales.shape[1], dtype=p.scales.dtype),
                                   zeros=None if p.zeros is None else torch.empty(w.shape[0], p.zeros.shape[1],
                                                                                  dtype=p.zeros.dtype),
                                   group_size=s.group_size, bits=s.bits, symmetric=s.symmetric, algorithm=algorithm)
-            for t, part in ((out.codes, p.codes), (out.scales, p.scales), (out.zeros, p.zeros)):
+            for t, got in ((out.codes, p.codes), (out.scales, p.scales), (out.zeros, p.zeros)):
                 if t is not None:
-                    t[r:r + step] = part
+                    t[r:r + step] = got
         return out
+    if isinstance(w, Weight):
+        w = w.data
     if scale is None:
         scale, zero = group_params(w, s)
     codes = quantize_codes(w, scale, zero, s)

@@ -260,6 +260,16 @@ class Spill:
         """`t`'s values as a tensor mapped from this file (see _read); `t` can then be freed."""
         return self.put(t).data
 
+    def mapped_weight(self, w: Weight) -> torch.Tensor:
+        """`w`'s values as a tensor mapped from this file, written a chunk of rows at a time
+        (Weight.rows): a checkpoint's table is never in memory whole (0.5 GB of bf16 at 1B)."""
+        if w.dtype not in DTYPES:
+            raise ValueError(f"cannot spill dtype {w.dtype}")
+        off = self._end
+        for _, t in w.row_chunks():
+            self._append(t.detach().contiguous())
+        return self._read(off, self._end - off, tuple(w.shape), w.dtype)
+
     def copy(self, t: torch.Tensor) -> torch.Tensor:
         """A copy of `t` of its own: mapped from this file when it is as big as `quant` would
         move (a second table of a 128k vocabulary's codes is 262 MiB), else a heap clone."""

@@ -47,7 +47,7 @@ def quantize_ends(ir: Model, opts: QuantOptions, algorithm: str, head: bool = Tr
             ir.lm_head = Linear(ir.embed)
         if head and not isinstance(ir.lm_head.weight, QuantWeight):
             old = ir.lm_head.weight
-            ir.lm_head.weight = rtn(old.data, head_scheme(ir, opts), algorithm)
+            ir.lm_head.weight = rtn(old, head_scheme(ir, opts), algorithm)  # read a chunk at a time
             n += spilled(ir.lm_head.weight, spill)
             if ir.embed is not old:  # a tied table is read once more, for the embedding, below
                 old.release()
@@ -55,7 +55,7 @@ def quantize_ends(ir: Model, opts: QuantOptions, algorithm: str, head: bool = Tr
         s = ends_scheme(opts, opts.embed_bits)
         s.check(ir.hidden_size, "--pass quant:embed_bits")
         old = ir.embed
-        ir.embed = rtn(old.data, s, algorithm)  # .data: no whole fp32 copy of a bf16 table
+        ir.embed = rtn(old, s, algorithm)  # a chunk of rows at a time: no whole table in memory
         n += spilled(ir.embed, spill)
         # a float head still holding this table (GPTQ quantizes it after the blocks) reads it again
         # then: a 128k-row bf16 table is 0.5 GB, otherwise resident through every block

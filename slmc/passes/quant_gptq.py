@@ -39,7 +39,7 @@ import torch
 
 from ..compiler import reference
 from ..compiler.calib import Site, gram, run_block
-from ..compiler.ir import Model, QuantWeight, read_through
+from ..compiler.ir import Model, QuantWeight
 from ..compiler.pass_manager import PassResult, register
 from ..compiler.quant import QuantScheme, group_params, quantize_codes
 from ..compiler import spill as _spill
@@ -302,9 +302,9 @@ class QuantGPTQ(QuantPass):
         old = lin.weight
         if old.loaded:  # each chunk is made fp32 in gptq(), not the whole table at once
             W = old.data
-        else:  # read once into scratch space, a chunk's pages let go after it: a checkpoint's
-            with read_through():  # table read whole is heap (0.5 GB of bf16 at 1B) until the end
-                W = codes_file.mapped(old.data)
+        else:  # copied into scratch space a chunk of rows at a time, each chunk's pages let go
+            # after its GPTQ: a checkpoint's table read whole is heap (0.5 GB of bf16 at 1B)
+            W = codes_file.mapped_weight(old)
         rows, cols = W.shape
         g = s.at(cols).group_size
         codes = torch.empty(rows, cols, dtype=s.code_dtype)

@@ -82,13 +82,17 @@ class SafetensorsSource:
         p = self._where.get(name, (self.files[0] if self.files else Path("?"), None))[0]
         return f"{p.name}:{name}"
 
-    def _load(self, name: str) -> torch.Tensor:
-        """The tensor's bytes read into memory of its own. Not through safetensors' mmap: every
-        page read that way stays counted in the process's RSS while the file is mapped, beside
-        the copies made from it (at 1B parameters, 2.4 GB of bf16 pages through a compile)."""
+    def _load(self, name: str, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
+        """The tensor's bytes (rows r0:r1 of it, if given) read into memory of its own. Not
+        through safetensors' mmap: every page read that way stays counted in the process's RSS
+        while the file is mapped, beside the copies made from it (at 1B parameters, 2.4 GB of
+        bf16 pages through a compile)."""
         path, info = self._where[name]
         a, b = info["data_offsets"]
         dtype, shape = DTYPES[_ST_DTYPES[info["dtype"]]], tuple(info["shape"])
+        if r0 is not None and shape:  # rows are contiguous: their bytes are one range
+            row = (b - a) // max(1, shape[0])
+            a, b, shape = a + r0 * row, a + r1 * row, (r1 - r0, *shape[1:])
         if b == a:
             return torch.empty(shape, dtype=dtype)
         if path not in self._data_start:
@@ -111,4 +115,5 @@ class SafetensorsSource:
         if dt is None:
             raise SlmcError(f"tensor dtype {info['dtype']} is not supported", self.describe(name))
         self.used.add(name)
-        return Weight(shape=tuple(info["shape"]), dtype=dt, loader=lambda: self._load(name))
+        return Weight(shape=tuple(info["shape"]), dtype=dt, loader=lambda: self._load(name),
+                      part=lambda r0, r1: self._load(name, r0, r1))
