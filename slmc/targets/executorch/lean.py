@@ -49,6 +49,7 @@ import torch
 from ...compiler.spill import register_spill_file, trimming
 from ..base import page_out_weights, scratch_file
 from .idle_passes import idle_retraces_skipped
+from .packing import chunked_packing
 
 SPILL_MIN_BYTES = 1 << 20  # smaller blobs stay in RAM (one file per blob is not worth it)
 CHUNK_BYTES = 16 << 20  # bytes_of reads a weight this much at a time
@@ -338,7 +339,7 @@ def lean_lowering(backend: str):
         mod.bytes, mod.hashlib = spill.bytes_of, _Hashlib(spill)
     skip = idle_retraces_skipped() if backend == "xnnpack" else contextlib.nullcontext()
     try:
-        with trimming(), skip:
+        with trimming(), skip, chunked_packing():
             yield spill
     finally:
         NamedDataStore.add_named_data, dup.copy = orig_add, orig_copy
