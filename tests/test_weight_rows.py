@@ -32,7 +32,7 @@ def test_rows_read_only_those_rows(table):
     w = src.weight("t")
     assert torch.equal(w.rows(7, 19), t[7:19]) and torch.equal(w.rows(len(t) - 2, len(t) + 9), t[-2:])
     assert reads == [("t", 7, 19), ("t", len(t) - 2, len(t))] and not w.loaded
-    assert torch.equal(torch.cat([c for _, c in w.row_chunks()]), t)
+    assert torch.equal(torch.cat(list(w.row_chunks())), t)
     assert all(r0 is not None for _, r0, _ in reads)  # never the whole tensor
 
 
@@ -77,5 +77,20 @@ def test_a_source_without_parts_is_read_once_per_walk_and_not_kept():
     loads = []
     t = torch.randn(RTN_CHUNK // 64 * 2 + 1, 64)
     w = ir_mod.Weight(shape=tuple(t.shape), dtype="float32", loader=lambda: (loads.append(1), t)[1])
-    assert torch.equal(torch.cat([c for _, c in w.row_chunks()]), t)
+    assert torch.equal(torch.cat(list(w.row_chunks())), t)
     assert loads == [1] and not w.loaded
+
+
+def test_the_samples_key_reads_chunks_and_does_not_depend_on_what_is_loaded(table, monkeypatch):
+    import slmc.compiler.calib as calib
+
+    t, src, reads = table
+    monkeypatch.setattr(calib, "named_weights", lambda w: [("t", w)])  # a one-weight stand-in model
+    w = src.weight("t")
+    lazy = calib.fingerprint(w)
+    assert reads and all(r0 is not None for _, r0, _ in reads) and not w.loaded
+    w.data  # noqa: B018  loaded now
+    assert calib.fingerprint(w) == lazy
+    w2 = src.weight("t")
+    w2.rebind(t.clone().index_fill_(0, torch.tensor([len(t) - 1]), 0.5))  # control: one row differs
+    assert calib.fingerprint(w2) != lazy

@@ -96,21 +96,37 @@ FIRST = ("random", "bos")  # how a data-free sample's first token is chosen
 
 def fingerprint(model: Model) -> str:
     """A digest of every weight (its sum and a strided sample of its values): two models with
-    the same fingerprint compute the same function, so they draw the same samples."""
+    the same fingerprint compute the same function, so they draw the same samples. Each tensor
+    is read a chunk of rows at a time, loaded or not (Weight.row_chunks: a checkpoint's 128k-row
+    table is not read whole, 0.5 GB at 1B), and a mapped one's pages are let go as it goes."""
+    from .spill import file_ranges, let_go
+
     h = hashlib.sha1()
     for name, w in named_weights(model):
-        lazy = isinstance(w, Weight) and not w.loaded  # read for the digest only: dropped after it
-        parts = [w.codes, w.scales] if isinstance(w, QuantWeight) else [w.data]
-        for t in parts:
-            flat = t.reshape(-1)
+        tables = [(_row_chunks(w.codes), w.codes.numel()), (_row_chunks(w.scales), w.scales.numel())] \
+            if isinstance(w, QuantWeight) else [(w.row_chunks(), w.numel())]
+        for chunks, numel in tables:
+            k, seen, total, samples = max(1, numel // 4096), 0, 0.0, []
+            for t in chunks:
+                flat = t.reshape(-1)
+                samples.append(flat[(-seen) % k::k].float())  # every k-th value of the whole
+                total += float(flat.double().sum())  # a chunk's float64 copy (a whole table's: 2 GB)
+                seen += flat.numel()
+                let_go(file_ranges([t]))
             h.update(name.encode())
-            h.update(flat[::max(1, flat.numel() // 4096)].float().numpy().tobytes())
-            # summed in chunks: a float64 copy of a 128k-row table would be 2 GB (issue 17)
-            total = sum(float(flat[i:i + (1 << 22)].double().sum()) for i in range(0, flat.numel(), 1 << 22))
+            h.update(torch.cat(samples).numpy().tobytes() if samples else b"")
             h.update(repr(total).encode())
-        if lazy:
-            w.release()
     return h.hexdigest()
+
+
+def _row_chunks(t: torch.Tensor, elems: int = 1 << 22):
+    """`t` a chunk of rows (about `elems` elements) at a time."""
+    if t.dim() == 0:
+        yield t
+        return
+    step = max(1, elems // max(1, t[0].numel())) if len(t) else 1
+    for r in range(0, len(t), step):
+        yield t[r:r + step]
 
 
 def sample_ids(model: Model, n_seqs: int, seq_len: int, seed: int, temperature: float = 1.0,

@@ -77,12 +77,12 @@ class Weight:
         return self.data[r0:r1]
 
     def row_chunks(self, elems: int = 1 << 22):
-        """(r0, rows) over the whole tensor, about `elems` elements at a time (see rows); a
+        """The whole tensor a chunk of rows (about `elems` elements) at a time (see rows); a
         weight not in memory whose source reads only whole tensors is read once, not kept."""
         n = self.shape[0] if self.shape else 1
         step = max(1, elems // max(1, self.numel() // max(1, n)))
         if not self.shape:
-            yield 0, self.data
+            yield self.data
             return
         whole = None
         if self._data is None and self._part is None:  # read once for this walk, not kept
@@ -90,7 +90,7 @@ class Weight:
             if tuple(whole.shape) != self.shape:
                 raise ValueError(f"loaded shape {tuple(whole.shape)} != declared {self.shape}")
         for r in range(0, n, step):
-            yield r, (whole[r:r + step] if whole is not None else self.rows(r, r + step))
+            yield whole[r:r + step] if whole is not None else self.rows(r, r + step)
 
     def release(self) -> None:
         """Drop the cached data if it can be re-read (keeps peak RSS one layer deep)."""

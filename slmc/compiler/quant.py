@@ -102,8 +102,8 @@ def rtn(w: torch.Tensor | Weight, s: QuantScheme, algorithm: str = "rtn",
         # held a 128k-row table's codes twice (+250 MiB at Llama-3.2-1B)
         out = None
         parts = w.row_chunks(step * w.shape[1]) if isinstance(w, Weight) else \
-            ((r, w[r:r + step]) for r in range(0, w.shape[0], step))
-        for r, part in parts:
+            (w[r:r + step] for r in range(0, w.shape[0], step))
+        for r, part in zip(range(0, w.shape[0], step), parts):
             p = rtn(part, s, algorithm)
             # a mapped table's pages are read once: let go as we go (a 128k-row bf16 table is
             # 0.5 GB, resident whole by the end otherwise); a heap table is left alone

@@ -266,7 +266,7 @@ class Spill:
         if w.dtype not in DTYPES:
             raise ValueError(f"cannot spill dtype {w.dtype}")
         off = self._end
-        for _, t in w.row_chunks():
+        for t in w.row_chunks():
             self._append(t.detach().contiguous())
         return self._read(off, self._end - off, tuple(w.shape), w.dtype)
 

@@ -93,7 +93,7 @@ def check_finite(model: Model, strict: bool) -> None:
             was_loaded = w.loaded
             # a chunk of rows at a time where the source reads parts: a 128k-row bf16 table
             # read whole was 0.5 GB (issue 17)
-            if not all(all_finite(t) for _, t in w.row_chunks()):
+            if not all(all_finite(t) for t in w.row_chunks()):
                 bad.append(name)
             if not was_loaded:
                 w.release()
