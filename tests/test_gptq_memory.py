@@ -26,6 +26,7 @@ def _hwm_mib():
 
 
 def _reset_hwm():
+    spill.trim_heap()  # freed heap the allocator kept would hide an allocation (a long-lived worker)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
