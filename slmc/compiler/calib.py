@@ -39,7 +39,7 @@ import torch
 
 from ..errors import SlmcError
 from .ir import (MLP, Attention, KVCacheSpec, Linear, Model, MoE, Norm, QuantWeight, Weight, named_weights,
-                 transient_reads)
+                 row_chunks, transient_reads)
 from .reference import activation, attention, gate_up, linear, moe, rms_norm
 from .textdata import find_tokenizer_dir
 
@@ -103,7 +103,7 @@ def fingerprint(model: Model) -> str:
 
     h = hashlib.sha1()
     for name, w in named_weights(model):
-        tables = [(_row_chunks(w.codes), w.codes.numel()), (_row_chunks(w.scales), w.scales.numel())] \
+        tables = [(row_chunks(w.codes), w.codes.numel()), (row_chunks(w.scales), w.scales.numel())] \
             if isinstance(w, QuantWeight) else [(w.row_chunks(), w.numel())]
         for chunks, numel in tables:
             k, seen, total, samples = max(1, numel // 4096), 0, 0.0, []
@@ -117,16 +117,6 @@ def fingerprint(model: Model) -> str:
             h.update(torch.cat(samples).numpy().tobytes() if samples else b"")
             h.update(repr(total).encode())
     return h.hexdigest()
-
-
-def _row_chunks(t: torch.Tensor, elems: int = 1 << 22):
-    """`t` a chunk of rows (about `elems` elements) at a time."""
-    if t.dim() == 0:
-        yield t
-        return
-    step = max(1, elems // max(1, t[0].numel())) if len(t) else 1
-    for r in range(0, len(t), step):
-        yield t[r:r + step]
 
 
 def sample_ids(model: Model, n_seqs: int, seq_len: int, seed: int, temperature: float = 1.0,

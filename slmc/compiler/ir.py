@@ -32,6 +32,16 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
+def row_chunks(t: torch.Tensor, elems: int = 1 << 22):
+    """Tensor `t` a chunk of rows (about `elems` elements) at a time; Weight.row_chunks's twin."""
+    if t.dim() == 0:
+        yield t
+        return
+    step = max(1, elems // max(1, t[0].numel())) if len(t) else 1
+    for r in range(0, len(t), step):
+        yield t[r:r + step]
+
+
 class Weight:
     """A dense tensor. Data may come from a loader that reads it on first use,
     so importing a checkpoint never holds two copies of it in RAM."""

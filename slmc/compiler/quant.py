@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SlmcError
-from .ir import QuantWeight, Weight
+from .ir import QuantWeight, Weight, row_chunks
 from .spill import file_ranges, let_go
 
 
@@ -101,8 +101,7 @@ def rtn(w: torch.Tensor | Weight, s: QuantScheme, algorithm: str = "rtn",
         # each chunk's tables go straight into the whole ones: a list of parts and their cat
         # held a 128k-row table's codes twice (+250 MiB at Llama-3.2-1B)
         out = None
-        parts = w.row_chunks(step * w.shape[1]) if isinstance(w, Weight) else \
-            (w[r:r + step] for r in range(0, w.shape[0], step))
+        parts = w.row_chunks(step * w.shape[1]) if isinstance(w, Weight) else row_chunks(w, step * w.shape[1])
         for r, part in zip(range(0, w.shape[0], step), parts):
             p = rtn(part, s, algorithm)
             # a mapped table's pages are read once: let go as we go (a 128k-row bf16 table is
