@@ -33,7 +33,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def row_chunks(t: torch.Tensor, elems: int = 1 << 22):
-    """Tensor `t` a chunk of rows (about `elems` elements) at a time; Weight.row_chunks's twin."""
+    """Tensor `t` a chunk of rows (about `elems` elements) at a time (Weight.row_chunks uses it)."""
     if t.dim() == 0:
         yield t
         return
@@ -89,18 +89,17 @@ class Weight:
     def row_chunks(self, elems: int = 1 << 22):
         """The whole tensor a chunk of rows (about `elems` elements) at a time (see rows); a
         weight not in memory whose source reads only whole tensors is read once, not kept."""
-        n = self.shape[0] if self.shape else 1
-        step = max(1, elems // max(1, self.numel() // max(1, n)))
-        if not self.shape:
-            yield self.data
+        if self._data is None and self._part is not None and self.shape:
+            step = max(1, elems // max(1, self.numel() // max(1, self.shape[0])))
+            for r in range(0, self.shape[0], step):
+                yield self.rows(r, r + step)
             return
-        whole = None
-        if self._data is None and self._part is None:  # read once for this walk, not kept
+        whole = self._data
+        if whole is None:  # read once for this walk, not kept
             whole = self._loader()
             if tuple(whole.shape) != self.shape:
                 raise ValueError(f"loaded shape {tuple(whole.shape)} != declared {self.shape}")
-        for r in range(0, n, step):
-            yield whole[r:r + step] if whole is not None else self.rows(r, r + step)
+        yield from row_chunks(whole, elems)
 
     def release(self) -> None:
         """Drop the cached data if it can be re-read (keeps peak RSS one layer deep)."""
