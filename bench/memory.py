@@ -143,8 +143,9 @@ def main(a) -> None:
         print(f"== {t} ...", flush=True)
         common = ["--model", str(model_dir), "--target", t, "--max-seq-len", str(a.max_seq_len)] + \
             (["--recipe", a.recipe] if a.recipe else []) + (["--slmc-root", a.slmc_root] if a.slmc_root else [])
-        floor = spawn(__file__, ["--worker", "floor", *common, "--out", str(work / f"{t}-floor")] +
-                      (["--tiny", tiny] if tiny else []), work / f"{t}-floor.json", errors="record")
+        floor = spawn(__file__, ["--worker", "floor", *common] +
+                      (["--tiny", tiny, "--out", str(work / f"{t}-floor")] if tiny else []),
+                      work / f"{t}-floor.json", errors="record")
         if "error" in floor:  # the compile's row stands; the floor's failure is its own column
             floor = {"floor_error": floor["error"]}
         if a.cli:
@@ -289,15 +290,16 @@ def model_section(r: dict, model_dir: str, rows: list) -> list[str]:
             lines.append(f"| {x['target']} | {rec} | {x.get('commit', '')} | {how_measured} | {msl} | "
                          f"failed: {x['error']} | | | | | | | | | | |")
             continue
-        p, f = judged_peak(x), x.get("floor_rss_mib", 0.0)
+        # a floor that failed (floor_error) leaves its columns empty, not a floor of 0
+        p, f = judged_peak(x), x.get("floor_rss_mib")
         g, how = goal_mib(x, w) if x.get("recipe") is None or "weight_mib" in x else (None, "")
         verdict = (lambda v: "PASS" if v <= g else "FAIL") if g else (lambda v: "")
         warm = f"{x['warm_floor_rss_mib']:.0f}" if "warm_floor_rss_mib" in x else ""
         lines.append(f"| {x['target']} | {rec} | {x.get('commit', '')} | {how_measured} | {msl} | {x['wall_s']:.0f} | "
-                     f"{x['cpu_s']:.0f} | {p:.0f}{'*' if p - x['peak_rss_mib'] >= 1 else ''} | {p / w:.2f} | {f:.0f} | "
-                     f"{warm} | {(p - f) / w:.2f} | "
+                     f"{x['cpu_s']:.0f} | {p:.0f}{'*' if p - x['peak_rss_mib'] >= 1 else ''} | {p / w:.2f} | "
+                     f"{'' if f is None else f'{f:.0f}'} | {warm} | {'' if f is None else f'{(p - f) / w:.2f}'} | "
                      f"{x['artifact_bytes'] / 2**20:.1f} | {f'{g:.0f} ({how})' if g else ''} | {verdict(p)} | "
-                     f"{verdict(p - f)} |")
+                     f"{'' if f is None else verdict(p - f)} |")
     if r.get("before") and model_dir == r["model_dir"]:
         lines += ["", "Earlier (measured with /usr/bin/time -v around the CLI, same model):", "",
                   "| target | commit | wall (s) | CPU (s) | peak RSS (MiB) | peak / fp32 | artifact (MiB) |",
