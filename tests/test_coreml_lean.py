@@ -92,3 +92,33 @@ def test_underflow_search_still_runs_for_small_constants_only(monkeypatch):
         P._check_underflow_to_zero(None, var(400), var(400))
         P._check_underflow_to_zero(None, SimpleNamespace(val=None), var(3))
     assert searched == [399]
+
+
+def test_lean_conversion_writes_the_same_package(tiny_llama_dir, tmp_path, monkeypatch):
+    """lean_conversion (no const re-inference, fp16 casts into scratch space, no serializer
+    copies) changes memory, not output: the package's bytes equal coremltools' own path. The
+    tiny model's weights count as big here, so every changed path runs (counted: a control)."""
+    from click.testing import CliRunner
+
+    from slmc.cli import main
+    from slmc.compiler import spill
+    from slmc.targets.coreml import target
+
+    monkeypatch.setattr(spill, "MIN_BYTES", 4096)
+    casts = []
+    converted = spill.Spill.converted_array
+    monkeypatch.setattr(spill.Spill, "converted_array", lambda self, a, d, **k: casts.append(a.shape) or converted(self, a, d, **k))
+
+    def package(out, conversion):
+        monkeypatch.setattr(target, "lean_conversion", conversion)
+        res = CliRunner().invoke(main, ["compile", str(tiny_llama_dir), "-o", str(out), "--target", "coreml",
+                                        "--max-seq-len", "32"])
+        assert res.exit_code == 0, res.output
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted((out / "model.mlpackage").rglob("*"))
+                if p.is_file()}
+
+    plain = package(tmp_path / "plain", lean.lean_fp16_check)
+    assert casts == []
+    ours = package(tmp_path / "lean", lean.lean_conversion)
+    assert len(casts) >= 2 and ours.keys() == plain.keys()
+    assert all(ours[k] == plain[k] for k in plain), [k for k in plain if ours[k] != plain[k]]

@@ -3,6 +3,7 @@ quantized weights are dequantized in pieces, never as a whole fp32 table plus te
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -385,3 +386,23 @@ def test_gram_over_several_chunks_is_the_fp64_sum_of_their_products(monkeypatch)
     assert torch.allclose(got, want, rtol=0, atol=1e-6 * float(want.abs().max()))
     x[299, 0] += 1  # control: the last, short chunk counts
     assert not torch.allclose(calib.gram(x), want, rtol=0, atol=1e-6 * float(want.abs().max()))
+
+
+def test_converted_array_is_numpys_cast_in_pieces_and_lets_its_source_go(monkeypatch):
+    """Spill.converted_array (Core ML's fp16 weights, targets/coreml/lean.py) gives numpy's own
+    astype, overflow, subnormals and NaN included, as a mapped array; the pages it read from a
+    mapped source are let go, and a heap source's never are (let_go would lose them)."""
+    monkeypatch.setattr(spill_mod, "MIN_BYTES", 16)
+    rng = np.random.default_rng(0)
+    vals = np.r_[rng.normal(size=16379) * 3, [7e4, -1e-8, 6e-8, np.nan, np.inf]].astype(np.float32).reshape(128, 128)
+    src = Spill("src").mapped(torch.from_numpy(vals)).numpy()  # a mapped file, as a checkpoint's weight
+    gone = []
+    monkeypatch.setattr(spill_mod, "let_go", lambda r: gone.extend(r))
+    out = Spill("test").converted_array(src, np.float16, chunk=3000)
+    assert out.dtype == np.float16 and out.shape == src.shape and spill_mod.file_backed(torch.from_numpy(out))
+    assert np.array_equal(out, vals.astype(np.float16), equal_nan=True)
+    lo, hi = src.__array_interface__["data"][0], src.__array_interface__["data"][0] + src.nbytes
+    assert gone and all(lo <= a and a + n <= hi for a, n in gone)
+    gone.clear()
+    heap = Spill("test").converted_array(vals, np.float16, chunk=3000)
+    assert np.array_equal(heap, out, equal_nan=True) and gone == []  # control: heap pages stay

@@ -117,10 +117,21 @@ MADV_DONTNEED = 4  # drop these pages from this process; a file page stays in th
 def file_ranges(tensors) -> list[tuple[int, int]]:
     """The whole pages inside each tensor of `tensors` that is a mapped file (a checkpoint, a
     spill); heap tensors are left out, so `let_go` can never drop data that lives nowhere else."""
-    spans, page, out = _file_spans(), mmap.PAGESIZE, []
-    for t in tensors:
-        lo, hi = t.data_ptr(), t.data_ptr() + t.nbytes
-        if t.nbytes >= MIN_BYTES and any(a <= lo and hi <= b for a, b in spans):
+    return _file_pages([(t.data_ptr(), t.nbytes) for t in tensors])
+
+
+def array_ranges(arrays) -> list[tuple[int, int]]:
+    """file_ranges for numpy arrays (a converter's constants that view a mapped tensor)."""
+    return _file_pages([(a.__array_interface__["data"][0], a.nbytes) for a in arrays])
+
+
+def _file_pages(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(start, length) of the whole pages inside each (address, bytes) extent that lies in a
+    mapped file."""
+    spans, page, out = _file_spans() if extents else [], mmap.PAGESIZE, []
+    for lo, n in extents:
+        hi = lo + n
+        if n >= MIN_BYTES and any(a <= lo and hi <= b for a, b in spans):
             lo, hi = -(-lo // page) * page, hi // page * page
             if hi > lo:
                 out.append((lo, hi - lo))
@@ -242,6 +253,17 @@ class Spill:
         for i in range(0, flat.numel(), chunk):
             self._append(flat[i:i + chunk].float().to(dtype).contiguous())
         return self._read(off, self._end - off, tuple(t.shape), DTYPE_NAMES[dtype])
+
+    def converted_array(self, a: np.ndarray, dtype, chunk: int = 1 << 22) -> np.ndarray:
+        """`a.astype(dtype)` (numpy's own rounding, what a converter computes) as an array mapped
+        from this file, converted `chunk` values at a time: never a whole copy on the heap. The
+        pages of `a` each chunk read are let go when `a` is a mapped file (let_go)."""
+        flat, off = np.ascontiguousarray(a).reshape(-1), self._end
+        for i in range(0, flat.size, chunk):
+            self._append(torch.from_numpy(flat[i:i + chunk].astype(dtype)))
+            let_go(array_ranges([flat[i:i + chunk]]))
+        name = DTYPE_NAMES[torch.from_numpy(np.empty(0, dtype)).dtype]
+        return self._read(off, self._end - off, tuple(a.shape), name).numpy()
 
     def _read(self, off: int, n: int, shape: tuple, dtype: str) -> torch.Tensor:
         """The tensor as a private (copy-on-write) mapping of the file: its pages are file
