@@ -21,7 +21,9 @@ lean_conversion adds what keeps a conversion's weights off the heap and out of t
   the fp16 program's weights are file pages, not 260 MiB of heap for SmolLM2-135M;
 - the serializer writes each float constant from the array itself (coremltools' own branch
   copies it twice first, flatten then tobytes) and lets its pages go once written.
-Values are unchanged: the same numpy casts, the same bytes in the package.
+Values are unchanged: the same numpy casts, the same bytes in the package. Letting pages go
+(spill.let_go) is safe for these arrays because nothing writes into a constant's storage: its
+private mapping has no page of its own to lose.
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ def lean_conversion():
 
     def writing_data(output_var, blob_writer):
         val = output_var.val
-        if output_var.dtype in (types.fp16, types.fp32) and isinstance(val, np.ndarray) and val.flags.c_contiguous:
+        if (output_var.dtype in (types.fp16, types.fp32) and isinstance(val, np.ndarray)
+                and val.dtype in (np.float16, np.float32) and val.flags.c_contiguous):
             # coremltools' own branch copies the constant first (flatten, and tobytes for fp16)
             flat = val.reshape(-1)
             offset = (blob_writer.write_fp16_data(flat.view(np.uint16)) if val.dtype == np.float16
