@@ -32,3 +32,24 @@ def test_op_names_do_not_depend_on_earlier_program_loads(tiny_llama_dir, tmp_pat
     monkeypatch.setattr(coreml_target, "fresh_op_names", lambda: None)  # control: without the reset
     Builder.name_count["coreml_update_state"] += 7
     assert compile_to("control") != clean
+
+
+def test_symbol_choice_does_not_depend_on_how_many_symbols_came_before(tiny_llama_dir, tmp_path, monkeypatch):
+    """coremltools names symbolic dims "is<N>" from a count it never resets (a conversion makes
+    several hundred); when the converter's choice among equal symbols went by name, a conversion
+    whose count gained a digit midway (is99 -> is100, which sorts first) gave another program
+    than one whose count did not. By creation order, they are the same."""
+    from coremltools.converters.mil.mil import program
+
+    def compile_from(count, name):
+        assert count > program.k_num_internal_syms + 10_000  # names already made cannot be made again
+        program.k_num_internal_syms = count
+        out = tmp_path / name
+        api.compile(api.CompileOptions(str(tiny_llama_dir), "coreml", "all", str(out), recipe="int8-coreml",
+                                       max_seq_len=32))
+        return _mlmodel_digest(out)
+
+    # the first starts well past a power of ten; the second just before one
+    assert compile_from(10**7 + 5, "no-new-digit") == compile_from(10**8 - 10, "new-digit")
+    monkeypatch.setattr(coreml_target, "_creation_order", str)  # control: the choice by name alone
+    assert compile_from(10**9 + 5, "by-name") != compile_from(10**10 - 10, "by-name-new-digit")

@@ -175,7 +175,8 @@ def _deterministic_broadcast():
     """coremltools broadcasts symbolic dims with `list(set_of_symbols)[0]` (frontend/_utils.py
     pymil_broadcast_shapes): which equal symbol wins, and so which tensor's shape op the program
     reads, followed set order, and identical inputs gave different programs (979 vs 985 ops).
-    The symbols are equal by construction; taking the first by name makes the choice stable."""
+    The symbols are equal by construction; taking the first made (_creation_order) makes the
+    choice stable."""
     from coremltools.converters.mil.frontend import _utils
     from coremltools.converters.mil.mil.types.symbolic import is_symbolic
 
@@ -186,7 +187,7 @@ def _deterministic_broadcast():
         rank = len(out)
         padded = [[1] * (rank - len(s)) + list(s) for s in shapes]
         for i in range(rank):
-            syms = sorted({s[i] for s in padded if is_symbolic(s[i])}, key=str)
+            syms = sorted({s[i] for s in padded if is_symbolic(s[i])}, key=_creation_order)
             ints = {s[i] for s in padded if not is_symbolic(s[i])}
             if syms and ints <= {1}:
                 out[i] = syms[0]
@@ -198,6 +199,14 @@ def _deterministic_broadcast():
         yield
     finally:
         _utils.pymil_broadcast_shapes = original
+
+
+def _creation_order(symbol) -> tuple[int, str]:
+    """Unnamed symbols are "is<N>" from a process-wide count that is never reset: by name alone,
+    is100 sorts before is99, so the choice followed how many symbols the process had made before
+    (a conversion starting at 95 gave another program than one starting at 0). Shorter first,
+    then by name, is the count's order whatever it started at."""
+    return len(str(symbol)), str(symbol)
 
 
 def convert_function(model: Model, spec: CoreMLSpec, fn: str, out: Path, module=None) -> dict:
