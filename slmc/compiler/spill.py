@@ -128,14 +128,24 @@ def array_ranges(arrays) -> list[tuple[int, int]]:
 def _file_pages(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """(start, length) of the whole pages inside each (address, bytes) extent that lies in a
     mapped file."""
-    spans, page, out = _file_spans() if extents else [], mmap.PAGESIZE, []
-    for lo, n in extents:
-        hi = lo + n
-        if n >= MIN_BYTES and any(a <= lo and hi <= b for a, b in spans):
-            lo, hi = -(-lo // page) * page, hi // page * page
-            if hi > lo:
-                out.append((lo, hi - lo))
-    return out
+    spans = _file_spans() if extents else []
+    return [r for lo, n in extents if n >= MIN_BYTES and any(a <= lo and lo + n <= b for a, b in spans)
+            for r in _whole_pages(lo, n)]
+
+
+def _whole_pages(lo: int, n: int) -> list[tuple[int, int]]:
+    page = mmap.PAGESIZE
+    a, b = -(-lo // page) * page, (lo + n) // page * page
+    return [(a, b - a)] if b > a else []
+
+
+def releaser(a: np.ndarray):
+    """A function that lets go of the pages of a part of `a` (a view into it) once read, when `a`
+    lies in a mapped file, and does nothing when it is heap: decided once for a loop over its
+    parts, not by reading /proc/self/maps for each part."""
+    if not array_ranges([a]):
+        return lambda part: None
+    return lambda part: let_go(_whole_pages(part.__array_interface__["data"][0], part.nbytes))
 
 
 def let_go(ranges: list[tuple[int, int]]) -> None:
@@ -259,9 +269,10 @@ class Spill:
         from this file, converted `chunk` values at a time: never a whole copy on the heap. The
         pages of `a` each chunk read are let go when `a` is a mapped file (let_go)."""
         flat, off = np.ascontiguousarray(a).reshape(-1), self._end
+        read = releaser(flat)
         for i in range(0, flat.size, chunk):
             self._append(torch.from_numpy(flat[i:i + chunk].astype(dtype)))
-            let_go(array_ranges([flat[i:i + chunk]]))
+            read(flat[i:i + chunk])
         name = DTYPE_NAMES[torch.from_numpy(np.empty(0, dtype)).dtype]
         return self._read(off, self._end - off, tuple(a.shape), name).numpy()
 

@@ -41,9 +41,10 @@ FP16_MAX, INF_LIKE = 65504, 1e38  # coremltools' bounds: above 1e38 counts as in
 def overflows_fp16(value) -> bool:
     """Whether a finite (|x| < 1e38) value of `value` is beyond fp16's range."""
     flat = np.asarray(value).reshape(-1)
+    read = _spill.releaser(flat)  # each part is read once here: a mapped file's pages go
     for a in range(0, flat.size, CHUNK):
         m = np.abs(flat[a:a + CHUNK])
-        _spill.let_go(_spill.array_ranges([flat[a:a + CHUNK]]))  # read once; a mapped file's pages go
+        read(flat[a:a + CHUNK])
         if np.any((m > FP16_MAX) & (m < INF_LIKE)):
             return True
     return False
