@@ -19,6 +19,7 @@ import torch
 from ...compiler.ir import Model
 from ...compiler.lowering.taps import Tapped
 from ..base import Intermediates
+from .lib import coremltools
 from .mil_interp import MILProgram
 from .module import coreml_module
 from .names import fresh_op_names
@@ -27,7 +28,7 @@ from .names import fresh_op_names
 def hidden_states(model: Model, manifest: dict, ids: list[int], spec, units: str, quiet) -> Intermediates:
     """spec: the artifact's CoreMLSpec; units: its coremltools compute units; quiet(fn, ...): how
     the target calls the converter (target.py)."""
-    import coremltools as ct
+    ct = coremltools()
 
     T = len(ids)
     module = coreml_module(model, spec.stateful, spec.precision == "fp16", spec.ane_layout).eval()

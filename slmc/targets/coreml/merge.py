@@ -26,6 +26,7 @@ import struct
 from pathlib import Path
 
 from ...errors import SlmcError
+from .lib import coremltools
 
 WEIGHTS = "@model_path/weights/weight.bin"
 IOS18_SPEC = 9  # multifunction packages need specification version 9 (iOS 18)
@@ -125,6 +126,7 @@ def _function_description(spec, name: str):
 def merge_functions(sources: dict[str, Path], default: str, out: Path) -> None:
     """Write `out`, a package whose functions are each source's `main`, named by the keys of
     `sources`, with `default` as its default function. The sources are consumed."""
+    coremltools()
     from coremltools.proto import Model_pb2
 
     names = list(sources)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import SlmcError
+from .lib import coremltools
 
 NP = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "int8": np.int8, "uint8": np.uint8,
       "int16": np.int16, "uint16": np.uint16, "int32": np.int32, "int64": np.int64, "bool": np.bool_}
@@ -252,7 +253,7 @@ class MILProgram:
     """An ML Program read back from a saved `.mlpackage`, runnable function by function."""
 
     def __init__(self, package: Path):
-        import coremltools as ct
+        ct = coremltools()
         from coremltools.converters.mil.frontend.milproto.load import load
         from coremltools.converters.mil.mil import types
 

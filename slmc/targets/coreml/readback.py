@@ -8,11 +8,12 @@ import torch
 
 from ...compiler.ir import Model, QuantWeight, named_weights
 from ..readback import Readback, signed_codes
+from .lib import coremltools
 
 
 def _mil_dequant_consts(package: Path) -> list[dict]:
     """Every constexpr_blockwise_shift_scale of every function, as numpy arrays."""
-    import coremltools as ct
+    ct = coremltools()
     from coremltools.converters.mil.frontend.milproto.load import load
 
     ml = ct.models.MLModel(str(package), skip_model_load=True)

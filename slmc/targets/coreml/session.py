@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ...errors import SlmcError
+from .lib import coremltools
 
 _NP = {"float16": np.float16, "float32": np.float32, "int32": np.int32}
 
@@ -24,6 +25,7 @@ def _can_predict() -> bool:
     if sys.platform != "darwin":
         return False
     try:
+        coremltools()
         import coremltools.libcoremlpython  # noqa: F401
     except ImportError:
         return False
@@ -44,7 +46,7 @@ class CoreMLSession:
         self.cache_specs = {c["name"]: (tuple(c["shape"]), _NP[c["dtype"]]) for c in caches}
         self.use_coreml = _can_predict() if use_coreml is None else use_coreml
         if self.use_coreml:
-            import coremltools as ct
+            ct = coremltools()
 
             units = getattr(ct.ComputeUnit, manifest["compute_units"]["coremltools"])
             self.models = {fn: ct.models.MLModel(str(self.package), compute_units=units,

@@ -35,6 +35,7 @@ from ...errors import SlmcError
 from ..base import Artifact, Target, TargetSpec, scratch_file
 from ..bounds import FLOAT_EXACT, FP16_STATISTICAL
 from .lean import lean_conversion
+from .lib import coremltools
 from .names import fresh_op_names
 from . import merge
 from .module import coreml_module
@@ -214,7 +215,7 @@ def convert_function(model: Model, spec: CoreMLSpec, fn: str, out: Path, module=
     import numpy as np
     from torch.export import Dim
 
-    import coremltools as ct
+    ct = coremltools()
 
     module = (module or coreml_module(model, spec.stateful, spec.precision == "fp16")).eval()
     io = _function_io(model, spec, module, fn)
