@@ -43,10 +43,12 @@ from _common import (RESULTS, Phases, bench_setup, peak_rss_mib, busy_processes,
                      tiny_model, weight_count, write_results)
 
 TARGETS = ("executorch", "tflite", "coreml", "onnx")  # each with its default backend, as the CLI
-# what a compile for each target imports before it reads a weight (the floor)
+# what a compile for each target imports before it reads a weight (the floor), imported the way
+# slmc imports it: "module" or "module:function", a function slmc's compile calls to import it;
+# "a|b": b where a is missing (an older slmc tree, --slmc-root)
 IMPORTS = {"executorch": ["executorch.exir", "executorch.backends.xnnpack.partition.xnnpack_partitioner"],
            "tflite": ["litert_torch", "ai_edge_litert.interpreter"],
-           "coreml": ["coremltools"], "onnx": ["onnx", "onnxscript"]}
+           "coreml": ["slmc.targets.coreml.lib:coremltools|coremltools"], "onnx": ["onnx", "onnxscript"]}
 
 
 class Sampler:
@@ -98,9 +100,23 @@ def worker_compile(a) -> dict:
     return out
 
 
-def worker_floor(a) -> dict:
+def _import(entry: str) -> None:
+    """Import one IMPORTS entry."""
     import importlib
 
+    first, _, rest = entry.partition("|")
+    module, _, fn = first.partition(":")
+    try:
+        imported = importlib.import_module(module)
+    except ModuleNotFoundError:
+        if not rest:
+            raise
+        return _import(rest)
+    if fn:
+        getattr(imported, fn)()
+
+
+def worker_floor(a) -> dict:
     import torch  # noqa: F401
 
     if a.slmc_root:
@@ -108,7 +124,7 @@ def worker_floor(a) -> dict:
     from slmc import api
 
     for m in IMPORTS[a.target]:
-        importlib.import_module(m)
+        _import(m)
     out = {"floor_rss_mib": round(status_mib("VmRSS"), 1)}
     if a.tiny:
         # a model with next to no weights (made by the parent: transformers' import would count
