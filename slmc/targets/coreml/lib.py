@@ -1,8 +1,8 @@
 """coremltools, imported without scikit-learn.
 
 coremltools' `__init__` imports scikit-learn (which imports scipy.stats) only to decide whether
-its sklearn converters are on. slmc converts torch programs only, and with the scikit-learn that
-ExecuTorch pins (newer than coremltools supports) coremltools turns those converters off anyway.
+its sklearn converters are on. slmc converts torch programs only, and ExecuTorch requires a
+scikit-learn (>= 1.7.1) newer than coremltools supports, so coremltools turns them off anyway.
 The import alone was a large share of a Core ML compile's peak memory (bench/results/memory.md),
 so the first import goes through `coremltools()`, which hides scikit-learn while coremltools
 loads. The one effect outside slmc: in a process that imported coremltools through slmc, its
