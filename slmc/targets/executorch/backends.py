@@ -39,7 +39,9 @@ def _vulkan(spec):
 
 
 def _coreml(spec):
-    import coremltools as ct
+    from ..coreml.lib import coremltools
+
+    ct = coremltools()  # first, so that it loads without scikit-learn (coreml/lib.py)
     from executorch.backends.apple.coreml.compiler import CoreMLBackend
     from executorch.backends.apple.coreml.partition import CoreMLPartitioner
 
