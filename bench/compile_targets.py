@@ -12,7 +12,9 @@ Paths, each in a fresh subprocess (wall time, CPU time and peak RSS are its own)
   ref tflite    litert_torch.generative.export_hf.export (the HF exporter litert-torch ships),
                 fp32 (quantization_recipe="none"), prefill 128, same cache length, no bundle; its exporter
                 imports tensorflow, which slmc's environment does not have: give it a venv
-                that does with --ref-python (torch 2.13.0, litert-torch 0.10.0, tensorflow)
+                that does with --ref-python (torch 2.13.0, litert-torch 0.10.0, tensorflow), with
+                `kernels` uninstalled: with it (0.19.1) transformers 5.25's gemma3 module, which the
+                exporter imports, fails (`apply_rotary_pos_emb` ... `@use_kernelized_func`)
   slmc onnx     api.compile(target="onnx", backend="cpu"): fp32, and (onnx_int4) recipe int4-g32-onnx
                 (int4 g32 MatMulNBits at accuracy_level=1, int8 embedding)
   ref onnx      onnxruntime-genai's model builder, `python -m onnxruntime_genai.models.builder -i DIR -o OUT
@@ -229,35 +231,9 @@ def markdown(r: dict) -> str:
 
 
 def notes(r: dict) -> str | None:
-    """bench/README.md's paragraph on this run, its figures from the results file (`notes`:
-    the figures measured outside this script's run, each saying where it comes from)."""
-    n = r.get("notes")
-    if not n:
-        return None
-    p, g = r["paths"], r["goals"]
-    before = n["decode_before_change"]
-    tok = [b["slmc_tok_s"] for b in before]
-    ratio = [b.get("ratio") or b["slmc_tok_s"] / b["reference_tok_s"] for b in before]
-    retimed = n["standalone_retimings_tok_s"]
-    now = [g["tflite: slmc decode tok/s / reference"][0]] + [t["slmc"] / t["reference"] for t in retimed]
-    rss = [g[f"{t}: slmc peak RSS / fp32 weight bytes"][0] for t in ("coreml", "tflite")]
-    ref_rss = p["tflite-ref"]["peak_rss_mib"] * 2**20 / r["fp32_weight_bytes"]
-    goal = g["tflite: slmc decode tok/s / reference"][1].lstrip("≥ ")
-    err = p["coreml-ref"]["error"]
-    op = err.split("Unsupported fx node ")[-1].split(",")[0] if "Unsupported fx node" in err else err
-    return (f"Notes ({n['date']}). The Core ML reference path fails inside coremltools on the `{op}` of "
-            "transformers' static cache; there is no working reference to compare compile time against, and "
-            "slmc's own Core ML lowering avoids that op. The LiteRT rows: the reference is litert-torch's HF "
-            f"exporter run from a venv with tensorflow {n['ref_tensorflow']} (`--ref-python`). The tflite-slmc "
-            "row was re-measured after slmc's LiteRT lowering switched to the `odml.rms_norm` composite, sliced "
-            "RoPE and DYNAMIC_UPDATE_SLICE cache writes (`--only tflite-slmc`); before that change it decoded at "
-            f"{min(tok):.1f}-{max(tok):.1f} tok/s ({min(ratio):.2f}-{max(ratio):.2f}x). Standalone re-timings of "
-            "the same two files gave "
-            + " and ".join(f"{t['slmc']:.1f} vs {t['reference']:.1f}" for t in retimed)
-            + f" tok/s: the decode ratio is {min(now):.2f}-{max(now):.2f} on this shared {r['machine']['cores']}-core "
-            f"host, at parity within noise, short of the {goal}x goal. Peak RSS is {min(rss):.1f}-{max(rss):.1f}x "
-            f"the fp32 weights in slmc and {ref_rss:.1f}x in the reference (tflite): both converters hold the "
-            "torch model, the exported program and the flatbuffer at once.")
+    """bench/README.md's paragraph: the findings written into the results file's notes, newest
+    first, each dated and naming the run its figures come from."""
+    return (r.get("notes") or {}).get("text")
 
 
 def main(a) -> None:
