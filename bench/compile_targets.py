@@ -12,9 +12,10 @@ Paths, each in a fresh subprocess (wall time, CPU time and peak RSS are its own)
   ref tflite    litert_torch.generative.export_hf.export (the HF exporter litert-torch ships),
                 fp32 (quantization_recipe="none"), prefill 128, same cache length, no bundle; its exporter
                 imports tensorflow, which slmc's environment does not have: give it a venv
-                that does with --ref-python (torch 2.13.0, litert-torch 0.10.0, tensorflow), with
-                `kernels` uninstalled: with it (0.19.1) transformers 5.25's gemma3 module, which the
-                exporter imports, fails (`apply_rotary_pos_emb` ... `@use_kernelized_func`)
+                that does with --ref-python (torch 2.13.0, litert-torch 0.10.0, tensorflow-cpu,
+                transformers 5.20.2 without `kernels`): litert-torch replaces transformers'
+                use_kernel_forward_from_hub, which kernels 0.19.1 (required from transformers 5.25)
+                then rejects when the exporter imports gemma3; without kernels, 5.25 stopped its load
   slmc onnx     api.compile(target="onnx", backend="cpu"): fp32, and (onnx_int4) recipe int4-g32-onnx
                 (int4 g32 MatMulNBits at accuracy_level=1, int8 embedding)
   ref onnx      onnxruntime-genai's model builder, `python -m onnxruntime_genai.models.builder -i DIR -o OUT
