@@ -128,8 +128,9 @@ def array_ranges(arrays) -> list[tuple[int, int]]:
 def _file_pages(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """(start, length) of the whole pages inside each (address, bytes) extent that lies in a
     mapped file."""
-    spans = _file_spans() if extents else []
-    return [r for lo, n in extents if n >= MIN_BYTES and any(a <= lo and lo + n <= b for a, b in spans)
+    extents = [(lo, n) for lo, n in extents if n >= MIN_BYTES]
+    spans = _file_spans() if extents else []  # /proc/self/maps only when an extent is big enough
+    return [r for lo, n in extents if any(a <= lo and lo + n <= b for a, b in spans)
             for r in _whole_pages(lo, n)]
 
 
