@@ -48,7 +48,7 @@ TARGETS = ("executorch", "tflite", "coreml", "onnx")  # each with its default ba
 # "a|b": b where a is missing (an older slmc tree, --slmc-root)
 IMPORTS = {"executorch": ["executorch.exir", "executorch.backends.xnnpack.partition.xnnpack_partitioner"],
            "tflite": ["litert_torch", "ai_edge_litert.interpreter"],
-           "coreml": ["slmc.targets.coreml.lib:coremltools|coremltools"], "onnx": ["onnx", "onnxscript"]}
+           "coreml": ["slmc.targets.coreml_import:coremltools|coremltools"], "onnx": ["onnx", "onnxscript"]}
 
 
 class Sampler:

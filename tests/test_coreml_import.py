@@ -1,4 +1,4 @@
-"""coremltools is imported without scikit-learn (targets/coreml/lib.py): a Core ML compile never
+"""coremltools is imported without scikit-learn (targets/coreml_import.py): a Core ML compile never
 loads it, coremltools' own view of it is what a plain import gives, and the user can still import it."""
 
 import subprocess
@@ -31,7 +31,7 @@ def test_plain_import_loads_sklearn(plain):
 
 
 def test_guarded_import_leaves_sklearn_out_and_the_same_converters_on(plain):
-    guarded, after = _run("from slmc.targets.coreml.lib import coremltools; coremltools(); " + PROBE
+    guarded, after = _run("from slmc.targets.coreml_import import coremltools; coremltools(); " + PROBE
                           + "; import sklearn; print(sys.modules['sklearn'].__name__)")[-2:]
     assert after == "sklearn", "the user could not import scikit-learn after slmc imported coremltools"
     loaded, has = guarded.split()

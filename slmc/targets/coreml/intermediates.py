@@ -19,7 +19,7 @@ import torch
 from ...compiler.ir import Model
 from ...compiler.lowering.taps import Tapped
 from ..base import Intermediates
-from .lib import coremltools
+from ..coreml_import import coremltools
 from .mil_interp import MILProgram
 from .module import coreml_module
 from .names import fresh_op_names

@@ -26,7 +26,7 @@ import struct
 from pathlib import Path
 
 from ...errors import SlmcError
-from .lib import coremltools
+from ..coreml_import import coremltools
 
 WEIGHTS = "@model_path/weights/weight.bin"
 IOS18_SPEC = 9  # multifunction packages need specification version 9 (iOS 18)

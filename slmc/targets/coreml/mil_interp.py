@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import SlmcError
-from .lib import coremltools
+from ..coreml_import import coremltools
 
 NP = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "int8": np.int8, "uint8": np.uint8,
       "int16": np.int16, "uint16": np.uint16, "int32": np.int32, "int64": np.int64, "bool": np.bool_}

@@ -8,7 +8,7 @@ import torch
 
 from ...compiler.ir import Model, QuantWeight, named_weights
 from ..readback import Readback, signed_codes
-from .lib import coremltools
+from ..coreml_import import coremltools
 
 
 def _mil_dequant_consts(package: Path) -> list[dict]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ...errors import SlmcError
-from .lib import coremltools
+from ..coreml_import import coremltools
 
 _NP = {"float16": np.float16, "float32": np.float32, "int32": np.int32}
 

@@ -35,7 +35,7 @@ from ...errors import SlmcError
 from ..base import Artifact, Target, TargetSpec, scratch_file
 from ..bounds import FLOAT_EXACT, FP16_STATISTICAL
 from .lean import lean_conversion
-from .lib import coremltools
+from ..coreml_import import coremltools
 from .names import fresh_op_names
 from . import merge
 from .module import coreml_module

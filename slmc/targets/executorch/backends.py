@@ -39,9 +39,9 @@ def _vulkan(spec):
 
 
 def _coreml(spec):
-    from ..coreml.lib import coremltools
+    from ..coreml_import import coremltools
 
-    ct = coremltools()  # first, so that it loads without scikit-learn (coreml/lib.py)
+    ct = coremltools()  # first, so that it loads without scikit-learn (targets/coreml_import.py)
     from executorch.backends.apple.coreml.compiler import CoreMLBackend
     from executorch.backends.apple.coreml.partition import CoreMLPartitioner
 

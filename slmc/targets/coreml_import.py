@@ -7,6 +7,9 @@ The import alone was a large share of a Core ML compile's peak memory (bench/res
 so the first import goes through `coremltools()`, which hides scikit-learn while coremltools
 loads. The one effect outside slmc: in a process that imported coremltools through slmc, its
 sklearn converters stay off, as they are with today's pins.
+
+It sits beside the target packages, not in coreml/, because ExecuTorch's Core ML delegate
+imports coremltools too, and a target never imports another target (tests/test_layering.py).
 """
 
 from __future__ import annotations
