@@ -12,7 +12,8 @@ weights (vocab 32768 x hidden 64, one small layer),
 - float tables: one row of the table, in the stored dtype, occurs exactly once in the files.
 Controls: an untied model of the same shape measures about two copies by size, and a
 duplicated row is counted twice; an ExecuTorch int4 table looked up without the pair swap
-that makes its bytes XNNPACK's is stored twice.
+that makes its bytes XNNPACK's is stored twice, and so is an ONNX int8 table whose head is
+handed to the writer as a separate weight.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ FLOWS = [
     ("executorch", None, Q8, ("model.pte", "model.ptd"), "int8"),
     ("tflite", None, Q4, ("model.tflite",), "int4"),
     ("coreml", None, None, ("model.mlpackage",), "float16"),
+    ("onnx", None, "int4-g32-onnx", ("model.onnx", "model.onnx.data"), "int8"),
 ]
-IDS = ["executorch-8da4w", "executorch-8da8w", "tflite-8da4w", "coreml-fp16"]
+IDS = ["executorch-8da4w", "executorch-8da8w", "tflite-8da4w", "coreml-fp16", "onnx-int4-g32"]
 ONNX = ("model.onnx", "model.onnx.data")
 
 
@@ -138,6 +140,22 @@ def test_control_an_int4_table_without_the_pair_swap_is_stored_twice(models, tmp
     out = _compile(src, tmp_path / "a", "executorch", None, Q4)
     copies, _ = table_copies(out, ("model.pte", "model.ptd"), "int4", table, others)
     assert copies >= BOUND, f"without the swap the int4 table measured only {copies:.2f} copies"
+
+
+def test_control_an_onnx_int8_table_read_as_two_weights_is_stored_twice(models, tmp_path, monkeypatch):
+    """ONNX's sharing comes from one set of initializers per QuantWeight: handed the head as an
+    equal but separate weight, the writer stores the table twice, and the check sees it."""
+    import copy
+
+    import slmc.targets.onnx.codes as codes
+
+    weights = codes._weights
+    monkeypatch.setattr(codes, "_weights", lambda m: [(p, copy.copy(w) if p == "lm_head(tied)" else w, t)
+                                                      for p, w, t in weights(m)])
+    src, table, others = models[True]
+    out = _compile(src, tmp_path / "a", "onnx", None, "int4-g32-onnx")
+    copies, _ = table_copies(out, ONNX, "int8", table, others)
+    assert copies >= BOUND, f"an unshared int8 table measured only {copies:.2f} copies"
 
 
 def test_the_pair_swapped_lookup_gives_the_tables_rows():

@@ -5,8 +5,10 @@ The decoder is exported with each QuantWeight as its exact dequantized float (on
 path for float and quantized IRs); `quantize_graph` then finds, by their bytes, the MatMul
 whose constant B is that float weight transposed (or a Transpose of the table, for a tied
 head) and the Gather reading the table, and replaces each by the quantized op holding the
-codes. `images` is the one definition of the stored bytes, used by the writer and by
-readback.py. A QuantWeight that is not found fails the compile: nothing is left in float silently.
+codes: an 8-bit weight that a MatMul reads as its two 4-bit planes (split8.py), and a tied
+table once, in MatMulNBits' shape, which its gather reads through a Reshape. `images` is the
+one definition of the stored bytes, used by the writer and by readback.py. A QuantWeight that
+is not found fails the compile: nothing is left in float silently.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 from ...compiler.ir import Model, QuantWeight, named_weights
 from ...errors import SlmcError
 from .rules import block_size
+from .split8 import gather_nodes, matmul_nodes, pack4, planes, sixteen
 
 MS_DOMAIN = "com.microsoft"
 
@@ -35,25 +38,18 @@ class Images:
     block: int
 
 
-def _pack4(u: np.ndarray) -> np.ndarray:
-    """Rows of unsigned 4-bit values, two per byte, even index in the low nibble."""
-    if u.shape[-1] % 2:
-        u = np.concatenate([u, np.zeros(u.shape[:-1] + (1,), u.dtype)], axis=-1)
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
-
-
 def images(w: QuantWeight) -> Images:
     n, k = w.shape
     b = block_size(w.group_size)
     rep = w.group_size // b
     codes = w.codes.numpy().astype(np.int16)
     u = (codes + 2 ** (w.bits - 1) if w.symmetric else codes).astype(np.uint8)
-    packed = (_pack4(u) if w.bits == 4 else u).reshape(n, k // b, b * w.bits // 8)
+    packed = (pack4(u) if w.bits == 4 else u).reshape(n, k // b, b * w.bits // 8)
     scales = np.repeat(w.scales.float().numpy().astype(np.float32), rep, axis=1)
     zeros = None
     if w.zeros is not None:
         z = np.repeat(w.zeros.float().numpy().astype(np.uint8), rep, axis=1)
-        zeros = _pack4(z) if w.bits == 4 else z
+        zeros = pack4(z) if w.bits == 4 else z
     return Images(np.ascontiguousarray(packed), np.ascontiguousarray(scales), zeros, b)
 
 
@@ -112,51 +108,108 @@ def _weights(model: Model) -> list[tuple[str, QuantWeight, bool]]:
 
 def quantize_graph(proto, model: Model, base_dir: str = "") -> int:
     """Replace the float MatMul/Gather of every QuantWeight by MatMulNBits/GatherBlockQuantized
-    in place; returns how many nodes were replaced. base_dir: where external initializers'
-    files are."""
+    in place (an 8-bit one read by a MatMul as its two 4-bit planes, split8.py); returns how many
+    float nodes were replaced. A tied table's codes are stored once, in MatMulNBits' shape, and
+    its gather reads them through a Reshape. base_dir: where external initializers' files are."""
     from onnx import helper
 
     g = proto.graph
-    digests = _initializer_digests(g, base_dir) if _weights(model) else {}
+    ws = _weights(model)
+    digests = _initializer_digests(g, base_dir) if ws else {}
     producer = {o: n for n in g.node for o in n.output}
+    read_by_matmul = {id(w) for _, w, is_table in ws if not is_table}
     replaced, stored = 0, {}
-    for path, w, is_table in _weights(model):
+    for path, w, is_table in ws:
         f = w.float().numpy().astype(np.float32)
         name = digests.get(_digest(f if is_table else f.T))  # MatMul's B is the weight transposed
         table = digests.get(_digest(f))  # a tied head may read the table through a Transpose
-        if path not in stored:
-            im = images(w)
-            key = path.replace("(tied)", "")
-            stored[path] = (im, _add(g, f"{key}.qcodes", im.codes if not is_table else im.codes.reshape(w.shape[0], -1)),
-                            _add(g, f"{key}.qscales", im.scales),
-                            None if im.zeros is None else _add(g, f"{key}.qzeros", im.zeros if is_table else im.zeros.reshape(-1)))
-        im, codes, scales, zeros = stored[path]
-        hits = 0
-        for i, node in enumerate(list(g.node)):
+        if id(w) not in stored:
+            stored[id(w)] = _initializers(g, path.replace("(tied)", ""), w, id(w) in read_by_matmul)
+        p = stored[id(w)]
+        new_at = {}
+        for i, node in enumerate(g.node):
             if is_table and node.op_type == "Gather" and name is not None and node.input[0] == name:
-                ins = [codes, node.input[1], scales] + ([zeros] if zeros else [])
-                new = helper.make_node("GatherBlockQuantized", ins, list(node.output), name=node.name,
-                                       domain=MS_DOMAIN, bits=w.bits, block_size=im.block, gather_axis=0,
-                                       quantize_axis=1)
+                new_at[i] = _gather(g, node, w, p)
             elif not is_table and node.op_type == "MatMul" and _reads(node.input[1], name, table, producer):
-                ins = [node.input[0], codes, scales] + ([zeros] if zeros else [])
-                # accuracy_level=1: fp32 compute on the exactly dequantized weight (4 would
-                # quantize the activations, see rules.py)
-                new = helper.make_node("MatMulNBits", ins, list(node.output), name=node.name, domain=MS_DOMAIN,
-                                       K=w.shape[1], N=w.shape[0], bits=w.bits, block_size=im.block,
-                                       accuracy_level=1)
-            else:
-                continue
-            g.node[i].CopyFrom(new)
-            hits += 1
-        if not hits:
+                new_at[i] = _matmul(node, w, p)
+        if not new_at:
             raise SlmcError(f"{path}: its float image was not found as a MatMul/Gather constant in the exported "
                             "graph, so its codes cannot be stored (an exporter change?)", "onnx")
-        replaced += hits
+        nodes = [m for i, node in enumerate(g.node) for m in new_at.get(i, [node])]
+        del g.node[:]
+        g.node.extend(nodes)
+        replaced += len(new_at)
     _prune(g)
     if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return replaced
+
+
+def _initializers(g, key: str, w: QuantWeight, matmul: bool) -> dict:
+    """The initializers one QuantWeight's ops read: in MatMulNBits' shapes when a MatMul reads
+    it (codes [N, K/b, b*bits/8], zero points flat; 8 bits as planes), else in the gather's
+    ([N, K*bits/8], zero points [N, ...])."""
+    im = images(w)
+    p = {"im": im, "matmul": matmul, "planes": matmul and w.bits == 8}
+    p["s"] = _add(g, f"{key}.qscales", im.scales)
+    if p["planes"]:
+        pl = planes(im.codes, im.zeros)
+        sixteen(g)
+        p.update(hi=_add(g, f"{key}.qcodes_hi", pl.hi), lo=_add(g, f"{key}.qcodes_lo", pl.lo),
+                 zh=None if pl.zh is None else _add(g, f"{key}.qzeros_hi", pl.zh.reshape(-1)),
+                 zl=_add(g, f"{key}.qzeros_lo", pl.zl.reshape(-1)))
+    else:
+        n = w.shape[0]
+        p["codes"] = _add(g, f"{key}.qcodes", im.codes if matmul else im.codes.reshape(n, -1))
+        p["z"] = None if im.zeros is None else _add(g, f"{key}.qzeros", im.zeros.reshape(-1) if matmul else im.zeros)
+    return p
+
+
+def _matmul(node, w: QuantWeight, p: dict) -> list:
+    from onnx import helper
+
+    im = p["im"]
+    if p["planes"]:
+        return matmul_nodes(node.name, node.input[0], node.output[0], p, w.shape[1], w.shape[0], im.block)
+    # accuracy_level=1: fp32 compute on the exactly dequantized weight (4 would quantize the
+    # activations, see rules.py)
+    ins = [node.input[0], p["codes"], p["s"]] + ([p["z"]] if p["z"] else [])
+    return [helper.make_node("MatMulNBits", ins, list(node.output), name=node.name, domain=MS_DOMAIN,
+                             K=w.shape[1], N=w.shape[0], bits=w.bits, block_size=im.block, accuracy_level=1)]
+
+
+def _gather(g, node, w: QuantWeight, p: dict) -> list:
+    """The quantized gather; codes stored in MatMulNBits' shape (a tied table) are read through
+    Reshape nodes, which ONNX Runtime folds when it loads the model."""
+    from onnx import helper
+
+    im, out, pre = p["im"], [], []
+
+    def rows(name):
+        if not p["matmul"] or name is None:
+            return name
+        shape = _rows_shape(g, w.shape[0])
+        pre.append(helper.make_node("Reshape", [name, shape], [f"{name}.rows"], name=f"{name}.rows"))
+        return f"{name}.rows"
+
+    if p["planes"]:
+        q = {**p, **{k: rows(p[k]) for k in ("hi", "lo", "zh", "zl")}}
+        out = gather_nodes(node.name, node.input[1], node.output[0], q, im.block)
+    else:
+        ins = [rows(p["codes"]), node.input[1], p["s"]] + ([rows(p["z"])] if p["z"] else [])
+        out = [helper.make_node("GatherBlockQuantized", ins, list(node.output), name=node.name, domain=MS_DOMAIN,
+                                bits=w.bits, block_size=im.block, gather_axis=0, quantize_axis=1)]
+    return pre + out
+
+
+def _rows_shape(g, n: int) -> str:
+    """An int64 initializer [n, -1], added once."""
+    from onnx import numpy_helper
+
+    name = f"slmc.rows{n}"
+    if not any(t.name == name for t in g.initializer):
+        g.initializer.append(numpy_helper.from_array(np.array([n, -1], np.int64), name))
+    return name
 
 
 def _reads(inp: str, name: str | None, table: str | None, producer: dict) -> bool:
