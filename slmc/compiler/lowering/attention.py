@@ -76,9 +76,10 @@ class LAttention(nn.Module):
 
 @dataclass(frozen=True)
 class RowCacheAttention:
-    """Per-layer caches. write_rows(cache, axis, start[1], rows) -> cache: a target's op for T
-    contiguous rows, out of place (LiteRT: dynamic_update_slice); None: index_copy at every
-    row's position. Ring caches always use index_copy."""
+    """Per-layer caches. write_rows(cache, axis, positions[T], rows) -> cache: a target's op for
+    the T new rows, out of place (LiteRT: dynamic_update_slice at positions[0]; ONNX: a scatter
+    along the cache's axis); None: index_copy at every row's position. Ring caches always use
+    index_copy."""
 
     write_rows: Callable | None = None
     stacked, channels_first = False, False  # the cache form and hidden layout it works on

@@ -18,7 +18,7 @@ from .math import int8_kv_codes, int8_kv_scale
 def write_rows(cache, axis: int, slots, new, inplace: bool, pad=None, writer=None):
     """Store the new rows at `slots`: int8 as codes + per-token scales, float caches rounded to
     their dtype. Rows where `pad` is true write back what was there.
-    writer: a target's op for rows that are contiguous from slots[0] (linear caches)."""
+    writer: a target's op writer(cache, axis, slots, rows) -> cache, out of place (linear caches)."""
     if isinstance(cache, tuple):
         return _write_int8(cache, axis, slots, new, inplace, pad, writer)
     new = _keep(cache, axis, slots, new.to(cache.dtype), pad)  # fp16 caches round here
@@ -30,7 +30,7 @@ def _store(buf, axis: int, slots, rows, inplace: bool, writer=None):
         buf.index_copy_(axis, slots, rows)
         return buf
     if writer is not None:
-        return writer(buf, axis, slots[:1], rows)
+        return writer(buf, axis, slots, rows)
     return buf.index_copy(axis, slots, rows)
 
 

@@ -31,6 +31,8 @@ from torch.export import Dim
 
 from ...compiler.ir import Model
 from ...compiler.lowering import LoweredLM, LoweringSpec, max_chunk
+from ...compiler.lowering.attention import RowCacheAttention
+from ...compiler.lowering.components import Components
 from ...compiler.spill import page_out_weights
 from ..base import scratch_file
 from .codes import external_info, quantize_graph, read_external
@@ -56,10 +58,20 @@ def cache_names(n_layers: int) -> tuple[list[str], list[str]]:
     return past, present
 
 
+def _scatter_rows(cache, axis: int, positions, rows):
+    """The new rows at their positions as one ScatterElements along the cache's axis: index_copy
+    exports as a ScatterND on the cache transposed to put that axis first, and back, which
+    moved the whole cache twice per K/V per layer and step."""
+    shape = [1] * cache.dim()
+    shape[axis] = -1
+    return cache.scatter(axis, positions.reshape(shape).expand_as(rows), rows)
+
+
 def lowering_spec() -> LoweringSpec:
     # caches as inputs/outputs, every token's position given, logits of every position;
     # QuantWeights as their exact dequantized floats, which codes.py swaps for slmc's codes
-    return LoweringSpec(kv="io", positions="tokens", full_logits=True, dequantize=True)
+    return LoweringSpec(kv="io", positions="tokens", full_logits=True, dequantize=True,
+                        components=Components(attention=RowCacheAttention(write_rows=_scatter_rows)))
 
 
 class GenAIDecoder(nn.Module):

@@ -246,9 +246,11 @@ def _converting():
         yield
 
 
-def _dus_rows(cache, axis: int, start, rows):
-    """T cache rows at `start` as one TFLite DYNAMIC_UPDATE_SLICE, which the runtime can do in
-    place; index_copy would become a generic stablehlo scatter over the whole cache."""
+def _dus_rows(cache, axis: int, positions, rows):
+    """T cache rows at positions[0] (the lowering's positions are start + i) as one TFLite
+    DYNAMIC_UPDATE_SLICE, which the runtime can do in place; index_copy would become a generic
+    stablehlo scatter over the whole cache."""
+    start = positions[:1]
     from litert_torch.generative.custom_ops.dynamic_update_slice import dynamic_update_slice
 
     zero = torch.zeros(1, dtype=torch.int32)
