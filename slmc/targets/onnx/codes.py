@@ -118,7 +118,7 @@ def quantize_graph(proto, model: Model, base_dir: str = "") -> int:
     digests = _initializer_digests(g, base_dir) if ws else {}
     producer = {o: n for n in g.node for o in n.output}
     read_by_matmul = {id(w) for _, w, is_table in ws if not is_table}
-    replaced, stored = 0, {}
+    stored, new_at = {}, {}  # node index -> the nodes that replace it (the graph is rebuilt once)
     for path, w, is_table in ws:
         f = w.float().numpy().astype(np.float32)
         name = digests.get(_digest(f if is_table else f.T))  # MatMul's B is the weight transposed
@@ -126,23 +126,23 @@ def quantize_graph(proto, model: Model, base_dir: str = "") -> int:
         if id(w) not in stored:
             stored[id(w)] = _initializers(g, path.replace("(tied)", ""), w, id(w) in read_by_matmul)
         p = stored[id(w)]
-        new_at = {}
+        found = len(new_at)
         for i, node in enumerate(g.node):
             if is_table and node.op_type == "Gather" and name is not None and node.input[0] == name:
                 new_at[i] = _gather(g, node, w, p)
             elif not is_table and node.op_type == "MatMul" and _reads(node.input[1], name, table, producer):
                 new_at[i] = _matmul(node, w, p)
-        if not new_at:
+        if len(new_at) == found:
             raise SlmcError(f"{path}: its float image was not found as a MatMul/Gather constant in the exported "
                             "graph, so its codes cannot be stored (an exporter change?)", "onnx")
+    if new_at:
         nodes = [m for i, node in enumerate(g.node) for m in new_at.get(i, [node])]
         del g.node[:]
         g.node.extend(nodes)
-        replaced += len(new_at)
     _prune(g)
     if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return replaced
+    return len(new_at)
 
 
 def _initializers(g, key: str, w: QuantWeight, matmul: bool) -> dict:
