@@ -17,7 +17,7 @@ Paths, each in a fresh subprocess (wall time, CPU time and peak RSS are its own)
                 use_kernel_forward_from_hub, which kernels 0.19.1 (required from transformers 5.25)
                 then rejects when the exporter imports gemma3; without kernels, 5.25 stopped its load
   slmc onnx     api.compile(target="onnx", backend="cpu"): fp32, and (onnx_int4) recipe int4-g32-onnx
-                (int4 g32 MatMulNBits at accuracy_level=1, int8 embedding)
+                (int4 g32 MatMulNBits at accuracy_level=1, int8 embedding and tied head as two 4-bit planes)
   ref onnx      onnxruntime-genai's model builder, `python -m onnxruntime_genai.models.builder -i DIR -o OUT
                 -p fp32|int4 -e cpu` on the same local HF folder (offline: HF_HUB_OFFLINE=1), its defaults
                 (int4: its own RTN int4 with accuracy_level=4, int8 activations)
