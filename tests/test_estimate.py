@@ -92,7 +92,7 @@ def test_config_only_folder(tmp_path):
 
 def _artifact(tmp_path, pipeline) -> Path:
     src = tmp_path / "src"
-    src.mkdir()
+    src.mkdir(parents=True)
     (src / "config.json").write_text(json.dumps(TINY))
     art = tmp_path / "art"
     art.mkdir()
@@ -112,6 +112,25 @@ def test_artifact_folder_reads_its_manifest(tmp_path):
     assert e["max_len"] == 64 and e["decode"]["bytes_per_token"] == 58148
     with pytest.raises(SlmcError, match="describe a model"):
         api.estimate(art, api.EstimateOptions("oneplus-12", recipe="int8da-int8w"))
+
+
+def test_a_tied_head_reads_the_quantized_table(tmp_path):
+    """embed_bits without head_bits leaves a tied head reading the quantized table (the ONNX
+    recipe int4-g32-onnx): the head is counted at the table's int8 g32, not in fp32. Controls:
+    the same options on an untied model, or after canon.untie_embeddings, count an fp32 head."""
+    q8 = {"name": "quant.rtn", "options": {"bits": 4, "group_size": 32, "symmetric": True, "embed_bits": 8}}
+    opts = api.EstimateOptions("oneplus-12", prompt_len=2, decode_tokens=16, bare=True)
+    head8, head32 = 256 * 64 + 256 * 2 * 4, 4 * 256 * 64  # int8 g32 with fp32 scales; fp32
+    tied = api.estimate(_artifact(tmp_path / "t", [q8]), opts)
+    assert tied["storage"]["head"] == tied["storage"]["embedding"] == "int8 g32 (4-byte scales)"
+    untie = api.estimate(_artifact(tmp_path / "u", [{"name": "canon.untie_embeddings", "options": {}}, q8]), opts)
+    assert untie["storage"]["head"] == "fp32"
+    assert untie["decode"]["bytes_per_token"] - tied["decode"]["bytes_per_token"] == head32 - head8
+    TINY["tie_word_embeddings"] = False
+    try:
+        assert api.estimate(_artifact(tmp_path / "n", [q8]), opts)["storage"]["head"] == "fp32"
+    finally:
+        TINY["tie_word_embeddings"] = True
 
 
 def test_shape_changing_pass_is_refused(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import SlmcError
 from ..estimate import (DEVICES, FLOWS, FORMS, PUBLISHED, Point, device, estimate as roofline, fit, leave_one_out,
-                        quant_of, runtime, shape_of, storage_of)
+                        quant_of, runtime, shape_of, storage_of, unties)
 from ..manifest import FILENAME, read_manifest
 
 
@@ -83,7 +83,8 @@ def estimate(subject: str | Path, opts: EstimateOptions) -> dict:
     folder = Path(subject)
     s = _artifact(folder, opts) if (folder / FILENAME).is_file() else _model(str(subject), opts)
     shape = shape_of(s["config"], s["where"])
-    st = storage_of(s["target"], quant_of(s["pipeline"], s["subject"]), s["kv_dtype"])
+    st = storage_of(s["target"], quant_of(s["pipeline"], s["subject"]), s["kv_dtype"],
+                    tied=shape.tied and not unties(s["pipeline"]))
     rt = runtime(s["target"], s["backend"], opts.bare)
     max_len = opts.max_seq_len or s["max_len"] or min(shape.max_position, 2048)
     if not 1 < max_len <= shape.max_position:

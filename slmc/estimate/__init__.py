@@ -15,7 +15,7 @@ from .devices import DEVICES, Device, device
 from .fit import FORMS, NotEstimable, Point, fit, leave_one_out, predict
 from .published import FLOWS, PUBLISHED, Figure
 from .runtimes import RUNTIMES, Runtime, runtime
-from .subject import Quant, quant_of, shape_of, storage_of
+from .subject import Quant, quant_of, shape_of, storage_of, unties
 
 MiB = 1 << 20
 
@@ -72,4 +72,4 @@ def estimate(shape: Shape, st: Storage, dev: Device, rt: Runtime, max_len: int, 
 __all__ = ["FORMS", "FLOWS", "PUBLISHED", "Figure", "NotEstimable", "Point", "fit", "leave_one_out", "predict",
            "terms", "DEVICES", "RUNTIMES", "Device", "Runtime", "Scheme", "Shape", "Storage", "Quant", "device",
            "runtime",
-           "estimate", "shape_of", "storage_of", "quant_of", "decode_cost", "prefill_cost", "memory", "arithmetic"]
+           "estimate", "shape_of", "storage_of", "unties", "quant_of", "decode_cost", "prefill_cost", "memory", "arithmetic"]

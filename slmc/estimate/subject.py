@@ -53,10 +53,12 @@ class Quant:
         return cls(**{k: opts[k] for k in cls.__dataclass_fields__ if k in opts})
 
 
-def storage_of(target: str, quant: Quant | None, kv_dtype: str) -> Storage:
+def storage_of(target: str, quant: Quant | None, kv_dtype: str, tied: bool = False) -> Storage:
     """How each tensor is stored. The embedding and the head take their own bits in the
     linears' group size (per channel when that does not divide the hidden size), the head with
-    the linears' activation quantization; 0 bits: float."""
+    the linears' activation quantization; 0 bits: float. tied: the head reads the table, so
+    with embed_bits and no head_bits it reads the quantized table (quant passes leave a tied
+    head tied unless head_bits gives it its own node)."""
     fb = FLOAT_BITS.get(target, 32)
     flt = Scheme(fb)
     if quant is None:
@@ -66,8 +68,14 @@ def storage_of(target: str, quant: Quant | None, kv_dtype: str) -> Storage:
     def scheme(bits: int, act: int) -> Scheme:
         return Scheme(bits, quant.group_size, sb, not quant.symmetric, act) if bits else flt
 
-    return Storage(scheme(quant.bits, quant.act_bits), scheme(quant.embed_bits, 0),
-                   scheme(quant.head_bits, quant.act_bits), fb, KV_BITS[kv_dtype])
+    embed = scheme(quant.embed_bits, 0)
+    head = embed if tied and not quant.head_bits else scheme(quant.head_bits, quant.act_bits)
+    return Storage(scheme(quant.bits, quant.act_bits), embed, head, fb, KV_BITS[kv_dtype])
+
+
+def unties(pipeline: list[tuple[str, dict]]) -> bool:
+    """Whether a pass of the pipeline gives a tied head its own weight."""
+    return any(name == "canon.untie_embeddings" or opts.get("untie") for name, opts in pipeline)
 
 
 def quant_of(pipeline: list[tuple[str, dict]], where: str) -> Quant | None:
