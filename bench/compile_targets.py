@@ -198,6 +198,22 @@ def run_path(name: str, common: list[str], work: Path, python: str = sys.executa
     return r
 
 
+def decode_bytes(name: str, x: dict, model_dir: Path, before: int, steps: int, L: int) -> int | None:
+    """Bytes one decode step reads at the middle of the timed steps (slmc's cost model, bare:
+    every weight at its stored bits, one embedding row, the KV cache up to the position): an
+    slmc folder from its manifest, a fp32 reference as the same model in fp32; None for the
+    builder's int4, whose storage slmc does not model."""
+    from slmc import api
+
+    if name == "onnx_int4-ref" or "error" in x:
+        return None
+    art = Path(x["artifact"])
+    subject = (art if art.is_dir() else art.parent) if name.endswith("-slmc") else model_dir
+    e = api.estimate(str(subject), api.EstimateOptions("galaxy-s22", prompt_len=max(before, 1), decode_tokens=steps,
+                                                       bare=True, max_seq_len=L))
+    return round(e["decode"]["bytes_per_token"])
+
+
 def ratio(a, b, key):
     ok = "error" not in a and "error" not in b and b.get(key)
     return a[key] / b[key] if ok else None
@@ -208,15 +224,18 @@ def markdown(r: dict) -> str:
     lines = [f"# Core ML, LiteRT and ONNX compile: slmc beside the reference converters ({r['model_name']})", "",
              f"{m['date']} · {m['cpu']} · {m['cores']} cores · torch {m['torch']} · max_seq_len {r['max_seq_len']} · "
              f"fp32 weights {r['fp32_weight_bytes'] / 2**20:.0f} MiB", "",
-             "| path | compile wall (s) | CPU (s) | peak RSS (MiB) | artifact (MiB) | decode tok/s |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| path | compile wall (s) | CPU (s) | peak RSS (MiB) | artifact (MiB) | decode tok/s | "
+             "bytes / decode token (MiB) | of roofline |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, x in r["paths"].items():
         if "error" in x:
-            lines.append(f"| {name} | failed after {x['wall_s']:.0f} s: `{x['error']}` | | | | |")
+            lines.append(f"| {name} | failed after {x['wall_s']:.0f} s: `{x['error']}` | | | | | | |")
             continue
         tok = f"{x['decode_tok_s']:.1f}" if "decode_tok_s" in x else "-"
+        cost = f"{x['bytes_per_token'] / 2**20:.1f}" if "bytes_per_token" in x else "-"
+        roof = f"{x['of_roofline']:.0%}" if "of_roofline" in x else "-"
         lines.append(f"| {name} | {x['wall_s']:.1f} | {x['cpu_s']:.1f} | {x['peak_rss_mib']:.0f} | "
-                     f"{x['artifact_bytes'] / 2**20:.1f} | {tok} |")
+                     f"{x['artifact_bytes'] / 2**20:.1f} | {tok} | {cost} | {roof} |")
     lines += ["", "| goal | measured | target | result |", "|---|---:|---:|---|"]
     for k, (val, tgt, ok) in r["goals"].items():
         lines.append(f"| {k} | {'-' if val is None else f'{val:.2f}'} | {tgt} | "
@@ -226,6 +245,12 @@ def markdown(r: dict) -> str:
               "folder in onnxruntime-genai's generator after a short prompt. onnx_int4: slmc's int4-g32-onnx "
               "recipe (MatMulNBits accuracy_level=1, fp32 compute: exact) beside the builder's `-p int4` "
               "(its defaults: accuracy_level=4, int8 activations).", ""]
+    bws = {x["host_bandwidth"]["bandwidth_gbs"] for x in r["paths"].values() if "host_bandwidth" in x}
+    if bws:
+        lines += [f"Roofline: decode tok/s x the bytes a step reads (slmc's cost model, bare: every weight at its stored "
+                  "bits, one embedding row, the KV cache up to the step's position, at the middle of the timed steps; "
+                  "a reference in fp32 as the same model in fp32, the builder's int4 not modelled) / the host's copy "
+                  f"bandwidth measured after the decode timings ({', '.join(f'{b} GB/s' for b in sorted(bws))}).", ""]
     for name, x in r["paths"].items():
         lines += phase_table(name, x["phases"]) if "phases" in x else []
     return "\n".join(lines + others_seen(r["other_processes"]))
@@ -274,6 +299,18 @@ def main(a) -> None:
                                "--repeats", str(a.repeats)], work / "decode_onnx.json", rusage=False)
         for k in arts:
             paths[k].update(decode_tok_s=dec[k]["decode_tok_s"], decode_tok_s_all=dec[k]["tok_s"])
+    decoded = [k for k in paths if k in measured and "decode_tok_s" in paths[k]]
+    if decoded:  # the memory roofline of each decode timed in this run (issue 17, item 5)
+        sys.path.insert(0, str(Path(__file__).parent))
+        from estimate import host_bandwidth
+
+        bw = host_bandwidth()
+        for k in decoded:
+            steps_before = 0 if k.startswith("tflite") else len(prompt_ids(model_dir, cfg["vocab_size"]))
+            cost = decode_bytes(k, paths[k], model_dir, steps_before, a.steps, a.max_seq_len)
+            if cost is not None:
+                paths[k].update(bytes_per_token=cost, host_bandwidth=bw,
+                                of_roofline=round(paths[k]["decode_tok_s"] * cost / (bw["bandwidth_gbs"] * 1e9), 3))
     fp32 = weight_count(model_dir) * 4
     goals = {}
     for t in ("coreml", "tflite"):
@@ -284,6 +321,14 @@ def main(a) -> None:
         goals[f"{t}: slmc peak RSS / fp32 weight bytes"] = (rss, "≤ 1.5", None if rss is None else rss <= 1.5)
     d = ratio(paths["tflite-slmc"], paths["tflite-ref"], "decode_tok_s")
     goals["tflite: slmc decode tok/s / reference"] = (d, "≥ 1.2", None if d is None else d >= 1.2)
+    s, f = paths["tflite-slmc"], paths["tflite-ref"]
+    if "of_roofline" in s:
+        goals["tflite: slmc decode / roofline"] = (s["of_roofline"], "≥ 0.8", s["of_roofline"] >= 0.8)
+    if "of_roofline" in f:
+        goals["tflite: reference decode / roofline"] = (f["of_roofline"], "measured", None)
+        goals["tflite: 1.2x the reference's decode, as a fraction of roofline"] = (
+            round(1.2 * f["of_roofline"] * s.get("bytes_per_token", f["bytes_per_token"]) / f["bytes_per_token"], 3),
+            "measured", None)
     for t in ("onnx", "onnx_int4"):  # issue 19: measured beside the builder, no goal set there
         s, f = paths[f"{t}-slmc"], paths[f"{t}-ref"]
         for key, what in (("wall_s", "wall"), ("decode_tok_s", "decode tok/s")):

@@ -23,6 +23,9 @@
    manifest, optimum's from its flags written as the same storage (int4 g32 linears and head with
    int8 activations, int8 embedding rows; its scales' dtype as its quantizer stores them).
    fraction = decode tok/s x bytes per token / bandwidth.
+5. Why a step is short of its roofline: the same decode again in a process held to one core.
+   One thread copies at about the host's bandwidth here, so a step bound by memory bandwidth
+   gains little from the second core and one bound by compute up to 2x.
 Goals (issue 17): slmc decodes faster than optimum-executorch's artifact (keep the lead), and
 each decode at >= 80 % of its roofline. Writes bench/results/decode_optimum{,-quick}.{json,md}.
 """
@@ -109,7 +112,11 @@ def worker_optimum(a) -> dict:
 
 
 def worker_decode(a) -> dict:
-    """Both programs in one TextLLMRunner process, alternating; the host's bandwidth after."""
+    """Both programs in one TextLLMRunner process, alternating; the host's bandwidth after.
+    --cores N: the process is held to its first N cores before anything starts a thread, so
+    the runtime's thread pool (made on first use) inherits that."""
+    if a.cores:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:int(a.cores)])
     import executorch.kernels.quantized  # noqa: F401  registers the quantized kernels
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
@@ -188,6 +195,14 @@ def main(a) -> None:
                          str(Path(model) / "tokenizer.json"), "--new-tokens", str(a.new_tokens),
                          "--repeats", str(a.repeats)], work / "decode.json")
     others |= set(busy_processes())
+    # the same decode held to one core: a step bound by memory bandwidth gains little from a
+    # second core when one thread alone copies at the host's bandwidth (host_bandwidth's
+    # 1-thread figure); a step bound by compute gains up to 2x
+    print("== decode on one core ...", flush=True)
+    d1 = spawn(__file__, ["--worker", "decode", "--artifacts", json.dumps(arts), "--tokenizer",
+                          str(Path(model) / "tokenizer.json"), "--new-tokens", str(a.new_tokens),
+                          "--repeats", str(a.repeats), "--cores", "1"], work / "decode1.json")
+    others |= set(busy_processes())
     bw = d["host_bandwidth"]["bandwidth_gbs"]
     rows = {}
     for k, exp in (("slmc", s), ("optimum-executorch", o)):
@@ -197,6 +212,7 @@ def main(a) -> None:
                 decode_bytes(str(model), {"passes": (OPT_STORAGE,), "max_seq_len": a.max_seq_len},
                              last["prompt_tokens"], last["generated_tokens"]))
         tok = statistics.median(r["decode_tok_s"] for r in runs)
+        tok1 = statistics.median(r["decode_tok_s"] for r in d1["runs"][k])
         full = all(r["generated_tokens"] >= MIN_SHARE * a.new_tokens for r in runs)
         rows[k] = {"export_wall_s": exp["wall_s"], "export_cpu_s": exp["cpu_s"], "export_peak_rss_mib": exp["peak_rss_mib"],
                    "export_reused": bool(exp.get("reused")),
@@ -205,6 +221,9 @@ def main(a) -> None:
                    "decode_tok_s_all": [round(r["decode_tok_s"], 2) for r in runs],
                    "prompt_tokens": last["prompt_tokens"], "generated_tokens": [r["generated_tokens"] for r in runs],
                    "full_length": full, "text": last["text"][:200], **cost,
+                   "decode_tok_s_1core": round(tok1, 2),
+                   "decode_tok_s_1core_all": [round(r["decode_tok_s"], 2) for r in d1["runs"][k]],
+                   "gbs_1core": round(tok1 * cost["bytes_per_token"] / 1e9, 2),
                    "roofline_tok_s": round(bw * 1e9 / cost["bytes_per_token"], 1),
                    "of_roofline": round(tok * cost["bytes_per_token"] / (bw * 1e9), 3)}
     write_results(stem, {
@@ -212,7 +231,7 @@ def main(a) -> None:
         "model": str(a.model if not a.quick else "tiny random Llama"), "max_seq_len": a.max_seq_len,
         "new_tokens": a.new_tokens, "repeats": a.repeats, "prompt": PROMPT, "recipe": RECIPE,
         "optimum_flags": OPT_FLAGS, "optimum_storage_for_cost_model": OPT_STORAGE, "optimum_venv": venv_versions(py),
-        "host_bandwidth": d["host_bandwidth"], "rows": rows,
+        "host_bandwidth": d["host_bandwidth"], "host_bandwidth_1core": d1["host_bandwidth"], "rows": rows,
         "lead": round(rows["slmc"]["decode_tok_s"] / rows["optimum-executorch"]["decode_tok_s"], 3),
         "other_processes": sorted(others)})
 
@@ -253,6 +272,15 @@ def markdown(r: dict) -> str:
     for k, x in r["rows"].items():
         lines.append(f"| {k} decode / roofline | {x['of_roofline']:.2f} | ≥ {GOAL_ROOFLINE} | "
                      f"{ok(x['of_roofline'] >= GOAL_ROOFLINE)} |")
+    if all("decode_tok_s_1core" in x for x in r["rows"].values()):
+        b1 = r["host_bandwidth_1core"]["copy_gbs_1thread"]
+        lines += ["", f"The same decode held to one core (median of {r['repeats']}; one thread there copies at {b1} GB/s, "
+                  f"{b1 / r['host_bandwidth']['bandwidth_gbs']:.0%} of the host's best): a step bound by memory bandwidth "
+                  "would gain little from the second core, one bound by compute up to 2x.", "",
+                  "| artifact | decode tok/s, all cores | one core | all / one | bytes read / s on one core (GB/s) |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {k} | {x['decode_tok_s']:.1f} | {x['decode_tok_s_1core']:.1f} | "
+                  f"{x['decode_tok_s'] / x['decode_tok_s_1core']:.2f} | {x['gbs_1core']:.1f} |" for k, x in r["rows"].items()]
     if any(x.get("export_reused") for x in r["rows"].values()):
         lines += ["", "The export figures come from an earlier invocation of this script on the same exports (--reuse); "
                   "the decode ran again."]
@@ -284,7 +312,7 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true", help="tiny random Llama, smoke test")
     ap.add_argument("--render", action="store_true", help="only re-render results/decode_optimum*.md from the .json")
     ap.add_argument("--worker", choices=("slmc", "optimum", "decode"), help=argparse.SUPPRESS)
-    for k in ("--out", "--result", "--artifacts", "--tokenizer"):
+    for k in ("--out", "--result", "--artifacts", "--tokenizer", "--cores"):
         ap.add_argument(k, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.render:

@@ -118,21 +118,23 @@ def quantize_graph(proto, model: Model, base_dir: str = "") -> int:
     digests = _initializer_digests(g, base_dir) if ws else {}
     producer = {o: n for n in g.node for o in n.output}
     read_by_matmul = {id(w) for _, w, is_table in ws if not is_table}
-    stored, new_at = {}, {}  # node index -> the nodes that replace it (the graph is rebuilt once)
+    # node index -> the nodes that replace it (the graph is rebuilt once), and whose they are
+    stored, new_at, owner = {}, {}, {}
     for path, w, is_table in ws:
         f = w.float().numpy().astype(np.float32)
         name = digests.get(_digest(f if is_table else f.T))  # MatMul's B is the weight transposed
         table = digests.get(_digest(f))  # a tied head may read the table through a Transpose
         if id(w) not in stored:
             stored[id(w)] = _initializers(g, path.replace("(tied)", ""), w, id(w) in read_by_matmul)
-        p = stored[id(w)]
-        found = len(new_at)
+        p, hits = stored[id(w)], 0
         for i, node in enumerate(g.node):
-            if is_table and node.op_type == "Gather" and name is not None and node.input[0] == name:
-                new_at[i] = _gather(g, node, w, p)
+            if i in new_at:  # a weight object at two paths (shared layers) finds its nodes again
+                hits += owner[i] == (id(w), is_table)
+            elif is_table and node.op_type == "Gather" and name is not None and node.input[0] == name:
+                new_at[i], owner[i], hits = _gather(g, node, w, p), (id(w), is_table), hits + 1
             elif not is_table and node.op_type == "MatMul" and _reads(node.input[1], name, table, producer):
-                new_at[i] = _matmul(node, w, p)
-        if len(new_at) == found:
+                new_at[i], owner[i], hits = _matmul(node, w, p), (id(w), is_table), hits + 1
+        if not hits:
             raise SlmcError(f"{path}: its float image was not found as a MatMul/Gather constant in the exported "
                             "graph, so its codes cannot be stored (an exporter change?)", "onnx")
     if new_at:
@@ -185,11 +187,15 @@ def _gather(g, node, w: QuantWeight, p: dict) -> list:
 
     im, out, pre = p["im"], [], []
 
+    made = p.setdefault("rows", set())  # each Reshape once, before the first gather that reads it
+
     def rows(name):
         if not p["matmul"] or name is None:
             return name
-        shape = _rows_shape(g, w.shape[0])
-        pre.append(helper.make_node("Reshape", [name, shape], [f"{name}.rows"], name=f"{name}.rows"))
+        if name not in made:
+            made.add(name)
+            pre.append(helper.make_node("Reshape", [name, _rows_shape(g, w.shape[0])], [f"{name}.rows"],
+                                        name=f"{name}.rows"))
         return f"{name}.rows"
 
     if p["planes"]:

@@ -16,7 +16,8 @@ A symmetric 8-bit code has the op's implicit zero point 128 = 16*8 + 0: hi keeps
 default (8) and lo gets explicit zeros. The planes hold the same bytes' worth of codes, so the
 artifact keeps its size, and readback.py rebuilds u and z from them exactly. The dequantized
 weight differs from the 8-bit op's by the rounding of two products and a sum instead of one
-product (within 2 ulp, tests/test_onnx.py), which the fp32 bound covers as it covers summation order.
+product (under 2^-14 * s, tests/test_onnx_split8.py), which the fp32 bound covers as it covers
+summation order.
 A gathered table uses the same planes (two 4-bit GatherBlockQuantized), so a tied table is stored once.
 """
 
