@@ -111,6 +111,16 @@ def worker_optimum(a) -> dict:
     return {"pte": str(pte[0])}
 
 
+def _ptd(pte: str) -> Path | None:
+    """The program's external weights file (model.pte -> model.ptd), if it has one."""
+    d = Path(pte).with_suffix(".ptd")
+    return d if d.is_file() else None
+
+
+def _model_bytes(pte: str) -> int:
+    return Path(pte).stat().st_size + (_ptd(pte).stat().st_size if _ptd(pte) else 0)
+
+
 def worker_decode(a) -> dict:
     """Both programs in one TextLLMRunner process, alternating; the host's bandwidth after.
     --cores N: the process is held to its first N cores before anything starts a thread, so
@@ -124,7 +134,9 @@ def worker_decode(a) -> dict:
     from estimate import host_bandwidth
 
     arts = json.loads(a.artifacts)
-    runners = {k: TextLLMRunner(v, a.tokenizer) for k, v in arts.items()}
+    # a program whose weights are in a .ptd beside it (slmc's: named data, a tied table once) is
+    # loaded with that file as its data path
+    runners = {k: TextLLMRunner(v, a.tokenizer, *[str(d) for d in [_ptd(v)] if d]) for k, v in arts.items()}
     cfg = GenerationConfig(echo=False, max_new_tokens=int(a.new_tokens), temperature=0.0, num_bos=0, warming=True)
 
     def once(k: str) -> dict:
@@ -216,7 +228,7 @@ def main(a) -> None:
         full = all(r["generated_tokens"] >= MIN_SHARE * a.new_tokens for r in runs)
         rows[k] = {"export_wall_s": exp["wall_s"], "export_cpu_s": exp["cpu_s"], "export_peak_rss_mib": exp["peak_rss_mib"],
                    "export_reused": bool(exp.get("reused")),
-                   "pte_bytes": Path(exp["pte"]).stat().st_size, "folder_bytes": dir_bytes(Path(exp["pte"]).parent),
+                   "pte_bytes": _model_bytes(exp["pte"]), "folder_bytes": dir_bytes(Path(exp["pte"]).parent),
                    "decode_tok_s": round(tok, 2), "prefill_tok_s": round(statistics.median(r["prefill_tok_s"] for r in runs), 1),
                    "decode_tok_s_all": [round(r["decode_tok_s"], 2) for r in runs],
                    "prompt_tokens": last["prompt_tokens"], "generated_tokens": [r["generated_tokens"] for r in runs],
@@ -251,7 +263,7 @@ def markdown(r: dict) -> str:
              f"torchao {v['torchao']}, executorch {v['executorch']}) · model {Path(r['model']).name} · max_seq_len "
              f"{r['max_seq_len']} · up to {r['new_tokens']} greedy tokens · median of {r['repeats']} alternating runs "
              f"after one warm-up each · host copy bandwidth {r['host_bandwidth']['bandwidth_gbs']} GB/s", "",
-             "| artifact | export wall (s) | export CPU (s) | export peak RSS (MiB) | .pte (MiB) | prefill tok/s | "
+             "| artifact | export wall (s) | export CPU (s) | export peak RSS (MiB) | .pte + .ptd (MiB) | prefill tok/s | "
              "decode tok/s | runs | bytes / decode token (MiB) | roofline tok/s | of roofline |",
              "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for k, x in r["rows"].items():
