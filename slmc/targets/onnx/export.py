@@ -33,6 +33,7 @@ from ...compiler.ir import Model
 from ...compiler.lowering import LoweredLM, LoweringSpec, max_chunk
 from ...compiler.lowering.attention import RowCacheAttention
 from ...compiler.lowering.components import Components
+from ...compiler.lowering.layers import LNorm
 from ...compiler.spill import page_out_weights
 from ..base import scratch_file
 from .codes import external_info, quantize_graph, read_external
@@ -67,11 +68,22 @@ def _scatter_rows(cache, axis: int, positions, rows):
     return cache.scatter(axis, positions.reshape(shape).expand_as(rows), rows)
 
 
+class ReduceNorm(LNorm):
+    """The norm component: RMSNorm as Pow, ReduceMean, Add, Sqrt, Div and Mul, the pattern
+    ONNX Runtime fuses into one SimplifiedLayerNormalization when it loads the model (the
+    shared LNorm's mean as a 1-row linear, for XNNPACK, stays ten separate ops here)."""
+
+    def forward(self, x):
+        if self.channels_first:
+            return super().forward(x)
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (self.weight + self.offset)
+
+
 def lowering_spec() -> LoweringSpec:
     # caches as inputs/outputs, every token's position given, logits of every position;
     # QuantWeights as their exact dequantized floats, which codes.py swaps for slmc's codes
     return LoweringSpec(kv="io", positions="tokens", full_logits=True, dequantize=True,
-                        components=Components(attention=RowCacheAttention(write_rows=_scatter_rows)))
+                        components=Components(norm=ReduceNorm, attention=RowCacheAttention(write_rows=_scatter_rows)))
 
 
 class GenAIDecoder(nn.Module):
