@@ -21,7 +21,7 @@ import numpy as np
 from ...compiler.ir import Model, QuantWeight, named_weights
 from ...errors import SlmcError
 from .rules import block_size
-from .split8 import gather_nodes, matmul_nodes, pack4, planes, sixteen
+from .split8 import constant, gather_nodes, matmul_nodes, pack4, planes, sixteen
 
 MS_DOMAIN = "com.microsoft"
 
@@ -209,13 +209,8 @@ def _gather(g, node, w: QuantWeight, p: dict) -> list:
 
 
 def _rows_shape(g, n: int) -> str:
-    """An int64 initializer [n, -1], added once."""
-    from onnx import numpy_helper
-
-    name = f"slmc.rows{n}"
-    if not any(t.name == name for t in g.initializer):
-        g.initializer.append(numpy_helper.from_array(np.array([n, -1], np.int64), name))
-    return name
+    """An int64 initializer [n, -1]."""
+    return constant(g, f"slmc.rows{n}", np.array([n, -1], np.int64))
 
 
 def _reads(inp: str, name: str | None, table: str | None, producer: dict) -> bool:

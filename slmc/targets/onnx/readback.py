@@ -67,9 +67,10 @@ def _split(add, producer, raw, inits) -> tuple[str, tuple] | None:
             sh != sl or hi.input[at] != lo.input[at] or zl is None or sh not in inits:
         return None
     rows, blocks = tuple(inits[sh].dims)
-    if raw(dh) is None or raw(dl) is None or raw(zl) is None or (zh and raw(zh) is None):
+    bh, bl, bzl, bzh = raw(dh), raw(dl), raw(zl), raw(zh) if zh else None
+    if bh is None or bl is None or bzl is None or (zh and bzh is None):
         return None
-    codes, zeros = joined(raw(dh), raw(dl), raw(zh) if zh else None, raw(zl), rows, blocks)
+    codes, zeros = joined(bh, bl, bzh, bzl, rows, blocks)
     return hi.op_type, (codes, raw(sh), zeros, 8, a_hi["block_size"])
 
 

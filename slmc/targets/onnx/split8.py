@@ -106,9 +106,15 @@ def _join(name: str, out: str) -> list:
             helper.make_node("Add", [f"{name}.hi16", f"{name}.lo"], [out], name=name)]
 
 
-def sixteen(graph) -> None:
-    """The shared scalar 16.0, added once."""
+def constant(graph, name: str, value: np.ndarray) -> str:
+    """An initializer several nodes share, added on first use; returns its name."""
     from onnx import numpy_helper
 
-    if not any(t.name == SIXTEEN for t in graph.initializer):
-        graph.initializer.append(numpy_helper.from_array(np.array(16.0, np.float32), SIXTEEN))
+    if not any(t.name == name for t in graph.initializer):
+        graph.initializer.append(numpy_helper.from_array(value, name))
+    return name
+
+
+def sixteen(graph) -> None:
+    """The shared scalar 16.0."""
+    constant(graph, SIXTEEN, np.array(16.0, np.float32))
