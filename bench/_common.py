@@ -249,6 +249,18 @@ def dumps(data: dict) -> str:
     return json.dumps(data, indent=2) + "\n"
 
 
+def decode_bytes(subject: str, opts: dict, prompt: int, generated: int) -> dict:
+    """What one decode step reads at the middle of `generated` steps after `prompt` tokens, by
+    slmc's cost model without runtime overheads (bare): subject an slmc folder (its manifest
+    gives the storage) or a model folder with opts (passes, max_seq_len)."""
+    from slmc import api
+
+    e = api.estimate(subject, api.EstimateOptions("galaxy-s22", prompt_len=prompt, decode_tokens=generated,
+                                                  bare=True, **opts))
+    return {"bytes_per_token": round(e["decode"]["bytes_per_token"]), "position": e["decode_position"],
+            "storage": e["storage"]}
+
+
 def write_results(stem: str, data: dict, echo: bool = True) -> None:
     """results/STEM.json, then everything rendered from it (results/STEM.md, README notes).
     The last file's `notes` (figures for README's prose, dated) are kept unless `data` has its own."""

@@ -39,8 +39,8 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (RESULTS, Phases, bench_setup, busy_processes, common_args, dir_bytes, machine, others_seen,
-                     phase_table, prompt_ids, render, spawn, weight_count, write_results)
+from _common import (RESULTS, Phases, bench_setup, busy_processes, common_args, decode_bytes, dir_bytes, machine,
+                     others_seen, phase_table, prompt_ids, render, spawn, weight_count, write_results)
 
 
 def worker_slmc(target: str, model: str, out: Path, L: int, ph: Phases) -> dict:
@@ -198,20 +198,15 @@ def run_path(name: str, common: list[str], work: Path, python: str = sys.executa
     return r
 
 
-def decode_bytes(name: str, x: dict, model_dir: Path, before: int, steps: int, L: int) -> int | None:
-    """Bytes one decode step reads at the middle of the timed steps (slmc's cost model, bare:
-    every weight at its stored bits, one embedding row, the KV cache up to the position): an
-    slmc folder from its manifest, a fp32 reference as the same model in fp32; None for the
-    builder's int4, whose storage slmc does not model."""
-    from slmc import api
-
+def step_bytes(name: str, x: dict, model_dir: Path, before: int, steps: int, L: int) -> int | None:
+    """Bytes one decode step of path `name` reads (_common.decode_bytes): an slmc folder from its
+    manifest, a fp32 reference as the same model in fp32; None for the builder's int4, whose
+    storage slmc does not model."""
     if name == "onnx_int4-ref" or "error" in x:
         return None
     art = Path(x["artifact"])
     subject = (art if art.is_dir() else art.parent) if name.endswith("-slmc") else model_dir
-    e = api.estimate(str(subject), api.EstimateOptions("galaxy-s22", prompt_len=max(before, 1), decode_tokens=steps,
-                                                       bare=True, max_seq_len=L))
-    return round(e["decode"]["bytes_per_token"])
+    return decode_bytes(str(subject), {"max_seq_len": L}, max(before, 1), steps)["bytes_per_token"]
 
 
 def ratio(a, b, key):
@@ -307,7 +302,7 @@ def main(a) -> None:
         bw = host_bandwidth()
         for k in decoded:
             steps_before = 0 if k.startswith("tflite") else len(prompt_ids(model_dir, cfg["vocab_size"]))
-            cost = decode_bytes(k, paths[k], model_dir, steps_before, a.steps, a.max_seq_len)
+            cost = step_bytes(k, paths[k], model_dir, steps_before, a.steps, a.max_seq_len)
             if cost is not None:
                 paths[k].update(bytes_per_token=cost, host_bandwidth=bw,
                                 of_roofline=round(paths[k]["decode_tok_s"] * cost / (bw["bandwidth_gbs"] * 1e9), 3))

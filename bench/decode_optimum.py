@@ -41,8 +41,8 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (RESULTS, bench_setup, busy_processes, dir_bytes, head_commit, machine, others_seen, render,
-                     spawn, write_results)
+from _common import (RESULTS, bench_setup, busy_processes, decode_bytes, dir_bytes, head_commit, machine, others_seen,
+                     render, spawn, write_results)
 
 OPT_VERSION = "1.1.0"
 OPT_FLAGS = {"recipe": "xnnpack", "qlinear": "8da4w", "qlinear_group_size": 32, "qembedding": "8w"}
@@ -167,15 +167,6 @@ def worker_decode(a) -> dict:
 
 
 # ------------------------------------------------------------------ main
-
-
-def decode_bytes(subject: str, opts: dict, prompt: int, generated: int) -> dict:
-    from slmc import api
-
-    e = api.estimate(subject, api.EstimateOptions("galaxy-s22", prompt_len=prompt, decode_tokens=generated,
-                                                  bare=True, **opts))
-    return {"bytes_per_token": round(e["decode"]["bytes_per_token"]), "position": e["decode_position"],
-            "storage": e["storage"]}
 
 
 def main(a) -> None:
