@@ -62,3 +62,43 @@ def test_a_pass_that_edits_still_retraces():
         assert had_relu == relu
         assert (len(idle_passes.SKIPPED) > n) == skipped
         assert any("relu" in str(n.target) for n in res.graph_module.graph.nodes) is False
+
+
+def test_graph_structure_ignores_names_only():
+    """graph_structure (what a skipped decomposition is compared by) keeps a graph whose nodes
+    were renamed, and tells a re-wired one apart (the control)."""
+    gm = _gm()
+    before = idle_passes.graph_structure(gm)
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            n.name = n.name + "_renamed"
+    assert idle_passes.graph_structure(gm) == before
+    add = next(n for n in gm.graph.nodes if n.op == "call_function")
+    add.args = (add.args[0], 2)
+    assert idle_passes.graph_structure(gm) != before
+
+
+def test_decomposition_runs_when_the_graph_holds_an_op_of_the_table():
+    """The guard of idle_decomposition_skipped: a program with an op of the table is
+    decomposed (the control), one without only aten.sym_size.int is not."""
+    from torch.export import default_decompositions
+
+    class Lin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.lin(x).reshape(x.shape[0], -1)
+
+    x = torch.randn(3, 8)
+    dyn = {"x": {0: torch.export.Dim("n", min=2, max=16)}}
+    ep = torch.export.export(Lin(), (x,), dynamic_shapes=dyn, strict=False)
+    table = default_decompositions()
+    assert any(n.target is torch.ops.aten.linear.default for n in ep.graph.nodes)
+    assert not idle_passes._nothing_to_decompose(ep, table)  # linear is decomposed by the table
+    lowered = ep.run_decompositions(table)
+    assert any(n.target is torch.ops.aten.sym_size.int for n in lowered.graph.nodes)
+    assert idle_passes._nothing_to_decompose(lowered, table)
+    again = lowered.run_decompositions(table).graph_module
+    assert idle_passes.graph_structure(again) == idle_passes.graph_structure(lowered.graph_module)

@@ -16,11 +16,23 @@ re-traces as before. A pass that only writes node metadata (PropagateCustomMetaP
 activation tags) keeps what it wrote, as the re-trace would have carried it over. The .pte
 is byte-identical to ExecuTorch's own pipeline (tests/test_lean_lowering.py), and each skipped
 re-trace is checked against the real one on a real lowering (tests/test_idle_passes.py).
+
+`idle_decomposition_skipped()` does the same for one whole-program re-trace before any
+backend runs. For a partitioner that checks each op (XNNPACK's does), ExecuTorch 1.5.1's
+`_gen_edge_manager_for_partitioners` runs three `run_decompositions` over the program: an
+empty table (functionalization), the default table less the ops the partitioner keeps, then,
+once the kept ops it supports are swapped for opaque stand-ins, the whole default table again
+to decompose the kept ops it turned down. When the graph holds no op of that last table, that
+re-trace decomposes nothing and rebuilds the same graph: 34 s of the phase's 160 s on
+SmolLM2-135M's calibrated compile (bench/README.md). It is then skipped; any op of the table in the graph, and it
+runs as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+
+import torch
 
 # passes whose own call() edits and then re-traces through ExportPass.call (XNNPACKPassManager's
 # list, ExecuTorch 1.5.1); the others re-trace to do their work (call_operator) or never do
@@ -86,3 +98,65 @@ def idle_retraces_skipped():
         ExportPass.call = retrace
         for cls, own in calls.items():
             cls.call = own
+
+
+def _nothing_to_decompose(program, table) -> bool:
+    """Whether no call in the program (or a control-flow subgraph) is an op of `table`, but
+    for aten.sym_size.int: the table holds it (a composite op) and its re-trace reads the
+    same size again. (tests/test_lean_lowering.py wraps this to run the real decomposition
+    beside each skip.)"""
+    from executorch.exir.graph_module import contains_any_call_fn_target_op
+
+    try:
+        ops = [op for op in table if op is not torch.ops.aten.sym_size.int]
+        return not contains_any_call_fn_target_op(program.graph_module, ops)
+    except Exception:  # a table or graph this cannot read: decompose, as ExecuTorch does
+        return False
+
+
+def graph_structure(gm) -> list:
+    """A graph as its nodes in order, each (kind, target, arguments with nodes as positions):
+    what a re-trace that renames nodes keeps."""
+    where = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+    def arg(a):
+        if isinstance(a, torch.fx.Node):
+            return ("node", where[a])
+        if isinstance(a, (list, tuple)):
+            return type(a).__name__, tuple(arg(x) for x in a)
+        if isinstance(a, dict):
+            return "dict", tuple((k, arg(v)) for k, v in a.items())
+        return repr(a)
+
+    return [(n.op, str(n.target) if n.op != "placeholder" else n.name, arg(n.args), arg(n.kwargs))
+            for n in gm.graph.nodes]
+
+
+@contextlib.contextmanager
+def idle_decomposition_skipped():
+    import executorch.exir.program._program as prog
+    from torch.export import ExportedProgram
+
+    swap = getattr(prog, "_replace_aten_ops_with_transformed_ops", None)
+    if swap is None:  # another ExecuTorch: its steps are not the ones read here; change nothing
+        yield
+        return
+    decompose, swapped = ExportedProgram.run_decompositions, []
+
+    def replaced(name, program, partitioner):
+        out = swap(name, program, partitioner)
+        swapped.append(program)  # the next decomposition of this program is the last one
+        return out
+
+    def run_decompositions(self, decomp_table=None, *args, **kwargs):
+        if swapped and swapped[-1] is self:
+            swapped.pop()
+            if decomp_table and not args and not kwargs and _nothing_to_decompose(self, decomp_table):
+                return self
+        return decompose(self, decomp_table, *args, **kwargs)
+
+    prog._replace_aten_ops_with_transformed_ops, ExportedProgram.run_decompositions = replaced, run_decompositions
+    try:
+        yield
+    finally:
+        prog._replace_aten_ops_with_transformed_ops, ExportedProgram.run_decompositions = swap, decompose
