@@ -17,6 +17,7 @@ from slmc import api
 from slmc.compiler.importers import load_model
 from slmc.compiler.lowering import LoweringSpec, export_decoder
 from slmc.targets.base import scratch_file
+from slmc.targets.executorch import fused_passes
 
 VOCAB, HIDDEN = 1024, 64
 
@@ -43,16 +44,23 @@ class _Plain:
         return path
 
 
-def lower(model_dir, lean: bool, monkeypatch, nudge: bool = False):
+def lower(model_dir, lean: bool, monkeypatch, nudge: bool = False, recipe: str | None = None):
     import slmc.targets.executorch.lean as lean_mod
     import slmc.targets.executorch.program as program
 
     ir = load_model(model_dir, max_seq_len=32)
+    if recipe:  # its round-to-nearest passes (no calibration)
+        from slmc._api.models import parse_passes, run_passes
+        from slmc.recipes import RECIPES
+
+        ir, _ = run_passes(ir, parse_passes(RECIPES[recipe].passes))
     if nudge:  # the control: one weight one ulp up
         w = ir.blocks[0].attn.o.weight.data
         w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
-    spilled, viewed, written, known, retraces = [], [], [], [], []
+    spilled, viewed, written, known, retraces, decompositions, fused = [], [], [], [], [], [], []
     if lean:
+        fuse = fused_passes.fuse
+        monkeypatch.setattr(fused_passes, "fuse", lambda passes: fused.append(len(passes)) or fuse(passes))
         monkeypatch.setattr(lean_mod, "SPILL_MIN_BYTES", 1024)  # tiny weights spill too
         monkeypatch.setattr(lean_mod, "CHUNK_BYTES", 4096)  # and are read in several chunks
         orig_write = lean_mod.Spill._write_paged
@@ -99,6 +107,17 @@ def lower(model_dir, lean: bool, monkeypatch, nudge: bool = False):
             return same
 
         monkeypatch.setattr(idle, "_unchanged", checked)
+        real_decompose, skip = torch.export.ExportedProgram.run_decompositions, idle._nothing_to_decompose
+
+        def checked_decomposition(program, table):  # each skipped decomposition, against the real one
+            same = skip(program, table)
+            if same:
+                real = real_decompose(program, table).graph_module
+                retraces.append(idle.graph_structure(real) == idle.graph_structure(program.graph_module))
+                decompositions.append(same)
+            return same
+
+        monkeypatch.setattr(idle, "_nothing_to_decompose", checked_decomposition)
     else:
         monkeypatch.setattr(program, "lean_lowering", lambda backend: contextlib.nullcontext(_Plain()))
     ep = export_decoder(ir, LoweringSpec(), dynamic=True)
@@ -106,7 +125,7 @@ def lower(model_dir, lean: bool, monkeypatch, nudge: bool = False):
     pte, _, ptd = program.to_pte_and_data(ep, spec, program.runner_metadata(ir), tied=program.tied_table(ir, "xnnpack"))
     monkeypatch.undo()
     return (pte.read_bytes(), ptd.read_bytes() if ptd is not None else None, sum(spilled), sum(viewed),
-            sum(n > 4096 for n in written), len(written), sum(known), retraces)
+            sum(n > 4096 for n in written), len(written), sum(known), retraces, decompositions, len(fused))
 
 
 @pytest.fixture(scope="module")
@@ -119,17 +138,34 @@ def reference(tied_dir):
 
 
 def test_lean_lowering_writes_executorchs_bytes(tied_dir, reference, monkeypatch):
-    pte, ptd, n, viewed, chunked, written, known, retraces = lower(tied_dir, True, monkeypatch)
+    pte, ptd, n, viewed, chunked, written, known, retraces, decompositions, fused = lower(tied_dir, True, monkeypatch)
     assert n >= 3  # the tied table, and packed block weights, went through files
     assert viewed >= 3  # and were never copied into bytes (Spill.bytes_of)
     assert chunked >= 1  # some were read in several chunks
     assert written < viewed  # XNNPACK's second ask for a weight maps the file already written
     assert known >= 3  # and its hash of the mapping is the digest taken while writing
     assert ptd is not None  # the tied table sits in model.ptd, once
-    # XNNPACK passes that changed nothing skipped their re-trace (idle_passes.py), each
-    # checked here: the real re-trace gives the same graph
-    assert len(retraces) >= 13 and all(retraces), retraces
+    # XNNPACK passes that changed nothing skipped their re-trace (idle_passes.py), and the
+    # forward's last whole-program decomposition, which found nothing to decompose, was
+    # skipped (idle_decomposition_skipped); each checked here against the real run's graph
+    assert len(retraces) >= 14 and all(retraces), retraces
+    assert decompositions == [True]
+    # ExecuTorch's per-op edge passes ran as two fused re-traces per program (fused_passes.py)
+    assert fused >= 2
     assert (pte, ptd) == reference
+
+
+def test_lean_lowering_writes_executorchs_bytes_for_8da8w(tied_dir, monkeypatch):
+    """The same for an int8da-int8w program (quantized linears, int8 embedding rows): its
+    dynamic-quantization ops go through the fused edge passes and the skipped decomposition."""
+    mp = pytest.MonkeyPatch()
+    try:
+        ref = lower(tied_dir, False, mp, recipe="int8da-int8w")[:2]
+    finally:
+        mp.undo()
+    out = lower(tied_dir, True, monkeypatch, recipe="int8da-int8w")
+    assert out[-2] == [True] and out[-1] >= 2, out[-2:]
+    assert out[:2] == ref
 
 
 @pytest.mark.slow

@@ -48,7 +48,8 @@ import torch
 
 from ...compiler.spill import register_spill_file, trimming
 from ..base import page_out_weights, scratch_file
-from .idle_passes import idle_retraces_skipped
+from .fused_passes import fused_edge_passes
+from .idle_passes import idle_decomposition_skipped, idle_retraces_skipped
 from .packing import chunked_packing
 
 SPILL_MIN_BYTES = 1 << 20  # smaller blobs stay in RAM (one file per blob is not worth it)
@@ -339,7 +340,7 @@ def lean_lowering(backend: str):
         mod.bytes, mod.hashlib = spill.bytes_of, _Hashlib(spill)
     skip = idle_retraces_skipped() if backend == "xnnpack" else contextlib.nullcontext()
     try:
-        with trimming(), skip, chunked_packing():
+        with trimming(), skip, idle_decomposition_skipped(), fused_edge_passes(), chunked_packing():
             yield spill
     finally:
         NamedDataStore.add_named_data, dup.copy = orig_add, orig_copy
