@@ -48,6 +48,10 @@ class LoweringSpec:
     # positions stay input_pos[0] + i, and a ring-buffer cache keeps its rows under padding.
     padded: bool = False
     dtype: torch.dtype = torch.float32
+    # the integer type of positions, and of the key and row indices built from them: LiteRT
+    # takes int32 (its converter rewrites every int64 arange to int32, then re-traces the whole
+    # program once more to do it)
+    index_dtype: torch.dtype = torch.int64
     # True: each QuantWeight becomes its exact dequantized float (a plain constant) for a
     # target that puts the codes back itself (LiteRT: targets/tflite/codes.py). "shape": an
     # uninitialized float tensor of its shape instead, for a target that converts its weights
@@ -207,15 +211,15 @@ class LoweredLM(nn.Module):
         T = tokens.shape[1]
         pad = None
         if self.spec.padded:
-            pad = (torch.arange(T, dtype=torch.int64) > 0) & (input_pos == 0)
+            pad = (torch.arange(T, dtype=self.spec.index_dtype) > 0) & (input_pos == 0)
             input_pos = input_pos[:1]
         if self.spec.positions == "tokens":
             positions = input_pos
         else:
-            positions = input_pos + torch.arange(T, dtype=torch.int64)
+            positions = input_pos + torch.arange(T, dtype=self.spec.index_dtype)
         mask_in, caches = (rest[0], rest[1:]) if self.spec.mask_input else (None, rest)
         x = self._embed(tokens)
-        keys = torch.arange(self.max_len, dtype=torch.int64)
+        keys = torch.arange(self.max_len, dtype=self.spec.index_dtype)
         masks, slots = [], None
         if self.ring:
             slots = ring_slots(positions, *self.ring)

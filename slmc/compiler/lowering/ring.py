@@ -27,7 +27,7 @@ def ring_masks(positions: torch.Tensor, window: int, sinks: int, windows: list, 
     """One additive mask [T, W + T] per distinct model sliding window (None: none)."""
     R = window - sinks
     start = positions[:1]
-    j = torch.arange(window, dtype=torch.int64)
+    j = torch.arange(window, dtype=positions.dtype)
     # the latest position before `start` that lands in ring slot j (p = j mod R); the offset
     # keeps remainder's argument >= 0, where floor and truncating remainders agree (ExecuTorch's
     # portable kernel truncates)

@@ -159,7 +159,8 @@ class _Signature(nn.Module):
     def forward(self, tokens, input_pos, kv_cache):
         caches = [kv_cache[n] for n in self.names]
         # only the start position, or all of them where padding rows must be told apart
-        out = self.lm(tokens.long(), (input_pos if self.lm.spec.padded else input_pos[:1]).long(), *caches)
+        pos = (input_pos if self.lm.spec.padded else input_pos[:1]).to(self.lm.spec.index_dtype)
+        out = self.lm(tokens.long(), pos, *caches)
         res = {"kv_cache": {n: out[1 + i] for i, n in enumerate(self.names)}}
         if self.logits:
             res["logits"] = out[0].reshape(1, 1, -1)
@@ -273,7 +274,8 @@ def convert(model: Model, prefill_len: int, step=lambda msg: None, lift: bool = 
     import litert_torch
 
     # padded: a ring keeps its live slots under LiteRT-LM's prefill padding (input_pos 0 there)
-    lm = LoweredLM(model, LoweringSpec(kv="io", positions="start", mask_input=False,
+    # int32 positions: no int64 arange for the converter to rewrite and re-trace for
+    lm = LoweredLM(model, LoweringSpec(kv="io", positions="start", mask_input=False, index_dtype=torch.int32,
                                        padded=model.kv.window is not None,
                                        dequantize="shape" if lift else True, components=COMPONENTS)).eval()
     # the caches are tracing samples only: never read, so left unwritten (94 MiB at 2048 on
