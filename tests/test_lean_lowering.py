@@ -13,6 +13,7 @@ import contextlib
 import pytest
 import torch
 
+from helpers import graph_structure
 from slmc import api
 from slmc.compiler.importers import load_model
 from slmc.compiler.lowering import LoweringSpec, export_decoder
@@ -113,7 +114,7 @@ def lower(model_dir, lean: bool, monkeypatch, nudge: bool = False, recipe: str |
             same = skip(program, table)
             if same:
                 real = real_decompose(program, table).graph_module
-                retraces.append(idle.graph_structure(real) == idle.graph_structure(program.graph_module))
+                retraces.append(graph_structure(real) == graph_structure(program.graph_module))
                 decompositions.append(same)
             return same
 

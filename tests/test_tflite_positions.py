@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("litert_torch")
 
+from helpers import run_tflite_prefill_decode  # noqa: E402
 from slmc import api  # noqa: E402
 from slmc.targets.tflite import target as T  # noqa: E402
 
@@ -40,15 +41,8 @@ def _convert(model, monkeypatch, index_dtype=None):
 
 
 def _run(path):
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_path=str(path))
-    pre, dec = it.get_signature_runner("prefill"), it.get_signature_runner("decode")
-    caches = {n: np.zeros(d["shape"], np.float32) for n, d in pre.get_input_details().items() if n.startswith("kv_cache")}
-    toks = np.random.default_rng(0).integers(1, 200, size=(1, P)).astype(np.int32)
-    out = pre(tokens=toks, input_pos=np.arange(P, dtype=np.int32), **caches)
-    res = dec(tokens=np.array([[7]], np.int32), input_pos=np.array([P], np.int32), **{n: out[n] for n in caches})
-    return [out[n] for n in sorted(caches)] + [res["logits"]]
+    out, res = run_tflite_prefill_decode(path, P)
+    return [out[n] for n in sorted(out) if n.startswith("kv_cache")] + [res["logits"]]
 
 
 def test_int32_positions_spare_a_retrace_per_signature(tiny_llama_dir, monkeypatch):

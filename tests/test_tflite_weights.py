@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import run_tflite_prefill_decode
 from slmc import api
 from slmc.errors import SlmcError
 from slmc.targets.tflite.target import convert
@@ -61,22 +62,6 @@ def _buffers(path):
     return sorted(hashlib.sha256(r).hexdigest() for r in raw if r)
 
 
-def _run(path, seed=0):
-    """Both signatures on one prompt: prefill's caches, then decode's logits from them."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_path=str(path))
-    g = np.random.default_rng(seed)
-    pre, dec = it.get_signature_runner("prefill"), it.get_signature_runner("decode")
-    ins = pre.get_input_details()
-    caches = {n: np.zeros(d["shape"], np.float32) for n, d in ins.items() if n.startswith("kv_cache")}
-    toks = g.integers(1, 200, size=(1, P)).astype(np.int32)
-    out = pre(tokens=toks, input_pos=np.arange(P, dtype=np.int32), **caches)
-    caches = {n: out[n] for n in caches}
-    res = dec(tokens=np.array([[7]], np.int32), input_pos=np.array([P], np.int32), **caches)
-    return out, res
-
-
 def test_same_graph_and_signatures(both):
     lifted, plain = both
     assert _graph(lifted) == _graph(plain)
@@ -89,7 +74,7 @@ def test_same_graph_and_signatures(both):
 
 def test_same_outputs_bit_for_bit(both):
     assert _buffers(both[0]) == _buffers(both[1])
-    (pa, da), (pb, db) = _run(both[0]), _run(both[1])
+    (pa, da), (pb, db) = run_tflite_prefill_decode(both[0], P), run_tflite_prefill_decode(both[1], P)
     for k in pb:
         np.testing.assert_array_equal(pa[k], pb[k])
     np.testing.assert_array_equal(da["logits"], db["logits"])
@@ -107,7 +92,7 @@ def test_quantized_same_graph_outputs_and_layout(tiny_llama_dir, name):
     (lifted, la), (plain, lb) = convert(m, P), convert(m, P, lift=False)
     assert la == lb and la  # every QuantWeight, stored the same way
     assert _graph(lifted) == _graph(plain)
-    (pa, da), (pb, db) = _run(lifted), _run(plain)
+    (pa, da), (pb, db) = run_tflite_prefill_decode(lifted, P), run_tflite_prefill_decode(plain, P)
     np.testing.assert_array_equal(da["logits"], db["logits"])
     assert _buffers(lifted) == _buffers(plain)  # the same bytes stored (tensor names differ)
 
@@ -149,7 +134,7 @@ def test_swapped_weights_change_outputs(model, both):
         bad, _ = convert(model, P)
     finally:
         T.splice = orig
-    assert not np.array_equal(_run(bad)[1]["logits"], _run(both[0])[1]["logits"])
+    assert not np.array_equal(run_tflite_prefill_decode(bad, P)[1]["logits"], run_tflite_prefill_decode(both[0], P)[1]["logits"])
 
 
 def test_a_mismatched_weight_is_refused(model, tmp_path):

@@ -42,7 +42,6 @@ RETRACING_PASSES = (
     "RemoveGetItemPass", "Conv1dUnsqueezePass", "PReLUReshapePass", "ChannelsLastTaggedReshapePass",
     "RemoveRedundantCopyPass",
 )
-SKIPPED: list[str] = []  # the passes whose re-trace was skipped, in order (for the tests)
 
 
 def graph_shape(gm) -> tuple:
@@ -51,7 +50,8 @@ def graph_shape(gm) -> tuple:
 
 
 def _unchanged(pass_, before: tuple, gm) -> bool:
-    """pass_ is unused here: tests/test_lean_lowering.py wraps this to re-trace with it."""
+    """True skips pass_'s re-trace. pass_ is unused here: tests wrap this to re-trace with it
+    (tests/test_lean_lowering.py) or to count the skips (tests/test_idle_passes.py)."""
     try:
         return graph_shape(gm) == before
     except Exception:  # an argument that cannot be compared: re-trace, as ExecuTorch does
@@ -73,7 +73,6 @@ def idle_retraces_skipped():
 
     def export_call(self, graph_module):
         if idle and idle[-1] is not None and idle[-1][0] is graph_module and _unchanged(self, idle[-1][1], graph_module):
-            SKIPPED.append(type(self).__name__)
             return PassResult(graph_module, False)
         return retrace(self, graph_module)
 
@@ -112,24 +111,6 @@ def _nothing_to_decompose(program, table) -> bool:
         return not contains_any_call_fn_target_op(program.graph_module, ops)
     except Exception:  # a table or graph this cannot read: decompose, as ExecuTorch does
         return False
-
-
-def graph_structure(gm) -> list:
-    """A graph as its nodes in order, each (kind, target, arguments with nodes as positions):
-    what a re-trace that renames nodes keeps."""
-    where = {n: i for i, n in enumerate(gm.graph.nodes)}
-
-    def arg(a):
-        if isinstance(a, torch.fx.Node):
-            return ("node", where[a])
-        if isinstance(a, (list, tuple)):
-            return type(a).__name__, tuple(arg(x) for x in a)
-        if isinstance(a, dict):
-            return "dict", tuple((k, arg(v)) for k, v in a.items())
-        return repr(a)
-
-    return [(n.op, str(n.target) if n.op != "placeholder" else n.name, arg(n.args), arg(n.kwargs))
-            for n in gm.graph.nodes]
 
 
 @contextlib.contextmanager
