@@ -44,6 +44,7 @@ from ..base import Artifact, Target, TargetSpec, kv_refusal, page_out_weights, r
 from ..bounds import ACT8_STATISTICAL, FLOAT_EXACT
 from .rules import LITERT
 from .codes import store_codes
+from .decompositions import pre_convert_decomposition_skipped
 from .gpu import gpu_fallback
 from .litertlm import litertlm_bundle
 from .readback import readback
@@ -242,8 +243,9 @@ def _quiet():
 
 @contextlib.contextmanager
 def _converting():
-    """How litert_torch runs here: quiet, without progress bars, runtime asserts dropped."""
-    with _env("LITERT_TORCH_SHOW_PROGRESS", "n"), _quiet(), _drop_runtime_asserts():
+    """How litert_torch runs here: quiet, without progress bars, runtime asserts dropped, one
+    decomposition per signature (decompositions.py)."""
+    with _env("LITERT_TORCH_SHOW_PROGRESS", "n"), _quiet(), _drop_runtime_asserts(), pre_convert_decomposition_skipped():
         yield
 
 
@@ -294,7 +296,7 @@ def convert(model: Model, prefill_len: int, step=lambda msg: None, lift: bool = 
         return Lifted(sig, names).eval() if lift else sig
 
     path = scratch_file("model.tflite")
-    with _env("LITERT_TORCH_SHOW_PROGRESS", "n"), _quiet(), _drop_runtime_asserts(), torch.no_grad():
+    with _converting(), torch.no_grad():
         prefill, decode = signature(False), signature(True)
         conv = litert_torch.signature("prefill", prefill, sample_kwargs=sample(prefill_len))
         conv.signature("decode", decode, sample_kwargs=sample(1))
