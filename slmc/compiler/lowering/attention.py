@@ -3,7 +3,8 @@
 forward: project q/k/v -> split heads (core) -> q/k norms -> RoPE (component) -> core.attend,
 which writes the new rows into the cache, attends and projects out. Cores:
   RowCacheAttention   per-layer caches [1, kvh, L, hd] / [1, L, kvh, hd]: index_copy, a target's
-                      write_rows op, or ring-buffer slots; fp32/fp16/int8 (ExecuTorch, LiteRT)
+                      write_rows op, or ring-buffer slots; fp32/fp16/int8 (ExecuTorch, LiteRT);
+                      batched_einsum: rank-4 matmuls over the cache as stored (LiteRT)
   StackedCacheAttention  one layer of Core ML's keyCache/valueCache, rows [start, end)
   PerHeadAttention    the same cache, channels-first heads, one small matmul per head (ANE)
 Batch 1 throughout (the LLM-runner convention).
@@ -82,6 +83,10 @@ class RowCacheAttention:
     index_copy."""
 
     write_rows: Callable | None = None
+    # attend over BHSD caches as stored, by rank-4 einsums: LiteRT lowers each to one
+    # BATCH_MATMUL on the cache, where the rank-3 bmm form copies the whole cache through a
+    # RESHAPE per matmul per step (60 cache copies a decode step on SmolLM2-135M)
+    batched_einsum: bool = False
     stacked, channels_first = False, False  # the cache form and hidden layout it works on
 
     def heads(self, a: LAttention, q, k, v):
@@ -122,6 +127,8 @@ class RowCacheAttention:
         # heads into the row axis as (T, rep), T outermost (a symbolic axis split with
         # T innermost makes torch.export add unprovable guards).
         rep = h // kvh
+        if self.batched_einsum and len(parts) == 1 and not a.bshd:
+            return self._attend_einsum(a, q, parts[0], mask)
         qg = q.reshape(kvh, rep, -1, hd).transpose(1, 2).reshape(kvh, -1, hd)
         scores, values = [], []
         for k_rows, v_rows in parts:
@@ -138,6 +145,20 @@ class RowCacheAttention:
             out, at = (o if out is None else out + o), at + L
         out = out.view(kvh, -1, rep, hd)
         return a.o(out.permute(1, 0, 2, 3).reshape(1, -1, h * hd))
+
+    @staticmethod
+    def _attend_einsum(a: LAttention, q, part, mask):
+        """_attend's math on one BHSD row set [1, kvh, L, hd], the batch axes kept."""
+        h, kvh, hd = a.h, a.kvh, a.hd
+        rep = h // kvh
+        keys, vals = part[0].to(q.dtype), part[1].to(q.dtype)
+        qg = q.reshape(1, kvh, rep, -1, hd).transpose(2, 3).reshape(1, kvh, -1, hd)
+        s = torch.einsum("bgth,bgsh->bgts", qg, keys) * a.scale
+        s = softcap(s, a.softcap) if a.softcap is not None else s
+        L = keys.shape[2]
+        p = torch.softmax(s.view(1, kvh, -1, rep, L) + mask[:, None, :], dim=-1)
+        out = torch.einsum("bgts,bgsh->bgth", p.reshape(1, kvh, -1, L), vals).view(1, kvh, -1, rep, hd)
+        return a.o(out.permute(0, 2, 1, 3, 4).reshape(1, -1, h * hd))
 
 
 @dataclass(frozen=True)

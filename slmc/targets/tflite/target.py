@@ -262,8 +262,10 @@ def _dus_rows(cache, axis: int, positions, rows):
 
 
 # LiteRT's decoder components: the composite norm, rotate-half as slices (no delegate keeps the
-# graph whole, so the [hd, hd] matmul would only cost), cache rows by DYNAMIC_UPDATE_SLICE
-COMPONENTS = Components(norm=CompositeNorm, rope=rope_slices, attention=RowCacheAttention(write_rows=_dus_rows))
+# graph whole, so the [hd, hd] matmul would only cost), cache rows by DYNAMIC_UPDATE_SLICE, and
+# attention matmuls that read the cache without a reshaped copy of it
+COMPONENTS = Components(norm=CompositeNorm, rope=rope_slices,
+                        attention=RowCacheAttention(write_rows=_dus_rows, batched_einsum=True))
 
 
 def convert(model: Model, prefill_len: int, step=lambda msg: None, lift: bool = True) -> tuple[Path, dict]:
