@@ -1,6 +1,6 @@
 """LiteRT's attention reads each KV cache as stored (RowCacheAttention(batched_einsum=True)):
-in the decode signature every BATCH_MATMUL takes its cache operand straight from the
-DYNAMIC_UPDATE_SLICE that wrote the new row, with no RESHAPE copying the whole cache first.
+in the decode signature no BATCH_MATMUL reads a RESHAPE of a cache-sized tensor, the copy of
+the whole cache that the rank-3 form makes.
 Control: the rank-3 bmm form (batched_einsum=False) puts such a copy before each of the two
 matmuls of every layer, so the count can fail. That both forms compute what the reference
 does is checked in test_tflite.py and test_flows.py."""
