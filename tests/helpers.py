@@ -24,6 +24,19 @@ def graph_structure(gm) -> list:
             for n in gm.graph.nodes]
 
 
+def count_decompositions(monkeypatch) -> list:
+    """Whole-program re-traces (ExportedProgram.run_decompositions) from here until
+    monkeypatch.undo(): one entry per call."""
+    calls, decompose = [], torch.export.ExportedProgram.run_decompositions
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        return decompose(self, *a, **k)
+
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions", counted)
+    return calls
+
+
 def run_tflite_prefill_decode(path, prompt_len: int, seed: int = 0):
     """Both signatures of a converted LiteRT decoder on one random prompt: prefill's outputs
     (caches included), then decode's outputs for one token read from those caches."""

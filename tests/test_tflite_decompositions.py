@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("litert_torch")
 
+from helpers import count_decompositions  # noqa: E402
 from slmc import api  # noqa: E402
 from slmc.targets.tflite import target as T  # noqa: E402
 
@@ -22,13 +23,7 @@ RECIPE_8DA4W = "quant.rtn:bits=4,group_size=16,act_bits=8,scale_dtype=bfloat16,h
 def _convert(model, monkeypatch, skip: bool = True):
     """The target's own conversion, counting whole-program decompositions; skip=False runs
     litert_torch's default converter (the pre-convert decomposition kept)."""
-    retraces, decompose = [], torch.export.ExportedProgram.run_decompositions
-
-    def counted(self, *a, **k):
-        retraces.append(1)
-        return decompose(self, *a, **k)
-
-    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions", counted)
+    retraces = count_decompositions(monkeypatch)
     if not skip:
         monkeypatch.setattr(T, "pre_convert_decomposition_skipped", contextlib.nullcontext)
     path, _ = T.convert(model, P)

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("litert_torch")
 
-from helpers import run_tflite_prefill_decode  # noqa: E402
+from helpers import count_decompositions, run_tflite_prefill_decode  # noqa: E402
 from slmc import api  # noqa: E402
 from slmc.targets.tflite import target as T  # noqa: E402
 
@@ -24,14 +24,8 @@ def _convert(model, monkeypatch, index_dtype=None):
     int64-to-int32 rewrites; index_dtype overrides the target's positions type."""
     import litert_torch.backend.export as be
 
-    retraces, rewrites = [], []
-    decompose, rewrite, lowered = torch.export.ExportedProgram.run_decompositions, be._convert_i64_to_i32, T.LoweredLM
-
-    def counted(self, *a, **k):
-        retraces.append(1)
-        return decompose(self, *a, **k)
-
-    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions", counted)
+    rewrites, rewrite, lowered = [], be._convert_i64_to_i32, T.LoweredLM
+    retraces = count_decompositions(monkeypatch)
     monkeypatch.setattr(be, "_convert_i64_to_i32", lambda ep: rewrites.append(rewrite(ep)) or rewrites[-1])
     if index_dtype is not None:
         monkeypatch.setattr(T, "LoweredLM", lambda m, spec: lowered(m, dataclasses.replace(spec, index_dtype=index_dtype)))
