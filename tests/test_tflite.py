@@ -59,10 +59,12 @@ def test_two_signatures_with_litert_lm_names(artifact, manifest):
         assert set(outs) == caches | ({"logits"} if name == "decode" else set())
         assert ins["tokens"]["shape"].tolist() == [1, T] and ins["tokens"]["dtype"] == np.int32
         assert ins["input_pos"]["shape"].tolist() == [T] and ins["input_pos"]["dtype"] == np.int32
-        for c in caches:  # BHSD (the IR default), fp32, updated cache returned under the same name
-            assert ins[c]["shape"].tolist() == [1, 2, MAX_LEN, 16] and ins[c]["dtype"] == np.float32
+        for c in caches:  # BHSD (the IR default), values by column, fp32, returned under the same name
+            shape = [1, 2, 16, MAX_LEN] if c.startswith("kv_cache_v") else [1, 2, MAX_LEN, 16]
+            assert ins[c]["shape"].tolist() == shape and ins[c]["dtype"] == np.float32
             assert outs[c]["shape"].tolist() == ins[c]["shape"].tolist()
     assert it.get_signature_runner("decode").get_output_details()["logits"]["shape"].tolist() == [1, 1, 256]
+    assert manifest["kv_cache"]["v_axes"] == "[1, kv_heads, head_dim, max_len]"
     # the manifest records what the interpreter sees
     io = manifest["io"]
     assert [i["name"] for i in io["prefill"]["inputs"]][:2] == ["tokens", "input_pos"]

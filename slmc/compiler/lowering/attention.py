@@ -4,7 +4,8 @@ forward: project q/k/v -> split heads (core) -> q/k norms -> RoPE (component) ->
 which writes the new rows into the cache, attends and projects out. Cores:
   RowCacheAttention   per-layer caches [1, kvh, L, hd] / [1, L, kvh, hd]: index_copy, a target's
                       write_rows op, or ring-buffer slots; fp32/fp16/int8 (ExecuTorch, LiteRT);
-                      batched_einsum: rank-4 matmuls over the cache as stored (LiteRT)
+                      batched_einsum: rank-4 matmuls over the cache as stored (LiteRT);
+                      values_by_column: V caches [1, kvh, hd, L] (LiteRT)
   StackedCacheAttention  one layer of Core ML's keyCache/valueCache, rows [start, end)
   PerHeadAttention    the same cache, channels-first heads, one small matmul per head (ANE)
 Batch 1 throughout (the LLM-runner convention).
@@ -39,10 +40,11 @@ class AttnContext:
 
 
 class LAttention(nn.Module):
-    def __init__(self, a: Attention, P: _Params, C, bshd: bool = False):
+    def __init__(self, a: Attention, P: _Params, C, bshd: bool = False, v_columns: bool = False):
         super().__init__()
         proj = C.projection
         self.h, self.kvh, self.hd, self.bshd = a.n_heads, a.n_kv_heads, a.head_dim, bshd
+        self.v_columns = v_columns  # the V cache is [1, kvh, hd, L] (RowCacheAttention.columns)
         self.core, self.rope, self.axis = C.attention, C.rope, 1 if proj.channels_first else -1
         self.fused = a.fused
         if a.fused:
@@ -87,7 +89,18 @@ class RowCacheAttention:
     # BATCH_MATMUL on the cache, where the rank-3 bmm form copies the whole cache through a
     # RESHAPE per matmul per step (60 cache copies a decode step on SmolLM2-135M)
     batched_einsum: bool = False
+    # V caches stored [1, kvh, hd, L], keys on the last axis, as litert-torch stores them:
+    # XNNPACK packs a BATCH_MATMUL's dynamic right operand on every call, and packs p @ V's
+    # [hd, L] with a vectorized packer but [L, hd] with a scalar loop (perf: 9 % of a decode
+    # step on SmolLM2-135M at 512 rows)
+    values_by_column: bool = False
     stacked, channels_first = False, False  # the cache form and hidden layout it works on
+
+    def columns(self, kv) -> bool:
+        """Whether V caches under this KV spec are stored by column: linear BHSD float caches
+        attended by einsum (ring, BSHD and int8 caches keep rows)."""
+        return (self.values_by_column and self.batched_einsum and kv.layout == "bhsd" and kv.ring is None
+                and kv.dtype != "int8")
 
     def heads(self, a: LAttention, q, k, v):
         # Every reshape names the dynamic length as -1 and everything else statically: XNNPACK
@@ -108,7 +121,11 @@ class RowCacheAttention:
             return (out, write_rows(k_cache, axis, ctx.slots, k_new, ctx.inplace, ctx.pad),
                     write_rows(v_cache, axis, ctx.slots, v_new, ctx.inplace, ctx.pad))
         k_cache = write_rows(k_cache, axis, ctx.positions, k_new, ctx.inplace, writer=self.write_rows)
-        v_cache = write_rows(v_cache, axis, ctx.positions, v_new, ctx.inplace, writer=self.write_rows)
+        if a.v_columns:  # [1, kvh, hd, T] columns on axis 3
+            v_cache = write_rows(v_cache, 3, ctx.positions, v.transpose(2, 3).contiguous(), ctx.inplace,
+                                 writer=self.write_rows)
+        else:
+            v_cache = write_rows(v_cache, axis, ctx.positions, v_new, ctx.inplace, writer=self.write_rows)
         return self._attend(a, q, [(read_rows(k_cache), read_rows(v_cache))], ctx.mask), k_cache, v_cache
 
     @staticmethod
@@ -148,7 +165,8 @@ class RowCacheAttention:
 
     @staticmethod
     def _attend_einsum(a: LAttention, q, part, mask):
-        """_attend's math on one BHSD row set [1, kvh, L, hd], the batch axes kept."""
+        """_attend's math on one BHSD row set [1, kvh, L, hd] (V [1, kvh, hd, L] when
+        a.v_columns), the batch axes kept."""
         h, kvh, hd = a.h, a.kvh, a.hd
         rep = h // kvh
         keys, vals = part[0].to(q.dtype), part[1].to(q.dtype)
@@ -157,7 +175,8 @@ class RowCacheAttention:
         s = softcap(s, a.softcap) if a.softcap is not None else s
         L = keys.shape[2]
         p = torch.softmax(s.view(1, kvh, -1, rep, L) + mask[:, None, :], dim=-1)
-        out = torch.einsum("bgts,bgsh->bgth", p.reshape(1, kvh, -1, L), vals).view(1, kvh, -1, rep, hd)
+        out = torch.einsum("bgts,bghs->bgth" if a.v_columns else "bgts,bgsh->bgth", p.reshape(1, kvh, -1, L),
+                           vals).view(1, kvh, -1, rep, hd)
         return a.o(out.permute(0, 2, 1, 3, 4).reshape(1, -1, h * hd))
 
 

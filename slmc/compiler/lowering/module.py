@@ -61,10 +61,10 @@ class LoweringSpec:
     components: Components = field(default_factory=Components)
 
 class LBlock(nn.Module):
-    def __init__(self, b: Block, P: _Params, C: Components, bshd: bool = False):
+    def __init__(self, b: Block, P: _Params, C: Components, bshd: bool = False, v_columns: bool = False):
         super().__init__()
         cf = C.channels_first
-        self.attn_norm, self.attn = C.norm(b.attn_norm, P, cf), LAttention(b.attn, P, C, bshd)
+        self.attn_norm, self.attn = C.norm(b.attn_norm, P, cf), LAttention(b.attn, P, C, bshd, v_columns)
         self.ffn_norm = C.norm(b.ffn_norm, P, cf)
         self.ffn = LMLP(b.ffn, P, C) if isinstance(b.ffn, MLP) else LMoE(b.ffn, P, C)
         self.post_attn = C.norm(b.post_attn_norm, P, cf) if b.post_attn_norm is not None else None
@@ -118,6 +118,7 @@ class LoweredLM(nn.Module):
         if self.ring and spec.mask_input:
             raise UnsupportedError("a ring-buffer cache builds its own mask; mask_input is for linear caches", "kv")
         bshd = kv.layout == "bshd"
+        self.v_columns = not self.swift and core.columns(kv)  # V caches [1, kvh, hd, L]
         self.spec, self.max_len, self.channels_first = spec, kv.max_len, C.channels_first
         self.cache_dtype = {"float16": torch.float16, "int8": torch.int8}.get(kv.dtype, spec.dtype)
         self.int8 = kv.dtype == "int8"  # each cache is (codes, scales per token and head)
@@ -127,7 +128,7 @@ class LoweredLM(nn.Module):
         if C.channels_first and getattr(self.embedding, "swapped", False):
             raise ValueError("a pair-swapped embedding table is for the tokens layout; channels-first looks rows up itself")
         self.embed_scale = model.embed_scale
-        self.blocks = nn.ModuleList(LBlock(b, P, C, bshd) for b in model.blocks)
+        self.blocks = nn.ModuleList(LBlock(b, P, C, bshd, self.v_columns) for b in model.blocks)
         self.layers = list(model.layers)
         self.final_norm = C.norm(model.final_norm, P, C.channels_first)
         self.head = head_projection(model, P, C.projection)
@@ -156,14 +157,14 @@ class LoweredLM(nn.Module):
 
     def _layer_caches(self, model: Model, bshd: bool) -> None:
         slots = model.kv.window if self.ring else model.kv.max_len
-        self.cache_shapes = []
+        self.cache_shapes = []  # per depth: (K shape, V shape)
         for d in range(model.n_layers):
             a = model.block_at(d).attn
-            self.cache_shapes.append((1, slots, a.n_kv_heads, a.head_dim) if bshd
-                                     else (1, a.n_kv_heads, slots, a.head_dim))
+            rows = (1, slots, a.n_kv_heads, a.head_dim) if bshd else (1, a.n_kv_heads, slots, a.head_dim)
+            self.cache_shapes.append((rows, (1, a.n_kv_heads, a.head_dim, slots) if self.v_columns else rows))
         if self.spec.kv == "buffers":
-            for d, shape in enumerate(self.cache_shapes):
-                for kv_name in ("k", "v"):
+            for d, shapes in enumerate(self.cache_shapes):
+                for kv_name, shape in zip("kv", shapes):
                     self.register_buffer(f"{kv_name}_cache_{d}", zeros_untouched(shape, self.cache_dtype))
                     if self.int8:
                         self.register_buffer(f"{kv_name}_cache_scale_{d}", torch.zeros(scale_shape(shape),
@@ -186,8 +187,8 @@ class LoweredLM(nn.Module):
         if self.swift:
             return [new(self.cache_shape), new(self.cache_shape)]
         out = []
-        for s in self.cache_shapes:
-            for _ in (0, 1):
+        for shapes in self.cache_shapes:
+            for s in shapes:
                 out.append(new(s, dtype=self.cache_dtype))
                 if self.int8:
                     out.append(new(scale_shape(s), dtype=self.spec.dtype))

@@ -262,10 +262,11 @@ def _dus_rows(cache, axis: int, positions, rows):
 
 
 # LiteRT's decoder components: the composite norm, rotate-half as slices (no delegate keeps the
-# graph whole, so the [hd, hd] matmul would only cost), cache rows by DYNAMIC_UPDATE_SLICE, and
-# attention matmuls that read the cache without a reshaped copy of it
+# graph whole, so the [hd, hd] matmul would only cost), cache rows by DYNAMIC_UPDATE_SLICE,
+# attention matmuls that read the cache without a reshaped copy of it, and V caches by column
 COMPONENTS = Components(norm=CompositeNorm, rope=rope_slices,
-                        attention=RowCacheAttention(write_rows=_dus_rows, batched_einsum=True))
+                        attention=RowCacheAttention(write_rows=_dus_rows, batched_einsum=True,
+                                                    values_by_column=True))
 
 
 def convert(model: Model, prefill_len: int, step=lambda msg: None, lift: bool = True) -> tuple[Path, dict]:
@@ -430,7 +431,9 @@ class TFLiteTarget(Target):
                          if model.kv.dtype == "int8" else None,
                          "layout": model.kv.layout, "dtype": model.kv.dtype, "max_len": model.kv.max_len,
                          "axes": f"[1, {rows}, kv_heads, head_dim]" if model.kv.layout == "bshd"
-                         else f"[1, kv_heads, {rows}, head_dim]", **ring_manifest(model)},
+                         else f"[1, kv_heads, {rows}, head_dim]",
+                         "v_axes": "[1, kv_heads, head_dim, max_len]" if COMPONENTS.attention.columns(model.kv)
+                         else "as axes", **ring_manifest(model)},
             "runner": {"convention": "LiteRT-LM LlmLiteRtCompiledModelExecutor",
                        "prefill_logits": False, "decode_logits": "[1, 1, vocab]"},
             "gpu_delegate_fallback": gpu_fallback(data),
