@@ -50,6 +50,9 @@ def test_symbol_choice_does_not_depend_on_how_many_symbols_came_before(tiny_llam
         return _mlmodel_digest(out)
 
     # the first starts well past a power of ten; the second just before one
-    assert compile_from(10**7 + 5, "no-new-digit") == compile_from(10**8 - 10, "new-digit")
-    monkeypatch.setattr(coreml_target, "_creation_order", str)  # control: the choice by name alone
-    assert compile_from(10**9 + 5, "by-name") != compile_from(10**10 - 10, "by-name-new-digit")
+    clean = compile_from(10**7 + 5, "no-new-digit")
+    assert compile_from(10**8 - 10, "new-digit") == clean
+    # control: the choice by name alone gives another program when the count gains a digit
+    # midway (were the patch without effect, this would be the program above)
+    monkeypatch.setattr(coreml_target, "_creation_order", str)
+    assert compile_from(10**10 - 10, "by-name-new-digit") != clean

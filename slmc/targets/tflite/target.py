@@ -25,6 +25,7 @@ rows, so padding never evicts a live position.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import platform
 import sys
@@ -311,6 +312,9 @@ def convert(model: Model, prefill_len: int, step=lambda msg: None, lift: bool = 
         page_out_weights()  # the checkpoint pages read while converting (base.page_out_weights)
         edge.export(str(path))
         del edge, prefill, decode, conv  # the exported programs and the MLIR module
+    # their graphs are reference cycles: collected now, not at some later allocation, so the
+    # heap trimming (slmc._api.compile) returns them before the weights are read back in
+    gc.collect()
     if lift:
         step("litert: weights into the flatbuffer")
         spliced, layout = splice(path, lifted, quant_groups(model, lm, lifted))
