@@ -21,23 +21,29 @@ from slmc.targets.tflite import target as T  # noqa: E402
 P = 8
 
 
-def _cache_copies(path) -> tuple[int, int]:
-    """(BATCH_MATMULs, of which read a RESHAPE of a cache-sized tensor) in the decode signature."""
+def _decode_matmuls(path):
+    """(decode subgraph, its BATCH_MATMULs, each op's builtin code, the schema module)."""
     from ai_edge_litert import schema_py_generated as S
 
     mt = S.ModelT.InitFromPackedBuf(path.read_bytes(), 0)
     sig = next(s for s in mt.signatureDefs if s.signatureKey == b"decode")
     sg = mt.subgraphs[sig.subgraphIndex]
     code = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in mt.operatorCodes]
+    bmm = [op for op in sg.operators if code[op.opcodeIndex] == S.BuiltinOperator.BATCH_MATMUL]
+    return sg, bmm, lambda op: code[op.opcodeIndex], S
+
+
+def _cache_copies(path) -> tuple[int, int]:
+    """(BATCH_MATMULs, of which read a RESHAPE of a cache-sized tensor) in the decode signature."""
+    sg, bmm, code, S = _decode_matmuls(path)
     cache_shapes = {tuple(sg.tensors[i].shape) for i in sg.inputs if b"kv_cache" in sg.tensors[i].name}
     assert cache_shapes
     made_by = {t: op for op in sg.operators for t in op.outputs}
-    bmm = [op for op in sg.operators if code[op.opcodeIndex] == S.BuiltinOperator.BATCH_MATMUL]
     copies = 0
     for op in bmm:
         for t in op.inputs:
             src = made_by.get(t)
-            if src is not None and code[src.opcodeIndex] == S.BuiltinOperator.RESHAPE \
+            if src is not None and code(src) == S.BuiltinOperator.RESHAPE \
                     and tuple(sg.tensors[src.inputs[0]].shape) in cache_shapes:
                 copies += 1
     return len(bmm), copies
@@ -45,18 +51,12 @@ def _cache_copies(path) -> tuple[int, int]:
 
 def _cache_operands(path) -> list[tuple[str, bool]]:
     """(k or v, adj_y) for each decode BATCH_MATMUL whose right operand is a cache as written."""
-    from ai_edge_litert import schema_py_generated as S
-
-    mt = S.ModelT.InitFromPackedBuf(path.read_bytes(), 0)
-    sig = next(s for s in mt.signatureDefs if s.signatureKey == b"decode")
-    sg = mt.subgraphs[sig.subgraphIndex]
-    code = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in mt.operatorCodes]
+    sg, bmm, _, _ = _decode_matmuls(path)
     out = []
-    for op in sg.operators:
-        if code[op.opcodeIndex] == S.BuiltinOperator.BATCH_MATMUL:
-            name = sg.tensors[op.inputs[1]].name.decode()
-            if "kv_cache_k_" in name or "kv_cache_v_" in name:
-                out.append(("k" if "kv_cache_k_" in name else "v", bool(op.builtinOptions.adjY)))
+    for op in bmm:
+        name = sg.tensors[op.inputs[1]].name.decode()
+        if "kv_cache_k_" in name or "kv_cache_v_" in name:
+            out.append(("k" if "kv_cache_k_" in name else "v", bool(op.builtinOptions.adjY)))
     return out
 
 
