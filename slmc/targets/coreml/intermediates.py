@@ -23,6 +23,7 @@ from ..coreml_import import coremltools
 from .mil_interp import MILProgram
 from .module import coreml_module
 from .names import fresh_op_names
+from .validate_once import validated_once
 
 
 def hidden_states(model: Model, manifest: dict, ids: list[int], spec, units: str, quiet) -> Intermediates:
@@ -48,11 +49,12 @@ def hidden_states(model: Model, manifest: dict, ids: list[int], spec, units: str
     with torch.no_grad():
         ep = torch.export.export(Tapped(module, module).eval(), tuple(args), strict=False).run_decompositions({})
     fresh_op_names()
-    ml = quiet(ct.convert, ep, inputs=inputs, outputs=[ct.TensorType(name=n) for n in names], states=states,
-                convert_to="mlprogram", skip_model_load=True,
-                minimum_deployment_target=getattr(ct.target, "iOS" + spec.deployment_target[3:]),
-                compute_precision=ct.precision.FLOAT16 if spec.precision == "fp16" else ct.precision.FLOAT32,
-                compute_units=getattr(ct.ComputeUnit, units))
+    with validated_once():
+        ml = quiet(ct.convert, ep, inputs=inputs, outputs=[ct.TensorType(name=n) for n in names], states=states,
+                   convert_to="mlprogram", skip_model_load=True,
+                   minimum_deployment_target=getattr(ct.target, "iOS" + spec.deployment_target[3:]),
+                   compute_precision=ct.precision.FLOAT16 if spec.precision == "fp16" else ct.precision.FLOAT32,
+                   compute_units=getattr(ct.ComputeUnit, units))
     shape = tuple(module.cache_shape)
     del ep, module
     with tempfile.TemporaryDirectory(prefix="slmc-diff-") as tmp:
