@@ -23,6 +23,7 @@ from ..coreml_import import coremltools
 from .mil_interp import MILProgram
 from .module import coreml_module
 from .names import fresh_op_names
+from .reshape_solve import solved_once
 from .validate_once import validated_once
 
 
@@ -49,7 +50,7 @@ def hidden_states(model: Model, manifest: dict, ids: list[int], spec, units: str
     with torch.no_grad():
         ep = torch.export.export(Tapped(module, module).eval(), tuple(args), strict=False).run_decompositions({})
     fresh_op_names()
-    with validated_once():
+    with validated_once(), solved_once():
         ml = quiet(ct.convert, ep, inputs=inputs, outputs=[ct.TensorType(name=n) for n in names], states=states,
                    convert_to="mlprogram", skip_model_load=True,
                    minimum_deployment_target=getattr(ct.target, "iOS" + spec.deployment_target[3:]),

@@ -35,6 +35,7 @@ from ...errors import SlmcError
 from ..base import Artifact, Target, TargetSpec, scratch_file
 from ..bounds import FLOAT_EXACT, FP16_STATISTICAL
 from .lean import lean_conversion
+from .reshape_solve import solved_once
 from .validate_once import validated_once
 from ..coreml_import import coremltools
 from .names import fresh_op_names
@@ -240,7 +241,7 @@ def convert_function(model: Model, spec: CoreMLSpec, fn: str, out: Path, module=
     outputs = [ct.TensorType(name=o["name"], dtype=np_dt[o["dtype"]]) for o in io["outputs"]]
     states = [ct.StateType(ct.TensorType(shape=tuple(s["shape"]), dtype=np.float16), name=s["name"])
               for s in io.get("states", [])]
-    with _deterministic_broadcast(), lean_conversion(), validated_once():
+    with _deterministic_broadcast(), lean_conversion(), validated_once(), solved_once():
         ml = _quiet(ct.convert, ep, inputs=inputs, outputs=outputs, states=states or None,
                     convert_to="mlprogram", skip_model_load=True,
                     minimum_deployment_target=getattr(ct.target, "iOS" + spec.deployment_target[3:]),
