@@ -8,6 +8,9 @@ Paths, each in a fresh subprocess (wall time, CPU time and peak RSS are its own)
                 decode functions in one multifunction .mlpackage
   ref coreml    transformers' TorchExportableModuleForDecoderOnlyLM (static cache, T=1)
                 -> torch.export -> run_decompositions -> coremltools.convert (fp16, iOS 18)
+  ref coreml_prefill  (path coreml-ref_prefill) a graph coremltools accepts: transformers' model
+                without a cache, one 128-token prefill (eager attention, mask and positions as
+                inputs), the same export and convert: one function where slmc converts two
   slmc tflite   api.compile(target="tflite", backend="cpu"): prefill (128) + decode signatures
   ref tflite    litert_torch.generative.export_hf.export (the HF exporter litert-torch ships),
                 fp32 (quantization_recipe="none"), prefill 128, same cache length, no bundle; its exporter
@@ -99,6 +102,51 @@ def worker_ref_coreml(model: str, out: Path, L: int, ph: Phases) -> dict:
     return {"artifact": str(art)}
 
 
+PREFILL_T = 128  # the Core ML prefill-only reference's fixed length (litert-torch's prefill too)
+
+
+def worker_ref_coreml_prefill(model: str, out: Path, L: int, ph: Phases) -> dict:
+    """coremltools on a graph it accepts: transformers' model without a cache, one fixed-length
+    prefill (eager attention, the causal mask and positions given, logits for every token).
+    The static-cache export above stops in coremltools at index_copy; transformers' own mask
+    building, without these inputs, at diff/new_ones, and logits_to_keep=0's slice at alias."""
+    import coremltools as ct
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ph("load HF model")
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="eager").eval()
+    positions = torch.arange(PREFILL_T)[None]
+
+    class Prefill(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = hf
+
+        def forward(self, ids, mask):
+            return self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                           logits_to_keep=PREFILL_T).logits
+
+    ph("torch.export")
+    mask = torch.triu(torch.full((1, 1, PREFILL_T, PREFILL_T), -1e4), 1)
+    with torch.no_grad():
+        ep = torch.export.export(Prefill().eval(), (torch.zeros(1, PREFILL_T, dtype=torch.long), mask), strict=False)
+    ph("run_decompositions")
+    ep = ep.run_decompositions({})
+    ph("coremltools.convert")
+    ml = ct.convert(ep, inputs=[ct.TensorType(name="ids", shape=(1, PREFILL_T), dtype=np.int32),
+                                ct.TensorType(name="mask", shape=(1, 1, PREFILL_T, PREFILL_T), dtype=np.float16)],
+                    minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16,
+                    skip_model_load=True)
+    ph("writing")
+    art = out / "model.mlpackage"
+    out.mkdir(parents=True, exist_ok=True)
+    ml.save(str(art))
+    ph("done")
+    return {"artifact": str(art), "prefill_tokens": PREFILL_T}
+
+
 def worker_ref_tflite(model: str, out: Path, L: int, ph: Phases) -> dict:
     from litert_torch.generative.export_hf import export as hf_export
 
@@ -175,8 +223,9 @@ def worker_main(a) -> None:
         out = worker_decode_onnx(json.loads(a.arts), json.loads(a.prompt_ids), a.steps, a.repeats)
     else:
         target, who = a.worker.split("-")
+        target = "coreml_prefill" if a.worker == "coreml-ref_prefill" else target
         fn = (lambda *x: worker_slmc(target, *x)) if who == "slmc" else \
-            {"coreml": worker_ref_coreml, "tflite": worker_ref_tflite,
+            {"coreml": worker_ref_coreml, "coreml_prefill": worker_ref_coreml_prefill, "tflite": worker_ref_tflite,
              "onnx": lambda *x: worker_ref_onnx("fp32", *x), "onnx_int4": lambda *x: worker_ref_onnx("int4", *x)}[target]
         try:
             out = fn(a.model, Path(a.out), a.max_seq_len, ph)
@@ -239,7 +288,10 @@ def markdown(r: dict) -> str:
               "empty cache, each .tflite in ai_edge_litert's interpreter (all cores), caches fed back; each ONNX "
               "folder in onnxruntime-genai's generator after a short prompt. onnx_int4: slmc's int4-g32-onnx "
               "recipe (MatMulNBits accuracy_level=1, fp32 compute: exact) beside the builder's `-p int4` "
-              "(its defaults: accuracy_level=4, int8 activations).", ""]
+              "(its defaults: accuracy_level=4, int8 activations).", "",
+              "coreml-ref_prefill: coremltools on a graph it accepts, transformers' model without a cache as one "
+              "128-token prefill function (slmc's package has two, prefill of any length and decode, with states); "
+              "coreml-ref, the static-cache export, is measured as it is.", ""]
     bws = {x["host_bandwidth"]["bandwidth_gbs"] for x in r["paths"].values() if "host_bandwidth" in x}
     if bws:
         lines += [f"Roofline: decode tok/s x the bytes a step reads (slmc's cost model, bare: every weight at its stored "
@@ -268,7 +320,7 @@ def main(a) -> None:
         paths = {k: v for k, v in prev["paths"].items() if k not in a.only.split(",")}
         others |= set(prev["other_processes"])
     measured = set()
-    for name in ("coreml-slmc", "coreml-ref", "tflite-slmc", "tflite-ref", *ONNX_PATHS):
+    for name in ("coreml-slmc", "coreml-ref", "coreml-ref_prefill", "tflite-slmc", "tflite-ref", *ONNX_PATHS):
         if name in paths:
             continue
         measured.add(name)
@@ -314,6 +366,11 @@ def main(a) -> None:
         goals[f"{t}: slmc wall / reference wall"] = (w, "≤ 0.5", None if w is None else w <= 0.5)
         rss = s["peak_rss_mib"] * 2**20 / fp32 if "error" not in s else None
         goals[f"{t}: slmc peak RSS / fp32 weight bytes"] = (rss, "≤ 1.5", None if rss is None else rss <= 1.5)
+    if "coreml-ref_prefill" in paths:  # absent from results written before it was measured
+        w = ratio(paths["coreml-slmc"], paths["coreml-ref_prefill"], "wall_s")
+        goals["coreml: slmc wall / prefill-only reference wall"] = (w, "≤ 0.5", None if w is None else w <= 0.5)
+        w = ratio(paths["coreml-slmc"], paths["coreml-ref_prefill"], "peak_rss_mib")
+        goals["coreml: slmc peak RSS / prefill-only reference's"] = (w, "measured", None)
     d = ratio(paths["tflite-slmc"], paths["tflite-ref"], "decode_tok_s")
     goals["tflite: slmc decode tok/s / reference"] = (d, "≥ 1.2", None if d is None else d >= 1.2)
     s, f = paths["tflite-slmc"], paths["tflite-ref"]
