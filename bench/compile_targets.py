@@ -77,7 +77,7 @@ def worker_ref_onnx(precision: str, model: str, out: Path, L: int, ph: Phases) -
 
 
 def worker_ref_coreml(model: str, out: Path, L: int, ph: Phases) -> dict:
-    import coremltools as ct
+    import coremltools  # noqa: F401  (imported before the first phase, as in the other paths)
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
@@ -89,17 +89,25 @@ def worker_ref_coreml(model: str, out: Path, L: int, ph: Phases) -> dict:
     ph("torch.export")
     with torch.no_grad():
         ep = wrapped.export(input_ids=torch.tensor([[1]]), cache_position=torch.tensor([0]))
+    return {"artifact": str(_ref_convert(ep, out, ph))}
+
+
+def _ref_convert(ep, out: Path, ph: Phases, **convert_kw) -> Path:
+    """The Core ML reference paths' common tail: decompositions, coremltools.convert (fp16,
+    iOS 18) and the package written."""
+    import coremltools as ct
+
     ph("run_decompositions")
     ep = ep.run_decompositions({})
     ph("coremltools.convert")
     ml = ct.convert(ep, minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16,
-                    skip_model_load=True)
+                    skip_model_load=True, **convert_kw)
     ph("writing")
     art = out / "model.mlpackage"
     out.mkdir(parents=True, exist_ok=True)
     ml.save(str(art))
     ph("done")
-    return {"artifact": str(art)}
+    return art
 
 
 PREFILL_T = 128  # the Core ML prefill-only reference's fixed length (litert-torch's prefill too)
@@ -132,18 +140,9 @@ def worker_ref_coreml_prefill(model: str, out: Path, L: int, ph: Phases) -> dict
     mask = torch.triu(torch.full((1, 1, PREFILL_T, PREFILL_T), -1e4), 1)
     with torch.no_grad():
         ep = torch.export.export(Prefill().eval(), (torch.zeros(1, PREFILL_T, dtype=torch.long), mask), strict=False)
-    ph("run_decompositions")
-    ep = ep.run_decompositions({})
-    ph("coremltools.convert")
-    ml = ct.convert(ep, inputs=[ct.TensorType(name="ids", shape=(1, PREFILL_T), dtype=np.int32),
-                                ct.TensorType(name="mask", shape=(1, 1, PREFILL_T, PREFILL_T), dtype=np.float16)],
-                    minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16,
-                    skip_model_load=True)
-    ph("writing")
-    art = out / "model.mlpackage"
-    out.mkdir(parents=True, exist_ok=True)
-    ml.save(str(art))
-    ph("done")
+    art = _ref_convert(ep, out, ph, inputs=[
+        ct.TensorType(name="ids", shape=(1, PREFILL_T), dtype=np.int32),
+        ct.TensorType(name="mask", shape=(1, 1, PREFILL_T, PREFILL_T), dtype=np.float16)])
     return {"artifact": str(art), "prefill_tokens": PREFILL_T}
 
 
