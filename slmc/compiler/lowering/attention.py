@@ -5,7 +5,7 @@ which writes the new rows into the cache, attends and projects out. Cores:
   RowCacheAttention   per-layer caches [1, kvh, L, hd] / [1, L, kvh, hd]: index_copy, a target's
                       write_rows op, or ring-buffer slots; fp32/fp16/int8 (ExecuTorch, LiteRT);
                       batched_einsum: rank-4 matmuls over the cache as stored (LiteRT);
-                      values_by_column: V caches [1, kvh, hd, L] (LiteRT)
+                      values_by_column: V caches [1, kvh, hd, L] (LiteRT, ExecuTorch/XNNPACK)
   StackedCacheAttention  one layer of Core ML's keyCache/valueCache, rows [start, end)
   PerHeadAttention    the same cache, channels-first heads, one small matmul per head (ANE)
 Batch 1 throughout (the LLM-runner convention).
@@ -92,15 +92,15 @@ class RowCacheAttention:
     # V caches stored [1, kvh, hd, L], keys on the last axis, as litert-torch stores them:
     # XNNPACK packs a BATCH_MATMUL's dynamic right operand on every call, and packs p @ V's
     # [hd, L] with a vectorized packer but [L, hd] with a scalar loop (perf: 9 % of a decode
-    # step on SmolLM2-135M at 512 rows)
+    # step on SmolLM2-135M at 512 rows). The rank-3 form reads them as bmm(p, V.transpose(1, 2)),
+    # which ExecuTorch's XNNPACK lowering writes as one transposed-operand bmm (bmm_operands.py).
     values_by_column: bool = False
     stacked, channels_first = False, False  # the cache form and hidden layout it works on
 
     def columns(self, kv) -> bool:
         """Whether V caches under this KV spec are stored by column: linear BHSD float caches
-        attended by einsum (ring, BSHD and int8 caches keep rows)."""
-        return (self.values_by_column and self.batched_einsum and kv.layout == "bhsd" and kv.ring is None
-                and kv.dtype != "int8")
+        (ring, BSHD and int8 caches keep rows)."""
+        return self.values_by_column and kv.layout == "bhsd" and kv.ring is None and kv.dtype != "int8"
 
     def heads(self, a: LAttention, q, k, v):
         # Every reshape names the dynamic length as -1 and everything else statically: XNNPACK
@@ -149,7 +149,10 @@ class RowCacheAttention:
         qg = q.reshape(kvh, rep, -1, hd).transpose(1, 2).reshape(kvh, -1, hd)
         scores, values = [], []
         for k_rows, v_rows in parts:
-            keys, vals = self._heads(a, k_rows, q.dtype), self._heads(a, v_rows, q.dtype)
+            keys = self._heads(a, k_rows, q.dtype)
+            # V by column: [kvh, hd, L], read as its transpose (one part: linear caches only)
+            vals = v_rows.reshape(kvh, hd, -1).to(q.dtype).transpose(1, 2) if a.v_columns \
+                else self._heads(a, v_rows, q.dtype)
             scores.append(a.scores(qg, keys).view(kvh, -1, rep, keys.shape[1]))
             values.append(vals)
         s = (scores[0] if len(scores) == 1 else torch.cat(scores, -1)) + mask[:, None, :]

@@ -15,6 +15,7 @@ from ...compiler.ir import Model
 from ...compiler.lowering import max_chunk
 from ..base import TargetSpec
 from .backends import BACKENDS
+from .bmm_operands import transposed_operands
 from .lean import blob_sha256, lean_lowering
 from .views import infer_view_dims
 
@@ -189,7 +190,7 @@ def to_pte_and_data(programs, spec: ExecuTorchSpec, constant_methods: dict | Non
             compile_config=EdgeCompileConfig(_check_ir_validity=False), constant_methods=constant_methods)
 
     step(f"to_edge + {spec.backend} partitioning")
-    with lean_lowering(spec.backend) as spill:
+    with lean_lowering(spec.backend) as spill, transposed_operands():
         try:
             edge = lower([infer_view_dims])
         except AssertionError as e:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from ...compiler.ir import Model, QuantWeight, named_weights
 from ...compiler.lowering import LoweringSpec, export_decoder, io_spec
+from ...compiler.lowering.attention import RowCacheAttention
 from ...compiler.lowering.components import Components
 from ...compiler.lowering.layers import LEmbedding, PairSwappedEmbedding
 from ..base import Artifact, Target, kv_refusal, ring_manifest
@@ -26,6 +27,11 @@ from .moe_runner import open_moe
 from .program import PTD, ExecuTorchSpec, runner_metadata, shared_quant_table, tied_table, to_pte_and_data
 from .readback import readback
 from .session import ExecuTorchSession
+
+# XNNPACK: V caches by column, [1, kv_heads, head_dim, max_len], which its bmm reads with the
+# keys' transposed-operand flag (bmm_operands.py) instead of packing [L, hd] with a scalar loop
+XNNPACK_ATTENTION = RowCacheAttention(values_by_column=True)
+
 
 class ExecuTorchTarget(Target):
     name = "executorch"
@@ -91,13 +97,16 @@ class ExecuTorchTarget(Target):
         backend = BACKENDS[spec.backend]
         # a shared int4 table: the embedding reads it in the byte order of XNNPACK's head
         embedding = PairSwappedEmbedding if shared_quant_table(model, spec.backend) == 4 else LEmbedding
-        lspec = LoweringSpec(full_logits=spec.full_logits, components=Components(embedding=embedding))
+        attention = XNNPACK_ATTENTION if spec.backend == "xnnpack" else RowCacheAttention()
+        lspec = LoweringSpec(full_logits=spec.full_logits,
+                             components=Components(embedding=embedding, attention=attention))
         step("torch.export")
         ep = export_decoder(model, lspec, dynamic=backend.dynamic)
         meta = runner_metadata(model, backend.dynamic)
         tied = tied_table(model, spec.backend)
         data, delegation, ptd = to_pte_and_data(ep, spec, meta, step, tied=tied)
         del ep
+        rows = "max_len" if model.kv.window is None else f"window={model.kv.window}"
         files = {"model.pte": data, **({PTD: ptd} if ptd is not None else {})}
         manifest = {
             "format": "pte",
@@ -112,6 +121,9 @@ class ExecuTorchTarget(Target):
             "runner": {"convention": "executorch.extension.llm.runner.TextLLMRunner",
                        "metadata_methods": meta},
             "kv_cache": {"kind": "mutable_buffers", "buffers_per_layer": ["k_cache_{d}", "v_cache_{d}"],
+                         "axes": f"[1, {rows}, kv_heads, head_dim]" if model.kv.layout == "bshd"
+                         else f"[1, kv_heads, {rows}, head_dim]",
+                         "v_axes": "[1, kv_heads, head_dim, max_len]" if attention.columns(model.kv) else "as axes",
                          **ring_manifest(model)},
         }
         return Artifact(files=files, manifest=manifest)
