@@ -230,6 +230,14 @@ def write_artifact(art: Artifact, out: Path, tokenizer_dir: Path | None) -> Path
     return out
 
 
+def cache_axes(model: Model, v_columns: bool) -> dict:
+    """A per-layer cache's axes for the manifest: K's, and V's (by column, or as K's)."""
+    rows = "max_len" if model.kv.window is None else f"window={model.kv.window}"
+    return {"axes": f"[1, {rows}, kv_heads, head_dim]" if model.kv.layout == "bshd"
+            else f"[1, kv_heads, {rows}, head_dim]",
+            "v_axes": "[1, kv_heads, head_dim, max_len]" if v_columns else "as axes"}
+
+
 def ring_manifest(model: Model) -> dict:
     """How a ring-buffer cache maps positions to slots, for the app's runtime ({} without one)."""
     kv = model.kv

@@ -19,7 +19,7 @@ from ...compiler.lowering import LoweringSpec, export_decoder, io_spec
 from ...compiler.lowering.attention import RowCacheAttention
 from ...compiler.lowering.components import Components
 from ...compiler.lowering.layers import LEmbedding, PairSwappedEmbedding
-from ..base import Artifact, Target, kv_refusal, ring_manifest
+from ..base import Artifact, Target, cache_axes, kv_refusal, ring_manifest
 from ..bounds import ACT8_STATISTICAL, FLOAT_EXACT
 from .backends import BACKENDS
 from .moe import FORMAT, has_offload_plan, lower_offload, offload_supports
@@ -106,7 +106,6 @@ class ExecuTorchTarget(Target):
         tied = tied_table(model, spec.backend)
         data, delegation, ptd = to_pte_and_data(ep, spec, meta, step, tied=tied)
         del ep
-        rows = "max_len" if model.kv.window is None else f"window={model.kv.window}"
         files = {"model.pte": data, **({PTD: ptd} if ptd is not None else {})}
         manifest = {
             "format": "pte",
@@ -121,9 +120,7 @@ class ExecuTorchTarget(Target):
             "runner": {"convention": "executorch.extension.llm.runner.TextLLMRunner",
                        "metadata_methods": meta},
             "kv_cache": {"kind": "mutable_buffers", "buffers_per_layer": ["k_cache_{d}", "v_cache_{d}"],
-                         "axes": f"[1, {rows}, kv_heads, head_dim]" if model.kv.layout == "bshd"
-                         else f"[1, kv_heads, {rows}, head_dim]",
-                         "v_axes": "[1, kv_heads, head_dim, max_len]" if attention.columns(model.kv) else "as axes",
+                         **cache_axes(model, attention.columns(model.kv)),
                          **ring_manifest(model)},
         }
         return Artifact(files=files, manifest=manifest)

@@ -41,7 +41,7 @@ from ...compiler.lowering import Components, LoweredLM, LoweringSpec, max_chunk
 from ...compiler.lowering.attention import RowCacheAttention
 from ...compiler.lowering.layers import LNorm, rope_slices
 from ...errors import SlmcError
-from ..base import Artifact, Target, TargetSpec, kv_refusal, page_out_weights, ring_manifest, scratch_file
+from ..base import Artifact, Target, TargetSpec, cache_axes, kv_refusal, page_out_weights, ring_manifest, scratch_file
 from ..bounds import ACT8_STATISTICAL, FLOAT_EXACT
 from .rules import LITERT
 from .codes import store_codes
@@ -418,7 +418,6 @@ class TFLiteTarget(Target):
         P = prefill_length(model, spec)
         step("litert_torch: prefill + decode signatures")
         data, codes = convert(model, P, step)
-        rows = "max_len" if model.kv.window is None else f"window={model.kv.window}"
         manifest = {
             "format": "tflite",
             "artifact": "model.tflite",
@@ -434,10 +433,7 @@ class TFLiteTarget(Target):
                                     "(symmetric, max|x| / 127), same axes with head_dim 1")
                          if model.kv.dtype == "int8" else None,
                          "layout": model.kv.layout, "dtype": model.kv.dtype, "max_len": model.kv.max_len,
-                         "axes": f"[1, {rows}, kv_heads, head_dim]" if model.kv.layout == "bshd"
-                         else f"[1, kv_heads, {rows}, head_dim]",
-                         "v_axes": "[1, kv_heads, head_dim, max_len]" if COMPONENTS.attention.columns(model.kv)
-                         else "as axes", **ring_manifest(model)},
+                         **cache_axes(model, COMPONENTS.attention.columns(model.kv)), **ring_manifest(model)},
             "runner": {"convention": "LiteRT-LM LlmLiteRtCompiledModelExecutor",
                        "prefill_logits": False, "decode_logits": "[1, 1, vocab]"},
             "gpu_delegate_fallback": gpu_fallback(data),
