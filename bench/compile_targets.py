@@ -222,10 +222,10 @@ def worker_main(a) -> None:
         out = worker_decode_onnx(json.loads(a.arts), json.loads(a.prompt_ids), a.steps, a.repeats)
     else:
         target, who = a.worker.split("-")
-        target = "coreml_prefill" if a.worker == "coreml-ref_prefill" else target
         fn = (lambda *x: worker_slmc(target, *x)) if who == "slmc" else \
-            {"coreml": worker_ref_coreml, "coreml_prefill": worker_ref_coreml_prefill, "tflite": worker_ref_tflite,
-             "onnx": lambda *x: worker_ref_onnx("fp32", *x), "onnx_int4": lambda *x: worker_ref_onnx("int4", *x)}[target]
+            {"coreml-ref": worker_ref_coreml, "coreml-ref_prefill": worker_ref_coreml_prefill,
+             "tflite-ref": worker_ref_tflite, "onnx-ref": lambda *x: worker_ref_onnx("fp32", *x),
+             "onnx_int4-ref": lambda *x: worker_ref_onnx("int4", *x)}[a.worker]
         try:
             out = fn(a.model, Path(a.out), a.max_seq_len, ph)
         except Exception as e:  # a converter that fails is a result, recorded with its error

@@ -6,11 +6,11 @@ flag on a bmm whose right operand is the transposed copy: the runtime then compu
 q @ k^T, so a runtime that ignored the flag could not pass the first test.
 """
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
 
-import pytest
 import torch
 
 from slmc.targets.executorch.bmm_operands import XNN_FLAG_TRANSPOSE_B, transposed_operands
@@ -60,10 +60,7 @@ def lower_and_run(module, args, tmp_path, patched: bool):
     from executorch.runtime import Runtime
 
     ep = torch.export.export(module, args)
-    if patched:
-        with transposed_operands():
-            prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
-    else:
+    with transposed_operands() if patched else contextlib.nullcontext():
         prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
     pte = tmp_path / f"m{int(patched)}.pte"
     pte.write_bytes(prog.buffer)
@@ -121,7 +118,3 @@ def test_every_attention_bmm_reads_its_cache_as_stored_in_the_8da4w_artifact(tin
     assert flags == [XNN_FLAG_TRANSPOSE_B] * (2 * manifest["model"]["layers"])
     assert manifest["kv_cache"]["v_axes"] == "[1, kv_heads, head_dim, max_len]"
 
-
-@pytest.fixture(autouse=True)
-def _quantized_kernels():
-    import executorch.kernels.quantized  # noqa: F401  the runtime's quantized ops, as the session loads them
