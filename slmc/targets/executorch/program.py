@@ -16,6 +16,7 @@ from ...compiler.lowering import max_chunk
 from ..base import TargetSpec
 from .backends import BACKENDS
 from .bmm_operands import transposed_operands
+from .inplace_writes import InPlaceCacheWrites
 from .lean import blob_sha256, lean_lowering
 from .views import infer_view_dims
 
@@ -79,6 +80,9 @@ def backend_config(shared_state: bool = False, external=None):
         extract_delegate_segments=True,
         # dequantize_affine + embedding -> quantized_decomposed::embedding_4bit/byte
         do_quant_fusion_and_const_prop=True,
+        # KV rows written into the cache buffers in place, not by two whole-cache copies
+        run_reinplace_pass=True,
+        passes=[InPlaceCacheWrites()],
         memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=shared_state),
         sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
         external_constants=external or False)
