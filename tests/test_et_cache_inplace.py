@@ -9,6 +9,7 @@ carried by the runtime between calls."""
 import collections
 from pathlib import Path
 
+import pytest
 import torch
 
 from slmc.targets.executorch.program import backend_config
@@ -79,19 +80,15 @@ def run_steps(pte: Path) -> bool:
     return True
 
 
-def test_cache_rows_are_written_in_place(tmp_path):
-    pte = lower(tmp_path, "inplace", reinplace=True)
+@pytest.mark.parametrize("reinplace, in_place, copies", [(True, 2, 0), (False, 0, 2)],
+                         ids=["slmc", "control-executorch-default"])
+def test_cache_rows_are_written_in_place(tmp_path, reinplace, in_place, copies):
+    """slmc's config writes each cache in place; ExecuTorch's default (the control) copies each
+    cache twice: index_put.out, then copy_ back into the buffer. Both compute torch's values."""
+    pte = lower(tmp_path, "cache", reinplace=reinplace)
     ops = plan_ops(pte)
-    assert ops["aten::index_put_"] == 2
-    assert ops["aten::index_put"] == 0 and ops["aten::copy_"] == 0
-    assert run_steps(pte)
-
-
-def test_control_executorch_default_copies_each_cache_twice(tmp_path):
-    pte = lower(tmp_path, "default", reinplace=False)
-    ops = plan_ops(pte)
-    assert ops["aten::index_put_"] == 0
-    assert ops["aten::index_put"] == 2 and ops["aten::copy_"] == 2
+    assert ops["aten::index_put_"] == in_place
+    assert ops["aten::index_put"] == copies and ops["aten::copy_"] == copies
     assert run_steps(pte)
 
 
