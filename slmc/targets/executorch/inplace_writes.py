@@ -4,8 +4,8 @@ A decoder writes each step's K/V rows with index_copy_ on a cache buffer. Export
 functional index_put whose result goes back to the buffer: ExecuTorch's portable index_put.out
 copies the whole cache to a new tensor and a copy_ writes it back, two whole-cache copies per
 cache per call (bench/README: 60 of each per SmolLM2-135M decode step). ExecuTorch's
-`run_reinplace_pass` turns it into index_put_ on the buffer. It leaves one hazard, which this pass
-removes before ExecuTorch's own passes run:
+`run_reinplace_pass` turns it into index_put_ on the buffer. It leaves two hazards, which this
+pass removes before ExecuTorch's own passes run (tests/test_et_cache_inplace.py has both as controls):
 
 - A view of the in-place result becomes an alias (ReplaceViewCopyWithViewPass) bound to the
   result's TensorSpec, which memory planning then swaps for the buffer's spec; the view keeps the
