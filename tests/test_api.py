@@ -69,3 +69,53 @@ def test_run_refuses_an_artifact_without_a_tokenizer(tmp_path):
 def test_evaluate_checks_its_options_first(tiny_llama_dir):
     with pytest.raises(SlmcError, match="window"):
         api.evaluate(str(tiny_llama_dir), api.EvalOptions(("x.txt",), window=8, stride=16))
+
+
+def test_lowering_drops_source_traces_and_restores_the_setting(monkeypatch):
+    """torch.fx records no per-node stack while slmc lowers (the artifacts are the same without,
+    tests/test_reproducible.py), unless KEEP_TRACES_ENV asks for them; the caller's setting
+    comes back, after an error too."""
+    import torch.fx.config as fx_config
+
+    from slmc._api.compile import KEEP_TRACES_ENV, untraced_sources
+
+    monkeypatch.delenv(KEEP_TRACES_ENV, raising=False)
+    monkeypatch.setattr(fx_config, "do_not_emit_stack_traces", False)
+    seen = []
+
+    @untraced_sources()
+    def lower(fail=False):
+        seen.append(fx_config.do_not_emit_stack_traces)
+        if fail:
+            raise SlmcError("conversion failed", "test")
+
+    lower()
+    with pytest.raises(SlmcError):
+        lower(fail=True)
+    monkeypatch.setenv(KEEP_TRACES_ENV, "1")
+    lower()
+    assert seen == [True, True, False]
+    assert fx_config.do_not_emit_stack_traces is False
+
+
+def test_torch_export_honours_the_setting(monkeypatch):
+    """The setting reaches torch's tracer (a torch that renamed it would make the context a
+    no-op): export inside it records no node's stack; outside (the control) it does."""
+    import torch
+
+    from slmc._api.compile import KEEP_TRACES_ENV, untraced_sources
+
+    monkeypatch.delenv(KEEP_TRACES_ENV, raising=False)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x) * 2
+
+    def traces():
+        ep = torch.export.export(M(), (torch.ones(2),)).run_decompositions()
+        return [n.meta.get("stack_trace") for n in ep.graph.nodes if n.op == "call_function"]
+
+    assert any(traces())
+    with untraced_sources():
+        untraced = traces()
+    assert untraced and not any(untraced)

@@ -1,7 +1,9 @@
 """Same inputs, same bytes: each target compiled twice, in two fresh processes (so nothing is
 shared through memory, caches or id()-ordering), gives the same sha256 for every file; the
 manifest is compared by its stable fields (slmc/build/digest.py keeps timings and host paths
-apart). A control shows the comparison sees a one-byte change."""
+apart). The second compile keeps torch.fx's per-node source traces, which slmc drops while
+lowering (_api/compile.untraced_sources): dropping them changes no byte. A control shows the
+comparison sees a one-byte change."""
 
 import json
 import os
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from slmc._api.compile import KEEP_TRACES_ENV
 from slmc.build.digest import artifact_sha256, file_digests, stable_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,9 +30,10 @@ FLOWS = [("executorch", "xnnpack"), ("tflite", "cpu"), ("coreml", "all"), ("onnx
 def _compile_twice(model: Path, target: str, backend: str, tmp: Path) -> list[Path]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     outs = [tmp / f"{target}-{i}" for i in (1, 2)]
+    envs = [env, {**env, KEEP_TRACES_ENV: "1"}]
     procs = [subprocess.Popen([sys.executable, "-m", "slmc.cli", "compile", str(model), "-t", target, "-b", backend,
-                               "--max-seq-len", "32", "-o", str(o)], env=env, cwd=tmp,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for o in outs]
+                               "--max-seq-len", "32", "-o", str(o)], env=e, cwd=tmp,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for o, e in zip(outs, envs)]
     for p in procs:
         out, _ = p.communicate(timeout=600)
         assert p.returncode == 0, out[-2000:]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import hashlib
 import logging
+import os
 import platform
 import time
 from importlib import metadata
@@ -119,7 +121,30 @@ def compile_ir(ir: Model, target: str, backend: str | None, out: str | Path, tok
                             extra or {})
 
 
+# set it to 1 to keep torch.fx's per-node source traces while lowering (a converter's error then
+# names the model line it failed on)
+KEEP_TRACES_ENV = "SLMC_FX_STACK_TRACES"
+
+
+@contextlib.contextmanager
+def untraced_sources():
+    """torch.fx records every node it traces with the Python stack that made it (captured and
+    symbolized per node) for error messages. The exporters trace each graph several times
+    (torch.export, run_decompositions, the targets' passes), and none of the artifacts keeps the
+    traces: they come out byte-identical without (tests/test_reproducible.py), about 6 % sooner
+    on LiteRT (bench/README's notes). Restored afterwards; KEEP_TRACES_ENV=1 keeps them."""
+    import torch.fx.config as fx_config
+
+    old = fx_config.do_not_emit_stack_traces
+    fx_config.do_not_emit_stack_traces = old or os.environ.get(KEEP_TRACES_ENV) != "1"
+    try:
+        yield
+    finally:
+        fx_config.do_not_emit_stack_traces = old
+
+
 @dequant_cache(False)  # no fp32 copy of every quantized weight held into the lowering (issue 17)
+@untraced_sources()
 def _lower_and_write(ir, tgt, spec, out: Path, tok, step, logs, recipe, calib_files, extra=None):
     check_supported(tgt, ir, spec)
     # The check bundle's reference run reads every weight: done before lowering, not beside what
