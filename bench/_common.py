@@ -122,9 +122,18 @@ def others_seen(procs: list[str]) -> list[str]:
         [f"- `{p}`" for p in procs] + [""]
 
 
+# the vector extensions the runtimes' kernels are picked by (MLAS, XNNPACK); the model name alone
+# ("AMD EPYC" here) does not say which a host had
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "asimd", "i8mm", "sve")
+
+
 def cpu_name() -> str:
-    return next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                 if l.startswith("model name")), platform.processor())
+    """The CPU's model name with its SIMD extensions, e.g. "AMD EPYC (avx2 fma)"."""
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    name = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), platform.processor())
+    flags = set(next((l.split(":", 1)[1].split() for l in lines if l.startswith(("flags", "Features"))), []))
+    simd = [f for f in SIMD_FLAGS if f in flags]
+    return f"{name} ({' '.join(simd)})" if simd else name
 
 
 def machine() -> dict:

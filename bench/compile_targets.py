@@ -297,6 +297,10 @@ def markdown(r: dict) -> str:
                   "bits, one embedding row, the KV cache up to the step's position, at the middle of the timed steps; "
                   "a reference in fp32 as the same model in fp32, the builder's int4 not modelled) / the host's copy "
                   f"bandwidth measured after the decode timings ({', '.join(f'{b} GB/s' for b in sorted(bws))}).", ""]
+    gemms = {x["host_gemm"]["fp32_gflops"] for x in r["paths"].values() if "host_gemm" in x}
+    if gemms:
+        lines += [f"The host's fp32 GEMM (numpy, 2048², all cores) measured after them: "
+                  f"{', '.join(f'{g} GFLOP/s' for g in sorted(gemms))}.", ""]
     for name, x in r["paths"].items():
         lines += phase_table(name, x["phases"]) if "phases" in x else []
     return "\n".join(lines + others_seen(r["other_processes"]))
@@ -348,10 +352,13 @@ def main(a) -> None:
     decoded = [k for k in paths if k in measured and "decode_tok_s" in paths[k]]
     if decoded:  # the memory roofline of each decode timed in this run (issue 17, item 5)
         sys.path.insert(0, str(Path(__file__).parent))
-        from estimate import host_bandwidth
+        from estimate import host_bandwidth, host_gemm
 
-        bw = host_bandwidth()
+        # the compute side too: a decode bound by dequantizing (int4 at fp32 compute) follows
+        # the host's arithmetic speed, which moved more between runs than its bandwidth
+        bw, gemm = host_bandwidth(), host_gemm()
         for k in decoded:
+            paths[k]["host_gemm"] = gemm
             steps_before = 0 if k.startswith("tflite") else len(prompt_ids(model_dir, cfg["vocab_size"]))
             cost = step_bytes(k, paths[k], model_dir, steps_before, a.steps, a.max_seq_len)
             if cost is not None:
