@@ -131,7 +131,7 @@ def worker_decode(a) -> dict:
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from estimate import host_bandwidth
+    from estimate import host_bandwidth, host_gemm
 
     arts = json.loads(a.artifacts)
     # a program whose weights are in a .ptd beside it (slmc's: named data, a tied table once) is
@@ -163,7 +163,8 @@ def worker_decode(a) -> dict:
     for r in range(int(a.repeats)):
         for k in (order if r % 2 == 0 else order[::-1]):
             runs[k].append(once(k))
-    return {"runs": runs, "host_bandwidth": host_bandwidth()}
+    # int4 GEMV on this host is bound by arithmetic (all / one core 1.97): its rate beside the bandwidth
+    return {"runs": runs, "host_bandwidth": host_bandwidth(), "host_gemm": host_gemm()}
 
 
 # ------------------------------------------------------------------ main
@@ -234,7 +235,8 @@ def main(a) -> None:
         "model": str(a.model if not a.quick else "tiny random Llama"), "max_seq_len": a.max_seq_len,
         "new_tokens": a.new_tokens, "repeats": a.repeats, "prompt": PROMPT, "recipe": RECIPE,
         "optimum_flags": OPT_FLAGS, "optimum_storage_for_cost_model": OPT_STORAGE, "optimum_venv": venv_versions(py),
-        "host_bandwidth": d["host_bandwidth"], "host_bandwidth_1core": d1["host_bandwidth"], "rows": rows,
+        "host_bandwidth": d["host_bandwidth"], "host_bandwidth_1core": d1["host_bandwidth"],
+        "host_gemm": d.get("host_gemm"), "rows": rows,
         "lead": round(rows["slmc"]["decode_tok_s"] / rows["optimum-executorch"]["decode_tok_s"], 3),
         "other_processes": sorted(others)})
 
@@ -253,7 +255,8 @@ def markdown(r: dict) -> str:
              f"{v['optimum-executorch']} in its own venv (optimum {v['optimum']}, transformers {v['transformers']}, "
              f"torchao {v['torchao']}, executorch {v['executorch']}) · model {Path(r['model']).name} · max_seq_len "
              f"{r['max_seq_len']} · up to {r['new_tokens']} greedy tokens · median of {r['repeats']} alternating runs "
-             f"after one warm-up each · host copy bandwidth {r['host_bandwidth']['bandwidth_gbs']} GB/s", "",
+             f"after one warm-up each · host copy bandwidth {r['host_bandwidth']['bandwidth_gbs']} GB/s"
+             + (f" · fp32 GEMM {r['host_gemm']['fp32_gflops']} GFLOP/s" if r.get("host_gemm") else ""), "",
              "| artifact | export wall (s) | export CPU (s) | export peak RSS (MiB) | .pte + .ptd (MiB) | prefill tok/s | "
              "decode tok/s | runs | bytes / decode token (MiB) | roofline tok/s | of roofline |",
              "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
