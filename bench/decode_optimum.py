@@ -163,7 +163,8 @@ def worker_decode(a) -> dict:
     for r in range(int(a.repeats)):
         for k in (order if r % 2 == 0 else order[::-1]):
             runs[k].append(once(k))
-    # int4 GEMV on this host is bound by arithmetic (all / one core 1.97): its rate beside the bandwidth
+    # int4 GEMV on this host is bound by arithmetic (all / one core 1.98, results/decode_optimum.md):
+    # its rate beside the bandwidth
     return {"runs": runs, "host_bandwidth": host_bandwidth(), "host_gemm": host_gemm()}
 
 

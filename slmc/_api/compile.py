@@ -121,8 +121,8 @@ def compile_ir(ir: Model, target: str, backend: str | None, out: str | Path, tok
                             extra or {})
 
 
-# set it to 1 to keep torch.fx's per-node source traces while lowering (a converter's error then
-# names the model line it failed on)
+# set it to 1 to keep torch.fx's per-node source traces while lowering (torch's errors can then
+# name the model line a failing node came from)
 KEEP_TRACES_ENV = "SLMC_FX_STACK_TRACES"
 
 
