@@ -406,3 +406,41 @@ def test_converted_array_is_numpys_cast_in_pieces_and_lets_its_source_go(monkeyp
     gone.clear()
     heap = Spill("test").converted_array(vals, np.float16, chunk=3000)
     assert np.array_equal(heap, out, equal_nan=True) and gone == []  # control: heap pages stay
+
+
+@pytest.mark.parametrize("dst,symmetric", [(torch.float32, True), (torch.float16, False)])
+def test_dequantized_goes_to_the_file_in_pieces_and_is_exact(dst, symmetric, monkeypatch):
+    """Spill.dequantized writes q.float().to(dtype) a block of rows at a time (the whole image
+    never on the heap) and maps it back: the same values as float()."""
+    q = rtn(torch.randn(37, 64), QuantScheme(4, 32, symmetric, "float32"), "rtn")
+    monkeypatch.setattr(spill_mod, "DEQUANT_CHUNK", 5 * 64)  # 5 rows a block: 37 is not a multiple
+    rows = []
+    real = QuantWeight.rows
+    monkeypatch.setattr(QuantWeight, "rows", lambda self, idx: rows.append(idx) or real(self, idx))
+    out = Spill("test").dequantized(q, dst)
+    assert len(rows) == 8 and spill_mod.file_backed(out)
+    assert out.dtype == dst and torch.equal(out, q.float().to(dst))
+    q.codes[-1, -1] = -q.codes[-1, -1] - 1  # control: a change in the last block shows
+    assert not torch.equal(Spill("test").dequantized(q, dst), out)
+
+
+def test_lowering_dequantizes_into_scratch_space(tiny_llama_dir, monkeypatch):
+    """A target that lowers QuantWeights as floats (dequantize=True: ONNX, LiteRT's fallback)
+    gets each as Spill.dequantized's mapped image, equal to w.float()."""
+    from slmc.compiler.ir import named_weights
+    from slmc.compiler.lowering.module import LoweredLM, LoweringSpec
+
+    monkeypatch.setattr(spill_mod, "MIN_BYTES", 4096)
+    m = import_hf(tiny_llama_dir)
+    for _, lin in block_linears(m):
+        lin.weight = rtn(lin.weight.float(), QuantScheme(4, 32, True, "float32"), "rtn")
+    qs = [w for _, w in named_weights(m) if isinstance(w, QuantWeight) and w.codes.numel() * 4 >= 4096]
+    assert qs
+    seen = []
+    real = Spill.dequantized
+    monkeypatch.setattr(Spill, "dequantized", lambda self, q, dtype: seen.append(id(q)) or real(self, q, dtype))
+    mod = LoweredLM(m, LoweringSpec(dequantize=True)).eval()
+    assert set(seen) == {id(w) for w in qs}
+    for w in qs:
+        p = mod.ir_params[id(w)]
+        assert spill_mod.file_backed(p) and torch.equal(p, w.float())

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import SlmcError
-from .ir import DTYPE_NAMES, DTYPES, QuantWeight, Weight, named_weights
+from .ir import DEQUANT_CHUNK, DTYPE_NAMES, DTYPES, QuantWeight, Weight, named_weights
 
 MIN_BYTES = 1 << 20  # smaller tensors (norm weights, biases) stay in memory
 # tensors Spill.quant made (id -> weak reference): a code table already in a file is not
@@ -264,6 +264,20 @@ class Spill:
         for i in range(0, flat.numel(), chunk):
             self._append(flat[i:i + chunk].float().to(dtype).contiguous())
         return self._read(off, self._end - off, tuple(t.shape), DTYPE_NAMES[dtype])
+
+    def dequantized(self, q: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
+        """`q.float().to(dtype)` as a tensor mapped from this file, dequantized a block of rows at a
+        time (QuantWeight.rows, the same values as float()): the whole float image is never on the
+        heap (SmolLM2-135M's ONNX int4 lowering held 200-600 MiB of freed images and temporaries as
+        glibc's garbage, varying from run to run, until trimmed)."""
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"cannot spill dtype {dtype}")
+        rows, cols = q.shape
+        step, off = max(1, DEQUANT_CHUNK // max(1, cols)), self._end
+        for r in range(0, rows, step):
+            self._append(q.rows(slice(r, r + step)).to(dtype).contiguous())
+        trim_heap()  # the blocks' temporaries: freed, but kept by glibc (440 MiB of them by the end)
+        return self._read(off, self._end - off, (rows, cols), DTYPE_NAMES[dtype])
 
     def converted_array(self, a: np.ndarray, dtype, chunk: int = 1 << 22) -> np.ndarray:
         """`a.astype(dtype)` (numpy's own rounding, what a converter computes) as an array mapped

@@ -51,14 +51,15 @@ class _Params:
     def _float(self, w) -> torch.Tensor:
         """`w` in the module's float dtype, contiguous (serializers read a constant's storage in
         memory order, see quantized.py) and, when big, mapped from a scratch file. A checkpoint
-        tensor in another dtype is converted into the file in pieces, never whole on the heap."""
-        if isinstance(w, Weight):
-            t = w.data
-            big = t.numel() * torch.empty((), dtype=self.dtype).element_size() >= _spill.MIN_BYTES
-            if t.dtype != self.dtype and big:
-                if self.spill is None:
-                    self.spill = _spill.Spill("lowering")
-                return self.spill.converted(t, self.dtype)
+        tensor in another dtype, and a QuantWeight's dequantized image, are written into the file in
+        pieces, never whole on the heap."""
+        quant = isinstance(w, QuantWeight)
+        numel = w.codes.numel() if quant else w.data.numel() if isinstance(w, Weight) else 0
+        big = numel * torch.empty((), dtype=self.dtype).element_size() >= _spill.MIN_BYTES
+        if big and (quant or w.data.dtype != self.dtype):
+            if self.spill is None:
+                self.spill = _spill.Spill("lowering")
+            return self.spill.dequantized(w, self.dtype) if quant else self.spill.converted(w.data, self.dtype)
         return self._file_backed(w.float().to(self.dtype).contiguous())
 
     def __call__(self, w) -> nn.Parameter:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...compiler.ir import Model, QuantWeight, named_weights
+from ...compiler.ir import DEQUANT_CHUNK, Model, QuantWeight, named_weights
+from ...compiler.spill import trim_heap
 from ...errors import SlmcError
 from .rules import block_size
 from .split8 import constant, gather_nodes, matmul_nodes, pack4, planes, sixteen
@@ -42,19 +43,49 @@ def images(w: QuantWeight) -> Images:
     n, k = w.shape
     b = block_size(w.group_size)
     rep = w.group_size // b
-    codes = w.codes.numpy().astype(np.int16)
-    u = (codes + 2 ** (w.bits - 1) if w.symmetric else codes).astype(np.uint8)
-    packed = (pack4(u) if w.bits == 4 else u).reshape(n, k // b, b * w.bits // 8)
+    # a block of rows at a time: the int16 and uint8 transients of a 49152-row table were 85 MiB
+    packed = np.empty((n, k // b, b * w.bits // 8), np.uint8)
+    step = max(1, DEQUANT_CHUNK // k)
+    for r in range(0, n, step):
+        codes = w.codes[r:r + step].numpy().astype(np.int16)
+        u = (codes + 2 ** (w.bits - 1) if w.symmetric else codes).astype(np.uint8)
+        packed[r:r + step] = (pack4(u) if w.bits == 4 else u).reshape(len(u), k // b, -1)
+    trim_heap()  # the blocks' transients, which glibc would keep
     scales = np.repeat(w.scales.float().numpy().astype(np.float32), rep, axis=1)
     zeros = None
     if w.zeros is not None:
         z = np.repeat(w.zeros.float().numpy().astype(np.uint8), rep, axis=1)
         zeros = pack4(z) if w.bits == 4 else z
-    return Images(np.ascontiguousarray(packed), np.ascontiguousarray(scales), zeros, b)
+    return Images(packed, np.ascontiguousarray(scales), zeros, b)
 
 
 def _digest(a: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def image_digests(w: QuantWeight) -> tuple[str, str]:
+    """sha1 of w's exact dequantized float32 image [N, K] in C order, and of its transpose
+    [K, N] (a MatMul's B), made a block of rows (columns) at a time: the image is never whole
+    in memory (its fp32, a transposed copy and their bytes were 4 copies of a 113 MiB tied
+    table at once). The values are QuantWeight.rows', which float() is made of."""
+    n, k = w.shape
+    g, chunk = w.group_size, DEQUANT_CHUNK // 4  # hashing is no slower in small blocks
+    rows, cols = hashlib.sha1(), hashlib.sha1()
+    step = max(1, chunk // k)
+    for r in range(0, n, step):
+        rows.update(w.rows(slice(r, r + step)).numpy().astype(np.float32, copy=False).tobytes())
+    step = max(g, chunk // n // g * g)  # whole groups, so each block's scales are its own
+    for c in range(0, k, step):
+        cols.update(np.ascontiguousarray(_columns(w, c, min(k, c + step)).numpy().T, np.float32).tobytes())
+    trim_heap()  # the blocks' temporaries: freed, but kept by glibc
+    return rows.hexdigest(), cols.hexdigest()
+
+
+def _columns(w: QuantWeight, c0: int, c1: int):
+    """Dequantized columns c0:c1 (group-aligned) of w, as QuantWeight.rows computes them."""
+    g, gs = w.group_size, slice(c0 // w.group_size, -(-c1 // w.group_size))
+    z = w.zeros[:, gs].float().repeat_interleave(g, dim=1)[:, :c1 - c0] if w.zeros is not None else 0.0
+    return (w.codes[:, c0:c1].float() - z) * w.scales[:, gs].float().repeat_interleave(g, dim=1)[:, :c1 - c0]
 
 
 def external_info(t) -> dict[str, str]:
@@ -70,6 +101,20 @@ def read_external(base_dir: str, ext: dict[str, str]) -> bytes:
         return os.pread(f.fileno(), int(ext["length"]), int(ext.get("offset", 0)))
 
 
+def read_chunks(base_dir: str, ext: dict[str, str], chunk: int = 16 << 20):
+    """read_external's bytes, `chunk` at a time."""
+    import os
+
+    left, off = int(ext["length"]), int(ext.get("offset", 0))
+    with open(os.path.join(base_dir, ext["location"]), "rb") as f:
+        while left:
+            b = os.pread(f.fileno(), min(left, chunk), off)
+            if not b:
+                raise OSError(f"{ext['location']} ends early at {off}")
+            yield b
+            left, off = left - len(b), off + len(b)
+
+
 def _initializer_digests(graph, base_dir: str) -> dict[str, str]:
     """sha1 of each 2-D float initializer's values -> its name; one read at a time (an
     external one from its file in base_dir, leaving the proto as it is)."""
@@ -80,12 +125,13 @@ def _initializer_digests(graph, base_dir: str) -> dict[str, str]:
     for t in graph.initializer:
         if t.data_type != TensorProto.FLOAT or len(t.dims) != 2:
             continue
-        if uses_external_data(t):
-            raw = read_external(base_dir, external_info(t))
-            a = np.frombuffer(raw, dtype=np.float32).reshape(tuple(t.dims))
+        if uses_external_data(t):  # the file's bytes are the array's (little-endian, C order)
+            h = hashlib.sha1()
+            for chunk in read_chunks(base_dir, external_info(t)):
+                h.update(chunk)
+            out.setdefault(h.hexdigest(), t.name)
         else:
-            a = numpy_helper.to_array(t)
-        out.setdefault(_digest(a), t.name)
+            out.setdefault(_digest(numpy_helper.to_array(t).astype(np.float32, copy=False)), t.name)
     return out
 
 
@@ -120,12 +166,16 @@ def quantize_graph(proto, model: Model, base_dir: str = "") -> int:
     read_by_matmul = {id(w) for _, w, is_table in ws if not is_table}
     # node index -> the nodes that replace it (the graph is rebuilt once), and whose they are
     stored, new_at, owner = {}, {}, {}
+    images_of = {}
     for path, w, is_table in ws:
-        f = w.float().numpy().astype(np.float32)
-        name = digests.get(_digest(f if is_table else f.T))  # MatMul's B is the weight transposed
-        table = digests.get(_digest(f))  # a tied head may read the table through a Transpose
+        if id(w) not in images_of:
+            images_of[id(w)] = image_digests(w)
+        flat, transposed = images_of[id(w)]
+        name = digests.get(flat if is_table else transposed)  # MatMul's B is the weight transposed
+        table = digests.get(flat)  # a tied head may read the table through a Transpose
         if id(w) not in stored:
             stored[id(w)] = _initializers(g, path.replace("(tied)", ""), w, id(w) in read_by_matmul)
+            trim_heap()  # the images and planes, freed once the graph holds its copies
         p, hits = stored[id(w)], 0
         for i, node in enumerate(g.node):
             if i in new_at:  # a weight object at two paths (shared layers) finds its nodes again
@@ -152,7 +202,8 @@ def _initializers(g, key: str, w: QuantWeight, matmul: bool) -> dict:
     it (codes [N, K/b, b*bits/8], zero points flat; 8 bits as planes), else in the gather's
     ([N, K*bits/8], zero points [N, ...])."""
     im = images(w)
-    p = {"im": im, "matmul": matmul, "planes": matmul and w.bits == 8}
+    # the op's attributes and the initializers' names; not `im` itself: the graph holds its copy
+    p = {"block": im.block, "matmul": matmul, "planes": matmul and w.bits == 8}
     p["s"] = _add(g, f"{key}.qscales", im.scales)
     if p["planes"]:
         pl = planes(im.codes, im.zeros)
@@ -170,14 +221,14 @@ def _initializers(g, key: str, w: QuantWeight, matmul: bool) -> dict:
 def _matmul(node, w: QuantWeight, p: dict) -> list:
     from onnx import helper
 
-    im = p["im"]
+    block = p["block"]
     if p["planes"]:
-        return matmul_nodes(node.name, node.input[0], node.output[0], p, w.shape[1], w.shape[0], im.block)
+        return matmul_nodes(node.name, node.input[0], node.output[0], p, w.shape[1], w.shape[0], block)
     # accuracy_level=1: fp32 compute on the exactly dequantized weight (4 would quantize the
     # activations, see rules.py)
     ins = [node.input[0], p["codes"], p["s"]] + ([p["z"]] if p["z"] else [])
     return [helper.make_node("MatMulNBits", ins, list(node.output), name=node.name, domain=MS_DOMAIN,
-                             K=w.shape[1], N=w.shape[0], bits=w.bits, block_size=im.block, accuracy_level=1)]
+                             K=w.shape[1], N=w.shape[0], bits=w.bits, block_size=block, accuracy_level=1)]
 
 
 def _gather(g, node, w: QuantWeight, p: dict) -> list:
@@ -185,7 +236,7 @@ def _gather(g, node, w: QuantWeight, p: dict) -> list:
     Reshape nodes, which ONNX Runtime folds when it loads the model."""
     from onnx import helper
 
-    im, out, pre = p["im"], [], []
+    block, out, pre = p["block"], [], []
 
     made = p.setdefault("rows", set())  # each Reshape once, before the first gather that reads it
 
@@ -200,11 +251,11 @@ def _gather(g, node, w: QuantWeight, p: dict) -> list:
 
     if p["planes"]:
         q = {**p, **{k: rows(p[k]) for k in ("hi", "lo", "zh", "zl")}}
-        out = gather_nodes(node.name, node.input[1], node.output[0], q, im.block)
+        out = gather_nodes(node.name, node.input[1], node.output[0], q, block)
     else:
         ins = [rows(p["codes"]), node.input[1], p["s"]] + ([rows(p["z"])] if p["z"] else [])
         out = [helper.make_node("GatherBlockQuantized", ins, list(node.output), name=node.name, domain=MS_DOMAIN,
-                                bits=w.bits, block_size=im.block, gather_axis=0, quantize_axis=1)]
+                                bits=w.bits, block_size=block, gather_axis=0, quantize_axis=1)]
     return pre + out
 
 
@@ -232,6 +283,8 @@ def _prune(g) -> None:
         for n in dead:
             g.node.remove(n)
     used = {i for n in g.node for i in n.input} | outputs
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    # deleted where they are: extend() would copy every kept one (the codes too) into the
+    # graph's memory again, beside the old copies, which protobuf keeps until the proto goes
+    for i in reversed(range(len(g.initializer))):
+        if g.initializer[i].name not in used:
+            del g.initializer[i]

@@ -36,7 +36,7 @@ from ...compiler.lowering.components import Components
 from ...compiler.lowering.layers import LNorm
 from ...compiler.spill import page_out_weights
 from ..base import scratch_file
-from .codes import external_info, quantize_graph, read_external
+from .codes import external_info, quantize_graph, read_chunks, read_external
 
 OPSET = 18
 SEQ = "sequence_length"
@@ -234,11 +234,5 @@ def _place_tensors(proto, stage: str, out_dir: Path) -> None:
 
 def _copy(stage: str, ext: dict, out) -> None:
     """A staged tensor's bytes appended to `out`, a chunk at a time."""
-    left, off = int(ext["length"]), int(ext.get("offset", 0))
-    with open(os.path.join(stage, ext["location"]), "rb") as f:
-        while left:
-            chunk = os.pread(f.fileno(), min(left, COPY_CHUNK), off)
-            if not chunk:
-                raise OSError(f"staged ONNX weights end early at {off}")
-            out.write(chunk)
-            left, off = left - len(chunk), off + len(chunk)
+    for chunk in read_chunks(stage, ext, COPY_CHUNK):
+        out.write(chunk)
