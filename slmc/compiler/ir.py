@@ -182,12 +182,15 @@ class QuantWeight:
             self.__dict__["_dequant"] = (self.codes, self.scales, w)
         return w
 
-    def rows(self, idx) -> torch.Tensor:
-        """The dequantized rows `idx` (a slice or index tensor) only: e.g. an embedding lookup's."""
+    def rows(self, idx, cols: slice = slice(None)) -> torch.Tensor:
+        """The dequantized rows `idx` (a slice or index tensor) only: e.g. an embedding lookup's;
+        `cols`, a slice starting on a group boundary, narrows them to those columns."""
         g = self.group_size
-        codes = self.codes[idx].float()
-        z = self.zeros[idx].float().repeat_interleave(g, dim=1) if self.zeros is not None else 0.0
-        return (codes - z) * self.scales[idx].float().repeat_interleave(g, dim=1)
+        lo, hi, _ = cols.indices(self.shape[1])
+        groups = slice(lo // g, -(-hi // g))
+        codes = self.codes[idx][:, lo:hi].float()
+        z = self.zeros[idx][:, groups].float().repeat_interleave(g, dim=1)[:, :hi - lo] if self.zeros is not None else 0.0
+        return (codes - z) * self.scales[idx][:, groups].float().repeat_interleave(g, dim=1)[:, :hi - lo]
 
 
 # The cache holds an fp32 copy of every quantized weight the reference executor has read: right

@@ -76,16 +76,9 @@ def image_digests(w: QuantWeight) -> tuple[str, str]:
         rows.update(w.rows(slice(r, r + step)).numpy().astype(np.float32, copy=False).tobytes())
     step = max(g, chunk // n // g * g)  # whole groups, so each block's scales are its own
     for c in range(0, k, step):
-        cols.update(np.ascontiguousarray(_columns(w, c, min(k, c + step)).numpy().T, np.float32).tobytes())
+        cols.update(np.ascontiguousarray(w.rows(slice(None), slice(c, c + step)).numpy().T, np.float32).tobytes())
     trim_heap()  # the blocks' temporaries: freed, but kept by glibc
     return rows.hexdigest(), cols.hexdigest()
-
-
-def _columns(w: QuantWeight, c0: int, c1: int):
-    """Dequantized columns c0:c1 (group-aligned) of w, as QuantWeight.rows computes them."""
-    g, gs = w.group_size, slice(c0 // w.group_size, -(-c1 // w.group_size))
-    z = w.zeros[:, gs].float().repeat_interleave(g, dim=1)[:, :c1 - c0] if w.zeros is not None else 0.0
-    return (w.codes[:, c0:c1].float() - z) * w.scales[:, gs].float().repeat_interleave(g, dim=1)[:, :c1 - c0]
 
 
 def external_info(t) -> dict[str, str]:
