@@ -51,3 +51,18 @@ def test_external_initializer_digest_reads_in_chunks(tmp_path, monkeypatch):
     assert len(sizes) > 1 and sum(sizes) == a.nbytes
     (tmp_path / "w.bin").write_bytes(b"\0" * 8 + a.tobytes()[:-4] + b"\1\2\3\4")  # control
     assert _sha1(a) not in codes._initializer_digests(g, str(tmp_path))
+
+
+@pytest.mark.parametrize("a", [np.arange(24, dtype=np.uint8).reshape(2, 3, 4), np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4),
+                               np.array([5, -1], np.int64), np.array(16.0, np.float32), np.ones((3, 4), np.float32)[:, ::2]])
+def test_initializers_made_in_the_graph_are_numpy_helpers(a):
+    """_add builds the initializer inside the graph (no appended copy): the same proto bytes as
+    numpy_helper.from_array's, a strided view included."""
+    from onnx import helper, numpy_helper
+
+    g = helper.make_graph([], "g", [], [])
+    assert codes._add(g, "w", a) == "w"
+    assert g.initializer[0].SerializeToString() == numpy_helper.from_array(a, "w").SerializeToString()
+    other = a.copy()
+    other.reshape(-1)[-1] += 1  # control: a changed value shows
+    assert g.initializer[0].SerializeToString() != numpy_helper.from_array(other, "w").SerializeToString()

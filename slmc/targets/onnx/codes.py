@@ -129,9 +129,14 @@ def _initializer_digests(graph, base_dir: str) -> dict[str, str]:
 
 
 def _add(graph, name: str, a: np.ndarray) -> str:
-    from onnx import numpy_helper
+    """`a` as a new initializer, made in the graph: numpy_helper.from_array's proto, appended,
+    is one more copy of the array (a protobuf append copies the message)."""
+    from onnx import helper
 
-    graph.initializer.append(numpy_helper.from_array(a, name))
+    t = graph.initializer.add()
+    t.name, t.data_type = name, helper.np_dtype_to_tensor_dtype(a.dtype)
+    t.dims.extend(a.shape)
+    t.raw_data = np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes()  # ONNX stores little-endian
     return name
 
 

@@ -57,7 +57,14 @@ def unpack4(p: np.ndarray, n: int) -> np.ndarray:
 
 def planes(codes: np.ndarray, zeros: np.ndarray | None) -> Planes:
     """codes: unsigned 8-bit [N, K/b, b]; zeros: unsigned [N, K/b] or None (symmetric)."""
-    hi, lo = pack4(codes >> 4), pack4(codes & 15)
+    # a block of rows at a time: a 49152-row table's shifted, masked and strided transients
+    # were 100 MiB at once
+    hi = np.empty(codes.shape[:-1] + ((codes.shape[-1] + 1) // 2,), np.uint8)
+    lo = np.empty_like(hi)
+    step = max(1, (1 << 22) // max(1, codes[0].size))
+    for r in range(0, len(codes), step):
+        c = codes[r:r + step]
+        hi[r:r + step], lo[r:r + step] = pack4(c >> 4), pack4(c & 15)
     if zeros is None:
         return Planes(hi, lo, None, pack4(np.zeros(codes.shape[:2], np.uint8)))
     return Planes(hi, lo, pack4(zeros >> 4), pack4(zeros & 15))
