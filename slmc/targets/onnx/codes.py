@@ -88,14 +88,12 @@ def external_info(t) -> dict[str, str]:
 
 def read_external(base_dir: str, ext: dict[str, str]) -> bytes:
     """The bytes an external_data entry points at, in base_dir."""
-    import os
-
-    with open(os.path.join(base_dir, ext["location"]), "rb") as f:
-        return os.pread(f.fileno(), int(ext["length"]), int(ext.get("offset", 0)))
+    return b"".join(read_chunks(base_dir, ext))
 
 
 def read_chunks(base_dir: str, ext: dict[str, str], chunk: int = 16 << 20):
-    """read_external's bytes, `chunk` at a time."""
+    """The bytes an external_data entry points at, in base_dir, `chunk` at a time; a file that
+    ends early is an error."""
     import os
 
     left, off = int(ext["length"]), int(ext.get("offset", 0))
