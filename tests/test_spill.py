@@ -172,10 +172,11 @@ def test_lowered_weights_are_file_backed_and_exact(tiny_llama_dir, monkeypatch):
     from slmc.compiler.lowering.export import example_inputs
     from slmc.compiler.lowering.module import LoweredLM
 
+    monkeypatch.setattr(spill_mod, "MIN_BYTES", 1 << 30)  # nothing mapped: the heap baseline
     m = PassManager([parse_pass("canon.fuse_projections")]).run(import_hf(tiny_llama_dir))[0]
     ids, pos = example_inputs(m, 4)
     with torch.no_grad():
-        plain = LoweredLM(m).eval()(ids, pos)  # threshold 1 MiB: the tiny model stays on the heap
+        plain = LoweredLM(m).eval()(ids, pos)
     assert not any(spill_mod.file_backed(p) for p in LoweredLM(m).parameters())
     monkeypatch.setattr(spill_mod, "MIN_BYTES", 4096)
     fused = [w for _, w in named_weights(m) if isinstance(w, Weight) and w._loader is None and w.nbytes() >= 4096]
@@ -444,3 +445,18 @@ def test_lowering_dequantizes_into_scratch_space(tiny_llama_dir, monkeypatch):
     for w in qs:
         p = mod.ir_params[id(w)]
         assert spill_mod.file_backed(p) and torch.equal(p, w.float())
+
+
+def test_lowering_maps_a_small_projection_and_keeps_a_norm_vector():
+    """A K/V projection the size of SmolLM2-135M's (192 x 576 fp32, 432 KiB: sixty of them
+    stayed on the heap at a 1 MiB threshold, 25 MiB of LiteRT's fp32 peak) is mapped from the
+    scratch file with the same values; a norm vector stays on the heap."""
+    import torch.nn as nn
+
+    from slmc.compiler.lowering.layers import _Params
+
+    params = _Params(nn.Module(), torch.float32)
+    kv, norm = Weight(torch.randn(192, 576)), Weight(torch.randn(576))
+    mapped, kept = params._float(kv), params._float(norm)
+    assert spill_mod.file_backed(mapped) and torch.equal(mapped, kv.data)
+    assert not spill_mod.file_backed(kept) and torch.equal(kept, norm.data)

@@ -29,7 +29,10 @@ import torch
 from ..errors import SlmcError
 from .ir import DEQUANT_CHUNK, DTYPE_NAMES, DTYPES, QuantWeight, Weight, named_weights
 
-MIN_BYTES = 1 << 20  # smaller tensors (norm weights, biases) stay in memory
+# smaller tensors (norm weights, biases) stay in memory. Not 1 MiB: SmolLM2-135M's K and V
+# projections (192 x 576 fp32, 432 KiB, 60 of them) then stayed on the heap through every
+# lowering, 25 MiB of LiteRT's fp32 peak (bench/results/memory.md)
+MIN_BYTES = 64 << 10
 # tensors Spill.quant made (id -> weak reference): a code table already in a file is not
 # written again (ids are reused once a tensor dies, so the reference must still be it)
 _MAPPED: dict[int, weakref.ref] = {}
