@@ -103,8 +103,9 @@ def test_the_loop_reads_the_factor_from_scratch_space_a_block_at_a_time(monkeypa
     s = QuantScheme(bits=4, group_size=32, symmetric=True)
     q.gptq(W, H, s, block_size=128, act_order=True)
     assert len(seen) == 1024 // 128 and all(n >= 4 * 2**20 - 4096 for n in seen)
-    seen.clear()  # control: a factor under spill's 1 MiB floor is never file-backed
-    q.gptq(W[:, :256], H[:256, :256], s, block_size=128)
+    seen.clear()  # control: a factor under spill.MIN_BYTES (64 x 64 fp32, 16 KiB) is never file-backed
+    assert 64 * 64 * 4 < spill.MIN_BYTES
+    q.gptq(W[:, :64], H[:64, :64], s, block_size=32)
     assert seen == [0, 0]
 
 
