@@ -449,7 +449,7 @@ def test_lowering_dequantizes_into_scratch_space(tiny_llama_dir, monkeypatch):
 
 def test_lowering_maps_a_small_projection_and_keeps_a_norm_vector():
     """A K/V projection the size of SmolLM2-135M's (192 x 576 fp32, 432 KiB: sixty of them
-    stayed on the heap at a 1 MiB threshold, 25 MiB of LiteRT's fp32 peak) is mapped from the
+    stayed on the heap at a 1 MiB threshold, 25 MiB through LiteRT's conversion) is mapped from the
     scratch file with the same values; a norm vector stays on the heap."""
     import torch.nn as nn
 

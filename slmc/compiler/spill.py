@@ -31,7 +31,7 @@ from .ir import DEQUANT_CHUNK, DTYPE_NAMES, DTYPES, QuantWeight, Weight, named_w
 
 # smaller tensors (norm weights, biases) stay in memory. Not 1 MiB: SmolLM2-135M's K and V
 # projections (192 x 576 fp32, 432 KiB, 60 of them) then stayed on the heap through every
-# lowering, 25 MiB of LiteRT's fp32 peak (bench/results/memory.md)
+# lowering: 25 MiB held through LiteRT's conversion (bench/results/memory.md's notes)
 MIN_BYTES = 64 << 10
 # tensors Spill.quant made (id -> weak reference): a code table already in a file is not
 # written again (ids are reused once a tensor dies, so the reference must still be it)
