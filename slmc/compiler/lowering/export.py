@@ -38,6 +38,19 @@ def export_decoder(model: Model, spec: LoweringSpec = LoweringSpec(), dynamic: b
         return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
 
 
+def drop_last_trace() -> None:
+    """Let the last traced graph go. torch's make_fx tracer keeps every node of its latest trace
+    in a module global (proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT, read by export's
+    fake-tensor leak check right after that trace) until the next trace replaces it; through a
+    node, the whole graph, its fake tensors and their FakeTensorMode stay alive (a 4189-node
+    graph while LiteRT runs its MLIR passes on SmolLM2-135M)."""
+    from torch.fx.experimental import proxy_tensor
+
+    held = getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", None)
+    if isinstance(held, dict):
+        held.clear()
+
+
 def io_spec(model: Model, spec: LoweringSpec, dynamic: bool = True) -> dict:
     """The method signature, as recorded in every manifest."""
     seq = f"1..{max_chunk(model)}" if dynamic else "1"

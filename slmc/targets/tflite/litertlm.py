@@ -9,9 +9,11 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...compiler.ir import Model
+from ...compiler.spill import trim_heap
 from ...compiler.textdata import find_tokenizer_dir
 from ..base import scratch_file
 
@@ -63,14 +65,22 @@ def _reproducible_metadata(lb, content_sha256: str):
         lb.populate_system_metadata = saved
 
 
-def litertlm_bundle(model: Model, tflite: bytes | Path) -> tuple[bytes | Path | None, dict]:
-    """Pack model + HF tokenizer + LLM metadata the way litert-torch's exporter does. A
-    flatbuffer given as a file is streamed (base.file_sha256, the builder copies it in
-    blocks) and the bundle returned as a file (base.scratch_file)."""
+@dataclass(frozen=True)
+class BundlePlan:
+    """What the bundle holds besides the flatbuffer."""
+    tok_dir: Path
+    meta: object  # LlmMetadata
+    template: str | None
+
+
+def litertlm_plan(model: Model) -> BundlePlan | str:
+    """The bundle's metadata, or why there is no bundle. Made before the conversion: the start
+    token check loads the whole HF tokenizer (about 30 MiB for SmolLM2's), heap that glibc keeps
+    after it is freed. Made first and the heap trimmed, it is gone before the conversion's
+    high point instead of added on top of what the conversion leaves (bench/results/memory.md)."""
     tok_dir = _tokenizer_dir(model)
     if tok_dir is None:
-        return None, {"file": None, "reason": "the source model has no tokenizer.json to pack"}
-    from litert_lm_builder import litertlm_builder as lb
+        return "the source model has no tokenizer.json to pack"
     from litert_lm_builder.runtime.proto import llm_metadata_pb2, llm_model_type_pb2
 
     meta = llm_metadata_pb2.LlmMetadata(max_num_tokens=model.kv.max_len)
@@ -78,11 +88,27 @@ def litertlm_bundle(model: Model, tflite: bytes | Path) -> tuple[bytes | Path | 
     if model.bos_id is not None and _tokenizer_adds(tok_dir, model.bos_id):
         # the runtime prepends start_token to every prompt: only where HF tokenization does too
         meta.start_token.token_ids.ids.append(model.bos_id)
+    trim_heap()
     for e in model.eos_ids:
         meta.stop_tokens.add().token_ids.ids.append(e)
     template = _chat_template(tok_dir)
     if template:
         meta.jinja_prompt_template = template
+    return BundlePlan(tok_dir, meta, template)
+
+
+def litertlm_bundle(model: Model, tflite: bytes | Path, plan: BundlePlan | str | None = None
+                    ) -> tuple[bytes | Path | None, dict]:
+    """Pack model + HF tokenizer + LLM metadata the way litert-torch's exporter does. A
+    flatbuffer given as a file is streamed (base.file_sha256, the builder copies it in
+    blocks) and the bundle returned as a file (base.scratch_file). plan: litertlm_plan(model),
+    made now if not given."""
+    plan = litertlm_plan(model) if plan is None else plan
+    if isinstance(plan, str):
+        return None, {"file": None, "reason": plan}
+    from litert_lm_builder import litertlm_builder as lb
+
+    tok_dir, meta, template = plan.tok_dir, plan.meta, plan.template
     out = scratch_file("model.litertlm")
     with tempfile.TemporaryDirectory() as tmp:
         src = tflite if isinstance(tflite, Path) else Path(tmp) / "model.tflite"

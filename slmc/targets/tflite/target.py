@@ -47,8 +47,9 @@ from .rules import LITERT
 from .codes import store_codes
 from .decompositions import pre_convert_decomposition_skipped
 from .gpu import gpu_fallback
-from .litertlm import litertlm_bundle
+from .litertlm import litertlm_bundle, litertlm_plan
 from .readback import readback
+from . import staged
 from .session import open_tflite
 from .weights import PREFIX, Lifted, lifted_weights, quant_groups, sample_weights, splice
 
@@ -307,11 +308,12 @@ def convert(model: Model, prefill_len: int, step=lambda msg: None, lift: bool = 
         # Memory (bench/memory.py): lightweight_conversion keeps the weights the converter
         # still sees as MLIR resources over the torch tensors instead of a dense copy of each
         # (the constants it no longer folds are folded by the LiteRT runtime afterwards,
-        # litert_torch's default for it); the flatbuffer goes to a file.
-        edge = conv.convert(lightweight_conversion=True)
+        # litert_torch's default for it); one signature's exported program at a time
+        # (staged.py); the flatbuffer goes to a file.
+        edge = staged.convert_signatures(conv._signatures, lightweight_conversion=True)
         page_out_weights()  # the checkpoint pages read while converting (base.page_out_weights)
-        edge.export(str(path))
-        del edge, prefill, decode, conv  # the exported programs and the MLIR module
+        edge.to_file(str(path))
+        del edge, prefill, decode, conv  # the MLIR module
     # their graphs are reference cycles: collected now, not at some later allocation, so the
     # heap trimming (slmc._api.compile) returns them before the weights are read back in
     gc.collect()
@@ -416,6 +418,8 @@ class TFLiteTarget(Target):
     def lower(self, model: Model, spec: TFLiteSpec, progress=None) -> Artifact:
         step = progress or (lambda msg: None)
         P = prefill_length(model, spec)
+        bundle = spec.bundle and spec.backend_name not in _NPU
+        plan = litertlm_plan(model) if bundle else None  # before the conversion (litertlm.py)
         step("litert_torch: prefill + decode signatures")
         data, codes = convert(model, P, step)
         manifest = {
@@ -453,9 +457,9 @@ class TFLiteTarget(Target):
                                     "litert-torch's NPU export (split caches, external embedder)"}
         elif spec.bundle:
             step("litert_lm_builder: .litertlm bundle")
-            bundle, manifest["litertlm"] = litertlm_bundle(model, data)
-            if bundle is not None:
-                files["model.litertlm"] = bundle
+            packed, manifest["litertlm"] = litertlm_bundle(model, data, plan)
+            if packed is not None:
+                files["model.litertlm"] = packed
         else:
             manifest["litertlm"] = {"file": None, "reason": "bundle=False"}
         return Artifact(files=files, manifest=manifest)
