@@ -184,11 +184,14 @@ def cli_compile(a, model, target: str, out: Path) -> dict:
     """`slmc -v compile MODEL --target T [--recipe R]` under /usr/bin/time -v: its peak RSS,
     wall and CPU as time reports them, and per step (the CLI's -v log lines) the highest VmRSS
     of the CLI process, sampled every 50 ms."""
+    model = model if str(model) == "default" else Path(model).resolve()  # it runs in root (below)
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "slmc.cli", "-v", "compile", str(model), "--target", target,
            "--out", str(out)] + (["--recipe", a.recipe] if a.recipe else [])
     root = a.slmc_root or str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": root, "COLUMNS": "240"}
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    # cwd=root: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH, so
+    # run from another checkout it imported that checkout's slmc, not --slmc-root's
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
     phase, rows, high, t0, lines = ["startup+imports"], [], {}, [time.perf_counter()], []
     file_at_high = {}  # RssFile (mapped files: the checkpoint, libraries) when the phase's high was sampled
 
