@@ -121,3 +121,24 @@ def test_drop_last_trace_lets_the_graph_go():
     drop_last_trace()
     gc.collect()
     assert graph() is None
+
+
+def _code_generations(model, monkeypatch, default: bool = False) -> int:
+    """How many times torch.fx generated a graph's Python code during the conversion."""
+    from torch.fx import graph as fx_graph
+
+    made, gen = [], fx_graph.CodeGen._gen_python_code
+
+    def counted(self, *args, **kwargs):
+        made.append(1)
+        return gen(self, *args, **kwargs)
+
+    monkeypatch.setattr(fx_graph.CodeGen, "_gen_python_code", counted)
+    _convert(model, monkeypatch, default)
+    return len(made)
+
+
+def test_lazy_graph_modules_generate_less_code(tiny_llama_dir, monkeypatch):
+    model = api.load(str(tiny_llama_dir))
+    lazy, eager = _code_generations(model, monkeypatch), _code_generations(model, monkeypatch, default=True)
+    assert 0 < lazy < eager  # the same bytes: test_same_bytes_as_litert_torch_converter

@@ -13,7 +13,9 @@ The lowered modules are dropped once merged. Every step is the one litert_torch'
 calls, with the arguments it passes for slmc's conversion (no quant_config, no V2, int64 I/O
 downcast), in the same order per signature; the one shared lowering context
 (InlineConstsContext, which shares constants across signatures) is kept for the whole run.
-The flatbuffer is byte-identical to the default converter's (tests/test_tflite_staged.py).
+It all runs with torch's lazy GraphModules, whose code is generated only when needed
+(_lazy_graph_modules). The flatbuffer is byte-identical to the default converter's
+(tests/test_tflite_staged.py).
 
 litert_torch is pinned (pyproject.toml). Another version whose internals are not the ones read
 here is refused with the reason, not converted some other way.
@@ -21,6 +23,7 @@ here is refused with the reason, not converted some other way.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 
 from ...compiler.lowering.export import drop_last_trace
@@ -55,6 +58,25 @@ def _version() -> str:
 def convert_signatures(signatures, *, lightweight_conversion: bool = True):
     """signatures: litert_torch Signatures (Converter._signatures). Returns the exporter
     litert_torch's convert would wrap (LazyModelExporter: to_file writes the flatbuffer)."""
+    with _lazy_graph_modules():
+        return _convert(signatures, lightweight_conversion)
+
+
+def _lazy_graph_modules():
+    """torch's lazy GraphModules (what inductor uses): a recompile only marks the module, and
+    its Python code is generated when it is first called or read. The export, its unlifting and
+    decompositions recompile a whole-model graph again and again, each time for nothing; on a
+    tiny Llama 52 code generations became 32 (tests/test_tflite_staged.py). The code is the
+    same whenever it is made, so the flatbuffer is too. Without it (another torch), nothing
+    changes but the time."""
+    try:
+        from torch.fx._lazy_graph_module import _use_lazy_graph_module
+    except ImportError:
+        return contextlib.nullcontext()
+    return _use_lazy_graph_module(True)
+
+
+def _convert(signatures, lightweight_conversion):
     core, lc = _internals()
     from litert_torch import backend
     from litert_torch import fx_infra
