@@ -1,9 +1,11 @@
-"""LiteRT conversion one signature at a time (slmc/targets/tflite/staged.py): the flatbuffer is
-byte-identical to litert_torch's own Converter.convert, and the first signature's exported
-program is gone before the second is exported. Controls: a model one weight-ulp apart gives
-other bytes, so the comparison can fail; litert_torch's converter still holds the first
-program at the second export and a graph while folding, so those probes can; another
-litert_torch is refused. torch's tracer holds its last graph until slmc lets it go."""
+"""LiteRT conversion one signature at a time (slmc/targets/tflite/staged.py), observed beside
+litert_torch's own Converter.convert on the same model: the flatbuffer is byte-identical; the
+first signature's exported program is gone before the second is exported; no graph the
+conversion made is alive while folding; torch's lazy GraphModules generate less code.
+Controls: litert_torch's converter still holds the first program and graphs while folding,
+and generates more code, so those probes can fail; a model one weight-ulp apart gives other
+bytes, so the comparison can; another litert_torch is refused. torch's tracer holds its last
+graph until slmc lets it go (drop_last_trace)."""
 
 import gc
 import weakref
@@ -27,49 +29,60 @@ def _default(signatures, lightweight_conversion):
     return core.convert_signatures(signatures, lightweight_conversion=lightweight_conversion)._exporter
 
 
-def _convert(model, monkeypatch, default: bool = False):
+def _observed(model, monkeypatch, default: bool = False) -> dict:
+    """One conversion (slmc's, or litert_torch's with default=True) with probes: its bytes,
+    whether the first exported program is referenced when the second export starts, how many
+    torch.fx graphs it made are alive when runtime constant folding starts (the conversion's
+    highest memory on SmolLM2-135M; graphs other tests left are not counted), and how many
+    times torch.fx generated a graph's Python code."""
+    import litert_torch._convert.core as core
+    from litert_torch._convert import runtime_fold
+    from torch.fx import graph as fx_graph
+
+    seen = {"programs": [], "alive": [], "graphs": [], "codegens": 0}
+    gc.collect()
+    earlier = weakref.WeakSet(o for o in gc.get_objects() if isinstance(o, torch.fx.Graph))
+    export, fold, gen = core.export_torch_signature, runtime_fold.runtime_fold, fx_graph.CodeGen._gen_python_code
+
+    def watched(sig, *args, **kwargs):
+        if seen["programs"]:
+            gc.collect()
+            seen["alive"].append(seen["programs"][0]() is not None)
+        program = export(sig, *args, **kwargs)
+        seen["programs"].append(weakref.ref(program))
+        return program
+
+    def counted_fold(*args, **kwargs):
+        gc.collect()
+        seen["graphs"].append(sum(isinstance(o, torch.fx.Graph) and o not in earlier for o in gc.get_objects()))
+        return fold(*args, **kwargs)
+
+    def counted_gen(self, *args, **kwargs):
+        seen["codegens"] += 1
+        return gen(self, *args, **kwargs)
+
+    monkeypatch.setattr(core, "export_torch_signature", watched)
+    monkeypatch.setattr(runtime_fold, "runtime_fold", counted_fold)
+    monkeypatch.setattr(fx_graph.CodeGen, "_gen_python_code", counted_gen)
     if default:
         monkeypatch.setattr(staged, "convert_signatures", _default)
     path, _ = T.convert(model, P)
     monkeypatch.undo()
-    return path.read_bytes()
+    assert len(seen["programs"]) == 2 and len(seen["alive"]) == 1 and len(seen["graphs"]) == 1
+    return {"bytes": path.read_bytes(), "alive": seen["alive"][0], "graphs": seen["graphs"][0],
+            "codegens": seen["codegens"]}
 
 
-def _alive_at_second_export(model, monkeypatch, default: bool = False) -> bool:
-    """Whether the first signature's exported program is still referenced when the second
-    signature's export starts."""
-    import litert_torch._convert.core as core
-
-    programs, alive = [], []
-    export = core.export_torch_signature
-
-    def watched(sig, *args, **kwargs):
-        if programs:
-            gc.collect()
-            alive.append(programs[0]() is not None)
-        program = export(sig, *args, **kwargs)
-        programs.append(weakref.ref(program))
-        return program
-
-    monkeypatch.setattr(core, "export_torch_signature", watched)
-    _convert(model, monkeypatch, default)  # undoes the patch too
-    assert len(programs) == 2 and len(alive) == 1
-    return alive[0]
-
-
-def test_same_bytes_as_litert_torch_converter(tiny_llama_dir, monkeypatch):
+def test_staged_beside_litert_torch_converter(tiny_llama_dir, monkeypatch):
     model = api.load(str(tiny_llama_dir))
-    staged_bytes, default = _convert(model, monkeypatch), _convert(model, monkeypatch, default=True)
-    assert staged_bytes == default
+    ours, theirs = _observed(model, monkeypatch), _observed(model, monkeypatch, default=True)
+    assert ours["bytes"] == theirs["bytes"]
+    assert not ours["alive"] and theirs["alive"]  # the first program: dropped / still held (control)
+    assert ours["graphs"] == 0 < theirs["graphs"]  # while folding
+    assert 0 < ours["codegens"] < theirs["codegens"]  # lazy GraphModules
     w = model.blocks[0].attn.o.weight.data  # control: one weight one ulp up, other bytes
     w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
-    assert _convert(model, monkeypatch) != default
-
-
-def test_first_program_is_dropped_before_the_second_export(tiny_llama_dir, monkeypatch):
-    model = api.load(str(tiny_llama_dir))
-    assert not _alive_at_second_export(model, monkeypatch)
-    assert _alive_at_second_export(model, monkeypatch, default=True)  # control
+    assert _observed(model, monkeypatch)["bytes"] != theirs["bytes"]
 
 
 def test_another_litert_torch_is_refused(monkeypatch):
@@ -78,33 +91,6 @@ def test_another_litert_torch_is_refused(monkeypatch):
     monkeypatch.delattr(litert_converter, "_get_output_names")
     with pytest.raises(SlmcError, match="_get_output_names.*pinned version"):
         staged.convert_signatures([])
-
-
-def _graphs_at_runtime_fold(model, monkeypatch, default: bool = False) -> int:
-    """How many torch.fx graphs made by this conversion are alive when LiteRT's runtime
-    constant folding starts (the conversion's highest memory on SmolLM2-135M); graphs other
-    tests left in the process are not counted."""
-    from litert_torch._convert import runtime_fold
-
-    gc.collect()
-    earlier = weakref.WeakSet(o for o in gc.get_objects() if isinstance(o, torch.fx.Graph))
-    fold, seen = runtime_fold.runtime_fold, []
-
-    def counted(*args, **kwargs):
-        gc.collect()
-        seen.append(sum(isinstance(o, torch.fx.Graph) and o not in earlier for o in gc.get_objects()))
-        return fold(*args, **kwargs)
-
-    monkeypatch.setattr(runtime_fold, "runtime_fold", counted)
-    _convert(model, monkeypatch, default)
-    assert len(seen) == 1
-    return seen[0]
-
-
-def test_no_graph_is_alive_while_folding(tiny_llama_dir, monkeypatch):
-    model = api.load(str(tiny_llama_dir))
-    assert _graphs_at_runtime_fold(model, monkeypatch) == 0
-    assert _graphs_at_runtime_fold(model, monkeypatch, default=True) > 0  # control
 
 
 def test_drop_last_trace_lets_the_graph_go():
@@ -124,24 +110,3 @@ def test_drop_last_trace_lets_the_graph_go():
     drop_last_trace()
     gc.collect()
     assert graph() is None
-
-
-def _code_generations(model, monkeypatch, default: bool = False) -> int:
-    """How many times torch.fx generated a graph's Python code during the conversion."""
-    from torch.fx import graph as fx_graph
-
-    made, gen = [], fx_graph.CodeGen._gen_python_code
-
-    def counted(self, *args, **kwargs):
-        made.append(1)
-        return gen(self, *args, **kwargs)
-
-    monkeypatch.setattr(fx_graph.CodeGen, "_gen_python_code", counted)
-    _convert(model, monkeypatch, default)
-    return len(made)
-
-
-def test_lazy_graph_modules_generate_less_code(tiny_llama_dir, monkeypatch):
-    model = api.load(str(tiny_llama_dir))
-    lazy, eager = _code_generations(model, monkeypatch), _code_generations(model, monkeypatch, default=True)
-    assert 0 < lazy < eager  # the same bytes: test_same_bytes_as_litert_torch_converter
