@@ -97,13 +97,11 @@ def litertlm_plan(model: Model) -> BundlePlan | str:
     return BundlePlan(tok_dir, meta, template)
 
 
-def litertlm_bundle(model: Model, tflite: bytes | Path, plan: BundlePlan | str | None = None
+def litertlm_bundle(model: Model, tflite: bytes | Path, plan: BundlePlan | str
                     ) -> tuple[bytes | Path | None, dict]:
     """Pack model + HF tokenizer + LLM metadata the way litert-torch's exporter does. A
     flatbuffer given as a file is streamed (base.file_sha256, the builder copies it in
-    blocks) and the bundle returned as a file (base.scratch_file). plan: litertlm_plan(model),
-    made now if not given."""
-    plan = litertlm_plan(model) if plan is None else plan
+    blocks) and the bundle returned as a file (base.scratch_file). plan: litertlm_plan(model)."""
     if isinstance(plan, str):
         return None, {"file": None, "reason": plan}
     from litert_lm_builder import litertlm_builder as lb
