@@ -68,3 +68,41 @@ def test_bench_imports_only_the_api():
             for n in names:
                 if n == "slmc" or n.startswith("slmc."):
                     assert n in ("slmc.api", "slmc.errors"), f"{f.name} imports {n}"
+
+
+def test_scale_calib_components_add_up_to_the_pass(common):
+    """bench/scale_calib.py: a profiled path's own time (less the followed calls inside it) goes
+    to one component, the head's GPTQ apart from the layers', and each pass's time outside every
+    followed function is its 'outside' (a synthetic profile)."""
+    m = common.load_script("scale_calib")
+
+    def paths(*rows):
+        prof = m.PathProfiler()
+        prof.paths = {tuple(p.split(" > ")): [1, t] for p, t in rows}
+        return prof.own_seconds()
+
+    g = "passes/quant_gptq.py:"
+    run = {"pass_seconds": {"quant.awq": 10.0, "quant.gptq": 40.0}, "paths": {
+        "quant.awq": paths(("passes/quant_awq.py:apply", 9.0),
+                           ("passes/quant_awq.py:apply > compiler/calib.py:sample_ids", 4.0),
+                           ("passes/quant_awq.py:apply > compiler/calib.py:run_block", 3.0)),
+        "quant.gptq": paths((f"{g}run", 38.0), (f"{g}run > compiler/calib.py:run_block", 15.0),
+                            (f"{g}run > compiler/calib.py:run_block > {g}_site", 9.0),
+                            (f"{g}run > compiler/calib.py:run_block > {g}_site > compiler/calib.py:gram", 1.0),
+                            (f"{g}run > compiler/calib.py:run_block > {g}_site > {g}gptq", 7.0),
+                            (f"{g}run > compiler/calib.py:run_block > {g}_site > {g}gptq > {g}_hinv_upper", 2.0),
+                            (f"{g}run > {g}_head", 20.0), (f"{g}run > {g}_head > {g}gptq", 16.0),
+                            (f"{g}run > {g}_head > {g}gptq > {g}_hinv_upper", 5.0))}}
+    c = m.components(run)
+    assert c["quant.gptq: block forward"] == 6.0  # 15 less the quantizing hook's 9
+    assert c["quant.gptq: column loop"] == 5.0  # the sites' gptq, 7, less their factorization's 2
+    assert c["quant.gptq: factor"] == 2.0 and c["quant.gptq, head: factor"] == 5.0
+    assert c["quant.gptq, head: column loop"] == 11.0 and c["quant.gptq, head: rest"] == 4.0
+    assert c["quant.gptq: Hessian (X^T X)"] == 1.0 and c["quant.gptq: rest"] == 3.0 + 1.0  # run's and _site's own
+    assert c["quant.gptq: outside"] == 2.0 and c["quant.awq: outside"] == 1.0
+    assert c["data-free calibration samples"] == 4.0
+    assert abs(sum(v for k, v in c.items() if k.startswith("quant.gptq")) - 40.0) < 1e-9
+    # the work model: a GPTQ site's factorization is cols^3, summed over q/k/v, o, gate/up, down
+    w = m.work({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}, 2, 8)
+    assert w["quant.gptq: factor"] == 3 * 64 ** 3 + 128 ** 3
+    assert w["quant.gptq: Hessian (X^T X)"] == 16 * (3 * 64 ** 2 + 128 ** 2)

@@ -1,0 +1,375 @@
+"""Where the calibrated recipe's compile time goes as models widen (issue 17's superlinear growth).
+
+    SLMC_CACHE=/tmp/slmc-cache flock /work/coord/heavy.lock nice -n 10 \\
+        python bench/scale_calib.py [--models llama-3.2-1b qwen2.5-3b] [--append]
+    python bench/scale_calib.py --quick     # the tiny random Llama, 1 and 2 layers
+    python bench/scale_calib.py --render    # results/scale_calib.md again from the .json
+
+bench/results/scale.md times the whole calibrated recipe (int8da-int4w-g32: quant.awq's scales
+folded, then quant.gptq, data-free) at 1B, 1.5B and 3B, and its time grows faster than the
+parameter count. This benchmark says where. Each scale model's public config is cut to 1 and to
+2 decoder layers (every width and the vocabulary as published) and given random weights
+(bench/scale.py's writer); a fresh process per cut loads it and runs the recipe's quant passes
+under a call-path profiler (sys.setprofile; it times every call path through the slmc functions
+in FOLLOWED, and torch's kernels run unhooked). A component is the own time (less the followed
+calls inside) of those functions, by what they are (OWN) and where they were called: the head's
+GPTQ is kept apart from the decoder layers' ("quant.gptq, head: ..."), and everything under the
+data-free sampling is one component. Seconds at 2 layers minus at 1 are one decoder layer's
+cost; at 1 layer minus that, what the model costs once (embedding, head, the samples' head). A
+pass's full time is predicted as once + layers x per layer and set beside scale.json's measured
+pass phases. The host's fp32 GEMM rate is measured before each model's runs: scale.json's rows
+ran on other days, and this host's arithmetic speed has varied up to 3x between days.
+
+The work model, fixed before any run: per decoder layer, from the config, with T calibration
+tokens (n_seqs x seq_len) and the layer's four sites (rows, cols): q/k/v (n_heads + 2 n_kv) x
+head_dim by hidden, o hidden by n_heads x head_dim, gate/up 2 x intermediate by hidden, down
+hidden by intermediate:
+  block forward   2 T (layer parameters) + 4 n_seqs seq_len^2 n_heads head_dim (attention);
+                  drawing the data-free samples runs the same tokens through the layer
+  AWQ search      n_grid x 2 x 1024 tokens x cols x min(rows, 512), summed over searched sites
+  GPTQ Hessian    T cols^2 per site (X^T X)
+  GPTQ factor     cols^3 per site (two Cholesky factorizations and an inverse)
+  GPTQ loop       rows cols (block + cols) / 2 per site (error feedback inside and after each block)
+A component whose seconds per unit of work stay the same from the narrowest model to the
+widest grows as its work does; the work model then names the cause.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+from _common import RESULTS, busy_processes, head_commit, machine, others_seen, render, spawn, write_results
+from scale import MODELS, write_random_checkpoint
+
+HERE = Path(__file__).resolve().parent
+RECIPE = "int8da-int4w-g32"
+N_GRID, SKETCH_TOKENS, SEARCH_ROWS, GPTQ_BLOCK = 20, 1024, 512, 128  # quant.awq's and quant.gptq's defaults
+
+PASSES = ("quant.awq", "quant.gptq")
+# slmc's functions the profiler follows ("file under slmc/:name"); every call path through them is timed
+FOLLOWED = {
+    "compiler/calib.py:sample_ids", "compiler/calib.py:run_block", "compiler/calib.py:gram",
+    "compiler/spill.py:spill_codes", "compiler/spill.py:spill_tree", "passes/_quant.py:quantize_ends",
+    "passes/quant_awq.py:apply", "passes/quant_awq.py:_block", "passes/quant_awq.py:search_scale",
+    "passes/quant_awq.py:_fold", "passes/quant_gptq.py:run", "passes/quant_gptq.py:_site",
+    "passes/quant_gptq.py:_head", "passes/quant_gptq.py:gptq", "passes/quant_gptq.py:_hinv_upper",
+    "passes/quant_gptq.py:_column_major_", "passes/quant_gptq.py:clipped_params",
+}
+# a followed function's own time (less the followed calls inside it) goes to this component
+OWN = {
+    "compiler/calib.py:run_block": "block forward", "compiler/calib.py:gram": "Hessian (X^T X)",
+    "compiler/spill.py:spill_codes": "spill to scratch", "compiler/spill.py:spill_tree": "spill to scratch",
+    "passes/_quant.py:quantize_ends": "embedding", "passes/quant_awq.py:_block": "rest",
+    "passes/quant_awq.py:search_scale": "scale search", "passes/quant_awq.py:_fold": "fold",
+    "passes/quant_gptq.py:_site": "rest", "passes/quant_gptq.py:_head": "rest",
+    "passes/quant_gptq.py:gptq": "column loop", "passes/quant_gptq.py:_hinv_upper": "factor",
+    "passes/quant_gptq.py:_column_major_": "permute", "passes/quant_gptq.py:clipped_params": "clip search",
+}
+
+
+def label(pass_name: str, path: tuple[str, ...]) -> str:
+    """The component a call path's own time belongs to: '<pass>: <what>' for the decoder
+    layers' work, '<pass>, head: <what>' for the head's GPTQ, the samples whole."""
+    if "compiler/calib.py:sample_ids" in path:
+        return "data-free calibration samples"
+    where = ", head" if "passes/quant_gptq.py:_head" in path else ""
+    return f"{pass_name}{where}: {OWN.get(path[-1], 'rest')}"
+
+
+class PathProfiler:
+    """Inclusive seconds and calls per call path of FOLLOWED functions (sys.setprofile: every
+    other call costs the callback one dict lookup; torch's kernels run unhooked)."""
+
+    def __init__(self):
+        self.keys: dict = {}
+        self.stack: list = []
+        self.paths: dict[tuple, list] = {}
+
+    def _key(self, code) -> str:
+        k = self.keys.get(code)
+        if k is None:
+            name = _slmc_name(code.co_filename, code.co_name)
+            k = self.keys[code] = name if name in FOLLOWED else ""
+        return k
+
+    def __call__(self, frame, event, arg):
+        if event == "call":
+            k = self._key(frame.f_code)
+            if k:
+                self.stack.append((frame, k, time.perf_counter()))
+        elif event == "return" and self.stack and self.stack[-1][0] is frame:
+            _, k, t0 = self.stack.pop()
+            acc = self.paths.setdefault(tuple(x[1] for x in self.stack) + (k,), [0, 0.0])
+            acc[0] += 1
+            acc[1] += time.perf_counter() - t0
+
+    def own_seconds(self) -> list[dict]:
+        """Per path: calls, inclusive seconds, and own seconds (less the followed calls inside)."""
+        inner: dict[tuple, float] = {}
+        for path, (_, t) in self.paths.items():
+            if len(path) > 1:
+                inner[path[:-1]] = inner.get(path[:-1], 0.0) + t
+        return [{"path": list(p), "calls": n, "seconds": round(t, 4), "own_seconds": round(t - inner.get(p, 0.0), 4)}
+                for p, (n, t) in sorted(self.paths.items())]
+
+
+# ------------------------------------------------------------------ work model
+
+
+def sites(c: dict) -> list[tuple[str, int, int]]:
+    h, inter, nh, nkv = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    hd = c.get("head_dim") or h // nh
+    return [("q/k/v", (nh + 2 * nkv) * hd, h), ("o", h, nh * hd), ("gate/up", 2 * inter, h), ("down", h, inter)]
+
+
+def work(c: dict, n_seqs: int, seq_len: int) -> dict[str, float]:
+    """Units of work per decoder layer for each modelled component (see the module docstring)."""
+    t, ss = n_seqs * seq_len, sites(c)
+    nh = c["num_attention_heads"]
+    hd = c.get("head_dim") or c["hidden_size"] // nh
+    params = sum(r * k for _, r, k in ss)
+    fwd = 2 * t * params + 4 * n_seqs * seq_len ** 2 * nh * hd
+    # o is searched only where n_heads == n_kv_heads (v's rows carry o's inputs otherwise not)
+    searched = [s for s in ss if s[0] != "o" or nh == c["num_key_value_heads"]]
+    return {"data-free calibration samples": fwd, "quant.awq: block forward": fwd, "quant.gptq: block forward": fwd,
+            "quant.awq: scale search": sum(N_GRID * 2 * SKETCH_TOKENS * k * min(r, SEARCH_ROWS) for _, r, k in searched),
+            "quant.gptq: Hessian (X^T X)": sum(t * k * k for _, _, k in ss),
+            "quant.gptq: factor": sum(k ** 3 for _, _, k in ss),
+            "quant.gptq: column loop": sum(r * k * (GPTQ_BLOCK + k) / 2 for _, r, k in ss)}
+
+
+# ------------------------------------------------------------------ worker
+
+
+def worker(a) -> dict:
+    """Load the cut model and run the recipe's quant passes, each under its own PathProfiler."""
+    import sys
+
+    from slmc import api
+
+    ir = api.load(a.model, max_seq_len=a.max_seq_len)
+    passes = [p for p in api.compile_passes(RECIPE, "executorch") if p.split(":")[0] in PASSES]
+    out = {"passes": passes, "pass_seconds": {}, "calibration": [], "paths": {}}
+    for spec in passes:  # one pipeline each: the samples AWQ draws are carried on the IR to GPTQ
+        prof = PathProfiler()
+        sys.setprofile(prof)
+        try:
+            ir, logs = api.run_passes(ir, [spec])
+        finally:
+            sys.setprofile(None)
+        out["pass_seconds"][logs[0].name] = logs[0].seconds
+        out["calibration"].append(logs[0].info.get("calibration"))
+        out["paths"][logs[0].name] = prof.own_seconds()
+    return out
+
+
+def _slmc_name(file: str, fn: str) -> str | None:
+    i = file.rfind("/slmc/")
+    return None if i < 0 else f"{file[i + 6:]}:{fn}"
+
+
+def components(run: dict) -> dict[str, float]:
+    """Seconds per component in one profiled run; each pass's time outside every followed
+    function is its '<pass>: outside'."""
+    out: dict[str, float] = {}
+    for p in PASSES:
+        inside = 0.0
+        for x in run["paths"][p]:
+            k = label(p, tuple(x["path"]))
+            out[k] = out.get(k, 0.0) + x["own_seconds"]
+            inside += x["own_seconds"]
+        out[f"{p}: outside"] = run["pass_seconds"][p] - inside
+    return dict(sorted(out.items(), key=lambda kv: _rank(kv[0])))
+
+
+def _rank(k: str) -> tuple:
+    return (0 if k.startswith("data-free") else 1 if k.startswith("quant.awq") else 2, "head" in k, k)
+
+
+# ------------------------------------------------------------------ driver
+
+
+def cut_config(name: str, layers: int | None, quick: bool) -> dict:
+    """The model's config with `layers` decoder layers (None: as published)."""
+    if quick:
+        from slmc import api
+
+        c = {**api.tiny_llama_config(), "vocab_size": 512}
+    else:
+        c = json.loads((HERE / "configs" / name / "config.json").read_text())
+    return c if layers is None else {**c, "num_hidden_layers": layers}
+
+
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "num_hidden_layers", "vocab_size")
+
+
+def scale_measured(name: str) -> list[dict]:
+    """scale.json's measured pass times for this model and recipe (one entry per target row)."""
+    f = RESULTS / "scale.json"
+    if not f.is_file():
+        return []
+    out = []
+    for r in json.loads(f.read_text())["rows"]:
+        if r["model"] == name and r.get("recipe") == RECIPE and "phases" in r:
+            ph = {p["phase"].removeprefix("pass "): p["seconds"] for p in r["phases"]}
+            out.append({"target": r["target"], "commit": r.get("commit"), **{p: ph.get(p) for p in PASSES}})
+    return out
+
+
+def measure(name: str, work_dir: Path, a) -> dict:
+    from estimate import host_gemm
+
+    runs, gemm = {}, host_gemm()["fp32_gflops"]
+    for n in (1, 2):
+        d = work_dir / f"{name}-L{n}"
+        cfg = cut_config(name, n, a.quick)
+        if not (d / "model.safetensors").is_file() or json.loads((d / "config.json").read_text()) != cfg:
+            print(f"== writing random {name} cut to {n} layer(s) in {d} ...", flush=True)
+            write_random_checkpoint(cfg, d)
+        print(f"== {name}, {n} layer(s): {RECIPE}'s quant passes, profiled ...", flush=True)
+        r = spawn(__file__, ["--worker", "--model", str(d), "--max-seq-len", str(a.max_seq_len)],
+                  work_dir / f"{name}-L{n}.json")
+        print(f"   {r['wall_s']} s wall, passes {r['pass_seconds']}", flush=True)
+        runs[str(n)] = r
+    full = cut_config(name, None, a.quick)
+    return {"model": name, "commit": head_commit(), "config": {k: full[k] for k in SHAPE_KEYS if full.get(k)},
+            "host_gemm_fp32_gflops": [gemm, host_gemm()["fp32_gflops"]],
+            "runs": runs, "scale_measured": [] if a.quick else scale_measured(name)}
+
+
+def calib_shape(row: dict) -> tuple[int, int]:
+    """n_seqs, seq_len from the passes' calibration description ('..., 16x256 tokens, ...')."""
+    desc = next(c for c in row["runs"]["1"]["calibration"] if c)
+    n, s = re.search(r"(\d+)x(\d+) tokens", desc).groups()
+    return int(n), int(s)
+
+
+def derived(row: dict) -> dict:
+    """Per component and per pass: once, per layer, the full model's prediction; work per layer."""
+    c1, c2 = components(row["runs"]["1"]), components(row["runs"]["2"])
+    layers = row["config"]["num_hidden_layers"]
+    w = work(row["config"], *calib_shape(row))
+    comp = {}
+    for label in sorted(set(c1) | set(c2), key=_rank):
+        one, two = c1.get(label, 0.0), c2.get(label, 0.0)
+        comp[label] = {"once_s": 2 * one - two, "per_layer_s": two - one, "full_s": one + (layers - 1) * (two - one),
+                       "work_per_layer": w.get(label)}
+    passes = {}
+    for p in PASSES:
+        s1, s2 = row["runs"]["1"]["pass_seconds"][p], row["runs"]["2"]["pass_seconds"][p]
+        passes[p] = {"once_s": 2 * s1 - s2, "per_layer_s": s2 - s1, "full_s": s1 + (layers - 1) * (s2 - s1)}
+    return {"components": comp, "passes": passes}
+
+
+def main(a) -> None:
+    stem = "scale_calib-quick" if a.quick else "scale_calib"
+    work_dir = Path(a.work)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    prev = json.loads((RESULTS / f"{stem}.json").read_text()) if a.append and (RESULTS / f"{stem}.json").is_file() \
+        else {}
+    rows = {r["model"]: r for r in prev.get("rows", [])}
+    others = set(prev.get("other_processes", [])) | set(busy_processes())
+    for name in (["tiny"] if a.quick else a.models):
+        rows[name] = measure(name, work_dir, a)
+        others |= set(busy_processes())
+        write_results(stem, {"machine": machine(), "recipe": RECIPE, "max_seq_len": a.max_seq_len,
+                             "rows": sorted(rows.values(), key=lambda r: _order(r["model"])),
+                             "other_processes": sorted(others)}, echo=False)
+    print((RESULTS / f"{stem}.md").read_text())
+
+
+def _order(m: str) -> int:
+    return MODELS.index(m) if m in MODELS else -1
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def notes(r: dict) -> str | None:
+    """bench/README.md's paragraph: the findings written into the results file's notes."""
+    return (r.get("notes") or {}).get("text")
+
+
+def markdown(r: dict) -> str:
+    m, rows = r["machine"], r["rows"]
+    ds = [derived(x) for x in rows]
+    names = [x["model"] for x in rows]
+    labels = sorted({k for d in ds for k in d["components"]}, key=_rank)
+    for d in ds:  # a component one model lacks (AWQ's exact Gram matrix is for inputs up to 1024 wide) is 0 there
+        for k in labels:
+            d["components"].setdefault(k, {"once_s": 0.0, "per_layer_s": 0.0, "full_s": 0.0, "work_per_layer": None})
+    lines = ["# Calibrated compile time by component, 1B-3B widths (cut to 1 and 2 layers, call paths profiled)", "",
+             f"{m['date']} · {m['cpu']} · {m['cores']} cores · {m['mem_gib']} GiB · torch {m['torch']} · "
+             f"recipe {r['recipe']}'s quant passes: " + " ".join(f"`{p}`" for p in rows[0]["runs"]["1"]["passes"]),
+             "", f"Calibration: {next(c for c in rows[0]['runs']['1']['calibration'] if c)}.", "",
+             "Seconds per decoder layer (2-layer run minus 1-layer run), and the growth from the first "
+             "model to the last against the work model's (module docstring):", "",
+             "| component | " + " | ".join(names) + " | seconds, last / first | work, last / first |",
+             "|---|" + "---:|" * (len(names) + 2)]
+    for label in labels:
+        per = [d["components"][label]["per_layer_s"] for d in ds]
+        wk = [d["components"][label]["work_per_layer"] for d in ds]
+        ratio = f"{per[-1] / per[0]:.2f}" if len(per) > 1 and per[0] > 0.05 else "—"
+        wratio = f"{wk[-1] / wk[0]:.2f}" if len(wk) > 1 and wk[0] else "—"
+        lines.append(f"| {label} | " + " | ".join(f"{p:.2f}" for p in per) + f" | {ratio} | {wratio} |")
+    for p in PASSES:
+        per = [d["passes"][p]["per_layer_s"] for d in ds]
+        ratio = f"{per[-1] / per[0]:.2f}" if len(per) > 1 and per[0] > 0.05 else "—"
+        lines.append(f"| **pass {p}** | " + " | ".join(f"{x:.2f}" for x in per) + f" | {ratio} | |")
+    lines += ["", "Seconds per unit of work (ns), per layer: the same rate at every width means the work model "
+              "accounts for the growth:", "", "| component | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for label in labels:
+        if all(d["components"][label]["work_per_layer"] for d in ds):
+            lines.append(f"| {label} | " + " | ".join(
+                f"{d['components'][label]['per_layer_s'] / d['components'][label]['work_per_layer'] * 1e9:.3g}"
+                for d in ds) + " |")
+    lines += ["", "Once per model (seconds: the 1-layer run less one layer; the vocabulary's head and samples):", "",
+              "| component | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for label in labels:
+        lines.append(f"| {label} | " + " | ".join(f"{d['components'][label]['once_s']:.2f}" for d in ds) + " |")
+    lines += ["", "Whole passes at the published depth: predicted (once + layers x per layer, from these runs) "
+              "and measured (bench/results/scale.json, whole compiles; its notes say which shared the host):", "",
+              "| model | layers | pass | predicted (s) | measured (s): target @ commit |", "|---|---:|---|---:|---|"]
+    for x, d in zip(rows, ds):
+        for p in PASSES:
+            meas = ", ".join(f"{s[p]:.0f} {s['target']} @ {s['commit']}" for s in x.get("scale_measured", [])
+                             if s.get(p) is not None) or "—"
+            lines.append(f"| {x['model']} | {x['config']['num_hidden_layers']} | {p} | {d['passes'][p]['full_s']:.0f} "
+                         f"| {meas} |")
+    lines += ["", "Profiled runs (fresh process each; wall includes loading the cut model):", "",
+              "| model | commit | layers | wall (s) | quant.awq (s) | quant.gptq (s) | host fp32 GEMM before, after (GFLOP/s) |",
+              "|---|---|---:|---:|---:|---:|---|"]
+    for x in rows:
+        for n, run in x["runs"].items():
+            ps = run["pass_seconds"]
+            lines.append(f"| {x['model']} | {x['commit']} | {n} | {run['wall_s']:.0f} | {ps['quant.awq']:.1f} | "
+                         f"{ps['quant.gptq']:.1f} | {', '.join(map(str, x.get('host_gemm_fp32_gflops', [])))} |")
+    lines.append("")
+    return "\n".join(lines + others_seen(r["other_processes"]))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--max-seq-len", type=int, default=None, help="KV cache length of the loaded model (512; 256 --quick)")
+    ap.add_argument("--work", default="/tmp/slmc-scale-calib", help="the cut random checkpoints (kept between runs)")
+    ap.add_argument("--append", action="store_true", help="keep the models measured in the last results file")
+    ap.add_argument("--quick", action="store_true", help="tiny random Llama, smoke test")
+    ap.add_argument("--render", action="store_true", help="only re-render results/scale_calib*.md from the .json")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    for k in ("--model", "--result"):
+        ap.add_argument(k, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.max_seq_len is None:
+        a.max_seq_len = 256 if a.quick else 512
+    if a.render:
+        render("scale_calib")
+    elif a.worker:
+        Path(a.result).write_text(json.dumps(worker(a)))
+    else:
+        main(a)
