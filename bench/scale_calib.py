@@ -52,7 +52,8 @@ N_GRID, SKETCH_TOKENS, SEARCH_ROWS, GPTQ_BLOCK = 20, 1024, 512, 128  # quant.awq
 PASSES = ("quant.awq", "quant.gptq")
 # slmc's functions the profiler follows ("file under slmc/:name"); every call path through them is timed
 FOLLOWED = {
-    "compiler/calib.py:sample_ids", "compiler/calib.py:run_block", "compiler/calib.py:gram",
+    "compiler/calib.py:sample_ids", "compiler/calib.py:fingerprint", "compiler/calib.py:forward",
+    "compiler/lowering/module.py:forward", "compiler/calib.py:run_block", "compiler/calib.py:gram",
     "compiler/spill.py:spill_codes", "compiler/spill.py:spill_tree", "passes/_quant.py:quantize_ends",
     "passes/quant_awq.py:apply", "passes/quant_awq.py:_block", "passes/quant_awq.py:search_scale",
     "passes/quant_awq.py:_fold", "passes/quant_gptq.py:run", "passes/quant_gptq.py:_site",
@@ -63,21 +64,33 @@ FOLLOWED = {
 OWN = {
     "compiler/calib.py:run_block": "block forward", "compiler/calib.py:gram": "Hessian (X^T X)",
     "compiler/spill.py:spill_codes": "spill to scratch", "compiler/spill.py:spill_tree": "spill to scratch",
-    "passes/_quant.py:quantize_ends": "embedding", "passes/quant_awq.py:_block": "rest",
+    "passes/_quant.py:quantize_ends": "embedding", "passes/quant_awq.py:_block": "block rest",
     "passes/quant_awq.py:search_scale": "scale search", "passes/quant_awq.py:_fold": "fold",
-    "passes/quant_gptq.py:_site": "rest", "passes/quant_gptq.py:_head": "rest",
-    "passes/quant_gptq.py:gptq": "column loop", "passes/quant_gptq.py:_hinv_upper": "factor",
-    "passes/quant_gptq.py:_column_major_": "permute", "passes/quant_gptq.py:clipped_params": "clip search",
+    "passes/quant_gptq.py:_site": "site rest", "passes/quant_gptq.py:gptq": "column loop",
+    "passes/quant_gptq.py:_hinv_upper": "factor", "passes/quant_gptq.py:_column_major_": "permute",
+    "passes/quant_gptq.py:clipped_params": "clip search",
 }
+# what runs once per decoder layer (the rest runs once per model: embedding, head, the passes' own code)
+PER_LAYER = {"compiler/calib.py:run_block", "passes/quant_awq.py:_block", "passes/quant_gptq.py:_site",
+             "compiler/spill.py:spill_codes", "compiler/spill.py:spill_tree"}
+BLOCK = "compiler/lowering/module.py:forward"  # LoweredLM's and, inside it, each LBlock's
 
 
-def label(pass_name: str, path: tuple[str, ...]) -> str:
-    """The component a call path's own time belongs to: '<pass>: <what>' for the decoder
-    layers' work, '<pass>, head: <what>' for the head's GPTQ, the samples whole."""
+def label(pass_name: str, path: tuple[str, ...]) -> tuple[str, bool]:
+    """The component a call path's own time belongs to, and whether it is per decoder layer.
+    The head's GPTQ is kept apart from the layers' ('quant.gptq, head: ...'); the data-free
+    sampling is split into its decoder layers, its head, the weights' fingerprint and the rest."""
     if "compiler/calib.py:sample_ids" in path:
-        return "data-free calibration samples"
-    where = ", head" if "passes/quant_gptq.py:_head" in path else ""
-    return f"{pass_name}{where}: {OWN.get(path[-1], 'rest')}"
+        if "compiler/calib.py:fingerprint" in path:
+            return "samples: weight fingerprint", False
+        if path[-1] == "compiler/calib.py:forward":
+            return "samples: head", False
+        if path.count(BLOCK) >= 2:
+            return "samples: decoder layers", True
+        return "samples: rest (steps, embedding, model copy)", False
+    if "passes/quant_gptq.py:_head" in path:
+        return f"{pass_name}, head: {OWN.get(path[-1], 'rest')}", False
+    return f"{pass_name}: {OWN.get(path[-1], 'rest')}", any(f in PER_LAYER for f in path)
 
 
 class PathProfiler:
@@ -172,22 +185,22 @@ def _slmc_name(file: str, fn: str) -> str | None:
     return None if i < 0 else f"{file[i + 6:]}:{fn}"
 
 
-def components(run: dict) -> dict[str, float]:
-    """Seconds per component in one profiled run; each pass's time outside every followed
-    function is its '<pass>: outside'."""
-    out: dict[str, float] = {}
+def components(run: dict) -> dict[str, tuple[float, bool]]:
+    """Seconds per component in one profiled run, and whether it is per decoder layer; each
+    pass's time outside every followed function is its '<pass>: outside' (once per model)."""
+    out: dict[str, list] = {}
     for p in PASSES:
         inside = 0.0
         for x in run["paths"][p]:
-            k = label(p, tuple(x["path"]))
-            out[k] = out.get(k, 0.0) + x["own_seconds"]
+            k, per_layer = label(p, tuple(x["path"]))
+            out.setdefault(k, [0.0, per_layer])[0] += x["own_seconds"]
             inside += x["own_seconds"]
-        out[f"{p}: outside"] = run["pass_seconds"][p] - inside
-    return dict(sorted(out.items(), key=lambda kv: _rank(kv[0])))
+        out[f"{p}: outside"] = [run["pass_seconds"][p] - inside, False]
+    return {k: (v[0], v[1]) for k, v in sorted(out.items(), key=lambda kv: _rank(kv[0]))}
 
 
 def _rank(k: str) -> tuple:
-    return (0 if k.startswith("data-free") else 1 if k.startswith("quant.awq") else 2, "head" in k, k)
+    return (0 if k.startswith("samples") else 1 if k.startswith("quant.awq") else 2, "head" in k, k)
 
 
 # ------------------------------------------------------------------ driver
@@ -222,23 +235,25 @@ def scale_measured(name: str) -> list[dict]:
 
 
 def measure(name: str, work_dir: Path, a) -> dict:
+    """Profiled runs of `name` cut to each of a.layers (1 and 2 give the per-layer and once
+    costs; a deeper cut checks the prediction they make for it)."""
     from estimate import host_gemm
 
-    runs, gemm = {}, host_gemm()["fp32_gflops"]
-    for n in (1, 2):
+    runs = {}
+    for n in a.layers:
         d = work_dir / f"{name}-L{n}"
         cfg = cut_config(name, n, a.quick)
         if not (d / "model.safetensors").is_file() or json.loads((d / "config.json").read_text()) != cfg:
             print(f"== writing random {name} cut to {n} layer(s) in {d} ...", flush=True)
             write_random_checkpoint(cfg, d)
-        print(f"== {name}, {n} layer(s): {RECIPE}'s quant passes, profiled ...", flush=True)
+        gemm = host_gemm()["fp32_gflops"]
+        print(f"== {name}, {n} layer(s): {RECIPE}'s quant passes, profiled (host GEMM {gemm} GFLOP/s) ...", flush=True)
         r = spawn(__file__, ["--worker", "--model", str(d), "--max-seq-len", str(a.max_seq_len)],
                   work_dir / f"{name}-L{n}.json")
         print(f"   {r['wall_s']} s wall, passes {r['pass_seconds']}", flush=True)
-        runs[str(n)] = r
+        runs[str(n)] = {**r, "commit": head_commit(), "host_gemm_fp32_gflops": gemm}
     full = cut_config(name, None, a.quick)
     return {"model": name, "commit": head_commit(), "config": {k: full[k] for k in SHAPE_KEYS if full.get(k)},
-            "host_gemm_fp32_gflops": [gemm, host_gemm()["fp32_gflops"]],
             "runs": runs, "scale_measured": [] if a.quick else scale_measured(name)}
 
 
@@ -250,19 +265,18 @@ def calib_shape(row: dict) -> tuple[int, int]:
 
 
 def derived(row: dict) -> dict:
-    """Per component and per pass: once, per layer, the full model's prediction; work per layer."""
-    c1, c2 = components(row["runs"]["1"]), components(row["runs"]["2"])
-    layers = row["config"]["num_hidden_layers"]
+    """From the 2-layer run: per component its seconds per decoder layer (what runs per layer,
+    over 2) or once per model; per pass the same split. A pass at n layers is predicted as
+    once + n x per layer; every other cut's run checks that prediction."""
+    base = row["runs"]["2"]
     w = work(row["config"], *calib_shape(row))
-    comp = {}
-    for label in sorted(set(c1) | set(c2), key=_rank):
-        one, two = c1.get(label, 0.0), c2.get(label, 0.0)
-        comp[label] = {"once_s": 2 * one - two, "per_layer_s": two - one, "full_s": one + (layers - 1) * (two - one),
-                       "work_per_layer": w.get(label)}
-    passes = {}
+    comp, passes = {}, {p: {"once_s": 0.0, "per_layer_s": 0.0} for p in PASSES}
+    for k, (sec, per_layer) in components(base).items():
+        comp[k] = {"per_layer": per_layer, "seconds": sec / 2 if per_layer else sec, "work_per_layer": w.get(k)}
+        p = "quant.awq" if k.startswith(("samples", "quant.awq")) else "quant.gptq"
+        passes[p]["per_layer_s" if per_layer else "once_s"] += comp[k]["seconds"]
     for p in PASSES:
-        s1, s2 = row["runs"]["1"]["pass_seconds"][p], row["runs"]["2"]["pass_seconds"][p]
-        passes[p] = {"once_s": 2 * s1 - s2, "per_layer_s": s2 - s1, "full_s": s1 + (layers - 1) * (s2 - s1)}
+        passes[p]["full_s"] = passes[p]["once_s"] + row["config"]["num_hidden_layers"] * passes[p]["per_layer_s"]
     return {"components": comp, "passes": passes}
 
 
@@ -275,7 +289,12 @@ def main(a) -> None:
     rows = {r["model"]: r for r in prev.get("rows", [])}
     others = set(prev.get("other_processes", [])) | set(busy_processes())
     for name in (["tiny"] if a.quick else a.models):
-        rows[name] = measure(name, work_dir, a)
+        r = measure(name, work_dir, a)
+        if name in rows:  # --append: these cuts replace the row's same cuts, its others are kept
+            r["runs"] = {**rows[name]["runs"], **r["runs"]}
+            r["host_gemm_fp32_gflops"] = rows[name].get("host_gemm_fp32_gflops")
+            r = {k: v for k, v in r.items() if v is not None}
+        rows[name] = r
         others |= set(busy_processes())
         write_results(stem, {"machine": machine(), "recipe": RECIPE, "max_seq_len": a.max_seq_len,
                              "rows": sorted(rows.values(), key=lambda r: _order(r["model"])),
@@ -295,60 +314,72 @@ def notes(r: dict) -> str | None:
     return (r.get("notes") or {}).get("text")
 
 
+def _ratio(xs: list) -> str:
+    return f"{xs[-1] / xs[0]:.2f}" if len(xs) > 1 and xs[0] and xs[0] > 0.05 else "—"
+
+
 def markdown(r: dict) -> str:
     m, rows = r["machine"], r["rows"]
     ds = [derived(x) for x in rows]
     names = [x["model"] for x in rows]
     labels = sorted({k for d in ds for k in d["components"]}, key=_rank)
-    for d in ds:  # a component one model lacks (AWQ's exact Gram matrix is for inputs up to 1024 wide) is 0 there
-        for k in labels:
-            d["components"].setdefault(k, {"once_s": 0.0, "per_layer_s": 0.0, "full_s": 0.0, "work_per_layer": None})
+    per_layer = {k: any(d["components"].get(k, {}).get("per_layer") for d in ds) for k in labels}
+    zero = {"per_layer": False, "seconds": 0.0, "work_per_layer": None}
+    cell = lambda d, k: d["components"].get(k, zero)  # noqa: E731  (AWQ's exact Gram only below 1024 wide)
     lines = ["# Calibrated compile time by component, 1B-3B widths (cut to 1 and 2 layers, call paths profiled)", "",
              f"{m['date']} · {m['cpu']} · {m['cores']} cores · {m['mem_gib']} GiB · torch {m['torch']} · "
-             f"recipe {r['recipe']}'s quant passes: " + " ".join(f"`{p}`" for p in rows[0]["runs"]["1"]["passes"]),
-             "", f"Calibration: {next(c for c in rows[0]['runs']['1']['calibration'] if c)}.", "",
-             "Seconds per decoder layer (2-layer run minus 1-layer run), and the growth from the first "
-             "model to the last against the work model's (module docstring):", "",
+             f"recipe {r['recipe']}'s quant passes: " + " ".join(f"`{p}`" for p in rows[0]["runs"]["2"]["passes"]),
+             "", f"Calibration: {next(c for c in rows[0]['runs']['2']['calibration'] if c)}.", "",
+             "Seconds per decoder layer (the 2-layer run's, over 2), and their growth from the first model to the "
+             "last beside the work model's (module docstring):", "",
              "| component | " + " | ".join(names) + " | seconds, last / first | work, last / first |",
              "|---|" + "---:|" * (len(names) + 2)]
-    for label in labels:
-        per = [d["components"][label]["per_layer_s"] for d in ds]
-        wk = [d["components"][label]["work_per_layer"] for d in ds]
-        ratio = f"{per[-1] / per[0]:.2f}" if len(per) > 1 and per[0] > 0.05 else "—"
-        wratio = f"{wk[-1] / wk[0]:.2f}" if len(wk) > 1 and wk[0] else "—"
-        lines.append(f"| {label} | " + " | ".join(f"{p:.2f}" for p in per) + f" | {ratio} | {wratio} |")
+    for k in (k for k in labels if per_layer[k]):
+        sec = [cell(d, k)["seconds"] for d in ds]
+        lines.append(f"| {k} | " + " | ".join(f"{x:.2f}" for x in sec) +
+                     f" | {_ratio(sec)} | {_ratio([cell(d, k)['work_per_layer'] for d in ds])} |")
     for p in PASSES:
-        per = [d["passes"][p]["per_layer_s"] for d in ds]
-        ratio = f"{per[-1] / per[0]:.2f}" if len(per) > 1 and per[0] > 0.05 else "—"
-        lines.append(f"| **pass {p}** | " + " | ".join(f"{x:.2f}" for x in per) + f" | {ratio} | |")
+        sec = [d["passes"][p]["per_layer_s"] for d in ds]
+        lines.append(f"| **{p}, per layer** | " + " | ".join(f"{x:.2f}" for x in sec) + f" | {_ratio(sec)} | |")
     lines += ["", "Seconds per unit of work (ns), per layer: the same rate at every width means the work model "
               "accounts for the growth:", "", "| component | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for label in labels:
-        if all(d["components"][label]["work_per_layer"] for d in ds):
-            lines.append(f"| {label} | " + " | ".join(
-                f"{d['components'][label]['per_layer_s'] / d['components'][label]['work_per_layer'] * 1e9:.3g}"
-                for d in ds) + " |")
-    lines += ["", "Once per model (seconds: the 1-layer run less one layer; the vocabulary's head and samples):", "",
-              "| component | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for label in labels:
-        lines.append(f"| {label} | " + " | ".join(f"{d['components'][label]['once_s']:.2f}" for d in ds) + " |")
-    lines += ["", "Whole passes at the published depth: predicted (once + layers x per layer, from these runs) "
-              "and measured (bench/results/scale.json, whole compiles; its notes say which shared the host):", "",
-              "| model | layers | pass | predicted (s) | measured (s): target @ commit |", "|---|---:|---|---:|---|"]
+    for k in labels:
+        if all(cell(d, k)["work_per_layer"] for d in ds):
+            lines.append(f"| {k} | " + " | ".join(
+                f"{cell(d, k)['seconds'] / cell(d, k)['work_per_layer'] * 1e9:.3g}" for d in ds) + " |")
+    lines += ["", "Once per model (seconds, the 2-layer run's): the vocabulary's head and embedding, the samples' "
+              "steps and head, the passes' own code:", "", "| component | " + " | ".join(names) + " | seconds, last / first |",
+              "|---|" + "---:|" * (len(names) + 1)]
+    for k in (k for k in labels if not per_layer[k]):
+        sec = [cell(d, k)["seconds"] for d in ds]
+        lines.append(f"| {k} | " + " | ".join(f"{x:.2f}" for x in sec) + f" | {_ratio(sec)} |")
+    for p in PASSES:
+        sec = [d["passes"][p]["once_s"] for d in ds]
+        lines.append(f"| **{p}, once** | " + " | ".join(f"{x:.2f}" for x in sec) + f" | {_ratio(sec)} |")
+    lines += ["", "The prediction (once + layers x per layer, from the 2-layer run) against the other cuts' own runs, "
+              "and at the published depth against bench/results/scale.json's whole compiles (other days, other "
+              "commits; its notes say which shared the host):", "",
+              "| model | layers | pass | predicted (s) | measured (s) | measured / predicted |", "|---|---:|---|---:|---|---:|"]
     for x, d in zip(rows, ds):
+        for n in sorted((n for n in x["runs"] if n != "2"), key=int):
+            for p in PASSES:
+                pred = d["passes"][p]["once_s"] + int(n) * d["passes"][p]["per_layer_s"]
+                got = x["runs"][n]["pass_seconds"][p]
+                lines.append(f"| {x['model']} | {n} | {p} | {pred:.0f} | {got:.0f} (this run) | {got / pred:.2f} |")
         for p in PASSES:
-            meas = ", ".join(f"{s[p]:.0f} {s['target']} @ {s['commit']}" for s in x.get("scale_measured", [])
-                             if s.get(p) is not None) or "—"
-            lines.append(f"| {x['model']} | {x['config']['num_hidden_layers']} | {p} | {d['passes'][p]['full_s']:.0f} "
-                         f"| {meas} |")
+            full = d["passes"][p]["full_s"]
+            for sm in x.get("scale_measured", []):
+                if sm.get(p) is not None:
+                    lines.append(f"| {x['model']} | {x['config']['num_hidden_layers']} | {p} | {full:.0f} | "
+                                 f"{sm[p]:.0f} ({sm['target']} @ {sm['commit']}) | {sm[p] / full:.2f} |")
     lines += ["", "Profiled runs (fresh process each; wall includes loading the cut model):", "",
-              "| model | commit | layers | wall (s) | quant.awq (s) | quant.gptq (s) | host fp32 GEMM before, after (GFLOP/s) |",
-              "|---|---|---:|---:|---:|---:|---|"]
+              "| model | commit | layers | wall (s) | quant.awq (s) | quant.gptq (s) | host fp32 GEMM before it (GFLOP/s) |",
+              "|---|---|---:|---:|---:|---:|---:|"]
     for x in rows:
-        for n, run in x["runs"].items():
+        for n, run in sorted(x["runs"].items(), key=lambda kv: int(kv[0])):
             ps = run["pass_seconds"]
-            lines.append(f"| {x['model']} | {x['commit']} | {n} | {run['wall_s']:.0f} | {ps['quant.awq']:.1f} | "
-                         f"{ps['quant.gptq']:.1f} | {', '.join(map(str, x.get('host_gemm_fp32_gflops', [])))} |")
+            lines.append(f"| {x['model']} | {run['commit']} | {n} | {run['wall_s']:.0f} | {ps['quant.awq']:.1f} | "
+                         f"{ps['quant.gptq']:.1f} | {run['host_gemm_fp32_gflops']} |")
     lines.append("")
     return "\n".join(lines + others_seen(r["other_processes"]))
 
@@ -358,7 +389,9 @@ if __name__ == "__main__":
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--max-seq-len", type=int, default=None, help="KV cache length of the loaded model (512; 256 --quick)")
     ap.add_argument("--work", default="/tmp/slmc-scale-calib", help="the cut random checkpoints (kept between runs)")
-    ap.add_argument("--append", action="store_true", help="keep the models measured in the last results file")
+    ap.add_argument("--append", action="store_true", help="keep the models and cuts measured in the last results file")
+    ap.add_argument("--layers", type=int, nargs="+", default=[1, 2],
+                    help="the cuts to run (1 and 2 make the prediction; a deeper one checks it)")
     ap.add_argument("--quick", action="store_true", help="tiny random Llama, smoke test")
     ap.add_argument("--render", action="store_true", help="only re-render results/scale_calib*.md from the .json")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

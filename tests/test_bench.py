@@ -93,14 +93,17 @@ def test_scale_calib_components_add_up_to_the_pass(common):
                             (f"{g}run > compiler/calib.py:run_block > {g}_site > {g}gptq > {g}_hinv_upper", 2.0),
                             (f"{g}run > {g}_head", 20.0), (f"{g}run > {g}_head > {g}gptq", 16.0),
                             (f"{g}run > {g}_head > {g}gptq > {g}_hinv_upper", 5.0))}}
-    c = m.components(run)
-    assert c["quant.gptq: block forward"] == 6.0  # 15 less the quantizing hook's 9
+    c = {k: v[0] for k, v in m.components(run).items()}
+    scope = {k: v[1] for k, v in m.components(run).items()}
+    assert c["quant.gptq: block forward"] == 6.0 and scope["quant.gptq: block forward"]  # 15 less the hook's 9
     assert c["quant.gptq: column loop"] == 5.0  # the sites' gptq, 7, less their factorization's 2
     assert c["quant.gptq: factor"] == 2.0 and c["quant.gptq, head: factor"] == 5.0
+    assert scope["quant.gptq: factor"] and not scope["quant.gptq, head: factor"]  # per layer, once
     assert c["quant.gptq, head: column loop"] == 11.0 and c["quant.gptq, head: rest"] == 4.0
-    assert c["quant.gptq: Hessian (X^T X)"] == 1.0 and c["quant.gptq: rest"] == 3.0 + 1.0  # run's and _site's own
+    assert c["quant.gptq: Hessian (X^T X)"] == 1.0 and c["quant.gptq: site rest"] == 1.0
+    assert c["quant.gptq: rest"] == 3.0 and not scope["quant.gptq: rest"]  # run's own code
     assert c["quant.gptq: outside"] == 2.0 and c["quant.awq: outside"] == 1.0
-    assert c["data-free calibration samples"] == 4.0
+    assert c["samples: rest (steps, embedding, model copy)"] == 4.0
     assert abs(sum(v for k, v in c.items() if k.startswith("quant.gptq")) - 40.0) < 1e-9
     # the work model: a GPTQ site's factorization is cols^3, summed over q/k/v, o, gate/up, down
     w = m.work({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}, 2, 8)
