@@ -12,13 +12,16 @@ parameter count. This benchmark says where. Each scale model's public config is 
 (bench/scale.py's writer); a fresh process per cut loads it and runs the recipe's quant passes
 under a call-path profiler (sys.setprofile; it times every call path through the slmc functions
 in FOLLOWED, and torch's kernels run unhooked). A component is the own time (less the followed
-calls inside) of those functions, by what they are (OWN) and where they were called: the head's
-GPTQ is kept apart from the decoder layers' ("quant.gptq, head: ..."), and everything under the
-data-free sampling is one component. Seconds at 2 layers minus at 1 are one decoder layer's
-cost; at 1 layer minus that, what the model costs once (embedding, head, the samples' head). A
-pass's full time is predicted as once + layers x per layer and set beside scale.json's measured
-pass phases. The host's fp32 GEMM rate is measured before each model's runs: scale.json's rows
-ran on other days, and this host's arithmetic speed has varied up to 3x between days.
+calls inside) of those functions, by what they are (OWN) and where they were called. What runs
+under a decoder layer's block (PER_LAYER, and the sampling's LBlock calls) is per layer: the
+2-layer run's seconds over 2, read in one run, not as a difference of two runs (the host's speed
+drifts by several per cent between runs, which a difference of two 150 s runs turns into 10 s
+"per layer"). The rest runs once per model: the head's GPTQ ("quant.gptq, head: ..."), the
+embedding, the sampling's head, steps and weight fingerprint, the passes' own code. A pass at n
+layers is predicted as once + n x per layer; the 1-layer run (and any other --layers cut) checks
+that prediction, and at the published depth it is set beside scale.json's measured pass phases.
+The host's fp32 GEMM rate is measured before each run: scale.json's rows ran on other days, and
+this host's arithmetic speed has varied up to 3x between days.
 
 The work model, fixed before any run: per decoder layer, from the config, with T calibration
 tokens (n_seqs x seq_len) and the layer's four sites (rows, cols): q/k/v (n_heads + 2 n_kv) x
@@ -148,7 +151,7 @@ def work(c: dict, n_seqs: int, seq_len: int) -> dict[str, float]:
     fwd = 2 * t * params + 4 * n_seqs * seq_len ** 2 * nh * hd
     # o is searched only where n_heads == n_kv_heads (v's rows carry o's inputs otherwise not)
     searched = [s for s in ss if s[0] != "o" or nh == c["num_key_value_heads"]]
-    return {"data-free calibration samples": fwd, "quant.awq: block forward": fwd, "quant.gptq: block forward": fwd,
+    return {"samples: decoder layers": fwd, "quant.awq: block forward": fwd, "quant.gptq: block forward": fwd,
             "quant.awq: scale search": sum(N_GRID * 2 * SKETCH_TOKENS * k * min(r, SEARCH_ROWS) for _, r, k in searched),
             "quant.gptq: Hessian (X^T X)": sum(t * k * k for _, _, k in ss),
             "quant.gptq: factor": sum(k ** 3 for _, _, k in ss),
