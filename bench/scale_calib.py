@@ -83,14 +83,14 @@ def label(pass_name: str, path: tuple[str, ...]) -> tuple[str, bool]:
     """The component a call path's own time belongs to, and whether it is per decoder layer.
     The head's GPTQ is kept apart from the layers' ('quant.gptq, head: ...'); the data-free
     sampling is split into its decoder layers, its head, the weights' fingerprint and the rest."""
-    if "compiler/calib.py:sample_ids" in path:
+    if "compiler/calib.py:sample_ids" in path:  # drawn by AWQ; GPTQ finds them by the weights' fingerprint
         if "compiler/calib.py:fingerprint" in path:
-            return "samples: weight fingerprint", False
+            return f"{pass_name}, samples: weight fingerprint", False
         if path[-1] == "compiler/calib.py:forward":
-            return "samples: head", False
+            return f"{pass_name}, samples: head", False
         if path.count(BLOCK) >= 2:
-            return "samples: decoder layers", True
-        return "samples: rest (steps, embedding, model copy)", False
+            return f"{pass_name}, samples: decoder layers", True
+        return f"{pass_name}, samples: rest (steps, embedding, model copy)", False
     if "passes/quant_gptq.py:_head" in path:
         return f"{pass_name}, head: {OWN.get(path[-1], 'rest')}", False
     return f"{pass_name}: {OWN.get(path[-1], 'rest')}", any(f in PER_LAYER for f in path)
@@ -151,7 +151,7 @@ def work(c: dict, n_seqs: int, seq_len: int) -> dict[str, float]:
     fwd = 2 * t * params + 4 * n_seqs * seq_len ** 2 * nh * hd
     # o is searched only where n_heads == n_kv_heads (v's rows carry o's inputs otherwise not)
     searched = [s for s in ss if s[0] != "o" or nh == c["num_key_value_heads"]]
-    return {"samples: decoder layers": fwd, "quant.awq: block forward": fwd, "quant.gptq: block forward": fwd,
+    return {"quant.awq, samples: decoder layers": fwd, "quant.awq: block forward": fwd, "quant.gptq: block forward": fwd,
             "quant.awq: scale search": sum(N_GRID * 2 * SKETCH_TOKENS * k * min(r, SEARCH_ROWS) for _, r, k in searched),
             "quant.gptq: Hessian (X^T X)": sum(t * k * k for _, _, k in ss),
             "quant.gptq: factor": sum(k ** 3 for _, _, k in ss),
@@ -202,8 +202,13 @@ def components(run: dict) -> dict[str, tuple[float, bool]]:
     return {k: (v[0], v[1]) for k, v in sorted(out.items(), key=lambda kv: _rank(kv[0]))}
 
 
+def _pass(k: str) -> str:
+    """The pass a component label belongs to ('quant.gptq, head: factor' -> 'quant.gptq')."""
+    return k.split(",")[0].split(":")[0]
+
+
 def _rank(k: str) -> tuple:
-    return (0 if k.startswith("samples") else 1 if k.startswith("quant.awq") else 2, "head" in k, k)
+    return (PASSES.index(_pass(k)), "samples" not in k, "head" in k, k)
 
 
 # ------------------------------------------------------------------ driver
@@ -262,7 +267,7 @@ def measure(name: str, work_dir: Path, a) -> dict:
 
 def calib_shape(row: dict) -> tuple[int, int]:
     """n_seqs, seq_len from the passes' calibration description ('..., 16x256 tokens, ...')."""
-    desc = next(c for c in row["runs"]["1"]["calibration"] if c)
+    desc = next(c for run in row["runs"].values() for c in run["calibration"] if c)
     n, s = re.search(r"(\d+)x(\d+) tokens", desc).groups()
     return int(n), int(s)
 
@@ -276,8 +281,7 @@ def derived(row: dict) -> dict:
     comp, passes = {}, {p: {"once_s": 0.0, "per_layer_s": 0.0} for p in PASSES}
     for k, (sec, per_layer) in components(base).items():
         comp[k] = {"per_layer": per_layer, "seconds": sec / 2 if per_layer else sec, "work_per_layer": w.get(k)}
-        p = "quant.awq" if k.startswith(("samples", "quant.awq")) else "quant.gptq"
-        passes[p]["per_layer_s" if per_layer else "once_s"] += comp[k]["seconds"]
+        passes[_pass(k)]["per_layer_s" if per_layer else "once_s"] += comp[k]["seconds"]
     for p in PASSES:
         passes[p]["full_s"] = passes[p]["once_s"] + row["config"]["num_hidden_layers"] * passes[p]["per_layer_s"]
     return {"components": comp, "passes": passes}
@@ -295,8 +299,6 @@ def main(a) -> None:
         r = measure(name, work_dir, a)
         if name in rows:  # --append: these cuts replace the row's same cuts, its others are kept
             r["runs"] = {**rows[name]["runs"], **r["runs"]}
-            r["host_gemm_fp32_gflops"] = rows[name].get("host_gemm_fp32_gflops")
-            r = {k: v for k, v in r.items() if v is not None}
         rows[name] = r
         others |= set(busy_processes())
         write_results(stem, {"machine": machine(), "recipe": RECIPE, "max_seq_len": a.max_seq_len,

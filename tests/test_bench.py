@@ -103,7 +103,7 @@ def test_scale_calib_components_add_up_to_the_pass(common):
     assert c["quant.gptq: Hessian (X^T X)"] == 1.0 and c["quant.gptq: site rest"] == 1.0
     assert c["quant.gptq: rest"] == 3.0 and not scope["quant.gptq: rest"]  # run's own code
     assert c["quant.gptq: outside"] == 2.0 and c["quant.awq: outside"] == 1.0
-    assert c["samples: rest (steps, embedding, model copy)"] == 4.0
+    assert c["quant.awq, samples: rest (steps, embedding, model copy)"] == 4.0
     assert abs(sum(v for k, v in c.items() if k.startswith("quant.gptq")) - 40.0) < 1e-9
     # the work model: a GPTQ site's factorization is cols^3, summed over q/k/v, o, gate/up, down
     w = m.work({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}, 2, 8)
