@@ -87,17 +87,24 @@ def write_random_checkpoint(config: dict, folder: Path, seed: int = 0, fp32: boo
     return sum(math.prod(s) for _, s in tensors)
 
 
-def model_folder(name: str, work: Path, quick: bool) -> Path:
-    """The random checkpoint of `name` under work/ (made once, reused by later runs)."""
+def published_config(name: str, quick: bool) -> dict:
+    """bench/configs/<name>/config.json (--quick: the tiny random Llama's)."""
     if quick:
         from slmc import api
 
-        config = {**api.tiny_llama_config(), "vocab_size": 512}
-    else:
-        config = json.loads((HERE / "configs" / name / "config.json").read_text())
-    d = work / name
+        return {**api.tiny_llama_config(), "vocab_size": 512}
+    return json.loads((HERE / "configs" / name / "config.json").read_text())
+
+
+def model_folder(name: str, work: Path, quick: bool, layers: int | None = None) -> Path:
+    """The random checkpoint of `name` under work/ (made once, reused by later runs); with
+    `layers`, its config cut to that many decoder layers (bench/scale_calib.py), in NAME-L<layers>."""
+    config = published_config(name, quick)
+    if layers is not None:
+        config = {**config, "num_hidden_layers": layers}
+    d = work / (name if layers is None else f"{name}-L{layers}")
     if not (d / "model.safetensors").is_file() or json.loads((d / "config.json").read_text()) != config:
-        print(f"== writing random {name} to {d} ...", flush=True)
+        print(f"== writing random {d.name} to {d} ...", flush=True)
         write_random_checkpoint(config, d)
     return d
 

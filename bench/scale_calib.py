@@ -46,9 +46,8 @@ import time
 from pathlib import Path
 
 from _common import RESULTS, busy_processes, head_commit, machine, others_seen, render, spawn, write_results
-from scale import MODELS, write_random_checkpoint
+from scale import MODELS, model_folder, published_config
 
-HERE = Path(__file__).resolve().parent
 RECIPE = "int8da-int4w-g32"
 N_GRID, SKETCH_TOKENS, SEARCH_ROWS, GPTQ_BLOCK = 20, 1024, 512, 128  # quant.awq's and quant.gptq's defaults
 
@@ -214,17 +213,6 @@ def _rank(k: str) -> tuple:
 # ------------------------------------------------------------------ driver
 
 
-def cut_config(name: str, layers: int | None, quick: bool) -> dict:
-    """The model's config with `layers` decoder layers (None: as published)."""
-    if quick:
-        from slmc import api
-
-        c = {**api.tiny_llama_config(), "vocab_size": 512}
-    else:
-        c = json.loads((HERE / "configs" / name / "config.json").read_text())
-    return c if layers is None else {**c, "num_hidden_layers": layers}
-
-
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
               "num_hidden_layers", "vocab_size")
 
@@ -249,18 +237,14 @@ def measure(name: str, work_dir: Path, a) -> dict:
 
     runs = {}
     for n in a.layers:
-        d = work_dir / f"{name}-L{n}"
-        cfg = cut_config(name, n, a.quick)
-        if not (d / "model.safetensors").is_file() or json.loads((d / "config.json").read_text()) != cfg:
-            print(f"== writing random {name} cut to {n} layer(s) in {d} ...", flush=True)
-            write_random_checkpoint(cfg, d)
+        d = model_folder(name, work_dir, a.quick, layers=n)
         gemm = host_gemm()["fp32_gflops"]
         print(f"== {name}, {n} layer(s): {RECIPE}'s quant passes, profiled (host GEMM {gemm} GFLOP/s) ...", flush=True)
         r = spawn(__file__, ["--worker", "--model", str(d), "--max-seq-len", str(a.max_seq_len)],
                   work_dir / f"{name}-L{n}.json")
         print(f"   {r['wall_s']} s wall, passes {r['pass_seconds']}", flush=True)
         runs[str(n)] = {**r, "commit": head_commit(), "host_gemm_fp32_gflops": gemm}
-    full = cut_config(name, None, a.quick)
+    full = published_config(name, a.quick)
     return {"model": name, "commit": head_commit(), "config": {k: full[k] for k in SHAPE_KEYS if full.get(k)},
             "runs": runs, "scale_measured": [] if a.quick else scale_measured(name)}
 

@@ -93,8 +93,8 @@ def test_scale_calib_components_add_up_to_the_pass(common):
                             (f"{g}run > compiler/calib.py:run_block > {g}_site > {g}gptq > {g}_hinv_upper", 2.0),
                             (f"{g}run > {g}_head", 20.0), (f"{g}run > {g}_head > {g}gptq", 16.0),
                             (f"{g}run > {g}_head > {g}gptq > {g}_hinv_upper", 5.0))}}
-    c = {k: v[0] for k, v in m.components(run).items()}
-    scope = {k: v[1] for k, v in m.components(run).items()}
+    got = m.components(run)
+    c, scope = {k: v[0] for k, v in got.items()}, {k: v[1] for k, v in got.items()}
     assert c["quant.gptq: block forward"] == 6.0 and scope["quant.gptq: block forward"]  # 15 less the hook's 9
     assert c["quant.gptq: column loop"] == 5.0  # the sites' gptq, 7, less their factorization's 2
     assert c["quant.gptq: factor"] == 2.0 and c["quant.gptq, head: factor"] == 5.0
